@@ -1,0 +1,80 @@
+//! `certgen`: the PKI command line tool.
+//!
+//! Makes root and intermediate CAs, leaf certificates and CRLs, inspects certificate files
+//! and writes a complete development PKI. It replaces the Micronets `gen-*-cert` scripts
+//! and accepts their options. All X.509 work happens in [`common::pki`]; this crate only
+//! parses arguments, decides file names, refuses to overwrite and prints.
+
+#![expect(
+    clippy::print_stdout,
+    reason = "certgen is a command line tool; stdout is its interface"
+)]
+
+mod cli;
+mod crl;
+mod dev_pki;
+mod files;
+mod inspect;
+mod issue;
+mod lifetime;
+mod report;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command};
+
+/// Usage error (BSD sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// An input file is missing or unreadable (EX_NOINPUT).
+const EXIT_NO_INPUT: u8 = 66;
+/// An output file exists or cannot be created (EX_CANTCREAT).
+const EXIT_CANT_CREATE: u8 = 73;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version also arrive here, on stdout and meaning success.
+            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("certgen: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Root(args) => issue::root(args),
+        Command::Intermediate(args) => issue::intermediate(args),
+        Command::Leaf(args) => issue::leaf(args),
+        Command::Crl(args) => crl::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::DevPki(args) => dev_pki::run(args),
+    }
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<files::Refused>() {
+            return EXIT_CANT_CREATE;
+        }
+        if cause.is::<files::InputError>()
+            || matches!(
+                cause.downcast_ref(),
+                Some(common::pki::PkiError::Read { .. })
+            )
+        {
+            return EXIT_NO_INPUT;
+        }
+    }
+    1
+}

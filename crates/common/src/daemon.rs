@@ -1,0 +1,393 @@
+//! Glue every daemon's `main` shares: tracing, layered configuration, signals, systemd
+//! notifications and draining.
+//!
+//! Libraries never call into this module's signal or environment parts; only binaries do. The
+//! library side sees a [`Shutdown`] handle, which tests trigger directly.
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing_subscriber::EnvFilter;
+
+/// Exit codes from sysexits.h, so scripts and systemd can tell failures apart.
+pub mod exit {
+    /// Bad command line or configuration value.
+    pub const USAGE: u8 = 64;
+    /// Input data was malformed.
+    pub const DATAERR: u8 = 65;
+    /// An input file did not exist or was unreadable.
+    pub const NOINPUT: u8 = 66;
+    /// A service (server, peer) was unavailable.
+    pub const UNAVAILABLE: u8 = 69;
+    /// An internal error.
+    pub const SOFTWARE: u8 = 70;
+    /// An output file could not be created (or exists and overwriting was not allowed).
+    pub const CANTCREAT: u8 = 73;
+    /// An I/O error.
+    pub const IOERR: u8 = 74;
+    /// Permission denied by the server.
+    pub const NOPERM: u8 = 77;
+    /// The configuration file is invalid.
+    pub const CONFIG: u8 = 78;
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `journal` under systemd, coloured `text` on a terminal, plain `text` otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines with timestamps.
+    Text,
+    /// Plain lines without timestamps or colours (the journal adds its own).
+    Journal,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging flags every daemon flattens into its clap arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `info,ws_proxy=debug` (overrides `RUST_LOG`).
+    #[arg(long = "log", value_name = "FILTER", global = true)]
+    pub log_filter: Option<String>,
+}
+
+/// Sets up the global tracing subscriber; call once, first thing in `main`.
+///
+/// The filter is `filter`, else `RUST_LOG`, else `default_filter`.
+///
+/// # Errors
+/// An invalid filter directive.
+pub fn init_tracing(args: &LogArgs, default_filter: &str) -> anyhow::Result<()> {
+    let filter = match &args.log_filter {
+        Some(filter) => EnvFilter::try_new(filter)?,
+        None => {
+            EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default_filter))?
+        }
+    };
+    let format = match args.log_format {
+        LogFormat::Auto if std::env::var_os("JOURNAL_STREAM").is_some() => LogFormat::Journal,
+        LogFormat::Auto => LogFormat::Text,
+        other => other,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Journal => builder
+            .without_time()
+            .with_ansi(false)
+            .with_target(false)
+            .try_init(),
+        LogFormat::Auto | LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("installing the tracing subscriber: {e}"))
+}
+
+/// Errors from loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this daemon (unknown keys are errors).
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause, with line and column.
+        source: toml::de::Error,
+    },
+    /// A value is out of range or contradicts another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Parses a TOML configuration file; without a path the type's defaults are used.
+///
+/// The target type should carry `#[serde(deny_unknown_fields, default)]` so a misspelt key is
+/// an error and a missing one takes its default.
+///
+/// # Errors
+/// [`ConfigError::Read`] or [`ConfigError::Parse`].
+pub fn load_toml<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Parses TOML text into a configuration type.
+///
+/// # Errors
+/// Syntax errors, wrong types and unknown keys.
+pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, toml::de::Error> {
+    toml::from_str(text)
+}
+
+/// Replaces `slot` with `value` when a flag or environment variable was given.
+pub fn overlay<T>(slot: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *slot = value;
+    }
+}
+
+/// Tells connection tasks to stop and waits for them: the library side of shutdown.
+///
+/// Cloning shares the handle. Daemons spawn connection tasks with [`Shutdown::spawn`] so that
+/// [`Shutdown::drain`] can wait for them.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Shutdown {
+    /// A fresh, untriggered handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every holder to stop; idempotent.
+    pub fn trigger(&self) {
+        self.token.cancel();
+    }
+
+    /// Whether shutdown has been asked for.
+    pub fn is_triggered(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes once shutdown has been asked for.
+    pub fn triggered(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
+
+    /// Spawns a task that [`Shutdown::drain`] waits for.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Number of tracked tasks still running.
+    pub fn active(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Triggers shutdown and waits up to `grace` for tracked tasks; `true` if all finished.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.trigger();
+        self.tracker.close();
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// A process signal that ends the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGTERM: systemd's stop.
+    Term,
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+}
+
+/// Waits for SIGTERM or SIGINT.
+///
+/// # Errors
+/// The signal handlers could not be installed.
+pub async fn stop_signal() -> std::io::Result<StopSignal> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => StopSignal::Term,
+        _ = int.recv() => StopSignal::Interrupt,
+    })
+}
+
+/// systemd notifications; every call is a no-op outside systemd (no `NOTIFY_SOCKET`).
+pub mod systemd {
+    use sd_notify::NotifyState;
+
+    fn send(states: &[NotifyState<'_>]) {
+        if let Err(err) = sd_notify::notify(false, states) {
+            tracing::debug!(%err, "systemd notification failed");
+        }
+    }
+
+    /// `READY=1` with a status line.
+    pub fn ready(status: &str) {
+        send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    /// `RELOADING=1` with the monotonic timestamp `Type=notify-reload` wants.
+    pub fn reloading() {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(_) => send(&[NotifyState::Reloading]),
+        }
+    }
+
+    /// `STOPPING=1`.
+    pub fn stopping() {
+        send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    }
+
+    /// `STATUS=...`.
+    pub fn status(status: &str) {
+        send(&[NotifyState::Status(status)]);
+    }
+}
+
+/// Runs the signal loop of a daemon's `main` until SIGTERM or SIGINT, then drains.
+///
+/// Sends `READY=1` first; on SIGHUP calls `reload` between `RELOADING=1` and `READY=1` and logs
+/// the outcome (a failed reload keeps the old state, which `reload` must guarantee). On a stop
+/// signal it sends `STOPPING=1`, triggers `shutdown` and waits up to `grace` for its tasks.
+/// Returns whether the drain finished in time.
+///
+/// # Errors
+/// Signal handlers could not be installed.
+pub async fn supervise<R>(
+    shutdown: &Shutdown,
+    grace: Duration,
+    ready_status: &str,
+    mut reload: R,
+) -> std::io::Result<bool>
+where
+    R: FnMut() -> anyhow::Result<()>,
+{
+    let mut hup = signal(SignalKind::hangup())?;
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    systemd::ready(ready_status);
+    loop {
+        tokio::select! {
+            sig = &mut stop => {
+                let sig = sig?;
+                tracing::info!(signal = ?sig, grace_secs = grace.as_secs_f64(), "stopping: draining connections");
+                break;
+            }
+            () = shutdown.triggered() => {
+                tracing::info!("stopping: shutdown requested internally");
+                break;
+            }
+            _ = hup.recv() => {
+                systemd::reloading();
+                match reload() {
+                    Ok(()) => tracing::info!("reloaded certificates and configuration"),
+                    Err(err) => tracing::error!(err = format!("{err:#}"), "reload failed; keeping the previous material"),
+                }
+                systemd::ready(ready_status);
+            }
+        }
+    }
+    systemd::stopping();
+    let drained = shutdown.drain(grace).await;
+    if drained {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!(
+            remaining = shutdown.active(),
+            "grace period over; closing remaining connections"
+        );
+    }
+    Ok(drained)
+}
+
+/// Doubling back-off for accept errors (EMFILE and friends), capped at one second.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// Records a failure and sleeps for the next back-off step.
+    pub async fn failed(&mut self, err: &std::io::Error) {
+        self.failures = self.failures.saturating_add(1);
+        let millis = 5u64.saturating_mul(1 << self.failures.min(8)).min(1000);
+        tracing::warn!(%err, backoff_ms = millis, "accept failed");
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
+
+    /// Records a success.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        port: u16,
+        name: String,
+    }
+
+    #[test]
+    fn toml_defaults_overrides_and_unknown_keys() {
+        let parsed: Sample = parse_toml("port = 7").unwrap();
+        assert_eq!(
+            parsed,
+            Sample {
+                port: 7,
+                name: String::new()
+            }
+        );
+        let err = parse_toml::<Sample>("prot = 7").unwrap_err().to_string();
+        assert!(err.contains("unknown field `prot`"), "{err}");
+        let mut port = 7;
+        overlay(&mut port, Some(9));
+        overlay(&mut port, None);
+        assert_eq!(port, 9);
+        assert_eq!(load_toml::<Sample>(None).unwrap(), Sample::default());
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_tasks_and_times_out() {
+        let shutdown = Shutdown::new();
+        let watcher = shutdown.clone();
+        shutdown.spawn(async move {
+            watcher.triggered().await;
+        });
+        assert!(shutdown.drain(Duration::from_secs(5)).await);
+
+        let stuck = Shutdown::new();
+        stuck.spawn(std::future::pending::<()>());
+        assert!(!stuck.drain(Duration::from_millis(50)).await);
+        assert_eq!(stuck.active(), 1);
+    }
+}

@@ -1,0 +1,5 @@
+//! Tests of the envelope codecs.
+
+mod ipc;
+mod micronets;
+mod talk;

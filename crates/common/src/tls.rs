@@ -1,0 +1,463 @@
+//! rustls configurations for the daemons and their clients.
+//!
+//! - [`ServerTls`] builds a server configuration from PEM files (certificate chain and key, CA
+//!   bundle, CRLs, client-certificate policy) and rebuilds it on demand: [`ServerTls::reload`]
+//!   swaps in the new material only when every file parses and the key matches the certificate,
+//!   so a bad file on SIGHUP keeps the old configuration. Live connections keep the
+//!   configuration they were accepted with.
+//! - [`client_config`] builds a client configuration (CA bundle, optional client certificate).
+//! - [`accept`] and [`connect`] run a handshake under a deadline and return the verified
+//!   [`PeerIdentity`].
+//!
+//! Protocol versions are TLS 1.2 and 1.3 only, with forward-secret (ECDHE) suites only. The
+//! crypto provider is ring; the reasons are in docs/ARCHITECTURE.md. This module knows nothing
+//! about what the daemons do with the identity.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// Default deadline for a TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from loading TLS material or running a handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A PEM file held no usable item of the expected kind.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// rustls refused the material (key does not match, unsupported key type, ...).
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built (empty CA bundle, bad CRL, ...).
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The configuration is contradictory.
+    #[error("{0}")]
+    Invalid(String),
+    /// The handshake did not finish before the deadline.
+    #[error("tls handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The handshake failed.
+    #[error("tls handshake: {0}")]
+    Handshake(io::Error),
+}
+
+/// Whether a server asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A certificate chaining to the CA bundle is mandatory.
+    #[default]
+    Required,
+    /// A certificate is requested; if one is sent it must verify.
+    Optional,
+    /// No certificate is requested.
+    Off,
+}
+
+/// Where a server finds its TLS material; every path is re-read on [`ServerTls::reload`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsFiles {
+    /// PEM certificate chain, leaf first. May also hold the key (the Micronets `pkeycert`).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1). `None`: the key is in `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// PEM CRL files; a revoked client certificate is refused.
+    pub crls: Vec<PathBuf>,
+    /// Client-certificate policy.
+    pub client_auth: ClientAuth,
+    /// ALPN protocols offered, most preferred first; empty means no ALPN.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// The crypto provider every configuration here uses, restricted to forward-secret suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    // rustls implements only ECDHE suites; filtering keeps this true if that ever changes.
+    provider.cipher_suites.retain(|suite| match suite {
+        rustls::SupportedCipherSuite::Tls13(_) => true,
+        rustls::SupportedCipherSuite::Tls12(s) => {
+            matches!(s.kx, rustls::crypto::KeyExchangeAlgorithm::ECDHE)
+        }
+    });
+    Arc::new(provider)
+}
+
+/// Installs the ring provider as the process default; idempotent. Called once from `main`.
+pub fn install_default_provider() {
+    // An error only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// A server configuration that can be rebuilt from its files while the daemon runs.
+pub struct ServerTls {
+    files: ServerTlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Loads every file and builds the first configuration.
+    ///
+    /// # Errors
+    /// Any unreadable or invalid file, a key that does not match the certificate, or
+    /// `client_auth` other than `off` without a CA bundle.
+    pub fn load(files: ServerTlsFiles) -> Result<Self, TlsError> {
+        let config = build_server_config(&files)?;
+        Ok(Self {
+            files,
+            current: RwLock::new(Arc::new(config)),
+        })
+    }
+
+    /// Rebuilds the configuration from disk; on error the previous one stays in use.
+    ///
+    /// # Errors
+    /// As [`ServerTls::load`]; the running configuration is untouched.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = Arc::new(build_server_config(&self.files)?);
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = config;
+        Ok(())
+    }
+
+    /// The configuration new connections are accepted with.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// An acceptor for the current configuration.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config())
+    }
+
+    /// The files this configuration is built from.
+    pub fn files(&self) -> &ServerTlsFiles {
+        &self.files
+    }
+
+    /// Identity of the server's own leaf certificate, for the start-up log line.
+    ///
+    /// # Errors
+    /// The certificate file cannot be read or parsed.
+    pub fn server_identity(&self) -> Result<PeerIdentity, TlsError> {
+        let chain = load_certs(&self.files.cert)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| pem_error(&self.files.cert, "no certificate"))?;
+        PeerIdentity::from_der(leaf.as_ref())
+            .ok_or_else(|| pem_error(&self.files.cert, "certificate does not parse"))
+    }
+}
+
+fn build_server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
+    let chain = load_certs(&files.cert)?;
+    let key = load_key(files.key.as_deref().unwrap_or(&files.cert))?;
+    let provider = provider();
+    let verifier = match (files.client_auth, &files.client_ca) {
+        (ClientAuth::Off, _) => WebPkiClientVerifier::no_client_auth(),
+        (_, None) => {
+            return Err(TlsError::Invalid(
+                "client certificates are enabled but no client CA bundle is configured".into(),
+            ));
+        }
+        (auth, Some(ca)) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let mut crls = Vec::new();
+            for path in &files.crls {
+                crls.extend(load_crls(path)?);
+            }
+            // CRLs we hold are enforced; an issuer without a CRL is not an error, so an
+            // intermediate CA without a published CRL does not lock its clients out.
+            let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .with_crls(crls)
+                .allow_unknown_revocation_status();
+            if auth == ClientAuth::Optional {
+                builder = builder.allow_unauthenticated();
+            }
+            builder.build()?
+        }
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = files.alpn.clone();
+    Ok(config)
+}
+
+/// What a client presents and trusts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    /// PEM CA bundle the server must chain to.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain (may hold the key too, as a `pkeycert`).
+    pub cert: Option<PathBuf>,
+    /// PEM client key; `None` with `cert` set means the key is in `cert`.
+    pub key: Option<PathBuf>,
+    /// ALPN protocols to offer.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// Builds a client configuration.
+///
+/// # Errors
+/// Unreadable or invalid files, or no CA bundle.
+pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
+    let ca = files
+        .ca
+        .as_deref()
+        .ok_or_else(|| TlsError::Invalid("a CA bundle is required to verify the server".into()))?;
+    let roots = load_roots(ca)?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots);
+    let mut config = match &files.cert {
+        Some(cert) => {
+            let chain = load_certs(cert)?;
+            let key = load_key(files.key.as_deref().unwrap_or(cert))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = files.alpn.clone();
+    Ok(config)
+}
+
+/// Runs a server handshake under `deadline` and returns the stream and the verified peer.
+///
+/// # Errors
+/// [`TlsError::HandshakeTimeout`] or [`TlsError::Handshake`].
+pub async fn accept<IO>(
+    acceptor: &TlsAcceptor,
+    io: IO,
+    deadline: Duration,
+) -> Result<(tokio_rustls::server::TlsStream<IO>, Option<PeerIdentity>), TlsError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let stream = tokio::time::timeout(deadline, acceptor.accept(io))
+        .await
+        .map_err(|_| TlsError::HandshakeTimeout(deadline))?
+        .map_err(TlsError::Handshake)?;
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| PeerIdentity::from_der(leaf.as_ref()));
+    Ok((stream, peer))
+}
+
+/// Runs a client handshake under `deadline`.
+///
+/// # Errors
+/// An invalid server name, [`TlsError::HandshakeTimeout`] or [`TlsError::Handshake`].
+pub async fn connect<IO>(
+    config: Arc<ClientConfig>,
+    server_name: &str,
+    io: IO,
+    deadline: Duration,
+) -> Result<tokio_rustls::client::TlsStream<IO>, TlsError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| TlsError::Invalid(format!("invalid server name {server_name:?}")))?;
+    tokio::time::timeout(deadline, TlsConnector::from(config).connect(name, io))
+        .await
+        .map_err(|_| TlsError::HandshakeTimeout(deadline))?
+        .map_err(TlsError::Handshake)
+}
+
+/// The identity in a verified certificate, for authorization and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerIdentity {
+    /// Subject common name.
+    pub cn: Option<String>,
+    /// Subject organisation.
+    pub o: Option<String>,
+    /// Subject organisational unit.
+    pub ou: Option<String>,
+    /// DNS names, IP addresses, e-mail addresses and URIs from subjectAltName.
+    pub sans: Vec<String>,
+    /// Lower-case hex SHA-256 of the DER certificate.
+    pub sha256: String,
+}
+
+impl PeerIdentity {
+    /// Extracts the identity from a DER certificate; `None` when it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let subject = cert.subject();
+        fn first<'a>(
+            mut it: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
+        ) -> Option<String> {
+            it.next()
+                .and_then(|attr| attr.as_str().ok())
+                .map(str::to_owned)
+        }
+        let mut sans = Vec::new();
+        if let Ok(Some(ext)) = cert.subject_alternative_name() {
+            for name in &ext.value.general_names {
+                match name {
+                    GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                        sans.push((*s).to_owned());
+                    }
+                    GeneralName::IPAddress(bytes) => {
+                        if let Some(ip) = ip_from_bytes(bytes) {
+                            sans.push(ip.to_string());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(Self {
+            cn: first(subject.iter_common_name()),
+            o: first(subject.iter_organization()),
+            ou: first(subject.iter_organizational_unit()),
+            sans,
+            sha256: hex::encode(Sha256::digest(der)),
+        })
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cn {
+            Some(cn) => write!(f, "CN={cn}")?,
+            None => f.write_str("CN=-")?,
+        }
+        if let Some(o) = &self.o {
+            write!(f, ",O={o}")?;
+        }
+        write!(
+            f,
+            " sha256={}",
+            self.sha256.get(..16).unwrap_or(&self.sha256)
+        )
+    }
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn pem_error(path: &Path, what: &str) -> TlsError {
+    TlsError::Pem {
+        path: path.to_owned(),
+        what: what.to_owned(),
+    }
+}
+
+/// Reads every certificate in a PEM file.
+///
+/// # Errors
+/// Unreadable file, bad PEM, or no certificate at all.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, &format!("bad certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key in a PEM file (PKCS#8, SEC1 or PKCS#1).
+///
+/// # Errors
+/// Unreadable file or no key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| pem_error(path, &format!("no usable private key: {e}")))
+}
+
+/// Reads a CA bundle into a root store.
+///
+/// # Errors
+/// Unreadable file, no certificate, or a certificate that is not a usable trust anchor.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| pem_error(path, &format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// Reads every CRL in a PEM file.
+///
+/// # Errors
+/// Unreadable file, bad PEM, or no CRL.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, &format!("bad CRL PEM: {e}")))?;
+    if crls.is_empty() {
+        return Err(pem_error(path, "no CRL found"));
+    }
+    Ok(crls)
+}

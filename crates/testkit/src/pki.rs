@@ -1,0 +1,259 @@
+//! The test PKI: one root CA, an intermediate, an untrusted CA and a cast of leaves.
+//!
+//! Everything is ECDSA P-256, generated once per test process by [`test_pki`] and written
+//! into a temporary directory that stays for the whole process, so tests can hand file
+//! paths to daemons as well as PEM strings to in-process configs. It knows nothing about
+//! any daemon; tests that need more certificates issue them from [`TestPki::ca`].
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::pki::{Ca, CaParams, CrlParams, Issued, LeafParams, Name, San, Usage, Validity};
+use time::{Duration, OffsetDateTime};
+
+/// Organisation written into every test certificate.
+pub const TEST_ORG: &str = "testkit";
+
+/// A leaf certificate with its key, in memory and on disk.
+#[derive(Clone)]
+pub struct Leaf {
+    /// Certificate PEM; for [`TestPki::chained_client`] the leaf followed by the intermediate.
+    pub cert_pem: String,
+    /// PKCS#8 private key PEM.
+    pub key_pem: String,
+    /// File holding `cert_pem`.
+    pub cert_path: PathBuf,
+    /// File holding `key_pem` (mode 0600 on Unix).
+    pub key_path: PathBuf,
+    /// File holding `cert_pem` followed by `key_pem`.
+    pub pkeycert_path: PathBuf,
+    /// Serial number, lowercase hex.
+    pub serial_hex: String,
+}
+
+impl std::fmt::Debug for Leaf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leaf")
+            .field("cert_path", &self.cert_path)
+            .field("serial_hex", &self.serial_hex)
+            .field("key_pem", &"[elided]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every fixture of the test PKI; see the field docs for who issued what.
+#[derive(Debug)]
+pub struct TestPki {
+    /// Directory holding every file below; kept for the lifetime of the process.
+    pub dir: PathBuf,
+    /// Trusted root CA certificate PEM.
+    pub ca_pem: String,
+    /// File holding `ca_pem`.
+    pub ca_path: PathBuf,
+    /// Intermediate CA certificate PEM, issued by the root.
+    pub intermediate_pem: String,
+    /// File holding `intermediate_pem`.
+    pub intermediate_path: PathBuf,
+    /// A second, unrelated root CA that nothing trusts.
+    pub untrusted_ca_pem: String,
+    /// File holding `untrusted_ca_pem`.
+    pub untrusted_ca_path: PathBuf,
+    /// Server by the root: CN "server", SANs localhost, 127.0.0.1, ::1, server+client EKU.
+    pub server: Leaf,
+    /// Another server certificate (CN "server2", same SANs), for reload tests.
+    pub server2: Leaf,
+    /// Client by the root, CN "alice", O "testkit".
+    pub alice: Leaf,
+    /// Client by the root, CN "bob", O "testkit".
+    pub bob: Leaf,
+    /// Client CN "carol" by the intermediate; `cert_pem` holds leaf + intermediate.
+    pub chained_client: Leaf,
+    /// Client CN "mallory" by the untrusted CA.
+    pub mallory: Leaf,
+    /// Client CN "expired" by the root, expired yesterday.
+    pub expired: Leaf,
+    /// Client CN "revoked" by the root, listed in `crl_pem`.
+    pub revoked: Leaf,
+    /// CRL by the root revoking `revoked`.
+    pub crl_pem: String,
+    /// File holding `crl_pem`.
+    pub crl_path: PathBuf,
+    /// The root CA, to issue more certificates in a test.
+    pub ca: Ca,
+}
+
+/// The process-wide test PKI, generated on first use.
+///
+/// # Panics
+/// If generation or writing the files fails; there is nothing a test could do instead.
+pub fn test_pki() -> &'static TestPki {
+    static PKI: OnceLock<TestPki> = OnceLock::new();
+    PKI.get_or_init(|| generate().unwrap_or_else(|e| panic!("cannot build the test pki: {e:#}")))
+}
+
+/// The SANs every test server certificate carries.
+pub fn localhost_sans() -> Vec<San> {
+    vec![
+        San::Dns("localhost".to_owned()),
+        San::Ip([127, 0, 0, 1].into()),
+        San::Ip(std::net::Ipv6Addr::LOCALHOST.into()),
+    ]
+}
+
+fn generate() -> anyhow::Result<TestPki> {
+    use anyhow::Context as _;
+
+    let dir = tempfile::Builder::new()
+        .prefix("testkit-pki-")
+        .tempdir()
+        .context("create temp dir")?
+        .keep();
+    let now = OffsetDateTime::now_utc();
+    let ten_years = Validity::starting(now, Duration::days(3650));
+    let one_year = Validity::starting(now, Duration::days(365));
+
+    let ca_params = |cn: &str| CaParams {
+        validity: ten_years,
+        ..CaParams::new(Name::new(cn).with_organization(TEST_ORG))
+    };
+    let ca = Ca::new_root(&ca_params("testkit root ca"))?;
+    let intermediate = ca.issue_intermediate(&CaParams {
+        path_len: Some(0),
+        ..ca_params("testkit intermediate ca")
+    })?;
+    let untrusted = Ca::new_root(&ca_params("testkit untrusted ca"))?;
+
+    let server_params = |cn: &str| LeafParams {
+        validity: one_year,
+        ..LeafParams::new(
+            Name::new(cn).with_organization(TEST_ORG),
+            Usage::ServerAndClient,
+        )
+        .with_sans(localhost_sans())
+    };
+    let client_params = |cn: &str| LeafParams {
+        validity: one_year,
+        ..LeafParams::new(Name::new(cn).with_organization(TEST_ORG), Usage::Client)
+    };
+
+    let write = |name: &str, contents: &str| -> anyhow::Result<PathBuf> {
+        let path = dir.join(name);
+        fs::write(&path, contents).with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    };
+    let leaf = |name: &str, issued: Issued| -> anyhow::Result<Leaf> {
+        let cert_pem = issued.chain_pem;
+        let cert_path = write(&format!("{name}.cert.pem"), &cert_pem)?;
+        let key_path = write(&format!("{name}.key.pem"), &issued.key_pem)?;
+        restrict(&key_path)?;
+        let pkeycert_path = write(
+            &format!("{name}.pkeycert.pem"),
+            &(cert_pem.clone() + &issued.key_pem),
+        )?;
+        restrict(&pkeycert_path)?;
+        Ok(Leaf {
+            cert_pem,
+            key_pem: issued.key_pem,
+            cert_path,
+            key_path,
+            pkeycert_path,
+            serial_hex: issued.serial_hex,
+        })
+    };
+
+    let server = leaf("server", ca.issue_leaf(&server_params("server"))?)?;
+    let server2 = leaf("server2", ca.issue_leaf(&server_params("server2"))?)?;
+    let alice = leaf("alice", ca.issue_leaf(&client_params("alice"))?)?;
+    let bob = leaf("bob", ca.issue_leaf(&client_params("bob"))?)?;
+    let chained_client = leaf("carol", intermediate.issue_leaf(&client_params("carol"))?)?;
+    let mallory = leaf("mallory", untrusted.issue_leaf(&client_params("mallory"))?)?;
+    let expired = leaf(
+        "expired",
+        ca.issue_leaf(&LeafParams {
+            validity: Validity::new(now - Duration::days(30), now - Duration::days(1)),
+            ..client_params("expired")
+        })?,
+    )?;
+    let revoked = leaf("revoked", ca.issue_leaf(&client_params("revoked"))?)?;
+
+    let crl = ca.issue_crl(
+        &CrlParams::new(now - Duration::minutes(5), Duration::days(30)).revoke(&revoked.serial_hex),
+    )?;
+
+    Ok(TestPki {
+        ca_path: write("ca.cert.pem", ca.cert_pem())?,
+        ca_pem: ca.cert_pem().to_owned(),
+        intermediate_path: write("intermediate.cert.pem", intermediate.cert_pem())?,
+        intermediate_pem: intermediate.cert_pem().to_owned(),
+        untrusted_ca_path: write("untrusted-ca.cert.pem", untrusted.cert_pem())?,
+        untrusted_ca_pem: untrusted.cert_pem().to_owned(),
+        server,
+        server2,
+        alice,
+        bob,
+        chained_client,
+        mallory,
+        expired,
+        revoked,
+        crl_path: write("ca.crl.pem", &crl.pem)?,
+        crl_pem: crl.pem,
+        ca,
+        dir,
+    })
+}
+
+#[cfg(unix)]
+fn restrict(path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn restrict(_path: &Path) -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::pki::{inspect_crl_pem, inspect_pem};
+
+    #[test]
+    fn fixtures_are_what_they_claim() {
+        let pki = test_pki();
+        let info = |pem: &str| inspect_pem(pem).expect("inspect").remove(0);
+
+        let server = info(&pki.server.cert_pem);
+        assert_eq!(server.common_name.as_deref(), Some("server"));
+        assert_eq!(server.dns_names, ["localhost"]);
+        assert_eq!(server.ip_addresses.len(), 2);
+        assert_eq!(server.extended_key_usage, ["serverAuth", "clientAuth"]);
+
+        let alice = info(&pki.alice.cert_pem);
+        assert_eq!(alice.common_name.as_deref(), Some("alice"));
+        assert_eq!(alice.organization.as_deref(), Some(TEST_ORG));
+        assert_eq!(alice.extended_key_usage, ["clientAuth"]);
+
+        assert_eq!(
+            inspect_pem(&pki.chained_client.cert_pem)
+                .expect("chain")
+                .len(),
+            2
+        );
+        assert!(!info(&pki.expired.cert_pem).is_valid_at(OffsetDateTime::now_utc()));
+        assert!(
+            inspect_crl_pem(&pki.crl_pem)
+                .expect("crl")
+                .is_revoked(&pki.revoked.serial_hex)
+        );
+        assert_eq!(
+            fs::read_to_string(&pki.server.cert_path).expect("read"),
+            pki.server.cert_pem
+        );
+        assert!(pki.ca_path.starts_with(&pki.dir));
+        assert!(std::ptr::eq(pki, test_pki()));
+    }
+}
