@@ -16,7 +16,6 @@ use x509_parser::x509::X509Name;
 
 use super::pem::{pem_decode, serial_to_hex};
 use super::{PkiError, Result};
-use sha1::Digest as _;
 
 /// A summary of one certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
