@@ -2,9 +2,13 @@
 //!
 //! - [`pki`]: the process-wide test PKI ([`test_pki`]): CAs, server and client certificates,
 //!   an expired and a revoked client, a CRL, all as PEM strings and files.
+//! - [`daemon`]: start a server on 127.0.0.1:0 with a shutdown handle ([`spawn_tcp`]); test
+//!   tracing.
 //!
 //! Nothing here is used by a shipped binary.
 
+pub mod daemon;
 pub mod pki;
 
+pub use daemon::{Spawned, init_tracing, spawn_tcp};
 pub use pki::{Leaf, TestPki, test_pki};

@@ -1,0 +1,4 @@
+//! Integration tests of `common` over real sockets with the test PKI.
+#![allow(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+mod tls;

@@ -1,0 +1,292 @@
+//! Mutual TLS over real sockets: who is accepted, who is refused, and reloads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::tls::{self, ClientAuth, ClientTlsFiles, PeerIdentity, ServerTls, ServerTlsFiles};
+use testkit::{Leaf, Spawned, test_pki};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn server_files(cert: &Path, key: &Path, auth: ClientAuth, crl: bool) -> ServerTlsFiles {
+    let pki = test_pki();
+    ServerTlsFiles {
+        cert: cert.to_owned(),
+        key: Some(key.to_owned()),
+        client_ca: Some(pki.ca_path.clone()),
+        crls: if crl {
+            vec![pki.crl_path.clone()]
+        } else {
+            Vec::new()
+        },
+        client_auth: auth,
+        alpn: Vec::new(),
+    }
+}
+
+/// An echo server: each connection answers every line with `CN-of-client: line`.
+async fn spawn_echo(server: Arc<ServerTls>) -> Spawned {
+    testkit::init_tracing();
+    tls::install_default_provider();
+    testkit::spawn_tcp(move |listener, shutdown| async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                () = shutdown.triggered() => return Ok(()),
+            };
+            let acceptor = server.acceptor();
+            let stop = shutdown.clone();
+            shutdown.spawn(async move {
+                let Ok((stream, peer)) = tls::accept(&acceptor, stream, DEADLINE).await else {
+                    return;
+                };
+                let who = peer
+                    .and_then(|p| p.cn)
+                    .unwrap_or_else(|| "anonymous".into());
+                let (read, mut write) = tokio::io::split(stream);
+                let mut lines = BufReader::new(read).lines();
+                loop {
+                    let line = tokio::select! {
+                        line = lines.next_line() => line,
+                        () = stop.triggered() => return,
+                    };
+                    let Ok(Some(line)) = line else { return };
+                    if write
+                        .write_all(format!("{who}: {line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+    .await
+}
+
+struct Client {
+    lines: tokio::io::Lines<
+        BufReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
+    >,
+    write: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+    server: PeerIdentity,
+}
+
+impl Client {
+    async fn echo(&mut self, text: &str) -> std::io::Result<Option<String>> {
+        self.write.write_all(format!("{text}\n").as_bytes()).await?;
+        tokio::time::timeout(DEADLINE, self.lines.next_line())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+async fn connect(addr: std::net::SocketAddr, leaf: Option<&Leaf>) -> anyhow::Result<Client> {
+    let files = ClientTlsFiles {
+        ca: Some(test_pki().ca_path.clone()),
+        cert: leaf.map(|l| l.cert_path.clone()),
+        key: leaf.map(|l| l.key_path.clone()),
+        alpn: Vec::new(),
+    };
+    let config = Arc::new(tls::client_config(&files)?);
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = tls::connect(config, "localhost", tcp, DEADLINE).await?;
+    let server = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| PeerIdentity::from_der(c.as_ref()))
+        .expect("server identity");
+    let (read, write) = tokio::io::split(stream);
+    Ok(Client {
+        lines: BufReader::new(read).lines(),
+        write,
+        server,
+    })
+}
+
+/// With TLS 1.3 a refused client certificate shows up on the first read, not in the handshake.
+async fn refused(addr: std::net::SocketAddr, leaf: Option<&Leaf>) -> bool {
+    match connect(addr, leaf).await {
+        Err(_) => true,
+        Ok(mut client) => !matches!(client.echo("hi").await, Ok(Some(_))),
+    }
+}
+
+async fn standard_server(auth: ClientAuth) -> Spawned {
+    let pki = test_pki();
+    let files = server_files(&pki.server.cert_path, &pki.server.key_path, auth, true);
+    spawn_echo(Arc::new(ServerTls::load(files).unwrap())).await
+}
+
+#[tokio::test]
+async fn good_client_certificate_is_accepted_with_its_identity() {
+    let pki = test_pki();
+    let server = standard_server(ClientAuth::Required).await;
+    let mut alice = connect(server.addr, Some(&pki.alice)).await.unwrap();
+    assert_eq!(
+        alice.echo("hello").await.unwrap().as_deref(),
+        Some("alice: hello")
+    );
+    assert_eq!(alice.server.cn.as_deref(), Some("server"));
+    assert!(alice.server.sans.iter().any(|s| s == "127.0.0.1"));
+    // A client issued by the intermediate, sending its chain.
+    let mut carol = connect(server.addr, Some(&pki.chained_client))
+        .await
+        .unwrap();
+    assert_eq!(carol.echo("x").await.unwrap().as_deref(), Some("carol: x"));
+    server.stop(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_client_certificates_are_refused() {
+    let pki = test_pki();
+    let server = standard_server(ClientAuth::Required).await;
+    assert!(refused(server.addr, None).await, "no certificate");
+    assert!(
+        refused(server.addr, Some(&pki.mallory)).await,
+        "untrusted CA"
+    );
+    assert!(refused(server.addr, Some(&pki.expired)).await, "expired");
+    assert!(
+        refused(server.addr, Some(&pki.revoked)).await,
+        "revoked by CRL"
+    );
+    assert!(
+        !refused(server.addr, Some(&pki.bob)).await,
+        "bob still works"
+    );
+    server.stop(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn optional_client_auth_allows_anonymous_but_still_verifies() {
+    let pki = test_pki();
+    let server = standard_server(ClientAuth::Optional).await;
+    let mut anon = connect(server.addr, None).await.unwrap();
+    assert_eq!(
+        anon.echo("a").await.unwrap().as_deref(),
+        Some("anonymous: a")
+    );
+    assert!(refused(server.addr, Some(&pki.mallory)).await);
+    server.stop(DEADLINE).await.unwrap();
+}
+
+#[test]
+fn client_auth_without_ca_bundle_is_a_configuration_error() {
+    let pki = test_pki();
+    let mut files = server_files(
+        &pki.server.cert_path,
+        &pki.server.key_path,
+        ClientAuth::Required,
+        false,
+    );
+    files.client_ca = None;
+    let err = ServerTls::load(files).unwrap_err().to_string();
+    assert!(err.contains("no client CA bundle"), "{err}");
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::copy(from, to).unwrap();
+}
+
+#[tokio::test]
+async fn reload_swaps_certificate_keeps_live_connections_and_survives_bad_files() {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let cert: PathBuf = dir.path().join("tls.cert.pem");
+    let key: PathBuf = dir.path().join("tls.key.pem");
+    copy(&pki.server.cert_path, &cert);
+    copy(&pki.server.key_path, &key);
+    let tls_server =
+        Arc::new(ServerTls::load(server_files(&cert, &key, ClientAuth::Required, true)).unwrap());
+    let server = spawn_echo(tls_server.clone()).await;
+
+    let mut live = connect(server.addr, Some(&pki.alice)).await.unwrap();
+    assert_eq!(live.server.cn.as_deref(), Some("server"));
+
+    copy(&pki.server2.cert_path, &cert);
+    copy(&pki.server2.key_path, &key);
+    tls_server.reload().unwrap();
+    let fresh = connect(server.addr, Some(&pki.alice)).await.unwrap();
+    assert_eq!(fresh.server.cn.as_deref(), Some("server2"));
+    assert_eq!(
+        live.echo("still here").await.unwrap().as_deref(),
+        Some("alice: still here")
+    );
+
+    // A broken certificate, then a key that does not match: both keep server2.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    assert!(tls_server.reload().is_err());
+    copy(&pki.server2.cert_path, &cert);
+    copy(&pki.alice.key_path, &key);
+    assert!(tls_server.reload().is_err());
+    let after = connect(server.addr, Some(&pki.alice)).await.unwrap();
+    assert_eq!(after.server.cn.as_deref(), Some("server2"));
+    assert_eq!(
+        live.echo("and now").await.unwrap().as_deref(),
+        Some("alice: and now")
+    );
+    server.stop(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn silent_client_hits_the_handshake_deadline() {
+    tls::install_default_provider();
+    let pki = test_pki();
+    let files = server_files(
+        &pki.server.cert_path,
+        &pki.server.key_path,
+        ClientAuth::Required,
+        false,
+    );
+    let acceptor = ServerTls::load(files).unwrap().acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    let started = std::time::Instant::now();
+    let err = tls::accept(&acceptor, stream, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tls::TlsError::HandshakeTimeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn pkeycert_file_holds_both_certificate_and_key() {
+    let pki = test_pki();
+    let files = ServerTlsFiles {
+        cert: pki.server.pkeycert_path.clone(),
+        key: None,
+        client_ca: None,
+        crls: Vec::new(),
+        client_auth: ClientAuth::Off,
+        alpn: Vec::new(),
+    };
+    let server = ServerTls::load(files).unwrap();
+    assert_eq!(
+        server.server_identity().unwrap().cn.as_deref(),
+        Some("server")
+    );
+}
+
+#[test]
+fn identity_extraction_of_the_test_certificates() {
+    let pki = test_pki();
+    let der = common::pki::pem_decode(&pki.alice.cert_pem).unwrap();
+    let id = PeerIdentity::from_der(&der[0].der).unwrap();
+    assert_eq!(id.cn.as_deref(), Some("alice"));
+    assert_eq!(id.o.as_deref(), Some("testkit"));
+    assert_eq!(id.sha256.len(), 64);
+    assert!(PeerIdentity::from_der(b"not a certificate").is_none());
+}
