@@ -53,9 +53,19 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tls::install_default_provider();
-    match Args::parse().command {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mtls_echo: {err:#}");
+            std::process::ExitCode::from(common::daemon::exit::UNAVAILABLE)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
         Command::Serve {
             listen,
             cert,

@@ -117,6 +117,11 @@ fn dev_pki_is_complete_verifiable_and_idempotent() {
         )
         .expect_err("mallory is refused");
     }
+    if have_node() {
+        let out = node_handshake(&pki, "secure-talk", "alice").expect("node: alice gets in");
+        assert!(out.contains("ok alice"), "{out}");
+        node_handshake(&pki, "secure-talk", "mallory").expect_err("node: mallory is refused");
+    }
 
     // Second run: refused without --force-overwrite, regenerated with it.
     let before = fs::read(pki.join("ca.key.pem")).expect("key");

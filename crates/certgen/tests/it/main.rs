@@ -189,3 +189,46 @@ pub(crate) fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
 }
+
+/// Whether `node` can be run.
+pub(crate) fn have_node() -> bool {
+    static HAVE: OnceLock<bool> = OnceLock::new();
+    *HAVE.get_or_init(|| tool_available("node", &["--version"]))
+}
+
+/// Node: a `tls` server with `requestCert` and a `tls` client over loopback, both from the
+/// files `<server>.cert.pem`/`.key.pem` and `<client>.cert.pem`/`.key.pem`, trusting `ca.cert.pem`.
+const NODE_HANDSHAKE: &str = r#"
+const tls = require('tls'), fs = require('fs');
+const [server, client] = process.argv.slice(1);
+const read = (f) => fs.readFileSync(f);
+const srv = tls.createServer({cert: read(server + '.cert.pem'), key: read(server + '.key.pem'),
+  ca: read('ca.cert.pem'), requestCert: true, rejectUnauthorized: true}, (s) => {
+  s.end('ok ' + s.getPeerCertificate().subject.CN + '\n');
+});
+srv.on('tlsClientError', () => {});
+srv.listen(0, '127.0.0.1', () => {
+  const c = tls.connect({port: srv.address().port, host: '127.0.0.1', servername: 'localhost',
+    ca: read('ca.cert.pem'), cert: read(client + '.cert.pem'), key: read(client + '.key.pem')});
+  let data = '';
+  c.on('data', (d) => { data += d; });
+  c.on('error', (e) => { console.log('refused', e.code || e.message); process.exit(1); });
+  c.on('end', () => { console.log(data.trim()); process.exit(data.startsWith('ok') ? 0 : 1); });
+});
+setTimeout(() => { console.log('timeout'); process.exit(2); }, 10000);
+"#;
+
+/// Runs [`NODE_HANDSHAKE`] in `dir`; Ok(stdout) on success.
+pub(crate) fn node_handshake(dir: &Path, server: &str, client: &str) -> Result<String, String> {
+    let output = Command::new("node")
+        .args(["-e", NODE_HANDSHAKE, server, client])
+        .current_dir(dir)
+        .output()
+        .expect("run node");
+    let run = Run::from(output);
+    if run.code == Some(0) {
+        Ok(run.stdout)
+    } else {
+        Err(format!("{}{}", run.stdout, run.stderr))
+    }
+}
