@@ -376,6 +376,22 @@ mod tests {
         assert_eq!(load_toml::<Sample>(None).unwrap(), Sample::default());
     }
 
+    #[test]
+    fn tls_section_parses_with_defaults_and_rejects_unknown_keys() {
+        use crate::tls::{ClientAuth, TlsSection};
+        let section: TlsSection = parse_toml("cert = \"a.pem\"\ncrls = [\"c.pem\"]").unwrap();
+        assert_eq!(section.handshake_timeout_secs, 10);
+        let files = section.files(ClientAuth::Required, Vec::new());
+        assert_eq!(files.client_auth, ClientAuth::Required);
+        assert_eq!(files.crls.len(), 1);
+        let section: TlsSection = parse_toml("cert = \"a.pem\"\nclient_auth = \"off\"").unwrap();
+        assert_eq!(
+            section.files(ClientAuth::Required, Vec::new()).client_auth,
+            ClientAuth::Off
+        );
+        assert!(parse_toml::<TlsSection>("cert = \"a\"\nclient-ca = \"x\"").is_err());
+    }
+
     #[tokio::test]
     async fn drain_waits_for_tasks_and_times_out() {
         let shutdown = Shutdown::new();

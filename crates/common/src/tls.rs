@@ -100,6 +100,52 @@ pub struct ServerTlsFiles {
     pub alpn: Vec<Vec<u8>>,
 }
 
+/// The `[tls]` section every daemon's TOML file shares (deploy/config/README.md).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first (may hold the key too).
+    pub cert: PathBuf,
+    /// PEM private key; absent when `cert` holds it.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// PEM bundle of trusted client CAs.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// PEM CRL files.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// `required`, `optional` or `off`; the daemon supplies the default.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// Seconds a handshake may take.
+    #[serde(default = "default_handshake_secs")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_handshake_secs() -> u64 {
+    DEFAULT_HANDSHAKE_TIMEOUT.as_secs()
+}
+
+impl TlsSection {
+    /// The files to load, with `default_auth` where the section sets no policy.
+    pub fn files(&self, default_auth: ClientAuth, alpn: Vec<Vec<u8>>) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+            crls: self.crls.clone(),
+            client_auth: self.client_auth.unwrap_or(default_auth),
+            alpn,
+        }
+    }
+
+    /// The handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
 /// The crypto provider every configuration here uses, restricted to forward-secret suites.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();

@@ -1,0 +1,23 @@
+# Recipes for the suite; each is a thin wrapper over scripts/ or cargo.
+
+# fmt check, clippy, all tests, systemd unit exposure
+test:
+    scripts/test
+
+# build, make a dev PKI, run everything on loopback (`just demo --keep` to leave it running)
+demo *ARGS:
+    scripts/demo {{ARGS}}
+
+# benchmarks of the daemons that have them
+bench *ARGS:
+    scripts/bench {{ARGS}}
+
+# development PKI in certs/dev (`just pki --force-overwrite` to regenerate)
+pki *ARGS:
+    scripts/dev-pki {{ARGS}}
+
+fmt:
+    cargo fmt --all
+
+lint:
+    cargo clippy --workspace --all-targets --locked -- -D warnings
