@@ -1,4 +1,5 @@
 //! Integration tests of `common` over real sockets with the test PKI.
 #![allow(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
+mod daemon;
 mod tls;

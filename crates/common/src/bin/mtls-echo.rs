@@ -2,7 +2,9 @@
 //!
 //! `scripts/demo` uses it to show a TLS round trip between two endpoints with mutual
 //! authentication: `serve` prints `listening on ADDR` and echoes one line per connection;
-//! `call` sends a line and prints `echo: TEXT from server CN=...`.
+//! `call` sends a line and prints `echo: TEXT from server CN=...`. `serve` runs the daemon glue
+//! every daemon uses (`common::daemon::supervise`): systemd notifications, SIGHUP reloads the
+//! certificates, SIGTERM drains, so the integration tests exercise that glue in a real process.
 #![expect(clippy::print_stdout, reason = "a demo program that reports on stdout")]
 
 use std::path::PathBuf;
@@ -10,12 +12,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use common::daemon::Shutdown;
 use common::tls::{self, ClientAuth, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Parser)]
 struct Args {
+    #[command(flatten)]
+    log: common::daemon::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,10 +60,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tls::install_default_provider();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    if let Err(err) = common::daemon::init_tracing(&args.log, "info") {
+        eprintln!("mtls-echo: {err:#}");
+        return std::process::ExitCode::from(common::daemon::exit::USAGE);
+    }
+    match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("mtls_echo: {err:#}");
+            eprintln!("mtls-echo: {err:#}");
             std::process::ExitCode::from(common::daemon::exit::UNAVAILABLE)
         }
     }
@@ -81,27 +91,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 client_auth: ClientAuth::Required,
                 alpn: Vec::new(),
             })?;
+            let server = Arc::new(server);
             let listener = TcpListener::bind(&listen).await.context("binding")?;
             println!("listening on {}", listener.local_addr()?);
-            loop {
-                let (stream, peer) = listener.accept().await?;
-                let acceptor = server.acceptor();
-                tokio::spawn(async move {
-                    match tls::accept(&acceptor, stream, tls::DEFAULT_HANDSHAKE_TIMEOUT).await {
-                        Ok((stream, identity)) => {
-                            let who = identity.map(|id| id.to_string()).unwrap_or_default();
-                            let (read, mut write) = tokio::io::split(stream);
-                            let mut line = String::new();
-                            if BufReader::new(read).read_line(&mut line).await.is_ok() {
-                                let reply = format!("{} (client {who})\n", line.trim_end());
-                                let _ = write.write_all(reply.as_bytes()).await;
-                                let _ = write.shutdown().await;
-                            }
-                        }
-                        Err(err) => eprintln!("refused {peer}: {err}"),
-                    }
-                });
-            }
+            let shutdown = Shutdown::new();
+            tokio::spawn(serve(listener, server.clone(), shutdown.clone()));
+            let reloading = server.clone();
+            let drained = common::daemon::supervise(
+                &shutdown,
+                std::time::Duration::from_secs(5),
+                "serving",
+                move || Ok(reloading.reload()?),
+            )
+            .await?;
+            anyhow::ensure!(drained, "connections still open after the grace period");
+            Ok(())
         }
         Command::Call {
             connect,
@@ -144,5 +148,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("echo: {} from server {server}", answer.trim_end());
             Ok(())
         }
+    }
+}
+
+async fn serve(listener: TcpListener, server: Arc<ServerTls>, shutdown: Shutdown) {
+    let mut backoff = common::daemon::AcceptBackoff::default();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    backoff.failed(&err).await;
+                    continue;
+                }
+            },
+            () = shutdown.triggered() => return,
+        };
+        backoff.succeeded();
+        let acceptor = server.acceptor();
+        shutdown.spawn(async move {
+            match tls::accept(&acceptor, stream, tls::DEFAULT_HANDSHAKE_TIMEOUT).await {
+                Ok((stream, identity)) => {
+                    let who = identity.map(|id| id.to_string()).unwrap_or_default();
+                    let (read, mut write) = tokio::io::split(stream);
+                    let mut line = String::new();
+                    if BufReader::new(read).read_line(&mut line).await.is_ok() {
+                        let reply = format!("{} (client {who})\n", line.trim_end());
+                        let _ = write.write_all(reply.as_bytes()).await;
+                        let _ = write.shutdown().await;
+                    }
+                }
+                Err(err) => tracing::info!(%peer, %err, "refused"),
+            }
+        });
     }
 }
