@@ -48,9 +48,12 @@ pub enum PkiError {
     /// No `CERTIFICATE` block where one was required.
     #[error("no certificate found")]
     NoCertificate,
-    /// No `PRIVATE KEY` block where one was required.
-    #[error("no pkcs#8 private key found (convert with `openssl pkcs8 -topk8 -nocrypt`)")]
+    /// No usable private key block (PKCS#8, SEC1 P-256 or PKCS#1 RSA) where one was required.
+    #[error("no private key found (PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY)")]
     NoPrivateKey,
+    /// A SEC1 or PKCS#1 key that cannot be converted.
+    #[error("unsupported private key: {0}")]
+    UnsupportedKey(String),
     /// The private key is not one rcgen can sign with.
     #[error("unsupported or malformed private key")]
     BadKey(#[source] rcgen::Error),

@@ -412,3 +412,70 @@ fn not_after_units_set_the_lifetime() {
         time::Duration::hours(12) + time::Duration::minutes(5)
     );
 }
+
+/// A CA made by `openssl` the way the original Micronets scripts make one (SEC1 `EC PRIVATE
+/// KEY` after an `EC PARAMETERS` block), and one with a PKCS#1 RSA key, can issue leaves.
+#[test]
+fn openssl_made_ca_keys_issue_leaves() {
+    if !have_openssl() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-out",
+        "ec.key.pem",
+    ]);
+    openssl(&["genrsa", "-traditional", "-out", "rsa.key.pem", "2048"]);
+    for kind in ["ec", "rsa"] {
+        let key = format!("{kind}.key.pem");
+        let cert = format!("{kind}.cert.pem");
+        let subject = format!("/O=Micronets/CN={kind}-root");
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key,
+            "-days",
+            "30",
+            "-subj",
+            &subject,
+            "-out",
+            &cert,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        let base = format!("{kind}-leaf");
+        certgen_ok(
+            dir,
+            &[
+                "leaf",
+                "--cert-basename",
+                &base,
+                "--ca-certfile",
+                &cert,
+                "--ca-keyfile",
+                &key,
+                "--san",
+                "localhost",
+            ],
+        );
+        openssl_verify(dir, &["-CAfile", &cert, &format!("{base}.cert.pem")])
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+    }
+}

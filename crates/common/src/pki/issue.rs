@@ -440,8 +440,9 @@ impl Ca {
         })
     }
 
-    /// Loads a CA from its certificate PEM (optionally followed by its parents) and its
-    /// PKCS#8 key PEM, checking that the certificate is a CA and the key belongs to it.
+    /// Loads a CA from its certificate PEM (optionally followed by its parents) and its key
+    /// PEM (PKCS#8, or the SEC1 P-256 `EC PRIVATE KEY` and PKCS#1 `RSA PRIVATE KEY` that
+    /// `openssl` and the original Micronets scripts write), checking that the certificate is a CA and the key belongs to it.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let certs: Vec<Vec<u8>> = pem_decode(cert_pem)?
             .into_iter()
@@ -451,11 +452,8 @@ impl Ca {
         let Some((ca_der, parents)) = certs.split_first() else {
             return Err(PkiError::NoCertificate);
         };
-        let key_block = pem_decode(key_pem)?
-            .into_iter()
-            .find(|block| block.label == "PRIVATE KEY")
-            .ok_or(PkiError::NoPrivateKey)?;
-        let key = KeyPair::try_from(key_block.der.as_slice()).map_err(PkiError::BadKey)?;
+        let pkcs8 = key_as_pkcs8(key_pem)?;
+        let key = KeyPair::try_from(pkcs8.as_slice()).map_err(PkiError::BadKey)?;
 
         let (_, x509) = x509_parser::parse_x509_certificate(ca_der)
             .map_err(|e| PkiError::ParseCert(e.to_string()))?;
@@ -596,4 +594,33 @@ fn serial_of(params: &CertificateParams) -> String {
         .as_ref()
         .map(|s| serial_to_hex(&s.to_bytes()))
         .unwrap_or_default()
+}
+
+/// The first private key in `key_pem` as PKCS#8 DER, converting SEC1 P-256 and PKCS#1 RSA keys.
+fn key_as_pkcs8(key_pem: &str) -> Result<Vec<u8>> {
+    use p256::pkcs8::EncodePrivateKey as _;
+    use rsa::pkcs1::DecodeRsaPrivateKey as _;
+    for block in pem_decode(key_pem)? {
+        match block.label.as_str() {
+            "PRIVATE KEY" => return Ok(block.der),
+            "EC PRIVATE KEY" => {
+                let key = p256::SecretKey::from_sec1_der(&block.der).map_err(|_| {
+                    PkiError::UnsupportedKey("EC PRIVATE KEY that is not on P-256".into())
+                })?;
+                let der = key
+                    .to_pkcs8_der()
+                    .map_err(|e| PkiError::UnsupportedKey(e.to_string()))?;
+                return Ok(der.as_bytes().to_vec());
+            }
+            "RSA PRIVATE KEY" => {
+                let key = rsa::RsaPrivateKey::from_pkcs1_der(&block.der)
+                    .map_err(|e| PkiError::UnsupportedKey(format!("RSA PRIVATE KEY: {e}")))?;
+                let der = rsa::pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
+                    .map_err(|e| PkiError::UnsupportedKey(e.to_string()))?;
+                return Ok(der.as_bytes().to_vec());
+            }
+            _ => {}
+        }
+    }
+    Err(PkiError::NoPrivateKey)
 }
