@@ -98,7 +98,8 @@ pub(crate) struct IssuerArgs {
     /// The issuing CA certificate (PEM; may be followed by its own chain).
     #[arg(long, value_name = "FILE")]
     pub(crate) ca_certfile: PathBuf,
-    /// The issuing CA private key (PKCS#8 PEM).
+    /// The issuing CA private key: PKCS#8 PEM, or the SEC1 `EC PRIVATE KEY` (P-256) and PKCS#1
+    /// `RSA PRIVATE KEY` that openssl and the original Micronets scripts write.
     #[arg(long, value_name = "FILE")]
     pub(crate) ca_keyfile: PathBuf,
 }
