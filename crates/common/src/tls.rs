@@ -332,13 +332,14 @@ where
         .await
         .map_err(|_| TlsError::HandshakeTimeout(deadline))?
         .map_err(TlsError::Handshake)?;
-    let peer = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|leaf| PeerIdentity::from_der(leaf.as_ref()));
+    let peer = peer_identity(stream.get_ref().1);
     Ok((stream, peer))
+}
+
+/// The identity of the peer's verified leaf certificate, on either side of a connection.
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<PeerIdentity> {
+    let leaf = conn.peer_certificates()?.first()?;
+    PeerIdentity::from_der(leaf.as_ref())
 }
 
 /// Runs a client handshake under `deadline`.

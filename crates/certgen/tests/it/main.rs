@@ -27,6 +27,15 @@ impl Run {
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
     }
+
+    /// Ok(stdout) on exit code 0, otherwise Err(stdout and stderr).
+    fn success(self) -> Result<String, String> {
+        if self.code == Some(0) {
+            Ok(self.stdout)
+        } else {
+            Err(format!("{}{}", self.stdout, self.stderr))
+        }
+    }
 }
 
 /// Runs `certgen args...` with `dir` as the working directory.
@@ -83,12 +92,7 @@ pub(crate) fn openssl_verify(dir: &Path, args: &[&str]) -> Result<String, String
         .current_dir(dir)
         .output()
         .expect("run openssl");
-    let run = Run::from(output);
-    if run.code == Some(0) {
-        Ok(run.stdout)
-    } else {
-        Err(format!("{}{}", run.stdout, run.stderr))
-    }
+    Run::from(output).success()
 }
 
 /// Python: a server and a client context, each loading its chain, key and trust anchors,
@@ -156,12 +160,7 @@ pub(crate) fn py_handshake(
         .current_dir(dir)
         .output()
         .expect("run python3");
-    let run = Run::from(output);
-    if run.code == Some(0) {
-        Ok(run.stdout)
-    } else {
-        Err(format!("{}{}", run.stdout, run.stderr))
-    }
+    Run::from(output).success()
 }
 
 /// Python: load a chain and key (or a combined file) and trust anchors, without handshaking.
@@ -225,10 +224,5 @@ pub(crate) fn node_handshake(dir: &Path, server: &str, client: &str) -> Result<S
         .current_dir(dir)
         .output()
         .expect("run node");
-    let run = Run::from(output);
-    if run.code == Some(0) {
-        Ok(run.stdout)
-    } else {
-        Err(format!("{}{}", run.stdout, run.stderr))
-    }
+    Run::from(output).success()
 }

@@ -25,18 +25,25 @@ struct Args {
     command: Command,
 }
 
+/// This end's certificate and key, and the CA the other end must chain to.
+#[derive(clap::Args)]
+struct Credentials {
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    ca: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve until killed.
     Serve {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long)]
-        ca: PathBuf,
+        #[command(flatten)]
+        creds: Credentials,
         #[arg(long)]
         crl: Vec<PathBuf>,
     },
@@ -44,12 +51,8 @@ enum Command {
     Call {
         #[arg(long)]
         connect: String,
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long)]
-        ca: PathBuf,
+        #[command(flatten)]
+        creds: Credentials,
         #[arg(long, default_value = "hello")]
         message: String,
         #[arg(long, default_value = "localhost")]
@@ -76,17 +79,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Serve {
-            listen,
-            cert,
-            key,
-            ca,
-            crl,
-        } => {
+        Command::Serve { listen, creds, crl } => {
             let server = ServerTls::load(ServerTlsFiles {
-                cert,
-                key: Some(key),
-                client_ca: Some(ca),
+                cert: creds.cert,
+                key: Some(creds.key),
+                client_ca: Some(creds.ca),
                 crls: crl,
                 client_auth: ClientAuth::Required,
                 alpn: Vec::new(),
@@ -109,16 +106,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Call {
             connect,
-            cert,
-            key,
-            ca,
+            creds,
             message,
             server_name,
         } => {
             let config = tls::client_config(&ClientTlsFiles {
-                ca: Some(ca),
-                cert: Some(cert),
-                key: Some(key),
+                ca: Some(creds.ca),
+                cert: Some(creds.cert),
+                key: Some(creds.key),
                 alpn: Vec::new(),
             })?;
             let tcp = TcpStream::connect(&connect).await.context("connecting")?;
@@ -129,13 +124,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tls::DEFAULT_HANDSHAKE_TIMEOUT,
             )
             .await?;
-            let server = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| tls::PeerIdentity::from_der(leaf.as_ref()))
-                .context("server sent no certificate")?;
+            let server =
+                tls::peer_identity(stream.get_ref().1).context("server sent no certificate")?;
             stream.write_all(format!("{message}\n").as_bytes()).await?;
             let mut answer = String::new();
             BufReader::new(stream)

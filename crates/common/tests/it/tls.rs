@@ -95,13 +95,7 @@ async fn connect(addr: std::net::SocketAddr, leaf: Option<&Leaf>) -> anyhow::Res
     let config = Arc::new(tls::client_config(&files)?);
     let tcp = TcpStream::connect(addr).await?;
     let stream = tls::connect(config, "localhost", tcp, DEADLINE).await?;
-    let server = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| PeerIdentity::from_der(c.as_ref()))
-        .expect("server identity");
+    let server = tls::peer_identity(stream.get_ref().1).expect("server identity");
     let (read, write) = tokio::io::split(stream);
     Ok(Client {
         lines: BufReader::new(read).lines(),
