@@ -115,6 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cert: Some(creds.cert),
                 key: Some(creds.key),
                 alpn: Vec::new(),
+                skip_hostname_check: false,
             })?;
             let tcp = TcpStream::connect(&connect).await.context("connecting")?;
             let mut stream = tls::connect(

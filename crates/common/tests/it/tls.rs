@@ -91,6 +91,7 @@ async fn connect(addr: std::net::SocketAddr, leaf: Option<&Leaf>) -> anyhow::Res
         cert: leaf.map(|l| l.cert_path.clone()),
         key: leaf.map(|l| l.key_path.clone()),
         alpn: Vec::new(),
+        skip_hostname_check: false,
     };
     let config = Arc::new(tls::client_config(&files)?);
     let tcp = TcpStream::connect(addr).await?;
@@ -283,4 +284,30 @@ fn identity_extraction_of_the_test_certificates() {
     assert_eq!(id.o.as_deref(), Some("testkit"));
     assert_eq!(id.sha256.len(), 64);
     assert!(PeerIdentity::from_der(b"not a certificate").is_none());
+}
+
+#[tokio::test]
+async fn skip_hostname_check_still_verifies_the_chain() {
+    let spawned = standard_server(ClientAuth::Off).await;
+    let pki = test_pki();
+    let dial = |ca: &Path, skip: bool| {
+        let files = ClientTlsFiles {
+            ca: Some(ca.to_owned()),
+            skip_hostname_check: skip,
+            ..ClientTlsFiles::default()
+        };
+        let addr = spawned.addr;
+        async move {
+            let config = Arc::new(tls::client_config(&files)?);
+            let tcp = TcpStream::connect(addr).await?;
+            tls::connect(config, "not-the-server.example", tcp, DEADLINE).await?;
+            anyhow::Ok(())
+        }
+    };
+    // The name is wrong: refused normally, accepted when names are not checked.
+    assert!(dial(&pki.ca_path, false).await.is_err());
+    dial(&pki.ca_path, true).await.unwrap();
+    // An untrusted chain is refused either way.
+    assert!(dial(&pki.untrusted_ca_path, true).await.is_err());
+    spawned.stop(DEADLINE).await.unwrap();
 }
