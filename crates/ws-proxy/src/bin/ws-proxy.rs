@@ -1,0 +1,249 @@
+//! The ws-proxy daemon: flags and file -> validated config -> bind -> serve -> drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use common::daemon::{self, LogArgs, Shutdown, exit};
+use common::tls::{self, ServerTls};
+use tokio::net::TcpListener;
+use ws_proxy::config::{Config, DEFAULT_CLIENT_AUTH, FileConfig, OnPartnerLeave};
+use ws_proxy::{Server, status};
+
+/// The Micronets websocket relay.
+///
+/// Peers connect with client certificates to wss://HOST:PORT/micronets/v1/ws-proxy/<id>; two
+/// peers on the same id are paired by HELLO and every message is relayed between them, in
+/// order. Every setting lives in the TOML file (see deploy/config/ws-proxy.example.toml);
+/// the flags below override it.
+///
+/// Signals: SIGHUP reloads the certificate, key, CA bundle and CRLs (live pairs stay);
+/// SIGTERM or SIGINT closes every peer with 1001 and drains.
+///
+/// Exit codes: 0 stopped cleanly, 64 bad flags, 78 bad configuration, 69 cannot bind or
+/// load the TLS material, 70 connections still open after the grace period.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  ws-proxy --config /etc/ws-proxy/ws-proxy.toml\n  ws-proxy --config dev.toml --listen 127.0.0.1:0 --status-listen 127.0.0.1:5051"
+)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "WS_PROXY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// WSS listen address (overrides `listen`).
+    #[arg(long, short = 'a', env = "WS_PROXY_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Status listener for /status and /metrics (overrides `status_listen`).
+    #[arg(long, env = "WS_PROXY_STATUS_LISTEN", value_name = "ADDR:PORT")]
+    status_listen: Option<SocketAddr>,
+    /// URL path prefix in front of meet-up ids (overrides `url_prefix`).
+    #[arg(long, value_name = "PATH")]
+    url_prefix: Option<String>,
+    /// Server certificate, or the Micronets pkeycert (certificate then key) (overrides `tls.cert`).
+    #[arg(long, value_name = "PEM")]
+    cert: Option<PathBuf>,
+    /// Server key, when not in the certificate file (overrides `tls.key`).
+    #[arg(long, value_name = "PEM")]
+    key: Option<PathBuf>,
+    /// CA bundle client certificates must chain to (overrides `tls.client_ca`).
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// CRL file; repeat for several (replaces `tls.crls`).
+    #[arg(long, value_name = "PEM")]
+    crl: Vec<PathBuf>,
+    /// `close` (the original) or `wait`: what happens to a peer whose partner leaves.
+    #[arg(long, value_name = "MODE")]
+    on_partner_leave: Option<String>,
+    /// Print `listening on ADDR` on stdout once bound (for scripts that start it on port 0).
+    #[arg(long)]
+    print_address: bool,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("ws-proxy: {err}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let mut log = args.log.clone();
+    if log.log_filter.is_none() {
+        log.log_filter.clone_from(&file.log_filter);
+    }
+    if log.log_format == daemon::LogFormat::Auto {
+        log.log_format = file.log_format;
+    }
+    if let Err(err) = daemon::init_tracing(&log, "info") {
+        eprintln!("ws-proxy: {err:#}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let (config, deploy) = match configure(&args, file) {
+        Ok(configured) => configured,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("ws-proxy: {err:#}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("ws-proxy: starting the runtime: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    match runtime.block_on(run(config, deploy, args.print_address)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("ws-proxy: {err:#}");
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+    }
+}
+
+fn configure(
+    args: &Args,
+    mut file: FileConfig,
+) -> anyhow::Result<(Config, ws_proxy::config::Deployment)> {
+    if let Some(listen) = args.listen {
+        file.listen = listen.to_string();
+    }
+    if let Some(status) = args.status_listen {
+        file.status_listen = Some(status.to_string());
+    }
+    daemon::overlay(&mut file.url_prefix, args.url_prefix.clone());
+    if let Some(mode) = &args.on_partner_leave {
+        file.on_partner_leave = match mode.as_str() {
+            "close" => OnPartnerLeave::Close,
+            "wait" => OnPartnerLeave::Wait,
+            other => anyhow::bail!("--on-partner-leave {other:?}: expected close or wait"),
+        };
+    }
+    if let Some(cert) = &args.cert {
+        let tls = file.tls.get_or_insert_with(|| common::tls::TlsSection {
+            cert: cert.clone(),
+            key: None,
+            client_ca: None,
+            crls: Vec::new(),
+            client_auth: None,
+            handshake_timeout_secs: tls::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+        });
+        tls.cert.clone_from(cert);
+    }
+    if let Some(tls) = file.tls.as_mut() {
+        if args.key.is_some() {
+            tls.key.clone_from(&args.key);
+        }
+        if args.ca.is_some() {
+            tls.client_ca.clone_from(&args.ca);
+        }
+        if !args.crl.is_empty() {
+            tls.crls.clone_from(&args.crl);
+        }
+    }
+    Ok(Config::from_file(&file)?)
+}
+
+async fn run(
+    config: Config,
+    deploy: ws_proxy::config::Deployment,
+    print_address: bool,
+) -> anyhow::Result<ExitCode> {
+    tls::install_default_provider();
+    raise_fd_limit(config.max_connections);
+    let files = deploy.tls.files(DEFAULT_CLIENT_AUTH, Vec::new());
+    let server_tls = Arc::new(ServerTls::load(files).context("loading the TLS material")?);
+    let identity = server_tls.server_identity()?;
+    let listener = TcpListener::bind(deploy.listen)
+        .await
+        .with_context(|| format!("binding {}", deploy.listen))?;
+    let local = listener.local_addr()?;
+    let status_listener = match deploy.status_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the status listener {addr}"))?,
+        ),
+        None => None,
+    };
+    let shutdown = Shutdown::new();
+    let server = Server::new(config.clone(), server_tls, shutdown.clone());
+    tracing::info!(
+        listen = %local,
+        url = format!("wss://{local}{}<id>", config.url_prefix),
+        server = %identity,
+        client_auth = ?deploy.tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH),
+        rules = !config.rules.is_empty(),
+        on_partner_leave = ?config.on_partner_leave,
+        "serving"
+    );
+    if let Some(listener) = status_listener {
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the status listener is not on loopback: it shows identities and addresses");
+        }
+        tracing::info!(%addr, "status listener: /status, /metrics");
+        let stop = shutdown.clone();
+        let status_server = server.clone();
+        tokio::spawn(async move {
+            if let Err(err) = status::serve(listener, status_server, async move {
+                stop.triggered().await;
+            })
+            .await
+            {
+                tracing::error!(%err, "status listener failed");
+            }
+        });
+    }
+    if print_address {
+        #[expect(clippy::print_stdout, reason = "the one line scripts read")]
+        {
+            println!("listening on {local}");
+        }
+    }
+    let serving = server.clone();
+    let accept = tokio::spawn(async move { serving.serve(listener).await });
+    let reloading = server.clone();
+    let drained = daemon::supervise(&shutdown, deploy.drain_grace, "relaying", move || {
+        reloading.reload()?;
+        let identity = reloading.tls().server_identity()?;
+        tracing::info!(server = %identity, "certificates reloaded");
+        Ok(())
+    })
+    .await?;
+    let _ = accept.await;
+    Ok(if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::SOFTWARE)
+    })
+}
+
+/// Two descriptors per connection at most; ask for the hard limit when the soft one is short.
+fn raise_fd_limit(max_connections: usize) {
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        + 64;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            limit = got,
+            wanted,
+            "the open-file limit is below what max_connections needs"
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    }
+}

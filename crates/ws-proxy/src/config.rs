@@ -1,0 +1,474 @@
+//! The proxy's configuration: the TOML file ([`FileConfig`], every key documented in
+//! `deploy/config/ws-proxy.example.toml`) and the validated [`Config`] the server runs with.
+//!
+//! Defaults are the named constants below; they keep the original proxy's de-facto protocol
+//! constants (1 MiB messages, a ping every 10 s with a 10 s pong deadline).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::daemon::{ConfigError, LogFormat};
+use common::tls::{ClientAuth, TlsSection};
+use serde::Deserialize;
+
+use crate::auth::{Rule, RuleSpec, Rules};
+
+/// Default WSS listen address (the deploy example uses 0.0.0.0:5050).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
+/// Default URL path prefix in front of every meet-up id.
+pub const DEFAULT_URL_PREFIX: &str = "/micronets/v1/ws-proxy/";
+/// Largest accepted message, after reassembly (the original's websockets default).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Longest meet-up id in bytes.
+pub const DEFAULT_MAX_ID_BYTES: usize = 256;
+/// Time a connection has between the upgrade and its HELLO.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the client has to send its HTTP upgrade request after the TLS handshake.
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between the proxy's websocket pings.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Time a peer has to answer a ping.
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write to a peer that takes longer than this drops the peer.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the proxy waits for the peer's close frame after sending its own.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Live connections, all states together.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Messages a waiting peer may send before its partner arrives.
+pub const DEFAULT_WAITING_QUEUE_MESSAGES: usize = 64;
+/// Bytes a waiting peer may send before its partner arrives.
+pub const DEFAULT_WAITING_QUEUE_BYTES: usize = 1 << 20;
+/// Bytes queued towards one peer before its partner's reads pause (backpressure).
+pub const DEFAULT_RELAY_QUEUE_BYTES: usize = 2 << 20;
+/// tungstenite's read buffer per connection (allocated eagerly, so it is the idle cost).
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
+/// tungstenite's write buffer target per connection.
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Grace period for live connections on SIGTERM.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// What happens to a peer whose partner leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPartnerLeave {
+    /// Close the survivor with 1002 "the peer websocket disconnected" (the original).
+    #[default]
+    Close,
+    /// Keep the survivor connected, waiting for a new partner (its HELLO is kept).
+    Wait,
+}
+
+/// The TOML file, as written; [`Config::from_file`] validates it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// WSS listen address.
+    pub listen: String,
+    /// URL path prefix.
+    pub url_prefix: String,
+    /// Plain-HTTP status listener (`/status`, `/metrics`); absent: off.
+    pub status_listen: Option<String>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log filter directives.
+    pub log_filter: Option<String>,
+    /// Seconds live connections may take to finish on SIGTERM.
+    pub drain_grace_secs: u64,
+    /// Most live connections.
+    pub max_connections: usize,
+    /// `close` or `wait`.
+    pub on_partner_leave: OnPartnerLeave,
+    /// TLS material; required.
+    pub tls: Option<TlsSection>,
+    /// Limits and timers.
+    pub limits: FileLimits,
+    /// Authorization rules; none means any valid certificate may join any id.
+    pub authorize: Vec<RuleSpec>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            url_prefix: DEFAULT_URL_PREFIX.to_owned(),
+            status_listen: None,
+            log_format: LogFormat::Auto,
+            log_filter: None,
+            drain_grace_secs: DEFAULT_DRAIN_GRACE.as_secs(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            on_partner_leave: OnPartnerLeave::Close,
+            tls: None,
+            limits: FileLimits::default(),
+            authorize: Vec::new(),
+        }
+    }
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileLimits {
+    /// Seconds between the TLS handshake and the end of the HTTP upgrade request.
+    pub upgrade_timeout_secs: u64,
+    /// Seconds between the upgrade and the HELLO.
+    pub hello_timeout_secs: u64,
+    /// Seconds between pings.
+    pub ping_interval_secs: u64,
+    /// Seconds a pong may take.
+    pub pong_timeout_secs: u64,
+    /// Seconds a write to a peer may take.
+    pub write_timeout_secs: u64,
+    /// Seconds to wait for the peer's close frame.
+    pub close_timeout_secs: u64,
+    /// Largest message in bytes.
+    pub max_message_bytes: usize,
+    /// Longest meet-up id in bytes.
+    pub max_id_bytes: usize,
+    /// Messages queued from a waiting peer.
+    pub waiting_queue_messages: usize,
+    /// Bytes queued from a waiting peer.
+    pub waiting_queue_bytes: usize,
+    /// Bytes queued towards a peer before its partner is slowed down.
+    pub relay_queue_bytes: usize,
+    /// Read buffer per connection.
+    pub read_buffer_bytes: usize,
+    /// Write buffer target per connection.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            upgrade_timeout_secs: limits.upgrade_timeout.as_secs(),
+            hello_timeout_secs: limits.hello_timeout.as_secs(),
+            ping_interval_secs: limits.ping_interval.as_secs(),
+            pong_timeout_secs: limits.pong_timeout.as_secs(),
+            write_timeout_secs: limits.write_timeout.as_secs(),
+            close_timeout_secs: limits.close_timeout.as_secs(),
+            max_message_bytes: limits.max_message_bytes,
+            max_id_bytes: limits.max_id_bytes,
+            waiting_queue_messages: limits.waiting_queue_messages,
+            waiting_queue_bytes: limits.waiting_queue_bytes,
+            relay_queue_bytes: limits.relay_queue_bytes,
+            read_buffer_bytes: limits.read_buffer_bytes,
+            write_buffer_bytes: limits.write_buffer_bytes,
+        }
+    }
+}
+
+/// Every limit and timer of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// HTTP upgrade request deadline, after the TLS handshake.
+    pub upgrade_timeout: Duration,
+    /// HELLO deadline, after the upgrade.
+    pub hello_timeout: Duration,
+    /// Interval between pings; the first goes right after the upgrade.
+    pub ping_interval: Duration,
+    /// Deadline for the pong.
+    pub pong_timeout: Duration,
+    /// Deadline for one flush towards a peer.
+    pub write_timeout: Duration,
+    /// Deadline for the peer's close frame.
+    pub close_timeout: Duration,
+    /// Largest message (and frame) payload.
+    pub max_message_bytes: usize,
+    /// Longest meet-up id.
+    pub max_id_bytes: usize,
+    /// Messages a waiting peer may queue.
+    pub waiting_queue_messages: usize,
+    /// Bytes a waiting peer may queue.
+    pub waiting_queue_bytes: usize,
+    /// Bytes in flight towards one peer.
+    pub relay_queue_bytes: usize,
+    /// tungstenite read buffer.
+    pub read_buffer_bytes: usize,
+    /// tungstenite write buffer target.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: common::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            pong_timeout: DEFAULT_PONG_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_id_bytes: DEFAULT_MAX_ID_BYTES,
+            waiting_queue_messages: DEFAULT_WAITING_QUEUE_MESSAGES,
+            waiting_queue_bytes: DEFAULT_WAITING_QUEUE_BYTES,
+            relay_queue_bytes: DEFAULT_RELAY_QUEUE_BYTES,
+            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// tungstenite's configuration: every buffer and size set explicitly (its defaults are
+    /// 64 MiB messages, 16 MiB frames and an unbounded write buffer).
+    pub fn websocket(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        let mut ws = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        ws.read_buffer_size = self.read_buffer_bytes;
+        ws.write_buffer_size = self.write_buffer_bytes;
+        // Room for the target, one largest message and its frame header.
+        ws.max_write_buffer_size = self.write_buffer_bytes + self.max_message_bytes + 64;
+        ws.max_message_size = Some(self.max_message_bytes);
+        ws.max_frame_size = Some(self.max_message_bytes);
+        ws.accept_unmasked_frames = false;
+        ws
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("handshake_timeout_secs", self.handshake_timeout),
+            ("upgrade_timeout_secs", self.upgrade_timeout),
+            ("hello_timeout_secs", self.hello_timeout),
+            ("ping_interval_secs", self.ping_interval),
+            ("pong_timeout_secs", self.pong_timeout),
+            ("write_timeout_secs", self.write_timeout),
+            ("close_timeout_secs", self.close_timeout),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        let sizes = [
+            ("max_message_bytes", self.max_message_bytes),
+            ("max_id_bytes", self.max_id_bytes),
+            ("waiting_queue_messages", self.waiting_queue_messages),
+            ("read_buffer_bytes", self.read_buffer_bytes),
+        ];
+        for (name, value) in sizes {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.relay_queue_bytes < self.max_message_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "relay_queue_bytes ({}) must be at least max_message_bytes ({})",
+                self.relay_queue_bytes, self.max_message_bytes
+            )));
+        }
+        if self.max_message_bytes > 256 << 20 {
+            return Err(ConfigError::Invalid(
+                "max_message_bytes may be at most 256 MiB".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration [`crate::run`] serves with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// URL path prefix, starting and ending with `/`.
+    pub url_prefix: String,
+    /// What happens to a peer whose partner leaves.
+    pub on_partner_leave: OnPartnerLeave,
+    /// Most live connections.
+    pub max_connections: usize,
+    /// Limits and timers.
+    pub limits: Limits,
+    /// Authorization rules.
+    pub rules: Rules,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            url_prefix: DEFAULT_URL_PREFIX.to_owned(),
+            on_partner_leave: OnPartnerLeave::Close,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            limits: Limits::default(),
+            rules: Rules::default(),
+        }
+    }
+}
+
+/// Everything `main` needs from the file besides [`Config`]: addresses and TLS files.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// WSS listen address.
+    pub listen: SocketAddr,
+    /// Status listener address, if any.
+    pub status_listen: Option<SocketAddr>,
+    /// TLS section.
+    pub tls: TlsSection,
+    /// Drain grace period.
+    pub drain_grace: Duration,
+}
+
+impl Config {
+    /// Validates a parsed file into the server configuration and the deployment settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for a missing `[tls]`, a bad address, prefix, limit or rule.
+    pub fn from_file(file: &FileConfig) -> Result<(Self, Deployment), ConfigError> {
+        let tls = file.tls.clone().ok_or_else(|| {
+            ConfigError::Invalid("the [tls] section (cert, client_ca) is required".into())
+        })?;
+        let listen = parse_addr("listen", &file.listen)?;
+        let status_listen = file
+            .status_listen
+            .as_deref()
+            .map(|addr| parse_addr("status_listen", addr))
+            .transpose()?;
+        let l = &file.limits;
+        let secs = Duration::from_secs;
+        let limits = Limits {
+            handshake_timeout: tls.handshake_timeout(),
+            upgrade_timeout: secs(l.upgrade_timeout_secs),
+            hello_timeout: secs(l.hello_timeout_secs),
+            ping_interval: secs(l.ping_interval_secs),
+            pong_timeout: secs(l.pong_timeout_secs),
+            write_timeout: secs(l.write_timeout_secs),
+            close_timeout: secs(l.close_timeout_secs),
+            max_message_bytes: l.max_message_bytes,
+            max_id_bytes: l.max_id_bytes,
+            waiting_queue_messages: l.waiting_queue_messages,
+            waiting_queue_bytes: l.waiting_queue_bytes,
+            relay_queue_bytes: l.relay_queue_bytes,
+            read_buffer_bytes: l.read_buffer_bytes,
+            write_buffer_bytes: l.write_buffer_bytes,
+        };
+        let rules = file
+            .authorize
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                Rule::compile(spec)
+                    .map_err(|err| ConfigError::Invalid(format!("authorize rule {}: {err}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = Self {
+            url_prefix: file.url_prefix.clone(),
+            on_partner_leave: file.on_partner_leave,
+            max_connections: file.max_connections,
+            limits,
+            rules: Rules::new(rules),
+        };
+        config.validate()?;
+        Ok((
+            config,
+            Deployment {
+                listen,
+                status_listen,
+                tls,
+                drain_grace: secs(file.drain_grace_secs),
+            },
+        ))
+    }
+
+    /// Checks the values [`crate::run`] relies on.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.url_prefix.starts_with('/') || !self.url_prefix.ends_with('/') {
+            return Err(ConfigError::Invalid(format!(
+                "url_prefix {:?} must start and end with '/'",
+                self.url_prefix
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max_connections must be at least 1".into(),
+            ));
+        }
+        self.limits.validate()
+    }
+}
+
+/// The client-certificate policy when `[tls]` does not set one.
+pub const DEFAULT_CLIENT_AUTH: ClientAuth = ClientAuth::Required;
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::Invalid(format!("{key} {value:?} is not an IP address and port")))
+}
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub fn default_config_path() -> PathBuf {
+    PathBuf::from("/etc/ws-proxy/ws-proxy.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<(Config, Deployment), String> {
+        let file: FileConfig = common::daemon::parse_toml(text).map_err(|e| e.to_string())?;
+        Config::from_file(&file).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_keep_the_original_protocol_constants() {
+        let (config, deploy) = parse("[tls]\ncert = \"s.pem\"\nclient_ca = \"ca.pem\"").unwrap();
+        assert_eq!(deploy.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(deploy.status_listen, None);
+        assert_eq!(config.url_prefix, "/micronets/v1/ws-proxy/");
+        assert_eq!(config.limits.max_message_bytes, 1 << 20);
+        assert_eq!(config.limits.ping_interval, Duration::from_secs(10));
+        assert_eq!(config.limits.pong_timeout, Duration::from_secs(10));
+        assert_eq!(config.limits.hello_timeout, Duration::from_secs(10));
+        assert_eq!(config.on_partner_leave, OnPartnerLeave::Close);
+        let ws = config.limits.websocket();
+        assert_eq!(ws.max_message_size, Some(1 << 20));
+        assert_eq!(ws.max_frame_size, Some(1 << 20));
+        assert_eq!(ws.read_buffer_size, DEFAULT_READ_BUFFER_BYTES);
+        assert!(ws.max_write_buffer_size < 2 << 20);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_named() {
+        let cases = [
+            ("", "[tls] section"),
+            ("listen = \"nowhere\"\n[tls]\ncert = \"s\"", "listen"),
+            ("url_prefix = \"/x\"\n[tls]\ncert = \"s\"", "url_prefix"),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nping_interval_secs = 0",
+                "ping_interval_secs",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nrelay_queue_bytes = 10",
+                "relay_queue_bytes",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_mesage_bytes = 1",
+                "unknown field",
+            ),
+            (
+                "on_partner_leave = \"stay\"\n[tls]\ncert = \"s\"",
+                "unknown variant",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[[authorize]]\nids = [\"gw/*\"]",
+                "authorize rule 1",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_key_of_the_deploy_example_parses() {
+        let text = include_str!("../../../deploy/config/ws-proxy.example.toml");
+        let (config, deploy) = parse(text).unwrap();
+        assert_eq!(deploy.listen.to_string(), "0.0.0.0:5050");
+        assert_eq!(config.limits, Limits::default());
+    }
+}

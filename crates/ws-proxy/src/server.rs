@@ -1,0 +1,483 @@
+//! The accept loop: TCP, the TLS handshake with a required client certificate, the HTTP upgrade
+//! (refused with 404, 400, 403 or 409 before it happens), then [`crate::relay::run`].
+//!
+//! [`Server`] is the handle tests and `main` hold: it serves a listener until shutdown, reloads
+//! the TLS material, and reports status and metrics.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::daemon::{AcceptBackoff, Shutdown};
+use common::tls::{PeerIdentity, ServerTls, TlsError};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tracing::Instrument as _;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, Refusal};
+use crate::registry::{ConnId, Registry};
+use crate::relay::{self, Handle};
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry<Handle>,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: Shutdown,
+    connections: Mutex<HashMap<ConnId, Arc<ConnInfo>>>,
+    next_conn: AtomicU64,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// Upgraded, no HELLO yet.
+    AwaitingHello,
+    /// HELLO sent, no partner yet.
+    Waiting,
+    /// Relaying to a partner.
+    Paired,
+}
+
+/// What the status page shows about one connection; counters are updated in place.
+#[derive(Debug)]
+pub(crate) struct ConnInfo {
+    pub(crate) conn: ConnId,
+    addr: SocketAddr,
+    identity: Option<PeerIdentity>,
+    id: String,
+    since: SystemTime,
+    state: AtomicU8,
+    hello: Mutex<(Option<String>, Option<String>)>,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+}
+
+impl ConnInfo {
+    pub(crate) fn set_state(&self, state: PeerState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    fn state(&self) -> PeerState {
+        match self.state.load(Ordering::Relaxed) {
+            s if s == PeerState::Waiting as u8 => PeerState::Waiting,
+            s if s == PeerState::Paired as u8 => PeerState::Paired,
+            _ => PeerState::AwaitingHello,
+        }
+    }
+
+    pub(crate) fn set_hello(&self, peer_class: Option<String>, peer_id: Option<String>) {
+        *self.hello.lock().unwrap_or_else(|p| p.into_inner()) = (peer_class, peer_id);
+    }
+
+    fn view(&self) -> PeerStatus {
+        let (peer_class, peer_id) = self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        PeerStatus {
+            conn: self.conn,
+            id: self.id.clone(),
+            address: self.addr.to_string(),
+            identity: self.identity.clone(),
+            peer_class,
+            peer_id,
+            state: self.state(),
+            connected_at: self
+                .since
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            messages_out: self.messages_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One connection on the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Connection number, unique in this process.
+    pub conn: ConnId,
+    /// Meet-up id from the URL.
+    pub id: String,
+    /// Remote address.
+    pub address: String,
+    /// Verified client certificate identity.
+    pub identity: Option<PeerIdentity>,
+    /// `peerClass` from the HELLO.
+    pub peer_class: Option<String>,
+    /// `peerId` from the HELLO.
+    pub peer_id: Option<String>,
+    /// Life-cycle state.
+    pub state: PeerState,
+    /// Unix time of the upgrade.
+    pub connected_at: u64,
+    /// Messages received from this peer (HELLO included).
+    pub messages_in: u64,
+    /// Payload bytes received from this peer.
+    pub bytes_in: u64,
+    /// Messages written to this peer.
+    pub messages_out: u64,
+}
+
+/// One meet-up id on the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeetupStatus {
+    /// The id.
+    pub id: String,
+    /// `waiting` or `paired`.
+    pub state: &'static str,
+    /// Its peers, the first to say HELLO first.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Process-wide counters on the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Counters {
+    /// TCP connections accepted.
+    pub accepted: u64,
+    /// Connections upgraded to websocket.
+    pub upgraded: u64,
+    /// Valid HELLOs.
+    pub hellos: u64,
+    /// Pairs formed.
+    pub pairs: u64,
+    /// Messages relayed.
+    pub messages_relayed: u64,
+    /// Payload bytes relayed.
+    pub bytes_relayed: u64,
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Live websocket connections.
+    pub connections: usize,
+    /// Every meet-up id with its peers, sorted by id.
+    pub meetups: Vec<MeetupStatus>,
+    /// Connections that have not sent their HELLO yet.
+    pub awaiting_hello: Vec<PeerStatus>,
+    /// Counters since start-up.
+    pub counters: Counters,
+}
+
+/// Removes a connection from the status list when its task ends, however it ends.
+struct Listed<'a> {
+    shared: &'a Shared,
+    conn: ConnId,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.conn);
+    }
+}
+
+/// The proxy: configuration, TLS material, the meet-up table and the counters.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+    tls: Arc<ServerTls>,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server with a validated configuration and loaded TLS material; `shutdown` ends
+    /// [`Server::serve`] and closes every connection with 1001.
+    pub fn new(config: Config, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        Self {
+            shared: Arc::new(Shared {
+                registry: Registry::new(config.on_partner_leave),
+                config,
+                metrics: Metrics::default(),
+                shutdown,
+                connections: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+            }),
+            tls,
+            slots,
+        }
+    }
+
+    /// Accepts connections until shutdown; connection tasks are tracked by the shutdown handle,
+    /// so [`Shutdown::drain`] waits for them.
+    ///
+    /// # Errors
+    /// None today; accept errors are logged and retried with back-off.
+    pub async fn serve(&self, listener: TcpListener) -> anyhow::Result<()> {
+        let mut backoff = AcceptBackoff::default();
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let (tcp, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        backoff.failed(&err).await;
+                        continue;
+                    }
+                },
+                () = shutdown.triggered() => return Ok(()),
+            };
+            backoff.succeeded();
+            self.shared.metrics.accepted.inc();
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.shared.metrics.refused(Refusal::max_connections);
+                tracing::warn!(%addr, "refused: max_connections reached");
+                continue;
+            };
+            let server = self.clone();
+            let span = tracing::info_span!("conn", %addr);
+            shutdown.spawn(
+                async move {
+                    server.connection(tcp, addr).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+        let shared = &self.shared;
+        let limits = &shared.config.limits;
+        // Small messages in both directions: latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+        let acceptor = self.tls.acceptor();
+        let (tls, identity) =
+            match common::tls::accept(&acceptor, tcp, limits.handshake_timeout).await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    let reason = match err {
+                        TlsError::HandshakeTimeout(_) => Refusal::tls_timeout,
+                        _ => Refusal::tls,
+                    };
+                    shared.metrics.refused(reason);
+                    tracing::info!(outcome = "refused", %err, "tls handshake failed");
+                    return;
+                }
+            };
+        let who = identity
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string);
+
+        let mut decision: Result<String, (Refusal, StatusCode, String)> =
+            Err((Refusal::upgrade, StatusCode::BAD_REQUEST, String::new()));
+        #[expect(clippy::result_large_err, reason = "tungstenite's callback signature")]
+        let callback = |request: &Request, response: Response| {
+            decision = self.admit(request.uri().path(), identity.as_ref());
+            match &decision {
+                Ok(_) => Ok(response),
+                Err((_, status, text)) => {
+                    let mut refusal = ErrorResponse::new(Some(format!("{text}\n")));
+                    *refusal.status_mut() = *status;
+                    Err(refusal)
+                }
+            }
+        };
+        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
+            tls,
+            callback,
+            Some(limits.websocket()),
+        );
+        let ws = match tokio::time::timeout(limits.upgrade_timeout, upgrade).await {
+            Ok(Ok(ws)) => ws,
+            outcome => {
+                let (reason, text) = match (&decision, outcome) {
+                    (Err((reason, _, text)), _) if *reason != Refusal::upgrade => {
+                        (*reason, text.clone())
+                    }
+                    (_, Err(_)) => (Refusal::upgrade, "upgrade request timed out".to_owned()),
+                    (_, Ok(Err(err))) => (Refusal::upgrade, format!("bad upgrade request: {err}")),
+                    (_, Ok(Ok(_))) => (Refusal::upgrade, String::new()),
+                };
+                shared.metrics.refused(reason);
+                tracing::info!(peer = %who, outcome = "refused", reason = ?reason, detail = %text, "upgrade refused");
+                return;
+            }
+        };
+        let Ok(id) = decision else {
+            return;
+        };
+        shared.metrics.upgraded.inc();
+        let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(ConnInfo {
+            conn,
+            addr,
+            identity,
+            id: id.clone(),
+            since: SystemTime::now(),
+            state: AtomicU8::new(PeerState::AwaitingHello as u8),
+            hello: Mutex::new((None, None)),
+            messages_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+        });
+        shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn, info.clone());
+        let _listed = Listed { shared, conn };
+        tracing::info!(conn, peer = %who, %id, "connected");
+        relay::run(shared.clone(), ws, info, id).await;
+    }
+
+    /// Decides on an upgrade request: the meet-up id, or why not.
+    fn admit(
+        &self,
+        path: &str,
+        identity: Option<&PeerIdentity>,
+    ) -> Result<String, (Refusal, StatusCode, String)> {
+        let config = &self.shared.config;
+        if self.shared.shutdown.is_triggered() {
+            return Err((
+                Refusal::shutting_down,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the proxy is shutting down".into(),
+            ));
+        }
+        let Some(id) = path.strip_prefix(config.url_prefix.as_str()) else {
+            return Err((
+                Refusal::not_found,
+                StatusCode::NOT_FOUND,
+                format!("not found: paths start with {}", config.url_prefix),
+            ));
+        };
+        if id.is_empty() || id.len() > config.limits.max_id_bytes {
+            return Err((
+                Refusal::bad_id,
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the meet-up id must be 1 to {} bytes",
+                    config.limits.max_id_bytes
+                ),
+            ));
+        }
+        if !config.rules.allows(identity, id) {
+            return Err((
+                Refusal::forbidden,
+                StatusCode::FORBIDDEN,
+                "this certificate may not join this meet-up id".into(),
+            ));
+        }
+        if !self.shared.registry.has_room(id) {
+            return Err((
+                Refusal::full,
+                StatusCode::CONFLICT,
+                "this meet-up id already has two peers".into(),
+            ));
+        }
+        Ok(id.to_owned())
+    }
+
+    /// Rebuilds the TLS configuration from disk for new connections; live ones are untouched.
+    ///
+    /// # Errors
+    /// The new material does not load; the old stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        self.tls.reload()?;
+        self.shared.metrics.reloads.inc();
+        Ok(())
+    }
+
+    /// The TLS material in use.
+    pub fn tls(&self) -> &Arc<ServerTls> {
+        &self.tls
+    }
+
+    /// Counters and gauges.
+    pub fn metrics(&self) -> &Metrics {
+        let shared = &self.shared;
+        let occupancy = shared.registry.occupancy();
+        let live = shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        shared
+            .metrics
+            .connections
+            .set(i64::try_from(live).unwrap_or(i64::MAX));
+        shared
+            .metrics
+            .waiting
+            .set(i64::try_from(occupancy.waiting).unwrap_or(i64::MAX));
+        shared
+            .metrics
+            .paired
+            .set(i64::try_from(occupancy.paired).unwrap_or(i64::MAX));
+        &shared.metrics
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> Status {
+        let shared = &self.shared;
+        let mut infos = shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let meetups = shared
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|slot| MeetupStatus {
+                state: if slot.conns.len() == 2 {
+                    "paired"
+                } else {
+                    "waiting"
+                },
+                peers: slot
+                    .conns
+                    .iter()
+                    .filter_map(|conn| infos.remove(conn))
+                    .map(|info| info.view())
+                    .collect(),
+                id: slot.id,
+            })
+            .collect();
+        let mut awaiting_hello: Vec<PeerStatus> = infos
+            .values()
+            .filter(|info| info.state() == PeerState::AwaitingHello)
+            .map(|info| info.view())
+            .collect();
+        awaiting_hello.sort_by_key(|p| p.conn);
+        let m = &shared.metrics;
+        Status {
+            connections: shared
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+            meetups,
+            awaiting_hello,
+            counters: Counters {
+                accepted: m.accepted.get(),
+                upgraded: m.upgraded.get(),
+                hellos: m.hellos.get(),
+                pairs: m.pairs.get(),
+                messages_relayed: m.messages.get(),
+                bytes_relayed: m.bytes.get(),
+            },
+        }
+    }
+}

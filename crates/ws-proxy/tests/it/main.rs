@@ -1,0 +1,1 @@
+//! ws-proxy integration tests
