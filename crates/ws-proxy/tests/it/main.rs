@@ -1,1 +1,13 @@
-//! ws-proxy integration tests
+//! ws-proxy integration tests: the real proxy on 127.0.0.1:0 with real TLS and certificates
+//! from the test PKI, real peers from the client library, real processes for the CLI.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers panic on setup failures, like the tests"
+)]
+
+mod e2e;
+mod harness;
+mod process;
+mod refusals;
+mod relay;

@@ -1,0 +1,120 @@
+//! The `ws-proxy` binary as systemd runs it: TOML config, SIGHUP reload, SIGTERM drain.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use testkit::test_pki;
+use tokio::io::AsyncBufReadExt as _;
+use tokio::process::Command;
+
+use crate::harness::{WAIT, closed, hello, options, recv_text, send};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_ws-proxy");
+
+async fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_keeping_pairs_and_sigterm_closes_with_1001() {
+    common::tls::install_default_provider();
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = crate::harness::copy_to(dir.path(), &pki.server.cert_path, "cert.pem");
+    let key = crate::harness::copy_to(dir.path(), &pki.server.key_path, "key.pem");
+    let config = dir.path().join("ws-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndrain_grace_secs = 5\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\ncrls = [{crl:?}]\n[limits]\nclose_timeout_secs = 1\n",
+            ca = pki.ca_path,
+            crl = pki.crl_path,
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(DAEMON)
+        .args(["--config", config.to_str().unwrap(), "--print-address"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = line.strip_prefix("listening on ").unwrap().to_owned();
+    let url = format!(
+        "wss://localhost:{}/micronets/v1/ws-proxy/p",
+        addr.rsplit(':').next().unwrap()
+    );
+
+    let mut a = ws_proxy::client::connect(&options(&url, Some(&pki.alice)))
+        .await
+        .unwrap();
+    send(&mut a, &hello("a")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = ws_proxy::client::connect(&options(&url, Some(&pki.bob)))
+        .await
+        .unwrap();
+    send(&mut b, &hello("b")).await;
+    assert_eq!(recv_text(&mut a).await, hello("b"));
+    assert_eq!(recv_text(&mut b).await, hello("a"));
+
+    std::fs::copy(&pki.server2.cert_path, &cert).unwrap();
+    std::fs::copy(&pki.server2.key_path, &key).unwrap();
+    let pid = child.id().unwrap();
+    signal(pid, "HUP").await;
+    let other = url.replace("/p", "/q");
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let ws = ws_proxy::client::connect(&options(&other, Some(&pki.alice)))
+                .await
+                .unwrap();
+            let leaf = ws.get_ref().get_ref().1.peer_certificates().unwrap()[0].clone();
+            let cn = common::tls::PeerIdentity::from_der(leaf.as_ref())
+                .unwrap()
+                .cn;
+            if cn.as_deref() == Some("server2") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "SIGHUP did not load the new certificate");
+    send(&mut a, "after reload").await;
+    assert_eq!(recv_text(&mut b).await, "after reload");
+
+    signal(pid, "TERM").await;
+    assert_eq!(closed(&mut a).await.0, 1001);
+    assert_eq!(closed(&mut b).await.0, 1001);
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_bad_configuration_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[limits]\nping_interval_sec = 5\n").unwrap();
+    let output = Command::new(DAEMON)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ping_interval_sec"), "{stderr}");
+}

@@ -1,0 +1,167 @@
+//! Who is refused, and how: TLS, paths, authorization rules; reload keeps live pairs.
+
+use common::tls::{ClientAuth, ServerTlsFiles};
+use testkit::test_pki;
+use ws_proxy::auth::{Rule, RuleSpec, Rules};
+use ws_proxy::client::ClientError;
+use ws_proxy::metrics::Refusal;
+
+use crate::harness::{Proxy, copy_to, hello, quick, recv_text, send};
+
+#[tokio::test]
+async fn bad_certificates_are_refused_in_the_handshake() {
+    let proxy = Proxy::start(quick()).await;
+    let pki = test_pki();
+    for (who, leaf) in [
+        ("no certificate", None),
+        ("untrusted ca", Some(&pki.mallory)),
+        ("revoked", Some(&pki.revoked)),
+        ("expired", Some(&pki.expired)),
+    ] {
+        match proxy.dial(leaf, "gw/1").await {
+            Ok(_) => panic!("{who}: accepted"),
+            Err(ClientError::Refused { .. }) => panic!("{who}: reached HTTP"),
+            Err(_) => {}
+        }
+    }
+    proxy
+        .wait_for(|_| proxy.server.metrics().refusals(Refusal::tls) == 4)
+        .await;
+    // A certificate from the intermediate CA (chain sent by the client) is fine.
+    let mut carol = proxy.connect(&pki.chained_client, "gw/1").await;
+    send(&mut carol, &hello("carol")).await;
+    proxy.wait_for(|s| s.meetups.len() == 1).await;
+    assert_eq!(
+        proxy.server.status().meetups[0].peers[0]
+            .identity
+            .as_ref()
+            .unwrap()
+            .cn
+            .as_deref(),
+        Some("carol")
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn paths_outside_the_prefix_and_bad_ids_are_refused_before_the_upgrade() {
+    let proxy = Proxy::start(quick()).await;
+    let alice = &test_pki().alice;
+    let port = proxy.addr.port();
+    let long = "x".repeat(257);
+    let cases = [
+        (format!("wss://localhost:{port}/micronets/v1/ws-proxy"), 404),
+        (format!("wss://localhost:{port}/other/gw/1"), 404),
+        (
+            format!("wss://localhost:{port}/micronets/v1/ws-proxy/"),
+            400,
+        ),
+        (
+            format!("wss://localhost:{port}/micronets/v1/ws-proxy/{long}"),
+            400,
+        ),
+    ];
+    for (url, expected) in cases {
+        let result = ws_proxy::client::connect(&crate::harness::options(&url, Some(alice))).await;
+        match result {
+            Err(ClientError::Refused { status, .. }) => assert_eq!(status, expected, "{url}"),
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    // 256 bytes is fine.
+    proxy.connect(alice, &"y".repeat(256)).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn authorization_rules_map_identities_to_ids() {
+    let spec = |cn: &str, ids: &[&str]| RuleSpec {
+        cn: Some(cn.to_owned()),
+        ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+        ..RuleSpec::default()
+    };
+    let mut config = quick();
+    config.rules = Rules::new(vec![
+        Rule::compile(&spec("alice", &["gw/{cn}", "shared/*"])).unwrap(),
+        Rule::compile(&spec("b*", &["shared/*"])).unwrap(),
+    ]);
+    let proxy = Proxy::start(config).await;
+    let pki = test_pki();
+    let check = |leaf, id: &'static str, allowed: bool| {
+        let proxy = &proxy;
+        async move {
+            let result = proxy.dial(Some(leaf), id).await;
+            match (allowed, result) {
+                (true, Ok(_)) => {}
+                (false, Err(ClientError::Refused { status: 403, .. })) => {}
+                (_, other) => panic!("{id}: expected allowed={allowed}, got {other:?}"),
+            }
+        }
+    };
+    check(&pki.alice, "gw/alice", true).await;
+    check(&pki.alice, "gw/bob", false).await;
+    check(&pki.alice, "shared/x", true).await;
+    check(&pki.alice, "shared/x/y", false).await;
+    check(&pki.bob, "shared/x", true).await;
+    check(&pki.bob, "gw/bob", false).await;
+    check(&pki.chained_client, "shared/x", false).await;
+    assert_eq!(proxy.server.metrics().refusals(Refusal::forbidden), 4);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn reload_swaps_the_certificate_and_keeps_live_pairs() {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = copy_to(dir.path(), &pki.server.cert_path, "cert.pem");
+    let key = copy_to(dir.path(), &pki.server.key_path, "key.pem");
+    let crl = copy_to(dir.path(), &pki.crl_path, "crl.pem");
+    let empty_crl = pki
+        .ca
+        .issue_crl(&common::pki::CrlParams::new(
+            time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            time::Duration::days(1),
+        ))
+        .unwrap();
+    std::fs::write(&crl, &empty_crl.pem).unwrap();
+    let proxy = Proxy::start_with(
+        quick(),
+        ServerTlsFiles {
+            cert: cert.clone(),
+            key: Some(key.clone()),
+            client_ca: Some(pki.ca_path.clone()),
+            crls: vec![crl.clone()],
+            client_auth: ClientAuth::Required,
+            alpn: Vec::new(),
+        },
+    )
+    .await;
+    let (mut a, mut b) = proxy.pair("live").await;
+    // `revoked` is not revoked yet under the empty CRL.
+    let before = proxy.connect(&pki.revoked, "other").await;
+    drop(before);
+
+    std::fs::copy(&pki.server2.cert_path, &cert).unwrap();
+    std::fs::copy(&pki.server2.key_path, &key).unwrap();
+    std::fs::copy(&pki.crl_path, &crl).unwrap();
+    proxy.server.reload().unwrap();
+
+    // The live pair still relays both ways.
+    send(&mut a, "after reload").await;
+    assert_eq!(recv_text(&mut b).await, "after reload");
+    send(&mut b, "still here").await;
+    assert_eq!(recv_text(&mut a).await, "still here");
+    // New connections see the new certificate and the new CRL.
+    let fresh = proxy.connect(&pki.alice, "new").await;
+    let (_, conn) = fresh.get_ref().get_ref();
+    let leaf = conn.peer_certificates().unwrap()[0].clone();
+    let identity = common::tls::PeerIdentity::from_der(leaf.as_ref()).unwrap();
+    assert_eq!(identity.cn.as_deref(), Some("server2"));
+    assert!(proxy.dial(Some(&pki.revoked), "other").await.is_err());
+
+    // A broken file keeps the running material.
+    std::fs::write(&cert, "garbage").unwrap();
+    assert!(proxy.server.reload().is_err());
+    proxy.connect(&pki.alice, "new2").await;
+    proxy.stop().await;
+}
