@@ -78,6 +78,8 @@ pub struct FileConfig {
     pub drain_grace_secs: u64,
     /// Most live connections.
     pub max_connections: usize,
+    /// Runtime worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
     /// `close` or `wait`.
     pub on_partner_leave: OnPartnerLeave,
     /// TLS material; required.
@@ -98,6 +100,7 @@ impl Default for FileConfig {
             log_filter: None,
             drain_grace_secs: DEFAULT_DRAIN_GRACE.as_secs(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            worker_threads: 0,
             on_partner_leave: OnPartnerLeave::Close,
             tls: None,
             limits: FileLimits::default(),
@@ -307,6 +310,8 @@ pub struct Deployment {
     pub tls: TlsSection,
     /// Drain grace period.
     pub drain_grace: Duration,
+    /// Runtime worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -366,6 +371,7 @@ impl Config {
                 status_listen,
                 tls,
                 drain_grace: secs(file.drain_grace_secs),
+                worker_threads: file.worker_threads,
             },
         ))
     }
