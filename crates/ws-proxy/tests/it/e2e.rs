@@ -282,3 +282,64 @@ async fn the_client_exits_77_when_the_proxy_refuses_its_certificate_for_the_id()
     assert_eq!(status.code(), Some(77));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_unanswered_request_gets_504_and_the_client_reconnects_after_a_close() {
+    let proxy = Proxy::start(quick()).await;
+    let pki = test_pki();
+    let url = proxy.url("gw-test/quiet");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // Separate --cert/--key this time, and a short request deadline.
+    let _front = Command::new(CLIENT)
+        .args(["connect", &url, "--cert"])
+        .arg(&pki.alice.cert_path)
+        .arg("--key")
+        .arg(&pki.alice.key_path)
+        .arg("--ca")
+        .arg(&pki.ca_path)
+        .args([
+            "--http-listen",
+            &listen,
+            "--request-timeout",
+            "1",
+            "--max-backoff",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Before a partner arrives the front end says so.
+    tokio::time::timeout(WAIT, async {
+        while curl(&[&format!("http://{listen}/x")]).await.0 != 503 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("front end up");
+
+    // A partner that reads the request but never answers.
+    let mut partner = proxy.connect(&pki.bob, "gw-test/quiet").await;
+    crate::harness::send(&mut partner, &crate::harness::hello("quiet")).await;
+    let first = crate::harness::recv_text(&mut partner).await;
+    assert!(first.contains("micronets-ws-test-client"), "{first}");
+    let started = std::time::Instant::now();
+    let (status, body) = curl(&[&format!("http://{listen}/never")]).await;
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let request = crate::harness::recv_text(&mut partner).await;
+    assert!(
+        request.contains("REST:REQUEST") && request.contains("/never"),
+        "{request}"
+    );
+
+    // The partner leaves: the proxy closes the client with 1002 and the client comes back.
+    drop(partner);
+    let mut second = proxy.connect(&pki.bob, "gw-test/quiet").await;
+    crate::harness::send(&mut second, &crate::harness::hello("second")).await;
+    let again = crate::harness::recv_text(&mut second).await;
+    assert!(again.contains("micronets-ws-test-client"), "{again}");
+    proxy.stop().await;
+}

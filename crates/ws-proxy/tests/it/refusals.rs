@@ -165,3 +165,25 @@ async fn reload_swaps_the_certificate_and_keeps_live_pairs() {
     proxy.connect(&pki.alice, "new2").await;
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_dropped() {
+    let mut config = quick();
+    config.max_connections = 2;
+    let proxy = Proxy::start(config).await;
+    let pki = test_pki();
+    let _one = proxy.connect(&pki.alice, "a").await;
+    let _two = proxy.connect(&pki.alice, "b").await;
+    assert!(proxy.dial(Some(&pki.alice), "c").await.is_err());
+    assert_eq!(proxy.server.metrics().refusals(Refusal::max_connections), 1);
+    drop(_one);
+    // The slot comes back once the first connection has ended.
+    tokio::time::timeout(crate::harness::WAIT, async {
+        while proxy.dial(Some(&pki.alice), "c").await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a slot frees up");
+    proxy.stop().await;
+}
