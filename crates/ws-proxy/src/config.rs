@@ -272,7 +272,7 @@ impl Limits {
     }
 }
 
-/// The validated configuration [`crate::run`] serves with.
+/// The validated configuration [`crate::Server`] serves with.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// URL path prefix, starting and ending with `/`.
@@ -376,7 +376,7 @@ impl Config {
         ))
     }
 
-    /// Checks the values [`crate::run`] relies on.
+    /// Checks the values [`crate::Server`] relies on.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.

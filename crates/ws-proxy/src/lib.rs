@@ -16,6 +16,20 @@
 //!   requests into REST:REQUEST, and the gateway side that answers them from an upstream
 //!   HTTP service.
 //!
+//! Choices made where the spec is silent (also in `docs/ws-proxy.md`):
+//! - An empty or over-long meet-up id is refused with HTTP 400, a path outside the prefix with
+//!   404, an identity the rules refuse with 403, a paired id with 409, a draining proxy with 503.
+//! - Two connections may both pass the 409 check before either says HELLO; the second HELLO
+//!   then finds the id full and is closed with 1008 "meet-up id is full".
+//! - The pong deadline runs from the moment the ping is queued, behind any data already queued
+//!   for the peer: a peer that cannot take in its queue within `pong_timeout` is closed like
+//!   one that does not answer.
+//! - In `wait` mode, messages a survivor sends in the instant between its partner's departure
+//!   and the proxy noticing it may go to the departed partner; afterwards they are queued for
+//!   the next partner.
+//! - A write that makes no progress for `write_timeout` drops the peer, so a stuck socket never
+//!   holds its partner's reads forever.
+//!
 //! The library never reads argv, environment variables or signals; the binaries do.
 
 pub mod auth;

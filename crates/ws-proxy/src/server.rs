@@ -1,5 +1,5 @@
 //! The accept loop: TCP, the TLS handshake with a required client certificate, the HTTP upgrade
-//! (refused with 404, 400, 403 or 409 before it happens), then [`crate::relay::run`].
+//! (refused with 404, 400, 403 or 409 before it happens), then the relay.
 //!
 //! [`Server`] is the handle tests and `main` hold: it serves a listener until shutdown, reloads
 //! the TLS material, and reports status and metrics.

@@ -24,7 +24,7 @@ use ws_proxy::client::{ClientError, ConnectOptions, Session, SessionOptions};
 
 /// A peer of the Micronets websocket proxy.
 ///
-/// Both roles connect to URL (wss://HOST:PORT/micronets/v1/ws-proxy/<id>) with a client
+/// Both roles connect to URL (wss://HOST:PORT/micronets/v1/ws-proxy/ID) with a client
 /// certificate, send a HELLO, wait for the partner's HELLO, then work until interrupted,
 /// reconnecting with jittered back-off after any close. Messages that are not requests or
 /// responses (EVENTs, CONN:INFO) are printed on stdout, one JSON text per line; lines typed on
@@ -69,7 +69,7 @@ enum Role {
 
 #[derive(Debug, Args)]
 struct PeerArgs {
-    /// Proxy URL: wss://HOST:PORT/micronets/v1/ws-proxy/<id>.
+    /// Proxy URL: wss://HOST:PORT/micronets/v1/ws-proxy/ID.
     url: String,
     /// Client certificate PEM; may also hold the key (the original's pkeycert: cert then key).
     #[arg(long, alias = "pkeycert", value_name = "PEM")]

@@ -15,7 +15,7 @@ use ws_proxy::{Server, status};
 
 /// The Micronets websocket relay.
 ///
-/// Peers connect with client certificates to wss://HOST:PORT/micronets/v1/ws-proxy/<id>; two
+/// Peers connect with client certificates to wss://HOST:PORT/micronets/v1/ws-proxy/ID; two
 /// peers on the same id are paired by HELLO and every message is relayed between them, in
 /// order. Every setting lives in the TOML file (see deploy/config/ws-proxy.example.toml);
 /// the flags below override it.
