@@ -52,6 +52,10 @@ pub enum ClientError {
         /// Response body (the proxy's explanation).
         body: String,
     },
+    /// The proxy ended the TLS session with an alert: it does not accept our certificate
+    /// (unknown CA, revoked, expired). With TLS 1.3 this shows only after the handshake.
+    #[error("the proxy refused our certificate: {0}")]
+    CertificateRefused(String),
     /// A websocket error.
     #[error("websocket: {0}")]
     Websocket(#[from] tungstenite::Error),
@@ -82,6 +86,16 @@ impl ClientError {
                     ..
                 }
         )
+    }
+
+    /// Whether this is a refusal: an HTTP refusal of the id, or a certificate either side
+    /// does not accept (`ws-proxy-client` exits 77 for these).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Refused { .. } | Self::CertificateRefused(_) => true,
+            Self::Tls(err) => certificate_problem(err),
+            _ => false,
+        }
     }
 }
 
@@ -171,8 +185,39 @@ async fn connect_inner(options: &ConnectOptions) -> Result<PeerStream, ClientErr
                 .unwrap_or_default(),
         }),
         // The proxy refuses a certificate after the TLS 1.3 handshake: the client only sees
-        // the connection end while it waits for the upgrade.
+        // an alert while it waits for the upgrade.
+        Err(tungstenite::Error::Io(err)) => Err(match tls_alert(&err) {
+            Some(alert) => ClientError::CertificateRefused(alert),
+            None => ClientError::Websocket(tungstenite::Error::Io(err)),
+        }),
         Err(err) => Err(ClientError::Websocket(err)),
+    }
+}
+
+/// The TLS alert behind an I/O error, if that is what it is.
+fn tls_alert(err: &std::io::Error) -> Option<String> {
+    let inner = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match inner {
+        rustls::Error::AlertReceived(alert) => Some(format!("{alert:?}")),
+        _ => None,
+    }
+}
+
+/// Whether a TLS handshake error is about certificates (ours refused, or theirs untrusted).
+fn certificate_problem(err: &TlsError) -> bool {
+    match err {
+        TlsError::Handshake(io) => io
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .is_some_and(|e| {
+                matches!(
+                    e,
+                    rustls::Error::AlertReceived(_)
+                        | rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::NoCertificatesPresented
+                )
+            }),
+        _ => false,
     }
 }
 

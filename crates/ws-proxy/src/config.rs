@@ -5,7 +5,6 @@
 //! constants (1 MiB messages, a ping every 10 s with a 10 s pong deadline).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::daemon::{ConfigError, LogFormat};
@@ -403,11 +402,6 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
         .map_err(|_| ConfigError::Invalid(format!("{key} {value:?} is not an IP address and port")))
-}
-
-/// Where the configuration file is looked for when `--config` is not given.
-pub fn default_config_path() -> PathBuf {
-    PathBuf::from("/etc/ws-proxy/ws-proxy.toml")
 }
 
 #[cfg(test)]

@@ -31,7 +31,8 @@ use ws_proxy::client::{ClientError, ConnectOptions, Session, SessionOptions};
 /// stdin must be JSON envelopes ({"message": {...}}) and are sent as they are; `quit` exits.
 ///
 /// Exit codes: 0 interrupted or `quit`, 64 bad arguments, 66 certificate files unreadable,
-/// 69 the proxy is unreachable (with --once), 77 the proxy refuses this certificate or id.
+/// 69 the proxy is unreachable (with --once), 77 a certificate is refused (ours by the proxy,
+/// or the proxy's by us) or the proxy refuses the id (HTTP 400, 403, 404, 409).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -223,7 +224,7 @@ async fn finish(
     tokio::select! {
         result = session => match result {
             Ok(()) => ExitCode::SUCCESS,
-            Err(err @ ClientError::Refused { status: 403 | 404 | 409 | 400, .. }) => fail(exit::NOPERM, err),
+            Err(err) if err.is_refusal() => fail(exit::NOPERM, err),
             Err(err @ ClientError::Url(_)) => fail(exit::USAGE, err),
             Err(err) => fail(exit::UNAVAILABLE, err),
         },

@@ -343,3 +343,45 @@ async fn an_unanswered_request_gets_504_and_the_client_reconnects_after_a_close(
     assert!(again.contains("micronets-ws-test-client"), "{again}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn certificate_refusals_exit_77_with_once() {
+    let proxy = Proxy::start(quick()).await;
+    let pki = test_pki();
+    let url = proxy.url("gw-test/x");
+    let run = |leaf: &Leaf, ca: &std::path::Path| {
+        let mut command = Command::new(CLIENT);
+        command
+            .args(["connect", &url, "--once", "--http-listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--cert")
+            .arg(&leaf.pkeycert_path)
+            .arg("--ca")
+            .arg(ca)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    // The proxy refuses mallory's certificate (unknown CA, an alert after the handshake).
+    let out = tokio::time::timeout(WAIT, run(&pki.mallory, &pki.ca_path).output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{stderr}");
+    assert!(stderr.contains("refused our certificate"), "{stderr}");
+    // We refuse the proxy's certificate (signed by a CA we do not trust).
+    let out = tokio::time::timeout(WAIT, run(&pki.alice, &pki.untrusted_ca_path).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    proxy.stop().await;
+}
