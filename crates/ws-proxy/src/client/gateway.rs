@@ -225,7 +225,7 @@ impl Gateway {
             let name = name.as_str();
             let skip = HOP_BY_HOP.contains(&name)
                 || name == "content-length"
-                || (name == "content-type" && !keep_content_type);
+                || (name == "content-type" && !keep_content_type && !body.is_empty());
             if !skip {
                 headers.push(NameValue::new(
                     name,
