@@ -8,6 +8,7 @@
 
 mod e2e;
 mod harness;
+mod interop;
 mod process;
 mod refusals;
 mod relay;
