@@ -40,6 +40,7 @@ pub mod registry;
 mod relay;
 pub mod server;
 pub mod status;
+mod upgrade;
 
 pub use config::{Config, OnPartnerLeave};
 pub use relay::PARTNER_LEFT_REASON;

@@ -29,9 +29,10 @@ use crate::config::OnPartnerLeave;
 use crate::metrics::Ending;
 use crate::registry::{ConnId, Join, Peer};
 use crate::server::{ConnInfo, PeerState, Shared};
+use crate::upgrade::Rewind;
 
 /// The websocket stream of an accepted connection.
-pub(crate) type Ws = WebSocketStream<TlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<Rewind<TlsStream<TcpStream>>>;
 
 /// The reason sent to a survivor whose partner left (the original's text).
 pub const PARTNER_LEFT_REASON: &str = "the peer websocket disconnected";

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, Refusal};
 use crate::registry::{ConnId, Registry};
 use crate::relay::{self, Handle};
+use crate::upgrade::{self, Head, Rewind};
 
 /// State shared by every connection.
 pub(crate) struct Shared {
@@ -256,7 +257,12 @@ impl Server {
         }
     }
 
-    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+    /// TLS, then the HTTP upgrade: the websocket, the peer's identity, the meet-up id and the
+    /// identity as logged; `None` when refused (already logged and counted).
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Option<(relay::Ws, Option<PeerIdentity>, String, String)> {
         let shared = &self.shared;
         let limits = &shared.config.limits;
         // Small messages in both directions: latency matters more than packet count.
@@ -272,12 +278,42 @@ impl Server {
                     };
                     shared.metrics.refused(reason);
                     tracing::info!(outcome = "refused", %err, "tls handshake failed");
-                    return;
+                    return None;
                 }
             };
         let who = identity
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
+
+        // The whole upgrade, our look at the head included, has one deadline.
+        let deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
+        let mut tls = tls;
+        let head = tokio::time::timeout_at(deadline, upgrade::read_head(&mut tls)).await;
+        let prefix = match head {
+            Ok(Ok((prefix, Head::Upgrade))) => prefix,
+            Ok(Ok((_, refused))) => {
+                let (status, text) = match refused {
+                    Head::Bad(status) => (status, "not an HTTP request head".to_owned()),
+                    _ => (
+                        426,
+                        format!(
+                            "this is a websocket relay: connect to wss://HOST:PORT{}ID",
+                            shared.config.url_prefix
+                        ),
+                    ),
+                };
+                upgrade::refuse(&mut tls, status, &text).await;
+                shared.metrics.refused(Refusal::upgrade);
+                tracing::info!(peer = %who, outcome = "refused", status, "not a websocket upgrade");
+                return None;
+            }
+            Ok(Err(_)) | Err(_) => {
+                shared.metrics.refused(Refusal::upgrade);
+                tracing::info!(peer = %who, outcome = "refused", "no upgrade request in time");
+                return None;
+            }
+        };
+        let stream = Rewind::new(prefix, tls);
 
         let mut decision: Result<String, (Refusal, StatusCode, String)> =
             Err((Refusal::upgrade, StatusCode::BAD_REQUEST, String::new()));
@@ -293,12 +329,12 @@ impl Server {
                 }
             }
         };
-        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-            tls,
+        let upgrading = tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
             callback,
             Some(limits.websocket()),
         );
-        let ws = match tokio::time::timeout(limits.upgrade_timeout, upgrade).await {
+        let ws = match tokio::time::timeout_at(deadline, upgrading).await {
             Ok(Ok(ws)) => ws,
             outcome => {
                 let (reason, text) = match (&decision, outcome) {
@@ -311,12 +347,22 @@ impl Server {
                 };
                 shared.metrics.refused(reason);
                 tracing::info!(peer = %who, outcome = "refused", reason = ?reason, detail = %text, "upgrade refused");
-                return;
+                return None;
             }
         };
         let Ok(id) = decision else {
+            return None;
+        };
+        Some((ws, identity, id, who))
+    }
+
+    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+        // The handshake's state (TLS, HTTP parsing) is boxed and freed once it is done, so the
+        // long-lived task keeps only what the relay needs.
+        let Some((ws, identity, id, who)) = Box::pin(self.handshake(tcp)).await else {
             return;
         };
+        let shared = &self.shared;
         shared.metrics.upgraded.inc();
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(ConnInfo {

@@ -187,3 +187,33 @@ async fn connections_beyond_max_connections_are_dropped() {
     .expect("a slot frees up");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_plain_https_request_gets_426_with_directions() {
+    let proxy = Proxy::start(quick()).await;
+    let pki = test_pki();
+    let output = tokio::process::Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10", "--cacert"])
+        .arg(&pki.ca_path)
+        .arg("--cert")
+        .arg(&pki.alice.cert_path)
+        .arg("--key")
+        .arg(&pki.alice.key_path)
+        .arg(format!(
+            "https://localhost:{}/micronets/v1/ws-proxy/x",
+            proxy.addr.port()
+        ))
+        .output()
+        .await
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.starts_with("HTTP/1.1 426"), "{text}");
+    assert!(
+        text.contains("wss://HOST:PORT/micronets/v1/ws-proxy/ID"),
+        "{text}"
+    );
+    assert_eq!(proxy.server.metrics().refusals(Refusal::upgrade), 1);
+    // The proxy still serves websockets afterwards.
+    proxy.connect(&pki.alice, "x").await;
+    proxy.stop().await;
+}
