@@ -18,7 +18,8 @@
 //!
 //! Choices made where the spec is silent (also in `docs/ws-proxy.md`):
 //! - An empty or over-long meet-up id is refused with HTTP 400, a path outside the prefix with
-//!   404, an identity the rules refuse with 403, a paired id with 409, a draining proxy with 503.
+//!   404, an identity the rules refuse with 403, a paired id with 409, a draining proxy with 503,
+//!   a request that is not a websocket upgrade with 426 (the original dropped it).
 //! - Two connections may both pass the 409 check before either says HELLO; the second HELLO
 //!   then finds the id full and is closed with 1008 "meet-up id is full".
 //! - The pong deadline runs from the moment the ping is queued, behind any data already queued
