@@ -44,7 +44,7 @@ struct Target {
     /// CA bundle for the proxy's certificate.
     #[arg(long)]
     ca: PathBuf,
-    /// Worker threads of the generator's runtime.
+    /// Worker threads of the generator's runtime (0: one current-thread runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }
@@ -93,10 +93,17 @@ fn main() -> ExitCode {
     let threads = match &cli.command {
         Command::Pairs { target, .. } | Command::Idle { target, .. } => target.threads,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build();
+    // 0 threads: a current-thread runtime, the leanest for a single core.
+    let runtime = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
     let result = runtime
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(run(cli.command)));
