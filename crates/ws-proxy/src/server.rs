@@ -482,6 +482,7 @@ impl Server {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let connections = infos.len();
         let meetups = shared
             .registry
             .snapshot()
@@ -509,11 +510,7 @@ impl Server {
         awaiting_hello.sort_by_key(|p| p.conn);
         let m = &shared.metrics;
         Status {
-            connections: shared
-                .connections
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len(),
+            connections,
             meetups,
             awaiting_hello,
             counters: Counters {
