@@ -280,8 +280,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                         }
                     }
                     State::Paired(partner) => {
-                        let partner = partner.clone();
-                        if !forward(&shared, &info, &partner, message).await {
+                        if !forward(&shared, &info, partner, message).await {
                             // The partner's writer is gone; its departure is on the way.
                             state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
                         }
