@@ -61,6 +61,10 @@ struct Args {
     /// Print `listening on ADDR` on stdout once bound (for scripts that start it on port 0).
     #[arg(long)]
     print_address: bool,
+    /// Check the configuration and the TLS material, print a summary and exit (0: good, 78:
+    /// bad configuration, 69: TLS material unusable). Nothing is bound.
+    #[arg(long)]
+    check_config: bool,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -96,6 +100,9 @@ fn main() -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if deploy.worker_threads > 0 {
         builder.worker_threads(deploy.worker_threads);
+    }
+    if args.check_config {
+        return check_config(&config, &deploy);
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
@@ -230,6 +237,31 @@ async fn run(
     } else {
         ExitCode::from(exit::SOFTWARE)
     })
+}
+
+#[expect(clippy::print_stdout, reason = "the summary is the command's output")]
+fn check_config(config: &Config, deploy: &ws_proxy::config::Deployment) -> ExitCode {
+    tls::install_default_provider();
+    let files = deploy.tls.files(DEFAULT_CLIENT_AUTH, Vec::new());
+    let identity = ServerTls::load(files)
+        .map_err(anyhow::Error::from)
+        .and_then(|server| Ok(server.server_identity()?));
+    match identity {
+        Ok(identity) => {
+            println!(
+                "configuration ok: listen {}, url wss://HOST:PORT{}ID, server {identity}, {} authorization rule set, on_partner_leave {:?}",
+                deploy.listen,
+                config.url_prefix,
+                if config.rules.is_empty() { "no" } else { "an" },
+                config.on_partner_leave,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("ws-proxy: TLS material: {err:#}");
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+    }
 }
 
 /// Two descriptors per connection at most; ask for the hard limit when the soft one is short.

@@ -118,3 +118,44 @@ async fn a_bad_configuration_exits_78_naming_the_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ping_interval_sec"), "{stderr}");
 }
+
+#[tokio::test]
+async fn check_config_validates_the_file_and_the_tls_material() {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, cert: &std::path::Path| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n",
+                key = pki.server.key_path,
+                ca = pki.ca_path,
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = write("good.toml", &pki.server.cert_path);
+    let output = Command::new(DAEMON)
+        .args(["--config", good.to_str().unwrap(), "--check-config"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("configuration ok: listen 127.0.0.1:5050"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CN=server"), "{stdout}");
+
+    let missing = write("missing.toml", &dir.path().join("nope.pem"));
+    let output = Command::new(DAEMON)
+        .args(["--config", missing.to_str().unwrap(), "--check-config"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nope.pem"));
+}
