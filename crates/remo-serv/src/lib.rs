@@ -1,0 +1,4 @@
+//! remo-serv: placeholder
+pub mod keys;
+pub mod proto;
+pub mod users;

@@ -1,0 +1,1 @@
+//! remo-serv integration tests (filled in below).
