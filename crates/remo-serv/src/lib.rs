@@ -1,4 +1,10 @@
 //! remo-serv: placeholder
+pub mod body;
+pub mod config;
+pub mod exec;
+pub mod files;
 pub mod keys;
 pub mod proto;
+pub mod server;
+pub mod session;
 pub mod users;

@@ -1,0 +1,250 @@
+//! Configuration: the original server's TOML keys and flags, plus ours, validated once.
+//!
+//! Every key is documented in `deploy/config/remo-serv.example.toml`. Keys are hyphenated like
+//! the original's (`user-service`, `key-file`), so an original TOML file loads unchanged.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default TCP port (the original's).
+pub const DEFAULT_PORT: u16 = 8080;
+/// Default bind address: loopback (the original bound every interface).
+pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Default session idle timeout (the original's `-s`).
+pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
+/// Default user service (the original's).
+pub const DEFAULT_USER_SERVICE: &str = "SqliteUserService:users_db.sqlite";
+/// Default server key file (the original's).
+pub const DEFAULT_KEY_FILE: &str = "remo_serv_key.pem";
+/// Largest Content-Length body (one token) accepted.
+pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
+/// Largest `/cmd` output kept.
+pub const DEFAULT_MAX_OUTPUT: u64 = 64 << 20;
+/// Most logged-in sessions at once.
+pub const DEFAULT_MAX_SESSIONS: usize = 1024;
+/// Most open connections at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// The TOML file, as written (every key optional).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// TCP port.
+    pub port: Option<u16>,
+    /// Bind address.
+    pub host: Option<IpAddr>,
+    /// Session idle timeout, seconds.
+    pub timeout: Option<u64>,
+    /// Log filter (tracing `EnvFilter` syntax).
+    pub log: Option<String>,
+    /// Debug logging.
+    pub debug: Option<bool>,
+    /// `SqliteUserService:PATH`.
+    pub user_service: Option<String>,
+    /// Server Ed448 private key (PKCS#8 PEM, unencrypted).
+    pub key_file: Option<PathBuf>,
+    /// HTTPS certificate chain (PEM); with `tls-key`, the server speaks HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Working directory of commands and base of relative file names.
+    pub workdir: Option<PathBuf>,
+    /// Directories `/get` and `/put` may touch.
+    pub file_roots: Option<Vec<PathBuf>>,
+    /// Seconds a `/cmd` may run (0: no limit).
+    pub command_timeout: Option<u64>,
+    /// Largest request body in Content-Length mode, bytes.
+    pub max_body: Option<u64>,
+    /// Largest `/cmd` output, bytes.
+    pub max_output: Option<u64>,
+    /// Most logged-in sessions.
+    pub max_sessions: Option<usize>,
+    /// Most open connections.
+    pub max_connections: Option<usize>,
+    /// fsync uploads before renaming them into place.
+    pub put_fsync: Option<bool>,
+    /// Milliseconds `/icm` and `/idt` wait for output.
+    pub interactive_wait_ms: Option<u64>,
+    /// Seconds between SIGTERM and SIGKILL for stopped commands.
+    pub kill_grace: Option<u64>,
+    /// Seconds a client may take to send request headers.
+    pub header_timeout: Option<u64>,
+    /// Seconds a request body may stall between two pieces.
+    pub body_timeout: Option<u64>,
+    /// Seconds to let requests finish on SIGTERM.
+    pub drain_grace: Option<u64>,
+}
+
+/// Validated configuration of the daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Session idle timeout.
+    pub session_timeout: Duration,
+    /// SQLite user database.
+    pub users_db: PathBuf,
+    /// Server Ed448 key file.
+    pub key_file: PathBuf,
+    /// HTTPS certificate and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Working directory.
+    pub workdir: PathBuf,
+    /// File roots (relative ones against `workdir`).
+    pub file_roots: Vec<PathBuf>,
+    /// `/cmd` time limit.
+    pub command_timeout: Option<Duration>,
+    /// Content-Length body cap.
+    pub max_body: u64,
+    /// `/cmd` output cap.
+    pub max_output: u64,
+    /// Logged-in session cap.
+    pub max_sessions: usize,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// fsync uploads.
+    pub put_fsync: bool,
+    /// `/icm`, `/idt` output wait.
+    pub interactive_wait: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub kill_grace: Duration,
+    /// Header read deadline.
+    pub header_timeout: Duration,
+    /// Body stall deadline.
+    pub body_timeout: Duration,
+    /// Drain grace on SIGTERM.
+    pub drain_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(DEFAULT_HOST, DEFAULT_PORT),
+            session_timeout: Duration::from_secs(DEFAULT_SESSION_TIMEOUT_SECS),
+            users_db: PathBuf::from("users_db.sqlite"),
+            key_file: PathBuf::from(DEFAULT_KEY_FILE),
+            tls: None,
+            workdir: PathBuf::from("."),
+            file_roots: vec![PathBuf::from(".")],
+            command_timeout: None,
+            max_body: DEFAULT_MAX_BODY,
+            max_output: DEFAULT_MAX_OUTPUT,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            put_fsync: true,
+            interactive_wait: Duration::from_millis(100),
+            kill_grace: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl FileConfig {
+    /// Validates the file's values over the defaults.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn into_config(self) -> Result<Config, String> {
+        let defaults = Config::default();
+        let users_db = crate::users::parse_user_service(
+            self.user_service.as_deref().unwrap_or(DEFAULT_USER_SERVICE),
+        )
+        .map_err(|e| format!("user-service: {e}"))?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err("tls-cert and tls-key go together".into()),
+        };
+        let timeout = self.timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT_SECS);
+        if timeout == 0 {
+            return Err("timeout must be at least 1 second".into());
+        }
+        let positive = |name: &str, value: Option<u64>, default: u64| match value {
+            Some(0) => Err(format!("{name} must be positive")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let file_roots = self.file_roots.unwrap_or(defaults.file_roots);
+        if file_roots.is_empty() {
+            return Err("file-roots must name at least one directory".into());
+        }
+        Ok(Config {
+            listen: SocketAddr::new(
+                self.host.unwrap_or(DEFAULT_HOST),
+                self.port.unwrap_or(DEFAULT_PORT),
+            ),
+            session_timeout: Duration::from_secs(timeout),
+            users_db,
+            key_file: self.key_file.unwrap_or(defaults.key_file),
+            tls,
+            workdir: self.workdir.unwrap_or(defaults.workdir),
+            file_roots,
+            command_timeout: self
+                .command_timeout
+                .filter(|&secs| secs > 0)
+                .map(Duration::from_secs),
+            max_body: positive("max-body", self.max_body, DEFAULT_MAX_BODY)?,
+            max_output: positive("max-output", self.max_output, DEFAULT_MAX_OUTPUT)?,
+            max_sessions: positive(
+                "max-sessions",
+                self.max_sessions.map(|v| v as u64),
+                DEFAULT_MAX_SESSIONS as u64,
+            )? as usize,
+            max_connections: positive(
+                "max-connections",
+                self.max_connections.map(|v| v as u64),
+                DEFAULT_MAX_CONNECTIONS as u64,
+            )? as usize,
+            put_fsync: self.put_fsync.unwrap_or(defaults.put_fsync),
+            interactive_wait: Duration::from_millis(self.interactive_wait_ms.unwrap_or(100)),
+            kill_grace: Duration::from_secs(self.kill_grace.unwrap_or(5)),
+            header_timeout: Duration::from_secs(positive(
+                "header-timeout",
+                self.header_timeout,
+                10,
+            )?),
+            body_timeout: Duration::from_secs(positive("body-timeout", self.body_timeout, 30)?),
+            drain_grace: Duration::from_secs(self.drain_grace.unwrap_or(10)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_toml_loads_and_validates() {
+        let file: FileConfig = common::daemon::parse_toml(
+            "port = 9000\nhost = \"0.0.0.0\"\ntimeout = 30\n\"user-service\" = \"SqliteUserService:/var/lib/remo/users.sqlite\"\n\"key-file\" = \"/etc/remo/remo_serv_key.pem\"\n",
+        )
+        .unwrap();
+        let config = file.into_config().unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.session_timeout, Duration::from_secs(30));
+        assert_eq!(config.users_db, PathBuf::from("/var/lib/remo/users.sqlite"));
+        let defaults = FileConfig::default().into_config().unwrap();
+        assert_eq!(defaults.listen.to_string(), "127.0.0.1:8080");
+        assert!(common::daemon::parse_toml::<FileConfig>("prot = 1").is_err());
+        let bad = |text: &str| {
+            common::daemon::parse_toml::<FileConfig>(text)
+                .unwrap()
+                .into_config()
+                .unwrap_err()
+        };
+        assert!(bad("timeout = 0").contains("timeout"));
+        assert!(bad("\"tls-cert\" = \"a\"").contains("together"));
+        assert!(bad("\"user-service\" = \"MemoryUserService:a\"").contains("user-service"));
+        assert!(bad("\"file-roots\" = []").contains("file-roots"));
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../../../deploy/config/remo-serv.example.toml");
+        let file: FileConfig = common::daemon::parse_toml(text).unwrap();
+        file.into_config().unwrap();
+    }
+}

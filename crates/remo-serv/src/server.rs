@@ -1,0 +1,941 @@
+//! The HTTP side: accept loop, session resolution, the authenticated-request pipeline and the
+//! endpoints.
+//!
+//! Answers follow the original's framing: encrypted bodies are token lines separated by a
+//! single CRLF and sent without Content-Length (the original client tells encrypted from plain
+//! by that header's absence); plain errors are short texts. Statuses are the original's where
+//! they were deliberate and clean 4xx codes where it crashed (see docs/remo-serv.md).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::daemon::{AcceptBackoff, Shutdown};
+use common::tls::ServerTls;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument as _;
+
+use crate::body::{BodyError, BodyReader, MAX_TOKEN_LINE, RequestBody};
+use crate::config::Config;
+use crate::exec::{self, CmdLimits, ExecError, Interactive};
+use crate::files::{FileError, Roots, read_piece};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::proto::{self, AuthRequest, Cipher, Magic, TokenHeader};
+use crate::session::{self, Login, Sessions, WINDOW_CHUNKED, WINDOW_SINGLE};
+use crate::users::Users;
+
+/// Response body type: encrypted answers stream, plain ones are full.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Header carrying a command's exit status.
+pub const EXIT_STATUS_HEADER: &str = "x-remo-exit-status";
+/// Header carrying the plaintext size of a `/get` answer (for progress bars).
+pub const SIZE_HEADER: &str = "x-remo-size";
+/// Most bytes of an `/auth` body.
+const MAX_AUTH_BODY: usize = 16 * 1024;
+/// Most tokens in one answer (int16 token numbers).
+const MAX_TOKENS: u64 = i16::MAX as u64;
+
+/// The `/info` text.
+pub fn info_text() -> String {
+    format!("remo_serv {} here", env!("CARGO_PKG_VERSION"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A running server's shared state.
+#[derive(Debug)]
+struct State {
+    config: Config,
+    server_key: PrivateKey,
+    users: Users,
+    roots: Roots,
+    sessions: Sessions,
+    connections: Arc<Semaphore>,
+}
+
+/// The remo-serv server: call [`Server::serve`] with a bound listener.
+#[derive(Debug, Clone)]
+pub struct Server {
+    state: Arc<State>,
+    tls: Option<Arc<ServerTls>>,
+}
+
+impl Server {
+    /// Builds a server; the roots and working directory must exist.
+    ///
+    /// # Errors
+    /// A missing working directory or root.
+    pub fn new(
+        config: Config,
+        server_key: PrivateKey,
+        users: Users,
+        tls: Option<ServerTls>,
+    ) -> std::io::Result<Self> {
+        let roots = Roots::new(&config.workdir, &config.file_roots)?;
+        let sessions = Sessions::new(config.session_timeout, config.max_sessions);
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        Ok(Self {
+            state: Arc::new(State {
+                config,
+                server_key,
+                users,
+                roots,
+                sessions,
+                connections,
+            }),
+            tls: tls.map(Arc::new),
+        })
+    }
+
+    /// Re-reads the HTTPS certificate and key (SIGHUP); a failure keeps the old ones.
+    ///
+    /// # Errors
+    /// The new material does not load.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        if let Some(tls) = &self.tls {
+            tls.reload()?;
+        }
+        Ok(())
+    }
+
+    /// Logged-in sessions right now.
+    pub fn sessions(&self) -> usize {
+        self.state.sessions.len()
+    }
+
+    /// Accepts connections until `shutdown` triggers; each connection is a tracked task that
+    /// finishes its current request and closes.
+    pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
+        let sweeper = {
+            let state = Arc::clone(&self.state);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let period = state.config.session_timeout.min(Duration::from_secs(60));
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { state.sessions.sweep(Instant::now()); }
+                        () = stop.triggered() => break,
+                    }
+                }
+            })
+        };
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = shutdown.triggered() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => {
+                    backoff.succeeded();
+                    pair
+                }
+                Err(err) => {
+                    backoff.failed(&err).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.state.connections).try_acquire_owned() else {
+                tracing::warn!(%peer, "connection limit reached; refusing");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let state = Arc::clone(&self.state);
+            let tls = self.tls.as_ref().map(|tls| tls.acceptor());
+            let stop = shutdown.clone();
+            let span = tracing::info_span!("conn", %peer);
+            shutdown.spawn(
+                async move {
+                    let _permit = permit;
+                    match tls {
+                        None => serve_connection(state, stream, peer, stop).await,
+                        Some(acceptor) => {
+                            let deadline = state.config.header_timeout;
+                            match common::tls::accept(&acceptor, stream, deadline).await {
+                                Ok((stream, _)) => {
+                                    serve_connection(state, stream, peer, stop).await
+                                }
+                                Err(err) => tracing::debug!(%err, "TLS handshake failed"),
+                            }
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        sweeper.abort();
+        self.state.sessions.clear();
+    }
+}
+
+async fn serve_connection<IO>(state: Arc<State>, io: IO, peer: SocketAddr, stop: Shutdown)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let state_header_timeout = state.config.header_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state_header_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%err, "connection ended with an error");
+            }
+        }
+        () = stop.triggered() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn cookie_value(id: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("SESSION_ID={id}; Path=/"))
+        .unwrap_or_else(|_| HeaderValue::from_static("SESSION_ID=invalid; Path=/"))
+}
+
+/// A plain answer (Content-Length set: the original client reads it raw).
+fn plain(status: StatusCode, id: &str, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::SET_COOKIE, cookie_value(id));
+    response
+}
+
+/// A plain answer without Content-Length (what the original sends for `/info` and logout).
+fn plain_streamed(status: StatusCode, id: &str, text: String) -> Response<Body> {
+    let stream = futures_util::stream::once(async move { Ok(Frame::data(Bytes::from(text))) });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::SET_COOKIE, cookie_value(id));
+    response
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let now = Instant::now();
+    let cookie = session::cookie_session_id(
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let (id, login) = state.sessions.resolve(cookie, now);
+    let path = req.uri().path().to_owned();
+    if path == "/auth" {
+        return auth(&state, req, &id, login.is_some(), peer).await;
+    }
+    match login {
+        None if path == "/info" => plain_streamed(StatusCode::OK, &id, info_text()),
+        None if path.starts_with("/info") => plain(StatusCode::NOT_FOUND, &id, ""),
+        None => plain(StatusCode::FORBIDDEN, &id, ""),
+        Some(login) => authenticated(&state, req, id, login, path).await,
+    }
+}
+
+async fn auth(
+    state: &State,
+    req: Request<Incoming>,
+    id: &str,
+    logged_in: bool,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let mut reader = BodyReader::new(req.into_body(), state.config.body_timeout);
+    let body = match reader.read_all(MAX_AUTH_BODY).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
+        }
+        Err(_) => return plain(StatusCode::BAD_REQUEST, id, "incomplete auth body\n"),
+    };
+    if body.is_empty() {
+        if logged_in {
+            if let Some(user) = state.sessions.logout(id) {
+                tracing::info!(%user, "logged out");
+            }
+        }
+        return plain_streamed(StatusCode::OK, id, "Disconnected".into());
+    }
+    let request = match AuthRequest::parse(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            tracing::info!(%peer, %err, "login refused: malformed request");
+            return plain(StatusCode::BAD_REQUEST, id, "");
+        }
+    };
+    let stored = match state.users.public_pem(&request.user).await {
+        Ok(Some(pem)) => pem,
+        Ok(None) => {
+            tracing::warn!(%peer, user = %request.user, "login refused: unknown user");
+            return plain(StatusCode::FORBIDDEN, id, "");
+        }
+        Err(err) => {
+            tracing::error!(%err, "user database lookup failed");
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                "user database unavailable\n",
+            );
+        }
+    };
+    let Ok(public) = PublicKey::from_pem(&stored) else {
+        tracing::warn!(user = %request.user, "login refused: stored key is neither Ed448 nor RSA");
+        return plain(StatusCode::FORBIDDEN, id, "");
+    };
+    let message = AuthRequest::signed_message(&request.user, &request.key);
+    if !public.verify(&message, &request.sign) {
+        tracing::warn!(%peer, user = %request.user, "login refused: bad signature");
+        return plain(StatusCode::FORBIDDEN, id, "");
+    }
+    let secret = proto::x448_secret();
+    let Ok(shared) = proto::x448_shared(&secret, &request.key) else {
+        tracing::info!(%peer, "login refused: bad X448 key");
+        return plain(StatusCode::BAD_REQUEST, id, "");
+    };
+    let cipher = Cipher::new(&proto::session_key(&shared));
+    let server_public = proto::x448_public(&secret);
+    let signature = state.server_key.sign(&server_public);
+    // A re-login keeps the session id; a new login gets the id handed to this request.
+    if state
+        .sessions
+        .login(id, cipher, &request.user, Instant::now())
+        .is_err()
+    {
+        tracing::warn!(user = %request.user, "login refused: session table full");
+        return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
+    }
+    tracing::info!(%peer, user = %request.user, "logged in");
+    let text = proto::auth_response(&server_public, &signature);
+    let mut response = Response::new(full(text));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::SET_COOKIE, cookie_value(id));
+    response
+}
+
+/// Builds encrypted answers for one request.
+struct Responder {
+    cipher: Arc<Cipher>,
+    req_no: i16,
+    cookie: HeaderValue,
+}
+
+impl Responder {
+    fn line(cipher: &Cipher, plain: &[u8]) -> Bytes {
+        let mut token = cipher.encrypt(plain);
+        token.push_str("\r\n");
+        Bytes::from(token)
+    }
+
+    fn respond(&self, status: StatusCode, body: Body) -> Response<Body> {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(header::SET_COOKIE, self.cookie.clone());
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+
+    /// One token: `BE` when `payload` is empty, `B.` otherwise (as the original).
+    fn single(&self, status: StatusCode, payload: &[u8]) -> Response<Body> {
+        let magic = Magic {
+            first: true,
+            last: payload.is_empty(),
+        };
+        let line = Self::line(
+            &self.cipher,
+            &proto::response_plain(magic, self.req_no, 0, payload),
+        );
+        let stream = futures_util::stream::once(async move { Ok(Frame::data(line)) });
+        self.respond(status, BodyExt::boxed(StreamBody::new(stream)))
+    }
+
+    /// A streamed answer from lines produced elsewhere.
+    fn stream(
+        &self,
+        status: StatusCode,
+        lines: mpsc::Receiver<std::io::Result<Bytes>>,
+    ) -> Response<Body> {
+        let stream = futures_util::stream::unfold(lines, |mut lines| async move {
+            lines
+                .recv()
+                .await
+                .map(|item| (item.map(Frame::data), lines))
+        });
+        self.respond(status, BodyExt::boxed(StreamBody::new(stream)))
+    }
+}
+
+/// What an endpoint produced and whether the request number is committed.
+struct Outcome {
+    response: Response<Body>,
+    commit: bool,
+}
+
+impl Outcome {
+    fn done(response: Response<Body>) -> Self {
+        Self {
+            response,
+            commit: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Single,
+    Chunked,
+}
+
+async fn authenticated(
+    state: &State,
+    req: Request<Incoming>,
+    id: String,
+    login: Login,
+    path: String,
+) -> Response<Body> {
+    let mode = if req.headers().contains_key(header::CONTENT_LENGTH)
+        || !req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        Mode::Single
+    } else {
+        Mode::Chunked
+    };
+    let mut reader = BodyReader::new(req.into_body(), state.config.body_timeout);
+    let max_token = usize::try_from(state.config.max_body)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(4)
+        / 3
+        + 1024;
+    let first = match mode {
+        Mode::Single => match reader.read_all(max_token).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &id,
+                    "Request body too large\n",
+                );
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, &id, "Incomplete request body\n"),
+        },
+        Mode::Chunked => match reader.next_line(MAX_TOKEN_LINE).await {
+            Ok(Some(line)) => line,
+            Ok(None) => Bytes::new(),
+            Err(BodyError::TooLarge) => {
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, &id, "Token too large\n");
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, &id, "Invalid encoding\n"),
+        },
+    };
+    if first.len() < proto::HEADER_LEN {
+        return plain(StatusCode::BAD_REQUEST, &id, "Missing magic tokens\n");
+    }
+    let decrypted = std::str::from_utf8(&first)
+        .ok()
+        .and_then(|text| login.cipher.decrypt_body(text, unix_now()).ok());
+    let Some(plain_first) = decrypted else {
+        let text = match mode {
+            Mode::Single => "Bad or expired token\n",
+            Mode::Chunked => "Invalid encoding\n",
+        };
+        return plain(StatusCode::BAD_REQUEST, &id, text);
+    };
+    let checked = TokenHeader::split(&plain_first)
+        .ok()
+        .and_then(|(header, rest)| {
+            let magic_ok = header.is_first()
+                && header.tok_no == 0
+                && (mode == Mode::Chunked || header.is_last());
+            let (hash, payload) = proto::split_hash(rest).ok()?;
+            (magic_ok && hash == &proto::path_hash(&path)).then(|| (header, payload.to_vec()))
+        });
+    let window = match mode {
+        Mode::Single => WINDOW_SINGLE,
+        Mode::Chunked => WINDOW_CHUNKED,
+    };
+    let checked = checked.filter(|(header, _)| {
+        state
+            .sessions
+            .check_req_no(&id, header.req_no, window, Instant::now())
+    });
+    let Some((header, payload)) = checked else {
+        return match mode {
+            Mode::Single => {
+                // As the original: a wrong first token kills the session.
+                tracing::warn!(user = %login.user, %path, "wrong initial token; session invalidated");
+                state.sessions.logout(&id);
+                plain(StatusCode::BAD_REQUEST, &id, "Wrong initial token\n")
+            }
+            Mode::Chunked => plain(StatusCode::BAD_REQUEST, &id, "Invalid encoding\n"),
+        };
+    };
+    if mode == Mode::Single {
+        state.sessions.set_req_no(&id, header.req_no);
+    }
+    let body = if mode == Mode::Chunked && !header.is_last() {
+        RequestBody::streaming(payload, reader, Arc::clone(&login.cipher), header.req_no)
+    } else {
+        RequestBody::complete(payload)
+    };
+    let responder = Responder {
+        cipher: login.cipher,
+        req_no: header.req_no,
+        cookie: cookie_value(&id),
+    };
+    let outcome = dispatch(state, &id, &login.user, &path, body, &responder).await;
+    if outcome.commit {
+        state.sessions.commit(&id, header.req_no, Instant::now());
+    }
+    outcome.response
+}
+
+fn body_error(id: &str, err: &BodyError) -> Outcome {
+    tracing::info!(%err, "request body refused");
+    let response = match err {
+        BodyError::TooLarge => plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            id,
+            "Request body too large\n",
+        ),
+        _ => plain(StatusCode::BAD_REQUEST, id, "Invalid encoding\n"),
+    };
+    Outcome {
+        response,
+        commit: false,
+    }
+}
+
+async fn dispatch(
+    state: &State,
+    id: &str,
+    user: &str,
+    path: &str,
+    body: RequestBody,
+    out: &Responder,
+) -> Outcome {
+    let max_body = usize::try_from(state.config.max_body).unwrap_or(usize::MAX);
+    let (endpoint, token) = match path.get(..5) {
+        Some(prefix @ ("/get/" | "/put/" | "/cmd/" | "/icm/")) => (prefix, &path[5..]),
+        _ => (path, ""),
+    };
+    // The argument of /get, /put, /cmd, /icm: a Fernet token of the UTF-8 text, no TTL.
+    let argument = || -> Result<String, (StatusCode, &'static [u8])> {
+        let bad_token = if matches!(endpoint, "/cmd/" | "/icm/") {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        let bytes = out
+            .cipher
+            .decrypt_path(token, unix_now())
+            .map_err(|_| (bad_token, &b""[..]))?;
+        String::from_utf8(bytes).map_err(|_| (StatusCode::BAD_REQUEST, &b"name is not UTF-8"[..]))
+    };
+    match endpoint {
+        "/get/" | "/put/" | "/cmd/" | "/icm/" => {
+            let arg = match argument() {
+                Ok(arg) => arg,
+                Err((status, text)) => {
+                    // Read (and check) the body anyway so the connection stays usable.
+                    if let Err(err) = body.collect(max_body, unix_now).await {
+                        return body_error(id, &err);
+                    }
+                    return Outcome::done(out.single(status, text));
+                }
+            };
+            match endpoint {
+                "/get/" => get(state, user, &arg, body, out, max_body).await,
+                "/put/" => put(state, user, &arg, body, out).await,
+                "/cmd/" => cmd(state, user, &arg, body, out, max_body).await,
+                _ => icm(state, id, user, &arg, body, out, max_body).await,
+            }
+        }
+        "/info" => match body.collect(max_body, unix_now).await {
+            Ok(_) => Outcome::done(out.single(StatusCode::OK, info_text().as_bytes())),
+            Err(err) => body_error(id, &err),
+        },
+        "/idt" => idt(state, id, body, out, max_body).await,
+        "/edt" => edt(state, id, body, out, max_body).await,
+        _ => match body.collect(max_body, unix_now).await {
+            Ok(_) => Outcome::done(out.single(StatusCode::NOT_FOUND, b"")),
+            Err(err) => body_error(id, &err),
+        },
+    }
+}
+
+fn file_error(out: &Responder, user: &str, name: &str, err: &FileError) -> Outcome {
+    tracing::info!(%user, %name, %err, "file request refused");
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Outcome::done(out.single(status, format!("{err}\n").as_bytes()))
+}
+
+/// Plaintext bytes per `/get` token: 16 KiB as the original, larger for files that would
+/// need more than 32767 tokens (token numbers are int16).
+pub fn get_piece_size(size: u64) -> usize {
+    let piece = proto::GET_PIECE as u64;
+    let needed = size.div_ceil(MAX_TOKENS - 1).div_ceil(piece) * piece;
+    usize::try_from(needed.max(piece)).unwrap_or(usize::MAX)
+}
+
+async fn get(
+    state: &State,
+    user: &str,
+    name: &str,
+    body: RequestBody,
+    out: &Responder,
+    max_body: usize,
+) -> Outcome {
+    if let Err(err) = body.collect(max_body, unix_now).await {
+        return body_error("", &err);
+    }
+    let (mut file, size) = match state.roots.open_for_get(name) {
+        Ok(opened) => opened,
+        Err(err) => return file_error(out, user, name, &err),
+    };
+    tracing::info!(%user, %name, size, "get");
+    let piece = get_piece_size(size);
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
+    let cipher = Arc::clone(&out.cipher);
+    let req_no = out.req_no;
+    // Reading and encrypting run on a blocking thread; the channel bounds what is buffered.
+    tokio::task::spawn_blocking(move || {
+        let mut remaining = size;
+        let mut tok: i16 = 0;
+        while remaining > 0 {
+            let want = usize::try_from(remaining.min(piece as u64)).unwrap_or(piece);
+            let data = match read_piece(&mut file, want) {
+                Ok(data) if data.is_empty() => break, // the file shrank
+                Ok(data) => data,
+                Err(err) => {
+                    let _ = tx.blocking_send(Err(err));
+                    return;
+                }
+            };
+            remaining -= data.len() as u64;
+            let magic = Magic {
+                first: tok == 0,
+                last: false,
+            };
+            let line = Responder::line(&cipher, &proto::response_plain(magic, req_no, tok, &data));
+            if tx.blocking_send(Ok(line)).is_err() {
+                return; // the client went away
+            }
+            tok = tok.wrapping_add(1);
+        }
+        // An explicit end: the last token is an empty `.E` (or a lone `BE` for an empty file).
+        let magic = Magic {
+            first: tok == 0,
+            last: true,
+        };
+        let _ = tx.blocking_send(Ok(Responder::line(
+            &cipher,
+            &proto::response_plain(magic, req_no, tok, b""),
+        )));
+    });
+    let mut response = out.stream(StatusCode::OK, rx);
+    if let Ok(value) = HeaderValue::from_str(&size.to_string()) {
+        response.headers_mut().insert(SIZE_HEADER, value);
+    }
+    Outcome::done(response)
+}
+
+async fn put(
+    state: &State,
+    user: &str,
+    name: &str,
+    mut body: RequestBody,
+    out: &Responder,
+) -> Outcome {
+    let mut upload = match state.roots.begin_put(name, state.config.put_fsync) {
+        Ok(upload) => upload,
+        Err(err) => {
+            // Drain the body so the answer is read; its errors do not matter any more.
+            let _ = body.collect(usize::MAX, unix_now).await;
+            return file_error(out, user, name, &err);
+        }
+    };
+    // Decrypting happens here; writing on a blocking thread, one piece in flight at a time.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(piece) = rx.blocking_recv() {
+            upload.write(&piece)?;
+        }
+        Ok::<_, FileError>(upload)
+    });
+    let mut failure: Option<BodyError> = None;
+    loop {
+        match body.next_piece(unix_now).await {
+            Ok(Some(piece)) => {
+                if piece.is_empty() {
+                    continue;
+                }
+                if tx.send(piece).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Ok(None) => break,
+            Err(err) => {
+                failure = Some(err);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = match writer.await {
+        Ok(Ok(upload)) if failure.is_none() => {
+            tokio::task::spawn_blocking(move || upload.commit()).await
+        }
+        Ok(Ok(_dropped)) => {
+            let err = failure.unwrap_or(BodyError::Encoding("upload failed"));
+            tracing::warn!(%user, %name, %err, "upload aborted; target left untouched");
+            return Outcome {
+                response: out.single(StatusCode::BAD_REQUEST, b""),
+                commit: false,
+            };
+        }
+        Ok(Err(err)) => return file_error(out, user, name, &err),
+        Err(join) => {
+            tracing::error!(%join, "upload writer panicked");
+            return Outcome::done(out.single(StatusCode::INTERNAL_SERVER_ERROR, b""));
+        }
+    };
+    match written {
+        Ok(Ok(bytes)) => {
+            tracing::info!(%user, %name, bytes, "put");
+            Outcome::done(out.single(StatusCode::OK, b""))
+        }
+        Ok(Err(err)) => file_error(out, user, name, &err),
+        Err(join) => {
+            tracing::error!(%join, "upload commit panicked");
+            Outcome::done(out.single(StatusCode::INTERNAL_SERVER_ERROR, b""))
+        }
+    }
+}
+
+fn exec_error(out: &Responder, user: &str, line: &str, err: &ExecError) -> Outcome {
+    tracing::info!(%user, command = %line, %err, "command refused");
+    let status = match err {
+        ExecError::OutputTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
+        ExecError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    Outcome::done(out.single(status, format!("{err}\n").as_bytes()))
+}
+
+async fn cmd(
+    state: &State,
+    user: &str,
+    line: &str,
+    body: RequestBody,
+    out: &Responder,
+    max_body: usize,
+) -> Outcome {
+    let stdin = match body.collect(max_body, unix_now).await {
+        Ok(stdin) => stdin,
+        Err(err) => return body_error("", &err),
+    };
+    let argv = match exec::split(line) {
+        Ok(argv) => argv,
+        Err(err) => return exec_error(out, user, line, &err),
+    };
+    let limits = CmdLimits {
+        timeout: state.config.command_timeout,
+        max_output: usize::try_from(state.config.max_output).unwrap_or(usize::MAX),
+    };
+    let started = Instant::now();
+    match exec::run(&argv, stdin, state.roots.workdir(), limits).await {
+        Ok((output, exit)) => {
+            tracing::info!(
+                %user, command = %line, exit = exit.code, timed_out = exit.timed_out,
+                millis = started.elapsed().as_millis() as u64, "cmd"
+            );
+            let mut response = out.single(StatusCode::OK, &output);
+            response
+                .headers_mut()
+                .insert(EXIT_STATUS_HEADER, HeaderValue::from(exit.code));
+            if exit.timed_out {
+                response
+                    .headers_mut()
+                    .insert("x-remo-timed-out", HeaderValue::from_static("1"));
+            }
+            Outcome::done(response)
+        }
+        Err(err) => exec_error(out, user, line, &err),
+    }
+}
+
+async fn icm(
+    state: &State,
+    id: &str,
+    user: &str,
+    line: &str,
+    body: RequestBody,
+    out: &Responder,
+    max_body: usize,
+) -> Outcome {
+    let input = match body.collect(max_body, unix_now).await {
+        Ok(input) => input,
+        Err(err) => return body_error(id, &err),
+    };
+    let argv = match exec::split(line) {
+        Ok(argv) => argv,
+        Err(err) => return exec_error(out, user, line, &err),
+    };
+    // A new interactive command replaces (and terminates) the previous one.
+    drop(state.sessions.take_interactive(id));
+    let workdir = state.roots.workdir();
+    let mut process =
+        match Interactive::start(&argv, &input, workdir, state.config.kill_grace).await {
+            Ok(process) => process,
+            Err(err) => return exec_error(out, user, line, &err),
+        };
+    tracing::info!(%user, command = %line, pid = process.pid(), "interactive command started");
+    match process.read_after(state.config.interactive_wait).await {
+        Ok(read) => {
+            if !read.eof {
+                state.sessions.attach(id, process);
+            }
+            Outcome::done(out.single(StatusCode::OK, &read.data))
+        }
+        Err(err) => exec_error(out, user, line, &ExecError::Io(err)),
+    }
+}
+
+async fn idt(
+    state: &State,
+    id: &str,
+    body: RequestBody,
+    out: &Responder,
+    max_body: usize,
+) -> Outcome {
+    let input = match body.collect(max_body, unix_now).await {
+        Ok(input) => input,
+        Err(err) => return body_error(id, &err),
+    };
+    let Some(mut process) = state.sessions.take_interactive(id) else {
+        return Outcome::done(out.single(StatusCode::BAD_REQUEST, b""));
+    };
+    if let Err(err) = process.write(&input).await {
+        // It closed its input: report what it still says; it is detached at EOF below.
+        tracing::debug!(%err, "interactive command closed its input");
+    }
+    match process.read_after(state.config.interactive_wait).await {
+        Ok(read) => {
+            if !read.eof {
+                state.sessions.attach(id, process);
+            }
+            Outcome::done(out.single(StatusCode::OK, &read.data))
+        }
+        Err(err) => Outcome::done(out.single(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("interactive command: {err}\n").as_bytes(),
+        )),
+    }
+}
+
+async fn edt(
+    state: &State,
+    id: &str,
+    body: RequestBody,
+    out: &Responder,
+    max_body: usize,
+) -> Outcome {
+    if let Err(err) = body.collect(max_body, unix_now).await {
+        return body_error(id, &err);
+    }
+    let Some(process) = state.sessions.take_interactive(id) else {
+        return Outcome::done(out.single(StatusCode::BAD_REQUEST, b""));
+    };
+    let mut rest = match process.finish().await {
+        Ok(rest) => rest,
+        Err(err) => {
+            return Outcome::done(out.single(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("interactive command: {err}\n").as_bytes(),
+            ));
+        }
+    };
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let cipher = Arc::clone(&out.cipher);
+    let req_no = out.req_no;
+    tokio::spawn(async move {
+        let mut tok: i16 = 0;
+        loop {
+            let piece = match rest.next().await {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(err) => {
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+            };
+            let magic = Magic {
+                first: tok == 0,
+                last: false,
+            };
+            let line = Responder::line(&cipher, &proto::response_plain(magic, req_no, tok, &piece));
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+            tok = tok.wrapping_add(1);
+        }
+        let magic = Magic {
+            first: tok == 0,
+            last: true,
+        };
+        let line = Responder::line(&cipher, &proto::response_plain(magic, req_no, tok, b""));
+        let _ = tx.send(Ok(line)).await;
+    });
+    Outcome::done(out.stream(StatusCode::OK, rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_pieces_keep_token_numbers_in_int16() {
+        assert_eq!(get_piece_size(0), 16_384);
+        assert_eq!(get_piece_size(512 << 20), 32_768);
+        assert_eq!(get_piece_size(100 << 20), 16_384);
+        for size in [1u64 << 30, 10 << 30, (1 << 40) + 7] {
+            let piece = get_piece_size(size) as u64;
+            assert!(size.div_ceil(piece) < MAX_TOKENS, "{size}");
+            assert_eq!(piece % 16_384, 0);
+        }
+    }
+}
