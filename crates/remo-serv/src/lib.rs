@@ -1,5 +1,6 @@
 //! remo-serv: placeholder
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod exec;
 pub mod files;
