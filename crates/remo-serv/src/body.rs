@@ -100,7 +100,7 @@ impl BodyReader {
     pub async fn next_line(&mut self, max: usize) -> Result<Option<Bytes>, BodyError> {
         let mut scanned = 0;
         loop {
-            if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf[scanned..]) {
                 let mut line = self.buf.split_to(scanned + pos + 1);
                 line.truncate(scanned + pos);
                 if line.last() == Some(&b'\r') {

@@ -658,41 +658,51 @@ impl Client {
         let piece = UPLOAD_PIECE.max(usize::try_from(size.div_ceil(32_000)).unwrap_or(usize::MAX));
         let (tx, rx) = mpsc::channel::<std::io::Result<Frame<Bytes>>>(8);
         let producer = tokio::task::spawn_blocking(move || {
-            let mut file = file;
-            let mut tok: i16 = 0;
+            const BATCH: usize = 256 * 1024;
+            // An empty file is one `BE` token with no payload.
+            let count = size.div_ceil(piece as u64).max(1);
+            let mut batch = bytes::BytesMut::with_capacity(BATCH + 2 * piece);
+            let mut emitted = 0u64;
             let mut sent = 0u64;
-            let mut next = crate::files::read_piece(&mut file, piece)?;
-            loop {
-                let current = next;
-                next = if current.is_empty() {
-                    Vec::new()
-                } else {
-                    crate::files::read_piece(&mut file, piece)?
-                };
-                let last = next.is_empty();
-                let magic = Magic {
-                    first: tok == 0,
-                    last,
-                };
-                let plain =
-                    proto::request_plain(magic, req_no, tok, (tok == 0).then_some(&hash), &current);
-                let mut line = cipher.encrypt(&plain);
-                if !last {
-                    line.push_str("\r\n");
-                }
-                sent += current.len() as u64;
-                if tx
-                    .blocking_send(Ok(Frame::data(Bytes::from(line))))
-                    .is_err()
-                {
-                    return Ok(sent);
-                }
-                progress(sent);
-                if last {
-                    return Ok::<_, std::io::Error>(sent);
-                }
-                tok = tok.wrapping_add(1);
-            }
+            crate::pipeline::encrypt_pieces(
+                &file,
+                crate::pipeline::Layout { size, piece, count },
+                crate::pipeline::workers_for(count),
+                &cipher,
+                |t, data| {
+                    let magic = Magic {
+                        first: t == 0,
+                        last: t + 1 == count,
+                    };
+                    proto::request_plain(
+                        magic,
+                        req_no,
+                        t as u16 as i16,
+                        (t == 0).then_some(&hash),
+                        data,
+                    )
+                },
+                |line| {
+                    emitted += 1;
+                    let last = emitted == count;
+                    batch.extend_from_slice(line.as_bytes());
+                    if !last {
+                        batch.extend_from_slice(b"\r\n");
+                    }
+                    sent = (emitted * piece as u64).min(size);
+                    if last || batch.len() >= BATCH {
+                        if tx
+                            .blocking_send(Ok(Frame::data(batch.split().freeze())))
+                            .is_err()
+                        {
+                            return false;
+                        }
+                        progress(sent);
+                    }
+                    true
+                },
+            )?;
+            Ok::<_, std::io::Error>(sent)
         });
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))

@@ -6,7 +6,7 @@
 //! whole body verified: a failed upload never touches an existing file.
 
 use std::fs::File;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read, Write as _};
 use std::path::{Component, Path, PathBuf};
 
 /// Why a file request was refused; each maps to an HTTP status.
@@ -217,22 +217,32 @@ impl Upload {
     }
 }
 
+/// Reads the next piece of `file` (`piece` bytes; shorter only at the end of the file) into
+/// `buf`, which is cleared first and reused between calls.
+///
+/// # Errors
+/// I/O errors.
+pub fn read_piece_into(file: &mut File, piece: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(piece);
+    let limit = u64::try_from(piece).unwrap_or(u64::MAX);
+    let mut taken = Read::by_ref(file).take(limit);
+    loop {
+        match taken.read_to_end(buf) {
+            Ok(_) => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 /// Reads `file` piece by piece (`piece` bytes; the last may be shorter).
 ///
 /// # Errors
 /// I/O errors.
 pub fn read_piece(file: &mut File, piece: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; piece];
-    let mut filled = 0;
-    while filled < piece {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    buf.truncate(filled);
+    let mut buf = Vec::new();
+    read_piece_into(file, piece, &mut buf)?;
     Ok(buf)
 }
 

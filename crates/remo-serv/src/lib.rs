@@ -5,6 +5,7 @@ pub mod config;
 pub mod exec;
 pub mod files;
 pub mod keys;
+pub mod pipeline;
 pub mod proto;
 pub mod server;
 pub mod session;

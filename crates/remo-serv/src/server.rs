@@ -26,7 +26,7 @@ use tracing::Instrument as _;
 use crate::body::{BodyError, BodyReader, MAX_TOKEN_LINE, RequestBody};
 use crate::config::Config;
 use crate::exec::{self, CmdLimits, ExecError, Interactive};
-use crate::files::{FileError, Roots, read_piece};
+use crate::files::{FileError, Roots};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::proto::{self, AuthRequest, Cipher, Magic, TokenHeader};
 use crate::session::{self, Login, Sessions, WINDOW_CHUNKED, WINDOW_SINGLE};
@@ -41,6 +41,8 @@ pub const EXIT_STATUS_HEADER: &str = "x-remo-exit-status";
 pub const SIZE_HEADER: &str = "x-remo-size";
 /// Most bytes of an `/auth` body.
 const MAX_AUTH_BODY: usize = 16 * 1024;
+/// Bytes of token lines sent to the connection at once by streaming answers.
+const BATCH: usize = 256 * 1024;
 /// Most tokens in one answer (int16 token numbers).
 const MAX_TOKENS: u64 = i16::MAX as u64;
 
@@ -345,6 +347,12 @@ async fn auth(
     response
 }
 
+/// Appends one encrypted token and its CRLF to `batch`.
+fn push_line(batch: &mut bytes::BytesMut, cipher: &Cipher, plain: &[u8]) {
+    batch.extend_from_slice(cipher.encrypt(plain).as_bytes());
+    batch.extend_from_slice(b"\r\n");
+}
+
 /// Builds encrypted answers for one request.
 struct Responder {
     cipher: Arc<Cipher>,
@@ -622,7 +630,7 @@ async fn get(
     if let Err(err) = body.collect(max_body, unix_now).await {
         return body_error("", &err);
     }
-    let (mut file, size) = match state.roots.open_for_get(name) {
+    let (file, size) = match state.roots.open_for_get(name) {
         Ok(opened) => opened,
         Err(err) => return file_error(out, user, name, &err),
     };
@@ -631,40 +639,43 @@ async fn get(
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
     let cipher = Arc::clone(&out.cipher);
     let req_no = out.req_no;
-    // Reading and encrypting run on a blocking thread; the channel bounds what is buffered.
+    // Reading and encrypting run on worker threads (tokens are independent); lines are sent
+    // in order, in batches of about BATCH bytes, and the channel bounds what is buffered.
     tokio::task::spawn_blocking(move || {
-        let mut remaining = size;
-        let mut tok: i16 = 0;
-        while remaining > 0 {
-            let want = usize::try_from(remaining.min(piece as u64)).unwrap_or(piece);
-            let data = match read_piece(&mut file, want) {
-                Ok(data) if data.is_empty() => break, // the file shrank
-                Ok(data) => data,
-                Err(err) => {
-                    let _ = tx.blocking_send(Err(err));
-                    return;
-                }
-            };
-            remaining -= data.len() as u64;
-            let magic = Magic {
-                first: tok == 0,
-                last: false,
-            };
-            let line = Responder::line(&cipher, &proto::response_plain(magic, req_no, tok, &data));
-            if tx.blocking_send(Ok(line)).is_err() {
-                return; // the client went away
-            }
-            tok = tok.wrapping_add(1);
+        let count = size.div_ceil(piece as u64);
+        let mut batch = bytes::BytesMut::with_capacity(BATCH + 2 * piece);
+        let result = crate::pipeline::encrypt_pieces(
+            &file,
+            crate::pipeline::Layout { size, piece, count },
+            crate::pipeline::workers_for(count),
+            &cipher,
+            |t, data| {
+                let magic = Magic {
+                    first: t == 0,
+                    last: false,
+                };
+                proto::response_plain(magic, req_no, t as u16 as i16, data)
+            },
+            |line| {
+                batch.extend_from_slice(line.as_bytes());
+                batch.extend_from_slice(b"\r\n");
+                batch.len() < BATCH || tx.blocking_send(Ok(batch.split().freeze())).is_ok()
+            },
+        );
+        if let Err(err) = result {
+            // The client sees a truncated answer, never a short file taken for complete.
+            tracing::warn!(%err, "get aborted");
+            let _ = tx.blocking_send(Err(err));
+            return;
         }
         // An explicit end: the last token is an empty `.E` (or a lone `BE` for an empty file).
         let magic = Magic {
-            first: tok == 0,
+            first: count == 0,
             last: true,
         };
-        let _ = tx.blocking_send(Ok(Responder::line(
-            &cipher,
-            &proto::response_plain(magic, req_no, tok, b""),
-        )));
+        let end = proto::response_plain(magic, req_no, count as u16 as i16, b"");
+        push_line(&mut batch, &cipher, &end);
+        let _ = tx.blocking_send(Ok(batch.freeze()));
     });
     let mut response = out.stream(StatusCode::OK, rx);
     if let Ok(value) = HeaderValue::from_str(&size.to_string()) {
