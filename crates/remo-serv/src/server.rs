@@ -62,11 +62,86 @@ fn unix_now() -> u64 {
 #[derive(Debug)]
 struct State {
     config: Config,
-    server_key: PrivateKey,
+    server_key: Arc<PrivateKey>,
     users: Users,
     roots: Roots,
     sessions: Sessions,
     connections: Arc<Semaphore>,
+    ephemerals: Arc<Ephemerals>,
+}
+
+/// A server X448 key pair for one login, with the server's signature over the public half.
+struct Ephemeral {
+    secret: [u8; proto::X448_LEN],
+    public: [u8; proto::X448_LEN],
+    signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for Ephemeral {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ephemeral(..)")
+    }
+}
+
+impl Ephemeral {
+    fn new(server_key: &PrivateKey) -> Self {
+        let secret = proto::x448_secret();
+        let public = proto::x448_public(&secret);
+        let signature = server_key.sign(&public);
+        Self {
+            secret,
+            public,
+            signature,
+        }
+    }
+}
+
+/// A few ephemeral key pairs made ahead of time, so a login does not wait for them. Each is
+/// used once; the pool is refilled in the background.
+#[derive(Debug, Default)]
+struct Ephemerals {
+    ready: std::sync::Mutex<Vec<Ephemeral>>,
+    refilling: std::sync::atomic::AtomicBool,
+}
+
+/// Pre-made ephemeral keys kept ready.
+const EPHEMERAL_POOL: usize = 8;
+
+impl Ephemerals {
+    fn take(&self, server_key: &PrivateKey) -> Ephemeral {
+        let ready = self
+            .ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        ready.unwrap_or_else(|| Ephemeral::new(server_key))
+    }
+
+    fn refill(self: &Arc<Self>, server_key: &Arc<PrivateKey>) {
+        use std::sync::atomic::Ordering;
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::clone(self);
+        let key = Arc::clone(server_key);
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let missing = {
+                    let ready = pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+                    ready.len() < EPHEMERAL_POOL
+                };
+                if !missing {
+                    break;
+                }
+                let made = Ephemeral::new(&key);
+                pool.ready
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(made);
+            }
+            pool.refilling.store(false, Ordering::Release);
+        });
+    }
 }
 
 /// The remo-serv server: call [`Server::serve`] with a bound listener.
@@ -93,11 +168,12 @@ impl Server {
         Ok(Self {
             state: Arc::new(State {
                 config,
-                server_key,
+                server_key: Arc::new(server_key),
                 users,
                 roots,
                 sessions,
                 connections,
+                ephemerals: Arc::default(),
             }),
             tls: tls.map(Arc::new),
         })
@@ -122,6 +198,7 @@ impl Server {
     /// Accepts connections until `shutdown` triggers; each connection is a tracked task that
     /// finishes its current request and closes.
     pub async fn serve(&self, listener: TcpListener, shutdown: Shutdown) {
+        self.state.ephemerals.refill(&self.state.server_key);
         let sweeper = {
             let state = Arc::clone(&self.state);
             let stop = shutdown.clone();
@@ -316,19 +393,29 @@ async fn auth(
         tracing::warn!(user = %request.user, "login refused: stored key is neither Ed448 nor RSA");
         return plain(StatusCode::FORBIDDEN, id, "");
     };
+    // The signature check and the key agreement are independent: run them side by side on
+    // the blocking pool (each is around a millisecond with ed448-goldilocks), with a server
+    // ephemeral key that was made and signed ahead of time.
     let message = AuthRequest::signed_message(&request.user, &request.key);
-    if !public.verify(&message, &request.sign) {
+    let signature = request.sign.clone();
+    let verify = tokio::task::spawn_blocking(move || public.verify(&message, &signature));
+    let ephemeral = state.ephemerals.take(&state.server_key);
+    let peer_key = request.key.clone();
+    let secret = ephemeral.secret;
+    let agree = tokio::task::spawn_blocking(move || proto::x448_shared(&secret, &peer_key));
+    let (verified, shared) = (verify.await, agree.await);
+    state.ephemerals.refill(&state.server_key);
+    if !matches!(verified, Ok(true)) {
         tracing::warn!(%peer, user = %request.user, "login refused: bad signature");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
-    let secret = proto::x448_secret();
-    let Ok(shared) = proto::x448_shared(&secret, &request.key) else {
+    let Ok(Ok(shared)) = shared else {
         tracing::info!(%peer, "login refused: bad X448 key");
         return plain(StatusCode::BAD_REQUEST, id, "");
     };
     let cipher = Cipher::new(&proto::session_key(&shared));
-    let server_public = proto::x448_public(&secret);
-    let signature = state.server_key.sign(&server_public);
+    let server_public = ephemeral.public;
+    let signature = ephemeral.signature;
     // A re-login keeps the session id; a new login gets the id handed to this request.
     if state
         .sessions

@@ -108,8 +108,9 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         What::Login { count } => {
             let mut samples = Vec::with_capacity(count);
             for _ in 0..count {
+                let key = PrivateKey::from_pem(&key_pem, None)?;
                 let started = Instant::now();
-                let client = login().await?;
+                let client = Client::login(config.clone(), key, server_key.clone()).await?;
                 samples.push(started.elapsed().as_secs_f64() * 1e3);
                 drop(client);
             }

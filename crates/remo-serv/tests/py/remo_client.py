@@ -9,7 +9,7 @@ SESSION_ID, `Host: x`, argument as a raw Fernet token in the path, body made of 
 tokens  magic(2) | int16 req_no | int16 tok_no | [SHA-384(path) on the first] | payload.
 Responses: Fernet tokens, one per CRLF-terminated line, first payload starts with "200".
 
-Usage: see `remo_client.py --help` (selftest, roundtrip, bench-cmd, get, put, exec).
+Usage: see `remo_client.py --help` (selftest, roundtrip, bench-cmd, bench-login, get, put, exec).
 """
 import argparse
 import base64
@@ -612,6 +612,21 @@ def transfer(s: Session, args) -> dict:
     return {"bytes": n, "seconds": secs, "mb_per_s": n / 1e6 / secs if secs > 0 else None}
 
 
+def bench_login(args) -> dict:
+    """Logins in fresh sessions; the first (imports, key parsing warm-up) is not counted."""
+    times = []
+    for i in range(args.count + 1):
+        s = Session(timeout=args.timeout)
+        t = time.perf_counter()
+        s.login(args.url, args.user, args.key, args.server_key, args.passphrase)
+        if i:
+            times.append((time.perf_counter() - t) * 1000)
+        s.logout()
+    ordered = sorted(times)
+    p99 = ordered[max(0, -(-len(ordered) * 99 // 100) - 1)]
+    return {"count": args.count, "median_ms": statistics.median(times), "p99_ms": p99}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Independent remo_serv 0.6.0 test client")
     p.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8080")
@@ -627,6 +642,8 @@ def main(argv=None) -> int:
     rt.add_argument("--dir", required=True, help="local scratch directory")
     bc = sub.add_parser("bench-cmd", help="N sequential `cmd true` (JSON timings)")
     bc.add_argument("--count", type=int, required=True)
+    bl = sub.add_parser("bench-login", help="N sequential logins after a warm-up (JSON timings)")
+    bl.add_argument("--count", type=int, required=True)
     for name, first, second in (("get", "remote", "local"), ("put", "local", "remote")):
         sp = sub.add_parser(name, help=f"copy {first.upper()} to {second.upper()} (JSON throughput)")
         sp.add_argument(first)
@@ -647,6 +664,8 @@ def main(argv=None) -> int:
             result = roundtrip(s, args)
         elif args.command == "bench-cmd":
             result = bench_cmd(s, args)
+        elif args.command == "bench-login":
+            result = bench_login(args)
         elif args.command in ("get", "put"):
             result = transfer(s, args)
         else:  # exec
