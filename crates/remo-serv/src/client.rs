@@ -382,8 +382,8 @@ impl Client {
     }
 
     async fn next_req_no(&mut self) -> Result<i16, ClientError> {
-        if self.req_no == i16::MAX {
-            // 32767 requests per session (int16): start a new one.
+        if self.cipher.is_none() || self.req_no == i16::MAX {
+            // Logged out, or at 32767 requests in this session (int16): start a new one.
             self.authenticate().await?;
         }
         self.req_no += 1;
@@ -391,14 +391,22 @@ impl Client {
     }
 
     /// Sends one request whose body is a single token (Content-Length mode).
+    /// `endpoint` alone (`/info`, `/idt`, `/edt`) or followed by the encrypted `argument`.
     async fn request(
         &mut self,
-        path: &str,
+        endpoint: &str,
+        argument: Option<&str>,
         payload: &[u8],
     ) -> Result<(Response<Incoming>, i16), ClientError> {
         for attempt in 0..2 {
             let req_no = self.next_req_no().await?;
             let cipher = self.cipher()?;
+            // Built per attempt: a new login means a new key.
+            let path = match argument {
+                Some(argument) => self.path_token(endpoint, argument)?,
+                None => endpoint.to_owned(),
+            };
+            let path = path.as_str();
             let plain = proto::request_plain(
                 Magic {
                     first: true,
@@ -499,7 +507,7 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub async fn info(&mut self) -> Result<String, ClientError> {
-        let (response, req_no) = self.request("/info", b"").await?;
+        let (response, req_no) = self.request("/info", None, b"").await?;
         let mut text = Vec::new();
         self.read_answer(response, req_no, |piece| {
             text.extend_from_slice(piece);
@@ -514,8 +522,7 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub async fn exec(&mut self, command: &str, stdin: &[u8]) -> Result<ExecOutput, ClientError> {
-        let path = self.path_token("/cmd/", command)?;
-        let (response, req_no) = self.request(&path, stdin).await?;
+        let (response, req_no) = self.request("/cmd/", Some(command), stdin).await?;
         let exit_status = response
             .headers()
             .get(EXIT_STATUS_HEADER)
@@ -539,8 +546,7 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub async fn iexec(&mut self, command: &str) -> Result<Vec<u8>, ClientError> {
-        let path = self.path_token("/icm/", command)?;
-        self.simple(&path, b"").await
+        self.simple("/icm/", Some(command), b"").await
     }
 
     /// Sends `data` to the interactive command (empty: just poll) and returns its output.
@@ -548,7 +554,7 @@ impl Client {
     /// # Errors
     /// [`ClientError`]; HTTP 400 when no interactive command is attached.
     pub async fn idata(&mut self, data: &[u8]) -> Result<Vec<u8>, ClientError> {
-        self.simple("/idt", data).await
+        self.simple("/idt", None, data).await
     }
 
     /// Closes the interactive command's input and returns the rest of its output.
@@ -556,11 +562,16 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub async fn iend(&mut self) -> Result<Vec<u8>, ClientError> {
-        self.simple("/edt", b"").await
+        self.simple("/edt", None, b"").await
     }
 
-    async fn simple(&mut self, path: &str, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let (response, req_no) = self.request(path, payload).await?;
+    async fn simple(
+        &mut self,
+        endpoint: &str,
+        argument: Option<&str>,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let (response, req_no) = self.request(endpoint, argument, payload).await?;
         let mut output = Vec::new();
         self.read_answer(response, req_no, |piece| {
             output.extend_from_slice(piece);
@@ -582,8 +593,7 @@ impl Client {
         mut progress: impl FnMut(u64, Option<u64>),
     ) -> Result<u64, ClientError> {
         use std::io::Write as _;
-        let path = self.path_token("/get/", remote)?;
-        let (response, req_no) = self.request(&path, b"").await?;
+        let (response, req_no) = self.request("/get/", Some(remote), b"").await?;
         let total = response
             .headers()
             .get(SIZE_HEADER)
@@ -646,17 +656,17 @@ impl Client {
             .metadata()
             .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?
             .len();
-        let path = self.path_token("/put/", remote)?;
         if self.config.single_token_upload {
             let data = std::fs::read(local)
                 .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?;
-            let (response, req_no) = self.request(&path, &data).await?;
+            let (response, req_no) = self.request("/put/", Some(remote), &data).await?;
             progress(size);
             self.read_answer(response, req_no, |_| Ok(())).await?;
             return Ok(size);
         }
         let req_no = self.next_req_no().await?;
         let cipher = self.cipher()?;
+        let path = self.path_token("/put/", remote)?;
         let hash = proto::path_hash(&path);
         // Pieces grow for huge files so that token numbers stay within int16.
         let piece = UPLOAD_PIECE.max(usize::try_from(size.div_ceil(32_000)).unwrap_or(usize::MAX));
