@@ -192,6 +192,9 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    // Own SIGTERM/SIGINT/SIGHUP before announcing the address, so that a script which signals
+    // as soon as it reads it never hits the default action (death without a drain).
+    let early_signals = early_signal_handlers();
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(address = %local, https, "listening");
     if print_address {
@@ -206,6 +209,7 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
     let reloader = server.clone();
     let drained =
         daemon::supervise(&shutdown, grace, "serving", move || reloader.reload_tls()).await;
+    drop(early_signals);
     let _ = serving.await;
     match drained {
         Ok(true) => ExitCode::SUCCESS,
@@ -215,6 +219,18 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
             ExitCode::from(exit::SOFTWARE)
         }
     }
+}
+
+fn early_signal_handlers() -> Vec<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+    ]
+    .into_iter()
+    .filter_map(|kind| signal(kind).ok())
+    .collect()
 }
 
 fn load_server_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {

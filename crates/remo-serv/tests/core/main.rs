@@ -2,6 +2,8 @@
 //! database, real keys, the real client library, and raw HTTP for the error rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod process;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
