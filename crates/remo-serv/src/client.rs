@@ -419,19 +419,46 @@ impl Client {
             );
             let token = cipher.encrypt(&plain);
             let response = self.send(Method::POST, path, full(token), true).await?;
-            // A plain 403 means the session is gone (expired, or killed after a failed
-            // request): log in again once and repeat; the request was not executed.
-            if attempt == 0
-                && response.status() == StatusCode::FORBIDDEN
-                && response.headers().contains_key(header::CONTENT_LENGTH)
-            {
-                let _ = collect(response, 4096).await;
-                self.authenticate().await?;
-                continue;
+            // Rejected before execution, the request did not happen: a plain 403 (the session
+            // expired or was killed) or a plain 400 "Wrong initial token" (our counter got
+            // ahead of the server's after an earlier failure, which also killed the session).
+            // Log in again once and repeat.
+            if attempt > 0 {
+                return Ok((response, req_no));
             }
-            return Ok((response, req_no));
+            match self.rejected_early(response).await? {
+                Some(response) => return Ok((response, req_no)),
+                None => self.authenticate().await?,
+            }
         }
         Err(ClientError::Protocol("session lost twice in a row".into()))
+    }
+
+    /// `Ok(None)` when `response` says the request was refused before it ran and the session
+    /// is gone; otherwise the response, untouched.
+    async fn rejected_early(
+        &self,
+        response: Response<Incoming>,
+    ) -> Result<Option<Response<Incoming>>, ClientError> {
+        let plain = response.headers().contains_key(header::CONTENT_LENGTH);
+        match response.status() {
+            StatusCode::FORBIDDEN if plain => {
+                let _ = collect(response, 4096).await;
+                Ok(None)
+            }
+            StatusCode::BAD_REQUEST if plain => {
+                let body = collect(response, 4096).await?;
+                if body.starts_with(b"Wrong initial token") {
+                    Ok(None)
+                } else {
+                    Err(ClientError::Status {
+                        status: 400,
+                        message: String::from_utf8_lossy(&body).into_owned(),
+                    })
+                }
+            }
+            _ => Ok(Some(response)),
+        }
     }
 
     fn path_token(&self, endpoint: &str, argument: &str) -> Result<String, ClientError> {
@@ -648,7 +675,7 @@ impl Client {
         &mut self,
         local: &Path,
         remote: &str,
-        progress: impl Fn(u64) + Send + 'static,
+        progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<u64, ClientError> {
         let file = std::fs::File::open(local)
             .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?;
@@ -664,6 +691,53 @@ impl Client {
             self.read_answer(response, req_no, |_| Ok(())).await?;
             return Ok(size);
         }
+        let progress = Arc::new(progress);
+        for attempt in 0..2 {
+            let file = file
+                .try_clone()
+                .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?;
+            let (response, req_no, producer) = self
+                .start_put(file, size, remote, Arc::clone(&progress))
+                .await?;
+            let response = if attempt == 0 {
+                match self.rejected_early(response).await? {
+                    Some(response) => response,
+                    None => {
+                        // The session was gone: nothing was written. Log in and start over.
+                        drop(producer.await);
+                        self.authenticate().await?;
+                        continue;
+                    }
+                }
+            } else {
+                response
+            };
+            let sent = producer
+                .await
+                .map_err(|e| ClientError::Io(e.to_string()))?
+                .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?;
+            self.read_answer(response, req_no, |_| Ok(())).await?;
+            return Ok(sent);
+        }
+        Err(ClientError::Protocol("session lost twice in a row".into()))
+    }
+
+    /// Sends the chunked upload of `file`; returns the answer, the request number and the
+    /// producer (which reports the bytes sent).
+    async fn start_put(
+        &mut self,
+        file: std::fs::File,
+        size: u64,
+        remote: &str,
+        progress: Arc<impl Fn(u64) + Send + Sync + 'static>,
+    ) -> Result<
+        (
+            Response<Incoming>,
+            i16,
+            tokio::task::JoinHandle<std::io::Result<u64>>,
+        ),
+        ClientError,
+    > {
         let req_no = self.next_req_no().await?;
         let cipher = self.cipher()?;
         let path = self.path_token("/put/", remote)?;
@@ -723,12 +797,7 @@ impl Client {
         });
         let body = BodyExt::boxed(StreamBody::new(stream));
         let response = self.send(Method::POST, &path, body, false).await?;
-        let sent = producer
-            .await
-            .map_err(|e| ClientError::Io(e.to_string()))?
-            .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?;
-        self.read_answer(response, req_no, |_| Ok(())).await?;
-        Ok(sent)
+        Ok((response, req_no, producer))
     }
 }
 

@@ -321,6 +321,22 @@ impl Interactive {
     pub fn pid(&self) -> Option<u32> {
         self.pid
     }
+
+    /// SIGTERM to the group, then SIGKILL if the command has not exited within `grace`;
+    /// returns once it is gone (or killed).
+    pub async fn terminate(mut self, grace: Duration) {
+        let Some(pid) = self.pid.take() else {
+            return;
+        };
+        signal_group(pid, Signal::TERM);
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            signal_group(pid, Signal::KILL);
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
+        }
+    }
 }
 
 impl Drop for Interactive {

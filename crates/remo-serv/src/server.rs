@@ -259,7 +259,17 @@ impl Server {
             );
         }
         sweeper.abort();
-        self.state.sessions.clear();
+        // Interactive commands get SIGTERM, then SIGKILL after the grace period, before
+        // serve returns (a detached killer would die with the runtime).
+        let grace = self.state.config.kill_grace;
+        let stopping: Vec<_> = self
+            .state
+            .sessions
+            .clear()
+            .into_iter()
+            .map(|process| process.terminate(grace))
+            .collect();
+        futures_util::future::join_all(stopping).await;
     }
 }
 
@@ -673,9 +683,9 @@ async fn dispatch(
                 }
             };
             match endpoint {
-                "/get/" => get(state, user, &arg, body, out, max_body).await,
+                "/get/" => get(state, id, user, &arg, body, out, max_body).await,
                 "/put/" => put(state, user, &arg, body, out).await,
-                "/cmd/" => cmd(state, user, &arg, body, out, max_body).await,
+                "/cmd/" => cmd(state, id, user, &arg, body, out, max_body).await,
                 _ => icm(state, id, user, &arg, body, out, max_body).await,
             }
         }
@@ -708,6 +718,7 @@ pub fn get_piece_size(size: u64) -> usize {
 
 async fn get(
     state: &State,
+    id: &str,
     user: &str,
     name: &str,
     body: RequestBody,
@@ -715,7 +726,7 @@ async fn get(
     max_body: usize,
 ) -> Outcome {
     if let Err(err) = body.collect(max_body, unix_now).await {
-        return body_error("", &err);
+        return body_error(id, &err);
     }
     let (file, size) = match state.roots.open_for_get(name) {
         Ok(opened) => opened,
@@ -856,6 +867,7 @@ fn exec_error(out: &Responder, user: &str, line: &str, err: &ExecError) -> Outco
 
 async fn cmd(
     state: &State,
+    id: &str,
     user: &str,
     line: &str,
     body: RequestBody,
@@ -864,7 +876,7 @@ async fn cmd(
 ) -> Outcome {
     let stdin = match body.collect(max_body, unix_now).await {
         Ok(stdin) => stdin,
-        Err(err) => return body_error("", &err),
+        Err(err) => return body_error(id, &err),
     };
     let argv = match exec::split(line) {
         Ok(argv) => argv,

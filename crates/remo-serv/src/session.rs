@@ -234,10 +234,11 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Drops every session (shutdown): interactive commands are terminated.
-    pub fn clear(&self) {
+    /// Drops every session (shutdown) and hands back their interactive commands, for the
+    /// caller to terminate.
+    pub fn clear(&self) -> Vec<Interactive> {
         let all: Vec<Session> = self.lock().drain().map(|(_, s)| s).collect();
-        drop(all);
+        all.into_iter().filter_map(|s| s.interactive).collect()
     }
 }
 

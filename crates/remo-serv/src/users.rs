@@ -85,6 +85,15 @@ impl Users {
     /// # Errors
     /// [`UserError::Db`].
     pub async fn open(path: &Path) -> Result<Self, UserError> {
+        Self::open_with(path, true).await
+    }
+
+    /// Opens the database; with `create` false a missing file is an error (for checks that
+    /// must not leave a file behind, owned by whoever ran them).
+    ///
+    /// # Errors
+    /// [`UserError::Db`].
+    pub async fn open_with(path: &Path, create: bool) -> Result<Self, UserError> {
         let shown = path.display().to_string();
         let db = |source| UserError::Db {
             path: shown.clone(),
@@ -93,7 +102,7 @@ impl Users {
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(db)?
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(create)
             .busy_timeout(std::time::Duration::from_secs(5));
         let existed = path.exists();
         let pool = SqlitePoolOptions::new()
@@ -104,7 +113,9 @@ impl Users {
         if !existed {
             restrict_mode(path);
         }
-        sqlx::query(SCHEMA).execute(&pool).await.map_err(db)?;
+        if create {
+            sqlx::query(SCHEMA).execute(&pool).await.map_err(db)?;
+        }
         Ok(Self { pool, path: shown })
     }
 

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 /// Signals: SIGHUP reloads the HTTPS certificate and key; SIGTERM or SIGINT stops accepting,
 /// lets running requests finish (drain-grace) and terminates interactive commands.
 ///
-/// Exit codes: 0 stopped cleanly, 64 bad flags, 78 bad configuration, 66 key file unreadable,
+/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration, 66 key file unreadable,
 /// 69 cannot bind, open the user database or load TLS, 70 requests still running after the
 /// grace period.
 #[derive(Debug, Parser)]
@@ -146,7 +146,7 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
             return ExitCode::from(exit::NOINPUT);
         }
     };
-    let users = match Users::open(&config.users_db).await {
+    let users = match Users::open_with(&config.users_db, !check_only).await {
         Ok(users) => users,
         Err(err) => {
             eprintln!("remo-serv: {err}");

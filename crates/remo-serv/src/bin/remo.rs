@@ -18,8 +18,10 @@ use remo_serv::keys::{KeyError, PrivateKey, PublicKey};
 /// --passphrase-file, else REMO_PASSPHRASE, else a prompt.
 ///
 /// Exit codes: `exec` exits with the remote command's status; otherwise 0 done,
-/// 64 bad usage, 66 remote or local file missing, 65 request refused as invalid (4xx),
-/// 69 server unreachable or failing (5xx), 74 local I/O error, 76 protocol error,
+/// 2 bad flags, 64 no user name, 66 remote file (or local key file) missing, 65 request
+/// refused as invalid (4xx),
+/// 69 server unreachable or failing (5xx), 74 local I/O error (a missing local file for
+/// `put` too), 76 protocol error,
 /// 77 login refused or permission denied.
 #[derive(Debug, Parser)]
 #[command(
@@ -205,11 +207,13 @@ fn progress_bar(total: Option<u64>, json: bool) -> Option<indicatif::ProgressBar
 }
 
 async fn run(args: Args) -> Result<u8, Failure> {
-    let user = args
-        .user
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .ok_or_else(|| Failure::Usage("no user name: pass --user".into()))?;
+    let user = args.user.clone().or_else(|| std::env::var("USER").ok());
+    let anonymous = matches!(args.command, Command::Info { anonymous: true });
+    let user = match user {
+        Some(user) => user,
+        None if anonymous => String::new(),
+        None => return Err(Failure::Usage("no user name: pass --user".into())),
+    };
     let config = ClientConfig {
         url: args.url.clone(),
         user: user.clone(),
@@ -225,6 +229,13 @@ async fn run(args: Args) -> Result<u8, Failure> {
     let key = load_key(&args, &user)?;
     let server_key = PublicKey::read(&args.server_key)?;
     let mut client = Client::login(config, key, server_key).await?;
+    let result = run_command(&args, &mut client).await;
+    // Log out whatever happened, so the session does not linger until its idle timeout.
+    let _ = client.logout().await;
+    result
+}
+
+async fn run_command(args: &Args, client: &mut Client) -> Result<u8, Failure> {
     let code = match &args.command {
         Command::Info { .. } => {
             let text = client.info().await?;
@@ -310,9 +321,8 @@ async fn run(args: Args) -> Result<u8, Failure> {
             report_transfer(args.json, "put", bytes, started);
             0
         }
-        Command::Shell => shell(&mut client).await?,
+        Command::Shell => shell(client).await?,
     };
-    let _ = client.logout().await;
     Ok(code)
 }
 

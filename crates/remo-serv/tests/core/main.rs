@@ -30,6 +30,13 @@ struct Harness {
 
 impl Harness {
     async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_tls(tweak, None).await
+    }
+
+    async fn start_with_tls(
+        tweak: impl FnOnce(&mut Config),
+        tls: Option<common::tls::ServerTls>,
+    ) -> Self {
         testkit::daemon::init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let served = dir.path().join("served");
@@ -51,7 +58,7 @@ impl Harness {
             ..Config::default()
         };
         tweak(&mut config);
-        let server = Server::new(config, server_key, users, None).unwrap();
+        let server = Server::new(config, server_key, users, tls).unwrap();
         let spawned = testkit::daemon::spawn_tcp(move |listener, shutdown| async move {
             server.serve(listener, shutdown).await;
             Ok(())
@@ -667,4 +674,117 @@ async fn independent_python_client_round_trip() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("\"ok\": true"), "{stdout}");
+}
+
+#[tokio::test]
+async fn shutdown_kills_interactive_commands_that_ignore_sigterm() {
+    let h = Harness::start(|c| c.kill_grace = Duration::from_millis(300)).await;
+    let mut client = h.client().await;
+    let first = client
+        .iexec("sh -c \"trap '' TERM; echo $$; exec sleep 60\"")
+        .await
+        .unwrap();
+    let pid: u32 = String::from_utf8(first).unwrap().trim().parse().unwrap();
+    let alive = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.is_empty() && !stat.contains(") Z")
+    };
+    assert!(alive());
+    h.server.stop(Duration::from_secs(5)).await.unwrap();
+    // serve() returns only after SIGTERM, the grace period and SIGKILL.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command survived the shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn command_timeout_and_replaced_interactive_commands() {
+    let h = Harness::start(|c| {
+        c.command_timeout = Some(Duration::from_millis(500));
+        c.kill_grace = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = h.client().await;
+    let started = std::time::Instant::now();
+    let out = client
+        .exec("sh -c 'echo early; sleep 30'", b"")
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!((out.exit_status, out.timed_out), (Some(124), true));
+    assert_eq!(out.output, b"early\n");
+
+    let first = client
+        .iexec("sh -c 'echo $$; exec sleep 60'")
+        .await
+        .unwrap();
+    let pid: u32 = String::from_utf8(first).unwrap().trim().parse().unwrap();
+    client.iexec("cat").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced command survived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.idata(b"still cat\n").await.unwrap(), b"still cat\n");
+}
+
+#[tokio::test]
+async fn client_recovers_after_an_early_rejection() {
+    // A 413 is refused before the request counts; the client's counter is then one ahead,
+    // the server answers "Wrong initial token" and the client logs in again by itself.
+    let h = Harness::start(|c| c.max_body = 1024).await;
+    let mut client = h.client().await;
+    let err = client.exec("cat", &[b'x'; 4096]).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Status { status: 413, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        client.exec("echo fine", b"").await.unwrap().output,
+        b"fine\n"
+    );
+}
+
+#[tokio::test]
+async fn https_mode() {
+    let pki = testkit::pki::test_pki();
+    common::tls::install_default_provider();
+    let tls = common::tls::ServerTls::load(common::tls::ServerTlsFiles {
+        cert: pki.server.cert_path.clone(),
+        key: Some(pki.server.key_path.clone()),
+        client_ca: None,
+        crls: Vec::new(),
+        client_auth: common::tls::ClientAuth::Off,
+        alpn: vec![b"http/1.1".to_vec()],
+    })
+    .unwrap();
+    let h = Harness::start_with_tls(|_| {}, Some(tls)).await;
+    let mut config = h.config();
+    config.url = format!("https://localhost:{}", h.addr().port())
+        .parse()
+        .unwrap();
+    config.ca = Some(pki.ca_path.clone());
+    let key = PrivateKey::from_pem(&h.user_key_pem, None).unwrap();
+    let mut client = Client::login(config.clone(), key, h.server_pub.clone())
+        .await
+        .unwrap();
+    assert_eq!(client.exec("echo tls", b"").await.unwrap().output, b"tls\n");
+    // Plain HTTP on the HTTPS port gets nowhere.
+    let mut plain = config;
+    plain.url = format!("http://127.0.0.1:{}", h.addr().port())
+        .parse()
+        .unwrap();
+    assert!(remo_serv::client::plain_info(&plain).await.is_err());
 }
