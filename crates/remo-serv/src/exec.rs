@@ -113,8 +113,15 @@ fn child_ends(child_end: std::os::unix::net::UnixStream, copies: usize) -> io::R
 
 fn command(argv: &[String], workdir: &Path) -> Command {
     let mut cmd = Command::new(&argv[0]);
+    // Commands do not inherit the daemon's systemd plumbing.
     cmd.args(&argv[1..])
         .current_dir(workdir)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .process_group(0)
         .kill_on_drop(false);
     cmd
