@@ -222,8 +222,13 @@ impl RequestBody {
         if last {
             let mut done = self.rest.take();
             if let Some(tokens) = done.as_mut() {
-                if !tokens.reader.only_whitespace_left(64).await? {
-                    return Err(BodyError::Encoding("data after the last (E) token"));
+                // More than a little whitespace after `E` is an encoding error, not a size one.
+                match tokens.reader.only_whitespace_left(64).await {
+                    Ok(true) => {}
+                    Ok(false) | Err(BodyError::TooLarge) => {
+                        return Err(BodyError::Encoding("data after the last (E) token"));
+                    }
+                    Err(err) => return Err(err),
                 }
             }
         }

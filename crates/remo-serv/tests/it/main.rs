@@ -1,1 +1,26 @@
-//! remo-serv integration tests (filled in below).
+//! remo-serv integration tests: the real server on 127.0.0.1:0 (in process, or the real
+//! `remo-serv` binary as a child), a real SQLite user database in a temporary directory, real
+//! Ed448 keys, the real client library and CLIs, raw HTTP requests built with the `proto`
+//! functions for the error rows, and the independent Python client.
+//!
+//! - `harness`: servers, raw sessions, answer decoding, process helpers;
+//! - `protocol`: every endpoint through the client, request numbers, logout and re-login;
+//! - `errors`: every error row of the status table, none of them a 500;
+//! - `files`: roots, symlinks, modes, failed and stalled uploads;
+//! - `interactive`: /icm, /idt, /edt, and who terminates the attached command;
+//! - `process`: the daemon, `remo` and `remo-admin` binaries (exit codes, HTTPS, SIGTERM,
+//!   256 MiB with bounded memory, a killed upload);
+//! - `python`: the independent Python client.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers panic on setup failures, like the tests"
+)]
+
+mod errors;
+mod files;
+mod harness;
+mod interactive;
+mod process;
+mod protocol;
+mod python;

@@ -1,0 +1,276 @@
+//! `/get` and `/put` on the file system: roots and symlinks, modes, and uploads that fail or
+//! stall (the old file survives, no temporary is left behind).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use remo_serv::client::{Client, ClientError};
+use remo_serv::proto;
+
+use crate::harness::{
+    FIRST, Harness, LAST, MIDDLE, RawBody, RawSession, WAIT, now, put_temporaries, random_bytes,
+    request,
+};
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+type MakeUpload = fn(&RawSession, &str, i16, &[u8]) -> Vec<String>;
+
+/// Five 8 KiB tokens, then the failure: the server has already written to its temporary.
+fn good_start(s: &RawSession, path: &str, req: i16, piece: &[u8]) -> Vec<String> {
+    let mut lines = vec![format!("{}\r\n", s.first(path, FIRST, req, piece))];
+    for tok in 1..5 {
+        lines.push(format!("{}\r\n", s.later(MIDDLE, req, tok, piece)));
+    }
+    lines
+}
+
+#[tokio::test]
+async fn a_failed_upload_keeps_the_old_file_and_leaves_no_temporary() {
+    let h = Harness::start().await;
+    let target = h.served.join("keep.txt");
+    std::fs::write(&target, b"precious").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mut s = h.raw().await;
+    assert_eq!(s.call(&s.path("/cmd/", "true"), b"").await.status, 200);
+    let piece = random_bytes(8192, 11);
+    let cases: &[(&str, MakeUpload)] = &[
+        ("a garbage token mid-way", |s, p, r, piece| {
+            let mut lines = good_start(s, p, r, piece);
+            lines.push("garbage\r\n".into());
+            lines.push(s.later(LAST, r, 6, b""));
+            lines
+        }),
+        ("a token out of sequence mid-way", |s, p, r, piece| {
+            let mut lines = good_start(s, p, r, piece);
+            lines.push(format!("{}\r\n", s.later(MIDDLE, r, 7, piece)));
+            lines.push(s.later(LAST, r, 8, b""));
+            lines
+        }),
+        ("a blank line mid-way", |s, p, r, piece| {
+            let mut lines = good_start(s, p, r, piece);
+            lines.push("\r\n".into());
+            lines.push(s.later(LAST, r, 5, b""));
+            lines
+        }),
+        ("an expired token mid-way", |s, p, r, piece| {
+            let mut lines = good_start(s, p, r, piece);
+            let old = proto::request_plain(MIDDLE, r, 5, None, piece);
+            lines.push(format!("{}\r\n", s.cipher.encrypt_at(&old, now() - 11)));
+            lines.push(s.later(LAST, r, 6, b""));
+            lines
+        }),
+        ("a token of another request mid-way", |s, p, r, piece| {
+            let mut lines = good_start(s, p, r, piece);
+            lines.push(s.later(LAST, r + 1, 5, b""));
+            lines
+        }),
+        ("the body ends without an E token", |s, p, r, piece| {
+            good_start(s, p, r, piece)
+        }),
+        ("the first token has the wrong hash", |s, _, r, piece| {
+            let other = s.path("/put/", "keep.txt");
+            let mut lines = good_start(s, &other, r, piece);
+            lines.push(s.later(LAST, r, 5, b""));
+            lines
+        }),
+    ];
+    for &(name, make) in cases {
+        for remote in ["keep.txt", "fresh.txt"] {
+            let put = s.path("/put/", remote);
+            let req = s.last + 1;
+            let answer = s.send_chunked(&put, make(&s, &put, req, &piece)).await;
+            assert_eq!(answer.status, 400, "{name}: {}", answer.text());
+            assert_eq!(std::fs::read(&target).unwrap(), b"precious", "{name}");
+            assert!(!h.served.join("fresh.txt").exists(), "{name}");
+            let leftovers = put_temporaries(&h.served);
+            assert!(leftovers.is_empty(), "{name}: {leftovers:?}");
+        }
+    }
+    // The failures did not use up the number; a good upload replaces the file, mode kept.
+    let put = s.path("/put/", "keep.txt");
+    let req = s.last + 1;
+    let mut lines = good_start(&s, &put, req, &piece);
+    lines.push(s.later(LAST, req, 5, b""));
+    let answer = s.send_chunked(&put, lines).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(s.decode_for(&answer, req), b"");
+    assert_eq!(std::fs::read(&target).unwrap(), piece.repeat(5));
+    assert_eq!(mode(&target), 0o640);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_dropped_after_the_body_timeout() {
+    let h = Harness::start_with(|c| c.body_timeout = Duration::from_secs(1)).await;
+    let target = h.served.join("keep.txt");
+    std::fs::write(&target, b"precious").unwrap();
+    let s = h.raw().await;
+    let put = s.path("/put/", "keep.txt");
+    let (tx, body) = RawBody::channel();
+    let pending = {
+        let (addr, path, cookie) = (h.addr, put.clone(), s.cookie());
+        tokio::spawn(async move { request(addr, "POST", &path, Some(&cookie), body).await })
+    };
+    let piece = random_bytes(8192, 12);
+    tx.send(format!("{}\r\n", s.first(&put, FIRST, 1, &piece)).into())
+        .await
+        .unwrap();
+    tx.send(format!("{}\r\n", s.later(MIDDLE, 1, 1, &piece)).into())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while put_temporaries(&h.served).is_empty() {
+        assert!(Instant::now() < deadline, "the upload never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stalled = Instant::now();
+    // Nothing more is sent, but the connection stays open.
+    let answer = pending.await.unwrap();
+    assert!(stalled.elapsed() >= Duration::from_millis(500));
+    assert_eq!(answer.status, 400);
+    assert_eq!(s.decode_for(&answer, 1), b"");
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    assert!(put_temporaries(&h.served).is_empty());
+    drop(tx);
+    h.stop().await;
+}
+
+fn status_of(result: Result<u64, ClientError>) -> u16 {
+    match result {
+        Ok(_) => 200,
+        Err(ClientError::Status { status, .. }) => status,
+        Err(other) => panic!("expected an HTTP status, got {other}"),
+    }
+}
+
+async fn get_status(client: &mut Client, remote: &str, local: &Path) -> u16 {
+    status_of(client.get(remote, local, |_, _| {}).await)
+}
+
+async fn put_status(client: &mut Client, local: &Path, remote: &str) -> u16 {
+    status_of(client.put(local, remote, |_| {}).await)
+}
+
+#[tokio::test]
+async fn names_resolve_inside_the_roots() {
+    let h = Harness::start_with(|c| {
+        let extra = c.workdir.parent().unwrap().join("extra");
+        std::fs::create_dir(&extra).unwrap();
+        c.file_roots = vec![".".into(), extra];
+    })
+    .await;
+    let base = h.dir.path();
+    let served = &h.served;
+    std::fs::write(base.join("outside.txt"), b"secret").unwrap();
+    std::fs::write(base.join("extra/e.txt"), b"extra").unwrap();
+    std::fs::write(served.join("real.txt"), b"real").unwrap();
+    std::fs::create_dir(served.join("sub")).unwrap();
+    std::os::unix::fs::symlink("real.txt", served.join("inlink")).unwrap();
+    std::os::unix::fs::symlink("../outside.txt", served.join("outlink")).unwrap();
+    std::os::unix::fs::symlink(base, served.join("outdir")).unwrap();
+    let mut client = h.client().await;
+    let local = base.join("local.txt");
+
+    let outside = base.join("outside.txt");
+    let real_abs = served.join("real.txt");
+    let extra_abs = base.join("extra/e.txt");
+    let gets: &[(&str, u16, &[u8])] = &[
+        ("real.txt", 200, b"real"),
+        ("./real.txt", 200, b"real"),
+        ("sub/../real.txt", 200, b"real"),
+        ("inlink", 200, b"real"),
+        (real_abs.to_str().unwrap(), 200, b"real"),
+        (extra_abs.to_str().unwrap(), 200, b"extra"),
+        ("../extra/e.txt", 200, b"extra"),
+        ("../outside.txt", 403, b""),
+        (outside.to_str().unwrap(), 403, b""),
+        ("/etc/passwd", 403, b""),
+        ("outlink", 403, b""),
+        ("outdir/outside.txt", 403, b""),
+        ("sub", 400, b""),
+        ("", 400, b""),
+        ("nope/x", 404, b""),
+        ("missing", 404, b""),
+    ];
+    for &(remote, status, content) in gets {
+        let _ = std::fs::remove_file(&local);
+        assert_eq!(
+            get_status(&mut client, remote, &local).await,
+            status,
+            "get {remote:?}"
+        );
+        if status == 200 {
+            assert_eq!(std::fs::read(&local).unwrap(), content, "get {remote:?}");
+        } else {
+            assert!(!local.exists(), "get {remote:?} left a local file");
+        }
+    }
+
+    std::fs::write(&local, b"uploaded").unwrap();
+    let evil = base.join("evil.txt");
+    let puts: &[(&str, u16)] = &[
+        ("../evil.txt", 403),
+        (evil.to_str().unwrap(), 403),
+        ("outdir/evil.txt", 403),
+        ("/tmp/remo-serv-it-evil.txt", 403),
+        ("sub", 400),
+        ("sub/", 400),
+        // The working directory itself: its parent is outside the roots.
+        (".", 403),
+        ("sub/..", 400),
+        ("nope/x", 404),
+        ("../extra/up.txt", 200),
+        ("sub/new.txt", 200),
+    ];
+    for &(remote, status) in puts {
+        assert_eq!(
+            put_status(&mut client, &local, remote).await,
+            status,
+            "put {remote:?}"
+        );
+    }
+    assert!(!evil.exists());
+    assert!(!Path::new("/tmp/remo-serv-it-evil.txt").exists());
+    assert_eq!(
+        std::fs::read(base.join("extra/up.txt")).unwrap(),
+        b"uploaded"
+    );
+    assert_eq!(
+        std::fs::read(served.join("sub/new.txt")).unwrap(),
+        b"uploaded"
+    );
+    // A put onto a symlink replaces the link itself: nothing is written where it pointed.
+    assert_eq!(put_status(&mut client, &local, "outlink").await, 200);
+    assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+    assert_eq!(std::fs::read(served.join("outlink")).unwrap(), b"uploaded");
+    assert!(put_temporaries(served).is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn put_keeps_the_mode_of_a_replaced_file() {
+    let h = Harness::start().await;
+    let script = h.served.join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho old\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let private = h.served.join("private.txt");
+    std::fs::write(&private, b"x").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut client = h.client().await;
+    let local = h.dir.path().join("new.sh");
+    std::fs::write(&local, "#!/bin/sh\necho new\n").unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    client.put(&local, "run.sh", |_| {}).await.unwrap();
+    assert_eq!(mode(&script), 0o750);
+    assert_eq!(client.exec("./run.sh", b"").await.unwrap().output, b"new\n");
+    client.put(&local, "private.txt", |_| {}).await.unwrap();
+    assert_eq!(mode(&private), 0o600);
+    client.put(&local, "brand-new.txt", |_| {}).await.unwrap();
+    assert_eq!(mode(&h.served.join("brand-new.txt")), 0o644);
+    h.stop().await;
+}
