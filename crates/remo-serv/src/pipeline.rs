@@ -11,8 +11,10 @@ use std::sync::mpsc::sync_channel;
 
 use crate::proto::Cipher;
 
-/// Lines each worker may have ready ahead of the caller.
-const AHEAD: usize = 4;
+/// Runs of tokens each worker may have ready ahead of the caller.
+const AHEAD: usize = 2;
+/// Consecutive tokens a worker encrypts per run.
+const GROUP: u64 = 8;
 
 /// How a file is cut into tokens: `count` tokens, token `t` holding bytes
 /// `[t·piece, min(size, (t+1)·piece))`.
@@ -44,45 +46,58 @@ where
     E: FnMut(String) -> bool,
 {
     let Layout { size, piece, count } = layout;
-    let workers = workers.clamp(1, 8);
+    let workers = workers.clamp(1, 8) as u64;
     let piece64 = piece as u64;
+    // Workers take runs of GROUP consecutive tokens in turn: one hand-off per run, not per
+    // token (the thread wake-ups showed in the profiles).
+    let groups = count.div_ceil(GROUP);
     std::thread::scope(|scope| {
-        let mut queues = Vec::with_capacity(workers);
-        for first in 0..workers as u64 {
-            let (tx, rx) = sync_channel::<io::Result<String>>(AHEAD);
+        let mut queues = Vec::new();
+        for first in 0..workers {
+            let (tx, rx) = sync_channel::<io::Result<Vec<String>>>(AHEAD);
             queues.push(rx);
             let plain = &plain;
             scope.spawn(move || {
                 let mut buf = vec![0u8; piece];
-                let mut t = first;
-                while t < count {
-                    let offset = t * piece64;
-                    let len =
-                        usize::try_from(size.saturating_sub(offset).min(piece64)).unwrap_or(piece);
-                    let line = file
-                        .read_exact_at(&mut buf[..len], offset)
-                        .map_err(|err| {
-                            if err.kind() == io::ErrorKind::UnexpectedEof {
+                let mut group = first;
+                while group < groups {
+                    let tokens = group * GROUP..((group + 1) * GROUP).min(count);
+                    let mut lines = Vec::with_capacity(GROUP as usize);
+                    let mut failure = None;
+                    for t in tokens {
+                        let offset = t * piece64;
+                        let len = usize::try_from(size.saturating_sub(offset).min(piece64))
+                            .unwrap_or(piece);
+                        if let Err(err) = file.read_exact_at(&mut buf[..len], offset) {
+                            failure = Some(if err.kind() == io::ErrorKind::UnexpectedEof {
                                 io::Error::other("the file shrank during the transfer")
                             } else {
                                 err
-                            }
-                        })
-                        .map(|()| cipher.encrypt(&plain(t, &buf[..len])));
-                    let failed = line.is_err();
-                    if tx.send(line).is_err() || failed {
+                            });
+                            break;
+                        }
+                        lines.push(cipher.encrypt(&plain(t, &buf[..len])));
+                    }
+                    let failed = failure.is_some();
+                    let item = match failure {
+                        Some(err) => Err(err),
+                        None => Ok(lines),
+                    };
+                    if tx.send(item).is_err() || failed {
                         return;
                     }
-                    t += workers as u64;
+                    group += workers;
                 }
             });
         }
-        for t in 0..count {
-            let Ok(line) = queues[(t % workers as u64) as usize].recv() else {
+        for group in 0..groups {
+            let Ok(lines) = queues[(group % workers) as usize].recv() else {
                 return Err(io::Error::other("an encryption worker stopped"));
             };
-            if !emit(line?) {
-                break;
+            for line in lines? {
+                if !emit(line) {
+                    return Ok(());
+                }
             }
         }
         Ok(())
