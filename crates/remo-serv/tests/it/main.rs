@@ -10,6 +10,7 @@
 //! - `interactive`: /icm, /idt, /edt, and who terminates the attached command;
 //! - `process`: the daemon, `remo` and `remo-admin` binaries (exit codes, HTTPS, SIGTERM,
 //!   256 MiB with bounded memory, a killed upload);
+//! - `original`: our client against the original server's framing and upload limits;
 //! - `python`: the independent Python client.
 
 #![allow(
@@ -21,6 +22,7 @@ mod errors;
 mod files;
 mod harness;
 mod interactive;
+mod original;
 mod process;
 mod protocol;
 mod python;
