@@ -269,33 +269,58 @@ pub mod systemd {
     }
 }
 
+/// The daemon's SIGTERM, SIGINT and SIGHUP handlers.
+///
+/// Install them before the daemon announces itself (binds, prints its address, tells systemd
+/// it is ready): from then on those signals are queued for [`supervise`] instead of taking
+/// their default action, which would end the process without a drain.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    ///
+    /// # Errors
+    /// The signal handlers could not be installed.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Runs the signal loop of a daemon's `main` until SIGTERM or SIGINT, then drains.
 ///
 /// Sends `READY=1` first; on SIGHUP calls `reload` between `RELOADING=1` and `READY=1` and logs
 /// the outcome (a failed reload keeps the old state, which `reload` must guarantee). On a stop
 /// signal it sends `STOPPING=1`, triggers `shutdown` and waits up to `grace` for its tasks.
 /// Returns whether the drain finished in time.
-///
-/// # Errors
-/// Signal handlers could not be installed.
 pub async fn supervise<R>(
+    mut signals: Signals,
     shutdown: &Shutdown,
     grace: Duration,
     ready_status: &str,
     mut reload: R,
-) -> std::io::Result<bool>
+) -> bool
 where
     R: FnMut() -> anyhow::Result<()>,
 {
-    let mut hup = signal(SignalKind::hangup())?;
-    let stop = stop_signal();
-    tokio::pin!(stop);
+    let Signals { term, int, hup } = &mut signals;
     systemd::ready(ready_status);
     loop {
         tokio::select! {
-            sig = &mut stop => {
-                let sig = sig?;
-                tracing::info!(signal = ?sig, grace_secs = grace.as_secs_f64(), "stopping: draining connections");
+            _ = term.recv() => {
+                tracing::info!(signal = ?StopSignal::Term, grace_secs = grace.as_secs_f64(), "stopping: draining connections");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!(signal = ?StopSignal::Interrupt, grace_secs = grace.as_secs_f64(), "stopping: draining connections");
                 break;
             }
             () = shutdown.triggered() => {
@@ -322,7 +347,7 @@ where
             "grace period over; closing remaining connections"
         );
     }
-    Ok(drained)
+    drained
 }
 
 /// Doubling back-off for accept errors (EMFILE and friends), capped at one second.

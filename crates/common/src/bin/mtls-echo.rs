@@ -90,17 +90,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })?;
             let server = Arc::new(server);
             let listener = TcpListener::bind(&listen).await.context("binding")?;
+            let signals = common::daemon::Signals::install()?;
             println!("listening on {}", listener.local_addr()?);
             let shutdown = Shutdown::new();
             tokio::spawn(serve(listener, server.clone(), shutdown.clone()));
             let reloading = server.clone();
             let drained = common::daemon::supervise(
+                signals,
                 &shutdown,
                 std::time::Duration::from_secs(5),
                 "serving",
                 move || Ok(reloading.reload()?),
             )
-            .await?;
+            .await;
             anyhow::ensure!(drained, "connections still open after the grace period");
             Ok(())
         }

@@ -192,9 +192,14 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
-    // Own SIGTERM/SIGINT/SIGHUP before announcing the address, so that a script which signals
-    // as soon as it reads it never hits the default action (death without a drain).
-    let early_signals = early_signal_handlers();
+    // Signals are ours before the address is announced.
+    let signals = match daemon::Signals::install() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("remo-serv: signals: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(address = %local, https, "listening");
     if print_address {
@@ -207,30 +212,16 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
         tokio::spawn(async move { server.serve(listener, shutdown).await })
     };
     let reloader = server.clone();
-    let drained =
-        daemon::supervise(&shutdown, grace, "serving", move || reloader.reload_tls()).await;
-    drop(early_signals);
+    let drained = daemon::supervise(signals, &shutdown, grace, "serving", move || {
+        reloader.reload_tls()
+    })
+    .await;
     let _ = serving.await;
-    match drained {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(exit::SOFTWARE),
-        Err(err) => {
-            eprintln!("remo-serv: signals: {err}");
-            ExitCode::from(exit::SOFTWARE)
-        }
+    if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::SOFTWARE)
     }
-}
-
-fn early_signal_handlers() -> Vec<tokio::signal::unix::Signal> {
-    use tokio::signal::unix::{SignalKind, signal};
-    [
-        SignalKind::terminate(),
-        SignalKind::interrupt(),
-        SignalKind::hangup(),
-    ]
-    .into_iter()
-    .filter_map(|kind| signal(kind).ok())
-    .collect()
 }
 
 fn load_server_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {

@@ -178,6 +178,8 @@ async fn run(
         .await
         .with_context(|| format!("binding {}", deploy.listen))?;
     let local = listener.local_addr()?;
+    // Signals are ours before anything is announced (the address line, READY=1).
+    let signals = daemon::Signals::install().context("installing signal handlers")?;
     let status_listener = match deploy.status_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -224,13 +226,19 @@ async fn run(
     let serving = server.clone();
     let accept = tokio::spawn(async move { serving.serve(listener).await });
     let reloading = server.clone();
-    let drained = daemon::supervise(&shutdown, deploy.drain_grace, "relaying", move || {
-        reloading.reload()?;
-        let identity = reloading.tls().server_identity()?;
-        tracing::info!(server = %identity, "certificates reloaded");
-        Ok(())
-    })
-    .await?;
+    let drained = daemon::supervise(
+        signals,
+        &shutdown,
+        deploy.drain_grace,
+        "relaying",
+        move || {
+            reloading.reload()?;
+            let identity = reloading.tls().server_identity()?;
+            tracing::info!(server = %identity, "certificates reloaded");
+            Ok(())
+        },
+    )
+    .await;
     let _ = accept.await;
     Ok(if drained {
         ExitCode::SUCCESS
