@@ -16,6 +16,24 @@ use crate::proto::{Cipher, TokenHeader};
 /// Longest token line accepted in a chunked body (a 16 MiB piece, base64-encoded, plus slack).
 pub const MAX_TOKEN_LINE: usize = 24 << 20;
 
+/// A body of bytes, of either side's streaming or full kind.
+pub type BoxedBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A complete body (sent with a Content-Length).
+pub fn full(bytes: impl Into<Bytes>) -> BoxedBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Seconds since the Unix epoch: the clock Fernet token times are checked against.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// What went wrong reading a body.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

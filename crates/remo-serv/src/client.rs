@@ -8,10 +8,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header;
@@ -19,12 +19,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
-use crate::body::{BodyError, BodyReader};
+use crate::body::{BodyError, BodyReader, full, unix_now};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::proto::{self, AuthRequest, Cipher, Magic, TokenHeader};
 use crate::server::{EXIT_STATUS_HEADER, SIZE_HEADER};
 
-type ReqBody = BoxBody<Bytes, std::io::Error>;
+type ReqBody = crate::body::BoxedBody;
 
 /// Longest response line accepted.
 const MAX_LINE: usize = 64 << 20;
@@ -124,19 +124,6 @@ impl std::fmt::Debug for Client {
             .field("req_no", &self.req_no)
             .finish_non_exhaustive()
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn full(bytes: impl Into<Bytes>) -> ReqBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 /// Fetches `/info` without logging in (plain text).
@@ -746,16 +733,12 @@ impl Client {
         let piece = UPLOAD_PIECE.max(usize::try_from(size.div_ceil(32_000)).unwrap_or(usize::MAX));
         let (tx, rx) = mpsc::channel::<std::io::Result<Frame<Bytes>>>(8);
         let producer = tokio::task::spawn_blocking(move || {
-            const BATCH: usize = 256 * 1024;
             // An empty file is one `BE` token with no payload.
             let count = size.div_ceil(piece as u64).max(1);
-            let mut batch = bytes::BytesMut::with_capacity(BATCH + 2 * piece);
-            let mut emitted = 0u64;
             let mut sent = 0u64;
-            crate::pipeline::encrypt_pieces(
+            let mut tail = crate::pipeline::encrypt_batched(
                 &file,
                 crate::pipeline::Layout { size, piece, count },
-                crate::pipeline::workers_for(count),
                 &cipher,
                 |t, data| {
                     let magic = Magic {
@@ -770,26 +753,21 @@ impl Client {
                         data,
                     )
                 },
-                |line| {
-                    emitted += 1;
-                    let last = emitted == count;
-                    batch.extend_from_slice(line.as_bytes());
-                    if !last {
-                        batch.extend_from_slice(b"\r\n");
+                |batch, tokens| {
+                    if tx.blocking_send(Ok(Frame::data(batch))).is_err() {
+                        return false;
                     }
-                    sent = (emitted * piece as u64).min(size);
-                    if last || batch.len() >= BATCH {
-                        if tx
-                            .blocking_send(Ok(Frame::data(batch.split().freeze())))
-                            .is_err()
-                        {
-                            return false;
-                        }
-                        progress(sent);
-                    }
+                    sent = (tokens * piece as u64).min(size);
+                    progress(sent);
                     true
                 },
             )?;
+            // The original client puts no line break after the last token.
+            tail.truncate(tail.len().saturating_sub(2));
+            if tx.blocking_send(Ok(Frame::data(tail.freeze()))).is_ok() {
+                sent = size;
+                progress(sent);
+            }
             Ok::<_, std::io::Error>(sent)
         });
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {

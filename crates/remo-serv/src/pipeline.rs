@@ -105,6 +105,45 @@ where
     })
 }
 
+/// Bytes of token lines handed on at once by [`encrypt_batched`].
+pub const BATCH: usize = 256 * 1024;
+
+/// Encrypts the tokens of `layout` like [`encrypt_pieces`] and hands them on as lines (token,
+/// CRLF) in batches of about [`BATCH`] bytes: `send(batch, tokens_so_far)` returns `false` to
+/// stop. A batch is only sent while more tokens follow; the tail, with the last line, is
+/// returned for the caller to finish (an end token of its own, or the last CRLF dropped).
+///
+/// # Errors
+/// As [`encrypt_pieces`].
+pub fn encrypt_batched<P, S>(
+    file: &File,
+    layout: Layout,
+    cipher: &Cipher,
+    plain: P,
+    mut send: S,
+) -> io::Result<bytes::BytesMut>
+where
+    P: Fn(u64, &[u8]) -> Vec<u8> + Sync,
+    S: FnMut(bytes::Bytes, u64) -> bool,
+{
+    let mut batch = bytes::BytesMut::with_capacity(BATCH + 2 * layout.piece);
+    let mut done = 0u64;
+    encrypt_pieces(
+        file,
+        layout,
+        workers_for(layout.count),
+        cipher,
+        plain,
+        |line| {
+            batch.extend_from_slice(line.as_bytes());
+            batch.extend_from_slice(b"\r\n");
+            done += 1;
+            done == layout.count || batch.len() < BATCH || send(batch.split().freeze(), done)
+        },
+    )?;
+    Ok(batch)
+}
+
 /// Worker threads worth using for `count` tokens on this machine.
 pub fn workers_for(count: u64) -> usize {
     if count < 8 {
@@ -174,5 +213,47 @@ mod tests {
             |_| true,
         );
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn batches_hold_whole_lines_and_the_tail_holds_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = vec![5u8; 600_000];
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let cipher = Cipher::new(&[4u8; 32]);
+        let layout = Layout {
+            size: 600_000,
+            piece: 16_384,
+            count: 37,
+        };
+        let mut sent = Vec::new();
+        let mut counts = Vec::new();
+        let tail = encrypt_batched(
+            &file,
+            layout,
+            &cipher,
+            |_, p| p.to_vec(),
+            |batch, done| {
+                assert!(batch.len() >= BATCH && batch.ends_with(b"\r\n"));
+                sent.extend_from_slice(&batch);
+                counts.push(done);
+                true
+            },
+        )
+        .unwrap();
+        assert!(!counts.is_empty() && counts.iter().all(|&done| done < 37));
+        sent.extend_from_slice(&tail);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut joined = Vec::new();
+        for line in sent.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let text = std::str::from_utf8(line).unwrap().trim_end();
+            joined.extend_from_slice(&cipher.decrypt_path(text, now).unwrap());
+        }
+        assert_eq!(joined, data);
     }
 }

@@ -9,12 +9,12 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::ServerTls;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument as _;
 
-use crate::body::{BodyError, BodyReader, MAX_TOKEN_LINE, RequestBody};
+use crate::body::{BodyError, BodyReader, MAX_TOKEN_LINE, RequestBody, full, unix_now};
 use crate::config::Config;
 use crate::exec::{self, CmdLimits, ExecError, Interactive};
 use crate::files::{FileError, Roots};
@@ -33,7 +33,7 @@ use crate::session::{self, Login, Sessions, WINDOW_CHUNKED, WINDOW_SINGLE};
 use crate::users::Users;
 
 /// Response body type: encrypted answers stream, plain ones are full.
-pub type Body = BoxBody<Bytes, std::io::Error>;
+pub type Body = crate::body::BoxedBody;
 
 /// Header carrying a command's exit status.
 pub const EXIT_STATUS_HEADER: &str = "x-remo-exit-status";
@@ -41,21 +41,12 @@ pub const EXIT_STATUS_HEADER: &str = "x-remo-exit-status";
 pub const SIZE_HEADER: &str = "x-remo-size";
 /// Most bytes of an `/auth` body.
 const MAX_AUTH_BODY: usize = 16 * 1024;
-/// Bytes of token lines sent to the connection at once by streaming answers.
-const BATCH: usize = 256 * 1024;
 /// Most tokens in one answer (int16 token numbers).
 const MAX_TOKENS: u64 = i16::MAX as u64;
 
 /// The `/info` text.
 pub fn info_text() -> String {
     format!("remo_serv {} here", env!("CARGO_PKG_VERSION"))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A running server's shared state.
@@ -299,12 +290,6 @@ where
             let _ = conn.await;
         }
     }
-}
-
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 fn cookie_value(id: &str) -> HeaderValue {
@@ -741,11 +726,9 @@ async fn get(
     // in order, in batches of about BATCH bytes, and the channel bounds what is buffered.
     tokio::task::spawn_blocking(move || {
         let count = size.div_ceil(piece as u64);
-        let mut batch = bytes::BytesMut::with_capacity(BATCH + 2 * piece);
-        let result = crate::pipeline::encrypt_pieces(
+        let result = crate::pipeline::encrypt_batched(
             &file,
             crate::pipeline::Layout { size, piece, count },
-            crate::pipeline::workers_for(count),
             &cipher,
             |t, data| {
                 let magic = Magic {
@@ -754,18 +737,17 @@ async fn get(
                 };
                 proto::response_plain(magic, req_no, t as u16 as i16, data)
             },
-            |line| {
-                batch.extend_from_slice(line.as_bytes());
-                batch.extend_from_slice(b"\r\n");
-                batch.len() < BATCH || tx.blocking_send(Ok(batch.split().freeze())).is_ok()
-            },
+            |batch, _| tx.blocking_send(Ok(batch)).is_ok(),
         );
-        if let Err(err) = result {
-            // The client sees a truncated answer, never a short file taken for complete.
-            tracing::warn!(%err, "get aborted");
-            let _ = tx.blocking_send(Err(err));
-            return;
-        }
+        let mut batch = match result {
+            Ok(tail) => tail,
+            Err(err) => {
+                // The client sees a truncated answer, never a short file taken for complete.
+                tracing::warn!(%err, "get aborted");
+                let _ = tx.blocking_send(Err(err));
+                return;
+            }
+        };
         // An explicit end: the last token is an empty `.E` (or a lone `BE` for an empty file).
         let magic = Magic {
             first: count == 0,
@@ -865,6 +847,23 @@ fn exec_error(out: &Responder, user: &str, line: &str, err: &ExecError) -> Outco
     Outcome::done(out.single(status, format!("{err}\n").as_bytes()))
 }
 
+/// The input and the argv of `/cmd` and `/icm`, or the answer refusing them.
+async fn command_input(
+    id: &str,
+    user: &str,
+    line: &str,
+    body: RequestBody,
+    out: &Responder,
+    max_body: usize,
+) -> Result<(Vec<u8>, Vec<String>), Outcome> {
+    let input = body
+        .collect(max_body, unix_now)
+        .await
+        .map_err(|err| body_error(id, &err))?;
+    let argv = exec::split(line).map_err(|err| exec_error(out, user, line, &err))?;
+    Ok((input, argv))
+}
+
 async fn cmd(
     state: &State,
     id: &str,
@@ -874,13 +873,9 @@ async fn cmd(
     out: &Responder,
     max_body: usize,
 ) -> Outcome {
-    let stdin = match body.collect(max_body, unix_now).await {
-        Ok(stdin) => stdin,
-        Err(err) => return body_error(id, &err),
-    };
-    let argv = match exec::split(line) {
-        Ok(argv) => argv,
-        Err(err) => return exec_error(out, user, line, &err),
+    let (stdin, argv) = match command_input(id, user, line, body, out, max_body).await {
+        Ok(input) => input,
+        Err(outcome) => return outcome,
     };
     let limits = CmdLimits {
         timeout: state.config.command_timeout,
@@ -917,13 +912,9 @@ async fn icm(
     out: &Responder,
     max_body: usize,
 ) -> Outcome {
-    let input = match body.collect(max_body, unix_now).await {
+    let (input, argv) = match command_input(id, user, line, body, out, max_body).await {
         Ok(input) => input,
-        Err(err) => return body_error(id, &err),
-    };
-    let argv = match exec::split(line) {
-        Ok(argv) => argv,
-        Err(err) => return exec_error(out, user, line, &err),
+        Err(outcome) => return outcome,
     };
     // A new interactive command replaces (and terminates) the previous one.
     drop(state.sessions.take_interactive(id));
