@@ -297,25 +297,32 @@ fn cookie_value(id: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("SESSION_ID=invalid; Path=/"))
 }
 
-/// A plain answer (Content-Length set: the original client reads it raw).
-fn plain(status: StatusCode, id: &str, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(full(text));
+/// An answer with the headers every answer carries: the session cookie and the content type.
+fn answer(status: StatusCode, body: Body, cookie: HeaderValue) -> Response<Body> {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    headers.insert(header::SET_COOKIE, cookie_value(id));
+    headers.insert(header::SET_COOKIE, cookie);
     response
+}
+
+/// A body of one piece sent without Content-Length (chunked): what the original client takes
+/// for encrypted, and what the original server sends for `/info` and logout.
+fn without_length(bytes: impl Into<Bytes>) -> Body {
+    let bytes = bytes.into();
+    let stream = futures_util::stream::once(async move { Ok(Frame::data(bytes)) });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// A plain answer (Content-Length set: the original client reads it raw).
+fn plain(status: StatusCode, id: &str, text: &'static str) -> Response<Body> {
+    answer(status, full(text), cookie_value(id))
 }
 
 /// A plain answer without Content-Length (what the original sends for `/info` and logout).
 fn plain_streamed(status: StatusCode, id: &str, text: String) -> Response<Body> {
-    let stream = futures_util::stream::once(async move { Ok(Frame::data(Bytes::from(text))) });
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    headers.insert(header::SET_COOKIE, cookie_value(id));
-    response
+    answer(status, without_length(text), cookie_value(id))
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -391,17 +398,20 @@ async fn auth(
     // The signature check and the key agreement are independent: run them side by side on
     // the blocking pool (each is around a millisecond with ed448-goldilocks), with a server
     // ephemeral key that was made and signed ahead of time.
-    let message = AuthRequest::signed_message(&request.user, &request.key);
-    let signature = request.sign.clone();
+    let AuthRequest {
+        user,
+        key: peer_key,
+        sign: signature,
+    } = request;
+    let message = AuthRequest::signed_message(&user, &peer_key);
     let verify = tokio::task::spawn_blocking(move || public.verify(&message, &signature));
     let ephemeral = state.ephemerals.take(&state.server_key);
-    let peer_key = request.key.clone();
     let secret = ephemeral.secret;
     let agree = tokio::task::spawn_blocking(move || proto::x448_shared(&secret, &peer_key));
     let (verified, shared) = (verify.await, agree.await);
     state.ephemerals.refill(&state.server_key);
     if !matches!(verified, Ok(true)) {
-        tracing::warn!(%peer, user = %request.user, "login refused: bad signature");
+        tracing::warn!(%peer, %user, "login refused: bad signature");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     let Ok(Ok(shared)) = shared else {
@@ -409,24 +419,18 @@ async fn auth(
         return plain(StatusCode::BAD_REQUEST, id, "");
     };
     let cipher = Cipher::new(&proto::session_key(&shared));
-    let server_public = ephemeral.public;
-    let signature = ephemeral.signature;
     // A re-login keeps the session id; a new login gets the id handed to this request.
     if state
         .sessions
-        .login(id, cipher, &request.user, Instant::now())
+        .login(id, cipher, &user, Instant::now())
         .is_err()
     {
-        tracing::warn!(user = %request.user, "login refused: session table full");
+        tracing::warn!(%user, "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
     }
-    tracing::info!(%peer, user = %request.user, "logged in");
-    let text = proto::auth_response(&server_public, &signature);
-    let mut response = Response::new(full(text));
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    headers.insert(header::SET_COOKIE, cookie_value(id));
-    response
+    tracing::info!(%peer, %user, "logged in");
+    let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
+    answer(StatusCode::OK, full(text), cookie_value(id))
 }
 
 /// Appends one encrypted token and its CRLF to `batch`.
@@ -450,12 +454,10 @@ impl Responder {
     }
 
     fn respond(&self, status: StatusCode, body: Body) -> Response<Body> {
-        let mut response = Response::new(body);
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert(header::SET_COOKIE, self.cookie.clone());
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let mut response = answer(status, body, self.cookie.clone());
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }
 
@@ -469,8 +471,7 @@ impl Responder {
             &self.cipher,
             &proto::response_plain(magic, self.req_no, 0, payload),
         );
-        let stream = futures_util::stream::once(async move { Ok(Frame::data(line)) });
-        self.respond(status, BodyExt::boxed(StreamBody::new(stream)))
+        self.respond(status, without_length(line))
     }
 
     /// A streamed answer from lines produced elsewhere.
