@@ -6,7 +6,7 @@
 //! whole body verified: a failed upload never touches an existing file.
 
 use std::fs::File;
-use std::io::{self, Read, Write as _};
+use std::io::{self, Write as _};
 use std::path::{Component, Path, PathBuf};
 
 /// Why a file request was refused; each maps to an HTTP status.
@@ -187,11 +187,6 @@ impl Upload {
         Ok(())
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
     /// Flushes (and, when configured, syncs) the data and renames it over the target.
     ///
     /// # Errors
@@ -215,35 +210,6 @@ impl Upload {
         }
         Ok(self.written)
     }
-}
-
-/// Reads the next piece of `file` (`piece` bytes; shorter only at the end of the file) into
-/// `buf`, which is cleared first and reused between calls.
-///
-/// # Errors
-/// I/O errors.
-pub fn read_piece_into(file: &mut File, piece: usize, buf: &mut Vec<u8>) -> io::Result<()> {
-    buf.clear();
-    buf.reserve(piece);
-    let limit = u64::try_from(piece).unwrap_or(u64::MAX);
-    let mut taken = Read::by_ref(file).take(limit);
-    loop {
-        match taken.read_to_end(buf) {
-            Ok(_) => return Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-}
-
-/// Reads `file` piece by piece (`piece` bytes; the last may be shorter).
-///
-/// # Errors
-/// I/O errors.
-pub fn read_piece(file: &mut File, piece: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    read_piece_into(file, piece, &mut buf)?;
-    Ok(buf)
 }
 
 #[cfg(test)]
@@ -312,17 +278,5 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o644);
-    }
-
-    #[test]
-    fn pieces() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p");
-        std::fs::write(&path, vec![7u8; 10]).unwrap();
-        let mut file = File::open(&path).unwrap();
-        assert_eq!(read_piece(&mut file, 4).unwrap().len(), 4);
-        assert_eq!(read_piece(&mut file, 4).unwrap().len(), 4);
-        assert_eq!(read_piece(&mut file, 4).unwrap().len(), 2);
-        assert!(read_piece(&mut file, 4).unwrap().is_empty());
     }
 }
