@@ -100,17 +100,13 @@ pub struct ExecOutput {
     pub timed_out: bool,
 }
 
-enum Conn {
-    Plain(SendRequest<ReqBody>),
-}
-
 /// A logged-in session.
 pub struct Client {
     config: ClientConfig,
     key: Arc<PrivateKey>,
     server_key: Option<PublicKey>,
     tls: Option<Arc<rustls::ClientConfig>>,
-    conn: Option<Conn>,
+    conn: Option<SendRequest<ReqBody>>,
     cookie: Option<String>,
     cipher: Option<Arc<Cipher>>,
     req_no: i16,
@@ -265,16 +261,21 @@ impl Client {
         Ok(())
     }
 
+    /// The kept-alive connection, replaced by a new one when the server has closed it.
     async fn connection(&mut self) -> Result<&mut SendRequest<ReqBody>, ClientError> {
-        if let Some(Conn::Plain(sender)) = &mut self.conn {
-            if sender.ready().await.is_ok() {
-                let Some(Conn::Plain(sender)) = &mut self.conn else {
-                    unreachable!("checked above")
-                };
-                return Ok(sender);
-            }
+        let reusable = match &mut self.conn {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            self.conn = Some(self.open().await?);
         }
-        self.conn = None;
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ClientError::Io("no connection".into()))
+    }
+
+    async fn open(&self) -> Result<SendRequest<ReqBody>, ClientError> {
         let url = &self.config.url;
         let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
@@ -298,10 +299,6 @@ impl Client {
                     .map_err(|e| err(e.to_string()))?;
                 handshake(stream).await.map_err(err)?
             }
-        };
-        self.conn = Some(Conn::Plain(sender));
-        let Some(Conn::Plain(sender)) = &mut self.conn else {
-            unreachable!("just set")
         };
         Ok(sender)
     }
