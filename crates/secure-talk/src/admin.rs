@@ -1,0 +1,615 @@
+//! The admin channel's methods.
+//!
+//! | method | request | reply (`headers.code` is the one place for a status) |
+//! |---|---|---|
+//! | `text` | any payload | the message itself, unchanged |
+//! | `create` | create JSON (text payload or binary upload) | per pipe: `text` 200 `pipe_create <id>`, `pipe_id`, `pipe_info` |
+//! | `property` | `headers.pipe_id`, JSON | `text` 200 `pipe_property <id>`; forwarded as IPC type 4 |
+//! | `destroy` | `headers.pipe_id` | `text` 200 `pipe_destroy <id>`; `pipe_delete` when it has exited |
+//! | `send` | `headers.pipe_id`, text | `text` 200 `pipe_send <id>`; forwarded as IPC type 0 |
+//! | `model` | binary upload, `headers.path` | `text` 200; `checkSum` broadcast to every admin connection |
+//! | `list` | - | `list` with `{clients, pipes}`: the caller's, or everything for an admin identity |
+//! | `disconnect` | `headers.client_id` (admin identity only) | `text` 200; the client's sockets close with 4003 |
+//!
+//! Errors are `text` replies with code 400 (bad request), 403 (not an admin), 404 (no such
+//! pipe or client, or not the caller's), 409 (model file being written), 413 (too large),
+//! 422 (checksum mismatch), 500 (the pipe program cannot start) or 503 (a limit).
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::envelope::ipc::{Frame, Kind};
+use common::envelope::talk::{BinaryMessage, Headers, Limits, Message, md5_hex, method};
+use serde_json::{Map, Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::{ClientId, Out, PipeError, PipeId, PipeSpec};
+use crate::server::Shared;
+
+/// Name of the model information file in the upload directory.
+pub const MODEL_INFO: &str = "model_info.json";
+/// Method of the `list` reply and request.
+pub const LIST: &str = "list";
+/// Method to disconnect a client.
+pub const DISCONNECT: &str = "disconnect";
+/// Method to write text to a pipe.
+pub const SEND: &str = "send";
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) client: ClientId,
+    pub(crate) is_admin: bool,
+}
+
+fn text(code: i64, text: impl Into<String>) -> WsMessage {
+    WsMessage::text(Message::text(code, text).encode())
+}
+
+fn reply(message: &Message) -> WsMessage {
+    WsMessage::text(message.encode())
+}
+
+/// Only what dispatch needs, borrowed: the payload is skipped, not built.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow)]
+    headers: PeekHeaders<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeekHeaders<'a> {
+    #[serde(borrow, default)]
+    method: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A text frame on the admin channel.
+pub(crate) async fn on_text(ctx: &Ctx, frame: Utf8Bytes) -> Vec<WsMessage> {
+    let max = ctx.shared.config.limits.max_message_bytes;
+    if frame.len() > max {
+        return vec![text(413, format!("message larger than {max} bytes"))];
+    }
+    let is_echo = match serde_json::from_str::<Peek<'_>>(frame.as_str()) {
+        Ok(peek) => peek.headers.method.as_deref() == Some(method::TEXT),
+        Err(_) => return vec![text(400, "json format error")],
+    };
+    if is_echo {
+        // The original's echo: the message as it came.
+        return vec![WsMessage::Text(frame)];
+    }
+    match Message::decode(frame.as_bytes(), max) {
+        Ok(message) => {
+            let payload = message.payload.clone().unwrap_or(Value::Null);
+            dispatch(ctx, &message.headers, Body::Json(payload)).await
+        }
+        Err(_) => vec![text(400, "json format error")],
+    }
+}
+
+/// A binary frame on the admin channel: `headers | 0x01 | payload | 0x01 | md5`.
+pub(crate) async fn on_binary(ctx: &Ctx, frame: Bytes) -> Vec<WsMessage> {
+    let limits = &ctx.shared.config.limits;
+    let limits = Limits {
+        max_header: limits.max_message_bytes,
+        max_payload: limits.max_upload_bytes,
+    };
+    let message = match BinaryMessage::decode(&frame, limits) {
+        Ok(message) => message,
+        Err(err @ common::envelope::talk::TalkError::TooLarge { .. }) => {
+            return vec![text(413, err.to_string())];
+        }
+        Err(err) => return vec![text(400, format!("bad binary message: {err}"))],
+    };
+    if let Err(err) = message.verify() {
+        return vec![text(422, err.to_string())];
+    }
+    if message.headers.method.as_deref() == Some(method::TEXT) {
+        // Echo, as clean JSON: text payloads stay text, other bytes go as base64.
+        let mut headers = message.headers.clone();
+        let payload = match std::str::from_utf8(&message.payload) {
+            Ok(s) => Value::String(s.to_owned()),
+            Err(_) => {
+                headers
+                    .extra
+                    .insert("encoding".into(), Value::from("base64"));
+                Value::String(base64::engine::general_purpose::STANDARD.encode(&message.payload))
+            }
+        };
+        let mut echo = Message::new(headers, payload);
+        echo.check_sum = Some(message.check_sum.clone());
+        echo.extra.insert("checkSumPass".into(), Value::Bool(true));
+        return vec![reply(&echo)];
+    }
+    let headers = message.headers.clone();
+    dispatch(ctx, &headers, Body::Bytes(message.payload)).await
+}
+
+/// A request's payload: parsed JSON (text frames) or raw bytes (binary frames).
+enum Body {
+    Json(Value),
+    Bytes(Bytes),
+}
+
+impl Body {
+    /// The payload as JSON: an object as is, a string or bytes parsed as JSON text.
+    fn json(&self) -> Option<Value> {
+        match self {
+            Self::Json(Value::String(s)) => serde_json::from_str(s).ok(),
+            Self::Json(value) => Some(value.clone()),
+            Self::Bytes(bytes) => serde_json::from_slice(bytes).ok(),
+        }
+    }
+
+    /// The payload as text for a pipe: strings as they are, other JSON serialised.
+    fn text(&self) -> Vec<u8> {
+        match self {
+            Self::Json(Value::String(s)) => s.clone().into_bytes(),
+            Self::Json(Value::Null) => Vec::new(),
+            Self::Json(value) => value.to_string().into_bytes(),
+            Self::Bytes(bytes) => bytes.to_vec(),
+        }
+    }
+}
+
+async fn dispatch(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
+    let method = headers.method.as_deref().unwrap_or_default();
+    match method {
+        method::TEXT => vec![reply(&Message::new(
+            headers.clone(),
+            match body {
+                Body::Json(value) => value,
+                Body::Bytes(bytes) => Value::String(String::from_utf8_lossy(&bytes).into()),
+            },
+        ))],
+        method::CREATE => create(ctx, &body),
+        method::PROPERTY => with_pipe(ctx, headers, |pipe| property(ctx, pipe, &body)),
+        method::DESTROY => with_pipe(ctx, headers, |pipe| {
+            match destroy(&ctx.shared, Some(ctx.client), pipe) {
+                Ok(()) => vec![text(200, format!("pipe_destroy {pipe}"))],
+                Err(err) => vec![pipe_error(ctx, &err)],
+            }
+        }),
+        SEND => with_pipe(ctx, headers, |pipe| {
+            match ctx.shared.hub.send_to_pipe(
+                Some(ctx.client),
+                pipe,
+                Frame::new(Kind::Text, body.text()),
+            ) {
+                Ok(()) => vec![text(200, format!("pipe_send {pipe}"))],
+                Err(err) => vec![pipe_error(ctx, &err)],
+            }
+        }),
+        method::MODEL => model(ctx, headers, body).await,
+        LIST => list(ctx),
+        DISCONNECT => disconnect(ctx, headers, &body),
+        "" => vec![text(400, "headers.method is missing")],
+        other => vec![text(400, format!("unknown method {other:?}"))],
+    }
+}
+
+fn with_pipe(
+    ctx: &Ctx,
+    headers: &Headers,
+    then: impl FnOnce(PipeId) -> Vec<WsMessage>,
+) -> Vec<WsMessage> {
+    match headers.pipe_id {
+        Some(pipe) => then(pipe),
+        None if ctx.shared.hub.pipes_of(ctx.client).is_empty() => {
+            vec![text(404, format!("client {} has no pipes yet", ctx.client))]
+        }
+        None => vec![text(400, "headers.pipe_id is required")],
+    }
+}
+
+fn pipe_error(ctx: &Ctx, err: &PipeError) -> WsMessage {
+    match err {
+        PipeError::NotFound(_) if ctx.shared.hub.pipes_of(ctx.client).is_empty() => {
+            text(404, format!("client {} has no pipes yet", ctx.client))
+        }
+        PipeError::NotFound(_) => text(404, err.to_string()),
+        PipeError::ClientLimit { .. } | PipeError::ServerLimit(_) => text(503, err.to_string()),
+        PipeError::QueueFull(_) | PipeError::Unavailable(_) => text(503, err.to_string()),
+    }
+}
+
+/// Reads the create JSON: `pipe_num` (default 1), `config`/`Config`, `launch`/`Launch`.
+fn create_spec(create: Value) -> Result<(PipeSpec, usize), String> {
+    let Value::Object(object) = &create else {
+        return Err("the create payload must be a JSON object".into());
+    };
+    let count = match object.get("pipe_num") {
+        None | Some(Value::Null) => 1,
+        Some(n) => n
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| *n >= 1)
+            .ok_or("pipe_num must be a positive integer")?,
+    };
+    let config = match object.get("config").or_else(|| object.get("Config")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    let launch = match object.get("launch").or_else(|| object.get("Launch")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err("launch must be a string".into()),
+    };
+    Ok((
+        PipeSpec {
+            create,
+            config,
+            launch,
+        },
+        count,
+    ))
+}
+
+fn create(ctx: &Ctx, body: &Body) -> Vec<WsMessage> {
+    let shared = &ctx.shared;
+    let Some(create) = body.json() else {
+        return vec![text(400, "json format error")];
+    };
+    let (spec, count) = match create_spec(create) {
+        Ok(found) => found,
+        Err(err) => return vec![text(400, err)],
+    };
+    let limits = &shared.config.limits;
+    let created = match shared.hub.create_pipes(
+        ctx.client,
+        &spec,
+        count,
+        limits.max_pipes_per_client,
+        limits.max_pipes,
+    ) {
+        Ok(created) => created,
+        Err(err) => return vec![pipe_error(ctx, &err)],
+    };
+    let mut replies = Vec::new();
+    for (pipe, stop) in created {
+        match crate::pipes::spawn(shared, pipe, stop) {
+            Ok(pid) => {
+                shared.hub.set_pid(pipe, pid);
+                tracing::info!(pipe_id = pipe, pid, owner = ctx.client, "pipe created");
+                replies.push(text(200, format!("pipe_create {pipe}")));
+                replies.push(reply(&Message::pipe_ids(&shared.hub.pipes_of(ctx.client))));
+                replies.push(reply(&Message::pipe_info(pipe, spec.create.clone())));
+            }
+            Err(err) => {
+                shared.hub.pipe_exited(pipe);
+                tracing::error!(%err, program = shared.config.pipe_program, "cannot start the pipe program");
+                replies.push(text(500, format!("cannot start the pipe program: {err}")));
+            }
+        }
+    }
+    replies
+}
+
+fn property(ctx: &Ctx, pipe: PipeId, body: &Body) -> Vec<WsMessage> {
+    let Some(json) = body.json() else {
+        return vec![text(400, "json format error")];
+    };
+    let payload = json.to_string().into_bytes();
+    match ctx
+        .shared
+        .hub
+        .send_to_pipe(Some(ctx.client), pipe, Frame::new(Kind::Property, payload))
+    {
+        Ok(()) => {
+            ctx.shared.hub.set_property(ctx.client, pipe, json);
+            vec![text(200, format!("pipe_property {pipe}"))]
+        }
+        Err(err) => vec![pipe_error(ctx, &err)],
+    }
+}
+
+/// Stops a pipe owned by `client` (`None`: any pipe): asks it over IPC when it has checked in,
+/// and lets its supervisor escalate to SIGTERM and SIGKILL.
+///
+/// # Errors
+/// No such pipe, or not `client`'s.
+pub(crate) fn destroy(
+    shared: &Shared,
+    client: Option<ClientId>,
+    pipe: PipeId,
+) -> Result<(), PipeError> {
+    let (stop, checked_in) = shared.hub.begin_destroy(client, pipe)?;
+    if checked_in {
+        let _ = shared
+            .hub
+            .send_to_pipe(None, pipe, Frame::new(Kind::Destroy, "destroy"));
+    }
+    stop.cancel();
+    Ok(())
+}
+
+fn list(ctx: &Ctx) -> Vec<WsMessage> {
+    let scope = (!ctx.is_admin).then_some(ctx.client);
+    let (clients, pipes) = ctx.shared.hub.list(scope);
+    let mut headers = Headers::method(LIST);
+    headers.code = Some(200);
+    let mut message = Message::new(
+        headers,
+        json!({"clients": clients, "pipes": pipes, "admin": ctx.is_admin, "client_id": ctx.client}),
+    );
+    message.extra = Map::new();
+    vec![reply(&message)]
+}
+
+fn disconnect(ctx: &Ctx, headers: &Headers, body: &Body) -> Vec<WsMessage> {
+    if !ctx.is_admin {
+        return vec![text(403, "disconnect needs an admin identity")];
+    }
+    let target = headers
+        .extra
+        .get("client_id")
+        .and_then(Value::as_u64)
+        .or_else(|| match body {
+            Body::Json(value) => value.as_u64(),
+            Body::Bytes(_) => None,
+        });
+    let Some(target) = target else {
+        return vec![text(400, "headers.client_id is required")];
+    };
+    let conns = ctx.shared.hub.conns_of(target);
+    if conns.is_empty() {
+        return vec![text(404, format!("client {target} is not connected"))];
+    }
+    for conn in conns {
+        let _ = conn.tx.try_send(Out::Close(
+            crate::channel::CLOSE_DISCONNECTED,
+            "disconnected by an administrator".into(),
+        ));
+    }
+    tracing::info!(
+        by = ctx.client,
+        client_id = target,
+        "client disconnected by an administrator"
+    );
+    vec![text(200, format!("client {target} disconnected"))]
+}
+
+/// Checks an upload name: relative, no `..`, `.`, empty or hidden components, at most 8 deep.
+pub fn sanitize_upload_path(name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.len() > 1024 || name.contains(['\0', '\\']) {
+        return None;
+    }
+    let path = Path::new(name);
+    let mut clean = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => {
+                let part = part.to_str()?;
+                if part.starts_with('.') || part.len() > 255 {
+                    return None;
+                }
+                clean.push(part);
+            }
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    let depth = clean.components().count();
+    (depth > 0 && depth <= 8 && clean != Path::new(MODEL_INFO)).then_some(clean)
+}
+
+/// Releases an upload path when the write ends, however it ends.
+struct UploadLock<'a> {
+    shared: &'a Shared,
+    path: PathBuf,
+}
+
+impl Drop for UploadLock<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.path);
+    }
+}
+
+async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
+    let shared = &ctx.shared;
+    let Some(name) = headers.path.as_deref() else {
+        return vec![text(400, "headers.path is required")];
+    };
+    let Some(relative) = sanitize_upload_path(name) else {
+        tracing::warn!(path = name, client_id = ctx.client, "upload path refused");
+        return vec![text(
+            400,
+            format!(
+                "upload path {name:?} refused: relative names inside the upload directory only"
+            ),
+        )];
+    };
+    let bytes = match body {
+        Body::Bytes(bytes) => bytes,
+        Body::Json(Value::String(s)) => Bytes::from(s.into_bytes()),
+        Body::Json(_) => return vec![text(400, "a model upload needs a binary message")],
+    };
+    {
+        let mut uploads = shared.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        if !uploads.insert(relative.clone()) {
+            return vec![WsMessage::text(
+                Message::error(format!(
+                    "model file {name} is being written by another controller"
+                ))
+                .encode(),
+            )];
+        }
+    }
+    let _lock = UploadLock {
+        shared,
+        path: relative.clone(),
+    };
+    let dir = shared.config.upload_dir.clone();
+    let checksum = md5_hex(&bytes);
+    let size = bytes.len();
+    let written = {
+        let relative = relative.clone();
+        let checksum = checksum.clone();
+        let info_lock = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            write_upload(&dir, &relative, &bytes)?;
+            let _guard = info_lock
+                .model_info_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            update_model_info(&dir, &relative, &checksum)
+        })
+        .await
+    };
+    match written {
+        Ok(Ok(info)) => {
+            tracing::info!(path = %relative.display(), size, md5 = checksum, client_id = ctx.client, "model uploaded");
+            let broadcast = Message::check_sum(Value::String(info)).encode();
+            for admin in shared.hub.admin_conns() {
+                let _ = admin.tx.try_send(Out::Text(broadcast.clone()));
+            }
+            vec![text(
+                200,
+                format!(
+                    "model {} saved ({size} bytes, md5 {checksum})",
+                    relative.display()
+                ),
+            )]
+        }
+        Ok(Err(err)) => {
+            tracing::error!(%err, path = %relative.display(), "writing an upload failed");
+            vec![text(
+                500,
+                format!("cannot write {}: {err}", relative.display()),
+            )]
+        }
+        Err(err) => vec![text(500, format!("upload task failed: {err}"))],
+    }
+}
+
+/// Writes `bytes` at `dir/relative` atomically (temporary file, fsync, rename), creating
+/// directories; refuses a parent that resolves outside `dir` (a planted symlink).
+fn write_upload(dir: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let root = dir.canonicalize()?;
+    let target = root.join(relative);
+    let parent = target.parent().unwrap_or(&root);
+    std::fs::create_dir_all(parent)?;
+    let resolved = parent.canonicalize()?;
+    if !resolved.starts_with(&root) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the path leaves the upload directory",
+        ));
+    }
+    let file_name = target
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".upload-")
+        .tempfile_in(&resolved)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(resolved.join(file_name)).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Records `relative → md5` in `dir/model_info.json` (atomically) and returns its new text.
+fn update_model_info(dir: &Path, relative: &Path, checksum: &str) -> std::io::Result<String> {
+    use std::io::Write as _;
+    let path = dir.join(MODEL_INFO);
+    let mut info: Map<String, Value> = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Map::new(),
+        Err(err) => return Err(err),
+    };
+    info.insert(
+        relative.to_string_lossy().into_owned(),
+        Value::String(checksum.to_owned()),
+    );
+    let text = serde_json::to_string_pretty(&Value::Object(info)).unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".model_info-")
+        .tempfile_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(&path).map_err(|e| e.error)?;
+    Ok(text)
+}
+
+/// The connect-time push: `model_info.json` as one binary `checkSum` message, when it exists.
+/// The path header names the file, not where it lives on the server.
+pub(crate) async fn model_info_push(shared: &Shared) -> Option<Vec<u8>> {
+    let path = shared.config.upload_dir.join(MODEL_INFO);
+    let bytes = tokio::fs::read(&path).await.ok()?;
+    if bytes.len() > shared.config.limits.max_upload_bytes {
+        return None;
+    }
+    let headers = Headers::method(method::CHECK_SUM).with_path(MODEL_INFO);
+    Some(BinaryMessage::new(headers, bytes).encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_names() {
+        for good in ["a.bin", "m1/weights.bin", "./a/b", "a/b/c/d/e/f/g/h"] {
+            assert!(sanitize_upload_path(good).is_some(), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./../x",
+            ".hidden",
+            "a/.git/config",
+            "a\\b",
+            "a\0b",
+            "model_info.json",
+            "a/b/c/d/e/f/g/h/i",
+            ".",
+        ] {
+            assert!(sanitize_upload_path(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn create_json() {
+        let (spec, n) =
+            create_spec(json!({"pipe_num": 2, "Config": {"a": 1}, "Launch": "x y"})).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(spec.config.as_deref(), Some("{\"a\":1}"));
+        assert_eq!(spec.launch.as_deref(), Some("x y"));
+        let (spec, n) = create_spec(json!({"launch": "echo"})).unwrap();
+        assert_eq!((n, spec.config), (1, None));
+        assert!(create_spec(json!({"pipe_num": 0})).is_err());
+        assert!(create_spec(json!({"launch": 3})).is_err());
+        assert!(create_spec(json!([1])).is_err());
+    }
+
+    #[test]
+    fn atomic_upload_and_model_info() {
+        let dir = tempfile::tempdir().unwrap();
+        write_upload(dir.path(), Path::new("m/a.bin"), b"abc").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("m/a.bin")).unwrap(), b"abc");
+        let info = update_model_info(
+            dir.path(),
+            Path::new("m/a.bin"),
+            "900150983cd24fb0d6963f7d28e17f72",
+        )
+        .unwrap();
+        assert!(info.contains("m/a.bin"));
+        // A symlink planted inside the upload directory does not lead outside it.
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        assert!(write_upload(dir.path(), Path::new("link/x"), b"1").is_err());
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+}

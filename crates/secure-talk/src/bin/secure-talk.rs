@@ -1,0 +1,230 @@
+//! The secure-talk daemon: flags and file -> validated config -> keys and TLS -> bind -> serve
+//! -> drain.
+#![allow(clippy::print_stdout)] // --print-address, --check-config and gen-token-key report on stdout
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use common::daemon::{self, LogArgs, LogFormat, Shutdown, exit};
+use common::tls::{ClientAuth, ServerTls};
+use secure_talk::config::FileConfig;
+use secure_talk::server::{Listeners, Server};
+use secure_talk::token::Tokens;
+
+/// TLS websocket server with reconnection tokens, admin and data channels, and worker pipes.
+///
+/// Clients fetch a token with `GET /` (HTTPS on TCP, client certificate required by default,
+/// or plain HTTP on the Unix socket), then open the admin websocket `/` and the data websocket
+/// `/data` with the token in a `token` header. Admin commands create pipes: one process per
+/// pipe (`pipe_program`, default secure-talk-pipe), which checks in on the IPC socket and
+/// streams its output to the owner's data channel.
+///
+/// Every setting is a key of the TOML file (deploy/config/secure-talk.example.toml); the flags
+/// below override it.
+///
+/// Signals: SIGHUP reloads the TLS certificate, key, client CA and CRLs; SIGTERM or SIGINT
+/// closes websockets (1001), stops pipes (SIGTERM, then SIGKILL after kill_grace_secs) and
+/// removes the socket files.
+///
+/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration,
+/// 66 token key file unusable, 69 cannot bind or load TLS, 70 tasks still running after the
+/// drain grace, 73 gen-token-key cannot create the file.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Examples:\n  secure-talk -c /etc/secure-talk/secure-talk.toml\n  secure-talk --listen '' --unix-socket ./talk.sock --state-dir ./state\n  secure-talk gen-token-key /etc/secure-talk/token.key"
+)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "SECURE_TALK_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// TCP address for HTTPS/WSS (`''` disables TCP) [default: 127.0.0.1:8445].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Also serve plain HTTP/WS on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    unix_socket: Option<PathBuf>,
+    /// Directory for the IPC socket and uploads [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Program started for each pipe [default: secure-talk-pipe].
+    #[arg(long, value_name = "PROGRAM")]
+    pipe_program: Option<String>,
+    /// Log filter, e.g. `info` or `info,secure_talk=debug`.
+    #[arg(long = "log", value_name = "FILTER")]
+    log: Option<String>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    /// Print the bound addresses on stdout (`listening on ...`), for scripts using port 0.
+    #[arg(long)]
+    print_address: bool,
+    /// Validate the configuration, token key and TLS material, then exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a new random token key file (mode 0600) for `token_key_file`.
+    GenTokenKey {
+        /// The file to create; an existing file is never overwritten.
+        path: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Command::GenTokenKey { path }) = &args.command {
+        return match Tokens::write_key_file(path) {
+            Ok(()) => {
+                println!("wrote {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("secure-talk: {}: {err}", path.display());
+                ExitCode::from(exit::CANTCREAT)
+            }
+        };
+    }
+    let mut file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("secure-talk: {err}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
+    daemon::overlay(&mut file.unix_socket, args.unix_socket.clone().map(Some));
+    daemon::overlay(&mut file.state_dir, args.state_dir.clone().map(Some));
+    daemon::overlay(&mut file.pipe_program, args.pipe_program.clone().map(Some));
+    let log = LogArgs {
+        log_format: args.log_format,
+        log_filter: args.log.clone().or_else(|| file.log.clone()),
+    };
+    let config = match file.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("secure-talk: invalid configuration: {err}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    if let Err(err) = daemon::init_tracing(&log, "info") {
+        eprintln!("secure-talk: {err:#}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("secure-talk: starting the runtime: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    runtime.block_on(run(config, args.print_address, args.check_config))
+}
+
+async fn run(
+    config: secure_talk::config::Config,
+    print_address: bool,
+    check_only: bool,
+) -> ExitCode {
+    let tokens = match &config.token_key_file {
+        Some(path) => match Tokens::from_file(path, config.token_lifetime) {
+            Ok(tokens) => tokens,
+            Err(err) => {
+                eprintln!("secure-talk: {err}");
+                return ExitCode::from(exit::NOINPUT);
+            }
+        },
+        None => Tokens::random(config.token_lifetime),
+    };
+    common::tls::install_default_provider();
+    let tls = match (&config.listen, &config.tls) {
+        (Some(_), Some(section)) => {
+            let files = section.files(config.client_auth, vec![b"http/1.1".to_vec()]);
+            match ServerTls::load(files) {
+                Ok(tls) => Some(Arc::new(tls)),
+                Err(err) => {
+                    eprintln!("secure-talk: loading TLS material: {err}");
+                    return ExitCode::from(exit::UNAVAILABLE);
+                }
+            }
+        }
+        _ => None,
+    };
+    if check_only {
+        println!(
+            "configuration ok: listen {}, unix socket {}, client certificates {}",
+            config
+                .listen
+                .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            config
+                .unix_socket
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            match config.client_auth {
+                ClientAuth::Required => "required",
+                ClientAuth::Optional => "optional",
+                ClientAuth::Off => "off",
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
+    let listeners = match Listeners::bind(&config).await {
+        Ok(listeners) => listeners,
+        Err(err) => {
+            eprintln!("secure-talk: {err:#}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let signals = match daemon::Signals::install() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("secure-talk: signals: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    if let Some(tcp) = &listeners.tcp {
+        let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let identity = tls
+            .as_ref()
+            .and_then(|t| t.server_identity().ok())
+            .map(|i| i.to_string());
+        tracing::info!(%address, identity, client_auth = ?config.client_auth, "listening on tcp (https, wss)");
+        if print_address {
+            println!("listening on {address}");
+        }
+    }
+    if let Some((_, path)) = &listeners.unix {
+        tracing::info!(path = %path.display(), mode = format!("{:o}", config.unix_socket_mode), "listening on the unix socket (http, ws)");
+        if print_address {
+            println!("listening on unix:{}", path.display());
+        }
+    }
+    tracing::info!(path = %listeners.ipc.1.display(), program = config.pipe_program, "ipc socket ready");
+    let grace = config.limits.drain_grace();
+    let shutdown = Shutdown::new();
+    let server = Server::new(config, tokens, tls, shutdown.clone());
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.run(listeners).await })
+    };
+    let reloader = server.clone();
+    let drained = daemon::supervise(signals, &shutdown, grace, "serving", move || {
+        reloader.reload().map_err(anyhow::Error::from)
+    })
+    .await;
+    let _ = serving.await;
+    if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::SOFTWARE)
+    }
+}

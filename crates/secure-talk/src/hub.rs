@@ -1,0 +1,689 @@
+//! The server's bookkeeping: clients and their two channels, pipes and their owners.
+//!
+//! One mutex guards it all; every operation is a few map updates and never awaits while
+//! holding it. Messages to websockets go through bounded per-connection queues ([`Out`]);
+//! what the hub returns is what the caller should send, so the rules are testable without
+//! sockets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use common::envelope::ipc::Frame;
+use common::tls::PeerIdentity;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// A client identity (the token's `client_id`).
+pub type ClientId = u64;
+/// A pipe id, from 0, never reused within a run.
+pub type PipeId = u64;
+/// A websocket connection number, unique in the process.
+pub type ConnId = u64;
+
+/// Frames queued for a pipe before it checks in.
+pub const MAX_PENDING_FRAMES: usize = 64;
+
+/// Something to write on a websocket.
+#[derive(Debug, Clone)]
+pub enum Out {
+    /// A text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+    /// Close with this code and reason.
+    Close(u16, String),
+}
+
+/// Which websocket of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// `/`: commands and replies.
+    Admin,
+    /// `/data`: pipe output.
+    Data,
+}
+
+/// A live websocket's queue.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// Its number.
+    pub id: ConnId,
+    /// Its queue.
+    pub tx: mpsc::Sender<Out>,
+}
+
+#[derive(Debug)]
+struct Client {
+    admin: Option<Conn>,
+    data: Option<Conn>,
+    identity: Option<PeerIdentity>,
+    pipes: BTreeSet<PipeId>,
+    /// When its last connection closed; `None` while connected.
+    gone_since: Option<Instant>,
+}
+
+impl Client {
+    fn connected(&self) -> bool {
+        self.admin.is_some() || self.data.is_some()
+    }
+}
+
+/// What a pipe was created with.
+#[derive(Debug, Clone)]
+pub struct PipeSpec {
+    /// The create JSON as sent.
+    pub create: Value,
+    /// Sent as IPC type 2 after check-in.
+    pub config: Option<String>,
+    /// Sent as IPC type 3 after check-in.
+    pub launch: Option<String>,
+}
+
+#[derive(Debug)]
+struct Pipe {
+    owner: ClientId,
+    spec: PipeSpec,
+    property: Option<Value>,
+    pid: Option<u32>,
+    to_pipe: Option<mpsc::Sender<Frame>>,
+    pending: Vec<Frame>,
+    created: SystemTime,
+    stop: CancellationToken,
+    destroying: bool,
+}
+
+/// Why a request about a pipe was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipeError {
+    /// No such pipe, or not the caller's (the two are not told apart to non-owners).
+    #[error("pipe {0} not exists")]
+    NotFound(PipeId),
+    /// The owner's limit.
+    #[error("client {client} already has {max} pipes (max_pipes_per_client)")]
+    ClientLimit {
+        /// The client.
+        client: ClientId,
+        /// The limit.
+        max: usize,
+    },
+    /// The server's limit.
+    #[error("the server already runs {0} pipes (max_pipes)")]
+    ServerLimit(usize),
+    /// Too many frames queued before check-in.
+    #[error("pipe {0} has not checked in and its queue is full")]
+    QueueFull(PipeId),
+    /// The pipe's queue is closed or full.
+    #[error("pipe {0} is not accepting messages")]
+    Unavailable(PipeId),
+}
+
+/// Why a check-in was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckInError {
+    /// No pipe has this id.
+    #[error("no pipe {0}")]
+    Unknown(PipeId),
+    /// The id has checked in already.
+    #[error("pipe {0} has already checked in")]
+    Duplicate(PipeId),
+    /// The connecting process is not the pipe's process (nor in its process group).
+    #[error("pipe {0} is not run by the connecting process")]
+    WrongProcess(PipeId),
+}
+
+/// Refused attach.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("too many clients (max_clients {0})")]
+pub struct TooManyClients(pub usize);
+
+/// One client in a `list` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientView {
+    /// Its id.
+    pub client_id: ClientId,
+    /// Admin channel connected.
+    pub admin_connected: bool,
+    /// Data channel connected.
+    pub data_connected: bool,
+    /// Certificate subject CN, when it came over TLS with one.
+    pub identity: Option<String>,
+    /// Its pipes.
+    pub pipes: Vec<PipeId>,
+}
+
+/// One pipe in a `list` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipeView {
+    /// Its id.
+    pub pipe_id: PipeId,
+    /// Its owner.
+    pub owner: ClientId,
+    /// Its process id.
+    pub pid: Option<u32>,
+    /// Whether it has checked in.
+    pub checked_in: bool,
+    /// Unix seconds of creation.
+    pub created: u64,
+    /// The create JSON.
+    pub create: Value,
+    /// The last property JSON.
+    pub property: Option<Value>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    clients: BTreeMap<ClientId, Client>,
+    pipes: BTreeMap<PipeId, Pipe>,
+    next_pipe: PipeId,
+}
+
+/// The shared bookkeeping.
+#[derive(Debug, Default)]
+pub struct Hub {
+    state: Mutex<State>,
+    /// Woken whenever a data channel attaches.
+    pub data_attached: Notify,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection as `client`'s `channel`; an earlier one is returned so the
+    /// caller can close it. Returns the client's pipe ids too.
+    ///
+    /// # Errors
+    /// A new client id beyond `max_clients` connected ones.
+    pub fn attach(
+        &self,
+        client: ClientId,
+        channel: Channel,
+        conn: Conn,
+        identity: Option<PeerIdentity>,
+        max_clients: usize,
+    ) -> Result<(Option<Conn>, Vec<PipeId>), TooManyClients> {
+        let mut state = self.lock();
+        let connected = state.clients.values().filter(|c| c.connected()).count();
+        let entry = state.clients.get(&client);
+        if !entry.is_some_and(Client::connected) && connected >= max_clients {
+            return Err(TooManyClients(max_clients));
+        }
+        let entry = state.clients.entry(client).or_insert_with(|| Client {
+            admin: None,
+            data: None,
+            identity: None,
+            pipes: BTreeSet::new(),
+            gone_since: None,
+        });
+        if identity.is_some() {
+            entry.identity = identity;
+        }
+        entry.gone_since = None;
+        let slot = match channel {
+            Channel::Admin => &mut entry.admin,
+            Channel::Data => &mut entry.data,
+        };
+        let old = slot.replace(conn);
+        let pipes = entry.pipes.iter().copied().collect();
+        drop(state);
+        if channel == Channel::Data {
+            self.data_attached.notify_waiters();
+        }
+        Ok((old, pipes))
+    }
+
+    /// Whether [`Hub::attach`] would accept `client` now (for a clean refusal before the
+    /// upgrade; attach checks again).
+    pub fn would_admit(&self, client: ClientId, max_clients: usize) -> bool {
+        let state = self.lock();
+        state.clients.get(&client).is_some_and(Client::connected)
+            || state.clients.values().filter(|c| c.connected()).count() < max_clients
+    }
+
+    /// Unregisters a connection, if it is still the registered one.
+    pub fn detach(&self, client: ClientId, channel: Channel, conn: ConnId) {
+        let mut state = self.lock();
+        let Some(entry) = state.clients.get_mut(&client) else {
+            return;
+        };
+        let slot = match channel {
+            Channel::Admin => &mut entry.admin,
+            Channel::Data => &mut entry.data,
+        };
+        if slot.as_ref().is_some_and(|c| c.id == conn) {
+            *slot = None;
+        }
+        if !entry.connected() {
+            if entry.pipes.is_empty() {
+                state.clients.remove(&client);
+            } else {
+                entry.gone_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The queue of `client`'s channel, if connected.
+    pub fn conn(&self, client: ClientId, channel: Channel) -> Option<Conn> {
+        let state = self.lock();
+        let entry = state.clients.get(&client)?;
+        match channel {
+            Channel::Admin => entry.admin.clone(),
+            Channel::Data => entry.data.clone(),
+        }
+    }
+
+    /// Every connection of `client` (to disconnect it).
+    pub fn conns_of(&self, client: ClientId) -> Vec<Conn> {
+        let state = self.lock();
+        state
+            .clients
+            .get(&client)
+            .map(|c| c.admin.iter().chain(c.data.iter()).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every live connection (for shutdown).
+    pub fn all_conns(&self) -> Vec<Conn> {
+        let state = self.lock();
+        state
+            .clients
+            .values()
+            .flat_map(|c| c.admin.iter().chain(c.data.iter()).cloned())
+            .collect()
+    }
+
+    /// Every admin connection (for broadcasts).
+    pub fn admin_conns(&self) -> Vec<Conn> {
+        let state = self.lock();
+        state
+            .clients
+            .values()
+            .filter_map(|c| c.admin.clone())
+            .collect()
+    }
+
+    /// Number of clients with a live connection.
+    pub fn connected_clients(&self) -> usize {
+        self.lock()
+            .clients
+            .values()
+            .filter(|c| c.connected())
+            .count()
+    }
+
+    /// Records new pipes for `owner` and returns their ids and stop tokens; nothing is
+    /// recorded when a limit would be passed.
+    ///
+    /// # Errors
+    /// Per-client or server limit.
+    pub fn create_pipes(
+        &self,
+        owner: ClientId,
+        spec: &PipeSpec,
+        count: usize,
+        max_per_client: usize,
+        max_total: usize,
+    ) -> Result<Vec<(PipeId, CancellationToken)>, PipeError> {
+        let mut state = self.lock();
+        let owned = state.clients.get(&owner).map_or(0, |c| c.pipes.len());
+        if owned.saturating_add(count) > max_per_client {
+            return Err(PipeError::ClientLimit {
+                client: owner,
+                max: max_per_client,
+            });
+        }
+        if state.pipes.len().saturating_add(count) > max_total {
+            return Err(PipeError::ServerLimit(max_total));
+        }
+        let mut created = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = state.next_pipe;
+            state.next_pipe += 1;
+            let stop = CancellationToken::new();
+            state.pipes.insert(
+                id,
+                Pipe {
+                    owner,
+                    spec: spec.clone(),
+                    property: None,
+                    pid: None,
+                    to_pipe: None,
+                    pending: Vec::new(),
+                    created: SystemTime::now(),
+                    stop: stop.clone(),
+                    destroying: false,
+                },
+            );
+            if let Some(client) = state.clients.get_mut(&owner) {
+                client.pipes.insert(id);
+            }
+            created.push((id, stop));
+        }
+        Ok(created)
+    }
+
+    /// Records the process id of a spawned pipe.
+    pub fn set_pid(&self, pipe: PipeId, pid: u32) {
+        if let Some(p) = self.lock().pipes.get_mut(&pipe) {
+            p.pid = Some(pid);
+        }
+    }
+
+    /// Pipe ids owned by `client`.
+    pub fn pipes_of(&self, client: ClientId) -> Vec<PipeId> {
+        self.lock()
+            .clients
+            .get(&client)
+            .map(|c| c.pipes.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The owner of a pipe.
+    pub fn owner(&self, pipe: PipeId) -> Option<ClientId> {
+        self.lock().pipes.get(&pipe).map(|p| p.owner)
+    }
+
+    /// Accepts a pipe's check-in from process `peer_pid` (whose process group is
+    /// `peer_pgid`); returns the frames to send it first (config, launch, queued frames).
+    ///
+    /// # Errors
+    /// Unknown id, second check-in, or a process that is not the pipe's.
+    pub fn check_in(
+        &self,
+        pipe: PipeId,
+        peer_pid: Option<u32>,
+        peer_pgid: Option<u32>,
+        tx: mpsc::Sender<Frame>,
+    ) -> Result<Vec<Frame>, CheckInError> {
+        use common::envelope::ipc::Kind;
+        let mut state = self.lock();
+        let p = state
+            .pipes
+            .get_mut(&pipe)
+            .ok_or(CheckInError::Unknown(pipe))?;
+        if p.to_pipe.is_some() {
+            return Err(CheckInError::Duplicate(pipe));
+        }
+        // The spawned process leads its own process group, so the pipe program itself or
+        // anything it starts may check in; no other local process may claim the id.
+        let ours = match (p.pid, peer_pid) {
+            (Some(pid), Some(peer)) => peer == pid || peer_pgid == Some(pid),
+            _ => false,
+        };
+        if !ours {
+            return Err(CheckInError::WrongProcess(pipe));
+        }
+        p.to_pipe = Some(tx);
+        let mut frames = Vec::new();
+        if let Some(config) = &p.spec.config {
+            frames.push(Frame::new(Kind::Config, config.clone().into_bytes()));
+        }
+        if let Some(launch) = &p.spec.launch {
+            frames.push(Frame::new(Kind::Launch, launch.clone().into_bytes()));
+        }
+        frames.append(&mut p.pending);
+        Ok(frames)
+    }
+
+    /// Queues a frame for a pipe owned by `client` (`None`: any owner, for the server).
+    ///
+    /// # Errors
+    /// Not found or not owned, queue full, or the pipe is not reading.
+    pub fn send_to_pipe(
+        &self,
+        client: Option<ClientId>,
+        pipe: PipeId,
+        frame: Frame,
+    ) -> Result<(), PipeError> {
+        let mut state = self.lock();
+        let p = state
+            .pipes
+            .get_mut(&pipe)
+            .filter(|p| client.is_none_or(|c| p.owner == c))
+            .ok_or(PipeError::NotFound(pipe))?;
+        match &p.to_pipe {
+            Some(tx) => tx.try_send(frame).map_err(|_| PipeError::Unavailable(pipe)),
+            None if p.pending.len() < MAX_PENDING_FRAMES => {
+                p.pending.push(frame);
+                Ok(())
+            }
+            None => Err(PipeError::QueueFull(pipe)),
+        }
+    }
+
+    /// Records the last property JSON of a pipe owned by `client`.
+    pub fn set_property(&self, client: ClientId, pipe: PipeId, property: Value) {
+        if let Some(p) = self
+            .lock()
+            .pipes
+            .get_mut(&pipe)
+            .filter(|p| p.owner == client)
+        {
+            p.property = Some(property);
+        }
+    }
+
+    /// Marks a pipe owned by `client` (`None`: any) as being destroyed; returns its stop token
+    /// and whether it has checked in. A second call finds it already destroying and returns
+    /// the same.
+    ///
+    /// # Errors
+    /// Not found or not owned.
+    pub fn begin_destroy(
+        &self,
+        client: Option<ClientId>,
+        pipe: PipeId,
+    ) -> Result<(CancellationToken, bool), PipeError> {
+        let mut state = self.lock();
+        let p = state
+            .pipes
+            .get_mut(&pipe)
+            .filter(|p| client.is_none_or(|c| p.owner == c))
+            .ok_or(PipeError::NotFound(pipe))?;
+        p.destroying = true;
+        Ok((p.stop.clone(), p.to_pipe.is_some()))
+    }
+
+    /// Whether the pipe has checked in.
+    pub fn checked_in(&self, pipe: PipeId) -> bool {
+        self.lock()
+            .pipes
+            .get(&pipe)
+            .is_some_and(|p| p.to_pipe.is_some())
+    }
+
+    /// Forgets a pipe whose process has exited; returns its owner's admin queue (to send
+    /// `pipe_delete`) and the owner id.
+    pub fn pipe_exited(&self, pipe: PipeId) -> Option<(ClientId, Option<Conn>)> {
+        let mut state = self.lock();
+        let p = state.pipes.remove(&pipe)?;
+        let owner = p.owner;
+        let mut admin = None;
+        let mut forget = false;
+        if let Some(client) = state.clients.get_mut(&owner) {
+            client.pipes.remove(&pipe);
+            admin = client.admin.clone();
+            forget = !client.connected() && client.pipes.is_empty();
+        }
+        if forget {
+            state.clients.remove(&owner);
+        }
+        Some((owner, admin))
+    }
+
+    /// Pipes whose owner has had no connection for longer than `after`.
+    pub fn orphans(&self, after: std::time::Duration) -> Vec<PipeId> {
+        let state = self.lock();
+        state
+            .clients
+            .values()
+            .filter(|c| c.gone_since.is_some_and(|t| t.elapsed() > after))
+            .flat_map(|c| c.pipes.iter().copied())
+            .collect()
+    }
+
+    /// Every pipe's stop token (for shutdown).
+    pub fn all_pipes(&self) -> Vec<(PipeId, CancellationToken)> {
+        self.lock()
+            .pipes
+            .iter()
+            .map(|(id, p)| (*id, p.stop.clone()))
+            .collect()
+    }
+
+    /// Clients and pipes, all of them or only `client`'s.
+    pub fn list(&self, client: Option<ClientId>) -> (Vec<ClientView>, Vec<PipeView>) {
+        let state = self.lock();
+        let clients = state
+            .clients
+            .iter()
+            .filter(|(id, _)| client.is_none_or(|c| c == **id))
+            .map(|(id, c)| ClientView {
+                client_id: *id,
+                admin_connected: c.admin.is_some(),
+                data_connected: c.data.is_some(),
+                identity: c.identity.as_ref().and_then(|i| i.cn.clone()),
+                pipes: c.pipes.iter().copied().collect(),
+            })
+            .collect();
+        let pipes = state
+            .pipes
+            .iter()
+            .filter(|(_, p)| client.is_none_or(|c| c == p.owner))
+            .map(|(id, p)| PipeView {
+                pipe_id: *id,
+                owner: p.owner,
+                pid: p.pid,
+                checked_in: p.to_pipe.is_some(),
+                created: p
+                    .created
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                create: p.spec.create.clone(),
+                property: p.property.clone(),
+            })
+            .collect();
+        (clients, pipes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: ConnId) -> (Conn, mpsc::Receiver<Out>) {
+        let (tx, rx) = mpsc::channel(4);
+        (Conn { id, tx }, rx)
+    }
+
+    fn spec() -> PipeSpec {
+        PipeSpec {
+            create: Value::Null,
+            config: Some("{}".into()),
+            launch: Some("true".into()),
+        }
+    }
+
+    #[test]
+    fn attach_replace_detach_and_limits() {
+        let hub = Hub::default();
+        let (a1, _r1) = conn(1);
+        let (a2, _r2) = conn(2);
+        assert!(
+            hub.attach(7, Channel::Admin, a1, None, 1)
+                .unwrap()
+                .0
+                .is_none()
+        );
+        let (old, _) = hub.attach(7, Channel::Admin, a2, None, 1).unwrap();
+        assert_eq!(old.map(|c| c.id), Some(1));
+        // A second client id is over max_clients = 1.
+        let (b, _rb) = conn(3);
+        assert_eq!(
+            hub.attach(8, Channel::Admin, b, None, 1).unwrap_err(),
+            TooManyClients(1)
+        );
+        // Closing the replaced connection does not unregister the newer one.
+        hub.detach(7, Channel::Admin, 1);
+        assert_eq!(hub.conn(7, Channel::Admin).map(|c| c.id), Some(2));
+        hub.detach(7, Channel::Admin, 2);
+        assert!(hub.conn(7, Channel::Admin).is_none());
+        assert_eq!(hub.connected_clients(), 0);
+    }
+
+    #[test]
+    fn pipes_ownership_checkin_and_exit() {
+        let hub = Hub::default();
+        let (a, _ra) = conn(1);
+        hub.attach(1, Channel::Admin, a, None, 10).unwrap();
+        let ids: Vec<_> = hub
+            .create_pipes(1, &spec(), 2, 2, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![0, 1]);
+        assert!(matches!(
+            hub.create_pipes(1, &spec(), 1, 2, 10),
+            Err(PipeError::ClientLimit { .. })
+        ));
+        assert!(matches!(
+            hub.create_pipes(2, &spec(), 1, 5, 2),
+            Err(PipeError::ServerLimit(2))
+        ));
+        // Someone else's pipe looks like no pipe.
+        assert_eq!(
+            hub.send_to_pipe(Some(2), 0, Frame::new(0u32, "x")),
+            Err(PipeError::NotFound(0))
+        );
+        assert!(hub.begin_destroy(Some(2), 0).is_err());
+        // Queued before check-in, delivered after config and launch.
+        hub.send_to_pipe(Some(1), 0, Frame::new(4u32, "{\"p\":1}"))
+            .unwrap();
+        hub.set_pid(0, 100);
+        let (tx, _rx) = mpsc::channel(4);
+        assert_eq!(
+            hub.check_in(0, Some(101), Some(555), tx.clone()),
+            Err(CheckInError::WrongProcess(0))
+        );
+        let frames = hub.check_in(0, Some(101), Some(100), tx.clone()).unwrap();
+        let kinds: Vec<u32> = frames.iter().map(|f| f.kind.number()).collect();
+        assert_eq!(kinds, vec![2, 3, 4]);
+        assert_eq!(
+            hub.check_in(0, Some(100), Some(100), tx),
+            Err(CheckInError::Duplicate(0))
+        );
+        assert_eq!(
+            hub.check_in(9, Some(1), None, mpsc::channel(1).0),
+            Err(CheckInError::Unknown(9))
+        );
+        let (owner, admin) = hub.pipe_exited(0).unwrap();
+        assert_eq!((owner, admin.map(|c| c.id)), (1, Some(1)));
+        assert_eq!(hub.pipes_of(1), vec![1]);
+        let (clients, pipes) = hub.list(Some(1));
+        assert_eq!(clients.len(), 1);
+        assert_eq!(pipes.len(), 1);
+    }
+
+    #[test]
+    fn orphans_after_owner_leaves() {
+        let hub = Hub::default();
+        let (a, _ra) = conn(1);
+        hub.attach(1, Channel::Admin, a, None, 10).unwrap();
+        hub.create_pipes(1, &spec(), 1, 4, 4).unwrap();
+        assert!(hub.orphans(std::time::Duration::ZERO).is_empty());
+        hub.detach(1, Channel::Admin, 1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(hub.orphans(std::time::Duration::ZERO), vec![0]);
+        // The owner comes back and sees its pipe.
+        let (a, _ra) = conn(2);
+        let (_, pipes) = hub.attach(1, Channel::Admin, a, None, 10).unwrap();
+        assert_eq!(pipes, vec![0]);
+        assert!(hub.orphans(std::time::Duration::ZERO).is_empty());
+    }
+}

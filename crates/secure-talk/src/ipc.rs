@@ -1,0 +1,238 @@
+//! The IPC socket pipes connect back to: check-in, commands to the pipe, output from it.
+//!
+//! A connection's first byte tells raw frames from JSON lines. Its first frame must be a
+//! check-in (type 1, the pipe id in ASCII decimal) from the pipe's own process or its process
+//! group (`SO_PEERCRED`), within the check-in timeout. After that the server sends config
+//! (2) and launch (3), then whatever the owner asks (property 4, destroy 5, text 0); what the
+//! pipe sends goes to its owner's data channel, error text (7) to the admin channel too. A
+//! malformed frame ends the connection and the pipe with it.
+
+use std::sync::Arc;
+
+use bytes::{Buf as _, BytesMut};
+use common::daemon::AcceptBackoff;
+use common::envelope::ipc::{Frame, IpcError, Kind, Protocol};
+use common::envelope::talk::{BinaryMessage, Headers, Message};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use crate::hub::{Channel, Out, PipeId};
+use crate::server::Shared;
+
+/// Frames queued towards one pipe.
+const TO_PIPE_QUEUE: usize = 64;
+
+/// Accepts pipe connections until shutdown.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    let mut backoff = AcceptBackoff::default();
+    let shutdown = shared.shutdown.clone();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    backoff.failed(&err).await;
+                    continue;
+                }
+            },
+            () = shutdown.triggered() => return,
+        };
+        backoff.succeeded();
+        let shared = shared.clone();
+        let cred = stream.peer_cred().ok();
+        let pid = cred
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
+        let span = tracing::info_span!("ipc", peer_pid = pid);
+        // Not tracked by the drain: the pipe supervisors are, and they end these connections.
+        tokio::spawn(connection(shared, stream, pid).instrument(span));
+    }
+}
+
+async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
+    let max = shared.config.limits.max_ipc_frame_bytes;
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(8192);
+
+    let checkin = tokio::time::timeout(shared.config.limits.pipe_checkin_timeout(), async {
+        loop {
+            if let Some(first) = buf.first() {
+                let protocol = Protocol::detect(*first);
+                if let Some((frame, used)) = protocol.decode(&buf, max)? {
+                    buf.advance(used);
+                    return Ok::<_, IpcError>(Some((protocol, frame)));
+                }
+            }
+            if reader.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return Ok(None);
+            }
+        }
+    })
+    .await;
+    let (protocol, frame) = match checkin {
+        Ok(Ok(Some(found))) => found,
+        Ok(Ok(None)) => return,
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "ipc check-in is malformed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("no ipc check-in in time");
+            return;
+        }
+    };
+    let Some(id) = check_in_id(&frame) else {
+        tracing::warn!(
+            kind = frame.kind.number(),
+            "first ipc frame is not a check-in"
+        );
+        return;
+    };
+    let pgid = pid.and_then(|p| {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(p).ok()?)?;
+        let group = rustix::process::getpgid(Some(pid)).ok()?;
+        u32::try_from(group.as_raw_nonzero().get()).ok()
+    });
+    let (tx, mut rx) = mpsc::channel::<Frame>(TO_PIPE_QUEUE);
+    let first = match shared.hub.check_in(id, pid, pgid, tx) {
+        Ok(first) => first,
+        Err(err) => {
+            tracing::warn!(%err, "ipc check-in refused");
+            return;
+        }
+    };
+    tracing::info!(pipe_id = id, ?protocol, "pipe checked in");
+
+    // Writer: frames to the pipe, until the hub forgets the pipe (the sender drops).
+    let write = async move {
+        for frame in first {
+            write_frame(&mut writer, protocol, &frame).await?;
+        }
+        while let Some(frame) = rx.recv().await {
+            write_frame(&mut writer, protocol, &frame).await?;
+        }
+        writer.shutdown().await
+    };
+    let read = async {
+        loop {
+            while let Some((frame, used)) = protocol.decode(&buf, max)? {
+                buf.advance(used);
+                route(&shared, id, frame).await;
+            }
+            if reader.read_buf(&mut buf).await.map_err(io_error)? == 0 {
+                return Ok::<(), IpcError>(());
+            }
+        }
+    };
+    tokio::select! {
+        result = write => if let Err(err) = result {
+            tracing::debug!(%err, pipe_id = id, "ipc write ended");
+        },
+        result = read => match result {
+            Ok(()) => tracing::debug!(pipe_id = id, "pipe closed its ipc connection"),
+            Err(err) => {
+                tracing::warn!(%err, pipe_id = id, "ipc protocol error; stopping the pipe");
+                if let Ok((stop, _)) = shared.hub.begin_destroy(None, id) {
+                    stop.cancel();
+                }
+            }
+        },
+    }
+}
+
+fn io_error(err: std::io::Error) -> IpcError {
+    IpcError::Json(format!("read: {err}"))
+}
+
+/// The pipe id of a check-in frame (type 1, ASCII decimal).
+fn check_in_id(frame: &Frame) -> Option<PipeId> {
+    if frame.kind != Kind::PipeId {
+        return None;
+    }
+    std::str::from_utf8(&frame.payload)
+        .ok()?
+        .trim_matches(|c: char| c.is_ascii_whitespace() || c == '\0')
+        .parse()
+        .ok()
+}
+
+async fn write_frame(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    protocol: Protocol,
+    frame: &Frame,
+) -> std::io::Result<()> {
+    let bytes = protocol
+        .encode(frame)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    writer.write_all(&bytes).await
+}
+
+/// Sends one frame from pipe `id` where it belongs, waiting for room (backpressure reaches
+/// the pipe) and for the owner's data channel when it is not connected.
+async fn route(shared: &Arc<Shared>, id: PipeId, frame: Frame) {
+    let Some(owner) = shared.hub.owner(id) else {
+        return;
+    };
+    let kind = frame.kind.number();
+    if frame.kind == Kind::Error {
+        if let Some(admin) = shared.hub.conn(owner, Channel::Admin) {
+            let text = String::from_utf8_lossy(&frame.payload).into_owned();
+            let _ = admin
+                .tx
+                .try_send(Out::Text(Message::pipe_message(id, text).encode()));
+        }
+    }
+    let out = match (frame.kind, std::str::from_utf8(&frame.payload)) {
+        (Kind::Binary, _) | (_, Err(_)) => {
+            let headers = Headers {
+                pipe_id: Some(id),
+                kind: Some(kind),
+                ..Headers::default()
+            };
+            Out::Binary(BinaryMessage::new(headers, frame.payload.clone()).encode())
+        }
+        (_, Ok(text)) => {
+            Out::Text(Message::data(kind, id, Value::String(text.to_owned())).encode())
+        }
+    };
+    let mut out = out;
+    loop {
+        // Register interest before looking, so an attach between the two is not missed.
+        let attached = shared.hub.data_attached.notified();
+        if let Some(data) = shared.hub.conn(owner, Channel::Data) {
+            match data.tx.send(out).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => {
+                    // The channel is closing; its task detaches it in a moment.
+                    out = back;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            () = attached => {}
+            () = shared.shutdown.triggered() => return,
+        }
+        if shared.hub.owner(id).is_none() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_in_ids() {
+        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, "12")), Some(12));
+        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, " 7\n")), Some(7));
+        assert_eq!(check_in_id(&Frame::new(Kind::Text, "12")), None);
+        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, "x")), None);
+        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, "-1")), None);
+    }
+}

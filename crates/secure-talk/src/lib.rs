@@ -1,0 +1,25 @@
+//! secure-talk: a TLS websocket server with JWT reconnection tokens, admin and data channels,
+//! a Unix-socket mode and worker "pipes".
+//!
+//! - [`config`]: the TOML file and its validation;
+//! - [`token`]: HS256 reconnection tokens;
+//! - [`server`]: listeners, the token endpoint and websocket upgrades;
+//! - [`hub`]: clients, channels, pipes and who owns what;
+//! - [`admin`]: the admin channel's methods;
+//! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
+//! - [`client`]: the client library behind `secure-talk-cli`.
+//!
+//! Message formats and IPC framing are in `common::envelope::{talk, ipc}`. The library never
+//! reads argv, the environment or signals; the binaries in `src/bin` do.
+
+pub mod admin;
+mod channel;
+pub mod client;
+pub mod config;
+pub mod hub;
+pub mod ipc;
+pub mod pipes;
+pub mod server;
+pub mod token;
+
+pub use channel::{CLOSE_DISCONNECTED, CLOSE_REPLACED};

@@ -1,0 +1,216 @@
+//! Pipe processes: spawning one per pipe (no shell), supervising it, and stopping it.
+//!
+//! Each pipe leads its own process group, so signals reach whatever it started. Stopping
+//! escalates: a destroy request first asks the pipe over IPC (type 5), then after the kill
+//! grace sends SIGTERM to the group, then SIGKILL; a pipe that has not checked in, or a server
+//! shutdown, starts at SIGTERM. The supervisor holds the child until it is reaped, so a pid is
+//! never signalled after it could have been reused. When the process exits the owner gets
+//! `pipe_delete`.
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+
+use common::envelope::talk::Message;
+use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::process::{Child, Command};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::hub::{Out, PipeId};
+use crate::server::Shared;
+
+/// Environment variables of the service manager that must not leak into pipes.
+const SCRUBBED_ENV: [&str; 7] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "CREDENTIALS_DIRECTORY",
+];
+
+/// Longest line of a pipe's own stdout/stderr copied into the log.
+const MAX_LOG_LINE: usize = 1024;
+
+/// The pipe program's argument list for `id`, placeholders replaced.
+pub fn arguments(template: &[String], id: PipeId, ipc_socket: &str) -> Vec<String> {
+    template
+        .iter()
+        .map(|arg| {
+            arg.replace("{id}", &id.to_string())
+                .replace("{ipc_socket}", ipc_socket)
+        })
+        .collect()
+}
+
+/// Starts the process of pipe `id` and its supervisor; returns the process id.
+///
+/// # Errors
+/// The program cannot be started.
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    id: PipeId,
+    stop: CancellationToken,
+) -> std::io::Result<u32> {
+    let config = &shared.config;
+    let socket = config.ipc_socket.to_string_lossy().into_owned();
+    let mut command = Command::new(&config.pipe_program);
+    command
+        .args(arguments(&config.pipe_args, id, &socket))
+        .env("SECURE_TALK_PIPE_ID", id.to_string())
+        .env("SECURE_TALK_IPC_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for name in SCRUBBED_ENV {
+        command.env_remove(name);
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let span = tracing::info_span!("pipe", pipe_id = id, pid);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(log_output(out, "stdout").instrument(span.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(log_output(err, "stderr").instrument(span.clone()));
+    }
+    let shared = shared.clone();
+    let shutdown = shared.shutdown.clone();
+    shutdown.spawn(supervise(shared, id, child, pid, stop).instrument(span));
+    Ok(pid)
+}
+
+/// Where a stop is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Asked over IPC; SIGTERM at the deadline.
+    Asked,
+    /// SIGTERM sent; SIGKILL at the deadline.
+    Terminated,
+    /// SIGKILL sent.
+    Killed,
+}
+
+async fn supervise(
+    shared: Arc<Shared>,
+    id: PipeId,
+    mut child: Child,
+    pid: u32,
+    stop: CancellationToken,
+) {
+    let limits = &shared.config.limits;
+    let grace = limits.kill_grace();
+    let checkin_by = Instant::now() + limits.pipe_checkin_timeout();
+    let mut phase = Phase::Running;
+    let mut deadline = checkin_by;
+    let status: std::io::Result<ExitStatus> = loop {
+        let waiting_checkin = phase == Phase::Running && !shared.hub.checked_in(id);
+        tokio::select! {
+            status = child.wait() => break status,
+            () = stop.cancelled(), if phase == Phase::Running => {
+                if shared.hub.checked_in(id) {
+                    phase = Phase::Asked;
+                    deadline = Instant::now() + grace;
+                } else {
+                    signal_group(pid, Signal::TERM);
+                    phase = Phase::Terminated;
+                    deadline = Instant::now() + grace;
+                }
+            }
+            () = shared.shutdown.triggered(), if matches!(phase, Phase::Running | Phase::Asked) => {
+                signal_group(pid, Signal::TERM);
+                phase = Phase::Terminated;
+                deadline = Instant::now() + grace;
+            }
+            () = sleep_until(deadline), if phase != Phase::Killed && (phase != Phase::Running || waiting_checkin) => {
+                match phase {
+                    Phase::Running => {
+                        tracing::warn!(timeout_secs = limits.pipe_checkin_timeout_secs, "pipe did not check in; stopping it");
+                        signal_group(pid, Signal::TERM);
+                        phase = Phase::Terminated;
+                        deadline = Instant::now() + grace;
+                    }
+                    Phase::Asked => {
+                        tracing::info!("pipe still running after destroy; sending SIGTERM");
+                        signal_group(pid, Signal::TERM);
+                        phase = Phase::Terminated;
+                        deadline = Instant::now() + grace;
+                    }
+                    Phase::Terminated => {
+                        tracing::warn!("pipe still running after SIGTERM; sending SIGKILL");
+                        signal_group(pid, Signal::KILL);
+                        phase = Phase::Killed;
+                    }
+                    Phase::Killed => {}
+                }
+            }
+        }
+    };
+    // Whatever the leader's fate, nothing of its group may outlive the pipe.
+    signal_group(pid, Signal::KILL);
+    match &status {
+        Ok(status) => tracing::info!(%status, "pipe exited"),
+        Err(err) => tracing::warn!(%err, "waiting for the pipe failed"),
+    }
+    if let Some((owner, admin)) = shared.hub.pipe_exited(id) {
+        if let Some(admin) = admin {
+            let _ = admin
+                .tx
+                .try_send(Out::Text(Message::pipe_delete(id).encode()));
+        }
+        tracing::debug!(owner, "pipe forgotten");
+    }
+}
+
+/// Sends `signal` to the process group led by `pid`, ignoring "no such process".
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+/// Copies a pipe's own stdout or stderr into the log, a line at a time, bounded.
+async fn log_output<R: AsyncRead + Unpin>(mut reader: R, stream: &'static str) {
+    let mut buf = vec![0u8; 8192];
+    let mut line = Vec::with_capacity(256);
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                tracing::info!(stream, line = %String::from_utf8_lossy(&line), "pipe output");
+                line.clear();
+            } else if line.len() < MAX_LOG_LINE {
+                line.push(b);
+            }
+        }
+    }
+    if !line.is_empty() {
+        tracing::info!(stream, line = %String::from_utf8_lossy(&line), "pipe output");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders() {
+        let template: Vec<String> = ["-i", "{id}", "-u", "{ipc_socket}", "x{id}y"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        assert_eq!(
+            arguments(&template, 12, "/run/st/ipc.sock"),
+            vec!["-i", "12", "-u", "/run/st/ipc.sock", "x12y"]
+        );
+    }
+}
