@@ -99,6 +99,8 @@ pub(crate) async fn run<S>(
         }
     }
 
+    // A peer that stops reading cannot hold this task: every write has the idle deadline.
+    let write_limit = limits.idle_timeout();
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval_at(
         Instant::now() + limits.ping_interval(),
@@ -120,7 +122,7 @@ pub(crate) async fn run<S>(
                         break;
                     }
                     for reply in handle(&ctx, channel, message).await {
-                        if ws.feed(reply).await.is_err() {
+                        if !within(write_limit, ws.feed(reply)).await {
                             failed = true;
                         }
                     }
@@ -133,7 +135,7 @@ pub(crate) async fn run<S>(
                         _ => None,
                     };
                 }
-                if failed || ws.flush().await.is_err() {
+                if failed || !within(write_limit, ws.flush()).await {
                     break "closed";
                 }
             }
@@ -150,8 +152,8 @@ pub(crate) async fn run<S>(
                         break "unregistered";
                     }
                 };
-                if ws.send(message).await.is_err() {
-                    break "write failed";
+                if !within(write_limit, ws.send(message)).await {
+                    break "write failed or stalled";
                 }
             }
             _ = ping.tick() => {
@@ -173,6 +175,14 @@ pub(crate) async fn run<S>(
     tracing::info!(conn, reason, "disconnected");
 }
 
+/// Runs a write with a deadline; false when it failed or stalled.
+async fn within<F, E>(limit: std::time::Duration, write: F) -> bool
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
 async fn handle(ctx: &Ctx, channel: Channel, message: WsMessage) -> Vec<WsMessage> {
     match (channel, message) {
         (Channel::Admin, WsMessage::Text(text)) => admin::on_text(ctx, text).await,
@@ -190,7 +200,7 @@ async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if ws.send(close_frame(code, reason)).await.is_err() {
+    if !within(std::time::Duration::from_secs(1), ws.send(close_frame(code, reason))).await {
         return;
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
