@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
 use clap::Parser;
 use common::tls::ClientTlsFiles;
 use secure_talk::client::{ClientOptions, Connection, Transport};
 use secure_talk::hub::Channel;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
 
 /// Measures `text` echo round trips against a running secure-talk server.
 ///
@@ -134,7 +134,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         end = measure_from + Duration::from_secs_f64(args.duration);
         for stream in streams {
             let message = message.clone();
-            tasks.spawn(async move { raw_client(stream, message, window, measure_from, end).await });
+            tasks
+                .spawn(async move { raw_client(stream, message, window, measure_from, end).await });
         }
     } else {
         let mut conns = Vec::with_capacity(args.clients);
@@ -283,7 +284,9 @@ async fn raw_client(
         if at >= measure_from && now <= end {
             result.messages += 1;
             let us = now.duration_since(at).as_micros();
-            result.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+            result
+                .latencies_us
+                .push(u32::try_from(us).unwrap_or(u32::MAX));
         }
         if now >= end {
             while sent.pop_front().is_some() {
