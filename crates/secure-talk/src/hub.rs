@@ -93,6 +93,8 @@ struct Pipe {
     pending: Vec<Frame>,
     created: SystemTime,
     stop: CancellationToken,
+    /// Cancelled when the pipe's IPC connection has relayed everything it read.
+    relayed: CancellationToken,
     destroying: bool,
 }
 
@@ -133,6 +135,9 @@ pub enum CheckInError {
     /// The connecting process is not the pipe's process (nor in its process group).
     #[error("pipe {0} is not run by the connecting process")]
     WrongProcess(PipeId),
+    /// The pipe's process id is not recorded yet: it connected while still being spawned.
+    #[error("pipe {0} is still being started")]
+    Starting(PipeId),
 }
 
 /// Refused attach.
@@ -356,6 +361,7 @@ impl Hub {
                     pending: Vec::new(),
                     created: SystemTime::now(),
                     stop: stop.clone(),
+                    relayed: CancellationToken::new(),
                     destroying: false,
                 },
             );
@@ -408,6 +414,9 @@ impl Hub {
             .ok_or(CheckInError::Unknown(pipe))?;
         if p.to_pipe.is_some() {
             return Err(CheckInError::Duplicate(pipe));
+        }
+        if p.pid.is_none() {
+            return Err(CheckInError::Starting(pipe));
         }
         // The spawned process leads its own process group, so the pipe program itself or
         // anything it starts may check in; no other local process may claim the id.
@@ -487,6 +496,12 @@ impl Hub {
             .ok_or(PipeError::NotFound(pipe))?;
         p.destroying = true;
         Ok((p.stop.clone(), p.to_pipe.is_some()))
+    }
+
+    /// The token an IPC connection cancels once it has relayed all the pipe's output, so
+    /// `pipe_delete` does not overtake the pipe's last frames.
+    pub fn relayed(&self, pipe: PipeId) -> Option<CancellationToken> {
+        self.lock().pipes.get(&pipe).map(|p| p.relayed.clone())
     }
 
     /// Whether the pipe has checked in.

@@ -19,11 +19,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use crate::hub::{Channel, Out, PipeId};
+use crate::hub::{Channel, CheckInError, ClientId, Out, PipeId};
 use crate::server::Shared;
 
 /// Frames queued towards one pipe.
 const TO_PIPE_QUEUE: usize = 64;
+/// After a pipe has gone, the longest its last frames may take to be relayed.
+const DRAIN_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Accepts pipe connections until shutdown.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
@@ -97,13 +99,27 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
         u32::try_from(group.as_raw_nonzero().get()).ok()
     });
     let (tx, mut rx) = mpsc::channel::<Frame>(TO_PIPE_QUEUE);
-    let first = match shared.hub.check_in(id, pid, pgid, tx) {
-        Ok(first) => first,
-        Err(err) => {
-            tracing::warn!(%err, "ipc check-in refused");
-            return;
+    // A pipe may connect before its spawner has recorded its pid: ask again until the
+    // check-in deadline.
+    let started = tokio::time::Instant::now();
+    let first = loop {
+        match shared.hub.check_in(id, pid, pgid, tx.clone()) {
+            Ok(first) => break first,
+            Err(CheckInError::Starting(_))
+                if started.elapsed() < shared.config.limits.pipe_checkin_timeout() =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "ipc check-in refused");
+                return;
+            }
         }
     };
+    // Only the hub's copy may keep the writer below alive.
+    drop(tx);
+    // The supervisor announces the pipe's end only after this connection is done.
+    let _relayed = shared.hub.relayed(id).map(|t| t.drop_guard());
     tracing::info!(pipe_id = id, ?protocol, "pipe checked in");
 
     // Writer: frames to the pipe, until the hub forgets the pipe (the sender drops).
@@ -116,30 +132,45 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
         }
         writer.shutdown().await
     };
+    // The owner is kept: output the pipe wrote just before exiting is still delivered after
+    // its supervisor has seen the exit and the hub has forgotten the pipe.
+    let Some(owner) = shared.hub.owner(id) else {
+        return;
+    };
     let read = async {
         loop {
             while let Some((frame, used)) = protocol.decode(&buf, max)? {
                 buf.advance(used);
-                route(&shared, id, frame).await;
+                route(&shared, owner, id, frame).await;
             }
             if reader.read_buf(&mut buf).await.map_err(io_error)? == 0 {
                 return Ok::<(), IpcError>(());
             }
         }
     };
-    tokio::select! {
-        result = write => if let Err(err) = result {
-            tracing::debug!(%err, pipe_id = id, "ipc write ended");
-        },
-        result = read => match result {
-            Ok(()) => tracing::debug!(pipe_id = id, "pipe closed its ipc connection"),
-            Err(err) => {
-                tracing::warn!(%err, pipe_id = id, "ipc protocol error; stopping the pipe");
-                if let Ok((stop, _)) = shared.hub.begin_destroy(None, id) {
-                    stop.cancel();
-                }
+    tokio::pin!(read);
+    let result = tokio::select! {
+        result = write => {
+            if let Err(err) = result {
+                tracing::debug!(%err, pipe_id = id, "ipc write ended");
+            }
+            // The pipe has gone (the hub dropped our sender) or stopped reading: relay what it
+            // wrote before, which the news of its exit may have overtaken.
+            match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut read).await {
+                Ok(result) => result,
+                Err(_) => return,
             }
         },
+        result = &mut read => result,
+    };
+    match result {
+        Ok(()) => tracing::debug!(pipe_id = id, "pipe closed its ipc connection"),
+        Err(err) => {
+            tracing::warn!(%err, pipe_id = id, "ipc protocol error; stopping the pipe");
+            if let Ok((stop, _)) = shared.hub.begin_destroy(None, id) {
+                stop.cancel();
+            }
+        }
     }
 }
 
@@ -172,10 +203,7 @@ async fn write_frame(
 
 /// Sends one frame from pipe `id` where it belongs, waiting for room (backpressure reaches
 /// the pipe) and for the owner's data channel when it is not connected.
-async fn route(shared: &Arc<Shared>, id: PipeId, frame: Frame) {
-    let Some(owner) = shared.hub.owner(id) else {
-        return;
-    };
+async fn route(shared: &Arc<Shared>, owner: ClientId, id: PipeId, frame: Frame) {
     let kind = frame.kind.number();
     if frame.kind == Kind::Error {
         if let Some(admin) = shared.hub.conn(owner, Channel::Admin) {

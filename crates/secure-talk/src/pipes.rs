@@ -32,6 +32,9 @@ const SCRUBBED_ENV: [&str; 7] = [
     "CREDENTIALS_DIRECTORY",
 ];
 
+/// Longest wait, after a pipe exits, for its IPC connection to relay its last output.
+const RELAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest line of a pipe's own stdout/stderr copied into the log.
 const MAX_LOG_LINE: usize = 1024;
 
@@ -154,6 +157,12 @@ async fn supervise(
     };
     // Whatever the leader's fate, nothing of its group may outlive the pipe.
     signal_group(pid, Signal::KILL);
+    // Let the IPC connection relay what the pipe wrote last before the owner hears of its end.
+    if shared.hub.checked_in(id) {
+        if let Some(relayed) = shared.hub.relayed(id) {
+            let _ = tokio::time::timeout(RELAY_GRACE, relayed.cancelled()).await;
+        }
+    }
     match &status {
         Ok(status) => tracing::info!(%status, "pipe exited"),
         Err(err) => tracing::warn!(%err, "waiting for the pipe failed"),
