@@ -200,7 +200,12 @@ async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if !within(std::time::Duration::from_secs(1), ws.send(close_frame(code, reason))).await {
+    if !within(
+        std::time::Duration::from_secs(1),
+        ws.send(close_frame(code, reason)),
+    )
+    .await
+    {
         return;
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {

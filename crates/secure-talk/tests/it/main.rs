@@ -1,2 +1,35 @@
 //! Integration tests: the real daemon pieces on 127.0.0.1:0 and Unix sockets, real pipes.
+//!
+//! - `support`: the in-process server, client options, bounded receives, raw requests;
+//! - `tokens`: the token endpoint and the upgrade's token check;
+//! - `tls`: client certificates (missing, untrusted, expired, revoked, optional);
+//! - `unix`: the Unix-socket listener, its mode, stale and live socket files;
+//! - `echo`: `text` echo and error replies;
+//! - `pipes`: pipes end to end, ownership, admin identities, reconnection, orphans;
+//! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push;
+//! - `limits`: per-client pipes and clients;
+//! - `ipc`: impostor check-ins and garbage on the IPC socket;
+//! - `shutdown`: shutdown with pipes that ignore SIGTERM;
+//! - `daemon`: the `secure-talk` binary;
+//! - `pipe_program`: the `secure-talk-pipe` binary against a fake daemon;
+//! - `python`: the independent Python client.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers panic on setup failures, like the tests"
+)]
+
+mod cli;
+mod daemon;
+mod echo;
+mod ipc;
+mod limits;
 mod pipe_program;
+mod pipes;
+mod python;
+mod shutdown;
+mod support;
+mod tls;
+mod tokens;
+mod unix;
+mod uploads;

@@ -1,0 +1,245 @@
+//! The IPC socket: only a spawned pipe may check in, and no byte sequence breaks the server.
+
+use std::time::Duration;
+
+use common::envelope::ipc::{Frame, Kind};
+use common::envelope::talk::method;
+use rand::{Rng as _, SeedableRng as _};
+use secure_talk::client::Incoming;
+use secure_talk::hub::Channel;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
+
+use crate::support::{
+    PIPE, STEP, TestServer, connect, create_pipe, data_until, expect_reply, list,
+    panics_on_this_thread, recv_message, recv_method, recv_until, send, wait_checked_in,
+};
+
+/// Writes `bytes` on a new IPC connection, closes our side and returns what the server sent
+/// before it closed its side.
+async fn ipc_exchange(socket: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .expect("connect to the ipc socket");
+    // The server may close before taking everything (an over-long frame): that is fine.
+    let _ = tokio::time::timeout(STEP, stream.write_all(bytes)).await;
+    let _ = stream.shutdown().await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("the server ends the connection after {bytes:?}"));
+    answer
+}
+
+fn raw(kind: u32, payload: &[u8]) -> Vec<u8> {
+    Frame::new(kind, payload.to_vec()).encode().expect("encode")
+}
+
+fn header(len: u32, kind: u32) -> Vec<u8> {
+    [len.to_be_bytes(), kind.to_be_bytes()].concat()
+}
+
+#[tokio::test]
+async fn a_process_that_is_not_the_pipe_cannot_check_in_for_it() {
+    // The pipe program starts late, so its id is free when the impostor tries.
+    let server = TestServer::start_with(|c| {
+        c.pipe_program = "sh".into();
+        c.pipe_args = vec![
+            "-c".into(),
+            format!("sleep 1.5; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}"),
+        ];
+    })
+    .await;
+    let socket = server.config.ipc_socket.clone();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&socket)
+            .expect("ipc socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "echo real").await;
+
+    let claim = Frame::new(Kind::PipeId, id.to_string());
+    for bytes in [claim.encode().expect("encode"), claim.encode_json_line()] {
+        let answer = ipc_exchange(&socket, &bytes).await;
+        assert!(answer.is_empty(), "the impostor was sent {answer:?}");
+    }
+    let listed = list(&mut admin).await;
+    assert_eq!(listed["pipes"][0]["checked_in"], json!(false), "{listed}");
+    // The real pipe checks in and runs its command.
+    assert_eq!(data_until(&mut data, id, "real\n").await, "real\n");
+}
+
+#[tokio::test]
+async fn garbage_on_the_ipc_socket_never_breaks_the_server() {
+    let server = TestServer::start().await;
+    let socket = server.config.ipc_socket.clone();
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "cat").await;
+    wait_checked_in(&mut admin, id).await;
+    let max = u32::try_from(server.config.limits.max_ipc_frame_bytes).expect("fits");
+
+    let mut inputs: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        vec![0],
+        vec![0, 0, 0],
+        header(0, 1),
+        header(3, 1),
+        header(7, 1),
+        header(8, 1),
+        header(u32::MAX, 1),
+        header(max + 1, 0),
+        header(max, 1),
+        [header(max, 1), vec![b'0'; 1000]].concat(),
+        raw(1, id.to_string().as_bytes()),
+        raw(1, b"999999"),
+        raw(1, b"-1"),
+        raw(1, b"18446744073709551616"),
+        raw(1, b"\xff\xfe"),
+        raw(1, &[b'9'; 100_000]),
+        raw(0, b"hello"),
+        raw(5, b"destroy"),
+        [raw(1, b"999"), raw(0, b"more")].concat(),
+        b"{\n".to_vec(),
+        b"{}\n".to_vec(),
+        b"{\"type\":1}\n".to_vec(),
+        format!("{{\"type\":1,\"payload\":\"{id}\"}}\n").into_bytes(),
+        format!("{{\"type\":\"pipe_id\",\"payload\":\"{id}\"}}\n").into_bytes(),
+        b"{\"type\":1,\"payload\":\"AA==\",\"encoding\":\"base64\"}\n".to_vec(),
+        b"{\"type\":1,\"payload\":\"!!\",\"encoding\":\"base64\"}\n".to_vec(),
+        b"{\"type\":-1,\"payload\":\"\"}\n".to_vec(),
+        b"{\"type\":99999999999,\"payload\":[]}\n".to_vec(),
+        b"   \n\n\t".to_vec(),
+        b" ".repeat(usize::try_from(max).expect("fits") + 10),
+        [
+            b"{".to_vec(),
+            vec![b'x'; usize::try_from(max).expect("fits") + 10],
+        ]
+        .concat(),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5ec_7a1c);
+    for round in 0..300 {
+        let len = rng.gen_range(0..64);
+        let mut bytes: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+        match round % 4 {
+            // A plausible header in front of random bytes.
+            0 => {
+                let total = rng.gen_range(0..80u32);
+                let kind = rng.gen_range(0..9u32);
+                bytes.splice(0..0, header(total, kind));
+            }
+            // A JSON-looking start.
+            1 => bytes.insert(0, b'{'),
+            _ => {}
+        }
+        inputs.push(bytes);
+    }
+    for input in &inputs {
+        let answer = ipc_exchange(&socket, input).await;
+        assert!(
+            answer.is_empty(),
+            "the server answered {:?}... with {answer:?}",
+            &input[..input.len().min(40)]
+        );
+    }
+
+    // Still serving: the checked-in pipe works, new pipes check in, echo works.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "send", "pipe_id": id}, "payload": "after\n"}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, "pipe_send").await;
+    data_until(&mut data, id, "after\n").await;
+    let second = create_pipe(&mut admin, "echo second").await;
+    data_until(&mut data, second, "second\n").await;
+    let text = r#"{"headers":{"method":"text"},"payload":"alive"}"#;
+    admin.send_text(text).await.expect("send");
+    recv_message(&mut admin, "echo", |m| m.payload == Some(json!("alive"))).await;
+    assert_eq!(panics_on_this_thread(), 0, "a server task panicked");
+}
+
+/// A fake pipe (Python, stdlib only) that checks in, sends every kind of frame, then a broken
+/// one: the output is routed, and the protocol error stops that pipe only.
+const FAKE_PIPE: &str = r#"
+import socket, struct, sys, time
+pipe_id, path = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+def frame(kind, payload):
+    return struct.pack(">II", 8 + len(payload), kind) + payload
+s.sendall(frame(1, pipe_id.encode()))
+s.sendall(frame(0, b"text ok\n") + frame(6, b"\xff\x00bin") + frame(0, b"\xc3\x28 bad")
+          + frame(99, b"odd type") + frame(7, b"err text"))
+time.sleep(0.3)
+s.sendall(struct.pack(">II", 3, 0))
+time.sleep(30)
+"#;
+
+#[tokio::test]
+async fn a_pipe_that_breaks_the_protocol_is_stopped() {
+    let server = TestServer::start_with(|c| {
+        c.pipe_program = "python3".into();
+        c.pipe_args = vec![
+            "-c".into(),
+            FAKE_PIPE.into(),
+            "{id}".into(),
+            "{ipc_socket}".into(),
+        ];
+    })
+    .await;
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "unused").await;
+
+    let text = |kind: u32| move |m: &Incoming| matches!(m, Incoming::Message(m) if m.headers.kind == Some(kind));
+    let Incoming::Message(first) = recv_until(&mut data, "text output", text(0)).await else {
+        unreachable!()
+    };
+    assert_eq!(first.payload, Some(json!("text ok\n")));
+    assert_eq!(first.headers.pipe_id, Some(id));
+    let mut binaries = Vec::new();
+    while binaries.len() < 2 {
+        if let Incoming::Binary(b) = recv_until(&mut data, "binary output", |m| {
+            matches!(m, Incoming::Binary(_))
+        })
+        .await
+        {
+            assert_eq!(b.headers.pipe_id, Some(id));
+            assert!(b.checksum_ok());
+            binaries.push((b.headers.kind, b.payload.to_vec()));
+        }
+    }
+    assert_eq!(
+        binaries,
+        vec![
+            (Some(6), b"\xff\x00bin".to_vec()),
+            (Some(0), b"\xc3\x28 bad".to_vec())
+        ]
+    );
+    recv_until(&mut data, "type 99", text(99)).await;
+    recv_until(&mut data, "type 7", text(7)).await;
+    let message = recv_method(&mut admin, method::PIPE_MESSAGE).await;
+    assert_eq!(
+        message.payload.as_ref().and_then(Value::as_str),
+        Some("err text")
+    );
+    // The broken frame ends it: destroy escalates to SIGTERM after the kill grace.
+    let deleted = tokio::time::timeout(
+        Duration::from_secs(5),
+        recv_method(&mut admin, method::PIPE_DELETE),
+    )
+    .await
+    .expect("pipe_delete in time");
+    assert_eq!(deleted.payload, Some(json!([id])));
+    server.assert_no_pipe_processes(STEP).await;
+}

@@ -1,0 +1,379 @@
+//! Pipes end to end over TLS: real `secure-talk-pipe` processes, output on the data channel,
+//! errors on the admin channel, destroy, stdin, ownership, reconnection and the orphan reaper.
+
+use std::time::Duration;
+
+use common::envelope::talk::method;
+use secure_talk::config::AdminSubject;
+use secure_talk::hub::Channel;
+use serde_json::{Value, json};
+
+use crate::support::{
+    STEP, TestServer, alive, closed, connect, create_pipe, data_until, eventually, expect_reply,
+    list, listed_pid, listed_pipes, recv_message, recv_method, send, wait_checked_in,
+};
+
+#[tokio::test]
+async fn output_reaches_data_stderr_reaches_admin_then_pipe_delete() {
+    let server = TestServer::start().await;
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+
+    let id = create_pipe(&mut admin, "sh -c 'echo hello; echo oops >&2'").await;
+    let out = recv_message(&mut data, "stdout on the data channel", |m| {
+        m.headers.kind == Some(0)
+    })
+    .await;
+    assert_eq!(
+        serde_json::to_value(&out).expect("json"),
+        json!({"headers": {"type": 0, "pipe_id": id}, "payload": "hello\n"})
+    );
+    // stderr as pipe_message, and pipe_delete once it exited, in either order.
+    let (mut stderr, mut deleted) = (String::new(), false);
+    while !(deleted && stderr.contains("oops")) {
+        let message = recv_message(&mut admin, "pipe_message and pipe_delete", |m| {
+            matches!(m.method(), method::PIPE_MESSAGE | method::PIPE_DELETE)
+        })
+        .await;
+        if message.method() == method::PIPE_DELETE {
+            assert_eq!(message.payload, Some(json!([id])));
+            deleted = true;
+        } else {
+            assert_eq!(message.headers.pipe_id, Some(id));
+            stderr.push_str(
+                message
+                    .payload
+                    .as_ref()
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    assert_eq!(stderr, "oops\n");
+    assert!(listed_pipes(&list(&mut admin).await).is_empty());
+    server.assert_no_pipe_processes(STEP).await;
+}
+
+#[tokio::test]
+async fn destroy_stops_a_long_running_pipe_and_its_process() {
+    let server = TestServer::start().await;
+    let mut admin = connect(&server.alice("a"), Channel::Admin).await;
+    let id = create_pipe(&mut admin, "sleep 30").await;
+    wait_checked_in(&mut admin, id).await;
+    let pid = listed_pid(&list(&mut admin).await, id);
+    assert!(alive(pid));
+    eventually("the pipe to launch sleep", STEP, || {
+        server.pipe_processes().len() >= 2
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    send(
+        &mut admin,
+        json!({"headers": {"method": "destroy", "pipe_id": id}}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, &format!("pipe_destroy {id}")).await;
+    let deleted = recv_method(&mut admin, method::PIPE_DELETE).await;
+    assert_eq!(deleted.payload, Some(json!([id])));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually("the pipe process to go", STEP, || !alive(pid)).await;
+    server.assert_no_pipe_processes(STEP).await;
+    // A second destroy finds nothing.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "destroy", "pipe_id": id}}),
+    )
+    .await;
+    expect_reply(&mut admin, 404, "has no pipes yet").await;
+}
+
+#[tokio::test]
+async fn send_and_property_reach_the_commands_stdin() {
+    let server = TestServer::start().await;
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "cat").await;
+
+    send(
+        &mut admin,
+        json!({"headers": {"method": "send", "pipe_id": id}, "payload": "ping\n"}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, &format!("pipe_send {id}")).await;
+    assert_eq!(data_until(&mut data, id, "ping\n").await, "ping\n");
+
+    let property = json!({"stdin": "prop\n", "gain": 3});
+    send(
+        &mut admin,
+        json!({"headers": {"method": "property", "pipe_id": id}, "payload": property}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, &format!("pipe_property {id}")).await;
+    assert_eq!(data_until(&mut data, id, "prop\n").await, "prop\n");
+    // Property as a JSON string works too, and the last one is listed.
+    let text = json!({"stdin": "again\n"}).to_string();
+    send(
+        &mut admin,
+        json!({"headers": {"method": "property", "pipe_id": id}, "payload": text}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, "pipe_property").await;
+    data_until(&mut data, id, "again\n").await;
+    let listed = list(&mut admin).await;
+    assert_eq!(listed["pipes"][0]["property"], json!({"stdin": "again\n"}));
+    // Not JSON: refused.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "property", "pipe_id": id}, "payload": "{"}),
+    )
+    .await;
+    expect_reply(&mut admin, 400, "json format error").await;
+    // Missing pipe id.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "send"}, "payload": "x"}),
+    )
+    .await;
+    expect_reply(&mut admin, 400, "pipe_id is required").await;
+}
+
+#[tokio::test]
+async fn ownership_is_enforced_and_an_admin_identity_sees_and_disconnects() {
+    let server =
+        TestServer::start_with(|c| c.admin_subjects = vec![AdminSubject::Cn("alice".into())]).await;
+    let mut a = connect(&server.bob("a"), Channel::Admin).await;
+    let mut b = connect(&server.bob("b"), Channel::Admin).await;
+    let mut b_data = connect(&server.bob("b"), Channel::Data).await;
+    assert_ne!(a.client_id, b.client_id);
+    let pipe_a = create_pipe(&mut a, "sleep 30").await;
+
+    // B owns nothing yet.
+    for request in [
+        json!({"headers": {"method": "property", "pipe_id": pipe_a}, "payload": {"stdin": "x\n"}}),
+        json!({"headers": {"method": "destroy", "pipe_id": pipe_a}}),
+        json!({"headers": {"method": "send", "pipe_id": pipe_a}, "payload": "x\n"}),
+    ] {
+        send(&mut b, request).await;
+        let wanted = format!("client {} has no pipes yet", b.client_id);
+        expect_reply(&mut b, 404, &wanted).await;
+    }
+    // With a pipe of its own, A's is still "not exists" to B.
+    let pipe_b = create_pipe(&mut b, "sleep 30").await;
+    for request in [
+        json!({"headers": {"method": "property", "pipe_id": pipe_a}, "payload": {"stdin": "x\n"}}),
+        json!({"headers": {"method": "destroy", "pipe_id": pipe_a}}),
+        json!({"headers": {"method": "send", "pipe_id": pipe_a}, "payload": "x\n"}),
+    ] {
+        send(&mut b, request).await;
+        expect_reply(&mut b, 404, &format!("pipe {pipe_a} not exists")).await;
+    }
+    let b_list = list(&mut b).await;
+    assert_eq!(listed_pipes(&b_list), vec![pipe_b]);
+    assert_eq!(b_list["admin"], json!(false));
+    let clients: Vec<u64> = b_list["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .map(|c| c["client_id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(clients, vec![b.client_id]);
+    assert_eq!(listed_pipes(&list(&mut a).await), vec![pipe_a]);
+
+    // Non-admins may not disconnect anyone.
+    send(
+        &mut b,
+        json!({"headers": {"method": "disconnect", "client_id": a.client_id}}),
+    )
+    .await;
+    expect_reply(&mut b, 403, "admin").await;
+
+    // Alice is an admin: she sees everything and disconnects B.
+    let mut admin = connect(&server.alice("admin"), Channel::Admin).await;
+    let all = list(&mut admin).await;
+    assert_eq!(all["admin"], json!(true));
+    let mut pipes = listed_pipes(&all);
+    pipes.sort_unstable();
+    assert_eq!(pipes, vec![pipe_a, pipe_b]);
+    for client in [a.client_id, b.client_id, admin.client_id] {
+        assert!(
+            all["clients"]
+                .as_array()
+                .expect("clients")
+                .iter()
+                .any(|c| c["client_id"] == json!(client)),
+            "{client} missing from {all}"
+        );
+    }
+    // An admin still cannot touch another client's pipe.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "destroy", "pipe_id": pipe_a}}),
+    )
+    .await;
+    expect_reply(&mut admin, 404, "").await;
+
+    send(
+        &mut admin,
+        json!({"headers": {"method": "disconnect", "client_id": b.client_id}}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, "disconnected").await;
+    assert_eq!(
+        closed(&mut b).await.map(|c| c.0),
+        Some(secure_talk::CLOSE_DISCONNECTED)
+    );
+    assert_eq!(
+        closed(&mut b_data).await.map(|c| c.0),
+        Some(secure_talk::CLOSE_DISCONNECTED)
+    );
+    send(
+        &mut admin,
+        json!({"headers": {"method": "disconnect", "client_id": 999_999}}),
+    )
+    .await;
+    expect_reply(&mut admin, 404, "not connected").await;
+    // A is untouched.
+    send(
+        &mut a,
+        json!({"headers": {"method": "destroy", "pipe_id": pipe_a}}),
+    )
+    .await;
+    expect_reply(&mut a, 200, "pipe_destroy").await;
+}
+
+#[tokio::test]
+async fn pipes_survive_the_owners_disconnect_and_are_listed_on_reconnect() {
+    let server = TestServer::start().await;
+    let opts = server.alice("a");
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "sleep 30").await;
+    let client_id = admin.client_id;
+    admin.close().await.expect("close");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.server.pipes(), 1);
+
+    let mut admin = connect(&opts, Channel::Admin).await;
+    assert_eq!(admin.client_id, client_id, "same token, same identity");
+    let first = admin
+        .recv_timeout(STEP)
+        .await
+        .expect("recv")
+        .expect("a greeting");
+    let secure_talk::client::Incoming::Message(first) = first else {
+        panic!("expected pipe_id first, got {first:?}");
+    };
+    assert_eq!(first.method(), method::PIPE_ID);
+    assert_eq!(first.payload, Some(json!([id])));
+
+    send(
+        &mut admin,
+        json!({"headers": {"method": "destroy", "pipe_id": id}}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, &format!("pipe_destroy {id}")).await;
+    let deleted = recv_method(&mut admin, method::PIPE_DELETE).await;
+    assert_eq!(deleted.payload, Some(json!([id])));
+    server.assert_no_pipe_processes(STEP).await;
+}
+
+#[tokio::test]
+async fn a_second_admin_connection_replaces_the_first() {
+    let server = TestServer::start().await;
+    let opts = server.alice("a");
+    let mut first = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut first, "sleep 30").await;
+    let mut second = connect(&opts, Channel::Admin).await;
+    assert_eq!(second.client_id, first.client_id);
+    assert_eq!(
+        closed(&mut first).await.map(|c| c.0),
+        Some(secure_talk::CLOSE_REPLACED)
+    );
+    let ids = recv_method(&mut second, method::PIPE_ID).await;
+    assert_eq!(ids.payload, Some(json!([id])));
+    // The old connection's end did not unregister the new one: pipe_delete still arrives.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(
+        &mut second,
+        json!({"headers": {"method": "destroy", "pipe_id": id}}),
+    )
+    .await;
+    expect_reply(&mut second, 200, "pipe_destroy").await;
+    let deleted = recv_method(&mut second, method::PIPE_DELETE).await;
+    assert_eq!(deleted.payload, Some(json!([id])));
+}
+
+#[tokio::test]
+async fn orphan_pipes_are_reaped_after_the_timeout() {
+    let server = TestServer::start_with(|c| c.limits.orphan_pipe_timeout_secs = 1).await;
+    let mut admin = connect(&server.alice("a"), Channel::Admin).await;
+    let id = create_pipe(&mut admin, "sleep 30").await;
+    wait_checked_in(&mut admin, id).await;
+    // While the owner is connected nothing is reaped.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(listed_pipes(&list(&mut admin).await), vec![id]);
+    admin.close().await.expect("close");
+    let gone = std::time::Instant::now();
+    eventually("the orphan to be reaped", Duration::from_secs(6), || {
+        server.server.pipes() == 0
+    })
+    .await;
+    assert!(
+        gone.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        gone.elapsed()
+    );
+    server.assert_no_pipe_processes(STEP).await;
+}
+
+/// Many pipes started at once on a multi-threaded runtime (as the daemon runs): every one
+/// checks in and delivers its output, however quickly it connects after being spawned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipes_started_in_bursts_all_check_in() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_pipes_per_client = 16;
+        c.limits.max_pipes = 16;
+    })
+    .await;
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    for round in 0..4 {
+        send(
+            &mut admin,
+            json!({"headers": {"method": "create"}, "payload": {"launch": "echo burst", "pipe_num": 8}}),
+        )
+        .await;
+        let mut ids = Vec::new();
+        while ids.len() < 8 {
+            let text = expect_reply(&mut admin, 200, "pipe_create ").await;
+            ids.push(
+                text.trim_start_matches("pipe_create ")
+                    .parse::<u64>()
+                    .expect("id"),
+            );
+        }
+        let mut pending: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        while !pending.is_empty() {
+            let message = recv_message(
+                &mut data,
+                &format!("round {round}: output of {pending:?}"),
+                |m| m.headers.kind == Some(0),
+            )
+            .await;
+            assert_eq!(message.payload, Some(json!("burst\n")));
+            pending.remove(&message.headers.pipe_id.expect("pipe id"));
+        }
+        let mut deleted = 0;
+        while deleted < 8 {
+            recv_method(&mut admin, method::PIPE_DELETE).await;
+            deleted += 1;
+        }
+    }
+}

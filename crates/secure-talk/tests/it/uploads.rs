@@ -1,0 +1,172 @@
+//! `model` uploads: where files land, what is refused, the checksum broadcast and push.
+
+use common::envelope::talk::{BinaryMessage, Headers, md5_hex, method};
+use secure_talk::client::Incoming;
+use secure_talk::hub::Channel;
+use serde_json::{Value, json};
+
+use crate::support::{STEP, TestServer, connect, expect_reply, recv_method};
+
+fn model(path: &str, bytes: &[u8]) -> BinaryMessage {
+    BinaryMessage::new(
+        Headers::method(method::MODEL).with_path(path),
+        bytes.to_vec(),
+    )
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).expect("below").display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn an_upload_is_written_recorded_and_broadcast() {
+    let server = TestServer::start().await;
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    let mut b = connect(&server.bob("b"), Channel::Admin).await;
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let sum = md5_hex(&bytes);
+
+    a.send_binary(&model("m1/w.bin", &bytes))
+        .await
+        .expect("send");
+    expect_reply(&mut a, 200, "m1/w.bin").await;
+    let upload_dir = &server.config.upload_dir;
+    assert_eq!(
+        std::fs::read(upload_dir.join("m1/w.bin")).expect("uploaded"),
+        bytes
+    );
+    let info: Value = serde_json::from_slice(
+        &std::fs::read(upload_dir.join("model_info.json")).expect("model_info.json"),
+    )
+    .expect("json");
+    assert_eq!(info, json!({"m1/w.bin": sum}));
+    assert_eq!(files(upload_dir), ["m1/w.bin", "model_info.json"]);
+    // Every admin connection hears about it.
+    for conn in [&mut a, &mut b] {
+        let broadcast = recv_method(conn, method::CHECK_SUM).await;
+        let text = broadcast
+            .payload
+            .as_ref()
+            .and_then(Value::as_str)
+            .expect("text");
+        let broadcast: Value = serde_json::from_str(text).expect("json");
+        assert_eq!(broadcast, info);
+    }
+
+    // A new admin connection gets model_info.json pushed as a binary checkSum message.
+    let mut c = connect(&server.alice("c"), Channel::Admin).await;
+    let push = c.recv_timeout(STEP).await.expect("recv").expect("a push");
+    let Incoming::Binary(push) = push else {
+        panic!("expected a binary push, got {push:?}");
+    };
+    assert_eq!(push.headers.method.as_deref(), Some(method::CHECK_SUM));
+    assert_eq!(push.headers.path.as_deref(), Some("model_info.json"));
+    assert!(push.checksum_ok());
+    assert_eq!(
+        push.payload.as_ref(),
+        std::fs::read(upload_dir.join("model_info.json")).expect("read")
+    );
+    // A second upload updates the record.
+    c.send_binary(&model("w2.bin", b"second"))
+        .await
+        .expect("send");
+    expect_reply(&mut c, 200, "w2.bin").await;
+    let info: Value = serde_json::from_slice(
+        &std::fs::read(upload_dir.join("model_info.json")).expect("model_info.json"),
+    )
+    .expect("json");
+    assert_eq!(info["w2.bin"], json!(md5_hex(b"second")));
+    assert_eq!(info["m1/w.bin"], json!(sum));
+}
+
+#[tokio::test]
+async fn traversal_bad_checksums_and_missing_paths_are_refused() {
+    let server = TestServer::start().await;
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    // Names unique to this run, so leftovers elsewhere cannot matter.
+    let tag = server
+        .dir
+        .path()
+        .file_name()
+        .expect("a name")
+        .to_string_lossy()
+        .into_owned();
+    let escapes = [
+        format!("../{tag}-evil"),
+        format!("a/../../{tag}-x"),
+        format!("../../{tag}-evil2"),
+    ];
+    let names = [
+        "/etc/x",
+        "..",
+        ".hidden",
+        "a/.git/config",
+        "model_info.json",
+        "a\\..\\x",
+        "",
+    ];
+    for name in escapes.iter().map(String::as_str).chain(names) {
+        a.send_binary(&model(name, b"payload")).await.expect("send");
+        expect_reply(&mut a, 400, "refused").await;
+    }
+    a.send_binary(&BinaryMessage::new(
+        Headers::method(method::MODEL),
+        b"x".to_vec(),
+    ))
+    .await
+    .expect("send");
+    expect_reply(&mut a, 400, "path is required").await;
+    // A checksum that is not the payload's.
+    let mut wrong = model("m2/x.bin", b"payload");
+    wrong.check_sum = md5_hex(b"something else");
+    a.send_binary(&wrong).await.expect("send");
+    expect_reply(&mut a, 422, "checksum").await;
+
+    assert!(
+        files(&server.config.upload_dir).is_empty(),
+        "{:?}",
+        files(&server.config.upload_dir)
+    );
+    // Nothing landed where the escapes point (the state directory and its parent).
+    let outside = server.dir.path();
+    for base in [outside, outside.parent().expect("parent")] {
+        let stray: Vec<_> = std::fs::read_dir(base)
+            .expect("read_dir")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{tag}-"))
+            })
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+    assert!(!std::path::Path::new("/etc/x").exists());
+    // No model_info.json yet: nothing is pushed on connect, and the channel works.
+    let mut c = connect(&server.alice("c"), Channel::Admin).await;
+    c.send_text(r#"{"headers":{"method":"nope"}}"#)
+        .await
+        .expect("send");
+    let first = c.recv_timeout(STEP).await.expect("recv").expect("a reply");
+    assert!(
+        matches!(&first, Incoming::Message(m) if m.headers.code == Some(400)),
+        "{first:?}"
+    );
+}
