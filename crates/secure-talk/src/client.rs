@@ -558,6 +558,12 @@ impl Connection {
         }
     }
 
+    /// The underlying stream, for load generators that write frames themselves. Bytes the
+    /// websocket had read ahead are lost, so call it before the server sends anything.
+    pub fn into_stream(self) -> Stream {
+        self.ws.into_inner()
+    }
+
     /// Closes the websocket (1000).
     ///
     /// # Errors

@@ -61,6 +61,11 @@ struct Args {
     /// Label copied into the result.
     #[arg(long, default_value = "")]
     label: String,
+    /// Use the full websocket client library for each message instead of pre-built frames
+    /// written straight to the socket (the default keeps the load generator's own cost low,
+    /// so the server is what is measured).
+    #[arg(long)]
+    library_client: bool,
     /// Instead of measuring: serve a raw echo (no HTTP, no websocket, no TLS) on this Unix
     /// socket, the floor the same runtime and sockets reach on this machine.
     #[arg(long, value_name = "PATH", conflicts_with = "floor")]
@@ -148,9 +153,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         measure_from = Instant::now() + Duration::from_secs_f64(args.warmup);
         end = measure_from + Duration::from_secs_f64(args.duration);
+        let lean = !args.library_client;
         for conn in conns {
             let message = message.clone();
-            tasks.spawn(async move { client(conn, message, window, measure_from, end).await });
+            if lean {
+                tasks.spawn(async move {
+                    lean_client(conn.into_stream(), message, window, measure_from, end).await
+                });
+            } else {
+                tasks.spawn(async move { client(conn, message, window, measure_from, end).await });
+            }
         }
     }
     let mut messages = 0u64;
@@ -295,6 +307,88 @@ async fn raw_client(
             return Ok(result);
         }
         stream.write_all(message.as_bytes()).await?;
+        sent.push_back(Instant::now());
+    }
+}
+
+/// A masked text frame of `payload` (fixed mask: fine for a load generator).
+fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81u8];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=65535 => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Length of the server's unmasked text frame carrying `len` payload bytes.
+fn reply_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2 + len,
+        126..=65535 => 4 + len,
+        _ => 10 + len,
+    }
+}
+
+/// Echo client writing pre-built frames and reading fixed-size replies.
+async fn lean_client(
+    mut stream: secure_talk::client::Stream,
+    message: String,
+    window: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> anyhow::Result<ClientResult> {
+    let frame = masked_frame(message.as_bytes());
+    let mut buf = vec![0u8; reply_len(message.len())];
+    let mut sent = std::collections::VecDeque::with_capacity(window);
+    let mut burst = Vec::with_capacity(frame.len() * window);
+    for _ in 0..window {
+        burst.extend_from_slice(&frame);
+        sent.push_back(Instant::now());
+    }
+    stream.write_all(&burst).await?;
+    stream.flush().await?;
+    let mut result = ClientResult {
+        messages: 0,
+        latencies_us: Vec::with_capacity(1 << 16),
+    };
+    loop {
+        stream.read_exact(&mut buf).await?;
+        if buf.first() != Some(&0x81) {
+            anyhow::bail!(
+                "unexpected frame from the server (opcode byte {:#x})",
+                buf[0]
+            );
+        }
+        let now = Instant::now();
+        let Some(at) = sent.pop_front() else {
+            anyhow::bail!("a reply nobody asked for");
+        };
+        if at >= measure_from && now <= end {
+            result.messages += 1;
+            let us = now.duration_since(at).as_micros();
+            result
+                .latencies_us
+                .push(u32::try_from(us).unwrap_or(u32::MAX));
+        }
+        if now >= end {
+            while sent.pop_front().is_some() {
+                stream.read_exact(&mut buf).await?;
+            }
+            return Ok(result);
+        }
+        stream.write_all(&frame).await?;
+        stream.flush().await?;
         sent.push_back(Instant::now());
     }
 }
