@@ -143,8 +143,14 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
                 buf.advance(used);
                 route(&shared, owner, id, frame).await;
             }
-            if reader.read_buf(&mut buf).await.map_err(io_error)? == 0 {
-                return Ok::<(), IpcError>(());
+            match reader.read_buf(&mut buf).await {
+                Ok(0) => return Ok::<(), IpcError>(()),
+                Ok(_) => {}
+                Err(err) => {
+                    // A reset from a pipe that was killed is an end, not a protocol error.
+                    tracing::debug!(%err, pipe_id = id, "ipc read ended");
+                    return Ok(());
+                }
             }
         }
     };
@@ -172,10 +178,6 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
             }
         }
     }
-}
-
-fn io_error(err: std::io::Error) -> IpcError {
-    IpcError::Json(format!("read: {err}"))
 }
 
 /// The pipe id of a check-in frame (type 1, ASCII decimal).

@@ -461,7 +461,6 @@ fn handle(
     match (req.method(), channel) {
         (&Method::GET, Some(_)) if exact => token_answer(shared, token.as_deref()),
         (&Method::POST, Some(_)) if exact => Response::new(Full::new(Bytes::new())),
-        (_, Some(_)) if exact => plain(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only"),
         _ => plain(StatusCode::NOT_FOUND, "not found"),
     }
 }

@@ -91,7 +91,7 @@ async fn other_requests_are_404_post_is_empty_200() {
         ("GET", "/DATA", 404),
         ("GET", "/other", 404),
         ("POST", "/other", 404),
-        ("PUT", "/", 405),
+        ("PUT", "/", 404),
     ] {
         let (got, _) = http(&opts, method, target, None).await;
         assert_eq!(got, status, "{method} {target}");
