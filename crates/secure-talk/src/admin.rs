@@ -12,8 +12,9 @@
 //! | `disconnect` | `headers.client_id` (admin identity only) | `text` 200; the client's sockets close with 4003 |
 //!
 //! Errors are `text` replies with code 400 (bad request), 403 (not an admin), 404 (no such
-//! pipe or client, or not the caller's), 409 (model file being written), 413 (too large),
-//! 422 (checksum mismatch), 500 (the pipe program cannot start) or 503 (a limit).
+//! pipe or client, or not the caller's), 413 (too large),
+//! 422 (checksum mismatch), 500 (the pipe program cannot start) or 503 (a limit); a second
+//! upload to a path being written gets the original's `error` method, with code 409.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -435,12 +436,12 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
     {
         let mut uploads = shared.uploads.lock().unwrap_or_else(|p| p.into_inner());
         if !uploads.insert(relative.clone()) {
-            return vec![WsMessage::text(
-                Message::error(format!(
-                    "model file {name} is being written by another controller"
-                ))
-                .encode(),
-            )];
+            // The original's `error` method, with the code where every reply carries it.
+            let mut busy = Message::error(format!(
+                "model file {name} is being written by another controller"
+            ));
+            busy.headers.code = Some(409);
+            return vec![reply(&busy)];
         }
     }
     let _lock = UploadLock {

@@ -40,8 +40,6 @@ pub struct Limits {
     pub max_ipc_frame_bytes: usize,
     /// Largest HTTP request head in bytes.
     pub max_header_bytes: usize,
-    /// Seconds for the TLS handshake (TCP only).
-    pub handshake_timeout_secs: u64,
     /// Seconds to send an HTTP request head, and between requests on a kept-alive connection.
     pub request_timeout_secs: u64,
     /// Seconds between server pings on a websocket.
@@ -71,7 +69,6 @@ impl Default for Limits {
             max_upload_bytes: 256 << 20,
             max_ipc_frame_bytes: 16 << 20,
             max_header_bytes: 16 << 10,
-            handshake_timeout_secs: 10,
             request_timeout_secs: 30,
             ping_interval_secs: 30,
             idle_timeout_secs: 90,
@@ -85,10 +82,6 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// TLS handshake deadline.
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.handshake_timeout_secs)
-    }
     /// HTTP request head deadline.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
@@ -403,5 +396,13 @@ mod tests {
             ]
         );
         assert!(AdminSubject::parse("sha256:abc").is_err());
+    }
+
+    #[test]
+    fn the_example_file_parses_and_validates() {
+        let text = include_str!("../../../deploy/config/secure-talk.example.toml");
+        let config = parse(text).unwrap();
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
     }
 }

@@ -262,7 +262,13 @@ async fn tcp_connection(
         return;
     };
     let acceptor = tls.acceptor();
-    let timeout = shared.config.limits.handshake_timeout();
+    let timeout = shared
+        .config
+        .tls
+        .as_ref()
+        .map_or(common::tls::DEFAULT_HANDSHAKE_TIMEOUT, |t| {
+            t.handshake_timeout()
+        });
     match common::tls::accept(&acceptor, tcp, timeout).await {
         Ok((stream, identity)) => {
             let peer = Peer { addr, identity };

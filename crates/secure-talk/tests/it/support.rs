@@ -62,7 +62,6 @@ pub(crate) fn test_config(dir: &Path) -> Config {
     limits.max_message_bytes = 64 << 10;
     limits.max_upload_bytes = 1 << 20;
     limits.max_ipc_frame_bytes = 1 << 20;
-    limits.handshake_timeout_secs = 2;
     limits.request_timeout_secs = 5;
     limits.pipe_checkin_timeout_secs = 5;
     limits.kill_grace_secs = 1;
