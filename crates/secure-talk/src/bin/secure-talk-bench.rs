@@ -12,7 +12,7 @@ use common::tls::ClientTlsFiles;
 use secure_talk::client::{ClientOptions, Connection, Transport};
 use secure_talk::hub::Channel;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// Measures `text` echo round trips against a running secure-talk server.
 ///
@@ -67,7 +67,7 @@ struct Args {
     #[arg(long)]
     library_client: bool,
     /// Instead of measuring: serve a raw echo (no HTTP, no websocket, no TLS) on this Unix
-    /// socket, the floor the same runtime and sockets reach on this machine.
+    /// socket (or `tcp:ADDR`), the floor the same runtime and sockets reach on this machine.
     #[arg(long, value_name = "PATH", conflicts_with = "floor")]
     floor_serve: Option<PathBuf>,
     /// Measure the raw echo served by --floor-serve at PATH (same clients, window, payload).
@@ -131,9 +131,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let (measure_from, end);
     if let Some(path) = &args.floor {
-        let mut streams = Vec::with_capacity(args.clients);
+        let mut streams: Vec<RawStream> = Vec::with_capacity(args.clients);
         for _ in 0..args.clients {
-            streams.push(UnixStream::connect(path).await.context("connecting")?);
+            streams.push(match tcp_address(path) {
+                Some(addr) => {
+                    let tcp = TcpStream::connect(addr).await.context("connecting")?;
+                    tcp.set_nodelay(true)?;
+                    Box::new(tcp)
+                }
+                None => Box::new(UnixStream::connect(path).await.context("connecting")?),
+            });
         }
         measure_from = Instant::now() + Duration::from_secs_f64(args.warmup);
         end = measure_from + Duration::from_secs_f64(args.duration);
@@ -183,7 +190,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let secs = args.duration;
     let line = serde_json::json!({
         "label": args.label,
-        "transport": if args.floor.is_some() { "raw-unix" } else if args.unix.is_some() { "unix" } else { "tls" },
+        "transport": if args.floor.as_deref().and_then(tcp_address).is_some() { "raw-tcp" } else if args.floor.is_some() { "raw-unix" } else if args.unix.is_some() { "unix" } else { "tls" },
         "clients": args.clients,
         "window": args.window,
         "payload": args.payload,
@@ -246,12 +253,39 @@ async fn client(
     }
 }
 
+/// Either kind of raw stream.
+type RawStream = Box<dyn RawIo>;
+trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawIo for T {}
+
+/// `tcp:ADDR` as an address.
+fn tcp_address(path: &std::path::Path) -> Option<std::net::SocketAddr> {
+    path.to_str()?.strip_prefix("tcp:")?.parse().ok()
+}
+
 /// Serves a raw echo: every read is written back as is.
 async fn floor_serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path).context("binding")?;
+    let tcp = match tcp_address(path) {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.context("binding")?),
+        None => None,
+    };
+    let unix = match tcp {
+        Some(_) => None,
+        None => {
+            let _ = std::fs::remove_file(path);
+            Some(tokio::net::UnixListener::bind(path).context("binding")?)
+        }
+    };
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let mut stream: RawStream = match (&tcp, &unix) {
+            (Some(tcp), _) => {
+                let (stream, _) = tcp.accept().await?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+            (None, Some(unix)) => Box::new(unix.accept().await?.0),
+            (None, None) => anyhow::bail!("nothing to serve"),
+        };
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             loop {
@@ -270,7 +304,7 @@ async fn floor_serve(path: &std::path::Path) -> anyhow::Result<()> {
 
 /// The raw echo's client: fixed-size messages, `window` in flight.
 async fn raw_client(
-    mut stream: UnixStream,
+    mut stream: RawStream,
     message: String,
     window: usize,
     measure_from: Instant,
