@@ -266,7 +266,11 @@ fn tcp_address(path: &std::path::Path) -> Option<std::net::SocketAddr> {
 /// Serves a raw echo: every read is written back as is.
 async fn floor_serve(path: &std::path::Path) -> anyhow::Result<()> {
     let tcp = match tcp_address(path) {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.context("binding")?),
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .context("binding")?,
+        ),
         None => None,
     };
     let unix = match tcp {
