@@ -1,0 +1,313 @@
+//! The HTTPS JSON API (ALPN `http/1.1`).
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /v1/sign?name=N[&package=&fileset=&vrmf=&ftype=]`, body = the content | 200 `{name, size, sha256, keyid, package, fileset, vrmf, ftype, timestamp, signature}` |
+//! | `POST /v1/sign-path`, body `{"path": "/abs/path"}` | 200 `{path, directory, listing, files, not_signed, signatures_file}` |
+//! | `GET /v1/keys` | 200 `{keys: [{name, keyid, algorithm, public_key}], key: <the caller's key name>}` |
+//! | `GET /v1/keys/{keyid}` | 200 the PEM public key |
+//! | `POST /v1/verify?keyid=K&signature=B64`, body = the content | 200 `{valid, keyid}` |
+//!
+//! Errors are `{"error": "..."}` with 400, 403, 404, 405, 408, 413, 422, 500 or 503. Uploads
+//! are streamed to a spool file (bounded memory, any size up to `max_upload_bytes`), then
+//! signed from it; content to verify is spooled the same way and read once.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::daemon::Shutdown;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::audit::Record;
+use crate::fields::Names;
+use crate::service::{Refusal, Service};
+use crate::signer::Signer;
+
+type Answer = Response<Full<Bytes>>;
+
+/// Serves HTTP/1.1 on one TLS connection.
+pub async fn serve<S>(service: Arc<Service>, io: S, cn: Option<String>, shutdown: Shutdown)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = service.config.limits.clone();
+    let handler = hyper::service::service_fn(move |req| {
+        let service = service.clone();
+        let cn = cn.clone();
+        async move { Ok::<_, Infallible>(handle(&service, cn.as_deref(), req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout())
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), handler);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => if let Err(err) = result {
+            tracing::debug!(%err, "http connection ended");
+        },
+        () = shutdown.triggered() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.drain_grace(), conn).await;
+        }
+    }
+}
+
+fn json_answer(status: u16, value: &Value) -> Answer {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn refused(refusal: &Refusal) -> Answer {
+    json_answer(refusal.status, &json!({ "error": refusal.message }))
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn handle(service: &Arc<Service>, cn: Option<&str>, req: Request<Incoming>) -> Answer {
+    let path = req.uri().path().to_owned();
+    let result = match (req.method(), path.as_str()) {
+        (&Method::POST, "/v1/sign") => sign_upload(service, cn, req).await,
+        (&Method::POST, "/v1/sign-path") => sign_path(service, cn, req).await,
+        (&Method::GET, "/v1/keys") => keys(service, cn),
+        (&Method::POST, "/v1/verify") => verify(service, req).await,
+        (&Method::GET, p) if p.starts_with("/v1/keys/") => {
+            key_pem(service, &p["/v1/keys/".len()..])
+        }
+        (_, "/v1/sign" | "/v1/sign-path" | "/v1/keys" | "/v1/verify") => {
+            Err(Refusal::new(405, "method not allowed"))
+        }
+        _ => Err(Refusal::new(404, format!("no such endpoint: {path}"))),
+    };
+    result.unwrap_or_else(|refusal| refused(&refusal))
+}
+
+/// Streams the body into a fresh spool file; returns it with its length.
+async fn spool(
+    service: &Service,
+    body: Incoming,
+) -> Result<(tempfile::NamedTempFile, u64), Refusal> {
+    let limits = &service.config.limits;
+    let temp = tempfile::Builder::new()
+        .prefix(".upload-")
+        .tempfile_in(&service.spool)
+        .map_err(|e| Refusal::new(500, format!("cannot create a spool file: {e}")))?;
+    let std_file = temp
+        .reopen()
+        .map_err(|e| Refusal::new(500, format!("cannot open the spool file: {e}")))?;
+    let mut file =
+        tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
+    let mut body = body;
+    let mut total = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(limits.io_timeout(), body.frame()).await {
+            Err(_) => return Err(Refusal::new(408, "the upload stalled")),
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                return Err(Refusal::new(400, format!("reading the upload: {err}")));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        if total > limits.max_upload_bytes {
+            return Err(Refusal::new(
+                413,
+                format!(
+                    "the upload is larger than {} bytes",
+                    limits.max_upload_bytes
+                ),
+            ));
+        }
+        file.write_all(&data)
+            .await
+            .map_err(|e| Refusal::new(500, format!("writing the spool file: {e}")))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| Refusal::new(500, format!("writing the spool file: {e}")))?;
+    Ok((temp, total))
+}
+
+async fn sign_upload(
+    service: &Arc<Service>,
+    cn: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Answer, Refusal> {
+    let (_, signer) = service.authorize(cn)?;
+    let params = query(&req);
+    let name = params
+        .get("name")
+        .cloned()
+        .filter(|n| !n.is_empty() && n.len() <= 1024 && !n.contains(['/', '\0', '\n']))
+        .ok_or_else(|| Refusal::new(400, "?name= (the file name, no '/') is required"))?;
+    let names = Names {
+        package: params.get("package").cloned(),
+        fileset: params.get("fileset").cloned(),
+        vrmf: params.get("vrmf").cloned(),
+        ftype: params.get("ftype").cloned(),
+    };
+    if let Some(field) = names.invalid() {
+        return Err(Refusal::new(
+            400,
+            format!("{field} holds ':' or a line break, or is too long"),
+        ));
+    }
+    let (temp, _) = spool(service, req.into_body()).await?;
+    let signed = service
+        .sign_one(signer, temp.path(), &name, &names)
+        .await
+        .map_err(|e| Refusal::new(500, e.to_string()))?;
+    service
+        .record(&[Record {
+            identity: cn.unwrap_or("-").to_owned(),
+            source: "upload",
+            name: name.clone(),
+            sha256: signed.sha256.clone(),
+            size: signed.size,
+            key_name: signer.name().to_owned(),
+            fields: signed.fields.clone(),
+        }])
+        .await?;
+    let f = &signed.fields;
+    Ok(json_answer(
+        200,
+        &json!({
+            "name": name,
+            "size": signed.size,
+            "sha256": signed.sha256,
+            "keyid": f.keyid,
+            "package": f.package,
+            "fileset": f.fileset,
+            "vrmf": f.vrmf,
+            "ftype": f.ftype,
+            "timestamp": f.timestamp,
+            "signature": f.signature,
+        }),
+    ))
+}
+
+async fn small_json(service: &Service, body: Incoming) -> Result<Value, Refusal> {
+    let max = service.config.limits.max_json_bytes;
+    let collected = tokio::time::timeout(
+        service.config.limits.io_timeout(),
+        http_body_util::Limited::new(body, max).collect(),
+    )
+    .await
+    .map_err(|_| Refusal::new(408, "the request body stalled"))?
+    .map_err(|_| Refusal::new(413, format!("the request body is over {max} bytes")))?;
+    serde_json::from_slice(&collected.to_bytes())
+        .map_err(|e| Refusal::new(400, format!("the body is not JSON: {e}")))
+}
+
+async fn sign_path(
+    service: &Arc<Service>,
+    cn: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Answer, Refusal> {
+    let body = small_json(service, req.into_body()).await?;
+    let path = body
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Refusal::new(400, "{\"path\": \"/absolute/path\"} is required"))?;
+    let report = service.sign_path(cn, path).await?;
+    Ok(json_answer(
+        200,
+        &serde_json::to_value(&report).unwrap_or_default(),
+    ))
+}
+
+fn key_view(signer: &Signer) -> Value {
+    json!({
+        "name": signer.name(),
+        "keyid": signer.keyid(),
+        "algorithm": signer.algorithm(),
+        "public_key": signer.public_pem().is_some(),
+    })
+}
+
+fn keys(service: &Arc<Service>, cn: Option<&str>) -> Result<Answer, Refusal> {
+    let mine = service.authorize(cn).ok().map(|(_, s)| s.name().to_owned());
+    let keys: Vec<Value> = service.signers().iter().map(key_view).collect();
+    Ok(json_answer(200, &json!({ "keys": keys, "key": mine })))
+}
+
+fn key_pem(service: &Arc<Service>, keyid: &str) -> Result<Answer, Refusal> {
+    let pem = service
+        .signers()
+        .iter()
+        .find(|s| s.keyid() == keyid)
+        .and_then(Signer::public_pem)
+        .ok_or_else(|| Refusal::new(404, format!("no public key with id {keyid}")))?;
+    let mut response = Response::new(Full::new(Bytes::from(pem)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-pem-file"),
+    );
+    Ok(response)
+}
+
+async fn verify(service: &Arc<Service>, req: Request<Incoming>) -> Result<Answer, Refusal> {
+    let params = query(&req);
+    let keyid = params
+        .get("keyid")
+        .cloned()
+        .ok_or_else(|| Refusal::new(400, "?keyid= is required"))?;
+    let signature = params
+        .get("signature")
+        .and_then(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.trim())
+                .ok()
+        })
+        .ok_or_else(|| Refusal::new(400, "?signature= (base64) is required"))?;
+    let key = service
+        .signers()
+        .iter()
+        .find_map(|s| match s {
+            Signer::Ed448 { key, .. } if s.keyid() == keyid => Some(key.verifying_key()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Refusal::new(
+                404,
+                format!("no Ed448 key with id {keyid} (command-signed content is verified with the command's own tools)"),
+            )
+        })?;
+    // Spooled like an upload, so a stalled body is bounded by the same per-piece deadline.
+    let (temp, _) = spool(service, req.into_body()).await?;
+    let valid = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(temp.path())?;
+        crate::ed448::verify_stream(&key, &signature, file)
+    })
+    .await
+    .map_err(|e| Refusal::new(500, e.to_string()))?
+    .map_err(|e| Refusal::new(500, format!("reading the content: {e}")))?;
+    Ok(json_answer(200, &json!({ "valid": valid, "keyid": keyid })))
+}

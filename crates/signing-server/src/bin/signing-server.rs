@@ -1,0 +1,243 @@
+//! The signing-server daemon: flags and file -> validated config -> keys, audit, TLS -> bind
+//! -> serve -> drain.
+#![allow(clippy::print_stdout)] // --print-address, --check-config and keygen report on stdout
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use common::daemon::{self, LogArgs, LogFormat, Shutdown, exit};
+use common::tls::{ClientAuth, ServerTls};
+use signing_server::config::FileConfig;
+use signing_server::ed448::Ed448Key;
+use signing_server::server::{ALPN_HTTP, Server};
+use signing_server::service::Service;
+
+/// TLS package-signing service.
+///
+/// Clients connect with TLS on port 6000 and present a certificate; its subject CN selects a
+/// [[clients]] rule (the key it signs with, the directories it may have signed by path). A
+/// client that offers no ALPN speaks the original protocol (send a path, get the listing, a
+/// JSON object of per-file signature fields and a "Signatures written to" line); one that
+/// offers http/1.1 gets the JSON API (POST /v1/sign, /v1/sign-path, /v1/verify; GET /v1/keys).
+///
+/// Every signature is recorded in an append-only SQLite audit table and in signatures.txt.
+///
+/// Signals: SIGHUP reloads the TLS certificate, key, client CA and CRLs; SIGTERM or SIGINT
+/// stops accepting and lets running requests finish (drain_grace_secs).
+///
+/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration,
+/// 66 a signing key cannot be loaded (missing, not Ed448, or readable by others), 69 cannot
+/// bind, open the audit database or load TLS, 70 requests still running after the grace
+/// period, 73 keygen cannot create its files.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Examples:\n  signing-server -c /etc/signing-server/signing-server.toml\n  signing-server keygen --out /etc/signing-server/release.key.pem"
+)]
+struct Args {
+    /// TOML configuration file (deploy/config/signing-server.example.toml documents every key).
+    #[arg(long, short = 'c', env = "SIGNING_SERVER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address [default: 127.0.0.1:6000].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Log filter, e.g. `info` or `info,signing_server=debug`.
+    #[arg(long = "log", value_name = "FILTER")]
+    log: Option<String>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    /// Print `listening on ADDR` on stdout once bound (for scripts using port 0).
+    #[arg(long)]
+    print_address: bool,
+    /// Check the configuration, the keys, the audit database and the TLS material, then exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make an Ed448 key pair: OUT (PKCS#8 PEM, mode 0600) and OUT.pub (public PEM).
+    Keygen {
+        /// Private key file to create (never overwritten).
+        #[arg(long, value_name = "PEM")]
+        out: PathBuf,
+    },
+}
+
+fn keygen(out: &std::path::Path) -> ExitCode {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let key = Ed448Key::generate();
+    let public = out.with_file_name(format!(
+        "{}.pub",
+        out.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let written = (|| -> anyhow::Result<()> {
+        let pem = key.to_pem()?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)?;
+        file.write_all(pem.as_bytes())?;
+        file.sync_all()?;
+        std::fs::write(
+            &public,
+            signing_server::ed448::public_pem(&key.verifying_key()),
+        )?;
+        Ok(())
+    })();
+    match written {
+        Ok(()) => {
+            println!(
+                "keyid {}\nprivate key {}\npublic key {}",
+                key.keyid(),
+                out.display(),
+                public.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("signing-server: keygen: {}: {err:#}", out.display());
+            ExitCode::from(exit::CANTCREAT)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Command::Keygen { out }) = &args.command {
+        return keygen(out);
+    }
+    let mut file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("signing-server: {err}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
+    let log = LogArgs {
+        log_format: args.log_format,
+        log_filter: args.log.clone().or_else(|| file.log.clone()),
+    };
+    let config = match file.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("signing-server: invalid configuration: {err}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    if let Err(err) = daemon::init_tracing(&log, "info") {
+        eprintln!("signing-server: {err:#}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("signing-server: starting the runtime: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    runtime.block_on(run(config, args.print_address, args.check_config))
+}
+
+async fn run(
+    config: signing_server::config::Config,
+    print_address: bool,
+    check_only: bool,
+) -> ExitCode {
+    common::tls::install_default_provider();
+    let files = config
+        .tls
+        .files(ClientAuth::Required, vec![ALPN_HTTP.to_vec()]);
+    let tls = match ServerTls::load(files) {
+        Ok(tls) => Arc::new(tls),
+        Err(err) => {
+            eprintln!("signing-server: loading TLS material: {err}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let listen = config.listen;
+    let grace = config.limits.drain_grace();
+    let service = match Service::open(config).await {
+        Ok(service) => service,
+        Err(err) => {
+            eprintln!("signing-server: {err:#}");
+            let text = format!("{err:#}");
+            return ExitCode::from(if text.contains("audit database") {
+                exit::UNAVAILABLE
+            } else {
+                exit::NOINPUT
+            });
+        }
+    };
+    if check_only {
+        let keys: Vec<String> = service
+            .signers()
+            .iter()
+            .map(|s| format!("{} ({}, keyid {})", s.name(), s.algorithm(), s.keyid()))
+            .collect();
+        println!(
+            "configuration ok: listen {listen}, keys: {}, client rules: {}",
+            keys.join(", "),
+            service.config.clients.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("signing-server: binding {listen}: {err}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let signals = match daemon::Signals::install() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("signing-server: signals: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let local = listener.local_addr().unwrap_or(listen);
+    let identity = tls.server_identity().ok().map(|i| i.to_string());
+    for signer in service.signers() {
+        tracing::info!(
+            key = signer.name(),
+            algorithm = signer.algorithm(),
+            keyid = signer.keyid(),
+            "signing key loaded"
+        );
+    }
+    tracing::info!(address = %local, identity, "listening");
+    if print_address {
+        println!("listening on {local}");
+    }
+    let shutdown = Shutdown::new();
+    let server = Server::new(service, tls, shutdown.clone());
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener).await })
+    };
+    let reloader = server.clone();
+    let drained = daemon::supervise(signals, &shutdown, grace, "serving", move || {
+        reloader.reload().map_err(anyhow::Error::from)
+    })
+    .await;
+    let _ = serving.await;
+    if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::SOFTWARE)
+    }
+}

@@ -1,0 +1,340 @@
+//! Configuration: the TOML file (every key documented in
+//! `deploy/config/signing-server.example.toml`), validated once into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::tls::TlsSection;
+
+/// Default listener: the original's port, loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6000";
+/// Default most files signed per request (the original's ten).
+pub const DEFAULT_MAX_FILES: usize = 10;
+
+/// Bounds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most files signed per request; the rest of a directory is listed, not signed.
+    pub max_files_per_request: usize,
+    /// Longest path a client may send, in bytes.
+    pub max_path_bytes: usize,
+    /// Largest upload in bytes.
+    pub max_upload_bytes: u64,
+    /// Largest JSON request body in bytes.
+    pub max_json_bytes: usize,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Most signatures computed at once (each holds a core while it hashes).
+    pub max_concurrent_signatures: usize,
+    /// Seconds for the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds for the original protocol's path, and for an HTTP request head.
+    pub request_timeout_secs: u64,
+    /// Seconds an upload may stall between two pieces, and an answer between two writes.
+    pub io_timeout_secs: u64,
+    /// Seconds an external signing command may run.
+    pub command_timeout_secs: u64,
+    /// Seconds to let requests finish after SIGTERM.
+    pub drain_grace_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_files_per_request: DEFAULT_MAX_FILES,
+            max_path_bytes: 4096,
+            max_upload_bytes: 64 << 30,
+            max_json_bytes: 64 << 10,
+            max_connections: 256,
+            max_concurrent_signatures: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            handshake_timeout_secs: 10,
+            request_timeout_secs: 10,
+            io_timeout_secs: 60,
+            command_timeout_secs: 120,
+            drain_grace_secs: 30,
+        }
+    }
+}
+
+impl Limits {
+    /// Request deadline.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    /// Stall deadline.
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_secs(self.io_timeout_secs)
+    }
+    /// External command deadline.
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout_secs)
+    }
+    /// Drain grace.
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_secs(self.drain_grace_secs)
+    }
+    /// Handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+/// A signing key as configured.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+pub enum KeySpec {
+    /// The built-in Ed448 signer.
+    Ed448 {
+        /// Name clients are mapped to.
+        name: String,
+        /// PKCS#8 PEM private key, mode 0600.
+        file: PathBuf,
+    },
+    /// An external `create_pkgsign`-compatible program.
+    Command {
+        /// Name clients are mapped to.
+        name: String,
+        /// The program (no shell).
+        program: PathBuf,
+        /// Its arguments; `{file}` is the file to sign, `{output}` a fresh file for the
+        /// signature line (without `{output}`, the line is read from standard output).
+        args: Vec<String>,
+        /// The key id the program signs with (checked against its output).
+        keyid: String,
+        /// PEM public key served by `GET /v1/keys/{keyid}`.
+        #[serde(default)]
+        public_key: Option<PathBuf>,
+    },
+}
+
+impl KeySpec {
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Ed448 { name, .. } | Self::Command { name, .. } => name,
+        }
+    }
+}
+
+/// What a client identity may do.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRule {
+    /// Certificate subject CN, or `*` for any verified certificate.
+    pub cn: String,
+    /// Name of the key this identity signs with.
+    pub key: String,
+    /// Directories whose files it may have signed by path (none: uploads only).
+    #[serde(default)]
+    pub roots: Vec<PathBuf>,
+}
+
+/// The TOML file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// TLS material.
+    pub tls: Option<TlsSection>,
+    /// Directory for signatures.txt, the audit database and upload spool files.
+    pub state_dir: Option<PathBuf>,
+    /// The signatures file (relative to state_dir).
+    pub signatures_file: Option<PathBuf>,
+    /// The audit database (relative to state_dir).
+    pub database: Option<PathBuf>,
+    /// Signing keys.
+    pub keys: Vec<KeySpec>,
+    /// Identity rules, first match wins.
+    pub clients: Vec<ClientRule>,
+    /// Bounds.
+    pub limits: Option<Limits>,
+    /// Log filter.
+    pub log: Option<String>,
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// TLS material.
+    pub tls: TlsSection,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// signatures.txt.
+    pub signatures_file: PathBuf,
+    /// Audit database.
+    pub database: PathBuf,
+    /// Keys.
+    pub keys: Vec<KeySpec>,
+    /// Identity rules.
+    pub clients: Vec<ClientRule>,
+    /// Bounds.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// The rule for a certificate CN (first match; `*` matches any).
+    pub fn rule_for(&self, cn: Option<&str>) -> Option<&ClientRule> {
+        self.clients
+            .iter()
+            .find(|rule| rule.cn == "*" || Some(rule.cn.as_str()) == cn)
+    }
+}
+
+impl FileConfig {
+    /// Validates the file.
+    ///
+    /// # Errors
+    /// No TLS section, a bad address, no key, a rule naming an unknown key, duplicate names,
+    /// relative roots, or a zero limit.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen_text
+            .parse()
+            .map_err(|e| ConfigError(format!("listen {listen_text:?}: {e}")))?;
+        let tls = self.tls.ok_or_else(|| {
+            ConfigError("a [tls] section (cert, key, client_ca) is required".into())
+        })?;
+        let state_dir = self.state_dir.unwrap_or_else(|| PathBuf::from("."));
+        let under = |p: PathBuf| {
+            if p.is_absolute() {
+                p
+            } else {
+                state_dir.join(p)
+            }
+        };
+        if self.keys.is_empty() {
+            return Err(ConfigError(
+                "no [[keys]]: configure at least one signing key".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for key in &self.keys {
+            if !names.insert(key.name()) {
+                return Err(ConfigError(format!("two keys are named {:?}", key.name())));
+            }
+        }
+        for rule in &self.clients {
+            if !names.contains(rule.key.as_str()) {
+                return Err(ConfigError(format!(
+                    "client {:?} uses key {:?}, which is not configured",
+                    rule.cn, rule.key
+                )));
+            }
+            if let Some(root) = rule.roots.iter().find(|r| !r.is_absolute()) {
+                return Err(ConfigError(format!(
+                    "client {:?}: root {} must be absolute",
+                    rule.cn,
+                    root.display()
+                )));
+            }
+        }
+        let limits = self.limits.unwrap_or_default();
+        for (name, value) in [
+            ("max_files_per_request", limits.max_files_per_request),
+            ("max_path_bytes", limits.max_path_bytes),
+            ("max_json_bytes", limits.max_json_bytes),
+            ("max_connections", limits.max_connections),
+            (
+                "max_concurrent_signatures",
+                limits.max_concurrent_signatures,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("limits.{name} must be above 0")));
+            }
+        }
+        Ok(Config {
+            listen,
+            tls,
+            signatures_file: under(
+                self.signatures_file
+                    .unwrap_or_else(|| PathBuf::from("signatures.txt")),
+            ),
+            database: under(
+                self.database
+                    .unwrap_or_else(|| PathBuf::from("audit.sqlite")),
+            ),
+            state_dir: state_dir.clone(),
+            keys: self.keys,
+            clients: self.clients,
+            limits,
+        })
+    }
+}
+
+/// Whether `path` is inside one of `roots` once symlinks are resolved: the resolved path, or
+/// `None`. Roots are resolved too, so a root that is itself a symlink works.
+pub fn within_roots(path: &Path, roots: &[PathBuf]) -> Option<PathBuf> {
+    let resolved = path.canonicalize().ok()?;
+    roots
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .any(|root| resolved.starts_with(&root))
+        .then_some(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        common::daemon::parse_toml::<FileConfig>(text)
+            .map_err(|e| ConfigError(e.to_string()))?
+            .into_config()
+    }
+
+    const BASE: &str = "[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n[[keys]]\ntype = \"ed448\"\nname = \"release\"\nfile = \"release.pem\"\n";
+
+    #[test]
+    fn validation() {
+        let config = parse(&format!(
+            "{BASE}[[clients]]\ncn = \"alice\"\nkey = \"release\"\nroots = [\"/srv\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.limits.max_files_per_request, 10);
+        assert_eq!(config.signatures_file, PathBuf::from("./signatures.txt"));
+        assert!(config.rule_for(Some("alice")).is_some());
+        assert!(config.rule_for(Some("bob")).is_none());
+        assert!(parse(&format!("{BASE}[[clients]]\ncn = \"a\"\nkey = \"nope\"\n")).is_err());
+        assert!(
+            parse(&format!(
+                "{BASE}[[clients]]\ncn = \"a\"\nkey = \"release\"\nroots = [\"rel\"]\n"
+            ))
+            .is_err()
+        );
+        assert!(
+            parse("[tls]\ncert = \"c\"\n")
+                .unwrap_err()
+                .0
+                .contains("no [[keys]]")
+        );
+        assert!(parse(&format!("{BASE}bogus = 1\n")).is_err());
+        let command = parse(&format!("{BASE}[[keys]]\ntype = \"command\"\nname = \"aix\"\nprogram = \"/usr/sbin/create_pkgsign\"\nargs = [\"-a\", \"infile={{file}}\", \"{{output}}\"]\nkeyid = \"k1\"\n")).unwrap();
+        assert_eq!(command.keys.len(), 2);
+    }
+
+    #[test]
+    fn roots_resolve_symlinks() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("a"), b"x").unwrap();
+        std::fs::write(outside.path().join("b"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("b"), root.path().join("link")).unwrap();
+        let roots = vec![root.path().to_owned()];
+        assert!(within_roots(&root.path().join("a"), &roots).is_some());
+        assert!(within_roots(&root.path().join("link"), &roots).is_none());
+        assert!(within_roots(&root.path().join("../x"), &roots).is_none());
+        assert!(within_roots(&outside.path().join("b"), &roots).is_none());
+    }
+}

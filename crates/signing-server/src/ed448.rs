@@ -1,0 +1,364 @@
+//! Ed448 keys and RFC 8032 pure Ed448 over streams.
+//!
+//! ed448-goldilocks signs and verifies messages held in memory. A package can be gigabytes,
+//! so this module runs the same RFC 8032 steps with the message fed in pieces: signing hashes
+//! it twice (`r = SHAKE256(dom4 || prefix || M)`, then `k = SHAKE256(dom4 || R || A || M)`),
+//! verifying once. The curve arithmetic, the scalar reduction and the point encodings are the
+//! library's; the unit tests check every result against the library's own `sign_raw` and
+//! `verify_raw`, and the integration tests against `openssl pkeyutl`.
+
+use std::io::{self, Read};
+use std::path::Path;
+
+use ed448_goldilocks::shake::Shake256;
+use ed448_goldilocks::shake::digest::{ExtendableOutput as _, Update as _, XofReader as _};
+use ed448_goldilocks::{
+    CompressedEdwardsY, EdwardsPoint, EdwardsScalar, SigningKey, VerifyingKey,
+    WideEdwardsScalarBytes,
+};
+use pkcs8::der::Decode as _;
+use pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePublicKey as _};
+use sha2::Digest as _;
+
+/// Length of a seed, a public key and each half of a signature.
+pub const LEN: usize = 57;
+/// Length of a signature.
+pub const SIGNATURE_LEN: usize = 2 * LEN;
+/// `dom4(0, "")`: pure Ed448, empty context.
+const DOM4: &[u8] = b"SigEd448\x00\x00";
+/// Bytes read per step.
+pub const CHUNK: usize = 256 * 1024;
+
+/// Errors with keys and signatures.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Reading failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Not a usable PEM key.
+    #[error("{0}")]
+    Format(String),
+    /// The key file may be read by group or others.
+    #[error("{0} must not be readable by group or others (chmod 600)")]
+    Mode(String),
+}
+
+/// An Ed448 private key with what signing needs precomputed.
+pub struct Ed448Key {
+    key: SigningKey,
+    scalar: EdwardsScalar,
+    prefix: [u8; LEN],
+    public: [u8; LEN],
+    keyid: String,
+}
+
+impl std::fmt::Debug for Ed448Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ed448Key")
+            .field("keyid", &self.keyid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `keyid`: the first 16 hex digits of SHA-256 of the public key's DER (SubjectPublicKeyInfo).
+pub fn keyid(key: &VerifyingKey) -> String {
+    let der = key
+        .to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(der))[..16].to_owned()
+}
+
+/// PEM SubjectPublicKeyInfo of a public key.
+pub fn public_pem(key: &VerifyingKey) -> String {
+    key.to_public_key_pem(pkcs8::LineEnding::LF)
+        .unwrap_or_default()
+}
+
+/// Parses a PEM public key (SubjectPublicKeyInfo).
+///
+/// # Errors
+/// Not an Ed448 public key.
+pub fn parse_public_pem(pem: &str) -> Result<VerifyingKey, KeyError> {
+    VerifyingKey::from_public_key_pem(pem.trim()).map_err(|e| KeyError::Format(e.to_string()))
+}
+
+impl Ed448Key {
+    /// The key of a 57-byte seed.
+    pub fn from_seed(seed: &[u8; LEN]) -> Self {
+        // RFC 8032 5.2.5: the scalar from the first half of SHAKE256(seed, 114), pruned; the
+        // prefix from the second half.
+        let mut expanded = [0u8; 2 * LEN];
+        Shake256::default()
+            .chain(seed)
+            .finalize_xof()
+            .read(&mut expanded);
+        let mut scalar_bytes = [0u8; LEN];
+        scalar_bytes.copy_from_slice(&expanded[..LEN]);
+        scalar_bytes[0] &= 0xFC;
+        scalar_bytes[56] = 0;
+        scalar_bytes[55] |= 0x80;
+        let mut prefix = [0u8; LEN];
+        prefix.copy_from_slice(&expanded[LEN..]);
+        let scalar = EdwardsScalar::from_bytes_mod_order(&scalar_bytes.into());
+        let key = SigningKey::try_from(&seed[..]).unwrap_or_else(|_| unreachable!("57 bytes"));
+        let verifying = key.verifying_key();
+        let public = verifying.to_bytes();
+        let keyid = keyid(&verifying);
+        expanded.fill(0);
+        scalar_bytes.fill(0);
+        Self {
+            key,
+            scalar,
+            prefix,
+            public,
+            keyid,
+        }
+    }
+
+    /// A new random key.
+    pub fn generate() -> Self {
+        use rand::RngCore as _;
+        let mut seed = [0u8; LEN];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        let key = Self::from_seed(&seed);
+        seed.fill(0);
+        key
+    }
+
+    /// Parses an unencrypted PKCS#8 PEM private key.
+    ///
+    /// # Errors
+    /// Not an Ed448 PKCS#8 key.
+    pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
+        let (label, der) =
+            pkcs8::Document::from_pem(pem.trim()).map_err(|e| KeyError::Format(e.to_string()))?;
+        if label != "PRIVATE KEY" {
+            return Err(KeyError::Format(format!(
+                "expected an unencrypted PKCS#8 \"PRIVATE KEY\", found {label:?}"
+            )));
+        }
+        let info = pkcs8::PrivateKeyInfoRef::from_der(der.as_bytes())
+            .map_err(|e| KeyError::Format(e.to_string()))?;
+        if info.algorithm.oid != ed448_goldilocks::ALGORITHM_OID {
+            return Err(KeyError::Format("not an Ed448 key".into()));
+        }
+        let key = SigningKey::from_pkcs8_der(der.as_bytes())
+            .map_err(|e| KeyError::Format(e.to_string()))?;
+        Ok(Self::from_seed(&key.to_bytes().into()))
+    }
+
+    /// Reads a key file, refusing one that group or others may read.
+    ///
+    /// # Errors
+    /// Unreadable, too open, or not an Ed448 key.
+    pub fn read(path: &Path) -> Result<Self, KeyError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(path)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(KeyError::Mode(path.display().to_string()));
+        }
+        let text = std::fs::read_to_string(path)?;
+        Self::from_pem(&text)
+    }
+
+    /// PKCS#8 PEM of the private key (what `openssl pkey` reads).
+    ///
+    /// # Errors
+    /// Encoding failure (none expected).
+    pub fn to_pem(&self) -> Result<String, KeyError> {
+        use pkcs8::EncodePrivateKey as _;
+        let bytes = ed448::pkcs8::KeypairBytes {
+            secret_key: self.key.to_bytes().into(),
+            public_key: None,
+        };
+        let der = bytes
+            .to_pkcs8_der()
+            .map_err(|e| KeyError::Format(e.to_string()))?;
+        der.to_pem("PRIVATE KEY", pkcs8::LineEnding::LF)
+            .map(|pem| pem.to_string())
+            .map_err(|e| KeyError::Format(e.to_string()))
+    }
+
+    /// The public key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// The key id.
+    pub fn keyid(&self) -> &str {
+        &self.keyid
+    }
+
+    /// Signs the message `open` yields, reading it twice. `observe` sees every byte of the
+    /// second pass (to hash the content for the audit) and the returned total length.
+    ///
+    /// # Errors
+    /// Reading failed, or the two passes read different lengths (the file changed).
+    pub fn sign_stream<R: Read>(
+        &self,
+        mut open: impl FnMut() -> io::Result<R>,
+        mut observe: impl FnMut(&[u8]),
+    ) -> io::Result<([u8; SIGNATURE_LEN], u64)> {
+        let mut buf = vec![0u8; CHUNK];
+        let mut first = Shake256::default().chain(DOM4).chain(self.prefix);
+        let len1 = feed(open()?, &mut buf, |piece| first.update(piece))?;
+        let r = wide_scalar(first);
+        let big_r = (EdwardsPoint::GENERATOR * r).to_affine().compress();
+        let mut second = Shake256::default()
+            .chain(DOM4)
+            .chain(big_r.as_bytes())
+            .chain(self.public);
+        let len2 = feed(open()?, &mut buf, |piece| {
+            second.update(piece);
+            observe(piece);
+        })?;
+        if len1 != len2 {
+            return Err(io::Error::other(
+                "the content changed while it was being signed",
+            ));
+        }
+        let k = wide_scalar(second);
+        let s = r + k * self.scalar;
+        let mut signature = [0u8; SIGNATURE_LEN];
+        signature[..LEN].copy_from_slice(big_r.as_bytes());
+        signature[LEN..].copy_from_slice(&s.to_bytes_rfc_8032());
+        Ok((signature, len2))
+    }
+
+    /// Signs a message in memory (the library's own implementation).
+    pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.key.sign_raw(message).to_bytes()
+    }
+}
+
+fn feed(mut reader: impl Read, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        each(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn wide_scalar(hasher: Shake256) -> EdwardsScalar {
+    let mut bytes = WideEdwardsScalarBytes::default();
+    hasher.finalize_xof().read(&mut bytes);
+    EdwardsScalar::from_bytes_mod_order_wide(&bytes)
+}
+
+/// Verifies a pure Ed448 signature over the message `reader` yields, in one pass.
+///
+/// # Errors
+/// Reading failed. A bad signature is `Ok(false)`.
+pub fn verify_stream(key: &VerifyingKey, signature: &[u8], reader: impl Read) -> io::Result<bool> {
+    let Ok(signature) = <&[u8; SIGNATURE_LEN]>::try_from(signature) else {
+        return Ok(false);
+    };
+    let mut r_bytes = [0u8; LEN];
+    r_bytes.copy_from_slice(&signature[..LEN]);
+    let mut s_bytes = [0u8; LEN];
+    s_bytes.copy_from_slice(&signature[LEN..]);
+    let Some(big_r) = Option::<_>::from(CompressedEdwardsY(r_bytes).decompress()) else {
+        return Ok(false);
+    };
+    let Some(s) =
+        Option::<EdwardsScalar>::from(EdwardsScalar::from_canonical_bytes(&s_bytes.into()))
+    else {
+        return Ok(false);
+    };
+    let public: [u8; LEN] = key.to_bytes();
+    let Some(a) = Option::<_>::from(CompressedEdwardsY(public).decompress()) else {
+        return Ok(false);
+    };
+    let mut hasher = Shake256::default().chain(DOM4).chain(r_bytes).chain(public);
+    let mut buf = vec![0u8; CHUNK];
+    feed(reader, &mut buf, |piece| hasher.update(piece))?;
+    let k = wide_scalar(hasher);
+    let big_r: EdwardsPoint = ed448_goldilocks::AffinePoint::to_edwards(&big_r);
+    let a: EdwardsPoint = ed448_goldilocks::AffinePoint::to_edwards(&a);
+    // The library's checks and equation: R not the identity, S not zero, [S]B = R + [k]A.
+    if big_r == EdwardsPoint::IDENTITY || s == EdwardsScalar::ZERO {
+        return Ok(false);
+    }
+    Ok(EdwardsPoint::GENERATOR * s == big_r + a * k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_matches_the_library() {
+        for size in [
+            0usize,
+            1,
+            56,
+            57,
+            1000,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 1,
+            3 * CHUNK + 17,
+        ] {
+            let key = Ed448Key::generate();
+            let message: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let (streamed, len) = key
+                .sign_stream(|| Ok(std::io::Cursor::new(&message)), |_| {})
+                .unwrap();
+            assert_eq!(len, size as u64);
+            assert_eq!(streamed, key.sign(&message), "size {size}");
+            assert!(verify_stream(&key.verifying_key(), &streamed, &message[..]).unwrap());
+            let library = ed448_goldilocks::Signature::try_from(&streamed[..]).unwrap();
+            assert!(key.verifying_key().verify_raw(&library, &message).is_ok());
+            let mut bad = streamed;
+            bad[3] ^= 1;
+            assert!(!verify_stream(&key.verifying_key(), &bad, &message[..]).unwrap());
+            if size > 0 {
+                let mut other = message.clone();
+                other[size / 2] ^= 0x80;
+                assert!(!verify_stream(&key.verifying_key(), &streamed, &other[..]).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn rfc8032_test_vector_one_octet() {
+        // RFC 8032 7.4, "1 octet".
+        let seed = hex::decode("c4eab05d357007c632f3dbb48489924d552b08fe0c353a0d4a1f00acda2c463afbea67c5e8d2877c5e3bc397a659949ef8021e954e0a12274e").unwrap();
+        let key = Ed448Key::from_seed(&seed.try_into().unwrap());
+        let (signature, _) = key.sign_stream(|| Ok(&[0x03u8][..]), |_| {}).unwrap();
+        assert_eq!(
+            hex::encode(signature),
+            "26b8f91727bd62897af15e41eb43c377efb9c610d48f2335cb0bd0087810f4352541b143c4b981b7e18f62de8ccdf633fc1bf037ab7cd779805e0dbcc0aae1cbcee1afb2e027df36bc04dcecbf154336c19f0af7e0a6472905e799f1953d2a0ff3348ab21aa4adafd1d234441cf807c03a00"
+        );
+    }
+
+    #[test]
+    fn pem_round_trip_keyid_and_mode() {
+        let key = Ed448Key::generate();
+        let pem = key.to_pem().unwrap();
+        let back = Ed448Key::from_pem(&pem).unwrap();
+        assert_eq!(back.keyid(), key.keyid());
+        assert_eq!(key.keyid().len(), 16);
+        let public = parse_public_pem(&public_pem(&key.verifying_key())).unwrap();
+        assert_eq!(keyid(&public), key.keyid());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, &pem).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(Ed448Key::read(&path), Err(KeyError::Mode(_))));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(Ed448Key::read(&path).unwrap().keyid(), key.keyid());
+        assert!(
+            Ed448Key::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! The listener: TLS (client certificate required by default), then one of two protocols
+//! chosen by ALPN.
+//!
+//! - No ALPN: the original's. The client writes a path; the server answers three messages
+//!   (each its own TLS record, as the original's clients read one record per message): the
+//!   listing (`List of files in <path>:` and a name per line, or `File to be signed: <path>`
+//!   for a file), the per-file JSON object as Python's `json.dumps` writes it, and
+//!   `\nSignatures written to: <file>\n`; then it closes. A refusal is one line,
+//!   `Refused: <why>`.
+//! - ALPN `http/1.1`: the JSON API (see [`crate::api`]).
+//!
+//! Every connection is its own task; signing runs on blocking threads under a concurrency
+//! limit, so a slow or silent client never holds up another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::daemon::{AcceptBackoff, Shutdown};
+use common::tls::{PeerIdentity, ServerTls, TlsError};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+
+use crate::fields::python_json;
+use crate::service::{PathReport, Service};
+
+/// ALPN of the JSON API.
+pub const ALPN_HTTP: &[u8] = b"http/1.1";
+
+/// The daemon.
+#[derive(Debug, Clone)]
+pub struct Server {
+    service: Arc<Service>,
+    tls: Arc<ServerTls>,
+    shutdown: Shutdown,
+    slots: Arc<Semaphore>,
+}
+
+impl Server {
+    /// A server over a loaded service and TLS material (which must offer [`ALPN_HTTP`]).
+    pub fn new(service: Arc<Service>, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
+        let slots = Arc::new(Semaphore::new(service.config.limits.max_connections));
+        Self {
+            service,
+            tls,
+            shutdown,
+            slots,
+        }
+    }
+
+    /// The service.
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// Rebuilds the TLS configuration from disk for new connections.
+    ///
+    /// # Errors
+    /// The new material does not load; the old stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        self.tls.reload()
+    }
+
+    /// Accepts connections until shutdown; connection tasks are tracked by the shutdown
+    /// handle.
+    pub async fn serve(&self, listener: TcpListener) {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let (tcp, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        backoff.failed(&err).await;
+                        continue;
+                    }
+                },
+                () = self.shutdown.triggered() => return,
+            };
+            backoff.succeeded();
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                tracing::warn!(%addr, "refused: max_connections reached");
+                continue;
+            };
+            let server = self.clone();
+            let span = tracing::info_span!("conn", peer = %addr);
+            self.shutdown.spawn(
+                async move {
+                    server.connection(tcp, addr).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let limits = &self.service.config.limits;
+        let (stream, identity) = match common::tls::accept(
+            &self.tls.acceptor(),
+            tcp,
+            limits.handshake_timeout(),
+        )
+        .await
+        {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::info!(outcome = "refused", %err, "tls handshake failed");
+                return;
+            }
+        };
+        let http = stream.get_ref().1.alpn_protocol() == Some(ALPN_HTTP);
+        let cn = identity.as_ref().and_then(|i| i.cn.clone());
+        tracing::debug!(%addr, identity = identity.as_ref().map(ToString::to_string), http, "connected");
+        if http {
+            crate::api::serve(self.service.clone(), stream, cn, self.shutdown.clone()).await;
+        } else {
+            self.legacy(stream, identity).await;
+        }
+    }
+
+    /// The original's protocol on one connection.
+    async fn legacy<S>(&self, mut stream: S, identity: Option<PeerIdentity>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let limits = &self.service.config.limits;
+        let cn = identity.as_ref().and_then(|i| i.cn.clone());
+        let path = match tokio::time::timeout(
+            limits.request_timeout(),
+            read_path(&mut stream, limits.max_path_bytes),
+        )
+        .await
+        {
+            Ok(Ok(path)) => path,
+            Ok(Err(err)) => {
+                let _ = write_message(&mut stream, format!("Refused: {err}\n").as_bytes()).await;
+                return;
+            }
+            Err(_) => {
+                tracing::info!(outcome = "refused", "no path in time");
+                return;
+            }
+        };
+        let messages = match self.service.sign_path(cn.as_deref(), &path).await {
+            Ok(report) => legacy_messages(&report),
+            Err(refusal) => {
+                tracing::info!(outcome = "refused", identity = cn, path, reason = %refusal, "path refused");
+                vec![format!("Refused: {refusal}\n").into_bytes()]
+            }
+        };
+        let io = limits.io_timeout();
+        for message in messages {
+            match tokio::time::timeout(io, write_message(&mut stream, &message)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+        let _ = tokio::time::timeout(io, stream.shutdown()).await;
+    }
+}
+
+/// Reads the path: what the client's first write carries, up to `max` bytes (a client that
+/// writes it in pieces gets 50 ms to finish; a newline ends it at once).
+///
+/// # Errors
+/// Not UTF-8, too long, empty, or the connection failed.
+async fn read_path<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = vec![0u8; max.min(64 * 1024) + 1];
+    loop {
+        let read = if buf.is_empty() {
+            stream.read(&mut chunk).await?
+        } else {
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                stream.read(&mut chunk),
+            )
+            .await
+            {
+                Ok(read) => read?,
+                Err(_) => break,
+            }
+        };
+        if read == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..read]);
+        if buf.len() > max {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("the path is longer than {max} bytes"),
+            ));
+        }
+        if buf.ends_with(b"\n") {
+            break;
+        }
+    }
+    while buf
+        .last()
+        .is_some_and(|b| matches!(b, b'\n' | b'\r' | b'\0'))
+    {
+        buf.pop();
+    }
+    if buf.is_empty() {
+        return Err(Error::new(ErrorKind::InvalidData, "no path was sent"));
+    }
+    String::from_utf8(buf).map_err(|_| Error::new(ErrorKind::InvalidData, "the path is not UTF-8"))
+}
+
+async fn write_message<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    message: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(message).await?;
+    stream.flush().await
+}
+
+/// The three messages of the original protocol for a report.
+pub fn legacy_messages(report: &PathReport) -> Vec<Vec<u8>> {
+    let mut first = if report.directory {
+        format!("List of files in {}:\n", report.path)
+    } else {
+        format!("File to be signed: {}\n", report.path)
+    };
+    if report.directory {
+        for name in &report.listing {
+            first.push_str(name);
+            first.push('\n');
+        }
+    }
+    let second = python_json(&report.files);
+    let mut third = format!("\nSignatures written to: {}\n", report.signatures_file);
+    if !report.not_signed.is_empty() {
+        third.push_str(&format!(
+            "Not signed (more than max_files_per_request files): {}\n",
+            report.not_signed.join(", ")
+        ));
+    }
+    vec![first.into_bytes(), second.into_bytes(), third.into_bytes()]
+}
