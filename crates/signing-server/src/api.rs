@@ -34,6 +34,9 @@ use crate::signer::Signer;
 
 type Answer = Response<Full<Bytes>>;
 
+/// Uploads up to this size (by Content-Length) are signed from memory.
+const IN_MEMORY_UPLOAD: u64 = 1 << 20;
+
 /// Serves HTTP/1.1 on one TLS connection.
 pub async fn serve<S>(service: Arc<Service>, io: S, cn: Option<String>, shutdown: Shutdown)
 where
@@ -179,11 +182,28 @@ async fn sign_upload(
             format!("{field} holds ':' or a line break, or is too long"),
         ));
     }
-    let (temp, _) = spool(service, req.into_body()).await?;
-    let signed = service
-        .sign_one(signer, temp.path(), &name, &names)
+    // Small bodies (by Content-Length) are signed from memory; the rest are spooled to disk.
+    let small = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= IN_MEMORY_UPLOAD);
+    let signed = if small {
+        let collected = tokio::time::timeout(
+            service.config.limits.io_timeout(),
+            http_body_util::Limited::new(req.into_body(), IN_MEMORY_UPLOAD as usize).collect(),
+        )
         .await
-        .map_err(|e| Refusal::new(500, e.to_string()))?;
+        .map_err(|_| Refusal::new(408, "the upload stalled"))?
+        .map_err(|e| Refusal::new(400, format!("reading the upload: {e}")))?;
+        service
+            .sign_bytes(signer, collected.to_bytes(), &name, &names)
+            .await
+    } else {
+        let (temp, _) = spool(service, req.into_body()).await?;
+        service.sign_one(signer, temp.path(), &name, &names).await
+    }
+    .map_err(|e| Refusal::new(500, e.to_string()))?;
     service
         .record(&[Record {
             identity: cn.unwrap_or("-").to_owned(),

@@ -1,8 +1,10 @@
 //! The audit trail: an append-only SQLite table of every signature, and the original's
 //! `signatures.txt`.
 //!
-//! The database file is created 0600 and runs in WAL mode; rows go in one transaction per
-//! request, so a request's signatures are recorded together or not at all. `signatures.txt`
+//! The database file is created 0600 and runs in WAL mode with full fsync. One writer task
+//! commits: it takes every request waiting at that moment into one transaction (group
+//! commit), so concurrent requests share an fsync; a request's signatures are recorded
+//! together or not at all, and none is handed out before its row is on disk. `signatures.txt`
 //! holds the signature lines of the last request (the original truncated it per
 //! connection), replaced atomically so a reader never sees half a file.
 
@@ -32,10 +34,20 @@ pub struct Record {
     pub fields: Fields,
 }
 
+/// A request's rows and where to say they are committed.
+type Pending = (
+    Vec<Record>,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// Most requests committed in one transaction.
+const GROUP: usize = 256;
+
 /// The audit database.
 #[derive(Debug, Clone)]
 pub struct Audit {
     pool: SqlitePool,
+    writer: tokio::sync::mpsc::Sender<Pending>,
 }
 
 impl Audit {
@@ -66,40 +78,24 @@ impl Audit {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let (writer, queue) = tokio::sync::mpsc::channel(GROUP * 4);
+        tokio::spawn(write_loop(pool.clone(), queue));
+        Ok(Self { pool, writer })
     }
 
-    /// Records a request's signatures in one transaction.
+    /// Records a request's signatures; returns once they are committed.
     ///
     /// # Errors
-    /// The database refuses the rows.
+    /// The database refuses the rows, or the writer has stopped.
     pub async fn record(&self, records: &[Record]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        for r in records {
-            sqlx::query(
-                "INSERT INTO signatures (signed_at, identity, source, name, sha256, size, key_name, keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&now)
-            .bind(&r.identity)
-            .bind(r.source)
-            .bind(&r.name)
-            .bind(&r.sha256)
-            .bind(i64::try_from(r.size).unwrap_or(i64::MAX))
-            .bind(&r.key_name)
-            .bind(&r.fields.keyid)
-            .bind(&r.fields.package)
-            .bind(&r.fields.fileset)
-            .bind(&r.fields.vrmf)
-            .bind(&r.fields.ftype)
-            .bind(&r.fields.timestamp)
-            .bind(&r.fields.signature)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.writer
+            .send((records.to_vec(), ack))
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        done.await
+            .map_err(|_| sqlx::Error::PoolClosed)?
+            .map_err(sqlx::Error::Protocol)
     }
 
     /// Rows as `(identity, source, name, sha256, keyid, signature)`, oldest first (for tests and
@@ -123,6 +119,57 @@ impl Audit {
     }
 }
 
+/// Commits waiting requests, as many as are queued (up to [`GROUP`]) per transaction.
+async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GROUP {
+            match queue.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let result = insert(&pool, batch.iter().flat_map(|(records, _)| records))
+            .await
+            .map_err(|e| e.to_string());
+        for (_, ack) in batch {
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+async fn insert(
+    pool: &SqlitePool,
+    records: impl Iterator<Item = &Record>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    for r in records {
+        sqlx::query(
+                "INSERT INTO signatures (signed_at, identity, source, name, sha256, size, key_name, keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&now)
+            .bind(&r.identity)
+            .bind(r.source)
+            .bind(&r.name)
+            .bind(&r.sha256)
+            .bind(i64::try_from(r.size).unwrap_or(i64::MAX))
+            .bind(&r.key_name)
+            .bind(&r.fields.keyid)
+            .bind(&r.fields.package)
+            .bind(&r.fields.fileset)
+            .bind(&r.fields.vrmf)
+            .bind(&r.fields.ftype)
+            .bind(&r.fields.timestamp)
+            .bind(&r.fields.signature)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
 /// Replaces `path` with the header and a line per signature, atomically.
 ///
 /// # Errors
@@ -142,8 +189,8 @@ pub fn write_signatures_file(path: &Path, fields: &[&Fields]) -> std::io::Result
         text.push_str(&line(f));
         text.push('\n');
     }
+    // No fsync: the audit table is the durable record; this file only has to be whole.
     tmp.write_all(text.as_bytes())?;
-    tmp.as_file().sync_all()?;
     // Readable like the original's file: signatures are public.
     use std::os::unix::fs::PermissionsExt as _;
     tmp.as_file()

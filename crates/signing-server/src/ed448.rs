@@ -6,6 +6,11 @@
 //! verifying once. The curve arithmetic, the scalar reduction and the point encodings are the
 //! library's; the unit tests check every result against the library's own `sign_raw` and
 //! `verify_raw`, and the integration tests against `openssl pkeyutl`.
+//!
+//! `R = [r]B` goes through [`mul_base`], a fixed-base comb over a table of multiples of the
+//! generator built once from the library's own point additions: 111 additions and constant-time
+//! table scans instead of a generic scalar multiplication, about three times faster, checked
+//! against `EdwardsPoint::GENERATOR * r` in the tests.
 
 use std::io::{self, Read};
 use std::path::Path;
@@ -204,7 +209,7 @@ impl Ed448Key {
         let mut first = Shake256::default().chain(DOM4).chain(self.prefix);
         let len1 = feed(open()?, &mut buf, |piece| first.update(piece))?;
         let r = wide_scalar(first);
-        let big_r = (EdwardsPoint::GENERATOR * r).to_affine().compress();
+        let big_r = mul_base(&r).to_affine().compress();
         let mut second = Shake256::default()
             .chain(DOM4)
             .chain(big_r.as_bytes())
@@ -230,6 +235,68 @@ impl Ed448Key {
     pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
         self.key.sign_raw(message).to_bytes()
     }
+}
+
+/// Nibbles of a scalar (446 bits fit 112 of them).
+const WINDOWS: usize = 112;
+
+/// `TABLE[i][j] = (j + 1) * 16^i * B`.
+fn base_table() -> &'static [[EdwardsPoint; 8]; WINDOWS] {
+    static TABLE: std::sync::OnceLock<Box<[[EdwardsPoint; 8]; WINDOWS]>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = Box::new([[EdwardsPoint::IDENTITY; 8]; WINDOWS]);
+        let mut base = EdwardsPoint::GENERATOR;
+        for row in table.iter_mut() {
+            row[0] = base;
+            for j in 1..8 {
+                row[j] = row[j - 1] + base;
+            }
+            for _ in 0..4 {
+                base = base.double();
+            }
+        }
+        table
+    })
+}
+
+/// The scalar as 112 signed radix-16 digits in [-8, 8), least significant first.
+fn signed_digits(scalar: &EdwardsScalar) -> [i8; WINDOWS] {
+    let bytes = scalar.to_bytes_rfc_8032();
+    let mut digits = [0i8; WINDOWS];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        let byte = bytes[i / 2];
+        *digit = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 } as i8;
+    }
+    // Carry so every digit is in [-8, 8); a reduced scalar is below 2^446, so the top digit
+    // (at most 3, plus a carry) stays in range.
+    for i in 0..WINDOWS - 1 {
+        let carry = (digits[i] + 8) >> 4;
+        digits[i] -= carry << 4;
+        digits[i + 1] += carry;
+    }
+    digits
+}
+
+/// `[scalar]B` by a fixed-base comb in constant time: each window scans all 8 entries of its
+/// row, keeps the one for the digit's magnitude with a conditional select, and negates it
+/// with a conditional select when the digit is negative.
+pub fn mul_base(scalar: &EdwardsScalar) -> EdwardsPoint {
+    use ed448_goldilocks::subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
+    let table = base_table();
+    let mut acc = EdwardsPoint::IDENTITY;
+    for (digit, row) in signed_digits(scalar).iter().zip(table.iter()) {
+        let negative = (*digit as u8) >> 7;
+        let magnitude = (*digit as u8 ^ 0u8.wrapping_sub(negative)).wrapping_add(negative);
+        let mut pick = EdwardsPoint::IDENTITY;
+        for (j, point) in row.iter().enumerate() {
+            pick.conditional_assign(point, magnitude.ct_eq(&(j as u8 + 1)));
+        }
+        let negated = -pick;
+        pick.conditional_assign(&negated, Choice::from(negative));
+        acc += pick;
+    }
+    acc
 }
 
 fn feed(mut reader: impl Read, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> io::Result<u64> {
@@ -325,6 +392,22 @@ mod tests {
                 assert!(!verify_stream(&key.verifying_key(), &streamed, &other[..]).unwrap());
             }
         }
+    }
+
+    #[test]
+    fn the_comb_matches_the_library() {
+        use rand::RngCore as _;
+        for round in 0..64 {
+            let mut wide = [0u8; 114];
+            rand::rngs::OsRng.fill_bytes(&mut wide);
+            if round == 0 {
+                wide = [0; 114];
+            }
+            let r = EdwardsScalar::from_bytes_mod_order_wide(&wide.into());
+            assert_eq!(mul_base(&r), EdwardsPoint::GENERATOR * r, "round {round}");
+        }
+        let minus_one = EdwardsScalar::ZERO - EdwardsScalar::ONE;
+        assert_eq!(mul_base(&minus_one), EdwardsPoint::GENERATOR * minus_one);
     }
 
     #[test]

@@ -171,6 +171,21 @@ impl Service {
         signer.sign_file(path, label, names).await
     }
 
+    /// Signs content held in memory under the signing-concurrency limit.
+    ///
+    /// # Errors
+    /// As the signer.
+    pub async fn sign_bytes(
+        &self,
+        signer: &Signer,
+        content: bytes::Bytes,
+        label: &str,
+        names: &Names,
+    ) -> Result<Signed, SignError> {
+        let _slot = self.sign_slots.acquire().await;
+        signer.sign_bytes(content, label, names, &self.spool).await
+    }
+
     /// Signs the file or the files of the directory `requested` names, inside the client's
     /// roots, records them and rewrites the signatures file.
     ///
@@ -293,7 +308,9 @@ impl Service {
         })
     }
 
-    /// Records signatures in the audit table, then the signatures file.
+    /// Records signatures in the audit table, then, for path requests, the signatures file
+    /// (the original wrote it for every path it was asked to sign; uploads are answered and
+    /// audited only).
     ///
     /// # Errors
     /// 500 when the audit database refuses them (the signatures are not handed out).
@@ -308,10 +325,12 @@ impl Service {
                 "the audit record could not be written; nothing was signed",
             )
         })?;
-        let _guard = self.signatures_lock.lock().await;
-        let fields: Vec<&Fields> = records.iter().map(|r| &r.fields).collect();
-        if let Err(err) = write_signatures_file(&self.config.signatures_file, &fields) {
-            tracing::error!(%err, path = %self.config.signatures_file.display(), "writing the signatures file failed");
+        if records.iter().any(|r| r.source == "path") {
+            let _guard = self.signatures_lock.lock().await;
+            let fields: Vec<&Fields> = records.iter().map(|r| &r.fields).collect();
+            if let Err(err) = write_signatures_file(&self.config.signatures_file, &fields) {
+                tracing::error!(%err, path = %self.config.signatures_file.display(), "writing the signatures file failed");
+            }
         }
         for r in records {
             tracing::info!(

@@ -156,11 +156,7 @@ impl Signer {
             return Err(SignError::BadField(field));
         }
         let (package, fileset, vrmf, ftype) = names.complete(label);
-        let timestamp = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc())
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let timestamp = now_rfc3339();
         match self {
             Self::Ed448 { key, .. } => {
                 let key = key.clone();
@@ -224,15 +220,83 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// Signs content held in memory (small uploads); the command signer gets it in a spool
+    /// file.
+    ///
+    /// # Errors
+    /// As [`Signer::sign_file`].
+    pub async fn sign_bytes(
+        &self,
+        content: bytes::Bytes,
+        label: &str,
+        names: &Names,
+        spool: &Path,
+    ) -> Result<Signed, SignError> {
+        let Self::Ed448 { key, .. } = self else {
+            let mut temp = tempfile::Builder::new()
+                .prefix(".upload-")
+                .tempfile_in(spool)?;
+            std::io::Write::write_all(&mut temp, &content)?;
+            return self.sign_file(temp.path(), label, names).await;
+        };
+        if let Some(field) = names.invalid() {
+            return Err(SignError::BadField(field));
+        }
+        let (package, fileset, vrmf, ftype) = names.complete(label);
+        let key = key.clone();
+        let (signature, sha256, size) = tokio::task::spawn_blocking(move || {
+            let mut sha = sha2::Sha256::new();
+            let (signature, size) =
+                key.sign_stream(|| Ok(&content[..]), |piece| sha.update(piece))?;
+            Ok::<_, std::io::Error>((signature, hex::encode(sha.finalize()), size))
+        })
+        .await
+        .map_err(|e| SignError::Io(std::io::Error::other(e)))??;
+        Ok(Signed {
+            fields: Fields {
+                package,
+                fileset,
+                vrmf,
+                ftype,
+                keyid: self.keyid().to_owned(),
+                timestamp: now_rfc3339(),
+                signature: base64::engine::general_purpose::STANDARD.encode(signature),
+            },
+            sha256,
+            size,
+        })
+    }
+}
+
+/// Now, RFC 3339 UTC to the second.
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 fn key_id(signer: &Signer) -> String {
     signer.keyid().to_owned()
 }
 
-/// Signs a file with Ed448 while a second thread computes its SHA-256.
+/// Files below this are hashed for the audit on the signing thread; larger ones on a second
+/// thread beside the second pass, which then costs no wall time.
+const INLINE_DIGEST: u64 = 4 << 20;
+
+/// Signs a file with Ed448 and computes its SHA-256.
 fn sign_with_digest(
     key: &Ed448Key,
     path: &Path,
 ) -> std::io::Result<([u8; crate::ed448::SIGNATURE_LEN], String, u64)> {
+    if std::fs::metadata(path)?.len() < INLINE_DIGEST {
+        let mut sha = sha2::Sha256::new();
+        let (signature, size) =
+            key.sign_stream(|| std::fs::File::open(path), |piece| sha.update(piece))?;
+        return Ok((signature, hex::encode(sha.finalize()), size));
+    }
     std::thread::scope(|scope| {
         let (tx, rx) = sync_channel::<Vec<u8>>(4);
         let hasher = scope.spawn(move || {
