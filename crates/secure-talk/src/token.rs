@@ -85,13 +85,32 @@ impl Tokens {
     /// # Errors
     /// Unreadable, too open or too short.
     pub fn from_file(path: &Path, lifetime: Duration) -> Result<Self, KeyError> {
+        Self::from_file_in(path, lifetime, None)
+    }
+
+    /// [`Tokens::from_file`], except that a file inside `credentials` (systemd's
+    /// `$CREDENTIALS_DIRECTORY`) may show group read: systemd grants the service user access
+    /// there with an ACL, and `stat` reports the ACL mask in the group bits.
+    ///
+    /// # Errors
+    /// As [`Tokens::from_file`].
+    pub fn from_file_in(
+        path: &Path,
+        lifetime: Duration,
+        credentials: Option<&Path>,
+    ) -> Result<Self, KeyError> {
         let shown = path.display().to_string();
         let read_err = |source| KeyError::Read {
             path: shown.clone(),
             source,
         };
         let meta = std::fs::metadata(path).map_err(read_err)?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        let forbidden = if credentials.is_some_and(|dir| path.starts_with(dir)) {
+            0o037
+        } else {
+            0o077
+        };
+        if meta.permissions().mode() & forbidden != 0 {
             return Err(KeyError::Mode(shown));
         }
         let mut key = std::fs::read(path).map_err(read_err)?;
@@ -243,6 +262,7 @@ mod tests {
             Tokens::from_file(&path, Duration::from_secs(60)),
             Err(KeyError::Mode(_))
         ));
+        assert!(Tokens::from_file_in(&path, Duration::from_secs(60), Some(dir.path())).is_ok());
         let short = dir.path().join("short");
         std::fs::write(&short, b"tooshort\n").unwrap();
         std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();

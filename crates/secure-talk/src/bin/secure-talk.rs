@@ -136,7 +136,13 @@ async fn run(
     check_only: bool,
 ) -> ExitCode {
     let tokens = match &config.token_key_file {
-        Some(path) => match Tokens::from_file(path, config.token_lifetime) {
+        Some(path) => match Tokens::from_file_in(
+            path,
+            config.token_lifetime,
+            std::env::var_os("CREDENTIALS_DIRECTORY")
+                .map(std::path::PathBuf::from)
+                .as_deref(),
+        ) {
             Ok(tokens) => tokens,
             Err(err) => {
                 eprintln!("secure-talk: {err}");
