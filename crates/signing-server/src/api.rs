@@ -8,7 +8,7 @@
 //! | `GET /v1/keys/{keyid}` | 200 the PEM public key |
 //! | `POST /v1/verify?keyid=K&signature=B64`, body = the content | 200 `{valid, keyid}` |
 //!
-//! Errors are `{"error": "..."}` with 400, 403, 404, 405, 408, 413, 422, 500 or 503. Uploads
+//! Errors are `{"error": "..."}` with 400, 403, 404, 405, 408, 413 or 500. Uploads
 //! are streamed to a spool file (bounded memory, any size up to `max_upload_bytes`), then
 //! signed from it; content to verify is spooled the same way and read once.
 

@@ -28,8 +28,6 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most signatures computed at once (each holds a core while it hashes).
     pub max_concurrent_signatures: usize,
-    /// Seconds for the TLS handshake.
-    pub handshake_timeout_secs: u64,
     /// Seconds for the original protocol's path, and for an HTTP request head.
     pub request_timeout_secs: u64,
     /// Seconds an upload may stall between two pieces, and an answer between two writes.
@@ -49,7 +47,6 @@ impl Default for Limits {
             max_json_bytes: 64 << 10,
             max_connections: 256,
             max_concurrent_signatures: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            handshake_timeout_secs: 10,
             request_timeout_secs: 10,
             io_timeout_secs: 60,
             command_timeout_secs: 120,
@@ -74,10 +71,6 @@ impl Limits {
     /// Drain grace.
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.drain_grace_secs)
-    }
-    /// Handshake deadline.
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.handshake_timeout_secs)
     }
 }
 
@@ -179,6 +172,9 @@ pub struct Config {
     pub clients: Vec<ClientRule>,
     /// Bounds.
     pub limits: Limits,
+    /// systemd's `$CREDENTIALS_DIRECTORY`, set by the daemon's `main` (not a file key): key
+    /// files there may show the group read bit systemd's ACL puts in their mode.
+    pub credentials_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -268,6 +264,7 @@ impl FileConfig {
             keys: self.keys,
             clients: self.clients,
             limits,
+            credentials_dir: None,
         })
     }
 }
@@ -322,6 +319,15 @@ mod tests {
         assert!(parse(&format!("{BASE}bogus = 1\n")).is_err());
         let command = parse(&format!("{BASE}[[keys]]\ntype = \"command\"\nname = \"aix\"\nprogram = \"/usr/sbin/create_pkgsign\"\nargs = [\"-a\", \"infile={{file}}\", \"{{output}}\"]\nkeyid = \"k1\"\n")).unwrap();
         assert_eq!(command.keys.len(), 2);
+    }
+
+    #[test]
+    fn the_example_file_parses_and_validates() {
+        let text = include_str!("../../../deploy/config/signing-server.example.toml");
+        let config = parse(text).unwrap();
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.keys.len(), 2);
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
     }
 
     #[test]

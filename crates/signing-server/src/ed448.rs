@@ -158,9 +158,21 @@ impl Ed448Key {
     /// # Errors
     /// Unreadable, too open, or not an Ed448 key.
     pub fn read(path: &Path) -> Result<Self, KeyError> {
+        Self::read_from(path, None)
+    }
+
+    /// [`Ed448Key::read`], except that a file inside `credentials` (systemd's
+    /// `$CREDENTIALS_DIRECTORY`) may show group read: systemd grants the service user access
+    /// there with an ACL, and `stat` reports the ACL mask in the group bits.
+    ///
+    /// # Errors
+    /// As [`Ed448Key::read`].
+    pub fn read_from(path: &Path, credentials: Option<&Path>) -> Result<Self, KeyError> {
         use std::os::unix::fs::PermissionsExt as _;
         let meta = std::fs::metadata(path)?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        let in_credentials = credentials.is_some_and(|dir| path.starts_with(dir));
+        let forbidden = if in_credentials { 0o037 } else { 0o077 };
+        if meta.permissions().mode() & forbidden != 0 {
             return Err(KeyError::Mode(path.display().to_string()));
         }
         let text = std::fs::read_to_string(path)?;
@@ -439,6 +451,12 @@ mod tests {
         assert!(matches!(Ed448Key::read(&path), Err(KeyError::Mode(_))));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(Ed448Key::read(&path).unwrap().keyid(), key.keyid());
+        // In systemd's credentials directory the ACL mask shows as group read.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert!(matches!(Ed448Key::read(&path), Err(KeyError::Mode(_))));
+        assert!(Ed448Key::read_from(&path, Some(dir.path())).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        assert!(Ed448Key::read_from(&path, Some(dir.path())).is_err());
         assert!(
             Ed448Key::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----")
                 .is_err()

@@ -123,7 +123,9 @@ fn parse_aix_name(name: &str) -> Option<(String, String, String, String)> {
 }
 
 /// The `signatures.txt` line of a signature. The timestamp goes in its basic ISO 8601 form
-/// (`20261129T091504Z`), which has no colon to break the line's fields.
+/// (`20261129T091504Z`), which has no colon to break the line's fields; a `:` or line break
+/// in another field (a file name can hold one) is written as `_`. The audit table keeps the
+/// exact values.
 pub fn line(fields: &Fields) -> String {
     let compact = time::OffsetDateTime::parse(
         &fields.timestamp,
@@ -137,15 +139,16 @@ pub fn line(fields: &Fields) -> String {
         .ok()
     })
     .unwrap_or_else(|| fields.timestamp.clone());
+    let clean = |v: &str| v.replace([':', '\n', '\r'], "_");
     format!(
         "{}:{}:{}:{}:{}:{}:{}",
-        fields.package,
-        fields.fileset,
-        fields.vrmf,
-        fields.ftype,
-        fields.keyid,
-        compact,
-        fields.signature
+        clean(&fields.package),
+        clean(&fields.fileset),
+        clean(&fields.vrmf),
+        clean(&fields.ftype),
+        clean(&fields.keyid),
+        clean(&compact),
+        clean(&fields.signature)
     )
 }
 
@@ -317,6 +320,9 @@ mod tests {
         assert_eq!(colons.timestamp, "2023-03-10 18:15:04");
         assert_eq!(colons.signature, "c2ln");
         assert!(parse_line(HEADER).is_none());
+        let mut odd = fields();
+        odd.fileset = "a:b\nc".into();
+        assert_eq!(parse_line(&super::line(&odd)).unwrap().fileset, "a_b_c");
         assert!(parse_line("a:b:c").is_none());
     }
 

@@ -96,11 +96,10 @@ impl Server {
 
     async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let limits = &self.service.config.limits;
         let (stream, identity) = match common::tls::accept(
             &self.tls.acceptor(),
             tcp,
-            limits.handshake_timeout(),
+            self.service.config.tls.handshake_timeout(),
         )
         .await
         {

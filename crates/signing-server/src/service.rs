@@ -112,8 +112,13 @@ impl Service {
         let mut signers = Vec::new();
         for spec in &config.keys {
             signers.push(
-                Signer::load(spec, config.limits.command_timeout(), &spool)
-                    .with_context(|| format!("key {:?}", spec.name()))?,
+                Signer::load(
+                    spec,
+                    config.limits.command_timeout(),
+                    &spool,
+                    config.credentials_dir.as_deref(),
+                )
+                .with_context(|| format!("key {:?}", spec.name()))?,
             );
         }
         let audit = Audit::open(&config.database)

@@ -20,6 +20,9 @@ use crate::config::KeySpec;
 use crate::ed448::{Ed448Key, KeyError};
 use crate::fields::{Fields, Names, parse_line};
 
+/// Most output read from a signing command, per stream.
+const MAX_COMMAND_OUTPUT: u64 = 1 << 20;
+
 /// A signature and what the audit records about the content.
 #[derive(Debug, Clone)]
 pub struct Signed {
@@ -81,11 +84,16 @@ impl Signer {
     ///
     /// # Errors
     /// An Ed448 key file that is unreadable, too open or not Ed448; an unreadable public key.
-    pub fn load(spec: &KeySpec, timeout: Duration, spool: &Path) -> Result<Self, KeyError> {
+    pub fn load(
+        spec: &KeySpec,
+        timeout: Duration,
+        spool: &Path,
+        credentials: Option<&Path>,
+    ) -> Result<Self, KeyError> {
         Ok(match spec {
             KeySpec::Ed448 { name, file } => Self::Ed448 {
                 name: name.clone(),
-                key: Arc::new(Ed448Key::read(file).map_err(|e| match e {
+                key: Arc::new(Ed448Key::read_from(file, credentials).map_err(|e| match e {
                     KeyError::Io(err) => KeyError::Format(format!("{}: {err}", file.display())),
                     other => other,
                 })?),
@@ -367,13 +375,55 @@ async fn run_command(
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = command
+    let mut child = command
         .spawn()
         .map_err(|e| SignError::Command(format!("cannot start {}: {e}", program.display())))?;
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    let pid = child.id();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let collect = |pipe: Option<tokio::process::ChildStdout>| async move {
+        let mut out = Vec::new();
+        if let Some(mut pipe) = pipe {
+            use tokio::io::AsyncReadExt as _;
+            let _ = (&mut pipe)
+                .take(MAX_COMMAND_OUTPUT)
+                .read_to_end(&mut out)
+                .await;
+        }
+        out
+    };
+    let collect_err = |pipe: Option<tokio::process::ChildStderr>| async move {
+        let mut out = Vec::new();
+        if let Some(mut pipe) = pipe {
+            use tokio::io::AsyncReadExt as _;
+            let _ = (&mut pipe)
+                .take(MAX_COMMAND_OUTPUT)
+                .read_to_end(&mut out)
+                .await;
+        }
+        out
+    };
+    let run = async {
+        let (status, stdout, stderr) =
+            tokio::join!(child.wait(), collect(stdout), collect_err(stderr));
+        status.map(|status| std::process::Output {
+            status,
+            stdout,
+            stderr,
+        })
+    };
+    let output = match tokio::time::timeout(timeout, run).await {
         Ok(Ok(output)) => output,
         Ok(Err(err)) => return Err(SignError::Command(format!("waiting for the signer: {err}"))),
         Err(_) => {
+            // The program and whatever it started: it leads its own process group.
+            if let Some(pid) = pid
+                .and_then(|p| i32::try_from(p).ok())
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.wait().await;
             return Err(SignError::Command(format!(
                 "the signing command did not finish within {} s",
                 timeout.as_secs()

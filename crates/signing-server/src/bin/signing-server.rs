@@ -129,7 +129,10 @@ fn main() -> ExitCode {
         log_filter: args.log.clone().or_else(|| file.log.clone()),
     };
     let config = match file.into_config() {
-        Ok(config) => config,
+        Ok(mut config) => {
+            config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            config
+        }
         Err(err) => {
             eprintln!("signing-server: invalid configuration: {err}");
             return ExitCode::from(exit::CONFIG);
