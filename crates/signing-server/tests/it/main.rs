@@ -1,1 +1,28 @@
-//! Integration tests.
+//! Integration tests: the real server on 127.0.0.1:0 (in process, and the daemon binary),
+//! real TLS clients, the original's Python client, `openssl`, a stand-in `create_pkgsign`.
+//!
+//! - `support`: the in-process server, the original-protocol and HTTPS clients, generated
+//!   content;
+//! - `legacy`: the original protocol byte for byte, the Python client, single files, the
+//!   file limit, concurrent and silent clients;
+//! - `refusals`: certificates, roots, symlinks, shell metacharacters;
+//! - `signatures`: verification with the library and with `openssl pkeyutl`; the audit table;
+//! - `api`: the HTTPS JSON API;
+//! - `upload`: a 2 GiB upload with bounded memory;
+//! - `command`: the external `create_pkgsign`-compatible signer;
+//! - `daemon`: the `signing-server` binary.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers panic on setup failures, like the tests"
+)]
+
+mod api;
+mod client;
+mod command;
+mod daemon;
+mod legacy;
+mod refusals;
+mod signatures;
+mod support;
+mod upload;

@@ -1,0 +1,183 @@
+//! The `signing-server` binary: keygen, --check-config, serving from a TOML file, SIGTERM.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt as _;
+
+use crate::support::{Answer, STEP, legacy, pki};
+
+const BIN: &str = env!("CARGO_BIN_EXE_signing-server");
+
+fn quoted(path: &Path) -> String {
+    serde_json::to_string(path.to_str().unwrap()).unwrap()
+}
+
+/// Makes a key with `keygen` in `dir` and a TOML file serving `dir/pkgs` to alice.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = dir.join("release.pem");
+    let out = std::process::Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pkgs = dir.join("pkgs");
+    std::fs::create_dir(&pkgs).unwrap();
+    let pki = pki();
+    let toml = format!(
+        r#"listen = "127.0.0.1:0"
+state_dir = {state}
+log = "warn"
+
+[tls]
+cert = {cert}
+key = {tls_key}
+client_ca = {ca}
+crls = [{crl}]
+
+[[keys]]
+type = "ed448"
+name = "release"
+file = {key}
+
+[[clients]]
+cn = "alice"
+key = "release"
+roots = [{pkgs}]
+
+[limits]
+drain_grace_secs = 3
+"#,
+        state = quoted(&dir.join("state")),
+        cert = quoted(&pki.server.cert_path),
+        tls_key = quoted(&pki.server.key_path),
+        ca = quoted(&pki.ca_path),
+        crl = quoted(&pki.crl_path),
+        key = quoted(&key),
+        pkgs = quoted(&pkgs),
+    );
+    let config = dir.join("signing-server.toml");
+    std::fs::write(&config, toml).unwrap();
+    (config, key)
+}
+
+#[test]
+fn keygen_writes_a_private_key_0600_and_a_public_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let out = std::process::Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let private = signing_server::ed448::Ed448Key::read(&key).unwrap();
+    let public = std::fs::read_to_string(dir.path().join("k.pem.pub")).unwrap();
+    let public = signing_server::ed448::parse_public_pem(&public).unwrap();
+    assert_eq!(signing_server::ed448::keyid(&public), private.keyid());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains(private.keyid()), "{stdout}");
+    // Never overwritten.
+    let again = std::process::Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(73));
+    assert_eq!(
+        signing_server::ed448::Ed448Key::read(&key).unwrap().keyid(),
+        private.keyid()
+    );
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_refuses_an_open_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, key) = setup(dir.path());
+    let check = || {
+        std::process::Command::new(BIN)
+            .arg("--check-config")
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check();
+    assert_eq!(
+        out.status.code(),
+        Some(66),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    // A configuration error is 78.
+    std::fs::write(&config, "bogus = 1\n").unwrap();
+    assert_eq!(check().status.code(), Some(78));
+}
+
+#[tokio::test]
+async fn the_daemon_serves_a_toml_configuration_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = setup(dir.path());
+    let pkgs = dir.path().join("pkgs");
+    std::fs::write(pkgs.join("bos.rte.7.3.0.0.bff"), b"bos").unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("-c")
+        .arg(&config)
+        .arg("--print-address")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(STEP, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                return addr.parse::<std::net::SocketAddr>().unwrap();
+            }
+        }
+        panic!("the daemon exited without printing its address");
+    })
+    .await
+    .expect("the daemon prints its address");
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let answer = legacy(addr, Some(&pki().alice), pkgs.to_str().unwrap())
+        .await
+        .unwrap();
+    let answer = Answer::parse(&String::from_utf8(answer).unwrap());
+    assert!(answer.files()["bos.rte.7.3.0.0.bff"]["signature"].is_string());
+    assert!(dir.path().join("state/audit.sqlite").exists());
+    assert!(dir.path().join("state/signatures.txt").exists());
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+        .await
+        .expect("the daemon stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    drain.await.unwrap();
+}

@@ -1,0 +1,164 @@
+//! Signatures verify with the library's streaming verifier and with `openssl pkeyutl`; every
+//! signature is in the append-only audit table.
+
+use std::path::Path;
+
+use signing_server::ed448::{parse_public_pem, verify_stream};
+
+use crate::support::{Answer, Options, TestServer, base64_decode, full, sha256_hex};
+
+/// Whether `openssl pkeyutl -verify -rawin` accepts `signature` over `file` with `public`.
+fn openssl_verifies(dir: &Path, public: &str, signature: &[u8], file: &Path) -> bool {
+    let public_path = dir.join("pub.pem");
+    let signature_path = dir.join("sig.bin");
+    std::fs::write(&public_path, public).unwrap();
+    std::fs::write(&signature_path, signature).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-rawin", "-pubin", "-inkey"])
+        .arg(&public_path)
+        .arg("-sigfile")
+        .arg(&signature_path)
+        .arg("-in")
+        .arg(file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // openssl 3 exits 1 on a bad signature; 1.1.1 exits 0 and says so.
+    out.status.success() && stdout.contains("Signature Verified Successfully")
+}
+
+fn have_openssl() -> bool {
+    let found = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("note: openssl is not on PATH; the openssl verification is skipped");
+    }
+    found
+}
+
+#[tokio::test]
+async fn signatures_verify_with_the_library_and_with_openssl() {
+    let server = TestServer::start(Options::default()).await;
+    let dir = server.pkgs.join("verify");
+    std::fs::create_dir(&dir).unwrap();
+    // Sizes around the signer's 256 KiB read size.
+    let contents: Vec<(String, Vec<u8>)> = [0usize, 1, 57, 262_144, 262_145, 700_001]
+        .iter()
+        .map(|&n| {
+            let content: Vec<u8> = (0..n).map(|i| (i * 131 % 251) as u8).collect();
+            (format!("file-{n:07}"), content)
+        })
+        .collect();
+    for (name, content) in &contents {
+        std::fs::write(dir.join(name), content).unwrap();
+    }
+    let answer = Answer::parse(&server.alice_legacy(dir.to_str().unwrap()).await);
+    let files = answer.files();
+    let key = parse_public_pem(&server.public_pem).unwrap();
+    let openssl = have_openssl();
+    let scratch = tempfile::tempdir().unwrap();
+    for (name, content) in &contents {
+        let signature = base64_decode(files[name]["signature"].as_str().unwrap());
+        assert_eq!(signature.len(), 114, "{name}");
+        assert!(
+            verify_stream(&key, &signature, &content[..]).unwrap(),
+            "{name}"
+        );
+        let mut bad_signature = signature.clone();
+        bad_signature[60] ^= 0x01;
+        assert!(!verify_stream(&key, &bad_signature, &content[..]).unwrap());
+        if !content.is_empty() {
+            let mut tampered = content.clone();
+            let at = tampered.len() / 2;
+            tampered[at] ^= 0x01;
+            assert!(!verify_stream(&key, &signature, &tampered[..]).unwrap());
+            if openssl {
+                assert!(
+                    openssl_verifies(
+                        scratch.path(),
+                        &server.public_pem,
+                        &signature,
+                        &dir.join(name)
+                    ),
+                    "openssl rejects {name}"
+                );
+                let tampered_path = scratch.path().join("tampered");
+                std::fs::write(&tampered_path, &tampered).unwrap();
+                assert!(!openssl_verifies(
+                    scratch.path(),
+                    &server.public_pem,
+                    &signature,
+                    &tampered_path
+                ));
+                assert!(!openssl_verifies(
+                    scratch.path(),
+                    &server.public_pem,
+                    &bad_signature,
+                    &dir.join(name)
+                ));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_signature_is_in_the_append_only_audit_table() {
+    let server = TestServer::start(Options::default()).await;
+    let file = server.pkgs.join("one.bin");
+    std::fs::write(&file, b"signed by path").unwrap();
+    let answer = Answer::parse(&server.alice_legacy(file.to_str().unwrap()).await);
+    let by_path = answer.files()["one.bin"]["signature"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reply = server
+        .alice(
+            "POST",
+            "/v1/sign?name=up.bin",
+            full(&b"signed by upload"[..]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let by_upload = reply.json()["signature"].as_str().unwrap().to_owned();
+
+    let rows = server.service.audit.rows().await.unwrap();
+    let keyid = server.keyid.clone();
+    assert_eq!(
+        rows,
+        [
+            (
+                "alice".to_owned(),
+                "path".to_owned(),
+                file.to_str().unwrap().to_owned(),
+                sha256_hex(b"signed by path"),
+                keyid.clone(),
+                by_path,
+            ),
+            (
+                "alice".to_owned(),
+                "upload".to_owned(),
+                "up.bin".to_owned(),
+                sha256_hex(b"signed by upload"),
+                keyid,
+                by_upload,
+            ),
+        ]
+    );
+
+    let pool = server.service.audit.pool();
+    for statement in [
+        "UPDATE signatures SET identity = 'mallory'",
+        "UPDATE signatures SET signature = 'forged' WHERE source = 'upload'",
+        "DELETE FROM signatures",
+        "DELETE FROM signatures WHERE id = 1",
+    ] {
+        let err = sqlx::query(statement).execute(pool).await.unwrap_err();
+        assert!(
+            err.to_string().contains("append-only"),
+            "{statement}: {err}"
+        );
+    }
+    assert_eq!(server.service.audit.rows().await.unwrap(), rows);
+}
