@@ -142,32 +142,44 @@ async fn insert(
     pool: &SqlitePool,
     records: impl Iterator<Item = &Record>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let records: Vec<&Record> = records.collect();
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
+    if let [only] = records[..] {
+        // One statement is its own transaction: one round trip to the database thread
+        // instead of three.
+        insert_query(&now, only).execute(pool).await?;
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
     for r in records {
-        sqlx::query(
-                "INSERT INTO signatures (signed_at, identity, source, name, sha256, size, key_name, keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&now)
-            .bind(&r.identity)
-            .bind(r.source)
-            .bind(&r.name)
-            .bind(&r.sha256)
-            .bind(i64::try_from(r.size).unwrap_or(i64::MAX))
-            .bind(&r.key_name)
-            .bind(&r.fields.keyid)
-            .bind(&r.fields.package)
-            .bind(&r.fields.fileset)
-            .bind(&r.fields.vrmf)
-            .bind(&r.fields.ftype)
-            .bind(&r.fields.timestamp)
-            .bind(&r.fields.signature)
-            .execute(&mut *tx)
-            .await?;
+        insert_query(&now, r).execute(&mut *tx).await?;
     }
     tx.commit().await
+}
+
+fn insert_query<'q>(
+    now: &'q str,
+    r: &'q Record,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(
+        "INSERT INTO signatures (signed_at, identity, source, name, sha256, size, key_name, keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(now)
+    .bind(&r.identity)
+    .bind(r.source)
+    .bind(&r.name)
+    .bind(&r.sha256)
+    .bind(i64::try_from(r.size).unwrap_or(i64::MAX))
+    .bind(&r.key_name)
+    .bind(&r.fields.keyid)
+    .bind(&r.fields.package)
+    .bind(&r.fields.fileset)
+    .bind(&r.fields.vrmf)
+    .bind(&r.fields.ftype)
+    .bind(&r.fields.timestamp)
+    .bind(&r.fields.signature)
 }
 
 /// Replaces `path` with the header and a line per signature, atomically.
