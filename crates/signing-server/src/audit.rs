@@ -124,6 +124,8 @@ impl Audit {
 
 /// Commits waiting requests, as many as are queued (up to [`GROUP`]) per transaction.
 async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
+    // The writer keeps one connection: no pool acquire and release per commit.
+    let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP {
@@ -132,9 +134,19 @@ async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pen
                 Err(_) => break,
             }
         }
-        let result = insert(&pool, batch.iter().flat_map(|(records, _)| records))
-            .await
-            .map_err(|e| e.to_string());
+        let result = match &mut conn {
+            Some(conn) => Ok(conn),
+            None => pool.acquire().await.map(|c| conn.insert(c)),
+        };
+        let result = match result {
+            Ok(c) => insert(c, batch.iter().flat_map(|(records, _)| records)).await,
+            Err(err) => Err(err),
+        }
+        .map_err(|e| e.to_string());
+        if result.is_err() {
+            // Start the next batch on a fresh connection.
+            conn = None;
+        }
         for (_, ack) in batch {
             let _ = ack.send(result.clone());
         }
@@ -142,9 +154,10 @@ async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pen
 }
 
 async fn insert(
-    pool: &SqlitePool,
+    conn: &mut sqlx::SqliteConnection,
     records: impl Iterator<Item = &Record>,
 ) -> Result<(), sqlx::Error> {
+    use sqlx::Connection as _;
     let records: Vec<&Record> = records.collect();
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -152,10 +165,10 @@ async fn insert(
     if let [only] = records[..] {
         // One statement is its own transaction: one round trip to the database thread
         // instead of three.
-        insert_query(&now, only).execute(pool).await?;
+        insert_query(&now, only).execute(&mut *conn).await?;
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     for r in records {
         insert_query(&now, r).execute(&mut *tx).await?;
     }
