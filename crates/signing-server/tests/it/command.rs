@@ -65,6 +65,7 @@ async fn a_create_pkgsign_compatible_command_signs_fails_and_times_out() {
             key: "aix".into(),
             roots: vec![root.clone()],
         }],
+        ..Options::default()
     })
     .await;
     for name in [

@@ -65,6 +65,25 @@ async fn python(script: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
     out.stdout
 }
 
+/// Runs `python3 -c script args...`; whether it exited 0, and its stdout.
+async fn python_status(script: &str, args: &[&str]) -> (bool, Vec<u8>) {
+    let child = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 is needed for these tests: {e}"));
+    let out = tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .expect("python3 finishes")
+        .unwrap();
+    (out.status.success(), out.stdout)
+}
+
 fn lpp_dir(server: &TestServer) -> std::path::PathBuf {
     let dir = server.pkgs.join("lpp");
     std::fs::create_dir(&dir).unwrap();
@@ -157,7 +176,8 @@ def recv_all(s):
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
-ctx.load_cert_chain(cert, key)
+if cert:
+    ctx.load_cert_chain(cert, key)
 s = ctx.wrap_socket(socket.create_connection((host, int(port))))
 s.send(("/" + path).encode())
 print(json.dumps([recv_all(s).decode() for _ in range(3)]))
@@ -201,6 +221,65 @@ async fn the_original_python_client_reads_one_message_per_recv_all() {
             server.signatures_file().display()
         )
     );
+}
+
+#[tokio::test]
+async fn the_original_client_without_a_certificate_works_where_the_operator_allows_it() {
+    // The original client presents no certificate. An operator who must keep it unchanged
+    // sets client_auth = "off" and a cn = "*" rule for the roots it may sign.
+    let options = Options {
+        client_auth: Some(common::tls::ClientAuth::Off),
+        anyone_signs_pkgs: true,
+        ..Options::default()
+    };
+    let server = TestServer::start(options).await;
+    let dir = lpp_dir(&server);
+    let relative = text(&dir).trim_start_matches('/').to_owned();
+    let out = python(
+        ORIGINAL_CLIENT,
+        &[
+            "127.0.0.1",
+            &server.addr.port().to_string(),
+            "",
+            "",
+            &relative,
+        ],
+        b"",
+    )
+    .await;
+    let messages: Vec<String> = serde_json::from_slice(&out).unwrap();
+    assert!(messages[0].starts_with(&format!("List of files in {}:\n", text(&dir))));
+    let files: Value = serde_json::from_str(&messages[1]).unwrap();
+    assert_eq!(files.as_object().unwrap().len(), 3);
+    assert!(messages[2].starts_with("\nSignatures written to: "));
+    let rows = server.service.audit.rows().await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.0 == "-"),
+        "no certificate: identity '-'"
+    );
+    // With the default (certificates required) the same client gets nothing.
+    let strict = TestServer::start(Options::default()).await;
+    let dir = lpp_dir(&strict);
+    let relative = text(&dir).trim_start_matches('/').to_owned();
+    let (ok, out) = python_status(
+        ORIGINAL_CLIENT,
+        &[
+            "127.0.0.1",
+            &strict.addr.port().to_string(),
+            "",
+            "",
+            &relative,
+        ],
+    )
+    .await;
+    let got_listing = ok
+        && serde_json::from_slice::<Vec<String>>(&out)
+            .is_ok_and(|m| m.first().is_some_and(|first| !first.is_empty()));
+    assert!(
+        !got_listing,
+        "a client without a certificate must get nothing by default"
+    );
+    assert!(strict.service.audit.rows().await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -58,6 +58,10 @@ pub(crate) struct Options {
     pub(crate) keys: Vec<KeySpec>,
     /// Client rules tried before alice's and bob's (first match wins).
     pub(crate) clients: Vec<ClientRule>,
+    /// The `[tls]` client-certificate policy (`client_auth`); `None`: required.
+    pub(crate) client_auth: Option<ClientAuth>,
+    /// Adds a last `cn = "*"` rule with alice's root (for clients without a certificate).
+    pub(crate) anyone_signs_pkgs: bool,
 }
 
 impl Default for Options {
@@ -66,6 +70,8 @@ impl Default for Options {
             limits: test_limits(),
             keys: Vec::new(),
             clients: Vec::new(),
+            client_auth: None,
+            anyone_signs_pkgs: false,
         }
     }
 }
@@ -130,9 +136,18 @@ impl TestServer {
             key: KEY.into(),
             roots: vec![bobs.clone()],
         });
+        if options.anyone_signs_pkgs {
+            clients.push(ClientRule {
+                cn: "*".into(),
+                key: KEY.into(),
+                roots: vec![pkgs.clone()],
+            });
+        }
+        let mut section = tls_section(pki);
+        section.client_auth = options.client_auth;
         let config = FileConfig {
             listen: Some("127.0.0.1:0".into()),
-            tls: Some(tls_section(pki)),
+            tls: Some(section),
             state_dir: Some(state.clone()),
             keys,
             clients,
