@@ -680,9 +680,22 @@ impl Client {
             let file = file
                 .try_clone()
                 .map_err(|e| ClientError::Io(format!("{}: {e}", local.display())))?;
-            let (response, req_no, producer) = self
+            let started = self
                 .start_put(file, size, remote, Arc::clone(&progress))
-                .await?;
+                .await;
+            let (response, req_no, producer) = match started {
+                // A server that refuses the upload at once (its session expired) answers 403
+                // and closes while the body is still going out; hyper then reports the broken
+                // write, not the answer. Nothing was written: log in and start over, once.
+                Err(ClientError::Io(message))
+                    if attempt == 0 && message.starts_with("request failed") =>
+                {
+                    tracing::debug!(%message, "upload interrupted; logging in again");
+                    self.authenticate().await?;
+                    continue;
+                }
+                started => started?,
+            };
             let response = if attempt == 0 {
                 match self.rejected_early(response).await? {
                     Some(response) => response,
