@@ -151,6 +151,19 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, toml::de::Error>
     toml::from_str(text)
 }
 
+/// Whether the permission bits `mode` of the secret file at `path` are private: no bit for
+/// group or others, except that inside `credentials` (systemd's `$CREDENTIALS_DIRECTORY`)
+/// group read is allowed, because systemd grants the service user access there with an ACL
+/// and `stat` reports the ACL mask in the group bits.
+pub fn secret_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> bool {
+    let forbidden = if credentials.is_some_and(|dir| path.starts_with(dir)) {
+        0o037
+    } else {
+        0o077
+    };
+    mode & forbidden == 0
+}
+
 /// Replaces `slot` with `value` when a flag or environment variable was given.
 pub fn overlay<T>(slot: &mut T, value: Option<T>) {
     if let Some(value) = value {
@@ -415,6 +428,21 @@ mod tests {
             ClientAuth::Off
         );
         assert!(parse_toml::<TlsSection>("cert = \"a\"\nclient-ca = \"x\"").is_err());
+    }
+
+    #[test]
+    fn secret_modes() {
+        let creds = Path::new("/run/credentials/x.service");
+        let inside = creds.join("key");
+        let outside = Path::new("/etc/x/key");
+        assert!(secret_mode_ok(outside, 0o100600, None));
+        assert!(secret_mode_ok(outside, 0o100400, Some(creds)));
+        assert!(!secret_mode_ok(outside, 0o100640, Some(creds)));
+        assert!(!secret_mode_ok(outside, 0o100604, None));
+        assert!(secret_mode_ok(&inside, 0o100440, Some(creds)));
+        assert!(!secret_mode_ok(&inside, 0o100440, None));
+        assert!(!secret_mode_ok(&inside, 0o100460, Some(creds)));
+        assert!(!secret_mode_ok(&inside, 0o100444, Some(creds)));
     }
 
     #[tokio::test]

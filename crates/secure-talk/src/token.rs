@@ -105,12 +105,7 @@ impl Tokens {
             source,
         };
         let meta = std::fs::metadata(path).map_err(read_err)?;
-        let forbidden = if credentials.is_some_and(|dir| path.starts_with(dir)) {
-            0o037
-        } else {
-            0o077
-        };
-        if meta.permissions().mode() & forbidden != 0 {
+        if !common::daemon::secret_mode_ok(path, meta.permissions().mode(), credentials) {
             return Err(KeyError::Mode(shown));
         }
         let mut key = std::fs::read(path).map_err(read_err)?;

@@ -170,9 +170,7 @@ impl Ed448Key {
     pub fn read_from(path: &Path, credentials: Option<&Path>) -> Result<Self, KeyError> {
         use std::os::unix::fs::PermissionsExt as _;
         let meta = std::fs::metadata(path)?;
-        let in_credentials = credentials.is_some_and(|dir| path.starts_with(dir));
-        let forbidden = if in_credentials { 0o037 } else { 0o077 };
-        if meta.permissions().mode() & forbidden != 0 {
+        if !common::daemon::secret_mode_ok(path, meta.permissions().mode(), credentials) {
             return Err(KeyError::Mode(path.display().to_string()));
         }
         let text = std::fs::read_to_string(path)?;
