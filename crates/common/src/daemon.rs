@@ -382,6 +382,31 @@ impl AcceptBackoff {
     pub fn succeeded(&mut self) {
         self.failures = 0;
     }
+
+    /// The next connection `accept` yields, or `None` once `shutdown` is triggered. A failed
+    /// accept (EMFILE and friends) is logged and backed off, never returned: an accept loop
+    /// does not end on one bad peer.
+    pub async fn next<T, F>(
+        &mut self,
+        shutdown: &Shutdown,
+        mut accept: impl FnMut() -> F,
+    ) -> Option<T>
+    where
+        F: Future<Output = std::io::Result<T>>,
+    {
+        loop {
+            tokio::select! {
+                accepted = accept() => match accepted {
+                    Ok(conn) => {
+                        self.succeeded();
+                        return Some(conn);
+                    }
+                    Err(err) => self.failed(&err).await,
+                },
+                () = shutdown.triggered() => return None,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -205,21 +205,7 @@ impl Server {
             })
         };
         let mut backoff = AcceptBackoff::default();
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = shutdown.triggered() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(pair) => {
-                    backoff.succeeded();
-                    pair
-                }
-                Err(err) => {
-                    backoff.failed(&err).await;
-                    continue;
-                }
-            };
+        while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
             let Ok(permit) = Arc::clone(&self.state.connections).try_acquire_owned() else {
                 tracing::warn!(%peer, "connection limit reached; refusing");
                 drop(stream);

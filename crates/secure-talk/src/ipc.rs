@@ -31,18 +31,7 @@ const DRAIN_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    backoff.failed(&err).await;
-                    continue;
-                }
-            },
-            () = shutdown.triggered() => return,
-        };
-        backoff.succeeded();
+    while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
         let shared = shared.clone();
         let cred = stream.peer_cred().ok();
         let pid = cred

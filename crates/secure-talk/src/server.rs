@@ -229,18 +229,7 @@ impl Server {
 async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
-    loop {
-        let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    backoff.failed(&err).await;
-                    continue;
-                }
-            },
-            () = shutdown.triggered() => return,
-        };
-        backoff.succeeded();
+    while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             tracing::warn!(%addr, "refused: max_connections reached");
             continue;
@@ -281,18 +270,7 @@ async fn tcp_connection(
 async fn serve_unix(shared: Arc<Shared>, listener: UnixListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    backoff.failed(&err).await;
-                    continue;
-                }
-            },
-            () = shutdown.triggered() => return,
-        };
-        backoff.succeeded();
+    while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             tracing::warn!("refused a unix connection: max_connections reached");
             continue;

@@ -66,18 +66,7 @@ impl Server {
     /// handle.
     pub async fn serve(&self, listener: TcpListener) {
         let mut backoff = AcceptBackoff::default();
-        loop {
-            let (tcp, addr) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        backoff.failed(&err).await;
-                        continue;
-                    }
-                },
-                () = self.shutdown.triggered() => return,
-            };
-            backoff.succeeded();
+        while let Some((tcp, addr)) = backoff.next(&self.shutdown, || listener.accept()).await {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 tracing::warn!(%addr, "refused: max_connections reached");
                 continue;

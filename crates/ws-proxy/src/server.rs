@@ -227,18 +227,7 @@ impl Server {
     pub async fn serve(&self, listener: TcpListener) -> anyhow::Result<()> {
         let mut backoff = AcceptBackoff::default();
         let shutdown = self.shared.shutdown.clone();
-        loop {
-            let (tcp, addr) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        backoff.failed(&err).await;
-                        continue;
-                    }
-                },
-                () = shutdown.triggered() => return Ok(()),
-            };
-            backoff.succeeded();
+        while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
             self.shared.metrics.accepted.inc();
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 self.shared.metrics.refused(Refusal::max_connections);
@@ -255,6 +244,7 @@ impl Server {
                 .instrument(span),
             );
         }
+        Ok(())
     }
 
     /// TLS, then the HTTP upgrade: the websocket, the peer's identity, the meet-up id and the

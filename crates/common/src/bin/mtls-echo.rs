@@ -146,18 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn serve(listener: TcpListener, server: Arc<ServerTls>, shutdown: Shutdown) {
     let mut backoff = common::daemon::AcceptBackoff::default();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    backoff.failed(&err).await;
-                    continue;
-                }
-            },
-            () = shutdown.triggered() => return,
-        };
-        backoff.succeeded();
+    while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
         let acceptor = server.acceptor();
         shutdown.spawn(async move {
             match tls::accept(&acceptor, stream, tls::DEFAULT_HANDSHAKE_TIMEOUT).await {
