@@ -1,0 +1,21 @@
+//! The broker: hands a user's application a port plus a secret (ssh mode) or a certificate
+//! from the broker's own CA (ssl mode), so that only that user can reach it.
+//!
+//! The daemon ([`server`]) answers an HTTP/JSON API on a Unix socket, where the caller is the
+//! uid the kernel reports (`SO_PEERCRED`), and optionally over HTTPS, where the caller is the
+//! user its client certificate maps to. Jobs live in a SQL store ([`store`]: SQLite by
+//! default, PostgreSQL by URL). [`client`] is the library `broker-cli`, `broker-run` and the
+//! tests use; [`gate`] fronts an unmodified application; [`tunnel`] is the user's side of it.
+//!
+//! This crate knows nothing of ssh itself except that `broker-cli connect --host` runs the
+//! system's `ssh` binary.
+
+pub mod api;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod identity;
+pub mod pemtls;
+pub mod server;
+pub mod service;
+pub mod store;

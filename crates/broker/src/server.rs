@@ -1,0 +1,355 @@
+//! The API over HTTP: one axum router served on the Unix socket (caller = the peer's uid from
+//! `SO_PEERCRED`) and, optionally, on HTTPS (caller = the user the client certificate maps
+//! to). The identity is attached by the connection, never read from the request.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path as UrlPath, State};
+use axum::http::{StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use common::daemon::{AcceptBackoff, Shutdown};
+use common::tls::ServerTls;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+use tower::ServiceExt as _;
+
+use crate::api::{
+    ErrorBody, HeartbeatResponse, JobList, SaveRequest, VerifyRequest, VerifyResponse, WhoAmI,
+};
+use crate::identity::{Caller, map_certificate};
+use crate::service::{Broker, BrokerError};
+
+/// Largest request body (a verify carries a 1 KiB secret; nothing needs more).
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Who the connection belongs to, or why it belongs to nobody.
+#[derive(Debug, Clone)]
+struct Identity(Result<Caller, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<Identity>() {
+            Some(Identity(Ok(caller))) => Ok(caller.clone()),
+            Some(Identity(Err(why))) => Err(BrokerError::Forbidden(why.clone()).into_response()),
+            None => {
+                Err(BrokerError::Internal("connection without identity".into()).into_response())
+            }
+        }
+    }
+}
+
+impl IntoResponse for BrokerError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let body = ErrorBody {
+            error: self.to_string(),
+            code: code.into(),
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BrokerError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| BrokerError::BadRequest(format!("request body: {e}")))
+}
+
+type Shared = State<Arc<Broker>>;
+
+async fn whoami(State(broker): Shared, caller: Caller) -> axum::Json<WhoAmI> {
+    axum::Json(WhoAmI {
+        user: caller.user,
+        via: caller.via.into(),
+        host: broker.config().host.clone(),
+    })
+}
+
+async fn save(State(broker): Shared, caller: Caller, body: Bytes) -> Result<Response, BrokerError> {
+    let request: SaveRequest = parse_json(&body)?;
+    let job = broker.save(&caller, request).await?;
+    tracing::info!(user = %caller.user, via = caller.via, job = %job.summary.id, r#type = %job.summary.job_type, port = job.summary.port, "job saved");
+    Ok((StatusCode::CREATED, axum::Json(job)).into_response())
+}
+
+async fn query(State(broker): Shared, caller: Caller) -> Result<axum::Json<JobList>, BrokerError> {
+    Ok(axum::Json(JobList {
+        jobs: broker.query(&caller).await?,
+    }))
+}
+
+async fn load(
+    State(broker): Shared,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, BrokerError> {
+    let job = broker.load(&caller, &id).await?;
+    Ok(axum::Json(job).into_response())
+}
+
+async fn verify(
+    State(broker): Shared,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Result<axum::Json<VerifyResponse>, BrokerError> {
+    let request: VerifyRequest = parse_json(&body)?;
+    let valid = broker.verify(&caller, &id, &request.secret).await?;
+    if !valid {
+        tracing::warn!(user = %caller.user, via = caller.via, job = %id, "verify: wrong secret");
+    }
+    Ok(axum::Json(VerifyResponse { valid }))
+}
+
+async fn heartbeat(
+    State(broker): Shared,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<axum::Json<HeartbeatResponse>, BrokerError> {
+    let expires = broker.heartbeat(&caller, &id).await?;
+    Ok(axum::Json(HeartbeatResponse { expires }))
+}
+
+async fn delete(
+    State(broker): Shared,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, BrokerError> {
+    broker.delete(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn pem(text: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], text).into_response()
+}
+
+async fn ca(State(broker): Shared) -> Response {
+    pem(broker.ca_pem().to_owned())
+}
+
+async fn crl(State(broker): Shared) -> Result<Response, BrokerError> {
+    Ok(pem(broker.crl_pem().await?))
+}
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn not_found() -> BrokerError {
+    BrokerError::BadRequest("no such endpoint; see docs/broker.md".into())
+}
+
+/// The API's routes.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/jobs", get(query).post(save))
+        .route("/v1/jobs/{id}", get(load).delete(delete))
+        .route("/v1/jobs/{id}/verify", post(verify))
+        .route("/v1/jobs/{id}/heartbeat", post(heartbeat))
+        .route("/v1/ca", get(ca))
+        .route("/v1/crl", get(crl))
+        .route("/v1/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(broker)
+}
+
+/// The daemon's listeners and what they share.
+#[derive(Clone)]
+pub struct Server {
+    broker: Arc<Broker>,
+    router: Router,
+    https: Option<Arc<ServerTls>>,
+    shutdown: Shutdown,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server for `broker`; `https` is the TLS material of the HTTPS API when configured.
+    pub fn new(broker: Arc<Broker>, https: Option<Arc<ServerTls>>, shutdown: Shutdown) -> Self {
+        let slots = Arc::new(Semaphore::new(broker.config().max_connections));
+        Self {
+            router: router(broker.clone()),
+            broker,
+            https,
+            shutdown,
+            slots,
+        }
+    }
+
+    /// The broker behind this server.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Re-reads the HTTPS certificate, key, client CA and CRLs; the old ones stay on error.
+    ///
+    /// # Errors
+    /// The new files are unusable.
+    pub fn reload(&self) -> Result<(), common::tls::TlsError> {
+        match &self.https {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Accepts on the Unix socket until shutdown.
+    pub async fn serve_unix(self, listener: tokio::net::UnixListener) {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Some((stream, _)) = backoff.next(&self.shutdown, || listener.accept()).await else {
+                return;
+            };
+            let identity = match stream.peer_cred() {
+                Ok(cred) => Identity(Ok(self.broker.unix_caller(cred.uid()))),
+                Err(err) => {
+                    tracing::warn!(%err, "no peer credentials; closing");
+                    continue;
+                }
+            };
+            let this = self.clone();
+            self.shutdown.spawn(async move {
+                this.serve_connection(stream, identity).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Accepts HTTPS connections until shutdown.
+    pub async fn serve_https(self, listener: tokio::net::TcpListener) {
+        let Some(tls) = self.https.clone() else {
+            return;
+        };
+        let Some(users) = self.broker.config().https.as_ref().map(|h| h.users.clone()) else {
+            return;
+        };
+        let deadline = self
+            .broker
+            .config()
+            .https
+            .as_ref()
+            .map_or(common::tls::DEFAULT_HANDSHAKE_TIMEOUT, |h| {
+                h.tls.handshake_timeout()
+            });
+        let users = Arc::new(users);
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Some((tcp, peer)) = backoff.next(&self.shutdown, || listener.accept()).await else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let acceptor = tls.acceptor();
+            let users = users.clone();
+            self.shutdown.spawn(async move {
+                match common::tls::accept(&acceptor, tcp, deadline).await {
+                    Ok((stream, identity)) => {
+                        let identity = match identity.as_ref().and_then(|id| map_certificate(&users, id)) {
+                            Some(user) => Identity(Ok(Caller { user, uid: None, via: "https" })),
+                            None => {
+                                let subject = identity.as_ref().map_or_else(String::new, |id| id.to_string());
+                                tracing::warn!(%peer, %subject, "https: certificate not mapped to a user");
+                                Identity(Err(format!("certificate {subject} is not mapped to a user on this broker")))
+                            }
+                        };
+                        this.serve_connection(stream, identity).await;
+                    }
+                    Err(err) => tracing::info!(%peer, %err, "https: handshake refused"),
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_connection<IO>(&self, io: IO, identity: Identity)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(identity.clone());
+                router.clone().oneshot(request.map(axum::body::Body::new))
+            },
+        );
+        let timeout = self.broker.config().request_timeout;
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeout)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "connection ended with an error");
+                }
+            }
+            () = self.shutdown.triggered() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            }
+        }
+    }
+}
+
+/// Binds the socket at `path` with `mode`. A stale socket file (nobody listening) is
+/// replaced; a live one is an error, so two daemons never share a path.
+///
+/// # Errors
+/// Binding failed or a daemon already listens there.
+pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another broker listens on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}

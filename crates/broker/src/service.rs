@@ -1,0 +1,636 @@
+//! What the API does, independent of transport: save, load, verify, query, heartbeat, delete
+//! and the reaper, each acting for a [`Caller`] and refusing anything of another user's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore as _;
+use rand::rngs::OsRng;
+use subtle::ConstantTimeEq as _;
+
+use crate::api::{Job, JobSummary, JobType, SaveRequest, TlsMaterial, valid_job_id};
+use crate::ca::BrokerCa;
+use crate::config::Config;
+use crate::identity::{Caller, UserNames};
+use crate::store::{AuditRecord, JobRow, Store};
+
+/// Bytes of an ssh-mode secret (4096 bits, as the original).
+pub const SECRET_BYTES: usize = 512;
+/// Longest label accepted.
+pub const MAX_LABEL: usize = 200;
+/// Random ports tried before falling back to a scan of the free ones.
+const RANDOM_TRIES: usize = 32;
+
+/// What a request can fail with; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no such job, or not the caller's, or expired.
+    #[error("no such job")]
+    NotFound,
+    /// 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 409: e.g. no free port.
+    #[error("{0}")]
+    Conflict(String),
+    /// 429.
+    #[error("{0}")]
+    TooMany(String),
+    /// 503: the store failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::store::StoreError> for BrokerError {
+    fn from(err: crate::store::StoreError) -> Self {
+        tracing::error!(error = %err, "store failed");
+        Self::Unavailable("the job store is unavailable".into())
+    }
+}
+
+impl From<crate::ca::CaError> for BrokerError {
+    fn from(err: crate::ca::CaError) -> Self {
+        tracing::error!(error = %err, "CA failed");
+        Self::Internal("issuing certificates failed".into())
+    }
+}
+
+/// The broker's state, shared by every connection.
+#[derive(Debug)]
+pub struct Broker {
+    config: Arc<Config>,
+    store: Store,
+    ca: BrokerCa,
+    names: UserNames,
+    failures: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// RFC 3339 of Unix seconds.
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    OsRng.fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+/// Whether nothing on this host listens on `port` (IPv4 and, where there is one, IPv6).
+pub fn port_free(port: u16) -> bool {
+    if std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).is_err() {
+        return false;
+    }
+    match std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => true,
+        // No IPv6 on this host: nothing can listen there either.
+        Err(err) => {
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+            ) || err.raw_os_error() == Some(97)
+        } // EAFNOSUPPORT
+    }
+}
+
+impl Broker {
+    /// Opens the store and the CA.
+    ///
+    /// # Errors
+    /// The store or the CA cannot be opened.
+    pub async fn open(config: Config) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        use std::os::unix::fs::DirBuilderExt as _;
+        if !config.state_dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.state_dir)
+                .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        }
+        let store = Store::open(&config)
+            .await
+            .with_context(|| format!("opening the store {}", redact_url(&config.database)))?;
+        let ca = BrokerCa::load_or_create(&config.state_dir, &config.host)?;
+        Ok(Self {
+            config: Arc::new(config),
+            store,
+            ca,
+            names: UserNames::default(),
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The store (tests read the audit table through it).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The caller behind a socket peer's uid.
+    pub fn unix_caller(&self, uid: u32) -> Caller {
+        Caller {
+            user: self.names.name(uid),
+            uid: Some(uid),
+            via: "unix",
+        }
+    }
+
+    /// The broker CA certificate.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// The current CRL.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn crl_pem(&self) -> Result<String, BrokerError> {
+        let revoked = self.store.revoked_serials().await?;
+        Ok(self.ca.crl_pem(revoked)?)
+    }
+
+    fn cert_lifetime_secs(&self) -> i64 {
+        i64::from(self.config.cert_days) * 86_400
+    }
+
+    /// Registers a job for `caller`.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn save(&self, caller: &Caller, request: SaveRequest) -> Result<Job, BrokerError> {
+        let job_type = request
+            .job_type
+            .ok_or_else(|| BrokerError::BadRequest("usage: save (ssh/ssl)".into()))?;
+        let ttl = match request.ttl_secs {
+            None => self.config.default_ttl,
+            Some(0) => return Err(BrokerError::BadRequest("ttl_secs must be positive".into())),
+            Some(secs) if Duration::from_secs(secs) > self.config.max_ttl => {
+                return Err(BrokerError::BadRequest(format!(
+                    "ttl_secs {secs} is above this broker's limit of {}",
+                    self.config.max_ttl.as_secs()
+                )));
+            }
+            Some(secs) => Duration::from_secs(secs),
+        };
+        let label = request.label.filter(|l| !l.is_empty());
+        if let Some(label) = &label {
+            if label.chars().count() > MAX_LABEL || label.chars().any(char::is_control) {
+                return Err(BrokerError::BadRequest(format!(
+                    "label must be at most {MAX_LABEL} printable characters"
+                )));
+            }
+        }
+        let now = unix_now();
+        let live = self.store.count_live(&caller.user, now).await?;
+        if live >= i64::from(self.config.max_jobs_per_user) {
+            return Err(BrokerError::TooMany(format!(
+                "{} holds {live} jobs, the most this broker allows; delete some first",
+                caller.user
+            )));
+        }
+        let id = format!("job_{}", random_hex(16));
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let mut row = JobRow {
+            id: id.clone(),
+            owner: caller.user.clone(),
+            owner_uid: caller.uid,
+            job_type: job_type.as_str().into(),
+            host: self.config.host.clone(),
+            port: 0,
+            secret: None,
+            cert_pem: None,
+            key_pem: None,
+            client_cert_pem: None,
+            client_key_pem: None,
+            cert_serial: None,
+            client_serial: None,
+            label,
+            created_at: now,
+            expires_at: now.saturating_add(ttl_secs),
+            ttl_secs,
+        };
+        match job_type {
+            JobType::Ssh => row.secret = Some(random_hex(SECRET_BYTES)),
+            JobType::Ssl => {
+                let certs = self.ca.issue_job(
+                    &id,
+                    &caller.user,
+                    &self.config.cert_sans,
+                    self.config.cert_days,
+                )?;
+                row.cert_pem = Some(certs.server.cert_pem);
+                row.key_pem = Some(certs.server.key_pem);
+                row.client_cert_pem = Some(certs.client.cert_pem);
+                row.client_key_pem = Some(certs.client.key_pem);
+                row.cert_serial = Some(certs.server.serial_hex);
+                row.client_serial = Some(certs.client.serial_hex);
+            }
+        }
+        let audit_detail = |port: u16| Some(format!("type {job_type} port {port} ttl {ttl_secs}"));
+        let range = self.config.ports.clone();
+        let span = u32::from(range.end() - range.start()) + 1;
+        let mut tried = std::collections::HashSet::new();
+        for _ in 0..RANDOM_TRIES {
+            let port = range.start() + u16::try_from(OsRng.next_u32() % span).unwrap_or(0);
+            if !tried.insert(port) || !port_free(port) {
+                continue;
+            }
+            row.port = port;
+            let audit = AuditRecord {
+                caller,
+                action: "save",
+                job_id: Some(&id),
+                result: "ok",
+                detail: audit_detail(port),
+            };
+            if self.store.insert_job(&row, &audit).await? {
+                return Ok(self.to_job(&row, true));
+            }
+        }
+        // The range is crowded: scan what the store says is free, from a random point.
+        let used = self.store.used_ports(&self.config.host).await?;
+        let offset = OsRng.next_u32() % span;
+        for step in 0..span {
+            let port = range.start() + u16::try_from((offset + step) % span).unwrap_or(0);
+            if used.contains(&port) || tried.contains(&port) || !port_free(port) {
+                continue;
+            }
+            row.port = port;
+            let audit = AuditRecord {
+                caller,
+                action: "save",
+                job_id: Some(&id),
+                result: "ok",
+                detail: audit_detail(port),
+            };
+            if self.store.insert_job(&row, &audit).await? {
+                return Ok(self.to_job(&row, true));
+            }
+        }
+        self.store
+            .audit(&AuditRecord {
+                caller,
+                action: "save",
+                job_id: None,
+                result: "no_port",
+                detail: None,
+            })
+            .await?;
+        Err(BrokerError::Conflict(format!(
+            "no free port in {}-{}",
+            range.start(),
+            range.end()
+        )))
+    }
+
+    /// The caller's live job `id`, or NotFound (also for someone else's job).
+    async fn owned(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: &'static str,
+    ) -> Result<JobRow, BrokerError> {
+        if !valid_job_id(id) {
+            return Err(BrokerError::BadRequest(format!("{id:?} is not a job id")));
+        }
+        let row = self.store.job(id).await?;
+        let result = match &row {
+            None => "not_found",
+            Some(row) if row.owner != caller.user => "refused_not_owner",
+            Some(row) if row.expires_at <= unix_now() => "expired",
+            Some(_) => "ok",
+        };
+        match row {
+            Some(row) if result == "ok" => Ok(row),
+            _ => {
+                if result == "refused_not_owner" {
+                    tracing::warn!(user = %caller.user, via = caller.via, job = id, action, "refused: not the owner");
+                }
+                self.store
+                    .audit(&AuditRecord {
+                        caller,
+                        action,
+                        job_id: Some(id),
+                        result,
+                        detail: None,
+                    })
+                    .await?;
+                Err(BrokerError::NotFound)
+            }
+        }
+    }
+
+    /// The caller's job with its secret material.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn load(&self, caller: &Caller, id: &str) -> Result<Job, BrokerError> {
+        let row = self.owned(caller, id, "load").await?;
+        self.store
+            .audit(&AuditRecord {
+                caller,
+                action: "load",
+                job_id: Some(id),
+                result: "ok",
+                detail: None,
+            })
+            .await?;
+        Ok(self.to_job(&row, true))
+    }
+
+    /// Whether `secret` is the caller's job's secret.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn verify(
+        &self,
+        caller: &Caller,
+        id: &str,
+        secret: &str,
+    ) -> Result<bool, BrokerError> {
+        let row = self.owned(caller, id, "verify").await?;
+        let Some(stored) = &row.secret else {
+            return Err(BrokerError::BadRequest(
+                "an ssl job has no secret; its clients authenticate with certificates".into(),
+            ));
+        };
+        let limit = self.config.max_failed_verifies_per_minute;
+        if limit > 0 && self.rate_limited(id, limit) {
+            self.store
+                .audit(&AuditRecord {
+                    caller,
+                    action: "verify",
+                    job_id: Some(id),
+                    result: "rate_limited",
+                    detail: None,
+                })
+                .await?;
+            return Err(BrokerError::TooMany(
+                "too many failed verifications of this job; wait a minute".into(),
+            ));
+        }
+        let valid: bool = stored.as_bytes().ct_eq(secret.as_bytes()).into();
+        if !valid && limit > 0 {
+            self.record_failure(id);
+        }
+        self.store
+            .audit(&AuditRecord {
+                caller,
+                action: "verify",
+                job_id: Some(id),
+                result: if valid { "valid" } else { "invalid" },
+                detail: None,
+            })
+            .await?;
+        Ok(valid)
+    }
+
+    fn rate_limited(&self, id: &str, limit: u32) -> bool {
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failures.get(id).is_some_and(|(since, count)| {
+            since.elapsed() < Duration::from_secs(60) && *count >= limit
+        })
+    }
+
+    fn record_failure(&self, id: &str) {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if failures.len() > 100_000 {
+            failures.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+        }
+        let entry = failures.entry(id.to_owned()).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// The caller's live jobs.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn query(&self, caller: &Caller) -> Result<Vec<JobSummary>, BrokerError> {
+        let rows = self.store.jobs_of(&caller.user, unix_now()).await?;
+        Ok(rows
+            .iter()
+            .map(|row| self.to_job(row, false).summary)
+            .collect())
+    }
+
+    /// Extends the caller's job by its TTL; the new expiry.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn heartbeat(&self, caller: &Caller, id: &str) -> Result<String, BrokerError> {
+        if !valid_job_id(id) {
+            return Err(BrokerError::BadRequest(format!("{id:?} is not a job id")));
+        }
+        match self.store.heartbeat(id, &caller.user, unix_now()).await? {
+            Some(expires) => Ok(rfc3339(expires)),
+            None => {
+                self.store
+                    .audit(&AuditRecord {
+                        caller,
+                        action: "heartbeat",
+                        job_id: Some(id),
+                        result: "not_found",
+                        detail: None,
+                    })
+                    .await?;
+                Err(BrokerError::NotFound)
+            }
+        }
+    }
+
+    /// Deletes the caller's job, freeing its port and revoking its certificates.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), BrokerError> {
+        if !valid_job_id(id) {
+            return Err(BrokerError::BadRequest(format!("{id:?} is not a job id")));
+        }
+        let audit = AuditRecord {
+            caller,
+            action: "delete",
+            job_id: Some(id),
+            result: "ok",
+            detail: None,
+        };
+        match self
+            .store
+            .delete(id, &caller.user, self.cert_lifetime_secs(), &audit)
+            .await?
+        {
+            Some(row) => {
+                tracing::info!(user = %caller.user, job = id, port = row.port, "job deleted");
+                Ok(())
+            }
+            None => {
+                self.store
+                    .audit(&AuditRecord {
+                        result: "not_found",
+                        ..audit
+                    })
+                    .await?;
+                Err(BrokerError::NotFound)
+            }
+        }
+    }
+
+    /// Deletes expired jobs; how many.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn reap(&self) -> Result<usize, BrokerError> {
+        let reaped = self
+            .store
+            .reap(unix_now(), self.cert_lifetime_secs())
+            .await?;
+        for job in &reaped {
+            tracing::info!(job = %job.id, owner = %job.owner, port = job.port, "expired job reaped");
+        }
+        {
+            let mut failures = self
+                .failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            failures.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+        }
+        Ok(reaped.len())
+    }
+
+    /// Runs the reaper every `reap_interval` until `shutdown`.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: common::daemon::Shutdown) {
+        let mut ticker = tokio::time::interval(self.config.reap_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(err) = self.reap().await {
+                        tracing::warn!(error = %err, "reaper pass failed");
+                    }
+                }
+                () = shutdown.triggered() => return,
+            }
+        }
+    }
+
+    fn to_job(&self, row: &JobRow, with_secrets: bool) -> Job {
+        let job_type = JobType::parse(&row.job_type).unwrap_or(JobType::Ssh);
+        let summary = JobSummary {
+            id: row.id.clone(),
+            job_type,
+            owner: row.owner.clone(),
+            host: row.host.clone(),
+            port: row.port,
+            status: if row.expires_at > unix_now() {
+                "active".into()
+            } else {
+                "expired".into()
+            },
+            created: rfc3339(row.created_at),
+            expires: rfc3339(row.expires_at),
+            ttl_secs: u64::try_from(row.ttl_secs).unwrap_or(0),
+            label: row.label.clone(),
+        };
+        if !with_secrets {
+            return Job {
+                summary,
+                secret: None,
+                tls: None,
+            };
+        }
+        let tls = match (
+            &row.cert_pem,
+            &row.key_pem,
+            &row.client_cert_pem,
+            &row.client_key_pem,
+        ) {
+            (Some(cert), Some(key), Some(client_cert), Some(client_key)) => Some(TlsMaterial {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_cert: client_cert.clone(),
+                client_key: client_key.clone(),
+                ca: self.ca.cert_pem().to_owned(),
+                cert_serial: row.cert_serial.clone().unwrap_or_default(),
+                client_serial: row.client_serial.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        Job {
+            summary,
+            secret: row.secret.clone(),
+            tls,
+        }
+    }
+}
+
+/// A database URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("sqlite:///var/lib/b.db"),
+            "sqlite:///var/lib/b.db"
+        );
+    }
+
+    #[test]
+    fn a_listening_port_is_not_free() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(!port_free(port));
+        drop(listener);
+        assert!(port_free(port));
+    }
+}

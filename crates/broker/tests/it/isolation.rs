@@ -1,0 +1,229 @@
+//! Per-user isolation, the broker's core promise: another user can neither load, verify,
+//! delete nor list a job, over the socket (two real uids: this process and a throwaway uid
+//! running curl) or over HTTPS (two client certificates).
+
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+
+use broker::api::JobType;
+use broker::client::{Client, Endpoint};
+use broker::config::HttpsSection;
+
+use crate::support::{Backend, Daemon};
+
+/// A uid with no passwd entry: a real, distinct identity the kernel reports.
+const THROWAWAY_UID: u32 = 4_242_421;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `curl --unix-socket` as `uid`: (status, body).
+fn curl_as(uid: u32, socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut command = std::process::Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(socket)
+        .arg(format!("http://broker{path}"));
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let output = command.uid(uid).gid(uid).output().expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+async fn two_uids(daemon: Daemon) {
+    if !is_root() {
+        // CI runs as root; a developer's unprivileged run cannot switch uids.
+        eprintln!("skipped: needs root to act as a second uid");
+        return;
+    }
+    let mut mine = daemon.client();
+    let me = mine.whoami().await.unwrap();
+    assert_eq!(me.user, "root");
+    let job = mine.save_type(JobType::Ssh, None).await.unwrap();
+    let secret = job.secret.clone().unwrap();
+    let id = &job.summary.id;
+
+    let other = THROWAWAY_UID;
+    let (status, body) = curl_as(other, &daemon.socket, "GET", "/v1/whoami", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("\"user\":\"uid:{other}\"")),
+        "{body}"
+    );
+    let (status, body) = curl_as(
+        other,
+        &daemon.socket,
+        "GET",
+        &format!("/v1/jobs/{id}"),
+        None,
+    );
+    assert_eq!(status, 404, "load of another's job: {body}");
+    assert!(!body.contains(&secret[..32]));
+    let verify = format!("{{\"secret\":\"{secret}\"}}");
+    let (status, body) = curl_as(
+        other,
+        &daemon.socket,
+        "POST",
+        &format!("/v1/jobs/{id}/verify"),
+        Some(&verify),
+    );
+    assert_eq!(
+        status, 404,
+        "verify of another's job, even with the right secret: {body}"
+    );
+    let (status, _) = curl_as(
+        other,
+        &daemon.socket,
+        "POST",
+        &format!("/v1/jobs/{id}/heartbeat"),
+        Some(""),
+    );
+    assert_eq!(status, 404);
+    let (status, _) = curl_as(
+        other,
+        &daemon.socket,
+        "DELETE",
+        &format!("/v1/jobs/{id}"),
+        None,
+    );
+    assert_eq!(status, 404, "delete of another's job");
+    let (status, body) = curl_as(other, &daemon.socket, "GET", "/v1/jobs", None);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "{\"jobs\":[]}"),
+        "list shows nothing of another's"
+    );
+
+    // The other uid's own job is as invisible to us.
+    let (status, body) = curl_as(
+        other,
+        &daemon.socket,
+        "POST",
+        "/v1/jobs",
+        Some(r#"{"type":"ssh"}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let theirs: broker::api::Job = serde_json::from_str(&body).unwrap();
+    assert_eq!(theirs.summary.owner, format!("uid:{other}"));
+    assert!(
+        mine.load(&theirs.summary.id)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    assert!(
+        mine.delete(&theirs.summary.id)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    assert_eq!(mine.query().await.unwrap().len(), 1);
+    // `nobody`, a uid with a passwd entry, is known by name.
+    let (_, body) = curl_as(65534, &daemon.socket, "GET", "/v1/whoami", None);
+    assert!(body.contains("\"user\":\"nobody\""), "{body}");
+
+    // Ours is untouched and the refusals are audited.
+    assert!(mine.verify(id, &secret).await.unwrap());
+    let audit = daemon.broker.store().audit_rows(200).await.unwrap();
+    let refused = audit
+        .iter()
+        .filter(|r| r.result == "refused_not_owner" && r.uid == Some(i64::from(other)))
+        .count();
+    assert!(refused >= 2, "{audit:?}");
+    daemon.stop().await;
+}
+
+crate::both_stores!(another_uid_cannot_touch_a_job, two_uids);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_certificate_cannot_touch_a_job_over_https() {
+    let pki = testkit::pki::test_pki();
+    let tls: common::tls::TlsSection = common::daemon::parse_toml(&format!(
+        "cert = {:?}\nkey = {:?}\nclient_ca = {:?}\ncrls = [{:?}]",
+        pki.server.cert_path, pki.server.key_path, pki.ca_path, pki.crl_path
+    ))
+    .unwrap();
+    let daemon = Daemon::start_with(Backend::Sqlite, |config| {
+        config.https = Some(HttpsSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls,
+            users: [
+                ("CN=alice".to_owned(), "alice".to_owned()),
+                (
+                    format!(
+                        "sha256:{}",
+                        common::pki::inspect_pem(&pki.bob.cert_pem).unwrap()[0]
+                            .sha256_fingerprint
+                            .replace(':', "")
+                            .to_lowercase()
+                    ),
+                    "bob".to_owned(),
+                ),
+            ]
+            .into(),
+        });
+    })
+    .await;
+    let url = format!("https://localhost:{}", daemon.https.unwrap().port());
+    let as_leaf = |leaf: &testkit::pki::Leaf| {
+        Client::new(Endpoint::https(&url, &pki.ca_path, &leaf.cert_path, &leaf.key_path).unwrap())
+    };
+    let mut alice = as_leaf(&pki.alice);
+    let mut bob = as_leaf(&pki.bob);
+    let me = alice.whoami().await.unwrap();
+    assert_eq!((me.user.as_str(), me.via.as_str()), ("alice", "https"));
+    assert_eq!(bob.whoami().await.unwrap().user, "bob", "sha256 mapping");
+
+    let job = alice.save_type(JobType::Ssl, None).await.unwrap();
+    let id = &job.summary.id;
+    assert_eq!(job.summary.owner, "alice");
+    assert!(bob.load(id).await.unwrap_err().is_not_found());
+    assert!(bob.delete(id).await.unwrap_err().is_not_found());
+    assert!(bob.heartbeat(id).await.unwrap_err().is_not_found());
+    assert!(bob.query().await.unwrap().is_empty());
+    let bobs = bob.save_type(JobType::Ssh, None).await.unwrap();
+    assert!(
+        bob.verify(&bobs.summary.id, bobs.secret.as_deref().unwrap())
+            .await
+            .unwrap()
+    );
+    assert!(
+        alice
+            .verify(&bobs.summary.id, bobs.secret.as_deref().unwrap())
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    assert_eq!(alice.load(id).await.unwrap().summary.id, *id);
+
+    // A trusted certificate without a mapping is refused with 403; untrusted, expired and
+    // revoked ones do not get past the handshake.
+    let carol = pki.chained_client.clone();
+    let err = as_leaf(&carol).whoami().await.unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    for leaf in [&pki.mallory, &pki.expired, &pki.revoked] {
+        let err = as_leaf(leaf).whoami().await.unwrap_err();
+        assert_eq!(err.status(), None, "refused in the handshake: {err}");
+    }
+    // The same job is alice's on the socket only if the socket user were alice: root is not.
+    assert!(daemon.client().load(id).await.unwrap_err().is_not_found());
+    daemon.stop().await;
+}

@@ -1,0 +1,8 @@
+//! Integration tests: a real broker on a temporary Unix socket (SQLite, or PostgreSQL when
+//! `BROKER_TEST_PG` is set), the real client library and the real binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+mod support;
+
+mod api;
+mod isolation;

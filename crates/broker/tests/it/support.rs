@@ -1,0 +1,187 @@
+//! The test daemon: a real broker (store, CA, socket) in this process on a temporary Unix
+//! socket, on SQLite or, when `BROKER_TEST_PG` names a PostgreSQL server, on a fresh
+//! database of its own there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker::client::Client;
+use broker::config::Config;
+use broker::server::{Server, bind_unix};
+use broker::service::Broker;
+use common::daemon::Shutdown;
+
+/// Which store a test daemon uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server URL for tests (`postgres://user@host:port/db`), when there is one.
+pub fn pg_url() -> Option<String> {
+    std::env::var("BROKER_TEST_PG")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// Makes a fresh database on the test PostgreSQL server and returns its URL.
+pub async fn fresh_pg_database() -> String {
+    use sqlx::Connection as _;
+    let admin = pg_url().expect("BROKER_TEST_PG is set");
+    let name = format!("broker_t_{}", hex::encode(rand::random::<[u8; 8]>()));
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    sqlx::Executor::execute(
+        &mut conn,
+        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+    )
+    .await
+    .expect("create a test database");
+    let (path, query) = match admin.split_once('?') {
+        Some((path, query)) => (path, format!("?{query}")),
+        None => (admin.as_str(), String::new()),
+    };
+    let (base, _) = path.rsplit_once('/').expect("URL has a database part");
+    format!("{base}/{name}{query}")
+}
+
+/// A running broker.
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub broker: Arc<Broker>,
+    pub config: Config,
+    /// The HTTPS API's address, when the configuration has one.
+    pub https: Option<std::net::SocketAddr>,
+    shutdown: Shutdown,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    /// SQLite, a random block of 400 ports in 21000-31999.
+    pub async fn start() -> Daemon {
+        Self::start_with(Backend::Sqlite, |_| {}).await
+    }
+
+    /// On `backend`, with `tweak` applied to the configuration before start.
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        testkit::init_tracing();
+        common::tls::install_default_provider();
+        let dir = tempfile::Builder::new()
+            .prefix("broker-test-")
+            .tempdir()
+            .expect("temp dir");
+        // Other uids (the isolation tests) must reach the socket inside.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod temp dir");
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(fresh_pg_database().await),
+        };
+        let low = 21000 + 400 * (rand::random::<u16>() % 27);
+        let mut config = Config::for_dir(dir.path(), database, [low, low + 399]);
+        tweak(&mut config);
+        let broker = Arc::new(Broker::open(config.clone()).await.expect("broker opens"));
+        let listener = bind_unix(&config.socket, config.socket_mode).expect("bind socket");
+        let shutdown = Shutdown::new();
+        let tls = config.https.as_ref().map(|section| {
+            Arc::new(
+                common::tls::ServerTls::load(section.tls.files(
+                    common::tls::ClientAuth::Required,
+                    vec![b"http/1.1".to_vec()],
+                ))
+                .expect("https material loads"),
+            )
+        });
+        let server = Server::new(broker.clone(), tls, shutdown.clone());
+        let mut https = None;
+        if let Some(section) = &config.https {
+            let tcp = tokio::net::TcpListener::bind(section.listen)
+                .await
+                .expect("bind https");
+            https = Some(tcp.local_addr().expect("https address"));
+            tokio::spawn(server.clone().serve_https(tcp));
+        }
+        let serving = tokio::spawn(server.serve_unix(listener));
+        tokio::spawn(broker.clone().run_reaper(shutdown.clone()));
+        Daemon {
+            socket: config.socket.clone(),
+            state: config.state_dir.clone(),
+            dir,
+            broker,
+            config,
+            https,
+            shutdown,
+            serving,
+        }
+    }
+
+    /// A client on the socket, acting as this process's uid.
+    pub fn client(&self) -> Client {
+        Client::unix(&self.socket).with_timeout(Duration::from_secs(20))
+    }
+
+    /// Stops serving and waits for open connections.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        let _ = self.serving.await;
+        self.shutdown.drain(Duration::from_secs(5)).await;
+        self.broker.store().close().await;
+    }
+}
+
+/// Path of one of this workspace's binaries (built by cargo for the integration tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    dir.join(name)
+}
+
+/// Runs the same async test body against SQLite and, when configured, PostgreSQL: defines
+/// `<name>_sqlite` and `<name>_postgres`. The postgres variant fails when `BROKER_TEST_PG` is
+/// unset and `BROKER_TEST_REQUIRE_PG` is set (scripts/test sets both), and otherwise is
+/// skipped with a note.
+#[macro_export]
+macro_rules! both_stores {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let daemon =
+                    $crate::support::Daemon::start_with($crate::support::Backend::Sqlite, |_| {})
+                        .await;
+                ($body)(daemon).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::support::pg_url().is_none() {
+                    assert!(
+                        std::env::var_os("BROKER_TEST_REQUIRE_PG").is_none(),
+                        "BROKER_TEST_REQUIRE_PG is set but BROKER_TEST_PG is not"
+                    );
+                    eprintln!("skipped: set BROKER_TEST_PG=postgres://... to run on PostgreSQL");
+                    return;
+                }
+                let daemon =
+                    $crate::support::Daemon::start_with($crate::support::Backend::Postgres, |_| {})
+                        .await;
+                ($body)(daemon).await;
+            }
+        }
+    };
+}
