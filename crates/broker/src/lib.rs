@@ -14,6 +14,7 @@ pub mod api;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod gate;
 pub mod identity;
 pub mod pemtls;
 pub mod server;
