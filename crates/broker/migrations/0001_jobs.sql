@@ -1,5 +1,6 @@
 -- One schema for SQLite and PostgreSQL: only portable types and statements.
--- Times are Unix seconds (jobs, revoked) or milliseconds (audit).
+-- Times are Unix seconds (jobs, revoked) or milliseconds (audit). A job is live while
+-- expires_at >= now (whole seconds), so it never lives shorter than its TTL.
 
 CREATE TABLE jobs (
     id              TEXT PRIMARY KEY,
@@ -13,6 +14,8 @@ CREATE TABLE jobs (
     key_pem         TEXT,
     client_cert_pem TEXT,
     client_key_pem  TEXT,
+    -- The CA that issued this job's certificates: brokers sharing a registry may differ.
+    ca_pem          TEXT,
     cert_serial     TEXT,
     client_serial   TEXT,
     label           TEXT,

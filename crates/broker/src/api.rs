@@ -87,7 +87,7 @@ impl std::fmt::Debug for VerifyRequest {
 /// The answer to a verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyResponse {
-    /// Whether the secret matches (always false for an expired job).
+    /// Whether the secret matches (an expired job is answered 404, like a missing one).
     pub valid: bool,
 }
 

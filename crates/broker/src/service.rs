@@ -204,7 +204,10 @@ impl Broker {
             }
         }
         let now = unix_now();
-        let live = self.store.count_live(&caller.user, now).await?;
+        let live = self
+            .store
+            .count_live(&caller.user, now, i64::from(self.config.max_jobs_per_user))
+            .await?;
         if live >= i64::from(self.config.max_jobs_per_user) {
             return Err(BrokerError::TooMany(format!(
                 "{} holds {live} jobs, the most this broker allows; delete some first",
@@ -225,6 +228,7 @@ impl Broker {
             key_pem: None,
             client_cert_pem: None,
             client_key_pem: None,
+            ca_pem: None,
             cert_serial: None,
             client_serial: None,
             label,
@@ -245,6 +249,7 @@ impl Broker {
                 row.key_pem = Some(certs.server.key_pem);
                 row.client_cert_pem = Some(certs.client.cert_pem);
                 row.client_key_pem = Some(certs.client.key_pem);
+                row.ca_pem = Some(self.ca.cert_pem().to_owned());
                 row.cert_serial = Some(certs.server.serial_hex);
                 row.client_serial = Some(certs.client.serial_hex);
             }
@@ -320,7 +325,7 @@ impl Broker {
         let result = match &row {
             None => "not_found",
             Some(row) if row.owner != caller.user => "refused_not_owner",
-            Some(row) if row.expires_at <= unix_now() => "expired",
+            Some(row) if row.expires_at < unix_now() => "expired",
             Some(_) => "ok",
         };
         match row {
@@ -377,23 +382,25 @@ impl Broker {
                 "an ssl job has no secret; its clients authenticate with certificates".into(),
             ));
         };
-        let limit = self.config.max_failed_verifies_per_minute;
-        if limit > 0 && self.rate_limited(id, limit) {
-            self.store
-                .audit(&AuditRecord {
-                    caller,
-                    action: "verify",
-                    job_id: Some(id),
-                    result: "rate_limited",
-                    detail: None,
-                })
-                .await?;
-            return Err(BrokerError::TooMany(
-                "too many failed verifications of this job; wait a minute".into(),
-            ));
-        }
+        // The right secret always passes: counting only failures, and comparing first,
+        // means nobody can lock the owner out by sending wrong keys to their gate.
         let valid: bool = stored.as_bytes().ct_eq(secret.as_bytes()).into();
+        let limit = self.config.max_failed_verifies_per_minute;
         if !valid && limit > 0 {
+            if self.rate_limited(id, limit) {
+                self.store
+                    .audit(&AuditRecord {
+                        caller,
+                        action: "verify",
+                        job_id: Some(id),
+                        result: "rate_limited",
+                        detail: None,
+                    })
+                    .await?;
+                return Err(BrokerError::TooMany(
+                    "too many failed verifications of this job; wait a minute".into(),
+                ));
+            }
             self.record_failure(id);
         }
         self.store
@@ -456,12 +463,13 @@ impl Broker {
         match self.store.heartbeat(id, &caller.user, unix_now()).await? {
             Some(expires) => Ok(rfc3339(expires)),
             None => {
+                let result = self.miss_reason(caller, id).await?;
                 self.store
                     .audit(&AuditRecord {
                         caller,
                         action: "heartbeat",
                         job_id: Some(id),
-                        result: "not_found",
+                        result,
                         detail: None,
                     })
                     .await?;
@@ -495,15 +503,23 @@ impl Broker {
                 Ok(())
             }
             None => {
-                self.store
-                    .audit(&AuditRecord {
-                        result: "not_found",
-                        ..audit
-                    })
-                    .await?;
+                let result = self.miss_reason(caller, id).await?;
+                self.store.audit(&AuditRecord { result, ..audit }).await?;
                 Err(BrokerError::NotFound)
             }
         }
+    }
+
+    /// Why `caller` found no job `id`, for the audit trail (the answer is 404 either way).
+    async fn miss_reason(&self, caller: &Caller, id: &str) -> Result<&'static str, BrokerError> {
+        Ok(match self.store.job(id).await? {
+            None => "not_found",
+            Some(row) if row.owner != caller.user => {
+                tracing::warn!(user = %caller.user, via = caller.via, job = id, "refused: not the owner");
+                "refused_not_owner"
+            }
+            Some(_) => "expired",
+        })
     }
 
     /// Deletes expired jobs; how many.
@@ -552,7 +568,7 @@ impl Broker {
             owner: row.owner.clone(),
             host: row.host.clone(),
             port: row.port,
-            status: if row.expires_at > unix_now() {
+            status: if row.expires_at >= unix_now() {
                 "active".into()
             } else {
                 "expired".into()
@@ -580,7 +596,10 @@ impl Broker {
                 key: key.clone(),
                 client_cert: client_cert.clone(),
                 client_key: client_key.clone(),
-                ca: self.ca.cert_pem().to_owned(),
+                ca: row
+                    .ca_pem
+                    .clone()
+                    .unwrap_or_else(|| self.ca.cert_pem().to_owned()),
                 cert_serial: row.cert_serial.clone().unwrap_or_default(),
                 client_serial: row.client_serial.clone().unwrap_or_default(),
             }),

@@ -63,6 +63,8 @@ pub struct JobRow {
     pub client_cert_pem: Option<String>,
     /// See `cert_pem`.
     pub client_key_pem: Option<String>,
+    /// The issuing CA's certificate (PEM).
+    pub ca_pem: Option<String>,
     /// Serial of the server certificate, hex.
     pub cert_serial: Option<String>,
     /// Serial of the client certificate, hex.
@@ -95,7 +97,7 @@ impl std::fmt::Debug for JobRow {
 macro_rules! job_columns {
     () => {
         "id, owner, owner_uid, job_type, host, port, secret, cert_pem, key_pem, \
-         client_cert_pem, client_key_pem, cert_serial, client_serial, label, created_at, \
+         client_cert_pem, client_key_pem, ca_pem, cert_serial, client_serial, label, created_at, \
          expires_at, ttl_secs"
     };
 }
@@ -115,6 +117,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRow, StoreError> {
         key_pem: row.try_get("key_pem")?,
         client_cert_pem: row.try_get("client_cert_pem")?,
         client_key_pem: row.try_get("client_key_pem")?,
+        ca_pem: row.try_get("ca_pem")?,
         cert_serial: row.try_get("cert_serial")?,
         client_serial: row.try_get("client_serial")?,
         label: row.try_get("label")?,
@@ -164,6 +167,11 @@ pub struct AuditRow {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite allows one writer at a time, and a connection that finds the database locked
+    /// sleeps in SQLite's busy handler (1, 2, 5, 10 ... 100 ms). Writers queue here instead,
+    /// in this process, and are woken the moment the previous one commits. `None` for
+    /// PostgreSQL, which has row locks.
+    write_lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
 fn now_ms() -> i64 {
@@ -224,10 +232,12 @@ impl Store {
                     if sqlite {
                         let pragmas = if full_sync {
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;"
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
+                             PRAGMA mmap_size = 268435456;"
                         } else {
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;"
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
+                             PRAGMA mmap_size = 268435456;"
                         };
                         sqlx::raw_sql(pragmas).execute(conn).await?;
                     }
@@ -237,7 +247,18 @@ impl Store {
             .connect(&config.database)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            write_lock: sqlite.then(|| std::sync::Arc::new(tokio::sync::Mutex::new(()))),
+        })
+    }
+
+    /// Waits for this process's turn to write (SQLite only).
+    async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
     }
 
     /// Closes every connection.
@@ -255,12 +276,13 @@ impl Store {
         job: &JobRow,
         audit: &AuditRecord<'_>,
     ) -> Result<bool, StoreError> {
+        let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(concat!(
             "INSERT INTO jobs (",
             job_columns!(),
             ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             $17) ON CONFLICT DO NOTHING"
+             $17, $18) ON CONFLICT DO NOTHING"
         ))
         .bind(job.id.as_str())
         .bind(job.owner.as_str())
@@ -273,6 +295,7 @@ impl Store {
         .bind(job.key_pem.as_deref())
         .bind(job.client_cert_pem.as_deref())
         .bind(job.client_key_pem.as_deref())
+        .bind(job.ca_pem.as_deref())
         .bind(job.cert_serial.as_deref())
         .bind(job.client_serial.as_deref())
         .bind(job.label.as_deref())
@@ -308,16 +331,21 @@ impl Store {
             .collect()
     }
 
-    /// How many live jobs `owner` holds.
+    /// How many live jobs `owner` holds, counting up to `limit`.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn count_live(&self, owner: &str, now: i64) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM jobs WHERE owner = $1 AND expires_at > $2")
-            .bind(owner)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await?;
+    pub async fn count_live(&self, owner: &str, now: i64, limit: i64) -> Result<i64, StoreError> {
+        // Counting stops at `limit`: the cost is bounded by the quota, not by the table.
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE owner = $1 AND expires_at >= $2 \
+             LIMIT $3) AS live",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(row.try_get(0)?)
     }
 
@@ -345,7 +373,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             job_columns!(),
-            " FROM jobs WHERE owner = $1 AND expires_at > $2 ORDER BY created_at, id"
+            " FROM jobs WHERE owner = $1 AND expires_at >= $2 ORDER BY created_at, id"
         ))
         .bind(owner)
         .bind(now)
@@ -365,9 +393,10 @@ impl Store {
         owner: &str,
         now: i64,
     ) -> Result<Option<i64>, StoreError> {
+        let _writer = self.writer().await;
         let row = sqlx::query(
             "UPDATE jobs SET expires_at = $3 + ttl_secs \
-             WHERE id = $1 AND owner = $2 AND expires_at > $3 RETURNING expires_at",
+             WHERE id = $1 AND owner = $2 AND expires_at >= $3 RETURNING expires_at",
         )
         .bind(id)
         .bind(owner)
@@ -389,6 +418,7 @@ impl Store {
         cert_lifetime_secs: i64,
         audit: &AuditRecord<'_>,
     ) -> Result<Option<JobRow>, StoreError> {
+        let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(concat!(
             "DELETE FROM jobs WHERE id = $1 AND owner = $2 RETURNING ",
@@ -415,9 +445,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn reap(&self, now: i64, cert_lifetime_secs: i64) -> Result<Vec<JobRow>, StoreError> {
+        let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(concat!(
-            "DELETE FROM jobs WHERE expires_at <= $1 RETURNING ",
+            "DELETE FROM jobs WHERE expires_at < $1 RETURNING ",
             job_columns!()
         ))
         .bind(now)
@@ -459,6 +490,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn audit(&self, record: &AuditRecord<'_>) -> Result<(), StoreError> {
+        let _writer = self.writer().await;
         insert_audit(&self.pool, record).await
     }
 

@@ -42,7 +42,8 @@ Workflows:
   JOB is printed by broker-run and listed by `broker-cli query` (on the server, or here
   with --host). connect runs `ssh -N -L` itself (host keys are checked as usual), listens
   on 127.0.0.1 and sends the secret or does mTLS for every connection; Ctrl-C ends it.
-  A job on a compute node behind a login host: --host login1 --forward-host node12.
+  The forward goes to the host the job is registered on (a compute node behind login1
+  works when their brokers share a registry); --forward-host NAME overrides it.
 
 Other examples:
   broker-cli query                      your jobs (-q, as the original)
@@ -210,10 +211,10 @@ struct Connect {
     /// Connect here instead of the job's host:port (without --host).
     #[arg(long, value_name = "ADDR", conflicts_with = "forward_host")]
     target: Option<String>,
-    /// With --host: where HOST's ssh server forwards to (the job's host, when the job runs on
-    /// a node behind HOST).
-    #[arg(long, default_value = "localhost", value_name = "NAME")]
-    forward_host: String,
+    /// With --host: where HOST's ssh server forwards to [default: the host the job is
+    /// registered on, so a job on a compute node behind a login host is reached].
+    #[arg(long, value_name = "NAME")]
+    forward_host: Option<String>,
 }
 
 /// Why the client stops, with its exit status.
@@ -802,8 +803,12 @@ async fn run_connect(conn: &Conn, ssh: Option<&Ssh>, connect: &Connect) -> Resul
     let mut forward: Option<SshForward> = None;
     let target = match (ssh, &connect.target) {
         (Some(ssh), _) => {
-            let opened = ssh.forward(&connect.forward_host, job.summary.port).await?;
-            let target = opened.target(&job.summary, &connect.forward_host);
+            let forward_host = connect
+                .forward_host
+                .clone()
+                .unwrap_or_else(|| job.summary.host.clone());
+            let opened = ssh.forward(&forward_host, job.summary.port).await?;
+            let target = opened.target(&job.summary, &forward_host);
             forward = Some(opened);
             target
         }

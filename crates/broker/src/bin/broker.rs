@@ -124,6 +124,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     }
+    let ephemeral_unknown = broker::config::ephemeral_range().is_none();
     if let Err(err) = daemon::init_tracing(&log, "info") {
         eprintln!("broker: {err:#}");
         return ExitCode::from(exit::USAGE);
@@ -138,6 +139,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
+    if ephemeral_unknown {
+        tracing::warn!(
+            "cannot read /proc/sys/net/ipv4/ip_local_port_range; make sure port_range lies outside the ephemeral range"
+        );
+    }
     runtime.block_on(run(config, args.print_address, args.check_config))
 }
 
