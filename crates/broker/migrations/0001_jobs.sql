@@ -25,7 +25,8 @@ CREATE TABLE jobs (
     -- The promise that two live jobs never share a port on one host.
     CONSTRAINT jobs_host_port UNIQUE (host, port)
 );
-CREATE INDEX jobs_owner ON jobs (owner);
+-- Covers the per-user quota count and query (owner, then live ones).
+CREATE INDEX jobs_owner ON jobs (owner, expires_at);
 CREATE INDEX jobs_expires ON jobs (expires_at);
 
 -- Serials of certificates whose job ended, for the CRL; dropped once the certificate has

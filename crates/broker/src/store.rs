@@ -33,6 +33,9 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A group commit failed (the message of the database error).
+    #[error("database: {0}")]
+    Writer(String),
     /// A row holds something the code never writes.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -172,6 +175,187 @@ pub struct Store {
     /// in this process, and are woken the moment the previous one commits. `None` for
     /// PostgreSQL, which has row locks.
     write_lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// The group-commit writer: saves and audit records waiting at the same moment share
+    /// one transaction (and one fsync), written with one multi-row statement per table.
+    batcher: tokio::sync::mpsc::Sender<Pending>,
+}
+
+/// An audit record owned by the writer queue.
+#[derive(Debug, Clone)]
+struct OwnedAudit {
+    at_ms: i64,
+    via: &'static str,
+    user: String,
+    uid: Option<i64>,
+    action: &'static str,
+    job_id: Option<String>,
+    result: String,
+    detail: Option<String>,
+}
+
+impl From<&AuditRecord<'_>> for OwnedAudit {
+    fn from(record: &AuditRecord<'_>) -> Self {
+        Self {
+            at_ms: now_ms(),
+            via: record.caller.via,
+            user: record.caller.user.clone(),
+            uid: record.caller.uid.map(i64::from),
+            action: record.action,
+            job_id: record.job_id.map(str::to_owned),
+            result: record.result.to_owned(),
+            detail: record.detail.clone(),
+        }
+    }
+}
+
+/// One queued write.
+#[derive(Debug)]
+enum Write {
+    /// A new job and its `save` record; answered whether the job was inserted.
+    Job(Box<JobRow>, OwnedAudit),
+    /// An audit record alone.
+    Audit(OwnedAudit),
+}
+
+type Pending = (Write, tokio::sync::oneshot::Sender<Result<bool, String>>);
+
+/// Most writes committed together (18 columns x 64 rows stays far below SQLite's bound
+/// variable limit).
+const BATCH: usize = 64;
+
+/// Placeholders `($1, ..., $cols), ($cols+1, ...)` for `rows` rows.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let mut text = String::with_capacity(rows * cols * 5);
+    for row in 0..rows {
+        if row > 0 {
+            text.push_str(", ");
+        }
+        text.push('(');
+        for col in 0..cols {
+            if col > 0 {
+                text.push_str(", ");
+            }
+            text.push('$');
+            text.push_str(&(row * cols + col + 1).to_string());
+        }
+        text.push(')');
+    }
+    text
+}
+
+async fn write_batch(
+    pool: &AnyPool,
+    lock: Option<&tokio::sync::Mutex<()>>,
+    batch: &[Pending],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let _writer = match lock {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    };
+    let mut tx = pool.begin().await?;
+    let jobs: Vec<&JobRow> = batch
+        .iter()
+        .filter_map(|(write, _)| match write {
+            Write::Job(job, _) => Some(&**job),
+            Write::Audit(_) => None,
+        })
+        .collect();
+    let mut inserted = HashSet::new();
+    if !jobs.is_empty() {
+        let sql = format!(
+            "INSERT INTO jobs ({}) VALUES {} ON CONFLICT DO NOTHING RETURNING id",
+            job_columns!(),
+            placeholders(jobs.len(), 18)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for job in &jobs {
+            query = query
+                .bind(job.id.as_str())
+                .bind(job.owner.as_str())
+                .bind(job.owner_uid.map(i64::from))
+                .bind(job.job_type.as_str())
+                .bind(job.host.as_str())
+                .bind(i64::from(job.port))
+                .bind(job.secret.as_deref())
+                .bind(job.cert_pem.as_deref())
+                .bind(job.key_pem.as_deref())
+                .bind(job.client_cert_pem.as_deref())
+                .bind(job.client_key_pem.as_deref())
+                .bind(job.ca_pem.as_deref())
+                .bind(job.cert_serial.as_deref())
+                .bind(job.client_serial.as_deref())
+                .bind(job.label.as_deref())
+                .bind(job.created_at)
+                .bind(job.expires_at)
+                .bind(job.ttl_secs);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            inserted.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    let audits: Vec<&OwnedAudit> = batch
+        .iter()
+        .filter_map(|(write, _)| match write {
+            Write::Job(job, audit) => inserted.contains(&job.id).then_some(audit),
+            Write::Audit(audit) => Some(audit),
+        })
+        .collect();
+    if !audits.is_empty() {
+        let sql = format!(
+            "INSERT INTO audit (at_ms, via, user_name, uid, action, job_id, result, detail) \
+             VALUES {}",
+            placeholders(audits.len(), 8)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for audit in &audits {
+            query = query
+                .bind(audit.at_ms)
+                .bind(audit.via)
+                .bind(audit.user.as_str())
+                .bind(audit.uid)
+                .bind(audit.action)
+                .bind(audit.job_id.as_deref())
+                .bind(audit.result.as_str())
+                .bind(audit.detail.as_deref());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+async fn run_writer(
+    pool: AnyPool,
+    lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    mut queue: tokio::sync::mpsc::Receiver<Pending>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        match write_batch(&pool, lock.as_deref(), &batch).await {
+            Ok(inserted) => {
+                for (write, reply) in batch.drain(..) {
+                    let answer = match &write {
+                        Write::Job(job, _) => inserted.contains(&job.id),
+                        Write::Audit(_) => true,
+                    };
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, writes = batch.len(), "group commit failed");
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(err.to_string()));
+                }
+            }
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -247,9 +431,13 @@ impl Store {
             .connect(&config.database)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        let write_lock = sqlite.then(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
+        let (batcher, queue) = tokio::sync::mpsc::channel(4 * BATCH);
+        tokio::spawn(run_writer(pool.clone(), write_lock.clone(), queue));
         Ok(Self {
             pool,
-            write_lock: sqlite.then(|| std::sync::Arc::new(tokio::sync::Mutex::new(()))),
+            write_lock,
+            batcher,
         })
     }
 
@@ -276,42 +464,20 @@ impl Store {
         job: &JobRow,
         audit: &AuditRecord<'_>,
     ) -> Result<bool, StoreError> {
-        let _writer = self.writer().await;
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO jobs (",
-            job_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             $17, $18) ON CONFLICT DO NOTHING"
-        ))
-        .bind(job.id.as_str())
-        .bind(job.owner.as_str())
-        .bind(job.owner_uid.map(i64::from))
-        .bind(job.job_type.as_str())
-        .bind(job.host.as_str())
-        .bind(i64::from(job.port))
-        .bind(job.secret.as_deref())
-        .bind(job.cert_pem.as_deref())
-        .bind(job.key_pem.as_deref())
-        .bind(job.client_cert_pem.as_deref())
-        .bind(job.client_key_pem.as_deref())
-        .bind(job.ca_pem.as_deref())
-        .bind(job.cert_serial.as_deref())
-        .bind(job.client_serial.as_deref())
-        .bind(job.label.as_deref())
-        .bind(job.created_at)
-        .bind(job.expires_at)
-        .bind(job.ttl_secs)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        insert_audit(&mut *tx, audit).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.queue(Write::Job(Box::new(job.clone()), audit.into()))
+            .await
+    }
+
+    async fn queue(&self, write: Write) -> Result<bool, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.batcher
+            .send((write, reply))
+            .await
+            .map_err(|_| StoreError::Writer("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Writer("the writer has stopped".into()))?
+            .map_err(StoreError::Writer)
     }
 
     /// Ports held on `host` by jobs, live or awaiting the reaper.
@@ -490,8 +656,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn audit(&self, record: &AuditRecord<'_>) -> Result<(), StoreError> {
-        let _writer = self.writer().await;
-        insert_audit(&self.pool, record).await
+        self.queue(Write::Audit(record.into())).await.map(|_| ())
     }
 
     /// Serials revoked and not yet expired, for the CRL.

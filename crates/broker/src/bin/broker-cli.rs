@@ -113,6 +113,10 @@ struct Conn {
     /// The broker-cli program on --host.
     #[arg(long, default_value = "broker-cli", value_name = "PATH", global = true)]
     remote_cli: String,
+    /// The broker's socket on --host [default: the remote broker-cli's own default, i.e.
+    /// its BROKER_SOCKET or /run/broker/broker.sock].
+    #[arg(long, value_name = "PATH", global = true)]
+    remote_socket: Option<String>,
     /// The ssh program.
     #[arg(long, default_value = "ssh", value_name = "PATH", global = true)]
     ssh: PathBuf,
@@ -287,6 +291,7 @@ const GLOBAL_WITH_VALUE: &[&str] = &[
     "--ca",
     "--host",
     "--remote-cli",
+    "--remote-socket",
     "--ssh",
     "--ssh-option",
     "--log",
@@ -478,6 +483,9 @@ async fn remote<T: serde::de::DeserializeOwned>(
     args: &[&str],
 ) -> Result<T, Failure> {
     let mut words = vec!["--json"];
+    if let Some(socket) = &conn.remote_socket {
+        words.extend(["--socket", socket.as_str()]);
+    }
     words.extend_from_slice(args);
     let output = ssh.run_cli(&conn.remote_cli, &words).await?;
     let host = ssh.host();

@@ -30,6 +30,8 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Shortest and longest heartbeat period (a third of the TTL otherwise).
 const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+/// How often the job's existence is checked between heartbeats.
+const LIVENESS_PERIOD: Duration = Duration::from_secs(2);
 /// Deadline of each heartbeat or CRL request.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open gate connections may finish once the application has exited.
@@ -406,6 +408,8 @@ async fn run_job(
                 if gone.is_ok() {
                     job_gone = true;
                     error!(job = %id, "the broker no longer has this job (deleted or expired); stopping the application");
+                    // Nobody new gets through a gate whose job is gone.
+                    gate_shutdown.trigger();
                     signal_group(group, Signal::SIGTERM);
                     kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
                 }
@@ -459,8 +463,29 @@ async fn heartbeat(
     let mut client = Client::unix(socket).with_timeout(HEARTBEAT_TIMEOUT);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Between heartbeats, a cheap look at the job list (no write, no audit record) notices a
+    // job deleted from outside within LIVENESS_PERIOD, so its gate stops admitting anyone:
+    // an ssl gate cannot learn it from the key check the way an ssh gate does.
+    let mut liveness = tokio::time::interval_at(
+        tokio::time::Instant::now() + LIVENESS_PERIOD,
+        LIVENESS_PERIOD,
+    );
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = liveness.tick() => {
+                match client.query().await {
+                    Ok(jobs) if !jobs.iter().any(|job| job.id == id) => {
+                        let _ = gone.send(());
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(err) => debug!(job = %id, %err, "liveness check failed; retrying"),
+                }
+                continue;
+            }
+        }
         match client.heartbeat(&id).await {
             Ok(answer) => debug!(job = %id, expires = %answer.expires, "heartbeat"),
             Err(err) if err.is_not_found() => {

@@ -6,5 +6,6 @@ mod support;
 
 mod api;
 mod cli;
+mod e2e;
 mod isolation;
 mod run;
