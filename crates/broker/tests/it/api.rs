@@ -455,3 +455,107 @@ async fn a_job_survives_kill_dash_nine_of_the_daemon() {
     assert!(status.success(), "SIGTERM drains and exits 0: {status:?}");
     assert!(!socket.exists(), "socket removed on exit");
 }
+
+#[tokio::test]
+async fn idle_and_slow_connections_are_closed() {
+    let daemon = Daemon::start_with(crate::support::Backend::Sqlite, |c| {
+        c.request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // Silent, then a head that never ends: both closed after the request timeout.
+    for opening in [&b""[..], b"GET /v1/whoami HTTP/1.1\r\nHost: b\r\n"] {
+        let mut stream = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        stream.write_all(opening).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "connection still open after 5 s");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A kept-alive connection that goes quiet after a request is closed too.
+    let mut stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "idle keep-alive connection still open after 5 s"
+    );
+    assert!(String::from_utf8_lossy(&buf).contains("ok"));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn the_daemon_binary_checks_its_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::support::bin("broker"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let state = dir.path().join("state");
+    let socket = dir.path().join("b.sock");
+    let base = [
+        "--socket",
+        socket.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    // A range inside the kernel's ephemeral range is refused (78) before anything is made.
+    if let Some(ephemeral) = broker::config::ephemeral_range() {
+        let inside = format!("{}-{}", ephemeral.start(), ephemeral.start() + 10);
+        let out = run(&[&base[..], &["--port-range", &inside]].concat());
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("ephemeral"));
+        assert!(!state.exists());
+    }
+    let out = run(&[
+        &base[..],
+        &["--port-range", "22000-22999", "--check-config"],
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+    // --check-config made the private state: directory 0700, database and CA key 0600.
+    use std::os::unix::fs::MetadataExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("broker.db")), 0o600);
+    assert_eq!(mode(&state.join("ca.key")), 0o600);
+    assert!(!socket.exists(), "--check-config binds nothing");
+    // A CA key readable by others is refused.
+    std::fs::set_permissions(
+        state.join("ca.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let out = run(&[
+        &base[..],
+        &["--port-range", "22000-22999", "--check-config"],
+    ]
+    .concat());
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    // Unknown keys in the file are an error (78).
+    let file = dir.path().join("b.toml");
+    std::fs::write(&file, "port_rnage = [1, 2]\n").unwrap();
+    let out = run(&["-c", file.to_str().unwrap(), "--check-config"]);
+    assert_eq!(out.status.code(), Some(78));
+}
