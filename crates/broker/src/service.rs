@@ -254,44 +254,28 @@ impl Broker {
                 row.client_serial = Some(certs.client.serial_hex);
             }
         }
-        let audit_detail = |port: u16| Some(format!("type {job_type} port {port} ttl {ttl_secs}"));
         let range = self.config.ports.clone();
         let span = u32::from(range.end() - range.start()) + 1;
         let mut tried = std::collections::HashSet::new();
-        for _ in 0..RANDOM_TRIES {
-            let port = range.start() + u16::try_from(OsRng.next_u32() % span).unwrap_or(0);
-            if !tried.insert(port) || !port_free(port) {
-                continue;
-            }
-            row.port = port;
-            let audit = AuditRecord {
-                caller,
-                action: "save",
-                job_id: Some(&id),
-                result: "ok",
-                detail: audit_detail(port),
-            };
-            if self.store.insert_job(&row, &audit).await? {
+        // Random ports first; when the range is crowded, a scan of what the store says is
+        // free, from a random point. Either way the store's unique (host, port) decides.
+        let random = (0..RANDOM_TRIES)
+            .map(|_| range.start() + u16::try_from(OsRng.next_u32() % span).unwrap_or(0))
+            .filter(|port| tried.insert(*port))
+            .collect::<Vec<_>>();
+        for port in random {
+            if self.claim(caller, &mut row, port).await? {
                 return Ok(self.to_job(&row, true));
             }
         }
-        // The range is crowded: scan what the store says is free, from a random point.
         let used = self.store.used_ports(&self.config.host).await?;
         let offset = OsRng.next_u32() % span;
         for step in 0..span {
             let port = range.start() + u16::try_from((offset + step) % span).unwrap_or(0);
-            if used.contains(&port) || tried.contains(&port) || !port_free(port) {
+            if used.contains(&port) || tried.contains(&port) {
                 continue;
             }
-            row.port = port;
-            let audit = AuditRecord {
-                caller,
-                action: "save",
-                job_id: Some(&id),
-                result: "ok",
-                detail: audit_detail(port),
-            };
-            if self.store.insert_job(&row, &audit).await? {
+            if self.claim(caller, &mut row, port).await? {
                 return Ok(self.to_job(&row, true));
             }
         }
@@ -309,6 +293,31 @@ impl Broker {
             range.start(),
             range.end()
         )))
+    }
+
+    /// Tries to register `row` on `port`: false when something listens there or another job
+    /// holds it.
+    async fn claim(
+        &self,
+        caller: &Caller,
+        row: &mut JobRow,
+        port: u16,
+    ) -> Result<bool, BrokerError> {
+        if !port_free(port) {
+            return Ok(false);
+        }
+        row.port = port;
+        let audit = AuditRecord {
+            caller,
+            action: "save",
+            job_id: Some(&row.id),
+            result: "ok",
+            detail: Some(format!(
+                "type {} port {port} ttl {}",
+                row.job_type, row.ttl_secs
+            )),
+        };
+        Ok(self.store.insert_job(row, &audit).await?)
     }
 
     /// The caller's live job `id`, or NotFound (also for someone else's job).

@@ -10,7 +10,6 @@
 //! has a deadline, and only processes this file started are signalled, by pid.
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -20,12 +19,12 @@ use broker::api::{Job, JobType};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::Daemon;
+use crate::support::{Daemon, curl_as, http_get};
 
 const RUN: &str = env!("CARGO_BIN_EXE_broker-run");
 const CLI: &str = env!("CARGO_BIN_EXE_broker-cli");
@@ -299,25 +298,6 @@ async fn wait_accepting(port: u16) {
     }
 }
 
-/// Sends `preamble` and `GET /hello.txt` in one write; everything that comes back (nothing
-/// when the connection is refused or closed).
-async fn http_get<S>(mut stream: S, preamble: &[u8]) -> Vec<u8>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut request = preamble.to_vec();
-    request.extend_from_slice(b"GET /hello.txt HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    if stream.write_all(&request).await.is_err() {
-        return Vec::new();
-    }
-    let _ = stream.flush().await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
-        .await
-        .expect("the connection ends in time");
-    answer
-}
-
 /// [`http_get`] over plain TCP to 127.0.0.1:`port`.
 async fn plain_get(port: u16, preamble: &[u8]) -> Vec<u8> {
     match TcpStream::connect(("127.0.0.1", port)).await {
@@ -408,36 +388,6 @@ async fn tunnel_fails_then_ends(mut connect: Proc, local: u16) {
     assert_eq!(connect.terminate().await, 0, "{}", connect.stderr());
     let log = connect.stderr();
     assert!(log.contains("tunnel connection failed"), "{log}");
-}
-
-/// `curl --unix-socket` as `uid`: (status, body).
-fn curl_as(uid: u32, socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut command = std::process::Command::new("curl");
-    command
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-        ])
-        .arg(socket)
-        .arg(format!("http://broker{path}"));
-    if let Some(body) = body {
-        command.args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    let output = command.uid(uid).gid(uid).output().expect("run curl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (status.trim().parse().unwrap_or(0), body.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

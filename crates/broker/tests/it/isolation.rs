@@ -2,50 +2,17 @@
 //! delete nor list a job, over the socket (two real uids: this process and a throwaway uid
 //! running curl) or over HTTPS (two client certificates).
 
-use std::os::unix::process::CommandExt as _;
-use std::path::Path;
-
 use broker::api::JobType;
 use broker::client::{Client, Endpoint};
 use broker::config::HttpsSection;
 
-use crate::support::{Backend, Daemon};
+use crate::support::{Backend, Daemon, curl_as};
 
 /// A uid with no passwd entry: a real, distinct identity the kernel reports.
 const THROWAWAY_UID: u32 = 4_242_421;
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// `curl --unix-socket` as `uid`: (status, body).
-fn curl_as(uid: u32, socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut command = std::process::Command::new("curl");
-    command
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-        ])
-        .arg(socket)
-        .arg(format!("http://broker{path}"));
-    if let Some(body) = body {
-        command.args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    let output = command.uid(uid).gid(uid).output().expect("run curl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (status.trim().parse().unwrap_or(0), body.to_owned())
 }
 
 async fn two_uids(daemon: Daemon) {

@@ -14,12 +14,12 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::Daemon;
+use crate::support::{Daemon, http_get};
 
 const RUN: &str = env!("CARGO_BIN_EXE_broker-run");
 const STEP: Duration = Duration::from_secs(20);
@@ -146,24 +146,6 @@ fn runtime_dir() -> tempfile::TempDir {
         .prefix("broker-run-xdg-")
         .tempdir()
         .unwrap()
-}
-
-/// Sends `preamble` and an HTTP request in one write, returns everything that comes back.
-async fn http_get<S>(mut stream: S, preamble: &[u8]) -> Vec<u8>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut request = preamble.to_vec();
-    request.extend_from_slice(b"GET /hello.txt HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    if stream.write_all(&request).await.is_err() {
-        return Vec::new();
-    }
-    let _ = stream.flush().await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
-        .await
-        .expect("the connection ends");
-    answer
 }
 
 /// Retries `attempt` until its answer contains HELLO (the app may still be starting).

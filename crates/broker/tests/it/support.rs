@@ -185,3 +185,61 @@ macro_rules! both_stores {
         }
     };
 }
+
+/// `curl --unix-socket SOCKET` as `uid` (a second, real identity for the kernel): the HTTP
+/// status and the body.
+pub fn curl_as(
+    uid: u32,
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = std::process::Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg("--unix-socket")
+        .arg(socket)
+        .arg(format!("http://broker{path}"));
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let output = command.uid(uid).gid(uid).output().expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Sends `preamble` and `GET /hello.txt` in one write; everything that comes back within
+/// 20 s (nothing when the connection is refused or closed).
+pub async fn http_get<S>(mut stream: S, preamble: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut request = preamble.to_vec();
+    request.extend_from_slice(b"GET /hello.txt HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    if stream.write_all(&request).await.is_err() {
+        return Vec::new();
+    }
+    let _ = stream.flush().await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends in time");
+    answer
+}
