@@ -194,3 +194,120 @@ async fn another_certificate_cannot_touch_a_job_over_https() {
     assert!(daemon.client().load(id).await.unwrap_err().is_not_found());
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reloads_its_https_certificate_on_sighup() {
+    // The real binary with an HTTPS API; its certificate file is replaced and SIGHUP sent.
+    let pki = testkit::pki::test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("https.crt");
+    let key = dir.path().join("https.key");
+    std::fs::copy(&pki.server.cert_path, &cert).unwrap();
+    std::fs::copy(&pki.server.key_path, &key).unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nstate_dir = {:?}\nhost = \"localhost\"\nport_range = [22000, 22999]\n\
+             [https]\nlisten = \"127.0.0.1:0\"\n[https.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\n\
+             [https.users]\n\"CN=alice\" = \"alice\"\n",
+            dir.path().join("b.sock"),
+            dir.path().join("state"),
+            pki.ca_path,
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(crate::support::bin("broker"))
+        .args([
+            "-c",
+            config.to_str().unwrap(),
+            "--print-address",
+            "--log",
+            "warn",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut url = None;
+    while let Ok(Some(line)) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+    {
+        if let Some(address) = line.strip_prefix("listening on https://") {
+            url = Some(format!(
+                "https://localhost:{}",
+                address.rsplit(':').next().unwrap()
+            ));
+            break;
+        }
+    }
+    let url = url.expect("https address printed");
+    let server_cn = |url: String| async move {
+        // The CN of the certificate the server presents now, seen by a fresh connection.
+        let endpoint = Endpoint::https(
+            &url,
+            &pki.ca_path,
+            &pki.alice.cert_path,
+            &pki.alice.key_path,
+        )
+        .unwrap();
+        let Endpoint::Https { address, tls, .. } = endpoint else {
+            unreachable!()
+        };
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let stream = common::tls::connect(tls, "localhost", tcp, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        common::tls::peer_identity(stream.get_ref().1).and_then(|id| id.cn)
+    };
+    assert_eq!(server_cn(url.clone()).await.as_deref(), Some("server"));
+    assert_eq!(
+        Client::new(
+            Endpoint::https(
+                &url,
+                &pki.ca_path,
+                &pki.alice.cert_path,
+                &pki.alice.key_path
+            )
+            .unwrap()
+        )
+        .whoami()
+        .await
+        .unwrap()
+        .user,
+        "alice"
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    // A broken file first: the reload fails and the old certificate stays in use.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(server_cn(url.clone()).await.as_deref(), Some("server"));
+    // Then the new pair.
+    std::fs::copy(&pki.server2.cert_path, &cert).unwrap();
+    std::fs::copy(&pki.server2.key_path, &key).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let mut seen = None;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        seen = server_cn(url.clone()).await;
+        if seen.as_deref() == Some("server2") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.as_deref(),
+        Some("server2"),
+        "SIGHUP reloads the HTTPS certificate"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
