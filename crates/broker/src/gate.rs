@@ -387,6 +387,13 @@ async fn ssl(stream: TcpStream, peer: SocketAddr, check: &TlsCheck, upstream: So
     let acceptor = check.acceptor();
     let (tls, identity) = match common::tls::accept(&acceptor, stream, HANDSHAKE_TIMEOUT).await {
         Ok(accepted) => accepted,
+        // A port probe (or `connect --host`'s readiness check) closes before its ClientHello.
+        Err(common::tls::TlsError::Handshake(err))
+            if err.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            debug!(%peer, "gate: closed before the tls handshake");
+            return;
+        }
         Err(err) => {
             warn!(%peer, %err, "gate: tls handshake refused");
             return;

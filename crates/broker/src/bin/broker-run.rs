@@ -64,8 +64,9 @@ first send the magic key and a newline (ssh; the broker verifies it) or present 
 certificate the broker issued to you (ssl, mutual TLS; the app sees plain TCP).
 
 SIGTERM, SIGINT and SIGHUP are forwarded to the application. The job is heartbeated every
-third of its TTL; if the broker forgets it (deleted, or expired while the broker was
-unreachable) the application is stopped (SIGTERM, SIGKILL after 5 s).
+third of its TTL and looked for in your job list every 2 s; once the broker no longer has it
+(deleted, or expired while the broker was unreachable) the gate admits nobody new and the
+application is stopped (SIGTERM, SIGKILL after 5 s).
 
 Examples:
   broker-run --type ssh --gate -- python3 -m http.server --bind 127.0.0.1 {port}
