@@ -396,11 +396,29 @@ async fn failed_verifications_are_rate_limited() {
 
 #[tokio::test]
 async fn a_job_survives_kill_dash_nine_of_the_daemon() {
-    // The real daemon binary, SIGKILLed right after acknowledging a save.
+    survives_kill_dash_nine(None).await;
+}
+
+#[tokio::test]
+async fn a_job_survives_kill_dash_nine_of_the_daemon_on_postgres() {
+    if crate::support::pg_url().is_none() {
+        assert!(std::env::var_os("BROKER_TEST_REQUIRE_PG").is_none());
+        eprintln!("skipped: set BROKER_TEST_PG=postgres://... to run on PostgreSQL");
+        return;
+    }
+    survives_kill_dash_nine(Some(crate::support::fresh_pg_database().await)).await;
+}
+
+/// The real daemon binary, SIGKILLed right after acknowledging saves, then restarted.
+async fn survives_kill_dash_nine(database: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("b.sock");
     let start = |dir: &std::path::Path| {
-        std::process::Command::new(crate::support::bin("broker"))
+        let mut command = std::process::Command::new(crate::support::bin("broker"));
+        if let Some(url) = &database {
+            command.args(["--database", url]);
+        }
+        command
             .args(["--socket", socket.to_str().unwrap(), "--state-dir"])
             .arg(dir.join("state"))
             .args([
