@@ -122,6 +122,30 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The tail of a daemon's `main` once its configuration is valid: sets up tracing (exit 64 on
+/// a bad filter), builds the multi-thread runtime (exit 70 if it cannot) and runs `main` on
+/// it. Errors are printed as `name: error`.
+pub fn run_daemon<F, Fut>(name: &str, log: &LogArgs, main: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::process::ExitCode>,
+{
+    if let Err(err) = init_tracing(log, "info") {
+        eprintln!("{name}: {err:#}");
+        return std::process::ExitCode::from(exit::USAGE);
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(main()),
+        Err(err) => {
+            eprintln!("{name}: starting the runtime: {err}");
+            std::process::ExitCode::from(exit::SOFTWARE)
+        }
+    }
+}
+
 /// Parses a TOML configuration file; without a path the type's defaults are used.
 ///
 /// The target type should carry `#[serde(deny_unknown_fields, default)]` so a misspelt key is

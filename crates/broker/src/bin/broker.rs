@@ -125,26 +125,14 @@ fn main() -> ExitCode {
         }
     }
     let ephemeral_unknown = broker::config::ephemeral_range().is_none();
-    if let Err(err) = daemon::init_tracing(&log, "info") {
-        eprintln!("broker: {err:#}");
-        return ExitCode::from(exit::USAGE);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("broker: starting the runtime: {err}");
-            return ExitCode::from(exit::SOFTWARE);
+    daemon::run_daemon("broker", &log, || async move {
+        if ephemeral_unknown {
+            tracing::warn!(
+                "cannot read /proc/sys/net/ipv4/ip_local_port_range; make sure port_range lies outside the ephemeral range"
+            );
         }
-    };
-    if ephemeral_unknown {
-        tracing::warn!(
-            "cannot read /proc/sys/net/ipv4/ip_local_port_range; make sure port_range lies outside the ephemeral range"
-        );
-    }
-    runtime.block_on(run(config, args.print_address, args.check_config))
+        run(config, args.print_address, args.check_config).await
+    })
 }
 
 async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode {

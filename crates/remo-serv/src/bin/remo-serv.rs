@@ -121,21 +121,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    if let Err(err) = daemon::init_tracing(&log, "info") {
-        eprintln!("remo-serv: {err:#}");
-        return ExitCode::from(exit::USAGE);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("remo-serv: starting the runtime: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
-    };
-    runtime.block_on(run(config, args.print_address, args.check_config))
+    daemon::run_daemon("remo-serv", &log, || {
+        run(config, args.print_address, args.check_config)
+    })
 }
 
 async fn run(config: remo_serv::config::Config, print_address: bool, check_only: bool) -> ExitCode {

@@ -113,21 +113,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    if let Err(err) = daemon::init_tracing(&log, "info") {
-        eprintln!("secure-talk: {err:#}");
-        return ExitCode::from(exit::USAGE);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("secure-talk: starting the runtime: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
-    };
-    runtime.block_on(run(config, args.print_address, args.check_config))
+    daemon::run_daemon("secure-talk", &log, || {
+        run(config, args.print_address, args.check_config)
+    })
 }
 
 async fn run(
