@@ -221,7 +221,10 @@ fn load_server_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
         )
     })?;
     if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
+        // Inside systemd's credentials directory the ACL mask shows as group read; that is
+        // systemd granting this service access, not a leak.
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        if !daemon::secret_mode_ok(path, meta.permissions().mode(), credentials.as_deref()) {
             tracing::warn!(path = %path.display(), "the server key is readable by group or others; chmod 600 it");
         }
     }
