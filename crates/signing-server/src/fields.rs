@@ -207,16 +207,13 @@ impl serde_json::ser::Formatter for PythonFormatter {
         }
     }
 
+    /// Keys are separated like array values: `", "`, as `json.dumps` does.
     fn begin_object_key<W: ?Sized + std::io::Write>(
         &mut self,
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        self.begin_array_value(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
