@@ -54,6 +54,8 @@ pub struct FileConfig {
     pub reap_interval_secs: u64,
     /// Days an ssl job's certificates are valid (they are revoked when the job ends).
     pub cert_days: u32,
+    /// Days audit records are kept; 0 keeps them forever.
+    pub audit_retention_days: u32,
     /// Most live jobs per user.
     pub max_jobs_per_user: u32,
     /// Failed verifications per job per minute before verify answers 429.
@@ -86,6 +88,7 @@ impl Default for FileConfig {
             max_ttl_secs: DEFAULT_MAX_TTL_SECS,
             reap_interval_secs: 15,
             cert_days: 30,
+            audit_retention_days: 365,
             max_jobs_per_user: 100,
             max_failed_verifies_per_minute: 20,
             max_connections: 1024,
@@ -139,6 +142,8 @@ pub struct Config {
     pub reap_interval: Duration,
     /// See [`FileConfig::cert_days`].
     pub cert_days: u32,
+    /// See [`FileConfig::audit_retention_days`].
+    pub audit_retention_days: u32,
     /// See [`FileConfig::max_jobs_per_user`].
     pub max_jobs_per_user: u32,
     /// See [`FileConfig::max_failed_verifies_per_minute`].
@@ -229,6 +234,7 @@ impl FileConfig {
             max_ttl: Duration::from_secs(self.max_ttl_secs),
             reap_interval: Duration::from_secs(self.reap_interval_secs.max(1)),
             cert_days: self.cert_days.max(1),
+            audit_retention_days: self.audit_retention_days,
             max_jobs_per_user: self.max_jobs_per_user,
             max_failed_verifies_per_minute: self.max_failed_verifies_per_minute,
             max_connections: self.max_connections.max(1),

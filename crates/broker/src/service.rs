@@ -538,7 +538,13 @@ impl Broker {
     pub async fn reap(&self) -> Result<usize, BrokerError> {
         let reaped = self
             .store
-            .reap(unix_now(), self.cert_lifetime_secs())
+            .reap(
+                unix_now(),
+                self.cert_lifetime_secs(),
+                (self.config.audit_retention_days > 0).then(|| {
+                    (unix_now() - i64::from(self.config.audit_retention_days) * 86_400) * 1000
+                }),
+            )
             .await?;
         for job in &reaped {
             tracing::info!(job = %job.id, owner = %job.owner, port = job.port, "expired job reaped");

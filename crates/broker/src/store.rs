@@ -606,11 +606,17 @@ impl Store {
     }
 
     /// Deletes every job expired at `now` (any host), revoking certificates and auditing
-    /// each; also forgets revocations of certificates expired by now. The reaped jobs.
+    /// each; also forgets revocations of certificates expired by now, and audit records older
+    /// than `audit_before_ms` when given. The reaped jobs.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn reap(&self, now: i64, cert_lifetime_secs: i64) -> Result<Vec<JobRow>, StoreError> {
+    pub async fn reap(
+        &self,
+        now: i64,
+        cert_lifetime_secs: i64,
+        audit_before_ms: Option<i64>,
+    ) -> Result<Vec<JobRow>, StoreError> {
         let _writer = self.writer().await;
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(concat!(
@@ -647,6 +653,12 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        if let Some(before) = audit_before_ms {
+            sqlx::query("DELETE FROM audit WHERE at_ms < $1")
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(jobs)
     }
@@ -657,6 +669,21 @@ impl Store {
     /// [`StoreError`].
     pub async fn audit(&self, record: &AuditRecord<'_>) -> Result<(), StoreError> {
         self.queue(Write::Audit(record.into())).await.map(|_| ())
+    }
+
+    /// Moves `user`'s audit records `by_ms` into the past (tests of the retention rule).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    #[doc(hidden)]
+    pub async fn backdate_audit_for_tests(&self, user: &str, by_ms: i64) -> Result<(), StoreError> {
+        let _writer = self.writer().await;
+        sqlx::query("UPDATE audit SET at_ms = at_ms - $1 WHERE user_name = $2")
+            .bind(by_ms)
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Serials revoked and not yet expired, for the CRL.

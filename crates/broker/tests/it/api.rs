@@ -577,3 +577,52 @@ async fn the_daemon_binary_checks_its_configuration() {
     let out = run(&["-c", file.to_str().unwrap(), "--check-config"]);
     assert_eq!(out.status.code(), Some(78));
 }
+
+#[tokio::test]
+async fn old_audit_records_are_pruned() {
+    let daemon = Daemon::start_with(crate::support::Backend::Sqlite, |c| {
+        c.audit_retention_days = 1;
+    })
+    .await;
+    let mut client = daemon.client();
+    client.save_type(JobType::Ssh, None).await.unwrap();
+    // A record from two days ago, written directly; the next reaper pass (every second here)
+    // removes it and keeps today's.
+    let me = broker::identity::Caller {
+        user: "old".into(),
+        uid: None,
+        via: "unix",
+    };
+    daemon
+        .broker
+        .store()
+        .audit(&broker::store::AuditRecord {
+            caller: &me,
+            action: "load",
+            job_id: None,
+            result: "ok",
+            detail: None,
+        })
+        .await
+        .unwrap();
+    let rows = daemon.broker.store().audit_rows(10).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    daemon
+        .broker
+        .store()
+        .backdate_audit_for_tests("old", 2 * 86_400_000)
+        .await
+        .unwrap();
+    let mut pruned = false;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rows = daemon.broker.store().audit_rows(10).await.unwrap();
+        if rows.len() == 1 {
+            assert_eq!(rows[0].action, "save");
+            pruned = true;
+            break;
+        }
+    }
+    assert!(pruned, "the two-day-old record is pruned");
+    daemon.stop().await;
+}
