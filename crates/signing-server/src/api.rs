@@ -109,6 +109,33 @@ async fn handle(service: &Arc<Service>, cn: Option<&str>, req: Request<Incoming>
     result.unwrap_or_else(|refusal| refused(&refusal))
 }
 
+/// 413 for an upload over `max` bytes.
+fn too_large(max: u64) -> Refusal {
+    Refusal::new(413, format!("the upload is larger than {max} bytes"))
+}
+
+/// The next piece of an upload's body (`None` at its end), each under its own
+/// `io_timeout_secs` deadline.
+///
+/// # Errors
+/// 408 when no piece arrives in time, 400 when the body cannot be read.
+async fn next_piece(service: &Service, body: &mut Incoming) -> Result<Option<Bytes>, Refusal> {
+    loop {
+        match tokio::time::timeout(service.config.limits.io_timeout(), body.frame()).await {
+            Err(_) => return Err(Refusal::new(408, "the upload stalled")),
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(err))) => {
+                return Err(Refusal::new(400, format!("reading the upload: {err}")));
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
 /// Streams the body into a fresh spool file; returns it with its length.
 async fn spool(
     service: &Service,
@@ -126,27 +153,10 @@ async fn spool(
         tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
     let mut body = body;
     let mut total = 0u64;
-    loop {
-        let frame = match tokio::time::timeout(limits.io_timeout(), body.frame()).await {
-            Err(_) => return Err(Refusal::new(408, "the upload stalled")),
-            Ok(None) => break,
-            Ok(Some(Err(err))) => {
-                return Err(Refusal::new(400, format!("reading the upload: {err}")));
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
+    while let Some(data) = next_piece(service, &mut body).await? {
         total += data.len() as u64;
         if total > limits.max_upload_bytes {
-            return Err(Refusal::new(
-                413,
-                format!(
-                    "the upload is larger than {} bytes",
-                    limits.max_upload_bytes
-                ),
-            ));
+            return Err(too_large(limits.max_upload_bytes));
         }
         file.write_all(&data)
             .await
@@ -183,21 +193,28 @@ async fn sign_upload(
         ));
     }
     // Small bodies (by Content-Length) are signed from memory; the rest are spooled to disk.
-    let small = req
+    // hyper ends a body at its Content-Length, so one announced over the limit is refused
+    // before it is read, and one within it cannot grow past it.
+    let max = service.config.limits.max_upload_bytes;
+    let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| n <= IN_MEMORY_UPLOAD);
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max) {
+        return Err(too_large(max));
+    }
+    let small = announced.is_some_and(|n| n <= IN_MEMORY_UPLOAD);
     let signed = if small {
-        let collected = tokio::time::timeout(
-            service.config.limits.io_timeout(),
-            http_body_util::Limited::new(req.into_body(), IN_MEMORY_UPLOAD as usize).collect(),
-        )
-        .await
-        .map_err(|_| Refusal::new(408, "the upload stalled"))?
-        .map_err(|e| Refusal::new(400, format!("reading the upload: {e}")))?;
+        let mut body = req.into_body();
+        let mut content = bytes::BytesMut::new();
+        while let Some(data) = next_piece(service, &mut body).await? {
+            if (content.len() + data.len()) as u64 > max.min(IN_MEMORY_UPLOAD) {
+                return Err(too_large(max));
+            }
+            content.extend_from_slice(&data);
+        }
         service
-            .sign_bytes(signer, collected.to_bytes(), &name, &names)
+            .sign_bytes(signer, content.freeze(), &name, &names)
             .await
     } else {
         let (temp, _) = spool(service, req.into_body()).await?;

@@ -10,7 +10,9 @@
 //! - `api`: the HTTPS JSON API;
 //! - `upload`: a 2 GiB upload with bounded memory;
 //! - `command`: the external `create_pkgsign`-compatible signer;
-//! - `daemon`: the `signing-server` binary.
+//! - `daemon`: the `signing-server` binary;
+//! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
+//!   (413) uploads.
 
 #![allow(
     clippy::unwrap_used,
@@ -22,6 +24,7 @@ mod client;
 mod command;
 mod daemon;
 mod legacy;
+mod limits;
 mod refusals;
 mod signatures;
 mod support;

@@ -501,3 +501,88 @@ impl io::Read for Generated {
         Ok(n)
     }
 }
+
+/// The daemon binary.
+pub(crate) const SERVER_BIN: &str = env!("CARGO_BIN_EXE_signing-server");
+
+/// The `signing-server` binary serving a TOML file, its stderr (the log) forwarded to the
+/// test's and to [`Daemon::log_line`]. Killed when dropped.
+#[derive(Debug)]
+pub(crate) struct Daemon {
+    child: tokio::process::Child,
+    /// The address it printed.
+    pub(crate) addr: SocketAddr,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Daemon {
+    /// Starts `signing-server -c config --print-address` and waits (up to [`STEP`]) for its
+    /// address.
+    pub(crate) async fn start(config: &Path) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(SERVER_BIN)
+            .arg("-c")
+            .arg(config)
+            .args(["--print-address", "--log-format", "journal"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (sender, log) = tokio::sync::mpsc::unbounded_channel();
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                eprintln!("signing-server: {line}");
+                let _ = sender.send(line);
+            }
+        });
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(STEP, async {
+            while let Some(line) = stdout.next_line().await.unwrap() {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return addr.parse::<SocketAddr>().unwrap();
+                }
+            }
+            panic!("the daemon exited without printing its address");
+        })
+        .await
+        .expect("the daemon prints its address");
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        Self { child, addr, log }
+    }
+
+    /// Sends `signal` to the daemon.
+    pub(crate) fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self
+            .child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("the daemon is running");
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// The next log line containing `text`, skipping the others; panics after `deadline`.
+    pub(crate) async fn log_line(&mut self, text: &str, deadline: Duration) -> String {
+        tokio::time::timeout(deadline, async {
+            while let Some(line) = self.log.recv().await {
+                if line.contains(text) {
+                    return line;
+                }
+            }
+            panic!("the daemon's log ended without {text:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {text:?} within {deadline:?}"))
+    }
+
+    /// SIGTERM, then its exit status (within [`STEP`]).
+    pub(crate) async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        tokio::time::timeout(STEP, self.child.wait())
+            .await
+            .expect("the daemon stops after SIGTERM")
+            .unwrap()
+    }
+}
