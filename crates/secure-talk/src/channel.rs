@@ -77,6 +77,8 @@ pub(crate) async fn run<S>(
         client,
         is_admin,
     };
+    // A peer that stops reading cannot hold this task: every write has the idle deadline.
+    let write_limit = limits.idle_timeout();
     if channel == Channel::Admin {
         let mut greeting = Vec::new();
         if !pipes.is_empty() {
@@ -87,20 +89,24 @@ pub(crate) async fn run<S>(
         if let Some(push) = admin::model_info_push(&shared).await {
             greeting.push(WsMessage::binary(push));
         }
+        let mut delivered = true;
         for message in greeting {
-            if ws.feed(message).await.is_err() {
-                shared.hub.detach(client, channel, conn);
-                return;
+            if !within(write_limit, ws.feed(message)).await {
+                delivered = false;
+                break;
             }
         }
-        if ws.flush().await.is_err() {
+        if !delivered || !within(write_limit, ws.flush()).await {
             shared.hub.detach(client, channel, conn);
+            tracing::info!(
+                conn,
+                reason = "greeting write failed or stalled",
+                "disconnected"
+            );
             return;
         }
     }
 
-    // A peer that stops reading cannot hold this task: every write has the idle deadline.
-    let write_limit = limits.idle_timeout();
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval_at(
         Instant::now() + limits.ping_interval(),
@@ -161,8 +167,8 @@ pub(crate) async fn run<S>(
                     close(&mut ws, 1001, "idle timeout").await;
                     break "idle";
                 }
-                if ws.send(WsMessage::Ping(Default::default())).await.is_err() {
-                    break "write failed";
+                if !within(write_limit, ws.send(WsMessage::Ping(Default::default()))).await {
+                    break "write failed or stalled";
                 }
             }
             () = shared.shutdown.triggered() => {

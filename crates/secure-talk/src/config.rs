@@ -317,6 +317,21 @@ impl FileConfig {
                 return Err(ConfigError(format!("limits.{name} must be above 0")));
             }
         }
+        // A zero ping period would panic every websocket task (tokio intervals need a period);
+        // zero deadlines would time out every request, connection or pipe check-in at once.
+        for (name, value) in [
+            ("ping_interval_secs", limits.ping_interval_secs),
+            ("idle_timeout_secs", limits.idle_timeout_secs),
+            ("request_timeout_secs", limits.request_timeout_secs),
+            (
+                "pipe_checkin_timeout_secs",
+                limits.pipe_checkin_timeout_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("limits.{name} must be above 0")));
+            }
+        }
         if limits.max_ipc_frame_bytes < common::envelope::ipc::HEADER_LEN {
             return Err(ConfigError("limits.max_ipc_frame_bytes is below 8".into()));
         }

@@ -1,10 +1,22 @@
-//! Per-client pipe limit and the client limit.
+//! Limits and keep-alive: per-client pipes and clients, `max_connections`, pings and the idle
+//! timeout, the write deadline and data-channel backpressure, the upload lock, and SIGHUP
+//! reloading the TLS certificate of the real daemon.
 
-use secure_talk::client::{self, ClientError};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::envelope::talk::{BinaryMessage, Headers, md5_hex, method};
+use secure_talk::client::{self, ClientError, ClientOptions, Connection, Transport};
 use secure_talk::hub::Channel;
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::time::Instant;
 
-use crate::support::{TestServer, connect, create_pipe, expect_reply, http, send};
+use crate::support::{
+    PIPE, STEP, TestServer, connect, create_pipe, data_until, eventually, expect_reply, http, list,
+    options, pki, processes_with_env, recv_message, send, tls_transport,
+};
 
 #[tokio::test]
 async fn a_third_pipe_is_refused_with_503() {
@@ -58,6 +70,641 @@ async fn a_second_client_beyond_max_clients_gets_503() {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             Err(err) => panic!("the second client never got in: {err}"),
+        }
+    }
+}
+
+/// Ping period and idle timeout of the keep-alive tests, in seconds (the smallest the
+/// configuration allows are whole seconds).
+const PING_SECS: u64 = 1;
+const IDLE_SECS: u64 = 2;
+
+fn keepalive(config: &mut secure_talk::config::Config) {
+    config.limits.ping_interval_secs = PING_SECS;
+    config.limits.idle_timeout_secs = IDLE_SECS;
+}
+
+/// A masked, empty pong: the least a client can send.
+const PONG: [u8; 6] = [0x8a, 0x80, 0x1f, 0x2e, 0x3d, 0x4c];
+
+/// Upgrades `channel` with `token` and returns the bare stream: nothing answers the server's
+/// pings, and nothing is read unless the test reads it.
+async fn raw_websocket(options: &ClientOptions, channel: Channel, token: &str) -> client::Stream {
+    tokio::time::timeout(STEP, client::upgrade(options, channel, token))
+        .await
+        .expect("an upgrade in time")
+        .expect("upgrade")
+        .into_stream()
+}
+
+/// Reads what the server sent until it closes the connection, within [`STEP`].
+async fn read_until_closed(stream: &mut client::Stream) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    tokio::time::timeout(STEP, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server closes the connection in time");
+    bytes
+}
+
+/// The frames a server sent (unmasked), as (opcode, payload); a cut-off tail is left out.
+fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 2 {
+        let (len, head) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+            127 if bytes.len() >= 10 => {
+                let mut len = [0u8; 8];
+                len.copy_from_slice(&bytes[2..10]);
+                (
+                    usize::try_from(u64::from_be_bytes(len)).expect("length"),
+                    10,
+                )
+            }
+            126 | 127 => break,
+            n => (usize::from(n), 2),
+        };
+        let Some(payload) = bytes.get(head..head + len) else {
+            break;
+        };
+        frames.push((bytes[0] & 0x0f, payload.to_vec()));
+        bytes = &bytes[head + len..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_outlives_the_idle_timeout() {
+    let server = TestServer::start_with(keepalive).await;
+    let mut admin = connect(&server.alice("a"), Channel::Admin).await;
+    // The client only reads: tungstenite answers every ping with a pong, pongs count as
+    // activity, and more than twice the idle timeout passes without a close.
+    let quiet = Duration::from_secs(IDLE_SECS * 2 + 1);
+    let started = Instant::now();
+    let got = admin.recv_timeout(quiet).await.expect("no error");
+    assert!(got.is_none(), "nothing is sent to a quiet client: {got:?}");
+    assert_eq!(admin.closed, None);
+    assert!(
+        started.elapsed() >= quiet - Duration::from_millis(50),
+        "the connection ended after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.server.connected_clients(), 1);
+    send(
+        &mut admin,
+        json!({"headers": {"method": "text"}, "payload": "still here"}),
+    )
+    .await;
+    recv_message(&mut admin, "the echo", |m| {
+        m.payload == Some(json!("still here"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_closed_as_idle() {
+    let server = TestServer::start_with(keepalive).await;
+    let opts = server.alice("a");
+    let (_, token) = http(&opts, "GET", "/", None).await;
+    let started = Instant::now();
+    let mut stream = raw_websocket(&opts, Channel::Admin, &token).await;
+    eventually("the websocket to register", STEP, || {
+        server.server.connected_clients() == 1
+    })
+    .await;
+    // Nothing read, nothing written: the pings go unanswered.
+    eventually("the idle websocket to be dropped", STEP, || {
+        server.server.connected_clients() == 0
+    })
+    .await;
+    // The first ping tick past the idle timeout closes it; the close handshake waits at most
+    // a second for the peer's answer.
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_secs(IDLE_SECS),
+        "dropped after {after:?}, before the idle timeout"
+    );
+    assert!(
+        after <= Duration::from_secs(IDLE_SECS + PING_SECS + 2),
+        "dropped only after {after:?}"
+    );
+    let frames = server_frames(&read_until_closed(&mut stream).await);
+    assert!(
+        frames.iter().any(|(opcode, _)| *opcode == 0x9),
+        "pinged first: {frames:?}"
+    );
+    let (opcode, payload) = frames.last().expect("frames");
+    assert_eq!(*opcode, 0x8, "the last frame is a close: {frames:?}");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+    assert_eq!(&payload[2..], b"idle timeout");
+}
+
+#[tokio::test]
+async fn any_frame_from_the_peer_counts_as_activity() {
+    let server = TestServer::start_with(keepalive).await;
+    let opts = server.alice("a");
+    let (_, token) = http(&opts, "GET", "/", None).await;
+    let (_unread, mut writer) =
+        tokio::io::split(raw_websocket(&opts, Channel::Admin, &token).await);
+    eventually("the websocket to register", STEP, || {
+        server.server.connected_clients() == 1
+    })
+    .await;
+    // Unsolicited pongs and no reads: the server's pings stay unanswered, yet the peer is
+    // not idle.
+    let until = Instant::now() + Duration::from_secs(IDLE_SECS * 2);
+    while Instant::now() < until {
+        writer.write_all(&PONG).await.expect("write a pong");
+        writer.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            server.server.connected_clients(),
+            1,
+            "dropped while sending"
+        );
+    }
+    // Silence makes it idle.
+    let silent = Instant::now();
+    eventually("the silent websocket to be dropped", STEP, || {
+        server.server.connected_clients() == 0
+    })
+    .await;
+    assert!(
+        silent.elapsed() >= Duration::from_secs(IDLE_SECS),
+        "dropped {:?} after the last frame",
+        silent.elapsed()
+    );
+}
+
+/// Upgrades `channel`, retrying while the server closes the connection at once (no slot yet).
+async fn upgrade_when_free(options: &ClientOptions, channel: Channel, token: &str) -> Connection {
+    let deadline = Instant::now() + STEP;
+    loop {
+        match client::upgrade(options, channel, token).await {
+            Ok(conn) => return conn,
+            Err(err)
+                if Instant::now() < deadline && !matches!(err, ClientError::Refused { .. }) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("no {channel:?} websocket: {err}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_at_once() {
+    let server = TestServer::start_with(|c| c.limits.max_connections = 2).await;
+    let tls = server.alice("a");
+    let unix = server.unix("a");
+    let token = client::fetch_token(&unix, None).await.expect("a token");
+    // Two websockets hold both slots, TCP and Unix counted together (the token fetch's
+    // connection frees its slot once the server has seen it close).
+    let mut admin = upgrade_when_free(&tls, Channel::Admin, &token).await;
+    let data = upgrade_when_free(&unix, Channel::Data, &token).await;
+    for _ in 0..3 {
+        for opts in [&tls, &unix] {
+            let started = Instant::now();
+            let refused = client::fetch_token(opts, None).await;
+            assert!(
+                refused.is_err(),
+                "{:?}: a third connection is served: {refused:?}",
+                opts.transport
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}: closed at once, not queued (took {:?})",
+                opts.transport,
+                started.elapsed()
+            );
+        }
+    }
+    // The connections holding the slots are not disturbed.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "text"}, "payload": "full"}),
+    )
+    .await;
+    recv_message(&mut admin, "the echo", |m| m.payload == Some(json!("full"))).await;
+    // A closed websocket frees its slot for the next connection.
+    data.close().await.expect("close");
+    let _data = upgrade_when_free(&unix, Channel::Data, &token).await;
+    admin.close().await.expect("close");
+    let deadline = Instant::now() + STEP;
+    while let Err(err) = client::fetch_token(&tls, Some(&token)).await {
+        assert!(Instant::now() < deadline, "never served again: {err}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_secure-talk");
+
+/// Waits for a daemon log line containing `wanted`.
+async fn log_line(logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>, wanted: &str) {
+    tokio::time::timeout(STEP, async {
+        while let Some(line) = logs.recv().await {
+            if line.contains(wanted) {
+                return;
+            }
+        }
+        panic!("the daemon's log ended before {wanted:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line {wanted:?} in time"));
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_and_a_broken_file_keeps_the_old_one() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    std::fs::copy(&pki.server.cert_path, &cert).expect("copy the certificate");
+    std::fs::copy(&pki.server.key_path, &key).expect("copy the key");
+    let config = dir.path().join("secure-talk.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\npipe_program = {PIPE:?}\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\n\
+             [limits]\nkill_grace_secs = 1\ndrain_grace_secs = 3\n",
+            dir.path().join("state"),
+            pki.ca_path,
+        ),
+    )
+    .expect("write the config");
+    let mut child = tokio::process::Command::new(DAEMON)
+        .env_remove("SECURE_TALK_CONFIG")
+        .arg("-c")
+        .arg(&config)
+        .args(["--print-address", "--log", "info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn secure-talk");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr: std::net::SocketAddr = tokio::time::timeout(STEP, async {
+        while let Some(line) = stdout.next_line().await.expect("read stdout") {
+            if let Some(address) = line.strip_prefix("listening on ") {
+                return address.parse().expect("an address");
+            }
+        }
+        panic!("secure-talk exited before listening");
+    })
+    .await
+    .expect("secure-talk listens in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    let (log_tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = log_tx.send(line);
+        }
+    });
+
+    let transport = tls_transport(addr, Some(&pki.alice));
+    let Transport::Tls {
+        config: client_tls, ..
+    } = transport.clone()
+    else {
+        unreachable!("a TLS transport");
+    };
+    // The CN of the certificate a new connection sees.
+    let server_cn = || {
+        let client_tls = client_tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let tls = common::tls::connect(client_tls, "localhost", tcp, STEP)
+                .await
+                .expect("a TLS handshake");
+            common::tls::peer_identity(tls.get_ref().1).and_then(|id| id.cn)
+        }
+    };
+    assert_eq!(server_cn().await.as_deref(), Some("server"));
+    let opts = options(transport, Some(dir.path().join("alice.token")));
+    let mut before = connect(&opts, Channel::Admin).await;
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(rustix::process::Pid::from_raw)
+        .expect("running");
+    let hup = || rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
+
+    // A broken certificate file: the reload fails and the old material stays in use.
+    std::fs::write(&cert, "not a certificate").expect("break the certificate");
+    hup();
+    log_line(&mut logs, "reload failed").await;
+    assert_eq!(server_cn().await.as_deref(), Some("server"));
+    // The new pair.
+    std::fs::copy(&pki.server2.cert_path, &cert).expect("copy the new certificate");
+    std::fs::copy(&pki.server2.key_path, &key).expect("copy the new key");
+    hup();
+    log_line(&mut logs, "reloaded certificates").await;
+    assert_eq!(server_cn().await.as_deref(), Some("server2"));
+    // New connections are served end to end, and the websocket from before still is.
+    let mut after = connect(&opts, Channel::Data).await;
+    assert_eq!(after.client_id, before.client_id);
+    send(
+        &mut before,
+        json!({"headers": {"method": "text"}, "payload": "reloaded"}),
+    )
+    .await;
+    recv_message(&mut before, "the echo", |m| {
+        m.payload == Some(json!("reloaded"))
+    })
+    .await;
+    assert!(
+        after
+            .recv_timeout(Duration::from_millis(100))
+            .await
+            .expect("no error")
+            .is_none()
+    );
+
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let status = tokio::time::timeout(STEP, child.wait())
+        .await
+        .expect("secure-talk exits in time after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+fn model(path: &str, bytes: &[u8]) -> BinaryMessage {
+    BinaryMessage::new(
+        Headers::method(method::MODEL).with_path(path),
+        bytes.to_vec(),
+    )
+}
+
+/// Opens a FIFO for writing without blocking (fails while nobody reads it).
+fn fifo_writer(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let nonblock = i32::try_from(rustix::fs::OFlags::NONBLOCK.bits()).expect("a flag");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nonblock)
+        .open(path)
+}
+
+/// Writes `bytes` to the FIFO once its reader has opened it, then closes it (end of file).
+async fn feed_fifo(path: &Path, bytes: &[u8]) {
+    use std::io::Write as _;
+    let deadline = Instant::now() + STEP;
+    loop {
+        match fifo_writer(path) {
+            Ok(mut fifo) => {
+                fifo.write_all(bytes).expect("write to the fifo");
+                return;
+            }
+            Err(err) => {
+                assert!(Instant::now() < deadline, "nobody reads the fifo: {err}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Releases a reader still blocked on the FIFO when a test fails, so the server's blocking
+/// thread ends.
+struct ReleaseFifo(PathBuf);
+
+impl Drop for ReleaseFifo {
+    fn drop(&mut self) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if std::fs::symlink_metadata(&self.0).is_ok_and(|m| m.file_type().is_fifo()) {
+            drop(fifo_writer(&self.0));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_upload_to_a_name_being_written_gets_409() {
+    let server = TestServer::start().await;
+    // Both admin connections first: a new admin connection reads model_info.json (the push).
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    let mut b = connect(&server.bob("b"), Channel::Admin).await;
+    // model_info.json as a FIFO holds the first writer inside its write (the file written,
+    // the record being updated) until the test feeds it.
+    let upload_dir = server.config.upload_dir.clone();
+    std::fs::create_dir_all(&upload_dir).expect("the upload directory");
+    let info = upload_dir.join("model_info.json");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &info,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+    )
+    .expect("mkfifo");
+    let _release = ReleaseFifo(info.clone());
+
+    a.send_binary(&model("m/w.bin", b"first"))
+        .await
+        .expect("send");
+    eventually("the first upload to be written", STEP, || {
+        upload_dir.join("m/w.bin").exists()
+    })
+    .await;
+    // The same name, however spelt, while the first write runs: the original's `error`, 409.
+    for name in ["m/w.bin", "./m/w.bin", "m//w.bin"] {
+        b.send_binary(&model(name, b"second")).await.expect("send");
+        let busy = recv_message(&mut b, "the 409", |m| m.method() == method::ERROR).await;
+        assert_eq!(busy.headers.code, Some(409), "{busy:?}");
+        assert_eq!(
+            busy.payload,
+            Some(json!(format!(
+                "model file {name} is being written by another controller"
+            )))
+        );
+    }
+    // Another name is not refused: it waits for model_info.json behind the first.
+    b.send_binary(&model("m/other.bin", b"other"))
+        .await
+        .expect("send");
+    feed_fifo(&info, b"{}").await;
+    expect_reply(&mut a, 200, "model m/w.bin saved").await;
+    expect_reply(&mut b, 200, "model m/other.bin saved").await;
+    // The name is free again.
+    b.send_binary(&model("m/w.bin", b"second"))
+        .await
+        .expect("send");
+    expect_reply(&mut b, 200, "model m/w.bin saved").await;
+    assert_eq!(
+        std::fs::read(upload_dir.join("m/w.bin")).expect("read"),
+        b"second"
+    );
+    let recorded: Value =
+        serde_json::from_slice(&std::fs::read(&info).expect("model_info.json")).expect("json");
+    assert_eq!(
+        recorded,
+        json!({"m/w.bin": md5_hex(b"second"), "m/other.bin": md5_hex(b"other")})
+    );
+}
+
+/// Polls `list` until the caller's data channel is (or is no longer) connected.
+async fn wait_data_connected(admin: &mut Connection, connected: bool) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let list = list(admin).await;
+        let me = list["clients"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["client_id"] == json!(admin.client_id)))
+            .cloned()
+            .unwrap_or_default();
+        if me["data_connected"] == json!(connected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "data_connected never became {connected}: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bytes a process has written so far (`/proc/PID/io`).
+fn written(pid: i32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("wchar")
+}
+
+#[tokio::test]
+async fn a_data_channel_that_stops_reading_is_dropped_and_its_pipe_held() {
+    let server = TestServer::start_with(|c| {
+        keepalive(c);
+        c.limits.send_queue = 4;
+    })
+    .await;
+    let opts = server.alice("a");
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let (unread, mut writer) =
+        tokio::io::split(raw_websocket(&opts, Channel::Data, &admin.token).await);
+    // The data peer sends pongs, so it is never idle; it just never reads.
+    let keeps_sending = tokio::spawn(async move {
+        loop {
+            if writer.write_all(&PONG).await.is_err() || writer.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    wait_data_connected(&mut admin, true).await;
+    let started = Instant::now();
+    let id = create_pipe(&mut admin, "yes").await;
+    // The queue and the socket fill up; the write that stalls for idle_timeout drops the
+    // connection.
+    wait_data_connected(&mut admin, false).await;
+    let dropped = started.elapsed();
+    assert!(
+        dropped >= Duration::from_secs(IDLE_SECS),
+        "dropped after {dropped:?}, before a write could stall that long"
+    );
+    tokio::time::timeout(STEP, keeps_sending)
+        .await
+        .expect("the peer's writes fail once the server has dropped it")
+        .expect("the writer task");
+    drop(unread);
+    // Nothing piles up in the server: the command is held, its output stops growing.
+    let command = processes_with_env("SECURE_TALK_IPC_SOCKET", &server.config.ipc_socket)
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "yes")
+        })
+        .expect("the yes process");
+    let before = written(command);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = written(command);
+    assert_eq!(still, before, "the command is paused");
+    assert!(still < 64 << 20, "{still} bytes written before the pause");
+    assert!(crate::support::listed_pipes(&list(&mut admin).await).contains(&id));
+    // A new data connection gets the output that waited, and the command runs on.
+    let mut data = connect(&opts, Channel::Data).await;
+    data_until(&mut data, id, "y\n").await;
+    eventually("the command to write again", STEP, || {
+        written(command) > still
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_its_greeting_is_dropped() {
+    let server = TestServer::start_with(|c| {
+        keepalive(c);
+        c.limits.max_upload_bytes = 16 << 20;
+    })
+    .await;
+    // A model_info.json larger than the socket buffers: the connect-time push cannot be
+    // written to a peer that reads nothing.
+    std::fs::create_dir_all(&server.config.upload_dir).expect("the upload directory");
+    let info: serde_json::Map<String, Value> = (0..150_000)
+        .map(|i| {
+            let name = format!("models/m{i}/weights.bin");
+            let sum = md5_hex(name.as_bytes());
+            (name, json!(sum))
+        })
+        .collect();
+    let info = serde_json::to_vec(&info).expect("json");
+    assert!(info.len() > 8 << 20, "{} bytes", info.len());
+    std::fs::write(server.config.upload_dir.join("model_info.json"), info).expect("write");
+    let opts = server.alice("a");
+    let (_, token) = http(&opts, "GET", "/", None).await;
+    let started = Instant::now();
+    let _unread = raw_websocket(&opts, Channel::Admin, &token).await;
+    eventually("the websocket to register", STEP, || {
+        server.server.connected_clients() == 1
+    })
+    .await;
+    eventually("the stalled websocket to be dropped", STEP, || {
+        server.server.connected_clients() == 0
+    })
+    .await;
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_secs(IDLE_SECS),
+        "dropped after {after:?}, before a write could stall that long"
+    );
+}
+
+#[tokio::test]
+async fn a_zero_ping_interval_or_idle_timeout_is_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (key, code) in [
+        ("ping_interval_secs = 0", 78),
+        ("idle_timeout_secs = 0", 78),
+        ("ping_interval_secs = 1\nidle_timeout_secs = 1", 0),
+    ] {
+        let config = dir.path().join("secure-talk.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"\"\nunix_socket = {:?}\nstate_dir = {:?}\n[limits]\n{key}\n",
+                dir.path().join("talk.sock"),
+                dir.path().join("state"),
+            ),
+        )
+        .expect("write the config");
+        let output = tokio::process::Command::new(DAEMON)
+            .env_remove("SECURE_TALK_CONFIG")
+            .arg("--check-config")
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .await
+            .expect("run secure-talk");
+        assert_eq!(output.status.code(), Some(code), "{key}: {output:?}");
+        if code != 0 {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let name = key.split(' ').next().expect("a key");
+            assert!(stderr.contains(name), "{key}: {stderr}");
         }
     }
 }

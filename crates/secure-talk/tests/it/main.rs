@@ -7,7 +7,8 @@
 //! - `echo`: `text` echo and error replies;
 //! - `pipes`: pipes end to end, ownership, admin identities, reconnection, orphans;
 //! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push;
-//! - `limits`: per-client pipes and clients;
+//! - `limits`: per-client pipes and clients, `max_connections`, pings and the idle timeout,
+//!   data-channel backpressure, the upload lock, SIGHUP reloading the TLS certificate;
 //! - `ipc`: impostor check-ins and garbage on the IPC socket;
 //! - `shutdown`: shutdown with pipes that ignore SIGTERM;
 //! - `daemon`: the `secure-talk` binary;
