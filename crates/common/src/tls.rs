@@ -35,15 +35,18 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors from loading TLS material or running a handshake.
+///
+/// Each message already names its cause, so no variant reports a `source()`: `{err:#}` and
+/// anyhow chains print the cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A PEM file held no usable item of the expected kind.
     #[error("{path}: {what}")]
@@ -55,10 +58,10 @@ pub enum TlsError {
     },
     /// rustls refused the material (key does not match, unsupported key type, ...).
     #[error("tls configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
     /// The client verifier could not be built (empty CA bundle, bad CRL, ...).
     #[error("client certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     /// The configuration is contradictory.
     #[error("{0}")]
     Invalid(String),
@@ -68,6 +71,18 @@ pub enum TlsError {
     /// The handshake failed.
     #[error("tls handshake: {0}")]
     Handshake(io::Error),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(err: rustls::Error) -> Self {
+        Self::Rustls(err)
+    }
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsError {
+    fn from(err: rustls::server::VerifierBuilderError) -> Self {
+        Self::Verifier(err)
+    }
 }
 
 /// Whether a server asks for client certificates.
@@ -503,9 +518,9 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
+    fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
