@@ -63,7 +63,8 @@ certificates from BROKER_CA (ssl). With --gate it can be any unmodified TCP serv
 first send the magic key and a newline (ssh; the broker verifies it) or present a client
 certificate the broker issued to you (ssl, mutual TLS; the app sees plain TCP).
 
-SIGTERM, SIGINT and SIGHUP are forwarded to the application. The job is heartbeated every
+SIGTERM, SIGINT and SIGHUP are forwarded to the application; after SIGTERM or SIGINT it has
+--stop-timeout (30 s) to exit before it is killed. The job is heartbeated every
 third of its TTL and looked for in your job list every 2 s; once the broker no longer has it
 (deleted, or expired while the broker was unreachable) the gate admits nobody new and the
 application is stopped (SIGTERM, SIGKILL after 5 s).
@@ -105,6 +106,10 @@ struct Args {
     /// The broker daemon's socket.
     #[arg(long, env = "BROKER_SOCKET", value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// After forwarding SIGTERM or SIGINT, how long the application may take to exit before
+    /// it is killed (SIGKILL to its group), so the job is always deleted; 0 waits forever.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    stop_timeout: Duration,
     /// Address the gate binds the public port on (only with --gate).
     #[arg(long, value_name = "ADDR", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     bind: IpAddr,
@@ -403,6 +408,10 @@ async fn run_job(
             signal = signals.recv() => {
                 info!(signal = signal.as_str(), "forwarding to the application");
                 signal_group(group, signal);
+                let stopping = matches!(signal, Signal::SIGTERM | Signal::SIGINT);
+                if stopping && kill_at.is_none() && !args.stop_timeout.is_zero() {
+                    kill_at = Some(tokio::time::Instant::now() + args.stop_timeout);
+                }
             }
             gone = &mut gone_rx, if !heartbeat_over => {
                 heartbeat_over = true;
@@ -416,7 +425,7 @@ async fn run_job(
                 }
             }
             () = sleep_until(kill_at), if kill_at.is_some() => {
-                warn!(grace_secs = KILL_GRACE.as_secs(), "the application ignored SIGTERM; killing it");
+                warn!("the application did not exit after SIGTERM; killing it");
                 signal_group(group, Signal::SIGKILL);
                 kill_at = None;
             }

@@ -674,6 +674,61 @@ async fn an_app_that_ignores_sigterm_is_killed_when_the_job_goes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_ignores_a_forwarded_sigterm_is_killed_after_the_stop_timeout() {
+    let daemon = Daemon::start().await;
+    let xdg = runtime_dir();
+    let ready = xdg.path().join("ready");
+    let ready_arg = ready.to_str().unwrap().to_owned();
+    let mut run = Running::spawn(broker_run(
+        &daemon,
+        xdg.path(),
+        &[
+            "--type",
+            "ssh",
+            "--stop-timeout",
+            "1s",
+            "--",
+            "python3",
+            "-c",
+            "import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nopen(sys.argv[1], 'w').close()\ntime.sleep(120)",
+            &ready_arg,
+        ],
+    ));
+    let summary = run.summary().await;
+    // Only once the application ignores SIGTERM.
+    for _ in 0..200 {
+        if ready.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready.exists(), "the application started: {}", run.stderr());
+    let started = tokio::time::Instant::now();
+    kill(run.pid(), Signal::SIGTERM).unwrap();
+    assert_eq!(
+        run.exit_code(STEP).await,
+        137,
+        "killed by SIGKILL: {}",
+        run.stderr()
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "SIGKILL after the stop timeout: {took:?}"
+    );
+    assert!(run.stderr().contains("killing it"), "{}", run.stderr());
+    assert!(
+        daemon
+            .client()
+            .load(&summary.id)
+            .await
+            .unwrap_err()
+            .is_not_found(),
+        "the job is deleted all the same"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launcher_exit_codes() {
     let daemon = Daemon::start().await;
     let xdg = runtime_dir();
