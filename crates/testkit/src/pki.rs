@@ -83,6 +83,22 @@ pub struct TestPki {
     pub ca: Ca,
 }
 
+impl TestPki {
+    /// A daemon's `[tls]` section serving the test server certificate and checking client
+    /// certificates against the root CA and its CRL (the daemon picks the client-auth
+    /// policy); handshakes time out after 2 s.
+    pub fn server_tls_section(&self) -> common::tls::TlsSection {
+        common::tls::TlsSection {
+            cert: self.server.cert_path.clone(),
+            key: Some(self.server.key_path.clone()),
+            client_ca: Some(self.ca_path.clone()),
+            crls: vec![self.crl_path.clone()],
+            client_auth: None,
+            handshake_timeout_secs: 2,
+        }
+    }
+}
+
 /// The process-wide test PKI, generated on first use.
 ///
 /// # Panics

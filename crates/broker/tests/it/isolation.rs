@@ -123,11 +123,7 @@ crate::both_stores!(another_uid_cannot_touch_a_job, two_uids);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_certificate_cannot_touch_a_job_over_https() {
     let pki = testkit::pki::test_pki();
-    let tls: common::tls::TlsSection = common::daemon::parse_toml(&format!(
-        "cert = {:?}\nkey = {:?}\nclient_ca = {:?}\ncrls = [{:?}]",
-        pki.server.cert_path, pki.server.key_path, pki.ca_path, pki.crl_path
-    ))
-    .unwrap();
+    let tls = pki.server_tls_section();
     let daemon = Daemon::start_with(Backend::Sqlite, |config| {
         config.https = Some(HttpsSection {
             listen: "127.0.0.1:0".parse().unwrap(),

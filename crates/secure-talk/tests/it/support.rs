@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::daemon::Shutdown;
 use common::envelope::talk::{Message, method};
-use common::tls::{ClientTlsFiles, ServerTls, TlsSection};
+use common::tls::{ClientTlsFiles, ServerTls};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 use secure_talk::client::{self, ClientOptions, Connection, Incoming, Transport};
@@ -44,14 +44,7 @@ pub(crate) fn test_config(dir: &Path) -> Config {
     let pki = pki();
     let mut config = Config::local(dir);
     config.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.tls = Some(TlsSection {
-        cert: pki.server.cert_path.clone(),
-        key: Some(pki.server.key_path.clone()),
-        client_ca: Some(pki.ca_path.clone()),
-        crls: vec![pki.crl_path.clone()],
-        client_auth: None,
-        handshake_timeout_secs: 2,
-    });
+    config.tls = Some(pki.server_tls_section());
     config.unix_socket = Some(dir.join("talk.sock"));
     PIPE.clone_into(&mut config.pipe_program);
     let limits = &mut config.limits;

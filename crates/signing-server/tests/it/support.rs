@@ -238,14 +238,7 @@ impl Drop for TestServer {
 /// The server's `[tls]` section: the test server certificate, client certificates required
 /// and checked against the root CA and its CRL.
 pub(crate) fn tls_section(pki: &TestPki) -> TlsSection {
-    TlsSection {
-        cert: pki.server.cert_path.clone(),
-        key: Some(pki.server.key_path.clone()),
-        client_ca: Some(pki.ca_path.clone()),
-        crls: vec![pki.crl_path.clone()],
-        client_auth: None,
-        handshake_timeout_secs: 2,
-    }
+    pki.server_tls_section()
 }
 
 /// Writes a file with mode 0600.
