@@ -117,9 +117,34 @@ pub fn localhost_sans() -> Vec<San> {
     ]
 }
 
+/// Removes the directories of test processes that ended more than an hour ago: the static
+/// PKI is never dropped, so its directory outlives its process.
+fn remove_stale_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for entry in entries.flatten() {
+        let stale = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("testkit-pki-")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > hour);
+        if stale {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn generate() -> anyhow::Result<TestPki> {
     use anyhow::Context as _;
 
+    remove_stale_dirs();
     let dir = tempfile::Builder::new()
         .prefix("testkit-pki-")
         .tempdir()
