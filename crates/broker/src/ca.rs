@@ -62,7 +62,7 @@ impl BrokerCa {
     /// # Errors
     /// [`CaError`]; a key readable by others is refused.
     pub fn load_or_create(dir: &Path, host: &str) -> Result<Self, CaError> {
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        use std::os::unix::fs::MetadataExt as _;
         let cert_path = dir.join("ca.crt");
         let key_path = dir.join("ca.key");
         let io = |path: &Path| {
@@ -77,14 +77,7 @@ impl BrokerCa {
             let ca = Ca::new_root(&params)?;
             // The key first, exclusively and private, then the certificate; a crash between the
             // two leaves a key without a certificate, which the next start reports.
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&key_path)
-                .map_err(io(&key_path))?;
-            std::io::Write::write_all(&mut file, ca.key_pem().as_bytes())
-                .and_then(|()| file.sync_all())
+            common::daemon::write_new_private(&key_path, ca.key_pem().as_bytes())
                 .map_err(io(&key_path))?;
             std::fs::write(&cert_path, ca.cert_pem()).map_err(io(&cert_path))?;
             tracing::info!(path = %cert_path.display(), "made a new broker CA");

@@ -188,6 +188,26 @@ pub fn secret_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> boo
     mode & forbidden == 0
 }
 
+/// Writes `contents` to a new file at `path` that only its owner can read (0600 from the
+/// moment it exists, whatever the umask), and syncs it to disk. An existing file is never
+/// overwritten.
+///
+/// # Errors
+/// The file exists or cannot be created or written.
+pub fn write_new_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    // The umask can only have removed bits from 0600; make it exactly 0600.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
 /// Replaces `slot` with `value` when a flag or environment variable was given.
 pub fn overlay<T>(slot: &mut T, value: Option<T>) {
     if let Some(value) = value {
@@ -477,6 +497,20 @@ mod tests {
             ClientAuth::Off
         );
         assert!(parse_toml::<TlsSection>("cert = \"a\"\nclient-ca = \"x\"").is_err());
+    }
+
+    #[test]
+    fn private_files_are_new_and_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_new_private(&path, b"s3cret").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"s3cret");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = write_new_private(&path, b"other").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"s3cret");
     }
 
     #[test]

@@ -123,19 +123,10 @@ impl Tokens {
     /// # Errors
     /// The file exists or cannot be written.
     pub fn write_key_file(path: &Path) -> std::io::Result<()> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         let text = base64::engine::general_purpose::STANDARD.encode(key);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        file.write_all(text.as_bytes())?;
-        file.write_all(b"\n")?;
-        file.sync_all()
+        common::daemon::write_new_private(path, format!("{text}\n").as_bytes())
     }
 
     fn with_key(key: &[u8], lifetime: Duration, sequential: bool) -> Self {

@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -705,18 +705,8 @@ fn write_material(dir: &Path, job: &Job) -> Result<Vec<PathBuf>, Failure> {
 /// A temporary file in `dir` (0600 from the start), then renamed over `name`.
 fn write_private(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
     let temp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        // The umask may only have removed bits; make it exactly 0600.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        file.write_all(content)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, dir.join(name))
-    })();
+    let result = common::daemon::write_new_private(&temp, content)
+        .and_then(|()| std::fs::rename(&temp, dir.join(name)));
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }

@@ -4,9 +4,8 @@
 //! port and admits only connections that prove they are the owner's ([`broker::gate`]).
 
 use std::ffi::OsString;
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus, Stdio};
@@ -583,16 +582,6 @@ fn private_dir() -> std::io::Result<tempfile::TempDir> {
         .tempdir_in(base)
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
-}
-
 fn write_material(dir: &Path, job: &Job) -> std::io::Result<Material> {
     let mut material = Material {
         secret: None,
@@ -602,7 +591,7 @@ fn write_material(dir: &Path, job: &Job) -> std::io::Result<Material> {
     };
     if let Some(secret) = &job.secret {
         let path = dir.join("secret");
-        write_private(&path, secret.as_bytes())?;
+        common::daemon::write_new_private(&path, secret.as_bytes())?;
         material.secret = Some(path);
     }
     if let Some(tls) = &job.tls {
@@ -612,7 +601,7 @@ fn write_material(dir: &Path, job: &Job) -> std::io::Result<Material> {
             ("ca.pem", &tls.ca, &mut material.ca),
         ] {
             let path = dir.join(name);
-            write_private(&path, pem.as_bytes())?;
+            common::daemon::write_new_private(&path, pem.as_bytes())?;
             *slot = Some(path);
         }
     }

@@ -70,8 +70,6 @@ enum Command {
 }
 
 fn keygen(out: &std::path::Path) -> ExitCode {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let key = Ed448Key::generate();
     let public = out.with_file_name(format!(
         "{}.pub",
@@ -81,13 +79,7 @@ fn keygen(out: &std::path::Path) -> ExitCode {
     ));
     let written = (|| -> anyhow::Result<()> {
         let pem = key.to_pem()?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(out)?;
-        file.write_all(pem.as_bytes())?;
-        file.sync_all()?;
+        daemon::write_new_private(out, pem.as_bytes())?;
         std::fs::write(
             &public,
             signing_server::ed448::public_pem(&key.verifying_key()),
