@@ -58,7 +58,7 @@ pub struct LogArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `info,ws_proxy=debug` (overrides `RUST_LOG`).
+    /// Log filter, e.g. `info`, or `info,<crate>=debug` for one crate (overrides `RUST_LOG`).
     #[arg(long = "log", value_name = "FILTER", global = true)]
     pub log_filter: Option<String>,
 }

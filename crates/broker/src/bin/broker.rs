@@ -10,7 +10,7 @@ use broker::config::{Config, FileConfig};
 use broker::server::{Server, bind_unix};
 use broker::service::Broker;
 use clap::Parser;
-use common::daemon::{self, LogArgs, LogFormat, Shutdown, exit};
+use common::daemon::{self, LogArgs, Shutdown, exit};
 use common::tls::{ClientAuth, ServerTls};
 
 /// Hands users' applications a port plus a secret (ssh mode) or a certificate from the
@@ -57,12 +57,8 @@ struct Args {
     /// Ports handed out, inclusive, e.g. 20000-29999.
     #[arg(long, value_name = "LOW-HIGH", value_parser = parse_range)]
     port_range: Option<[u16; 2]>,
-    /// Log filter, e.g. `info` or `info,broker=debug`.
-    #[arg(long = "log", value_name = "FILTER")]
-    log: Option<String>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// Print `listening on unix:PATH` (and the HTTPS address) on stdout once bound.
     #[arg(long)]
     print_address: bool,
@@ -101,10 +97,10 @@ fn main() -> ExitCode {
     daemon::overlay(&mut file.database, args.database.clone());
     daemon::overlay(&mut file.host, args.host.clone());
     daemon::overlay(&mut file.port_range, args.port_range);
-    let log = LogArgs {
-        log_format: args.log_format,
-        log_filter: args.log.clone().or_else(|| file.log.clone()),
-    };
+    let mut log = args.log.clone();
+    if log.log_filter.is_none() {
+        log.log_filter.clone_from(&file.log);
+    }
     let config = match file.into_config(&hostname()) {
         Ok(config) => config,
         Err(err) => {

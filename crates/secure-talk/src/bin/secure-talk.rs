@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use common::daemon::{self, LogArgs, LogFormat, Shutdown, exit};
+use common::daemon::{self, LogArgs, Shutdown, exit};
 use common::tls::{ClientAuth, ServerTls};
 use secure_talk::config::FileConfig;
 use secure_talk::server::{Listeners, Server};
@@ -52,12 +52,8 @@ struct Args {
     /// Program started for each pipe [default: secure-talk-pipe].
     #[arg(long, value_name = "PROGRAM")]
     pipe_program: Option<String>,
-    /// Log filter, e.g. `info` or `info,secure_talk=debug`.
-    #[arg(long = "log", value_name = "FILTER")]
-    log: Option<String>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// Print the bound addresses on stdout (`listening on ...`), for scripts using port 0.
     #[arg(long)]
     print_address: bool,
@@ -102,10 +98,10 @@ fn main() -> ExitCode {
     daemon::overlay(&mut file.unix_socket, args.unix_socket.clone().map(Some));
     daemon::overlay(&mut file.state_dir, args.state_dir.clone().map(Some));
     daemon::overlay(&mut file.pipe_program, args.pipe_program.clone().map(Some));
-    let log = LogArgs {
-        log_format: args.log_format,
-        log_filter: args.log.clone().or_else(|| file.log.clone()),
-    };
+    let mut log = args.log.clone();
+    if log.log_filter.is_none() {
+        log.log_filter.clone_from(&file.log);
+    }
     let config = match file.into_config() {
         Ok(config) => config,
         Err(err) => {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use common::daemon::{self, LogArgs, LogFormat, Shutdown, exit};
+use common::daemon::{self, LogArgs, Shutdown, exit};
 use common::tls::{ClientAuth, ServerTls};
 use signing_server::config::FileConfig;
 use signing_server::ed448::Ed448Key;
@@ -43,12 +43,8 @@ struct Args {
     /// Listen address [default: 127.0.0.1:6000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Log filter, e.g. `info` or `info,signing_server=debug`.
-    #[arg(long = "log", value_name = "FILTER")]
-    log: Option<String>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// Print `listening on ADDR` on stdout once bound (for scripts using port 0).
     #[arg(long)]
     print_address: bool,
@@ -116,10 +112,10 @@ fn main() -> ExitCode {
         }
     };
     daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
-    let log = LogArgs {
-        log_format: args.log_format,
-        log_filter: args.log.clone().or_else(|| file.log.clone()),
-    };
+    let mut log = args.log.clone();
+    if log.log_filter.is_none() {
+        log.log_filter.clone_from(&file.log);
+    }
     let config = match file.into_config() {
         Ok(mut config) => {
             config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
