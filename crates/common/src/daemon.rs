@@ -138,7 +138,13 @@ where
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(main()),
+        Ok(runtime) => {
+            let code = runtime.block_on(main());
+            // Dropping the runtime would wait for every blocking task; one stuck in a system
+            // call (a read from a hung NFS server) must not keep a stopped daemon alive.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            code
+        }
         Err(err) => {
             eprintln!("{name}: starting the runtime: {err}");
             std::process::ExitCode::from(exit::SOFTWARE)

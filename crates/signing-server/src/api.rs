@@ -25,12 +25,12 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt as _;
 
 use crate::audit::Record;
 use crate::fields::Names;
 use crate::service::{Refusal, Service};
-use crate::signer::Signer;
+use crate::signer::{Content, SignError, Signer};
+use crate::spool::{SpoolError, SpoolFile};
 
 type Answer = Response<Full<Bytes>>;
 
@@ -97,7 +97,7 @@ async fn handle(service: &Arc<Service>, cn: Option<&str>, req: Request<Incoming>
         (&Method::POST, "/v1/sign") => sign_upload(service, cn, req).await,
         (&Method::POST, "/v1/sign-path") => sign_path(service, cn, req).await,
         (&Method::GET, "/v1/keys") => keys(service, cn),
-        (&Method::POST, "/v1/verify") => verify(service, req).await,
+        (&Method::POST, "/v1/verify") => verify(service, cn, req).await,
         (&Method::GET, p) if p.starts_with("/v1/keys/") => {
             key_pem(service, &p["/v1/keys/".len()..])
         }
@@ -114,58 +114,103 @@ fn too_large(max: u64) -> Refusal {
     Refusal::new(413, format!("the upload is larger than {max} bytes"))
 }
 
-/// The next piece of an upload's body (`None` at its end), each under its own
-/// `io_timeout_secs` deadline.
-///
-/// # Errors
-/// 408 when no piece arrives in time, 400 when the body cannot be read.
-async fn next_piece(service: &Service, body: &mut Incoming) -> Result<Option<Bytes>, Refusal> {
-    loop {
-        match tokio::time::timeout(service.config.limits.io_timeout(), body.frame()).await {
-            Err(_) => return Err(Refusal::new(408, "the upload stalled")),
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(err))) => {
-                return Err(Refusal::new(400, format!("reading the upload: {err}")));
-            }
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    return Ok(Some(data));
+/// A request body read under two deadlines: no piece may take longer than
+/// `io_timeout_secs`, and the whole body must keep up with `min_upload_bytes_per_sec` after
+/// its first `io_timeout_secs` (see [`crate::config::Limits::body_allowance`]), so a body
+/// trickled one byte a minute is cut off.
+struct Body<'a> {
+    service: &'a Service,
+    body: Incoming,
+    started: tokio::time::Instant,
+    received: u64,
+}
+
+impl<'a> Body<'a> {
+    fn new(service: &'a Service, body: Incoming) -> Self {
+        Self {
+            service,
+            body,
+            started: tokio::time::Instant::now(),
+            received: 0,
+        }
+    }
+
+    /// The next piece (`None` at the end).
+    ///
+    /// # Errors
+    /// 408 when a piece stalls or the body falls behind the minimum rate, 400 when the
+    /// body cannot be read.
+    async fn next(&mut self) -> Result<Option<Bytes>, Refusal> {
+        let limits = &self.service.config.limits;
+        loop {
+            let allowed = self.started + limits.body_allowance(self.received);
+            let stall = tokio::time::Instant::now() + limits.io_timeout();
+            let deadline = allowed.min(stall);
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) if deadline == allowed => {
+                    return Err(Refusal::new(
+                        408,
+                        format!(
+                            "the upload is slower than {} bytes/s (min_upload_bytes_per_sec)",
+                            limits.min_upload_bytes_per_sec
+                        ),
+                    ));
+                }
+                Err(_) => return Err(Refusal::new(408, "the upload stalled")),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(err))) => {
+                    return Err(Refusal::new(400, format!("reading the upload: {err}")));
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.received += data.len() as u64;
+                        return Ok(Some(data));
+                    }
                 }
             }
         }
     }
 }
 
-/// Streams the body into a fresh spool file; returns it with its length.
-async fn spool(
-    service: &Service,
-    body: Incoming,
-) -> Result<(tempfile::NamedTempFile, u64), Refusal> {
+/// A spool error as an answer: 507 when the spool or the disk is full.
+fn spool_refusal(err: SpoolError) -> Refusal {
+    match err {
+        SpoolError::Full(why) => Refusal::new(507, why),
+        SpoolError::Io(err) => Refusal::new(500, format!("the spool: {err}")),
+    }
+}
+
+/// Streams the body into a fresh spool file named `name`, within the upload limit and the
+/// spool's quota.
+async fn spool(service: &Service, body: Incoming, name: &str) -> Result<SpoolFile, Refusal> {
     let limits = &service.config.limits;
-    let temp = tempfile::Builder::new()
-        .prefix(".upload-")
-        .tempfile_in(&service.spool)
-        .map_err(|e| Refusal::new(500, format!("cannot create a spool file: {e}")))?;
-    let std_file = temp
-        .reopen()
-        .map_err(|e| Refusal::new(500, format!("cannot open the spool file: {e}")))?;
-    let mut file =
-        tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
-    let mut body = body;
-    let mut total = 0u64;
-    while let Some(data) = next_piece(service, &mut body).await? {
-        total += data.len() as u64;
-        if total > limits.max_upload_bytes {
+    let mut file = service
+        .spool
+        .create(".upload-", name)
+        .map_err(spool_refusal)?;
+    let mut body = Body::new(service, body);
+    let mut pending = bytes::BytesMut::new();
+    while let Some(data) = body.next().await? {
+        if body.received > limits.max_upload_bytes {
             return Err(too_large(limits.max_upload_bytes));
         }
-        file.write_all(&data)
-            .await
-            .map_err(|e| Refusal::new(500, format!("writing the spool file: {e}")))?;
+        pending.extend_from_slice(&data);
+        if pending.len() >= 1 << 20 {
+            file = write_spool(file, pending.split().freeze()).await?;
+        }
     }
-    file.flush()
+    if !pending.is_empty() {
+        file = write_spool(file, pending.freeze()).await?;
+    }
+    Ok(file)
+}
+
+/// Appends to a spool file on a blocking thread.
+async fn write_spool(mut file: SpoolFile, data: Bytes) -> Result<SpoolFile, Refusal> {
+    tokio::task::spawn_blocking(move || file.write(&data).map(|()| file))
         .await
-        .map_err(|e| Refusal::new(500, format!("writing the spool file: {e}")))?;
-    Ok((temp, total))
+        .map_err(|e| Refusal::new(500, e.to_string()))?
+        .map_err(spool_refusal)
 }
 
 async fn sign_upload(
@@ -204,23 +249,26 @@ async fn sign_upload(
         return Err(too_large(max));
     }
     let small = announced.is_some_and(|n| n <= IN_MEMORY_UPLOAD);
-    let signed = if small {
-        let mut body = req.into_body();
+    let content = if small {
+        let mut body = Body::new(service, req.into_body());
         let mut content = bytes::BytesMut::new();
-        while let Some(data) = next_piece(service, &mut body).await? {
+        while let Some(data) = body.next().await? {
             if (content.len() + data.len()) as u64 > max.min(IN_MEMORY_UPLOAD) {
                 return Err(too_large(max));
             }
             content.extend_from_slice(&data);
         }
-        service
-            .sign_bytes(signer, content.freeze(), &name, &names)
-            .await
+        Content::Memory(content.freeze())
     } else {
-        let (temp, _) = spool(service, req.into_body()).await?;
-        service.sign_one(signer, temp.path(), &name, &names).await
-    }
-    .map_err(|e| Refusal::new(500, e.to_string()))?;
+        Content::Private(spool(service, req.into_body(), &name).await?)
+    };
+    let signed = service
+        .sign(signer, content, &name, &names)
+        .await
+        .map_err(|e| match e {
+            SignError::Spool(err) => spool_refusal(err),
+            other => Refusal::new(500, other.to_string()),
+        })?;
     service
         .record(&[Record {
             identity: cn.unwrap_or("-").to_owned(),
@@ -310,7 +358,11 @@ fn key_pem(service: &Arc<Service>, keyid: &str) -> Result<Answer, Refusal> {
     Ok(response)
 }
 
-async fn verify(service: &Arc<Service>, req: Request<Incoming>) -> Result<Answer, Refusal> {
+async fn verify(
+    service: &Arc<Service>,
+    cn: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Answer, Refusal> {
     let params = query(&req);
     let keyid = params
         .get("keyid")
@@ -337,14 +389,29 @@ async fn verify(service: &Arc<Service>, req: Request<Incoming>) -> Result<Answer
                 format!("no Ed448 key with id {keyid} (command-signed content is verified with the command's own tools)"),
             )
         })?;
-    // Spooled like an upload, so a stalled body is bounded by the same per-piece deadline.
-    let (temp, _) = spool(service, req.into_body()).await?;
-    let valid = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(temp.path())?;
-        crate::ed448::verify_stream(&key, &signature, file)
-    })
-    .await
-    .map_err(|e| Refusal::new(500, e.to_string()))?
-    .map_err(|e| Refusal::new(500, format!("reading the content: {e}")))?;
+    // Identities that may not sign get a small budget: verifying is hashing the body.
+    let limits = &service.config.limits;
+    let max = if service.authorize(cn).is_ok() {
+        limits.max_verify_bytes
+    } else {
+        limits.max_verify_bytes_without_rule
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max) {
+        return Err(too_large(max));
+    }
+    // Hashed as it arrives: content to verify never touches the disk.
+    let mut verifier = crate::ed448::StreamVerifier::new(&key, &signature);
+    let mut body = Body::new(service, req.into_body());
+    while let Some(data) = body.next().await? {
+        if body.received > max {
+            return Err(too_large(max));
+        }
+        verifier.update(&data);
+    }
+    let valid = verifier.finish();
     Ok(json_answer(200, &json!({ "valid": valid, "keyid": keyid })))
 }

@@ -17,9 +17,11 @@
 
 pub mod api;
 pub mod audit;
+pub mod beneath;
 pub mod config;
 pub mod ed448;
 pub mod fields;
 pub mod server;
 pub mod service;
 pub mod signer;
+pub mod spool;

@@ -1,17 +1,21 @@
 //! What both protocols share: the signers, identity rules, signing a path or a spooled
 //! upload, and recording what was signed.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::ser::SerializeMap as _;
 use serde::{Serialize, Serializer};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::audit::{Audit, Record, write_signatures_file};
-use crate::config::{ClientRule, Config, within_roots};
+use crate::beneath::{self, OpenError};
+use crate::config::{ClientRule, Config};
 use crate::fields::{Fields, Names};
-use crate::signer::{SignError, Signed, Signer};
+use crate::signer::{Content, Job, PassHook, SignError, Signed, Signer};
+use crate::spool::Spool;
 
 /// A refusal, with the HTTP status the API answers it with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,10 +94,21 @@ pub struct Service {
     signers: Vec<Signer>,
     /// Audit database.
     pub audit: Audit,
-    sign_slots: Semaphore,
+    sign_slots: Arc<Semaphore>,
     signatures_lock: Mutex<()>,
-    /// Where uploads are spooled.
-    pub spool: PathBuf,
+    /// Where uploads and copies for signing commands are spooled.
+    pub spool: Arc<Spool>,
+    pass_hook: HookCell,
+}
+
+/// The test hook, behind a lock (see [`Service::set_pass_hook`]).
+#[derive(Default)]
+struct HookCell(std::sync::RwLock<Option<PassHook>>);
+
+impl std::fmt::Debug for HookCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HookCell(..)")
+    }
 }
 
 impl Service {
@@ -115,7 +130,6 @@ impl Service {
                 Signer::load(
                     spec,
                     config.limits.command_timeout(),
-                    &spool,
                     config.credentials_dir.as_deref(),
                 )
                 .with_context(|| format!("key {:?}", spec.name()))?,
@@ -124,13 +138,19 @@ impl Service {
         let audit = Audit::open(&config.database)
             .await
             .with_context(|| format!("audit database {}", config.database.display()))?;
+        let spool = Spool::new(
+            spool,
+            config.limits.max_spool_bytes,
+            config.limits.spool_reserve_bytes,
+        );
         Ok(Arc::new(Self {
-            sign_slots: Semaphore::new(config.limits.max_concurrent_signatures),
+            sign_slots: Arc::new(Semaphore::new(config.limits.max_concurrent_signatures)),
             config,
             signers,
             audit,
             signatures_lock: Mutex::new(()),
             spool,
+            pass_hook: HookCell::default(),
         }))
     }
 
@@ -161,34 +181,62 @@ impl Service {
         Ok((rule, signer))
     }
 
-    /// Signs one file under the signing-concurrency limit.
-    ///
-    /// # Errors
-    /// As the signer.
-    pub async fn sign_one(
-        &self,
-        signer: &Signer,
-        path: &Path,
-        label: &str,
-        names: &Names,
-    ) -> Result<Signed, SignError> {
-        let _slot = self.sign_slots.acquire().await;
-        signer.sign_file(path, label, names).await
+    /// Sets a hook every signing pass calls before each read (for tests, which use it to
+    /// change a file while it is being signed); `None` removes it.
+    pub fn set_pass_hook(&self, hook: Option<PassHook>) {
+        *self
+            .pass_hook
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
     }
 
-    /// Signs content held in memory under the signing-concurrency limit.
+    /// Signs `content` under the signing-concurrency limit and the `sign_timeout_secs`
+    /// deadline. At the deadline the request gets an error and the work is told to stop; the
+    /// slot stays taken until the work has really ended (a read stuck in the kernel keeps
+    /// it), so stuck work never piles up beyond `max_concurrent_signatures`.
     ///
     /// # Errors
-    /// As the signer.
-    pub async fn sign_bytes(
+    /// As the signer, or the deadline.
+    pub async fn sign(
         &self,
         signer: &Signer,
-        content: bytes::Bytes,
+        content: Content,
         label: &str,
         names: &Names,
     ) -> Result<Signed, SignError> {
-        let _slot = self.sign_slots.acquire().await;
-        signer.sign_bytes(content, label, names, &self.spool).await
+        let slot = Arc::clone(&self.sign_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| SignError::Io(std::io::Error::other("the server is stopping")))?;
+        let job = Job {
+            cancel: Arc::new(AtomicBool::new(false)),
+            hook: self
+                .pass_hook
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            slot: Some(Arc::new(slot)),
+        };
+        let deadline = self.config.limits.sign_timeout();
+        match tokio::time::timeout(
+            deadline,
+            signer.sign(content, label, names, &self.spool, &job),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => {
+                job.cancel.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    name = ?label,
+                    secs = deadline.as_secs(),
+                    "signing did not finish within sign_timeout_secs; stopped"
+                );
+                Err(SignError::Timeout(deadline.as_secs()))
+            }
+        }
     }
 
     /// Signs the file or the files of the directory `requested` names, inside the client's
@@ -209,59 +257,74 @@ impl Service {
                 format!("{requested:?} is not an absolute path"),
             ));
         }
+        if requested.chars().any(char::is_control) {
+            return Err(Refusal::new(
+                400,
+                format!("{requested:?} holds a control character"),
+            ));
+        }
         let path = Path::new(requested);
-        let outside = || {
-            Refusal::new(
+        let refuse = |err: OpenError| match err {
+            OpenError::Outside => Refusal::new(
                 403,
                 format!("{requested} is outside the directories this certificate may sign"),
-            )
-        };
-        let resolved = within_roots(path, &rule.roots).ok_or_else(|| {
-            if path.exists() || path.is_symlink() {
-                outside()
-            } else if rule.roots.iter().any(|r| path.starts_with(r)) {
+            ),
+            OpenError::NotFound => {
                 Refusal::new(404, format!("{requested}: no such file or directory"))
-            } else {
-                outside()
             }
-        })?;
-        let meta = std::fs::metadata(&resolved)
-            .map_err(|e| Refusal::new(404, format!("{requested}: {e}")))?;
-        let mut files = Vec::new();
+            OpenError::Io(err) => Refusal::new(403, format!("{requested}: {err}")),
+        };
+        // Opened once, beneath the root; everything below is decided on this descriptor.
+        let located = beneath::locate(path, &rule.roots).map_err(refuse)?;
+        let target = located.open_target().map_err(refuse)?;
+        let meta = target
+            .metadata()
+            .map_err(|e| Refusal::new(403, format!("{requested}: {e}")))?;
+        let mut files: Vec<(String, Result<std::fs::File, String>)> = Vec::new();
         let mut listing = Vec::new();
         let mut not_signed = Vec::new();
         let max = self.config.limits.max_files_per_request;
         let directory = meta.is_dir();
         if directory {
-            let mut entries: Vec<_> = std::fs::read_dir(&resolved)
-                .map_err(|e| Refusal::new(403, format!("{requested}: {e}")))?
-                .filter_map(Result::ok)
-                .collect();
-            entries.sort_by_key(std::fs::DirEntry::file_name);
-            for entry in entries {
-                let name = entry.file_name().to_string_lossy().into_owned();
+            let entries = beneath::entries(&target)
+                .map_err(|e| Refusal::new(403, format!("{requested}: {e}")))?;
+            for (raw, candidate) in entries {
+                let (name, clean) = entry_name(&raw);
                 listing.push(name.clone());
-                let entry_path = entry.path();
-                let is_file = std::fs::metadata(&entry_path).is_ok_and(|m| m.is_file());
-                if !is_file {
+                if !candidate {
                     continue;
                 }
-                match within_roots(&entry_path, &rule.roots) {
-                    None => files.push((
+                if !clean {
+                    files.push((name, Err(UNSAFE_NAME.to_owned())));
+                    continue;
+                }
+                match located.open(&located.relative().join(&raw)) {
+                    Err(OpenError::Outside) => files.push((
                         name,
                         Err("outside the directories this certificate may sign".to_owned()),
                     )),
-                    Some(_) if files.len() >= max => not_signed.push(name),
-                    Some(real) => files.push((name, Ok(real))),
+                    // A dangling symlink, or an entry removed since the listing.
+                    Err(OpenError::NotFound) => {}
+                    Err(OpenError::Io(err)) => files.push((name, Err(format!("reading: {err}")))),
+                    Ok(file) => {
+                        if !file.metadata().is_ok_and(|m| m.is_file()) {
+                            continue;
+                        }
+                        if files.len() >= max {
+                            not_signed.push(name);
+                        } else {
+                            files.push((name, Ok(file)));
+                        }
+                    }
                 }
             }
         } else if meta.is_file() {
-            let name = resolved
+            let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             listing.push(name.clone());
-            files.push((name, Ok(resolved.clone())));
+            files.push((name, Ok(target)));
         } else {
             return Err(Refusal::new(
                 400,
@@ -276,7 +339,10 @@ impl Service {
         let signing = files.into_iter().map(|(name, target)| async {
             let outcome = match target {
                 Err(why) => FileOutcome::Failed(why),
-                Ok(real) => match self.sign_one(signer, &real, &name, &names).await {
+                Ok(file) => match self
+                    .sign(signer, Content::Shared(file), &name, &names)
+                    .await
+                {
                     Ok(signed) => FileOutcome::Signed(Box::new(signed)),
                     Err(err) => FileOutcome::Failed(err.to_string()),
                 },
@@ -339,15 +405,69 @@ impl Service {
         }
         for r in records {
             tracing::info!(
-                identity = r.identity,
+                identity = ?r.identity,
                 source = r.source,
-                name = r.name,
-                keyid = r.fields.keyid,
+                name = ?r.name,
+                keyid = ?r.fields.keyid,
                 sha256 = r.sha256,
                 size = r.size,
                 "signed"
             );
         }
         Ok(())
+    }
+}
+
+/// Why a file with an unsafe name is not signed.
+const UNSAFE_NAME: &str = "the name is not UTF-8, or holds a control character or a backslash: rename the file to sign it";
+
+/// A directory entry's name as every output shows it (listing, JSON, audit,
+/// `signatures.txt`), and whether the file may be signed. A UTF-8 name without control
+/// characters or backslashes is shown as it is. Any other is shown escaped (`\n`, `\u{1b}`,
+/// `\xff` for a byte that is not UTF-8, `\\` for a backslash) and is never signed: no name
+/// can forge a line of the original protocol's output, and no two files share a name.
+pub fn entry_name(name: &OsStr) -> (String, bool) {
+    use std::fmt::Write as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut shown = String::with_capacity(name.len());
+    let mut clean = true;
+    for chunk in name.as_bytes().utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' || c.is_control() {
+                clean = false;
+                shown.extend(c.escape_default());
+            } else {
+                shown.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            clean = false;
+            let _ = write!(shown, "\\x{byte:02x}");
+        }
+    }
+    (shown, clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt as _;
+
+    #[test]
+    fn entry_names_are_escaped_injectively() {
+        for (raw, shown, clean) in [
+            (&b"bos.rte.7.3.0.0.bff"[..], "bos.rte.7.3.0.0.bff", true),
+            (b"caf\xc3\xa9", "caf\u{e9}", true),
+            (b"dup\xff", "dup\\xff", false),
+            (b"dup\xfe", "dup\\xfe", false),
+            (b"a\nb", "a\\nb", false),
+            (b"a\\nb", "a\\\\nb", false),
+            (b"\x1b[2J", "\\u{1b}[2J", false),
+        ] {
+            assert_eq!(
+                entry_name(OsStr::from_bytes(raw)),
+                (shown.to_owned(), clean)
+            );
+        }
     }
 }

@@ -1,26 +1,37 @@
 //! Signers: the built-in Ed448 one and an external `create_pkgsign`-compatible command.
 //!
-//! Both sign a file on disk (a served file, or an upload spooled to disk) and return the
-//! seven fields plus the content's SHA-256 and size for the audit. The Ed448 signer reads the
-//! file twice (pure Ed448 hashes the message twice) and hashes SHA-256 on a second thread
-//! beside the second pass, so the audit costs no wall time. The command signer runs the
-//! program without a shell under a timeout and parses its `create_pkgsign` line.
+//! Both sign [`Content`]: bytes in memory (small uploads), a file the server opened beneath a
+//! root (which others may be writing while it is read), or a private spool file. They return
+//! the seven fields plus the SHA-256 and size of exactly the bytes signed, for the audit.
+//!
+//! The Ed448 signer reads the content twice (pure Ed448 hashes the message twice) from one
+//! descriptor, digests both passes and refuses unless they read the same bytes (see
+//! [`Ed448Key::sign_stream`]); the file's `fstat` stamp must not change either. Large files
+//! are digested on a second thread beside each pass. The command signer never gives the
+//! program a shared file: it signs a private copy in the spool, digested while it is made.
+//! The program runs without a shell under a timeout and its `create_pkgsign` line is parsed.
 
+use std::fs::File;
 use std::io::Read as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Duration;
 
 use base64::Engine as _;
 use sha2::Digest as _;
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
+use crate::beneath::Stamp;
 use crate::config::KeySpec;
-use crate::ed448::{Ed448Key, KeyError};
+use crate::ed448::{Ed448Key, KeyError, StreamSignature};
 use crate::fields::{Fields, Names, parse_line};
+use crate::spool::{Spool, SpoolError, SpoolFile};
 
-/// Content up to this size is signed on the calling task (see [`Signer::sign_bytes`]).
+/// Content in memory up to this size is signed on the calling task.
 const INLINE_SIGN: usize = 16 << 10;
 
 /// Most output read from a signing command, per stream.
@@ -40,9 +51,15 @@ pub struct Signed {
 /// Why signing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
-    /// Reading the content failed.
-    #[error("reading {0}")]
+    /// Reading the content failed, or it changed while it was read.
+    #[error("reading: {0}")]
     Io(#[from] std::io::Error),
+    /// The spool is full or failed.
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    /// The signature took longer than `sign_timeout_secs`.
+    #[error("signing did not finish within {0} s (sign_timeout_secs)")]
+    Timeout(u64),
     /// The external command failed, timed out or printed no signature line.
     #[error("{0}")]
     Command(String),
@@ -77,8 +94,6 @@ pub enum Signer {
         public_pem: Option<String>,
         /// Deadline.
         timeout: Duration,
-        /// Where output files are made.
-        spool: PathBuf,
     },
 }
 
@@ -90,7 +105,6 @@ impl Signer {
     pub fn load(
         spec: &KeySpec,
         timeout: Duration,
-        spool: &Path,
         credentials: Option<&Path>,
     ) -> Result<Self, KeyError> {
         Ok(match spec {
@@ -117,7 +131,6 @@ impl Signer {
                     None => None,
                 },
                 timeout,
-                spool: spool.to_owned(),
             },
         })
     }
@@ -153,41 +166,41 @@ impl Signer {
         }
     }
 
-    /// Signs the file at `path`; `label` is the file name used for name parsing.
+    /// Signs `content`; `label` is the file name used for name parsing. Command signers
+    /// get private copies made in `spool`. `job` can stop the work (its deadline passed)
+    /// and lets tests watch the passes.
     ///
     /// # Errors
-    /// Reading, the command, or a field that cannot be carried.
-    pub async fn sign_file(
+    /// Reading, a content that changed while it was read, the spool, the command, or a
+    /// field that cannot be carried.
+    pub async fn sign(
         &self,
-        path: &Path,
+        content: Content,
         label: &str,
         names: &Names,
+        spool: &Arc<Spool>,
+        job: &Job,
     ) -> Result<Signed, SignError> {
         if let Some(field) = names.invalid() {
             return Err(SignError::BadField(field));
         }
-        let (package, fileset, vrmf, ftype) = names.complete(label);
-        let timestamp = now_rfc3339();
         match self {
             Self::Ed448 { key, .. } => {
-                let key = key.clone();
-                let path = path.to_owned();
-                let (signature, sha256, size) =
-                    tokio::task::spawn_blocking(move || sign_with_digest(&key, &path))
-                        .await
-                        .map_err(|e| SignError::Io(std::io::Error::other(e)))??;
+                let (package, fileset, vrmf, ftype) = names.complete(label);
+                let signed = sign_ed448(key, content, job).await?;
                 Ok(Signed {
                     fields: Fields {
                         package,
                         fileset,
                         vrmf,
                         ftype,
-                        keyid: key_id(self),
-                        timestamp,
-                        signature: base64::engine::general_purpose::STANDARD.encode(signature),
+                        keyid: key.keyid().to_owned(),
+                        timestamp: now_rfc3339(),
+                        signature: base64::engine::general_purpose::STANDARD
+                            .encode(signed.signature),
                     },
-                    sha256,
-                    size,
+                    sha256: hex::encode(signed.sha256),
+                    size: signed.len,
                 })
             }
             Self::Command {
@@ -195,12 +208,11 @@ impl Signer {
                 args,
                 keyid,
                 timeout,
-                spool,
                 ..
             } => {
-                let digest_path = path.to_owned();
-                let digest = tokio::task::spawn_blocking(move || sha256_file(&digest_path));
-                let mut fields = run_command(program, args, path, spool, *timeout).await?;
+                let (copy, sha256, size) = private_copy(content, label, spool, job).await?;
+                let mut fields = run_command(program, args, copy.path(), spool, *timeout).await?;
+                drop(copy);
                 if fields.keyid != *keyid {
                     return Err(SignError::Command(format!(
                         "the signing command used key {:?}, not the configured {keyid:?}",
@@ -218,9 +230,6 @@ impl Signer {
                         slot.clone_from(value);
                     }
                 }
-                let (sha256, size) = digest
-                    .await
-                    .map_err(|e| SignError::Io(std::io::Error::other(e)))??;
                 Ok(Signed {
                     fields,
                     sha256,
@@ -231,63 +240,102 @@ impl Signer {
     }
 }
 
-impl Signer {
-    /// Signs content held in memory (small uploads); the command signer gets it in a spool
-    /// file.
-    ///
-    /// # Errors
-    /// As [`Signer::sign_file`].
-    pub async fn sign_bytes(
-        &self,
-        content: bytes::Bytes,
-        label: &str,
-        names: &Names,
-        spool: &Path,
-    ) -> Result<Signed, SignError> {
-        let Self::Ed448 { key, .. } = self else {
-            let mut temp = tempfile::Builder::new()
-                .prefix(".upload-")
-                .tempfile_in(spool)?;
-            std::io::Write::write_all(&mut temp, &content)?;
-            return self.sign_file(temp.path(), label, names).await;
-        };
-        if let Some(field) = names.invalid() {
-            return Err(SignError::BadField(field));
-        }
-        let (package, fileset, vrmf, ftype) = names.complete(label);
-        let key = key.clone();
-        let size_hint = content.len();
-        let sign = move || {
-            let mut sha = sha2::Sha256::new();
-            let (signature, size) =
-                key.sign_stream(|| Ok(&content[..]), |piece| sha.update(piece))?;
-            Ok::<_, std::io::Error>((signature, hex::encode(sha.finalize()), size))
-        };
-        // A signature over a few KiB is about 0.3 ms of CPU: cheaper done here than handed
-        // to a blocking thread and back. Larger content goes to a blocking thread.
-        let (signature, sha256, size) = if size_hint <= INLINE_SIGN {
-            sign()?
-        } else {
-            tokio::task::spawn_blocking(sign)
-                .await
-                .map_err(|e| SignError::Io(std::io::Error::other(e)))??
-        };
-        Ok(Signed {
-            fields: Fields {
-                package,
-                fileset,
-                vrmf,
-                ftype,
-                keyid: self.keyid().to_owned(),
-                timestamp: now_rfc3339(),
-                signature: base64::engine::general_purpose::STANDARD.encode(signature),
-            },
-            sha256,
-            size,
-        })
+/// What is signed.
+#[derive(Debug)]
+pub enum Content {
+    /// Bytes held in memory (a small upload).
+    Memory(bytes::Bytes),
+    /// A file opened beneath a root: others may write it while it is read.
+    Shared(File),
+    /// A spool file only this server writes (a large upload).
+    Private(SpoolFile),
+}
+
+/// Sees each read of a signing pass: `(pass, offset)`, pass 1 or 2. For tests, which use it
+/// to change a file between two reads.
+pub type PassHook = Arc<dyn Fn(u8, u64) + Send + Sync>;
+
+/// The controls of one signing: a flag that stops it at its deadline, and a test hook.
+#[derive(Clone, Default)]
+pub struct Job {
+    /// Set when the deadline passed: the next read fails and the work ends.
+    pub cancel: Arc<AtomicBool>,
+    /// Called before each read of a pass.
+    pub hook: Option<PassHook>,
+    /// The signing slot: every clone holds it, so work still running (even stuck in a
+    /// read after its deadline) keeps its slot until it really ends.
+    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("cancel", &self.cancel)
+            .field("hook", &self.hook.is_some())
+            .finish()
     }
 }
 
+impl Job {
+    fn check(&self) -> std::io::Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "signing was stopped at its deadline",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a file from offset 0 with `pread`, so every pass reads the one descriptor from
+/// its start whatever else uses it.
+struct PassReader<'a> {
+    file: &'a File,
+    pos: u64,
+    pass: u8,
+    job: &'a Job,
+}
+
+impl std::io::Read for PassReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.job.check()?;
+        if let Some(hook) = &self.job.hook {
+            hook(self.pass, self.pos);
+        }
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+async fn sign_ed448(
+    key: &Arc<Ed448Key>,
+    content: Content,
+    job: &Job,
+) -> Result<StreamSignature, SignError> {
+    let key = Arc::clone(key);
+    let job = job.clone();
+    let blocking = match content {
+        Content::Memory(bytes) => {
+            let inline = bytes.len() <= INLINE_SIGN;
+            let sign = move || key.sign_stream(|| Ok(&bytes[..]), sha2::Sha256::new);
+            // A signature over a few KiB is about 0.3 ms of CPU: cheaper done here than
+            // handed to a blocking thread and back.
+            if inline {
+                return Ok(sign()?);
+            }
+            tokio::task::spawn_blocking(sign)
+        }
+        Content::Shared(file) => tokio::task::spawn_blocking(move || sign_file(&key, &file, &job)),
+        Content::Private(spooled) => {
+            tokio::task::spawn_blocking(move || sign_file(&key, spooled.file(), &job))
+        }
+    };
+    Ok(blocking
+        .await
+        .map_err(|e| SignError::Io(std::io::Error::other(e)))??)
+}
 /// Now, RFC 3339 UTC to the second.
 fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
@@ -297,63 +345,190 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn key_id(signer: &Signer) -> String {
-    signer.keyid().to_owned()
-}
-
-/// Files below this are hashed for the audit on the signing thread; larger ones on a second
-/// thread beside the second pass, which then costs no wall time.
+/// Files below this are digested on the signing thread; larger ones on a second thread
+/// beside each pass, which then costs no wall time.
 const INLINE_DIGEST: u64 = 4 << 20;
 
-/// Signs a file with Ed448 and computes its SHA-256.
-fn sign_with_digest(
-    key: &Ed448Key,
-    path: &Path,
-) -> std::io::Result<([u8; crate::ed448::SIGNATURE_LEN], String, u64)> {
-    if std::fs::metadata(path)?.len() < INLINE_DIGEST {
-        let mut sha = sha2::Sha256::new();
-        let (signature, size) =
-            key.sign_stream(|| std::fs::File::open(path), |piece| sha.update(piece))?;
-        return Ok((signature, hex::encode(sha.finalize()), size));
+/// Signs an open file with Ed448: both passes from its start through the one descriptor,
+/// and its `fstat` stamp unchanged before, between and after them (the digests of the two
+/// passes are compared by the signer itself).
+fn sign_file(key: &Ed448Key, file: &File, job: &Job) -> std::io::Result<StreamSignature> {
+    let before = Stamp::of(file)?;
+    let threaded = before.size() >= INLINE_DIGEST;
+    let mut pass = 0u8;
+    let signed = key.sign_stream(
+        || {
+            pass += 1;
+            if pass > 1 && Stamp::of(file)? != before {
+                return Err(crate::ed448::changed());
+            }
+            Ok(PassReader {
+                file,
+                pos: 0,
+                pass,
+                job,
+            })
+        },
+        || {
+            if threaded {
+                Digester::Thread(ThreadDigest::spawn())
+            } else {
+                Digester::Inline(Box::default())
+            }
+        },
+    )?;
+    if Stamp::of(file)? != before || signed.len != before.size() {
+        return Err(crate::ed448::changed());
     }
-    std::thread::scope(|scope| {
+    Ok(signed)
+}
+
+/// SHA-256 of a pass, on this thread or on a second one.
+enum Digester {
+    Inline(Box<sha2::Sha256>),
+    Thread(ThreadDigest),
+}
+
+impl crate::ed448::PassDigest for Digester {
+    fn update(&mut self, piece: &[u8]) {
+        match self {
+            Self::Inline(sha) => sha2::Digest::update(sha.as_mut(), piece),
+            Self::Thread(thread) => thread.update(piece),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<[u8; 32]> {
+        match self {
+            Self::Inline(sha) => Ok(sha.finalize().into()),
+            Self::Thread(thread) => thread.finish(),
+        }
+    }
+}
+
+/// SHA-256 on a thread of its own, fed through a short queue.
+struct ThreadDigest {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: std::thread::JoinHandle<[u8; 32]>,
+}
+
+impl ThreadDigest {
+    fn spawn() -> Self {
         let (tx, rx) = sync_channel::<Vec<u8>>(4);
-        let hasher = scope.spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut sha = sha2::Sha256::new();
             for piece in rx {
                 sha.update(&piece);
             }
-            hex::encode(sha.finalize())
+            sha.finalize().into()
         });
-        let result = key.sign_stream(
-            || std::fs::File::open(path),
-            |piece| {
-                let _ = tx.send(piece.to_vec());
-            },
-        );
-        drop(tx);
-        let sha256 = hasher
+        Self {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    fn update(&mut self, piece: &[u8]) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(piece.to_vec());
+        }
+    }
+
+    fn finish(mut self) -> std::io::Result<[u8; 32]> {
+        drop(self.tx.take());
+        self.thread
             .join()
-            .map_err(|_| std::io::Error::other("the digest thread failed"))?;
-        let (signature, size) = result?;
-        Ok((signature, sha256, size))
-    })
+            .map_err(|_| std::io::Error::other("the digest thread failed"))
+    }
 }
 
-/// SHA-256 and length of a file.
-pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut sha = sha2::Sha256::new();
-    let mut buf = vec![0u8; crate::ed448::CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hex::encode(sha.finalize()), size));
+/// A private copy of `content` in the spool for a signing command, with the SHA-256 and
+/// size of the bytes in it (digested while they are copied, so the audit names exactly the
+/// bytes the command reads). A spooled upload is already private and is digested as is.
+async fn private_copy(
+    content: Content,
+    label: &str,
+    spool: &Arc<Spool>,
+    job: &Job,
+) -> Result<(SpoolFile, String, u64), SignError> {
+    let spool = Arc::clone(spool);
+    let job = job.clone();
+    let label = label.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<_, SignError> {
+        let mut sha = sha2::Sha256::new();
+        match content {
+            Content::Memory(bytes) => {
+                let mut copy = spool.create(".pkgsign-in-", &label)?;
+                copy.write(&bytes)?;
+                sha.update(&bytes);
+                Ok((copy, hex::encode(sha.finalize()), bytes.len() as u64))
+            }
+            Content::Shared(file) => {
+                let mut copy = spool.create(".pkgsign-in-", &label)?;
+                let mut buf = Zeroizing::new(vec![0u8; crate::ed448::CHUNK]);
+                let mut reader = PassReader {
+                    file: &file,
+                    pos: 0,
+                    pass: 1,
+                    job: &job,
+                };
+                loop {
+                    let n = reader.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    sha.update(&buf[..n]);
+                    copy.write(&buf[..n])?;
+                }
+                let size = copy.len();
+                Ok((copy, hex::encode(sha.finalize()), size))
+            }
+            Content::Private(spooled) => {
+                let mut buf = Zeroizing::new(vec![0u8; crate::ed448::CHUNK]);
+                let mut reader = PassReader {
+                    file: spooled.file(),
+                    pos: 0,
+                    pass: 1,
+                    job: &job,
+                };
+                let mut size = 0u64;
+                loop {
+                    let n = reader.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    sha.update(&buf[..n]);
+                    size += n as u64;
+                }
+                Ok((spooled, hex::encode(sha.finalize()), size))
+            }
         }
-        sha.update(&buf[..n]);
-        size += n as u64;
+    })
+    .await
+    .map_err(|e| SignError::Io(std::io::Error::other(e)))?
+}
+
+/// One pass over an argument template: `{file}` and `{output}` are replaced where they
+/// stand in the template, never inside what was substituted (a file named `x{output}` stays
+/// as it is).
+pub fn substitute(template: &str, file: &str, output: &str) -> String {
+    let mut out = String::with_capacity(template.len() + file.len());
+    let mut rest = template;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("{file}") {
+            out.push_str(file);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{output}") {
+            out.push_str(output);
+            rest = after;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
     }
+    out.push_str(rest);
+    out
 }
 
 /// Runs the external signer: no shell, its own process group, killed at the deadline.
@@ -361,22 +536,16 @@ async fn run_command(
     program: &Path,
     template: &[String],
     file: &Path,
-    spool: &Path,
+    spool: &Arc<Spool>,
     timeout: Duration,
 ) -> Result<Fields, SignError> {
-    let output_file = tempfile::Builder::new()
-        .prefix(".pkgsign-")
-        .tempfile_in(spool)
-        .map_err(SignError::Io)?;
+    let output_file = spool.create(".pkgsign-out-", "signature")?;
     let file_text = file.to_string_lossy();
     let output_text = output_file.path().to_string_lossy();
     let uses_output = template.iter().any(|a| a.contains("{output}"));
     let args: Vec<String> = template
         .iter()
-        .map(|a| {
-            a.replace("{file}", &file_text)
-                .replace("{output}", &output_text)
-        })
+        .map(|a| substitute(a, &file_text, &output_text))
         .collect();
     let mut command = tokio::process::Command::new(program);
     command
@@ -464,4 +633,20 @@ async fn run_command(
         ));
     }
     Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_substituted_in_one_pass() {
+        assert_eq!(
+            substitute("infile={file}", "/p/x{output}.txt", "/s/out"),
+            "infile=/p/x{output}.txt"
+        );
+        assert_eq!(substitute("{output}", "/f", "/o{file}"), "/o{file}");
+        assert_eq!(substitute("{file}:{output}:{x}{", "F", "O"), "F:O:{x}{");
+        assert_eq!(substitute("plain", "F", "O"), "plain");
+    }
 }

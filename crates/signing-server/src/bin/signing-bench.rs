@@ -217,7 +217,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let message: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             let start = Instant::now();
             for _ in 0..count {
-                let _ = key.sign_stream(|| Ok(&message[..]), |_| {})?;
+                let _ = key.sign_stream(|| Ok(&message[..]), sha2::Sha256::default)?;
             }
             let ours = start.elapsed().as_secs_f64() / f64::from(count);
             let start = Instant::now();

@@ -455,6 +455,8 @@ async fn a_stalled_upload_gets_408_after_io_timeout_and_is_not_signed() {
 async fn an_upload_in_pieces_less_than_io_timeout_apart_is_not_cut_off() {
     let server = server_with(Limits {
         io_timeout_secs: 1,
+        // Only the stall rule here; the minimum rate has its own test.
+        min_upload_bytes_per_sec: 1,
         ..test_limits()
     })
     .await;
@@ -482,6 +484,56 @@ async fn an_upload_in_pieces_less_than_io_timeout_apart_is_not_cut_off() {
 // ---------------------------------------------------------------------------------------
 // 413: an upload over max_upload_bytes
 // ---------------------------------------------------------------------------------------
+
+/// A body trickled in below `min_upload_bytes_per_sec` is cut off once its allowance (the
+/// first `io_timeout_secs`, plus what the bytes received need at that rate) runs out, though
+/// no piece ever stalls for `io_timeout_secs`. Before the fix, one byte every 300 ms (or one
+/// a minute at the defaults) held the connection forever.
+#[tokio::test]
+async fn an_upload_below_the_minimum_rate_gets_408() {
+    let defaults = Limits::default();
+    assert_eq!(defaults.min_upload_bytes_per_sec, 16 << 10);
+    assert_eq!(defaults.body_allowance(0), Duration::from_secs(60));
+    assert_eq!(
+        defaults.body_allowance(16 << 20),
+        Duration::from_secs(60 + 1024)
+    );
+    let server = server_with(Limits {
+        io_timeout_secs: 1,
+        min_upload_bytes_per_sec: 10,
+        ..test_limits()
+    })
+    .await;
+    // 20 pieces of 1 byte, 300 ms apart: each gap is far below io_timeout_secs, but after
+    // 1 s the allowance grows by only 0.1 s per byte. The answer is read while the writes go
+    // on (they fail once the server has closed).
+    let tls = tls_connect(server.addr, Some(&pki().alice), true)
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let started = Instant::now();
+    let writes = tokio::spawn(async move {
+        let _ = writer
+            .write_all(sign_head("trickle.bin", 1000).as_bytes())
+            .await;
+        for _ in 0..20 {
+            if writer.write_all(b"x").await.is_err() || writer.flush().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut answer)).await;
+    let elapsed = started.elapsed();
+    writes.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("min_upload_bytes_per_sec"), "{answer:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(server.service.audit.rows().await.unwrap().is_empty());
+    server.stop().await;
+}
 
 #[tokio::test]
 async fn an_upload_over_max_upload_bytes_gets_413_and_is_not_signed() {

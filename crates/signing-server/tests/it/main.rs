@@ -11,6 +11,8 @@
 //! - `upload`: a 2 GiB upload with bounded memory;
 //! - `command`: the external `create_pkgsign`-compatible signer;
 //! - `daemon`: the `signing-server` binary;
+//! - `hardening`: issue 14's attacks on the signer (a file changed between the two passes,
+//!   swapped directories and FIFOs, unsafe names, deadlines, the spool quota, verify);
 //! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
 //!   (413) uploads.
 
@@ -23,6 +25,7 @@ mod api;
 mod client;
 mod command;
 mod daemon;
+mod hardening;
 mod legacy;
 mod limits;
 mod refusals;

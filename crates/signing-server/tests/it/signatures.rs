@@ -8,7 +8,7 @@ use signing_server::ed448::{parse_public_pem, verify_stream};
 use crate::support::{Answer, Options, TestServer, base64_decode, full, sha256_hex};
 
 /// Whether `openssl pkeyutl -verify -rawin` accepts `signature` over `file` with `public`.
-fn openssl_verifies(dir: &Path, public: &str, signature: &[u8], file: &Path) -> bool {
+pub(crate) fn openssl_verifies(dir: &Path, public: &str, signature: &[u8], file: &Path) -> bool {
     let public_path = dir.join("pub.pem");
     let signature_path = dir.join("sig.bin");
     std::fs::write(&public_path, public).unwrap();
@@ -27,7 +27,7 @@ fn openssl_verifies(dir: &Path, public: &str, signature: &[u8], file: &Path) -> 
     out.status.success() && stdout.contains("Signature Verified Successfully")
 }
 
-fn have_openssl() -> bool {
+pub(crate) fn have_openssl() -> bool {
     let found = std::process::Command::new("openssl")
         .arg("version")
         .output()
