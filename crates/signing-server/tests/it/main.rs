@@ -11,6 +11,7 @@
 //! - `upload`: a 2 GiB upload with bounded memory;
 //! - `command`: the external `create_pkgsign`-compatible signer;
 //! - `daemon`: the `signing-server` binary;
+//! - `logs`: no log line forged by a client;
 //! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
 //!   (413) uploads.
 
@@ -25,6 +26,7 @@ mod command;
 mod daemon;
 mod legacy;
 mod limits;
+mod logs;
 mod refusals;
 mod signatures;
 mod support;
