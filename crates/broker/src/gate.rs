@@ -375,7 +375,7 @@ async fn ssh(mut stream: TcpStream, peer: SocketAddr, check: &dyn KeyCheck, upst
             return;
         }
         Err(err) => {
-            warn!(%peer, %err, "gate: cannot verify the key with the broker; refused");
+            warn!(%peer, err = %common::log::Escaped(&err), "gate: cannot verify the key with the broker; refused");
             return;
         }
     }
@@ -401,7 +401,7 @@ async fn ssl(stream: TcpStream, peer: SocketAddr, check: &TlsCheck, upstream: So
     };
     let cn = identity.and_then(|identity| identity.cn);
     if cn.as_deref() != Some(check.owner()) {
-        warn!(%peer, cn = ?cn, owner = %check.owner(), "gate: client certificate not issued to the job owner; refused");
+        warn!(%peer, cn = ?cn, owner = ?check.owner(), "gate: client certificate not issued to the job owner; refused");
         return;
     }
     info!(%peer, cn = ?cn, "gate: client certificate accepted");

@@ -86,7 +86,7 @@ async fn whoami(State(broker): Shared, caller: Caller) -> axum::Json<WhoAmI> {
 async fn save(State(broker): Shared, caller: Caller, body: Bytes) -> Result<Response, BrokerError> {
     let request: SaveRequest = parse_json(&body)?;
     let job = broker.save(&caller, request).await?;
-    tracing::info!(user = %caller.user, via = caller.via, job = %job.summary.id, r#type = %job.summary.job_type, port = job.summary.port, "job saved");
+    tracing::info!(user = ?caller.user, via = caller.via, job = %job.summary.id, r#type = %job.summary.job_type, port = job.summary.port, "job saved");
     Ok((StatusCode::CREATED, axum::Json(job)).into_response())
 }
 
@@ -114,7 +114,7 @@ async fn verify(
     let request: VerifyRequest = parse_json(&body)?;
     let valid = broker.verify(&caller, &id, &request.secret).await?;
     if !valid {
-        tracing::warn!(user = %caller.user, via = caller.via, job = %id, "verify: wrong secret");
+        tracing::warn!(user = ?caller.user, via = caller.via, job = ?id, "verify: wrong secret");
     }
     Ok(axum::Json(VerifyResponse { valid }))
 }
@@ -279,7 +279,7 @@ impl Server {
                             Some(user) => Identity(Ok(Caller { user, uid: None, via: "https" })),
                             None => {
                                 let subject = identity.as_ref().map_or_else(String::new, |id| id.to_string());
-                                tracing::warn!(%peer, %subject, "https: certificate not mapped to a user");
+                                tracing::warn!(%peer, subject = ?subject, "https: certificate not mapped to a user");
                                 Identity(Err(format!("certificate {subject} is not mapped to a user on this broker")))
                             }
                         };

@@ -341,7 +341,7 @@ impl Broker {
             Some(row) if result == "ok" => Ok(row),
             _ => {
                 if result == "refused_not_owner" {
-                    tracing::warn!(user = %caller.user, via = caller.via, job = id, action, "refused: not the owner");
+                    tracing::warn!(user = ?caller.user, via = caller.via, job = id, action, "refused: not the owner");
                 }
                 self.store
                     .audit(&AuditRecord {
@@ -508,7 +508,7 @@ impl Broker {
             .await?
         {
             Some(row) => {
-                tracing::info!(user = %caller.user, job = id, port = row.port, "job deleted");
+                tracing::info!(user = ?caller.user, job = id, port = row.port, "job deleted");
                 Ok(())
             }
             None => {
@@ -524,7 +524,7 @@ impl Broker {
         Ok(match self.store.job(id).await? {
             None => "not_found",
             Some(row) if row.owner != caller.user => {
-                tracing::warn!(user = %caller.user, via = caller.via, job = id, "refused: not the owner");
+                tracing::warn!(user = ?caller.user, via = caller.via, job = id, "refused: not the owner");
                 "refused_not_owner"
             }
             Some(_) => "expired",
@@ -547,7 +547,7 @@ impl Broker {
             )
             .await?;
         for job in &reaped {
-            tracing::info!(job = %job.id, owner = %job.owner, port = job.port, "expired job reaped");
+            tracing::info!(job = %job.id, owner = ?job.owner, port = job.port, "expired job reaped");
         }
         {
             let mut failures = self

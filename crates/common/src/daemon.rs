@@ -84,14 +84,17 @@ pub fn init_tracing(args: &LogArgs, default_filter: &str) -> anyhow::Result<()> 
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // `json` escapes by itself; the line formats escape control characters in every field.
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Journal => builder
+            .fmt_fields(crate::log::EscapingFields)
             .without_time()
             .with_ansi(false)
             .with_target(false)
             .try_init(),
         LogFormat::Auto | LogFormat::Text => builder
+            .fmt_fields(crate::log::EscapingFields)
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };

@@ -6,10 +6,13 @@
 //! - [`envelope`]: sans-IO message types and framing codecs (no tokio, no sockets, no clocks).
 //! - [`daemon`]: tracing set-up, layered TOML configuration, signals, systemd notifications and
 //!   draining.
+//! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
+//!   that keeps every `text` and `journal` log event on one line.
 //!
 //! This crate knows nothing about any one daemon's protocol beyond the shared envelopes.
 
 pub mod daemon;
 pub mod envelope;
+pub mod log;
 pub mod pki;
 pub mod tls;

@@ -350,7 +350,7 @@ async fn auth(
     if body.is_empty() {
         if logged_in {
             if let Some(user) = state.sessions.logout(id) {
-                tracing::info!(%user, "logged out");
+                tracing::info!(user = ?user, "logged out");
             }
         }
         return plain_streamed(StatusCode::OK, id, "Disconnected".into());
@@ -358,14 +358,14 @@ async fn auth(
     let request = match AuthRequest::parse(&body) {
         Ok(request) => request,
         Err(err) => {
-            tracing::info!(%peer, %err, "login refused: malformed request");
+            tracing::info!(%peer, err = %common::log::Escaped(&err), "login refused: malformed request");
             return plain(StatusCode::BAD_REQUEST, id, "");
         }
     };
     let stored = match state.users.public_pem(&request.user).await {
         Ok(Some(pem)) => pem,
         Ok(None) => {
-            tracing::warn!(%peer, user = %request.user, "login refused: unknown user");
+            tracing::warn!(%peer, user = ?request.user, "login refused: unknown user");
             return plain(StatusCode::FORBIDDEN, id, "");
         }
         Err(err) => {
@@ -378,7 +378,7 @@ async fn auth(
         }
     };
     let Ok(public) = PublicKey::from_pem(&stored) else {
-        tracing::warn!(user = %request.user, "login refused: stored key is neither Ed448 nor RSA");
+        tracing::warn!(user = ?request.user, "login refused: stored key is neither Ed448 nor RSA");
         return plain(StatusCode::FORBIDDEN, id, "");
     };
     // The signature check and the key agreement are independent: run them side by side on
@@ -397,7 +397,7 @@ async fn auth(
     let (verified, shared) = (verify.await, agree.await);
     state.ephemerals.refill(&state.server_key);
     if !matches!(verified, Ok(true)) {
-        tracing::warn!(%peer, %user, "login refused: bad signature");
+        tracing::warn!(%peer, user = ?user, "login refused: bad signature");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     let Ok(Ok(shared)) = shared else {
@@ -411,10 +411,10 @@ async fn auth(
         .login(id, cipher, &user, Instant::now())
         .is_err()
     {
-        tracing::warn!(%user, "login refused: session table full");
+        tracing::warn!(user = ?user, "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
     }
-    tracing::info!(%peer, %user, "logged in");
+    tracing::info!(%peer, user = ?user, "logged in");
     let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
     answer(StatusCode::OK, full(text), cookie_value(id))
 }
@@ -573,7 +573,7 @@ async fn authenticated(
         return match mode {
             Mode::Single => {
                 // As the original: a wrong first token kills the session.
-                tracing::warn!(user = %login.user, %path, "wrong initial token; session invalidated");
+                tracing::warn!(user = ?login.user, path = ?path, "wrong initial token; session invalidated");
                 state.sessions.logout(&id);
                 plain(StatusCode::BAD_REQUEST, &id, "Wrong initial token\n")
             }
@@ -601,7 +601,7 @@ async fn authenticated(
 }
 
 fn body_error(id: &str, err: &BodyError) -> Outcome {
-    tracing::info!(%err, "request body refused");
+    tracing::info!(err = %common::log::Escaped(&err), "request body refused");
     let response = match err {
         BodyError::TooLarge => plain(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -675,7 +675,7 @@ async fn dispatch(
 }
 
 fn file_error(out: &Responder, user: &str, name: &str, err: &FileError) -> Outcome {
-    tracing::info!(%user, %name, %err, "file request refused");
+    tracing::info!(user = ?user, name = ?name, err = %common::log::Escaped(err), "file request refused");
     let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Outcome::done(out.single(status, format!("{err}\n").as_bytes()))
 }
@@ -704,7 +704,7 @@ async fn get(
         Ok(opened) => opened,
         Err(err) => return file_error(out, user, name, &err),
     };
-    tracing::info!(%user, %name, size, "get");
+    tracing::info!(user = ?user, name = ?name, size, "get");
     let piece = get_piece_size(size);
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
     let cipher = Arc::clone(&out.cipher);
@@ -799,7 +799,7 @@ async fn put(
         }
         Ok(Ok(_dropped)) => {
             let err = failure.unwrap_or(BodyError::Encoding("upload failed"));
-            tracing::warn!(%user, %name, %err, "upload aborted; target left untouched");
+            tracing::warn!(user = ?user, name = ?name, err = %common::log::Escaped(&err), "upload aborted; target left untouched");
             return Outcome {
                 response: out.single(StatusCode::BAD_REQUEST, b""),
                 commit: false,
@@ -813,7 +813,7 @@ async fn put(
     };
     match written {
         Ok(Ok(bytes)) => {
-            tracing::info!(%user, %name, bytes, "put");
+            tracing::info!(user = ?user, name = ?name, bytes, "put");
             Outcome::done(out.single(StatusCode::OK, b""))
         }
         Ok(Err(err)) => file_error(out, user, name, &err),
@@ -825,7 +825,7 @@ async fn put(
 }
 
 fn exec_error(out: &Responder, user: &str, line: &str, err: &ExecError) -> Outcome {
-    tracing::info!(%user, command = %line, %err, "command refused");
+    tracing::info!(user = ?user, command = ?line, err = %common::log::Escaped(err), "command refused");
     let status = match err {
         ExecError::OutputTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
         ExecError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -872,7 +872,7 @@ async fn cmd(
     match exec::run(&argv, stdin, state.roots.workdir(), limits).await {
         Ok((output, exit)) => {
             tracing::info!(
-                %user, command = %line, exit = exit.code, timed_out = exit.timed_out,
+                user = ?user, command = ?line, exit = exit.code, timed_out = exit.timed_out,
                 millis = started.elapsed().as_millis() as u64, "cmd"
             );
             let mut response = out.single(StatusCode::OK, &output);
@@ -911,7 +911,7 @@ async fn icm(
             Ok(process) => process,
             Err(err) => return exec_error(out, user, line, &err),
         };
-    tracing::info!(%user, command = %line, pid = process.pid(), "interactive command started");
+    tracing::info!(user = ?user, command = ?line, pid = process.pid(), "interactive command started");
     match process.read_after(state.config.interactive_wait).await {
         Ok(read) => {
             if !read.eof {

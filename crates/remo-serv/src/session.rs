@@ -219,7 +219,7 @@ impl Sessions {
             ids.iter().filter_map(|id| map.remove(id)).collect()
         };
         for session in &expired {
-            tracing::info!(user = %session.user, "session expired");
+            tracing::info!(user = ?session.user, "session expired");
         }
         expired.len()
     }

@@ -467,7 +467,7 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
     };
     match written {
         Ok(Ok(info)) => {
-            tracing::info!(path = %relative.display(), size, md5 = checksum, client_id = ctx.client, "model uploaded");
+            tracing::info!(path = ?relative, size, md5 = checksum, client_id = ctx.client, "model uploaded");
             let broadcast = Message::check_sum(Value::String(info)).encode();
             for admin in shared.hub.admin_conns() {
                 let _ = admin.tx.try_send(Out::Text(broadcast.clone()));
@@ -481,7 +481,7 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
             )]
         }
         Ok(Err(err)) => {
-            tracing::error!(%err, path = %relative.display(), "writing an upload failed");
+            tracing::error!(%err, path = ?relative, "writing an upload failed");
             vec![text(
                 500,
                 format!("cannot write {}: {err}", relative.display()),

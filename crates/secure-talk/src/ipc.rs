@@ -67,7 +67,7 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return,
         Ok(Err(err)) => {
-            tracing::warn!(%err, "ipc check-in is malformed");
+            tracing::warn!(err = %common::log::Escaped(&err), "ipc check-in is malformed");
             return;
         }
         Err(_) => {
@@ -100,7 +100,7 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             Err(err) => {
-                tracing::warn!(%err, "ipc check-in refused");
+                tracing::warn!(err = %common::log::Escaped(&err), "ipc check-in refused");
                 return;
             }
         }
@@ -161,7 +161,7 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
     match result {
         Ok(()) => tracing::debug!(pipe_id = id, "pipe closed its ipc connection"),
         Err(err) => {
-            tracing::warn!(%err, pipe_id = id, "ipc protocol error; stopping the pipe");
+            tracing::warn!(err = %common::log::Escaped(&err), pipe_id = id, "ipc protocol error; stopping the pipe");
             if let Ok((stop, _)) = shared.hub.begin_destroy(None, id) {
                 stop.cancel();
             }

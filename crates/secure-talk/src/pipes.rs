@@ -195,7 +195,7 @@ async fn log_output<R: AsyncRead + Unpin>(mut reader: R, stream: &'static str) {
         };
         for &b in &buf[..n] {
             if b == b'\n' {
-                tracing::info!(stream, line = %String::from_utf8_lossy(&line), "pipe output");
+                tracing::info!(stream, line = ?String::from_utf8_lossy(&line), "pipe output");
                 line.clear();
             } else if line.len() < MAX_LOG_LINE {
                 line.push(b);
@@ -203,7 +203,7 @@ async fn log_output<R: AsyncRead + Unpin>(mut reader: R, stream: &'static str) {
         }
     }
     if !line.is_empty() {
-        tracing::info!(stream, line = %String::from_utf8_lossy(&line), "pipe output");
+        tracing::info!(stream, line = ?String::from_utf8_lossy(&line), "pipe output");
     }
 }
 

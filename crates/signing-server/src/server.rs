@@ -134,7 +134,7 @@ impl Server {
         let messages = match self.service.sign_path(cn.as_deref(), &path).await {
             Ok(report) => legacy_messages(&report),
             Err(refusal) => {
-                tracing::info!(outcome = "refused", identity = cn, path, reason = %refusal, "path refused");
+                tracing::info!(outcome = "refused", identity = cn, path, reason = %common::log::Escaped(&refusal), "path refused");
                 vec![format!("Refused: {refusal}\n").into_bytes()]
             }
         };

@@ -4,10 +4,13 @@
 //!   an expired and a revoked client, a CRL, all as PEM strings and files.
 //! - [`daemon`]: start a server on 127.0.0.1:0 with a shutdown handle ([`spawn_tcp`]); test
 //!   tracing.
+//! - [`logs`]: log injection checks: a value that forges a log line, a capture of a child's
+//!   stderr, and the assertion that nothing was forged.
 //!
 //! Nothing here is used by a shipped binary.
 
 pub mod daemon;
+pub mod logs;
 pub mod pki;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};

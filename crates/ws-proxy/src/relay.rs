@@ -193,7 +193,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
             Some(ctrl) = ctrl_rx.recv() => match ctrl {
                 Ctrl::Paired(partner) => {
                     info.set_state(PeerState::Paired);
-                    tracing::info!(conn = info.conn, %id, "paired");
+                    tracing::info!(conn = info.conn, id = ?id, "paired");
                     let queued = match std::mem::replace(&mut state, State::AwaitHello) {
                         State::Waiting { queue, .. } => queue,
                         _ => VecDeque::new(),
@@ -211,7 +211,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                         break Stop::close(Ending::partner_left, CloseCode::Protocol, PARTNER_LEFT_REASON);
                     }
                     OnPartnerLeave::Wait => {
-                        tracing::info!(conn = info.conn, %id, "partner left; waiting for a new one");
+                        tracing::info!(conn = info.conn, id = ?id, "partner left; waiting for a new one");
                         info.set_state(PeerState::Waiting);
                         state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
                     }
@@ -241,7 +241,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                 match &mut state {
                     State::AwaitHello => match check_hello(&message) {
                         Err(reason) => {
-                            tracing::info!(conn = info.conn, %id, %reason, "invalid hello");
+                            tracing::info!(conn = info.conn, id = ?id, reason = ?reason, "invalid hello");
                             break Stop::close(Ending::invalid_hello, CloseCode::Policy, reason);
                         }
                         Ok((peer_class, peer_id)) => {
@@ -249,20 +249,20 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                             info.set_hello(peer_class, peer_id);
                             match shared.registry.join(&id, info.conn, message, handle.clone()) {
                                 Join::Full => {
-                                    tracing::info!(conn = info.conn, %id, "meet-up id is full");
+                                    tracing::info!(conn = info.conn, id = ?id, "meet-up id is full");
                                     break Stop::close(Ending::full, CloseCode::Policy, "meet-up id is full");
                                 }
                                 Join::Waiting => {
                                     joined = true;
                                     info.set_state(PeerState::Waiting);
-                                    tracing::info!(conn = info.conn, %id, "waiting for a partner");
+                                    tracing::info!(conn = info.conn, id = ?id, "waiting for a partner");
                                     state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
                                 }
                                 Join::Paired(partner) => {
                                     joined = true;
                                     shared.metrics.pairs.inc();
                                     info.set_state(PeerState::Paired);
-                                    tracing::info!(conn = info.conn, %id, partner = partner.conn, "paired");
+                                    tracing::info!(conn = info.conn, id = ?id, partner = partner.conn, "paired");
                                     state = State::Paired(partner);
                                 }
                             }
@@ -317,7 +317,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
     let code = stop.close.as_ref().map(|frame| u16::from(frame.code));
     tracing::info!(
         conn = info.conn,
-        %id,
+        id = ?id,
         outcome = ?stop.ending,
         close_code = code,
         messages_in = info.messages_in.load(Ordering::Relaxed),

@@ -294,12 +294,12 @@ impl Server {
                 };
                 upgrade::refuse(&mut tls, status, &text).await;
                 shared.metrics.refused(Refusal::upgrade);
-                tracing::info!(peer = %who, outcome = "refused", status, "not a websocket upgrade");
+                tracing::info!(peer = ?who, outcome = "refused", status, "not a websocket upgrade");
                 return None;
             }
             Ok(Err(_)) | Err(_) => {
                 shared.metrics.refused(Refusal::upgrade);
-                tracing::info!(peer = %who, outcome = "refused", "no upgrade request in time");
+                tracing::info!(peer = ?who, outcome = "refused", "no upgrade request in time");
                 return None;
             }
         };
@@ -336,7 +336,7 @@ impl Server {
                     (_, Ok(Ok(_))) => (Refusal::upgrade, String::new()),
                 };
                 shared.metrics.refused(reason);
-                tracing::info!(peer = %who, outcome = "refused", reason = ?reason, detail = %text, "upgrade refused");
+                tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, detail = ?text, "upgrade refused");
                 return None;
             }
         };
@@ -373,7 +373,7 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .insert(conn, info.clone());
         let _listed = Listed { shared, conn };
-        tracing::info!(conn, peer = %who, %id, "connected");
+        tracing::info!(conn, peer = ?who, id = ?id, "connected");
         relay::run(shared.clone(), ws, info, id).await;
     }
 

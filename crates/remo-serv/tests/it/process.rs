@@ -778,3 +778,50 @@ async fn remo_cli_exit_codes() {
     assert_code(&d.remo(&closed, &["info"]), 69);
     daemon.assert_no_panic();
 }
+
+/// Log injection (SECURITY.md, invariant 7): a user name at login, a command line and a file
+/// name never forge a line in the daemon's log, and no raw escape sequence reaches it.
+#[tokio::test]
+async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
+    use testkit::logs::{ESCAPED, assert_not_forged, injection};
+    let d = Deployment::new().await;
+    let args: Vec<OsString> = [
+        "-p",
+        "0",
+        "-k",
+        "remo_serv_key.pem",
+        "-u",
+        "SqliteUserService:users.sqlite",
+        "--workdir",
+        "served",
+        "-l",
+        "info",
+        "--log-format",
+        "text",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let daemon = Daemon::spawn(d.dir.path(), &args);
+    let mut config = d.client_config(&daemon.url());
+    config.user = injection("mallory");
+    let refused = Client::login(config, d.keys.user_key(), d.keys.server_pub.clone()).await;
+    assert!(refused.is_err());
+    let mut alice = d.client(&daemon).await;
+    let _ = alice.exec(&injection("true"), b"").await;
+    let missing = alice
+        .get(&injection("missing"), &d.path("local"), |_, _| {})
+        .await;
+    assert!(missing.is_err());
+    // Unknown user, the command, the file name: each logged once at least.
+    let deadline = Instant::now() + WAIT;
+    while daemon.stderr().matches(ESCAPED).count() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_not_forged(&daemon.stderr.lock().unwrap());
+    assert!(
+        daemon.stderr().matches(ESCAPED).count() >= 3,
+        "{}",
+        daemon.stderr()
+    );
+}

@@ -280,7 +280,7 @@ impl Pipe {
 
     fn on_config(&mut self, payload: &[u8]) {
         let text = String::from_utf8_lossy(payload);
-        debug!(config = %text, "config");
+        debug!(config = ?text, "config");
         match serde_json::from_slice::<Value>(payload) {
             Ok(config) => {
                 if self.launched {
@@ -289,14 +289,14 @@ impl Pipe {
                 self.config = Some(config);
             }
             Err(err) => {
-                warn!(%err, "config is not JSON; keeping it unused");
+                warn!(err = %common::log::Escaped(&err), "config is not JSON; keeping it unused");
                 self.config = Some(Value::String(text.into_owned()));
             }
         }
     }
 
     fn on_property(&mut self, payload: &[u8]) {
-        debug!(property = %String::from_utf8_lossy(payload), "property");
+        debug!(property = ?String::from_utf8_lossy(payload), "property");
         let Ok(Value::Object(property)) = serde_json::from_slice::<Value>(payload) else {
             return;
         };
@@ -387,7 +387,7 @@ impl Pipe {
         let argv = match argv {
             Ok(argv) => argv,
             Err(message) => {
-                warn!(line = %String::from_utf8_lossy(payload), "{message}");
+                warn!(line = ?String::from_utf8_lossy(payload), "{message}");
                 self.error(message).await;
                 return Flow::Exit(exit::DATAERR);
             }

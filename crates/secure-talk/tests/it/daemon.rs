@@ -228,3 +228,46 @@ async fn a_token_key_file_makes_tokens_survive_a_restart() {
     drop(conn);
     assert_eq!(daemon.terminate().await, 0);
 }
+
+/// Log injection (SECURITY.md, invariant 7): an upload's path never forges a line in the
+/// daemon's log, and no raw escape sequence reaches it.
+#[tokio::test]
+async fn an_upload_path_cannot_forge_a_log_line() {
+    use common::envelope::talk::{BinaryMessage, Headers, method};
+    use testkit::logs::{LogCapture, injection};
+    crate::support::pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "");
+    let mut child = command()
+        .arg("-c")
+        .arg(&config)
+        .args(["--print-address", "--log", "info", "--log-format", "text"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn secure-talk");
+    let log = LogCapture::start("secure-talk", child.stderr.take().expect("stderr"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let socket = tokio::time::timeout(STEP, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(path) = line.strip_prefix("listening on unix:") {
+                return PathBuf::from(path);
+            }
+        }
+        panic!("secure-talk exited before listening");
+    })
+    .await
+    .expect("secure-talk listens in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let opts = options(Transport::Unix(socket), Some(dir.path().join("token")));
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let upload = BinaryMessage::new(
+        Headers::method(method::MODEL).with_path(injection("model")),
+        b"weights".to_vec(),
+    );
+    admin.send_binary(&upload).await.expect("send");
+    crate::support::expect_reply(&mut admin, 200, "").await;
+    log.wait_for("model uploaded", STEP).await;
+    log.assert_not_forged(1, STEP).await;
+}

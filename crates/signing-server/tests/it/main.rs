@@ -13,6 +13,7 @@
 //! - `daemon`: the `signing-server` binary;
 //! - `hardening`: issue 14's attacks on the signer (a file changed between the two passes,
 //!   swapped directories and FIFOs, unsafe names, deadlines, the spool quota, verify);
+//! - `logs`: no log line forged by a client;
 //! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
 //!   (413) uploads.
 
@@ -28,6 +29,7 @@ mod daemon;
 mod hardening;
 mod legacy;
 mod limits;
+mod logs;
 mod refusals;
 mod signatures;
 mod support;

@@ -119,7 +119,7 @@ impl Front {
                 }
                 Ok(_) => Some(text),
                 Err(err) => {
-                    tracing::warn!(%err, "message from the partner is not a Micronets envelope");
+                    tracing::warn!(err = %common::log::Escaped(&err), "message from the partner is not a Micronets envelope");
                     Some(text)
                 }
             },
@@ -252,7 +252,7 @@ pub fn to_http(response: &RestResponse) -> Response {
             HeaderName::from_bytes(pair.name.as_bytes()),
             HeaderValue::from_str(&pair.value),
         ) else {
-            tracing::debug!(name = %pair.name, "unusable response header dropped");
+            tracing::debug!(name = ?pair.name, "unusable response header dropped");
             continue;
         };
         if name == header::CONTENT_LENGTH

@@ -148,7 +148,7 @@ impl Gateway {
                 }
                 Ok(_) => Some(text),
                 Err(err) => {
-                    tracing::warn!(%err, "message from the partner is not a Micronets envelope");
+                    tracing::warn!(err = %common::log::Escaped(&err), "message from the partner is not a Micronets envelope");
                     Some(text)
                 }
             },
@@ -160,7 +160,7 @@ impl Gateway {
         let state = &self.state;
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
         let fail = |status: u16, reason: &str, text: String| {
-            tracing::info!(method = %request.method, path = %request.path, status, %text, "request failed");
+            tracing::info!(method = ?request.method, path = ?request.path, status, text = ?text, "request failed");
             RestResponse::new(id, request.message_id, status)
                 .with_reason(reason)
                 .with_body(Some("text/plain"), text.as_bytes())
@@ -236,7 +236,7 @@ impl Gateway {
         if !headers.is_empty() {
             response.headers = Some(headers);
         }
-        tracing::info!(method = %request.method, path = %request.path, status = response.status_code, "performed");
+        tracing::info!(method = ?request.method, path = ?request.path, status = response.status_code, "performed");
         response
     }
 

@@ -9,6 +9,7 @@
 mod e2e;
 mod harness;
 mod interop;
+mod logs;
 mod process;
 mod refusals;
 mod relay;

@@ -1,0 +1,65 @@
+//! Log injection (SECURITY.md, invariant 7): a certificate subject, a meet-up id or a HELLO
+//! never forges a line in the daemon's log, and no raw escape sequence reaches it.
+
+use std::process::Stdio;
+
+use testkit::logs::{LogCapture, client_with_cn, injection};
+use testkit::test_pki;
+use tokio::io::AsyncBufReadExt as _;
+use tokio::process::Command;
+
+use crate::harness::{WAIT, closed, hello, options, send};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_ws-proxy");
+
+#[tokio::test]
+async fn a_certificate_subject_cannot_forge_a_log_line() {
+    common::tls::install_default_provider();
+    let pki = test_pki();
+    let eve = client_with_cn(pki, "ws-proxy-log-eve", &injection("eve"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ws-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndrain_grace_secs = 1\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\ncrls = [{crl:?}]\n",
+            cert = pki.server.cert_path,
+            key = pki.server.key_path,
+            ca = pki.ca_path,
+            crl = pki.crl_path,
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(DAEMON)
+        .args(["--config", config.to_str().unwrap(), "--print-address"])
+        .args(["--log-format", "text", "--log", "info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = LogCapture::start("ws-proxy", child.stderr.take().unwrap());
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let port = line.rsplit(':').next().unwrap().to_owned();
+    let url = format!("wss://localhost:{port}/micronets/v1/ws-proxy/p");
+
+    // Connected (the subject is logged), then an invalid HELLO whose fields hold the same
+    // text, so the refusal is logged too.
+    let mut ws = ws_proxy::client::connect(&options(&url, Some(&eve)))
+        .await
+        .unwrap();
+    let bad = hello(&injection("x")).replace("\"messageId\":0", "\"messageId\":\"x\"");
+    send(&mut ws, &bad).await;
+    closed(&mut ws).await;
+    log.wait_for("invalid hello", WAIT).await;
+    log.assert_not_forged(1, WAIT).await;
+    assert!(
+        String::from_utf8_lossy(&log.bytes()).contains("connected"),
+        "the connection was logged"
+    );
+}
