@@ -4,6 +4,7 @@
 //!   reload from disk, handshakes with a deadline and the verified peer identity.
 //! - [`pki`]: issue CAs, leaves and CRLs with rcgen; inspect certificates with x509-parser.
 //! - [`envelope`]: sans-IO message types and framing codecs (no tokio, no sockets, no clocks).
+//! - [`io`]: stream adapters ([`io::WriteDeadline`]: a deadline on every write).
 //! - [`daemon`]: tracing set-up, layered TOML configuration, signals, systemd notifications and
 //!   draining.
 //! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
@@ -13,6 +14,7 @@
 
 pub mod daemon;
 pub mod envelope;
+pub mod io;
 pub mod log;
 pub mod pki;
 pub mod tls;

@@ -53,6 +53,9 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.request_timeout())
         .keep_alive(true);
+    // A client that stops reading its answer is cut off after io_timeout_secs without
+    // progress, like the original protocol's writes (hyper times only the request head).
+    let io = common::io::WriteDeadline::new(io, limits.io_timeout());
     let conn = builder.serve_connection(TokioIo::new(io), handler);
     tokio::pin!(conn);
     tokio::select! {
@@ -223,8 +226,15 @@ async fn sign_upload(
     let name = params
         .get("name")
         .cloned()
-        .filter(|n| !n.is_empty() && n.len() <= 1024 && !n.contains(['/', '\0', '\n']))
-        .ok_or_else(|| Refusal::new(400, "?name= (the file name, no '/') is required"))?;
+        .filter(|n| {
+            !n.is_empty() && n.len() <= 1024 && !n.contains('/') && !n.contains(char::is_control)
+        })
+        .ok_or_else(|| {
+            Refusal::new(
+                400,
+                "?name= (the file name: no '/', no control characters) is required",
+            )
+        })?;
     let names = Names {
         package: params.get("package").cloned(),
         fileset: params.get("fileset").cloned(),
@@ -263,7 +273,7 @@ async fn sign_upload(
         Content::Private(spool(service, req.into_body(), &name).await?)
     };
     let signed = service
-        .sign(signer, content, &name, &names)
+        .sign(cn, signer, content, &name, &names)
         .await
         .map_err(|e| match e {
             SignError::Spool(err) => spool_refusal(err),

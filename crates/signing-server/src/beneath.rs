@@ -170,31 +170,49 @@ const READ: OFlags = OFlags::RDONLY
     .union(OFlags::NOCTTY)
     .union(OFlags::CLOEXEC);
 
-/// The entries of an open directory: each name with whether it might be a regular file
-/// (a regular file, a symlink, or a type the file system does not report), sorted by name
-/// bytes. `.` and `..` are left out.
+/// The first `max` entries of an open directory by name bytes, each with whether it might
+/// be a regular file (a regular file, a symlink, or a type the file system does not
+/// report), and how many more there were. `.` and `..` are left out. Memory stays bounded
+/// by `max` however large the directory: the smallest names are kept in a heap as the
+/// directory is read.
 ///
 /// # Errors
 /// The directory cannot be read.
-pub fn entries(dir: &File) -> std::io::Result<Vec<(std::ffi::OsString, bool)>> {
+pub fn entries(dir: &File, max: usize) -> std::io::Result<(Vec<(std::ffi::OsString, bool)>, u64)> {
     use rustix::fs::FileType;
     let fd = rustix::io::dup(dir)?;
     let mut reader = rustix::fs::Dir::new(fd)?;
-    let mut out = Vec::new();
+    // The duplicate shares the descriptor's position: start from the beginning.
+    reader.rewind();
+    let mut kept = std::collections::BinaryHeap::with_capacity(max.min(4096) + 1);
+    let mut dropped = 0u64;
     while let Some(entry) = reader.read() {
         let entry = entry?;
         let name = OsStr::from_bytes(entry.file_name().to_bytes());
         if name == "." || name == ".." {
             continue;
         }
+        if kept.len() >= max {
+            dropped += 1;
+            if kept
+                .peek()
+                .is_some_and(|(largest, _): &(std::ffi::OsString, bool)| {
+                    name >= largest.as_os_str()
+                })
+            {
+                continue;
+            }
+        }
         let candidate = matches!(
             entry.file_type(),
             FileType::RegularFile | FileType::Symlink | FileType::Unknown
         );
-        out.push((name.to_owned(), candidate));
+        kept.push((name.to_owned(), candidate));
+        if kept.len() > max {
+            kept.pop();
+        }
     }
-    out.sort();
-    Ok(out)
+    Ok((kept.into_sorted_vec(), dropped))
 }
 
 /// The state of a file that says whether it changed: device, inode, size, modification and
@@ -327,10 +345,21 @@ mod tests {
         std::fs::write(dir.path().join("a"), b"").unwrap();
         std::fs::create_dir(dir.path().join("c")).unwrap();
         let file = File::open(dir.path()).unwrap();
-        let names = entries(&file).unwrap();
+        let names = entries(&file, 10).unwrap();
         assert_eq!(
             names,
-            vec![("a".into(), true), ("b".into(), true), ("c".into(), false)]
+            (
+                vec![("a".into(), true), ("b".into(), true), ("c".into(), false)],
+                0
+            )
         );
+        // Only the smallest names are kept, whatever order the directory has.
+        for i in 0..50 {
+            std::fs::write(dir.path().join(format!("z{:02}", 49 - i)), b"").unwrap();
+        }
+        let (names, more) = entries(&file, 5).unwrap();
+        let names: Vec<_> = names.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["a", "b", "c", "z00", "z01"]);
+        assert_eq!(more, 48);
     }
 }

@@ -25,6 +25,8 @@ pub struct Limits {
     pub max_files_per_request: usize,
     /// Longest path a client may send, in bytes.
     pub max_path_bytes: usize,
+    /// Most entries of a directory listed (and considered for signing) per request.
+    pub max_listing_entries: usize,
     /// Largest upload in bytes.
     pub max_upload_bytes: u64,
     /// Largest JSON request body in bytes.
@@ -63,6 +65,7 @@ impl Default for Limits {
         Self {
             max_files_per_request: DEFAULT_MAX_FILES,
             max_path_bytes: 4096,
+            max_listing_entries: 10_000,
             max_upload_bytes: 64 << 30,
             max_json_bytes: 64 << 10,
             max_connections: 256,
@@ -287,6 +290,7 @@ impl FileConfig {
         for (name, value) in [
             ("max_files_per_request", limits.max_files_per_request),
             ("max_path_bytes", limits.max_path_bytes),
+            ("max_listing_entries", limits.max_listing_entries),
             ("max_json_bytes", limits.max_json_bytes),
             ("max_connections", limits.max_connections),
             (

@@ -224,6 +224,12 @@ pub fn legacy_messages(report: &PathReport) -> Vec<Vec<u8>> {
     }
     let second = python_json(&report.files);
     let mut third = format!("\nSignatures written to: {}\n", report.signatures_file);
+    if report.not_listed > 0 {
+        third.push_str(&format!(
+            "Not listed (more than max_listing_entries entries): {} more\n",
+            report.not_listed
+        ));
+    }
     if !report.not_signed.is_empty() {
         third.push_str(&format!(
             "Not signed (more than max_files_per_request files): {}\n",

@@ -32,7 +32,7 @@ use crate::fields::{Fields, Names, parse_line};
 use crate::spool::{Spool, SpoolError, SpoolFile};
 
 /// Content in memory up to this size is signed on the calling task.
-const INLINE_SIGN: usize = 16 << 10;
+pub(crate) const INLINE_SIGN: usize = 16 << 10;
 
 /// Most output read from a signing command, per stream.
 const MAX_COMMAND_OUTPUT: u64 = 1 << 20;
@@ -265,6 +265,8 @@ pub struct Job {
     /// The signing slot: every clone holds it, so work still running (even stuck in a
     /// read after its deadline) keeps its slot until it really ends.
     pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// The place in the identity's share of the slots, held the same way.
+    pub share: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl std::fmt::Debug for Job {

@@ -391,3 +391,122 @@ async fn verify_hashes_as_it_reads_and_strangers_have_a_small_budget() {
 fn url_encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
+
+/// One identity cannot hold every signing slot: with two slots, alice's stuck signature
+/// leaves the other to bob, and small uploads (signed on the request's task) never wait for
+/// a slot at all. Before the fix a client with a directory of huge sparse files stopped all
+/// signing for everyone until sign_timeout_secs.
+#[tokio::test]
+async fn one_identity_cannot_hold_every_signing_slot() {
+    let server = server_with(Limits {
+        max_concurrent_signatures: 2,
+        ..test_limits()
+    })
+    .await;
+    std::fs::write(server.pkgs.join("stuck.bin"), content(3)).unwrap();
+    std::fs::write(server.bobs.join("bob.bin"), b"bob").unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let stuck = Arc::new(AtomicBool::new(false));
+    let hook: PassHook = {
+        let stuck = Arc::clone(&stuck);
+        Arc::new(move |_, at| {
+            if at > 0 && !stuck.swap(true, Ordering::SeqCst) {
+                let _ = release_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(20));
+            }
+        })
+    };
+    server.service.set_pass_hook(Some(hook));
+    let pkgs = text(&server.pkgs).to_owned();
+    let alice = {
+        let path = format!("{pkgs}/stuck.bin");
+        let addr = server.addr;
+        tokio::spawn(async move { crate::support::legacy(addr, Some(&pki().alice), &path).await })
+    };
+    while !stuck.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // alice's second large signature waits for her share; bob's is served at once.
+    let bobs = format!("{}/bob.bin", text(&server.bobs));
+    let bob = tokio::time::timeout(
+        Duration::from_secs(5),
+        server.legacy(Some(&pki().bob), &bobs),
+    )
+    .await
+    .expect("bob is not held up by alice")
+    .unwrap();
+    assert!(String::from_utf8_lossy(&bob).contains("signature"));
+    let small = tokio::time::timeout(
+        Duration::from_secs(5),
+        server.alice("POST", "/v1/sign?name=small.bin", full(vec![1u8; 1000])),
+    )
+    .await
+    .expect("a small upload needs no slot");
+    assert_eq!(small.status, 200, "{}", small.text());
+    server.service.set_pass_hook(None);
+    release_tx.send(()).unwrap();
+    let _ = alice.await.unwrap();
+    server.stop().await;
+}
+
+/// A directory's listing is bounded by `max_listing_entries` (the smallest names are kept and
+/// the rest counted); a file signed by path is bounded by `max_upload_bytes`; an upload name
+/// with a control character is refused (it reached the audit table raw).
+#[tokio::test]
+async fn listings_files_and_names_are_bounded() {
+    let server = server_with(Limits {
+        max_listing_entries: 5,
+        max_upload_bytes: 100,
+        ..test_limits()
+    })
+    .await;
+    let dir = server.pkgs.join("many");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..8 {
+        std::fs::write(dir.join(format!("f{i}.bin")), vec![b'x'; 10 + i * 20]).unwrap();
+    }
+    let raw = server.alice_legacy(text(&dir)).await;
+    let answer = Answer::parse(&raw);
+    let listed: Vec<&str> = answer.listing.lines().skip(1).collect();
+    assert_eq!(listed, ["f0.bin", "f1.bin", "f2.bin", "f3.bin", "f4.bin"]);
+    assert!(
+        answer
+            .trailer
+            .contains("Not listed (more than max_listing_entries entries): 3 more"),
+        "{raw:?}"
+    );
+    let files = answer.files();
+    assert!(files["f4.bin"]["signature"].is_string(), "{files}");
+    assert!(
+        files["f0.bin"]["signature"].is_string(),
+        "10 bytes is within max_upload_bytes"
+    );
+    let body = serde_json::json!({ "path": text(&dir) }).to_string();
+    let reply = server.alice("POST", "/v1/sign-path", full(body)).await;
+    assert_eq!(reply.json()["not_listed"], 3, "{}", reply.text());
+
+    std::fs::write(server.pkgs.join("big.bin"), vec![b'x'; 101]).unwrap();
+    let answer = Answer::parse(
+        &server
+            .alice_legacy(&format!("{}/big.bin", text(&server.pkgs)))
+            .await,
+    );
+    let error = answer.files()["big.bin"]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.contains("max_upload_bytes"), "{error}");
+
+    let reply = server
+        .alice(
+            "POST",
+            "/v1/sign?name=%1b%5b2J%0dbos.bff",
+            full(vec![1u8; 10]),
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    server.stop().await;
+}
