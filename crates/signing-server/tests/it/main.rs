@@ -12,7 +12,9 @@
 //! - `command`: the external `create_pkgsign`-compatible signer;
 //! - `daemon`: the `signing-server` binary;
 //! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
-//!   (413) uploads.
+//!   (413) uploads;
+//! - `revocation`: a certificate revoked after the handshake on a live connection, and
+//!   `max_connection_age_secs`.
 
 #![allow(
     clippy::unwrap_used,
@@ -26,6 +28,7 @@ mod daemon;
 mod legacy;
 mod limits;
 mod refusals;
+mod revocation;
 mod signatures;
 mod support;
 mod upload;
