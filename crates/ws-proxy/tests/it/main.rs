@@ -12,3 +12,4 @@ mod interop;
 mod process;
 mod refusals;
 mod relay;
+mod revocation;
