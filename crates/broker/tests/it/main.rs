@@ -8,4 +8,5 @@ mod api;
 mod cli;
 mod e2e;
 mod isolation;
+mod revocation;
 mod run;
