@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use common::daemon::{AcceptBackoff, Shutdown};
-use common::tls::ServerTls;
+use common::tls::{LivePeer, ServerTls};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
@@ -237,7 +237,7 @@ impl Server {
             };
             let this = self.clone();
             self.shutdown.spawn(async move {
-                this.serve_connection(stream, identity).await;
+                this.serve_connection(stream, identity, None).await;
                 drop(permit);
             });
         }
@@ -259,6 +259,14 @@ impl Server {
             .map_or(common::tls::DEFAULT_HANDSHAKE_TIMEOUT, |h| {
                 h.tls.handshake_timeout()
             });
+        let max_age = self
+            .broker
+            .config()
+            .https
+            .as_ref()
+            .map_or(common::tls::DEFAULT_MAX_CONNECTION_AGE, |h| {
+                h.tls.max_connection_age()
+            });
         let users = Arc::new(users);
         let mut backoff = AcceptBackoff::default();
         loop {
@@ -271,10 +279,12 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             let acceptor = tls.acceptor();
+            let tls = tls.clone();
             let users = users.clone();
             self.shutdown.spawn(async move {
                 match common::tls::accept(&acceptor, tcp, deadline).await {
                     Ok((stream, identity)) => {
+                        let live = tls.live_peer(stream.get_ref().1);
                         let identity = match identity.as_ref().and_then(|id| map_certificate(&users, id)) {
                             Some(user) => Identity(Ok(Caller { user, uid: None, via: "https" })),
                             None => {
@@ -283,7 +293,7 @@ impl Server {
                                 Identity(Err(format!("certificate {subject} is not mapped to a user on this broker")))
                             }
                         };
-                        this.serve_connection(stream, identity).await;
+                        this.serve_connection(stream, identity, Some((live, max_age))).await;
                     }
                     Err(err) => tracing::info!(%peer, %err, "https: handshake refused"),
                 }
@@ -292,14 +302,30 @@ impl Server {
         }
     }
 
-    async fn serve_connection<IO>(&self, io: IO, identity: Identity)
-    where
+    /// Serves HTTP/1.1 on one connection. `tls`: the HTTPS peer, checked against the
+    /// current CRLs before each request, and the age at which the connection is closed
+    /// (after the request in progress).
+    async fn serve_connection<IO>(
+        &self,
+        io: IO,
+        identity: Identity,
+        tls: Option<(LivePeer, Duration)>,
+    ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let router = self.router.clone();
+        let (live, max_age) = tls.unzip();
         let service = hyper::service::service_fn(
             move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(identity.clone());
+                // A certificate revoked since the handshake acts for nobody (403).
+                let identity = match live.as_ref().map(LivePeer::check) {
+                    Some(Err(err)) => {
+                        tracing::warn!(%err, "https: request refused");
+                        Identity(Err(err.to_string()))
+                    }
+                    _ => identity.clone(),
+                };
+                request.extensions_mut().insert(identity);
                 router.clone().oneshot(request.map(axum::body::Body::new))
             },
         );
@@ -310,15 +336,27 @@ impl Server {
             .max_buf_size(64 * 1024)
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(err) = result {
-                    tracing::debug!(%err, "connection ended with an error");
+        // The Unix socket's connections have no age limit: their identity cannot change.
+        let too_old = tokio::time::sleep(max_age.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(too_old);
+        let mut aged = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(%err, "connection ended with an error");
+                    }
+                    return;
                 }
-            }
-            () = self.shutdown.triggered() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                () = &mut too_old, if !aged && max_age.is_some() => {
+                    aged = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = self.shutdown.triggered() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                    return;
+                }
             }
         }
     }

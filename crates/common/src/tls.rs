@@ -8,6 +8,10 @@
 //! - [`client_config`] builds a client configuration (CA bundle, optional client certificate).
 //! - [`accept`] and [`connect`] run a handshake under a deadline and return the verified
 //!   [`PeerIdentity`].
+//! - Client certificates must chain to the CA bundle, must not be revoked by a CRL, and must
+//!   have an unambiguous subject (at most one CN, O and OU). CRLs are used only when a CA of
+//!   the bundle signed them. [`ServerTls::live_peer`] re-checks a live connection's peer
+//!   against the CRLs loaded now, before each privileged action.
 //!
 //! Protocol versions are TLS 1.2 and 1.3 only, with forward-secret (ECDHE) suites only. The
 //! crypto provider is ring; the reasons are in docs/ARCHITECTURE.md. This module knows nothing
@@ -19,6 +23,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+mod trust;
+
+pub use trust::PeerCert;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
@@ -33,6 +41,11 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// Default deadline for a TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default maximum age of a connection (`max_connection_age_secs`): one day, long enough
+/// that a websocket reconnects about once a day, short enough that nothing lives for long on
+/// trust that has since been withdrawn.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(86_400);
 
 /// Errors from loading TLS material or running a handshake.
 ///
@@ -65,6 +78,19 @@ pub enum TlsError {
     /// The configuration is contradictory.
     #[error("{0}")]
     Invalid(String),
+    /// A CRL is unusable: it does not parse, names no CA of the bundle, or is not signed by
+    /// that CA.
+    #[error("{path}: {what}")]
+    Crl {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// A live peer's certificate is no longer acceptable (revoked since the handshake, or an
+    /// ambiguous subject).
+    #[error("peer certificate refused: {0}")]
+    PeerRefused(String),
     /// The handshake did not finish before the deadline.
     #[error("tls handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),
@@ -136,10 +162,31 @@ pub struct TlsSection {
     /// Seconds a handshake may take.
     #[serde(default = "default_handshake_secs")]
     pub handshake_timeout_secs: u64,
+    /// Seconds after which a connection is closed gracefully, so that no connection lives
+    /// for ever on the trust it was accepted with; 0 is refused.
+    #[serde(
+        default = "default_max_connection_age_secs",
+        deserialize_with = "nonzero_secs"
+    )]
+    pub max_connection_age_secs: u64,
 }
 
 fn default_handshake_secs() -> u64 {
     DEFAULT_HANDSHAKE_TIMEOUT.as_secs()
+}
+
+fn default_max_connection_age_secs() -> u64 {
+    DEFAULT_MAX_CONNECTION_AGE.as_secs()
+}
+
+fn nonzero_secs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let secs = <u64 as serde::Deserialize>::deserialize(deserializer)?;
+    if secs == 0 {
+        return Err(serde::de::Error::custom(
+            "must be at least 1 (seconds); 0 would close every connection at once",
+        ));
+    }
+    Ok(secs)
 }
 
 impl TlsSection {
@@ -158,6 +205,11 @@ impl TlsSection {
     /// The handshake deadline.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    /// How long a connection may live (at least one second).
+    pub fn max_connection_age(&self) -> Duration {
+        Duration::from_secs(self.max_connection_age_secs.max(1))
     }
 }
 
@@ -186,7 +238,14 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
 /// A server configuration that can be rebuilt from its files while the daemon runs.
 pub struct ServerTls {
     files: ServerTlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Current>,
+}
+
+/// What one (re)load built: swapped as a whole.
+#[derive(Clone)]
+struct Current {
+    config: Arc<ServerConfig>,
+    revoked: Arc<trust::Revoked>,
 }
 
 impl fmt::Debug for ServerTls {
@@ -204,10 +263,10 @@ impl ServerTls {
     /// Any unreadable or invalid file, a key that does not match the certificate, or
     /// `client_auth` other than `off` without a CA bundle.
     pub fn load(files: ServerTlsFiles) -> Result<Self, TlsError> {
-        let config = build_server_config(&files)?;
+        let current = build_server_config(&files)?;
         Ok(Self {
             files,
-            current: RwLock::new(Arc::new(config)),
+            current: RwLock::new(current),
         })
     }
 
@@ -216,21 +275,63 @@ impl ServerTls {
     /// # Errors
     /// As [`ServerTls::load`]; the running configuration is untouched.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = Arc::new(build_server_config(&self.files)?);
+        let built = build_server_config(&self.files)?;
         let mut current = self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *current = config;
+        *current = built;
         Ok(())
     }
 
-    /// The configuration new connections are accepted with.
-    pub fn config(&self) -> Arc<ServerConfig> {
+    fn current(&self) -> Current {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// The configuration new connections are accepted with.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current().config
+    }
+
+    /// Checks a peer's certificate chain against the rules and CRLs loaded now.
+    ///
+    /// # Errors
+    /// [`TlsError::PeerRefused`] when a certificate of the chain is revoked by a current CRL.
+    pub fn check(&self, peer: &PeerCert) -> Result<(), TlsError> {
+        match peer.revoked_in(&self.current().revoked) {
+            None => Ok(()),
+            Some(0) => Err(TlsError::PeerRefused("revoked by a current CRL".into())),
+            Some(_) => Err(TlsError::PeerRefused(
+                "its issuing CA is revoked by a current CRL".into(),
+            )),
+        }
+    }
+
+    /// Checks a peer's leaf certificate (subject rule and current CRLs).
+    ///
+    /// # Errors
+    /// [`TlsError::PeerRefused`].
+    pub fn check_peer(&self, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+        self.check(&PeerCert::new(std::slice::from_ref(leaf))?)
+    }
+
+    /// The handle a connection keeps to re-check its peer before each privileged action.
+    pub fn live_peer(self: &Arc<Self>, conn: &rustls::CommonState) -> LivePeer {
+        let cert = conn
+            .peer_certificates()
+            .filter(|chain| !chain.is_empty())
+            .map(|chain| {
+                PeerCert::new(chain)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            });
+        LivePeer {
+            tls: self.clone(),
+            cert,
+        }
     }
 
     /// An acceptor for the current configuration.
@@ -257,40 +358,83 @@ impl ServerTls {
     }
 }
 
-fn build_server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
+fn build_server_config(files: &ServerTlsFiles) -> Result<Current, TlsError> {
     let chain = load_certs(&files.cert)?;
     let key = load_key(files.key.as_deref().unwrap_or(&files.cert))?;
     let provider = provider();
-    let verifier = match (files.client_auth, &files.client_ca) {
-        (ClientAuth::Off, _) => WebPkiClientVerifier::no_client_auth(),
-        (_, None) => {
-            return Err(TlsError::Invalid(
-                "client certificates are enabled but no client CA bundle is configured".into(),
-            ));
-        }
-        (auth, Some(ca)) => {
-            let roots = Arc::new(load_roots(ca)?);
-            let mut crls = Vec::new();
-            for path in &files.crls {
-                crls.extend(load_crls(path)?);
+    let mut revoked = trust::Revoked::default();
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+        match (files.client_auth, &files.client_ca) {
+            (ClientAuth::Off, _) => WebPkiClientVerifier::no_client_auth(),
+            (_, None) => {
+                return Err(TlsError::Invalid(
+                    "client certificates are enabled but no client CA bundle is configured".into(),
+                ));
             }
-            // CRLs we hold are enforced; an issuer without a CRL is not an error, so an
-            // intermediate CA without a published CRL does not lock its clients out.
-            let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-                .with_crls(crls)
-                .allow_unknown_revocation_status();
-            if auth == ClientAuth::Optional {
-                builder = builder.allow_unauthenticated();
+            (auth, Some(ca)) => {
+                let cas = load_certs(ca)?;
+                let roots = Arc::new(roots_from(ca, cas.iter().cloned())?);
+                let mut crls = Vec::new();
+                for path in &files.crls {
+                    crls.extend(load_crls(path)?.into_iter().map(|crl| (path.clone(), crl)));
+                }
+                // A CRL that no CA of the bundle signed is refused here: rustls would either
+                // ignore it (revocation silently off) or fail every handshake.
+                revoked = trust::check_crls(&cas, &crls, x509_parser::time::ASN1Time::now())?;
+                // CRLs we hold are enforced; an issuer without a CRL is not an error, so an
+                // intermediate CA without a published CRL does not lock its clients out.
+                let mut builder =
+                    WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                        .with_crls(crls.into_iter().map(|(_, crl)| crl))
+                        .allow_unknown_revocation_status();
+                if auth == ClientAuth::Optional {
+                    builder = builder.allow_unauthenticated();
+                }
+                Arc::new(trust::SubjectChecked(builder.build()?))
             }
-            builder.build()?
-        }
-    };
+        };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = files.alpn.clone();
-    Ok(config)
+    Ok(Current {
+        config: Arc::new(config),
+        revoked: Arc::new(revoked),
+    })
+}
+
+/// A connection's handle on its peer, to re-check it against the CRLs loaded now before each
+/// privileged action (see [`ServerTls::live_peer`]). Cheap to clone.
+#[derive(Clone)]
+pub struct LivePeer {
+    tls: Arc<ServerTls>,
+    /// `None`: no client certificate; `Some(Err)`: a certificate that does not pass.
+    cert: Option<Result<Arc<PeerCert>, String>>,
+}
+
+impl fmt::Debug for LivePeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LivePeer")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LivePeer {
+    /// Whether the peer may still act: its certificate (if it sent one) is not revoked by
+    /// the CRLs loaded now. A peer without a certificate passes; what it may do is the
+    /// daemon's rule.
+    ///
+    /// # Errors
+    /// [`TlsError::PeerRefused`] with the reason.
+    pub fn check(&self) -> Result<(), TlsError> {
+        match &self.cert {
+            None => Ok(()),
+            Some(Ok(cert)) => self.tls.check(cert),
+            Some(Err(why)) => Err(TlsError::PeerRefused(why.clone())),
+        }
+    }
 }
 
 /// What a client presents and trusts.
@@ -456,8 +600,10 @@ pub struct PeerIdentity {
 
 impl PeerIdentity {
     /// Extracts the identity from a DER certificate; `None` when it does not parse.
+    /// A subject with more than one CN, O or OU is ambiguous and gives `None` too.
     pub fn from_der(der: &[u8]) -> Option<Self> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
+        trust::check_subject(&cert).ok()?;
         let subject = cert.subject();
         fn first<'a>(
             mut it: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
@@ -561,8 +707,15 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// # Errors
 /// Unreadable file, no certificate, or a certificate that is not a usable trust anchor.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    roots_from(path, load_certs(path)?)
+}
+
+fn roots_from(
+    path: &Path,
+    certs: impl IntoIterator<Item = CertificateDer<'static>>,
+) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
+    for cert in certs {
         roots
             .add(cert)
             .map_err(|e| pem_error(path, &format!("not a usable CA certificate: {e}")))?;

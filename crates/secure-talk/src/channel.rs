@@ -23,6 +23,10 @@ use crate::server::{Peer, Shared, next_conn};
 pub const CLOSE_REPLACED: u16 = 4001;
 /// Close code for a client disconnected by an administrator.
 pub const CLOSE_DISCONNECTED: u16 = 4003;
+/// Close code for a client whose certificate was revoked since it connected (policy).
+pub(crate) const CLOSE_REVOKED: u16 = 1008;
+/// Close code at `max_connection_age_secs` (going away: reconnect).
+pub(crate) const CLOSE_TOO_OLD: u16 = 1001;
 
 /// Most frames handled before the replies are flushed.
 const BATCH: usize = 64;
@@ -107,6 +111,17 @@ pub(crate) async fn run<S>(
         }
     }
 
+    let too_old = tokio::time::sleep(crate::server::max_connection_age(&shared.config));
+    tokio::pin!(too_old);
+    // Before each command, each data frame out and each ping: a certificate revoked since
+    // the handshake ends the connection.
+    let revoked = || match peer.live.as_ref().map(common::tls::LivePeer::check) {
+        Some(Err(err)) => {
+            tracing::warn!(conn, %err, "closing: certificate no longer valid");
+            true
+        }
+        _ => false,
+    };
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval_at(
         Instant::now() + limits.ping_interval(),
@@ -118,6 +133,10 @@ pub(crate) async fn run<S>(
                 let Some(Ok(first)) = incoming else {
                     break "closed by the peer";
                 };
+                if revoked() {
+                    close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
+                    break "certificate revoked";
+                }
                 last_seen = Instant::now();
                 let mut batch = 0;
                 let mut next = Some(first);
@@ -147,6 +166,10 @@ pub(crate) async fn run<S>(
             }
             out = rx.recv() => {
                 let message = match out {
+                    Some(Out::Text(_) | Out::Binary(_)) if revoked() => {
+                        close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
+                        break "certificate revoked";
+                    }
                     Some(Out::Text(text)) => WsMessage::text(text),
                     Some(Out::Binary(bytes)) => WsMessage::binary(bytes),
                     Some(Out::Close(code, reason)) => {
@@ -163,6 +186,10 @@ pub(crate) async fn run<S>(
                 }
             }
             _ = ping.tick() => {
+                if revoked() {
+                    close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
+                    break "certificate revoked";
+                }
                 if last_seen.elapsed() > limits.idle_timeout() {
                     close(&mut ws, 1001, "idle timeout").await;
                     break "idle";
@@ -174,6 +201,10 @@ pub(crate) async fn run<S>(
             () = shared.shutdown.triggered() => {
                 close(&mut ws, 1001, "server shutting down").await;
                 break "server stopping";
+            }
+            () = &mut too_old => {
+                close(&mut ws, CLOSE_TOO_OLD, "maximum connection age reached; reconnect").await;
+                break "max connection age";
             }
         }
     };

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::daemon::{AcceptBackoff, Shutdown};
-use common::tls::{PeerIdentity, ServerTls, TlsError};
+use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -60,6 +60,8 @@ pub(crate) struct Peer {
     pub(crate) addr: String,
     /// Verified certificate identity (TCP with a client certificate).
     pub(crate) identity: Option<PeerIdentity>,
+    /// Re-checks the certificate against the CRLs loaded now (TCP only).
+    pub(crate) live: Option<LivePeer>,
 }
 
 /// The bound sockets.
@@ -260,7 +262,12 @@ async fn tcp_connection(
         });
     match common::tls::accept(&acceptor, tcp, timeout).await {
         Ok((stream, identity)) => {
-            let peer = Peer { addr, identity };
+            let live = Some(tls.live_peer(stream.get_ref().1));
+            let peer = Peer {
+                addr,
+                identity,
+                live,
+            };
             http(shared, stream, peer, slot).await;
         }
         Err(err) => tracing::info!(outcome = "refused", %err, "tls handshake failed"),
@@ -279,6 +286,7 @@ async fn serve_unix(shared: Arc<Shared>, listener: UnixListener) {
         let peer = Peer {
             addr: uid.map_or_else(|| "unix".to_owned(), |uid| format!("unix:uid={uid}")),
             identity: None,
+            live: None,
         };
         let span = tracing::info_span!("conn", peer = %peer.addr);
         shutdown.spawn(http(shared.clone(), stream, peer, slot).instrument(span));
@@ -309,15 +317,40 @@ where
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => if let Err(err) = result {
-            tracing::debug!(%err, "http connection ended");
-        },
-        () = shared.shutdown.triggered() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+    let too_old = tokio::time::sleep(max_connection_age(&shared.config));
+    tokio::pin!(too_old);
+    let mut aged = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "http connection ended");
+                }
+                return;
+            }
+            // Keep-alive ends after the request in progress (an upgraded websocket has its
+            // own timer in `channel`).
+            () = &mut too_old, if !aged => {
+                aged = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = shared.shutdown.triggered() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                return;
+            }
         }
     }
+}
+
+/// `[tls] max_connection_age_secs`, for every connection (the Unix socket's too).
+pub(crate) fn max_connection_age(config: &Config) -> Duration {
+    config
+        .tls
+        .as_ref()
+        .map_or(common::tls::DEFAULT_MAX_CONNECTION_AGE, |t| {
+            t.max_connection_age()
+        })
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {

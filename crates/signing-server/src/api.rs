@@ -19,6 +19,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use common::daemon::Shutdown;
+use common::tls::LivePeer;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -37,16 +38,35 @@ type Answer = Response<Full<Bytes>>;
 /// Uploads up to this size (by Content-Length) are signed from memory.
 const IN_MEMORY_UPLOAD: u64 = 1 << 20;
 
-/// Serves HTTP/1.1 on one TLS connection.
-pub async fn serve<S>(service: Arc<Service>, io: S, cn: Option<String>, shutdown: Shutdown)
-where
+/// Serves HTTP/1.1 on one TLS connection, until the peer closes, shutdown, or the
+/// connection reaches `max_connection_age_secs` (then it ends after the current request).
+pub async fn serve<S>(
+    service: Arc<Service>,
+    io: S,
+    cn: Option<String>,
+    live: LivePeer,
+    shutdown: Shutdown,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = service.config.limits.clone();
+    let max_age = service.config.tls.max_connection_age();
     let handler = hyper::service::service_fn(move |req| {
         let service = service.clone();
         let cn = cn.clone();
-        async move { Ok::<_, Infallible>(handle(&service, cn.as_deref(), req).await) }
+        let live = live.clone();
+        async move {
+            // Before each request: a certificate revoked since the handshake acts no more.
+            if let Err(err) = live.check() {
+                tracing::warn!(outcome = "refused", identity = ?cn, %err, "request refused");
+                let mut answer = refused(&Refusal::new(403, err.to_string()));
+                answer
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok::<_, Infallible>(answer);
+            }
+            Ok::<_, Infallible>(handle(&service, cn.as_deref(), req).await)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -58,13 +78,28 @@ where
     let io = common::io::WriteDeadline::new(io, limits.io_timeout());
     let conn = builder.serve_connection(TokioIo::new(io), handler);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => if let Err(err) = result {
-            tracing::debug!(%err, "http connection ended");
-        },
-        () = shutdown.triggered() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(limits.drain_grace(), conn).await;
+    let too_old = tokio::time::sleep(max_age);
+    tokio::pin!(too_old);
+    let mut aged = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "http connection ended");
+                }
+                return;
+            }
+            () = &mut too_old, if !aged => {
+                // Ends after the request in progress, if any.
+                tracing::debug!(?max_age, "closing: max_connection_age reached");
+                aged = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = shutdown.triggered() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(limits.drain_grace(), conn).await;
+                return;
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use common::daemon::{AcceptBackoff, Shutdown};
-use common::tls::{PeerIdentity, ServerTls, TlsError};
+use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -99,17 +99,25 @@ impl Server {
             }
         };
         let http = stream.get_ref().1.alpn_protocol() == Some(ALPN_HTTP);
+        let live = self.tls.live_peer(stream.get_ref().1);
         let cn = identity.as_ref().and_then(|i| i.cn.clone());
         tracing::debug!(%addr, identity = identity.as_ref().map(ToString::to_string), http, "connected");
         if http {
-            crate::api::serve(self.service.clone(), stream, cn, self.shutdown.clone()).await;
+            crate::api::serve(
+                self.service.clone(),
+                stream,
+                cn,
+                live,
+                self.shutdown.clone(),
+            )
+            .await;
         } else {
-            self.legacy(stream, identity).await;
+            self.legacy(stream, identity, live).await;
         }
     }
 
     /// The original's protocol on one connection.
-    async fn legacy<S>(&self, mut stream: S, identity: Option<PeerIdentity>)
+    async fn legacy<S>(&self, mut stream: S, identity: Option<PeerIdentity>, live: LivePeer)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -131,6 +139,15 @@ impl Server {
                 return;
             }
         };
+        // The certificate may have been revoked since the handshake.
+        if let Err(err) = live.check() {
+            tracing::warn!(outcome = "refused", identity = ?cn, %err, "path refused");
+            let io = limits.io_timeout();
+            let refusal = format!("Refused: {err}\n");
+            let _ = tokio::time::timeout(io, write_message(&mut stream, refusal.as_bytes())).await;
+            let _ = tokio::time::timeout(io, stream.shutdown()).await;
+            return;
+        }
         let messages = match self.service.sign_path(cn.as_deref(), &path).await {
             Ok(report) => legacy_messages(&report),
             Err(refusal) => {

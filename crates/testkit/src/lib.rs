@@ -14,4 +14,4 @@ pub mod logs;
 pub mod pki;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};
-pub use pki::{Leaf, TestPki, test_pki};
+pub use pki::{Attr, Leaf, TestPki, test_pki};

@@ -95,8 +95,163 @@ impl TestPki {
             crls: vec![self.crl_path.clone()],
             client_auth: None,
             handshake_timeout_secs: 2,
+            max_connection_age_secs: common::tls::DEFAULT_MAX_CONNECTION_AGE.as_secs(),
         }
     }
+}
+
+/// A subject attribute type for [`TestPki::client_with_subject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attr {
+    /// commonName, 2.5.4.3.
+    Cn,
+    /// organizationName, 2.5.4.10.
+    O,
+    /// organizationalUnitName, 2.5.4.11.
+    Ou,
+}
+
+impl TestPki {
+    /// A current CRL by the root CA revoking `serials` (hex, as in [`Leaf::serial_hex`]),
+    /// as PEM.
+    ///
+    /// # Panics
+    /// When signing fails.
+    pub fn crl_revoking(&self, serials: &[&str]) -> String {
+        let params = serials.iter().fold(
+            CrlParams::new(
+                OffsetDateTime::now_utc() - Duration::minutes(5),
+                Duration::days(30),
+            ),
+            |params, serial| params.revoke(*serial),
+        );
+        self.ca
+            .issue_crl(&params)
+            .unwrap_or_else(|e| panic!("cannot issue a crl: {e}"))
+            .pem
+    }
+
+    /// A client certificate by the root CA whose subject is exactly `rdns`: each inner slice
+    /// is one RDN, so `&[&[(Cn, "alice"), (Cn, "mallory")]]` is one multi-valued RDN and
+    /// `&[&[(Cn, "alice")], &[(Cn, "mallory")]]` two RDNs. rcgen cannot write either (its
+    /// names hold one value per type), so the subject is spliced into an rcgen certificate,
+    /// which is then signed again with the CA key. Files go into [`TestPki::dir`] as
+    /// `<file_stem>.*`.
+    ///
+    /// # Panics
+    /// On any failure to issue, sign or write; a test can do nothing else.
+    pub fn client_with_subject(&self, file_stem: &str, rdns: &[&[(Attr, &str)]]) -> Leaf {
+        self.try_client_with_subject(file_stem, rdns)
+            .unwrap_or_else(|e| panic!("cannot issue {file_stem}: {e:#}"))
+    }
+
+    fn try_client_with_subject(
+        &self,
+        file_stem: &str,
+        rdns: &[&[(Attr, &str)]],
+    ) -> anyhow::Result<Leaf> {
+        use anyhow::Context as _;
+        use rcgen::SigningKey as _;
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+        let issued = self.ca.issue_leaf(&LeafParams::new(
+            Name::new(file_stem).with_organization(TEST_ORG),
+            Usage::Client,
+        ))?;
+        let leaf_pem = common::pki::pem_decode(&issued.chain_pem)?;
+        let der = &leaf_pem.first().context("no certificate")?.der;
+        let (_, cert) = X509Certificate::from_der(der).context("parse the rcgen certificate")?;
+        let tbs = cert.tbs_certificate.as_ref();
+        let old_subject = cert.subject().as_raw();
+        let at = tbs
+            .windows(old_subject.len())
+            .rposition(|w| w == old_subject)
+            .context("subject not found in the TBS")?;
+        let subject = der_tlv(
+            0x30,
+            &rdns
+                .iter()
+                .map(|rdn| {
+                    der_tlv(
+                        0x31,
+                        &rdn.iter()
+                            .map(|(attr, value)| {
+                                let oid: &[u8] = match attr {
+                                    Attr::Cn => &[0x55, 0x04, 0x03],
+                                    Attr::O => &[0x55, 0x04, 0x0a],
+                                    Attr::Ou => &[0x55, 0x04, 0x0b],
+                                };
+                                der_tlv(
+                                    0x30,
+                                    &[der_tlv(0x06, oid), der_tlv(0x0c, value.as_bytes())].concat(),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .concat(),
+                    )
+                })
+                .collect::<Vec<_>>()
+                .concat(),
+        );
+        let header = if tbs.get(1).is_some_and(|b| *b < 0x80) {
+            2
+        } else {
+            2 + usize::from(tbs.get(1).copied().unwrap_or(0) & 0x7f)
+        };
+        let body = [
+            &tbs[header..at],
+            &subject[..],
+            &tbs[at + old_subject.len()..],
+        ]
+        .concat();
+        let tbs = der_tlv(0x30, &body);
+        let ca_key = rcgen::KeyPair::from_pem(self.ca.key_pem())?;
+        let signature = ca_key.sign(&tbs)?;
+        // ecdsa-with-SHA256: every test CA key is P-256.
+        let algorithm = [
+            0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+        ];
+        let cert = der_tlv(
+            0x30,
+            &[
+                tbs,
+                algorithm.to_vec(),
+                der_tlv(0x03, &[&[0u8][..], &signature].concat()),
+            ]
+            .concat(),
+        );
+        let cert_pem = common::pki::pem_encode("CERTIFICATE", &cert);
+        let write = |suffix: &str, contents: &str| -> anyhow::Result<PathBuf> {
+            let path = self.dir.join(format!("{file_stem}.{suffix}"));
+            fs::write(&path, contents).with_context(|| format!("write {}", path.display()))?;
+            restrict(&path)?;
+            Ok(path)
+        };
+        Ok(Leaf {
+            cert_path: write("cert.pem", &cert_pem)?,
+            key_path: write("key.pem", &issued.key_pem)?,
+            pkeycert_path: write("pkeycert.pem", &(cert_pem.clone() + &issued.key_pem))?,
+            cert_pem,
+            key_pem: issued.key_pem,
+            serial_hex: issued.serial_hex,
+        })
+    }
+}
+
+/// One DER tag-length-value.
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let len = content.len();
+    let mut out = vec![tag];
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+    out
 }
 
 /// The process-wide test PKI, generated on first use.

@@ -192,6 +192,8 @@ pub struct Limits {
     pub read_buffer_bytes: usize,
     /// tungstenite write buffer target.
     pub write_buffer_bytes: usize,
+    /// Age at which a connection is closed with 1001 (`[tls] max_connection_age_secs`).
+    pub max_connection_age: Duration,
 }
 
 impl Default for Limits {
@@ -211,6 +213,7 @@ impl Default for Limits {
             relay_queue_bytes: DEFAULT_RELAY_QUEUE_BYTES,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
+            max_connection_age: common::tls::DEFAULT_MAX_CONNECTION_AGE,
         }
     }
 }
@@ -239,6 +242,7 @@ impl Limits {
             ("pong_timeout_secs", self.pong_timeout),
             ("write_timeout_secs", self.write_timeout),
             ("close_timeout_secs", self.close_timeout),
+            ("max_connection_age_secs", self.max_connection_age),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -332,6 +336,7 @@ impl Config {
         let secs = Duration::from_secs;
         let limits = Limits {
             handshake_timeout: tls.handshake_timeout(),
+            max_connection_age: tls.max_connection_age(),
             upgrade_timeout: secs(l.upgrade_timeout_secs),
             hello_timeout: secs(l.hello_timeout_secs),
             ping_interval: secs(l.ping_interval_secs),

@@ -61,6 +61,10 @@ pub enum Ending {
     write_failed,
     /// Server shutdown.
     shutdown,
+    /// The peer's certificate was revoked by a CRL loaded since the handshake.
+    revoked,
+    /// The connection reached `max_connection_age_secs`.
+    max_age,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

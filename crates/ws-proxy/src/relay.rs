@@ -175,10 +175,12 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
     // Timers live across iterations: resetting a pinned sleep is cheaper than a new one per
     // message. The pong timer only counts while a ping is outstanding.
     let hello_timer = sleep_until(started + limits.hello_timeout);
+    let too_old = sleep_until(started + limits.max_connection_age);
+    let mut trust = shared.trust.subscribe();
     let ping_timer = sleep_until(started);
     let pong_timer = sleep_until(started);
     let shutdown = shared.shutdown.triggered();
-    tokio::pin!(hello_timer, ping_timer, pong_timer, shutdown);
+    tokio::pin!(hello_timer, ping_timer, pong_timer, too_old, shutdown);
 
     let stop = loop {
         tokio::select! {
@@ -189,6 +191,15 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
             _ = &mut writer, if !writer_done => {
                 writer_done = true;
                 break Stop::gone(Ending::write_failed);
+            }
+            Ok(()) = trust.changed() => {
+                if let Err(err) = info.live.check() {
+                    tracing::warn!(conn = info.conn, %id, %err, "closing: certificate no longer valid");
+                    break Stop::close(Ending::revoked, CloseCode::Policy, "client certificate revoked");
+                }
+            }
+            () = &mut too_old => {
+                break Stop::close(Ending::max_age, CloseCode::Away, "maximum connection age reached; reconnect");
             }
             Some(ctrl) = ctrl_rx.recv() => match ctrl {
                 Ctrl::Paired(partner) => {
@@ -234,6 +245,12 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                     // tungstenite answers pings itself; a close frame is answered too, and the
                     // stream ends after it.
                     Message::Ping(_) | Message::Close(_) | Message::Frame(_) => continue,
+                }
+                // Relaying is the privileged action: the peer is checked against the CRLs
+                // loaded now (a hash lookup).
+                if let Err(err) = info.live.check() {
+                    tracing::warn!(conn = info.conn, %id, %err, "closing: certificate no longer valid");
+                    break Stop::close(Ending::revoked, CloseCode::Policy, "client certificate revoked");
                 }
                 let len = message.len();
                 info.messages_in.fetch_add(1, Ordering::Relaxed);

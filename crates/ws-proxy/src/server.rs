@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::daemon::{AcceptBackoff, Shutdown};
-use common::tls::{PeerIdentity, ServerTls, TlsError};
+use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry<Handle>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: Shutdown,
+    /// Bumped by every successful TLS reload: live connections re-check their peer.
+    pub(crate) trust: tokio::sync::watch::Sender<u64>,
     connections: Mutex<HashMap<ConnId, Arc<ConnInfo>>>,
     next_conn: AtomicU64,
 }
@@ -53,6 +55,8 @@ pub(crate) struct ConnInfo {
     pub(crate) conn: ConnId,
     addr: SocketAddr,
     identity: Option<PeerIdentity>,
+    /// Re-checks the peer's certificate against the CRLs loaded now.
+    pub(crate) live: LivePeer,
     id: String,
     since: SystemTime,
     state: AtomicU8,
@@ -211,6 +215,7 @@ impl Server {
                 config,
                 metrics: Metrics::default(),
                 shutdown,
+                trust: tokio::sync::watch::Sender::new(0),
                 connections: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
             }),
@@ -252,7 +257,7 @@ impl Server {
     async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Option<(relay::Ws, Option<PeerIdentity>, String, String)> {
+    ) -> Option<(relay::Ws, Option<PeerIdentity>, LivePeer, String, String)> {
         let shared = &self.shared;
         let limits = &shared.config.limits;
         // Small messages in both directions: latency matters more than packet count.
@@ -274,6 +279,7 @@ impl Server {
         let who = identity
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
+        let live = self.tls.live_peer(tls.get_ref().1);
 
         // The whole upgrade, our look at the head included, has one deadline.
         let deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
@@ -343,13 +349,13 @@ impl Server {
         let Ok(id) = decision else {
             return None;
         };
-        Some((ws, identity, id, who))
+        Some((ws, identity, live, id, who))
     }
 
     async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
         // The handshake's state (TLS, HTTP parsing) is boxed and freed once it is done, so the
         // long-lived task keeps only what the relay needs.
-        let Some((ws, identity, id, who)) = Box::pin(self.handshake(tcp)).await else {
+        let Some((ws, identity, live, id, who)) = Box::pin(self.handshake(tcp)).await else {
             return;
         };
         let shared = &self.shared;
@@ -359,6 +365,7 @@ impl Server {
             conn,
             addr,
             identity,
+            live,
             id: id.clone(),
             since: SystemTime::now(),
             state: AtomicU8::new(PeerState::AwaitingHello as u8),
@@ -425,13 +432,15 @@ impl Server {
         Ok(id.to_owned())
     }
 
-    /// Rebuilds the TLS configuration from disk for new connections; live ones are untouched.
+    /// Rebuilds the TLS configuration from disk for new connections; live connections
+    /// re-check their peer against the new CRLs (a revoked one is closed with 1008).
     ///
     /// # Errors
     /// The new material does not load; the old stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         self.tls.reload()?;
         self.shared.metrics.reloads.inc();
+        self.shared.trust.send_modify(|generation| *generation += 1);
         Ok(())
     }
 

@@ -9,4 +9,5 @@ mod cli;
 mod e2e;
 mod isolation;
 mod logs;
+mod revocation;
 mod run;

@@ -57,6 +57,8 @@ pub struct Daemon {
     pub config: Config,
     /// The HTTPS API's address, when the configuration has one.
     pub https: Option<std::net::SocketAddr>,
+    /// The server (for `reload`, what SIGHUP calls).
+    pub server: Server,
     shutdown: Shutdown,
     serving: tokio::task::JoinHandle<()>,
 }
@@ -109,7 +111,7 @@ impl Daemon {
             https = Some(tcp.local_addr().expect("https address"));
             tokio::spawn(server.clone().serve_https(tcp));
         }
-        let serving = tokio::spawn(server.serve_unix(listener));
+        let serving = tokio::spawn(server.clone().serve_unix(listener));
         tokio::spawn(broker.clone().run_reaper(shutdown.clone()));
         Daemon {
             socket: config.socket.clone(),
@@ -118,6 +120,7 @@ impl Daemon {
             broker,
             config,
             https,
+            server,
             shutdown,
             serving,
         }

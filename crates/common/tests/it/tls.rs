@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::tls::{self, ClientAuth, ClientTlsFiles, PeerIdentity, ServerTls, ServerTlsFiles};
-use testkit::{Leaf, Spawned, test_pki};
+use testkit::{Attr, Leaf, Spawned, test_pki};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -38,6 +38,7 @@ async fn spawn_echo(server: Arc<ServerTls>) -> Spawned {
                 () = shutdown.triggered() => return Ok(()),
             };
             let acceptor = server.acceptor();
+            let server = server.clone();
             let stop = shutdown.clone();
             shutdown.spawn(async move {
                 let Ok((stream, peer)) = tls::accept(&acceptor, stream, DEADLINE).await else {
@@ -46,6 +47,9 @@ async fn spawn_echo(server: Arc<ServerTls>) -> Spawned {
                 let who = peer
                     .and_then(|p| p.cn)
                     .unwrap_or_else(|| "anonymous".into());
+                // Every line is a privileged action: the peer is checked against the CRLs
+                // loaded now.
+                let live = server.live_peer(stream.get_ref().1);
                 let (read, mut write) = tokio::io::split(stream);
                 let mut lines = BufReader::new(read).lines();
                 loop {
@@ -54,6 +58,12 @@ async fn spawn_echo(server: Arc<ServerTls>) -> Spawned {
                         () = stop.triggered() => return,
                     };
                     let Ok(Some(line)) = line else { return };
+                    if let Err(err) = live.check() {
+                        let _ = write
+                            .write_all(format!("refused: {err}\n").as_bytes())
+                            .await;
+                        return;
+                    }
                     if write
                         .write_all(format!("{who}: {line}\n").as_bytes())
                         .await
@@ -310,4 +320,209 @@ async fn skip_hostname_check_still_verifies_the_chain() {
     // An untrusted chain is refused either way.
     assert!(dial(&pki.untrusted_ca_path, true).await.is_err());
     spawned.stop(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn ambiguous_subjects_are_refused_in_the_handshake_and_by_from_der() {
+    use Attr::{Cn, O, Ou};
+    let pki = test_pki();
+    let server = standard_server(ClientAuth::Required).await;
+    type Subject<'a> = &'a [&'a [(Attr, &'a str)]];
+    let cases: [(&str, Subject<'_>); 4] = [
+        ("two-cn", &[&[(Cn, "alice")], &[(Cn, "mallory")]]),
+        (
+            "multi-valued-rdn",
+            &[&[(Cn, "alice"), (Cn, "mallory")], &[(O, "testkit")]],
+        ),
+        (
+            "two-o",
+            &[&[(Cn, "alice")], &[(O, "testkit")], &[(O, "other")]],
+        ),
+        (
+            "two-ou",
+            &[&[(Cn, "alice")], &[(Ou, "a"), (O, "testkit")], &[(Ou, "b")]],
+        ),
+    ];
+    for (stem, rdns) in cases {
+        let leaf = pki.client_with_subject(stem, rdns);
+        assert!(
+            refused(server.addr, Some(&leaf)).await,
+            "{stem} was accepted"
+        );
+        let der = common::pki::pem_decode(&leaf.cert_pem).unwrap();
+        assert_eq!(PeerIdentity::from_der(&der[0].der), None, "{stem}");
+        let tls = ServerTls::load(server_files(
+            &pki.server.cert_path,
+            &pki.server.key_path,
+            ClientAuth::Required,
+            true,
+        ))
+        .unwrap();
+        let err = tls.check_peer(&der[0].der.clone().into()).unwrap_err();
+        assert!(err.to_string().contains("attributes"), "{stem}: {err}");
+    }
+    // The same construction with one of each is an ordinary client.
+    let plain =
+        pki.client_with_subject("plain", &[&[(Cn, "plain")], &[(O, "testkit"), (Ou, "ops")]]);
+    let mut client = connect(server.addr, Some(&plain)).await.unwrap();
+    assert_eq!(
+        client.echo("hi").await.unwrap().as_deref(),
+        Some("plain: hi")
+    );
+    server.stop(DEADLINE).await.unwrap();
+}
+
+/// Collects what is logged while `f` runs.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let value = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+    (value, text)
+}
+
+/// Server files using a CRL file of our own, holding `crl_pem`.
+fn files_with_crl(dir: &Path, crl_pem: &str) -> ServerTlsFiles {
+    let pki = test_pki();
+    let crl = dir.join("crl.pem");
+    std::fs::write(&crl, crl_pem).unwrap();
+    ServerTlsFiles {
+        crls: vec![crl],
+        ..server_files(
+            &pki.server.cert_path,
+            &pki.server.key_path,
+            ClientAuth::Required,
+            false,
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_forged_crl_is_refused_at_load_and_on_reload_keeps_the_old_configuration() {
+    use common::pki::{Ca, CaParams, CrlParams, Name};
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let files = files_with_crl(dir.path(), &pki.crl_pem);
+    let tls_server = Arc::new(ServerTls::load(files.clone()).unwrap());
+    let server = spawn_echo(tls_server.clone()).await;
+    let mut live = connect(server.addr, Some(&pki.alice)).await.unwrap();
+    assert_eq!(live.echo("a").await.unwrap().as_deref(), Some("alice: a"));
+
+    // Same issuer name as our root, another key: before the fix rustls took it, and then
+    // every handshake failed with BadSignature.
+    let forger = Ca::new_root(&CaParams::new(
+        Name::new("testkit root ca").with_organization(testkit::pki::TEST_ORG),
+    ))
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let forged = forger
+        .issue_crl(&CrlParams::new(now, time::Duration::days(1)).revoke(&pki.bob.serial_hex))
+        .unwrap();
+    std::fs::write(&files.crls[0], &forged.pem).unwrap();
+    let err = tls_server.reload().unwrap_err().to_string();
+    assert!(err.contains("signature does not verify"), "{err}");
+    let err = ServerTls::load(files.clone()).unwrap_err().to_string();
+    assert!(err.contains("signature does not verify"), "{err}");
+    // The old configuration serves: new handshakes and the live connection work.
+    let mut fresh = connect(server.addr, Some(&pki.bob)).await.unwrap();
+    assert_eq!(fresh.echo("b").await.unwrap().as_deref(), Some("bob: b"));
+    assert_eq!(live.echo("c").await.unwrap().as_deref(), Some("alice: c"));
+    assert!(refused(server.addr, Some(&pki.revoked)).await);
+
+    // A CRL of a CA the bundle does not hold used to be ignored without a word.
+    let other = Ca::new_root(&CaParams::new(Name::new("some other ca"))).unwrap();
+    let unrelated = other
+        .issue_crl(&CrlParams::new(now, time::Duration::days(1)))
+        .unwrap();
+    std::fs::write(&files.crls[0], &unrelated.pem).unwrap();
+    let err = ServerTls::load(files.clone()).unwrap_err().to_string();
+    assert!(
+        err.contains("matches no CA in the client CA bundle"),
+        "{err}"
+    );
+    assert!(tls_server.reload().is_err());
+    server.stop(DEADLINE).await.unwrap();
+}
+
+#[test]
+fn an_expired_crl_is_used_with_a_warning() {
+    use common::pki::CrlParams;
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let long_ago = time::OffsetDateTime::now_utc() - time::Duration::days(40);
+    let expired = pki
+        .ca
+        .issue_crl(
+            &CrlParams::new(long_ago, time::Duration::days(30)).revoke(&pki.alice.serial_hex),
+        )
+        .unwrap();
+    let files = files_with_crl(dir.path(), &expired.pem);
+    let (loaded, logs) = logged(|| ServerTls::load(files));
+    let tls = loaded.unwrap();
+    assert!(logs.contains("past its nextUpdate"), "{logs}");
+    assert!(logs.contains("crl.pem"), "{logs}");
+    // Still used: alice is revoked.
+    let der = common::pki::pem_decode(&pki.alice.cert_pem).unwrap();
+    assert!(tls.check_peer(&der[0].der.clone().into()).is_err());
+}
+
+#[tokio::test]
+async fn a_certificate_revoked_after_the_handshake_is_refused_on_its_live_connection() {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let files = files_with_crl(dir.path(), &pki.crl_pem);
+    let tls_server = Arc::new(ServerTls::load(files.clone()).unwrap());
+    let server = spawn_echo(tls_server.clone()).await;
+    let mut alice = connect(server.addr, Some(&pki.alice)).await.unwrap();
+    let mut bob = connect(server.addr, Some(&pki.bob)).await.unwrap();
+    assert_eq!(alice.echo("1").await.unwrap().as_deref(), Some("alice: 1"));
+
+    std::fs::write(&files.crls[0], pki.crl_revoking(&[&pki.alice.serial_hex])).unwrap();
+    tls_server.reload().unwrap();
+    let answer = alice.echo("2").await.unwrap().unwrap_or_default();
+    assert!(
+        answer.starts_with("refused: peer certificate refused: revoked"),
+        "{answer}"
+    );
+    assert_eq!(bob.echo("3").await.unwrap().as_deref(), Some("bob: 3"));
+    assert!(refused(server.addr, Some(&pki.alice)).await);
+    // The old revocation is gone with the old CRL.
+    let mut was_revoked = connect(server.addr, Some(&pki.revoked)).await.unwrap();
+    assert_eq!(
+        was_revoked.echo("4").await.unwrap().as_deref(),
+        Some("revoked: 4")
+    );
+    server.stop(DEADLINE).await.unwrap();
+}
+
+#[test]
+fn max_connection_age_has_a_default_and_zero_is_refused() {
+    let base = "cert = \"c\"\n";
+    let section: tls::TlsSection = toml::from_str(base).unwrap();
+    assert_eq!(
+        section.max_connection_age(),
+        tls::DEFAULT_MAX_CONNECTION_AGE
+    );
+    let section: tls::TlsSection =
+        toml::from_str(&format!("{base}max_connection_age_secs = 60\n")).unwrap();
+    assert_eq!(section.max_connection_age(), Duration::from_secs(60));
+    let err = toml::from_str::<tls::TlsSection>(&format!("{base}max_connection_age_secs = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least 1"), "{err}");
 }

@@ -5,7 +5,7 @@ use secure_talk::client;
 use secure_talk::hub::Channel;
 use serde_json::json;
 
-use crate::support::{STEP, TestServer, connect, pki, send};
+use crate::support::{STEP, TestServer, closed, connect, list, pki, send};
 
 /// Connecting with these options fails (handshake or first read), within the time bound.
 async fn refused(server: &TestServer, leaf: Option<&testkit::pki::Leaf>, name: &str) {
@@ -53,4 +53,51 @@ async fn optional_client_certificates_allow_none_but_still_verify_one() {
     echo_works(&server, Some(&pki.bob), "bob").await;
     refused(&server, Some(&pki.mallory), "mallory").await;
     refused(&server, Some(&pki.revoked), "revoked").await;
+}
+
+/// A server whose CRL is a file of its own (the test PKI's CRL at first).
+async fn server_with_own_crl(max_age_secs: u64) -> (TestServer, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crl = dir.path().join("crl.pem");
+    std::fs::write(&crl, &pki().crl_pem).expect("write crl");
+    let server = TestServer::start_in(dir, |config| {
+        let tls = config.tls.as_mut().expect("tls");
+        tls.crls = vec![crl.clone()];
+        tls.max_connection_age_secs = max_age_secs;
+    })
+    .await;
+    let crl = server.dir.path().join("crl.pem");
+    (server, crl)
+}
+
+#[tokio::test]
+async fn a_client_revoked_after_it_connected_is_closed_before_its_next_admin_command() {
+    let pki = pki();
+    let (server, crl) = server_with_own_crl(3600).await;
+    let mut alice = connect(&server.alice("alice"), Channel::Admin).await;
+    let mut bob = connect(&server.bob("bob"), Channel::Admin).await;
+    list(&mut alice).await;
+
+    std::fs::write(&crl, pki.crl_revoking(&[&pki.alice.serial_hex])).expect("write crl");
+    // What the SIGHUP handler calls.
+    server.server.reload().expect("reload");
+    send(&mut alice, json!({"headers": {"method": "list"}})).await;
+    let (code, reason) = closed(&mut alice).await.expect("a close frame");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("revoked"), "{reason}");
+    // bob goes on on his connection.
+    list(&mut bob).await;
+}
+
+#[tokio::test]
+async fn websockets_are_closed_with_1001_at_max_connection_age() {
+    let (server, _crl) = server_with_own_crl(1).await;
+    let mut old = connect(&server.alice("alice"), Channel::Admin).await;
+    list(&mut old).await;
+    let started = std::time::Instant::now();
+    let (code, reason) = closed(&mut old).await.expect("a close frame");
+    assert_eq!(code, 1001, "{reason}");
+    assert!(started.elapsed() < STEP);
+    let mut fresh = connect(&server.alice("alice"), Channel::Admin).await;
+    list(&mut fresh).await;
 }

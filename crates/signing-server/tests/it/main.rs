@@ -15,7 +15,9 @@
 //!   swapped directories and FIFOs, unsafe names, deadlines, the spool quota, verify);
 //! - `logs`: no log line forged by a client;
 //! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
-//!   (413) uploads.
+//!   (413) uploads;
+//! - `revocation`: a certificate revoked after the handshake on a live connection, and
+//!   `max_connection_age_secs`.
 
 #![allow(
     clippy::unwrap_used,
@@ -31,6 +33,7 @@ mod legacy;
 mod limits;
 mod logs;
 mod refusals;
+mod revocation;
 mod signatures;
 mod support;
 mod upload;

@@ -62,6 +62,8 @@ pub(crate) struct Options {
     pub(crate) client_auth: Option<ClientAuth>,
     /// Adds a last `cn = "*"` rule with alice's root (for clients without a certificate).
     pub(crate) anyone_signs_pkgs: bool,
+    /// The `[tls]` section; `None`: [`tls_section`].
+    pub(crate) tls: Option<TlsSection>,
 }
 
 impl Default for Options {
@@ -72,6 +74,7 @@ impl Default for Options {
             clients: Vec::new(),
             client_auth: None,
             anyone_signs_pkgs: false,
+            tls: None,
         }
     }
 }
@@ -99,6 +102,8 @@ pub(crate) struct TestServer {
     pub(crate) keyid: String,
     /// The service (for `service.audit`).
     pub(crate) service: Arc<Service>,
+    /// The server (for `reload`, what SIGHUP calls).
+    pub(crate) server: Server,
     shutdown: Shutdown,
     task: Option<JoinHandle<()>>,
 }
@@ -143,7 +148,7 @@ impl TestServer {
                 roots: vec![pkgs.clone()],
             });
         }
-        let mut section = tls_section(pki);
+        let mut section = options.tls.unwrap_or_else(|| tls_section(pki));
         section.client_auth = options.client_auth;
         let config = FileConfig {
             listen: Some("127.0.0.1:0".into()),
@@ -165,7 +170,8 @@ impl TestServer {
         let service = Service::open(config).await.unwrap();
         let shutdown = Shutdown::new();
         let server = Server::new(service.clone(), tls, shutdown.clone());
-        let task = tokio::spawn(async move { server.serve(listener).await });
+        let serving = server.clone();
+        let task = tokio::spawn(async move { serving.serve(listener).await });
         Self {
             dir,
             addr,
@@ -175,6 +181,7 @@ impl TestServer {
             public_pem,
             keyid: key.keyid().to_owned(),
             service,
+            server,
             shutdown,
             task: Some(task),
         }

@@ -147,6 +147,7 @@ fn configure(
             crls: Vec::new(),
             client_auth: None,
             handshake_timeout_secs: tls::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+            max_connection_age_secs: tls::DEFAULT_MAX_CONNECTION_AGE.as_secs(),
         });
         tls.cert.clone_from(cert);
     }

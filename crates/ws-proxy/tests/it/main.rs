@@ -13,3 +13,4 @@ mod logs;
 mod process;
 mod refusals;
 mod relay;
+mod revocation;
