@@ -4,10 +4,13 @@
 //!   an expired and a revoked client, a CRL, all as PEM strings and files.
 //! - [`daemon`]: start a server on 127.0.0.1:0 with a shutdown handle ([`spawn_tcp`]); test
 //!   tracing.
+//! - [`front`]: the front-door attack (a crowd of idle sockets from 127.0.0.1) and a
+//!   legitimate mutual-TLS client from 127.0.0.2.
 //!
 //! Nothing here is used by a shipped binary.
 
 pub mod daemon;
+pub mod front;
 pub mod pki;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};
