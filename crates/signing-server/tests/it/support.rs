@@ -62,6 +62,9 @@ pub(crate) struct Options {
     pub(crate) client_auth: Option<ClientAuth>,
     /// Adds a last `cn = "*"` rule with alice's root (for clients without a certificate).
     pub(crate) anyone_signs_pkgs: bool,
+    /// `[tls] max_handshakes_per_address`: 32, above the default, as every test client comes
+    /// from 127.0.0.1 and some tests connect 20 at once.
+    pub(crate) max_handshakes_per_address: usize,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
             clients: Vec::new(),
             client_auth: None,
             anyone_signs_pkgs: false,
+            max_handshakes_per_address: 32,
         }
     }
 }
@@ -145,6 +149,7 @@ impl TestServer {
         }
         let mut section = tls_section(pki);
         section.client_auth = options.client_auth;
+        section.max_handshakes_per_address = options.max_handshakes_per_address.try_into().unwrap();
         let config = FileConfig {
             listen: Some("127.0.0.1:0".into()),
             tls: Some(section),
