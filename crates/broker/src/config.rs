@@ -60,7 +60,9 @@ pub struct FileConfig {
     pub max_jobs_per_user: u32,
     /// Failed verifications per job per minute before verify answers 429.
     pub max_failed_verifies_per_minute: u32,
-    /// Most open API connections (socket and HTTPS together).
+    /// Most authenticated HTTPS connections (client certificate verified), and the cap of
+    /// the Unix socket's own pool unless `max_local_connections` is set. Connections still in
+    /// the TLS handshake have a pool of their own (`[https.tls] max_handshakes`).
     pub max_connections: usize,
     /// Seconds to read a request head; an idle keep-alive connection is closed after it too.
     pub request_timeout_secs: u64,
@@ -70,6 +72,9 @@ pub struct FileConfig {
     pub log: Option<String>,
     /// The optional HTTPS API.
     pub https: Option<HttpsSection>,
+    /// Most open connections on the Unix socket, a pool apart from HTTPS (further local
+    /// clients wait in the listen backlog). Default: `max_connections`.
+    pub max_local_connections: Option<usize>,
 }
 
 impl Default for FileConfig {
@@ -96,6 +101,7 @@ impl Default for FileConfig {
             drain_grace_secs: 10,
             log: None,
             https: None,
+            max_local_connections: None,
         }
     }
 }
@@ -156,6 +162,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// See [`FileConfig::https`].
     pub https: Option<HttpsSection>,
+    /// See [`FileConfig::max_local_connections`].
+    pub max_local_connections: usize,
 }
 
 impl FileConfig {
@@ -241,6 +249,11 @@ impl FileConfig {
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             drain_grace: Duration::from_secs(self.drain_grace_secs),
             https: self.https,
+            max_local_connections: match self.max_local_connections {
+                Some(0) => return Err("max_local_connections must be above 0".into()),
+                Some(n) => n,
+                None => self.max_connections.max(1),
+            },
         })
     }
 }

@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use common::admission::{Admission, Limits, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -31,13 +32,17 @@ use crate::pemtls::{self, PemTlsError};
 
 /// Longest key line accepted, the `\n` included.
 pub const MAX_KEY_LINE: usize = 2048;
-/// How long a client has to send the whole key line.
+/// How long a client has from TCP accept to authenticated: the whole key line and its check
+/// (ssh mode), or the TLS handshake and the owner check (ssl mode).
 pub const KEY_LINE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client has to finish the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to finish the TLS handshake (the same deadline as
+/// [`KEY_LINE_TIMEOUT`]: accept to authenticated).
+pub const HANDSHAKE_TIMEOUT: Duration = KEY_LINE_TIMEOUT;
 /// How long connecting to the application may take.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default cap on simultaneous gate connections (authenticated or not).
+/// Default cap on simultaneous authenticated gate connections. Those not authenticated yet
+/// have a pool of their own ([`common::admission::DEFAULT_MAX_HANDSHAKES`], at most
+/// [`common::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS`] per source address).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default number of broker connections a [`BrokerKeyCheck`] keeps for verifications.
 pub const DEFAULT_VERIFY_POOL: usize = 4;
@@ -234,7 +239,7 @@ pub struct Gate {
 
 impl Gate {
     /// Serves `listener` in a task: authenticates each connection per `mode` and splices it to
-    /// `upstream`, with at most [`DEFAULT_MAX_CONNECTIONS`] at a time. Connection tasks are
+    /// `upstream`, with at most [`DEFAULT_MAX_CONNECTIONS`] authenticated at a time. Connection tasks are
     /// tracked by `shutdown`, whose trigger ends the accept loop and cuts the connections.
     ///
     /// # Errors
@@ -259,8 +264,26 @@ impl Gate {
         shutdown: Shutdown,
         max_connections: usize,
     ) -> std::io::Result<Self> {
+        let limits = Limits::new(max_connections, KEY_LINE_TIMEOUT);
+        Self::spawn_with_limits(listener, mode, upstream, shutdown, limits)
+    }
+
+    /// [`Gate::spawn`] with other front-door limits.
+    ///
+    /// # Errors
+    /// The listener's address cannot be read.
+    pub fn spawn_with_limits(
+        listener: TcpListener,
+        mode: GateMode,
+        upstream: SocketAddr,
+        shutdown: Shutdown,
+        limits: Limits,
+    ) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let task = tokio::spawn(serve(listener, mode, upstream, shutdown, max_connections));
+        let admission = Admission::new("gate", limits);
+        let task = tokio::spawn(serve_admitted(
+            listener, mode, upstream, shutdown, admission,
+        ));
         Ok(Self { local_addr, task })
     }
 
@@ -275,7 +298,8 @@ impl Gate {
     }
 }
 
-/// The accept loop; returns when `shutdown` is triggered.
+/// The accept loop with at most `max_connections` authenticated connections; returns when
+/// `shutdown` is triggered.
 pub async fn serve(
     listener: TcpListener,
     mode: GateMode,
@@ -283,31 +307,48 @@ pub async fn serve(
     shutdown: Shutdown,
     max_connections: usize,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let admission = Admission::new("gate", Limits::new(max_connections, KEY_LINE_TIMEOUT));
+    serve_admitted(listener, mode, upstream, shutdown, admission).await;
+}
+
+/// The accept loop behind `admission`: a connection is a stranger (small pool, per-address
+/// cap, deadline) until its key line or certificate is accepted, and only then takes a slot.
+async fn serve_admitted(
+    listener: TcpListener,
+    mode: GateMode,
+    upstream: SocketAddr,
+    shutdown: Shutdown,
+    admission: Admission,
+) {
     let mut backoff = AcceptBackoff::default();
     while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!(%peer, limit = max_connections, "gate: too many connections; refused");
+        // Refusals are counted and logged (rate-limited) by the admission.
+        let Ok(stranger) = admission.stranger(peer) else {
             drop(stream);
             continue;
         };
         let mode = mode.clone();
         let stop = shutdown.clone();
         shutdown.spawn(async move {
-            let _permit = permit;
             tokio::select! {
-                () = connection(stream, peer, mode, upstream) => {}
+                () = connection(stream, peer, mode, upstream, stranger) => {}
                 () = stop.triggered() => debug!(%peer, "gate: connection cut by shutdown"),
             }
         });
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, mode: GateMode, upstream: SocketAddr) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mode: GateMode,
+    upstream: SocketAddr,
+    stranger: Stranger,
+) {
     let _ = stream.set_nodelay(true);
     match mode {
-        GateMode::Ssh(check) => ssh(stream, peer, check.as_ref(), upstream).await,
-        GateMode::Ssl(check) => ssl(stream, peer, &check, upstream).await,
+        GateMode::Ssh(check) => ssh(stream, peer, check.as_ref(), upstream, stranger).await,
+        GateMode::Ssl(check) => ssl(stream, peer, &check, upstream, stranger).await,
     }
 }
 
@@ -340,11 +381,17 @@ async fn read_key_line<R: AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<
     }
 }
 
-async fn ssh(mut stream: TcpStream, peer: SocketAddr, check: &dyn KeyCheck, upstream: SocketAddr) {
-    let (key, rest) = match tokio::time::timeout(KEY_LINE_TIMEOUT, read_key_line(&mut stream)).await
-    {
+async fn ssh(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    check: &dyn KeyCheck,
+    upstream: SocketAddr,
+    stranger: Stranger,
+) {
+    let deadline = stranger.deadline();
+    let (key, rest) = match tokio::time::timeout_at(deadline, read_key_line(&mut stream)).await {
         Err(_) => {
-            warn!(%peer, timeout_secs = KEY_LINE_TIMEOUT.as_secs(), "gate: no key line in time; refused");
+            warn!(%peer, timeout_secs = stranger.allowed().as_secs(), "gate: no key line in time; refused");
             return;
         }
         Ok(Err(err)) => {
@@ -368,24 +415,41 @@ async fn ssh(mut stream: TcpStream, peer: SocketAddr, check: &dyn KeyCheck, upst
             return;
         }
     };
-    match check.check(key).await {
-        Ok(true) => {}
-        Ok(false) => {
+    // The check is part of the stranger's deadline too: nothing unauthenticated outlives it.
+    match tokio::time::timeout_at(deadline, check.check(key)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
             warn!(%peer, "gate: wrong key");
             return;
         }
-        Err(err) => {
+        Ok(Err(err)) => {
             warn!(%peer, err = %common::log::Escaped(&err), "gate: cannot verify the key with the broker; refused");
             return;
         }
+        Err(_) => {
+            warn!(%peer, "gate: the key check did not finish in time; refused");
+            return;
+        }
     }
+    let Ok(_slot) = stranger.authenticated() else {
+        return;
+    };
     info!(%peer, "gate: key accepted");
     splice(stream, peer, upstream, &rest).await;
 }
 
-async fn ssl(stream: TcpStream, peer: SocketAddr, check: &TlsCheck, upstream: SocketAddr) {
+async fn ssl(
+    stream: TcpStream,
+    peer: SocketAddr,
+    check: &TlsCheck,
+    upstream: SocketAddr,
+    stranger: Stranger,
+) {
     let acceptor = check.acceptor();
-    let (tls, identity) = match common::tls::accept(&acceptor, stream, HANDSHAKE_TIMEOUT).await {
+    let left = stranger
+        .deadline()
+        .saturating_duration_since(tokio::time::Instant::now());
+    let (tls, identity) = match common::tls::accept(&acceptor, stream, left).await {
         Ok(accepted) => accepted,
         // A port probe (or `connect --host`'s readiness check) closes before its ClientHello.
         Err(common::tls::TlsError::Handshake(err))
@@ -404,6 +468,10 @@ async fn ssl(stream: TcpStream, peer: SocketAddr, check: &TlsCheck, upstream: So
         warn!(%peer, cn = ?cn, owner = ?check.owner(), "gate: client certificate not issued to the job owner; refused");
         return;
     }
+    // Authenticated only once the certificate is the owner's.
+    let Ok(_slot) = stranger.authenticated() else {
+        return;
+    };
     info!(%peer, cn = ?cn, "gate: client certificate accepted");
     splice(tls, peer, upstream, &[]).await;
 }
@@ -573,14 +641,59 @@ mod tests {
         first.write_all(b"aa\nx").await.expect("write");
         let mut one = [0u8; 1];
         first.read_exact(&mut one).await.expect("echo");
+        // The second authenticates, finds the one slot taken and is closed without a byte.
         let mut second = TcpStream::connect(gate.local_addr())
             .await
             .expect("connect");
+        second.write_all(b"aa\nx").await.expect("write");
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut out))
             .await
             .expect("second is closed");
         assert!(out.is_empty());
+        assert!(shutdown.drain(Duration::from_secs(2)).await);
+        gate.stopped().await;
+    }
+
+    /// Issue 14: idle connections that never send a key line held the gate's slots for the
+    /// whole key-line timeout, locking the job's owner out. Now they wait in the stranger pool
+    /// (a few per address), the owner from another address gets through, and the idle ones
+    /// are closed at the deadline.
+    #[tokio::test]
+    async fn idle_strangers_do_not_lock_out_the_owner() {
+        use testkit::front::{OTHER_LOOPBACK, closed_within, connect_from, idle_crowd};
+        let upstream = echo_upstream().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shutdown = Shutdown::new();
+        let deadline = Duration::from_millis(800);
+        let gate = Gate::spawn_with_limits(
+            listener,
+            GateMode::Ssh(Arc::new(Fixed("c0ffee"))),
+            upstream,
+            shutdown.clone(),
+            Limits {
+                max_connections: 4,
+                max_handshakes: 16,
+                max_handshakes_per_address: 3,
+                deadline,
+            },
+        )
+        .expect("spawn");
+        let crowd = idle_crowd(gate.local_addr(), 40).await;
+        let mut owner = connect_from(OTHER_LOOPBACK, gate.local_addr())
+            .await
+            .expect("connect");
+        owner.write_all(b"c0ffee\nhello").await.expect("write");
+        let mut buf = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), owner.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(&buf, b"hello");
+        let (closed, last) = closed_within(crowd, deadline * 4).await;
+        assert_eq!(closed, 40);
+        assert!(last >= deadline / 2 && last < deadline * 3, "{last:?}");
+        drop(owner);
         assert!(shutdown.drain(Duration::from_secs(2)).await);
         gate.stopped().await;
     }

@@ -12,10 +12,10 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path as UrlPath, State};
 use axum::http::{StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use common::admission::{AcceptError, Admission, Pool};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, ServerTls};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
 use crate::api::{
@@ -180,7 +180,10 @@ pub struct Server {
     router: Router,
     https: Option<Arc<ServerTls>>,
     shutdown: Shutdown,
-    slots: Arc<Semaphore>,
+    /// The HTTPS front door: strangers in the handshake, then `max_connections`.
+    admission: Admission,
+    /// The Unix socket's own pool (`max_local_connections`).
+    local: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -192,19 +195,40 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A server for `broker`; `https` is the TLS material of the HTTPS API when configured.
     pub fn new(broker: Arc<Broker>, https: Option<Arc<ServerTls>>, shutdown: Shutdown) -> Self {
-        let slots = Arc::new(Semaphore::new(broker.config().max_connections));
+        let config = broker.config();
+        let limits = config.https.as_ref().map_or_else(
+            || {
+                common::admission::Limits::new(
+                    config.max_connections,
+                    common::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                )
+            },
+            |h| h.tls.admission(config.max_connections),
+        );
+        let admission = Admission::new("https", limits);
+        let local = Pool::new(
+            "unix",
+            "max_local_connections",
+            config.max_local_connections,
+        );
         Self {
             router: router(broker.clone()),
             broker,
             https,
             shutdown,
-            slots,
+            admission,
+            local,
         }
     }
 
     /// The broker behind this server.
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// The HTTPS front door (pools and their counters).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// Re-reads the HTTPS certificate, key, client CA and CRLs; the old ones stay on error.
@@ -222,7 +246,9 @@ impl Server {
     pub async fn serve_unix(self, listener: tokio::net::UnixListener) {
         let mut backoff = AcceptBackoff::default();
         loop {
-            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+            // Local clients queue in the backlog for a slot of their own pool, apart from
+            // HTTPS: remote strangers never starve them.
+            let Some(permit) = self.local.admit().await else {
                 return;
             };
             let Some((stream, _)) = backoff.next(&self.shutdown, || listener.accept()).await else {
@@ -251,14 +277,6 @@ impl Server {
         let Some(users) = self.broker.config().https.as_ref().map(|h| h.users.clone()) else {
             return;
         };
-        let deadline = self
-            .broker
-            .config()
-            .https
-            .as_ref()
-            .map_or(common::tls::DEFAULT_HANDSHAKE_TIMEOUT, |h| {
-                h.tls.handshake_timeout()
-            });
         let max_age = self
             .broker
             .config()
@@ -270,11 +288,13 @@ impl Server {
         let users = Arc::new(users);
         let mut backoff = AcceptBackoff::default();
         loop {
-            let Ok(permit) = self.slots.clone().acquire_owned().await else {
-                return;
-            };
             let Some((tcp, peer)) = backoff.next(&self.shutdown, || listener.accept()).await else {
                 return;
+            };
+            // A stranger until its certificate is verified; refusals are counted and logged
+            // (rate-limited) by the admission.
+            let Ok(stranger) = self.admission.stranger(peer) else {
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
@@ -282,8 +302,8 @@ impl Server {
             let tls = tls.clone();
             let users = users.clone();
             self.shutdown.spawn(async move {
-                match common::tls::accept(&acceptor, tcp, deadline).await {
-                    Ok((stream, identity)) => {
+                match stranger.accept_tls(&acceptor, tcp).await {
+                    Ok((stream, identity, _slot)) => {
                         let live = tls.live_peer(stream.get_ref().1);
                         let identity = match identity.as_ref().and_then(|id| map_certificate(&users, id)) {
                             Some(user) => Identity(Ok(Caller { user, uid: None, via: "https" })),
@@ -295,9 +315,9 @@ impl Server {
                         };
                         this.serve_connection(stream, identity, Some((live, max_age))).await;
                     }
-                    Err(err) => tracing::info!(%peer, %err, "https: handshake refused"),
+                    Err(AcceptError::Tls(err)) => tracing::info!(%peer, %err, "https: handshake refused"),
+                    Err(AcceptError::Refused(_)) => {}
                 }
-                drop(permit);
             });
         }
     }

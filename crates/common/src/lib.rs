@@ -1,5 +1,9 @@
 //! Shared by every daemon in the workspace.
 //!
+//! - [`admission`]: the front door: connections that have not authenticated get a small pool
+//!   of their own with a per-address cap and a deadline, and take a `max_connections` slot only
+//!   once authenticated; local sockets get a pool of their own; refusals are logged at most
+//!   once per pool per 10 s.
 //! - [`tls`]: rustls server and client configurations, mutual TLS with CRLs, certificates that
 //!   reload from disk, handshakes with a deadline and the verified peer identity.
 //! - [`pki`]: issue CAs, leaves and CRLs with rcgen; inspect certificates with x509-parser.
@@ -12,6 +16,7 @@
 //!
 //! This crate knows nothing about any one daemon's protocol beyond the shared envelopes.
 
+pub mod admission;
 pub mod daemon;
 pub mod envelope;
 pub mod io;

@@ -20,6 +20,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -159,7 +160,8 @@ pub struct TlsSection {
     /// `required`, `optional` or `off`; the daemon supplies the default.
     #[serde(default)]
     pub client_auth: Option<ClientAuth>,
-    /// Seconds a handshake may take.
+    /// Seconds a handshake may take: the whole time from TCP accept to an authenticated
+    /// connection (see [`crate::admission`]).
     #[serde(default = "default_handshake_secs")]
     pub handshake_timeout_secs: u64,
     /// Seconds after which a connection is closed gracefully, so that no connection lives
@@ -169,6 +171,13 @@ pub struct TlsSection {
         deserialize_with = "nonzero_secs"
     )]
     pub max_connection_age_secs: u64,
+    /// Most connections still in the handshake (not yet authenticated) at once; they do not
+    /// count against the daemon's `max_connections`. Zero is refused when parsing.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: NonZeroUsize,
+    /// Most of those from one source address (an IPv4 address or an IPv6 /64).
+    #[serde(default = "default_max_handshakes_per_address")]
+    pub max_handshakes_per_address: NonZeroUsize,
 }
 
 fn default_handshake_secs() -> u64 {
@@ -189,7 +198,32 @@ fn nonzero_secs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64
     Ok(secs)
 }
 
+fn default_max_handshakes() -> NonZeroUsize {
+    NonZeroUsize::new(crate::admission::DEFAULT_MAX_HANDSHAKES).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn default_max_handshakes_per_address() -> NonZeroUsize {
+    NonZeroUsize::new(crate::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
+        .unwrap_or(NonZeroUsize::MIN)
+}
+
 impl TlsSection {
+    /// A section serving `cert` (which then holds the key too), every other key at its
+    /// default.
+    pub fn new(cert: PathBuf) -> Self {
+        Self {
+            cert,
+            key: None,
+            client_ca: None,
+            crls: Vec::new(),
+            client_auth: None,
+            handshake_timeout_secs: default_handshake_secs(),
+            max_connection_age_secs: default_max_connection_age_secs(),
+            max_handshakes: default_max_handshakes(),
+            max_handshakes_per_address: default_max_handshakes_per_address(),
+        }
+    }
+
     /// The files to load, with `default_auth` where the section sets no policy.
     pub fn files(&self, default_auth: ClientAuth, alpn: Vec<Vec<u8>>) -> ServerTlsFiles {
         ServerTlsFiles {
@@ -210,6 +244,17 @@ impl TlsSection {
     /// How long a connection may live (at least one second).
     pub fn max_connection_age(&self) -> Duration {
         Duration::from_secs(self.max_connection_age_secs.max(1))
+    }
+
+    /// The front-door limits of a listener with this section and `max_connections` slots for
+    /// authenticated connections; the handshake timeout is the stranger deadline.
+    pub fn admission(&self, max_connections: usize) -> crate::admission::Limits {
+        crate::admission::Limits {
+            max_connections,
+            max_handshakes: self.max_handshakes.get(),
+            max_handshakes_per_address: self.max_handshakes_per_address.get(),
+            deadline: self.handshake_timeout(),
+        }
     }
 }
 

@@ -23,8 +23,11 @@ pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
 pub const DEFAULT_MAX_OUTPUT: u64 = 64 << 20;
 /// Most logged-in sessions at once.
 pub const DEFAULT_MAX_SESSIONS: usize = 1024;
-/// Most open connections at once.
+/// Most authenticated connections at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Seconds from TCP accept to the first authenticated request (a login that verified, or a
+/// request on a valid session); a connection still unauthenticated then is closed.
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
 
 /// The TOML file, as written (every key optional).
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -60,7 +63,7 @@ pub struct FileConfig {
     pub max_output: Option<u64>,
     /// Most logged-in sessions.
     pub max_sessions: Option<usize>,
-    /// Most open connections.
+    /// Most authenticated connections.
     pub max_connections: Option<usize>,
     /// fsync uploads before renaming them into place.
     pub put_fsync: Option<bool>,
@@ -74,6 +77,12 @@ pub struct FileConfig {
     pub body_timeout: Option<u64>,
     /// Seconds to let requests finish on SIGTERM.
     pub drain_grace: Option<u64>,
+    /// Most connections not authenticated yet.
+    pub max_handshakes: Option<usize>,
+    /// Most of those from one source address (IPv4 address or IPv6 /64).
+    pub max_handshakes_per_address: Option<usize>,
+    /// Seconds from accept to the first authenticated request.
+    pub auth_timeout: Option<u64>,
 }
 
 /// Validated configuration of the daemon.
@@ -101,7 +110,7 @@ pub struct Config {
     pub max_output: u64,
     /// Logged-in session cap.
     pub max_sessions: usize,
-    /// Connection cap.
+    /// Authenticated-connection cap.
     pub max_connections: usize,
     /// fsync uploads.
     pub put_fsync: bool,
@@ -115,6 +124,12 @@ pub struct Config {
     pub body_timeout: Duration,
     /// Drain grace on SIGTERM.
     pub drain_grace: Duration,
+    /// Unauthenticated-connection cap.
+    pub max_handshakes: usize,
+    /// Unauthenticated-connection cap per source address.
+    pub max_handshakes_per_address: usize,
+    /// Accept to first authenticated request.
+    pub auth_timeout: Duration,
 }
 
 impl Default for Config {
@@ -138,6 +153,22 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             drain_grace: Duration::from_secs(10),
+            max_handshakes: common::admission::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_address: common::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            auth_timeout: Duration::from_secs(DEFAULT_AUTH_TIMEOUT_SECS),
+        }
+    }
+}
+
+impl Config {
+    /// The front door: unauthenticated connections in a small pool of their own (capped per
+    /// address, closed at `auth_timeout`), `max_connections` for authenticated ones.
+    pub fn admission(&self) -> common::admission::Limits {
+        common::admission::Limits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_address: self.max_handshakes_per_address,
+            deadline: self.auth_timeout,
         }
     }
 }
@@ -208,6 +239,21 @@ impl FileConfig {
             )?),
             body_timeout: Duration::from_secs(positive("body-timeout", self.body_timeout, 30)?),
             drain_grace: Duration::from_secs(self.drain_grace.unwrap_or(10)),
+            max_handshakes: positive(
+                "max-handshakes",
+                self.max_handshakes.map(|v| v as u64),
+                defaults.max_handshakes as u64,
+            )? as usize,
+            max_handshakes_per_address: positive(
+                "max-handshakes-per-address",
+                self.max_handshakes_per_address.map(|v| v as u64),
+                defaults.max_handshakes_per_address as u64,
+            )? as usize,
+            auth_timeout: Duration::from_secs(positive(
+                "auth-timeout",
+                self.auth_timeout,
+                DEFAULT_AUTH_TIMEOUT_SECS,
+            )?),
         })
     }
 }
@@ -236,6 +282,14 @@ mod tests {
                 .unwrap_err()
         };
         assert!(bad("timeout = 0").contains("timeout"));
+        assert!(bad("max-handshakes = 0").contains("max-handshakes"));
+        assert!(bad("max-handshakes-per-address = 0").contains("max-handshakes-per-address"));
+        assert!(bad("auth-timeout = 0").contains("auth-timeout"));
+        let front = defaults.admission();
+        assert_eq!(front.deadline, Duration::from_secs(10));
+        assert_eq!(front.max_handshakes, 64);
+        assert_eq!(front.max_handshakes_per_address, 8);
+        assert_eq!(front.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert!(bad("\"tls-cert\" = \"a\"").contains("together"));
         assert!(bad("\"user-service\" = \"MemoryUserService:a\"").contains("user-service"));
         assert!(bad("\"file-roots\" = []").contains("file-roots"));

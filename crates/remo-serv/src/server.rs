@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::admission::{Admission, Pending};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::ServerTls;
 use http_body_util::{BodyExt, StreamBody};
@@ -20,7 +21,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::body::{BodyError, BodyReader, MAX_TOKEN_LINE, RequestBody, full, unix_now};
@@ -57,7 +58,9 @@ struct State {
     users: Users,
     roots: Roots,
     sessions: Sessions,
-    connections: Arc<Semaphore>,
+    /// Unauthenticated connections wait in its stranger pool; authenticated ones hold one of
+    /// its `max_connections` slots.
+    admission: Admission,
     ephemerals: Arc<Ephemerals>,
 }
 
@@ -155,7 +158,7 @@ impl Server {
     ) -> std::io::Result<Self> {
         let roots = Roots::new(&config.workdir, &config.file_roots)?;
         let sessions = Sessions::new(config.session_timeout, config.max_sessions);
-        let connections = Arc::new(Semaphore::new(config.max_connections));
+        let admission = Admission::new("http", config.admission());
         Ok(Self {
             state: Arc::new(State {
                 config,
@@ -163,7 +166,7 @@ impl Server {
                 users,
                 roots,
                 sessions,
-                connections,
+                admission,
                 ephemerals: Arc::default(),
             }),
             tls: tls.map(Arc::new),
@@ -179,6 +182,11 @@ impl Server {
             tls.reload()?;
         }
         Ok(())
+    }
+
+    /// The front door (pools and their counters).
+    pub fn admission(&self) -> &Admission {
+        &self.state.admission
     }
 
     /// Logged-in sessions right now.
@@ -206,8 +214,9 @@ impl Server {
         };
         let mut backoff = AcceptBackoff::default();
         while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
-            let Ok(permit) = Arc::clone(&self.state.connections).try_acquire_owned() else {
-                tracing::warn!(%peer, "connection limit reached; refusing");
+            // A stranger until a request authenticates; refusals are counted and logged
+            // (rate-limited) by the admission.
+            let Ok(stranger) = self.state.admission.stranger(peer) else {
                 drop(stream);
                 continue;
             };
@@ -218,14 +227,17 @@ impl Server {
             let span = tracing::info_span!("conn", %peer);
             shutdown.spawn(
                 async move {
-                    let _permit = permit;
+                    let door = Arc::new(stranger.pending());
                     match tls {
-                        None => serve_connection(state, stream, peer, stop).await,
+                        None => serve_connection(state, stream, peer, stop, door).await,
                         Some(acceptor) => {
-                            let deadline = state.config.header_timeout;
-                            match common::tls::accept(&acceptor, stream, deadline).await {
+                            // The handshake is part of the time to authenticate.
+                            let left = door
+                                .deadline()
+                                .saturating_duration_since(tokio::time::Instant::now());
+                            match common::tls::accept(&acceptor, stream, left).await {
                                 Ok((stream, _)) => {
-                                    serve_connection(state, stream, peer, stop).await
+                                    serve_connection(state, stream, peer, stop, door).await
                                 }
                                 Err(err) => tracing::debug!(%err, "TLS handshake failed"),
                             }
@@ -250,14 +262,21 @@ impl Server {
     }
 }
 
-async fn serve_connection<IO>(state: Arc<State>, io: IO, peer: SocketAddr, stop: Shutdown)
-where
+async fn serve_connection<IO>(
+    state: Arc<State>,
+    io: IO,
+    peer: SocketAddr,
+    stop: Shutdown,
+    door: Arc<Pending>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let state_header_timeout = state.config.header_timeout;
+    let handlers_door = Arc::clone(&door);
     let service = hyper::service::service_fn(move |req| {
         let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+        let door = Arc::clone(&handlers_door);
+        async move { Ok::<_, Infallible>(handle(state, req, peer, &door).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -275,7 +294,26 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+        () = door.expired() => {
+            tracing::debug!("no authenticated request in time; closing");
+        }
     }
+}
+
+/// A request authenticated: the connection takes its `max_connections` slot if it has none.
+/// `Some(503)` (closing the connection) when the slot pool is full.
+fn promote(door: &Pending, id: &str) -> Option<Response<Body>> {
+    door.authenticated().err().map(|_| {
+        let mut response = plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            id,
+            "too many connections\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    })
 }
 
 fn cookie_value(id: &str) -> HeaderValue {
@@ -311,7 +349,12 @@ fn plain_streamed(status: StatusCode, id: &str, text: String) -> Response<Body> 
     answer(status, without_length(text), cookie_value(id))
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    door: &Pending,
+) -> Response<Body> {
     let now = Instant::now();
     let cookie = session::cookie_session_id(
         req.headers()
@@ -322,13 +365,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
     let (id, login) = state.sessions.resolve(cookie, now);
     let path = req.uri().path().to_owned();
     if path == "/auth" {
-        return auth(&state, req, &id, login.is_some(), peer).await;
+        return auth(&state, req, &id, login.is_some(), peer, door).await;
     }
     match login {
         None if path == "/info" => plain_streamed(StatusCode::OK, &id, info_text()),
         None if path.starts_with("/info") => plain(StatusCode::NOT_FOUND, &id, ""),
         None => plain(StatusCode::FORBIDDEN, &id, ""),
-        Some(login) => authenticated(&state, req, id, login, path).await,
+        Some(login) => authenticated(&state, req, id, login, path, door).await,
     }
 }
 
@@ -338,6 +381,7 @@ async fn auth(
     id: &str,
     logged_in: bool,
     peer: SocketAddr,
+    door: &Pending,
 ) -> Response<Body> {
     let mut reader = BodyReader::new(req.into_body(), state.config.body_timeout);
     let body = match reader.read_all(MAX_AUTH_BODY).await {
@@ -413,6 +457,10 @@ async fn auth(
     {
         tracing::warn!(user = ?user, "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
+    }
+    if let Some(refused) = promote(door, id) {
+        // The login stands (the session is the user's); this connection is closed.
+        return refused;
     }
     tracing::info!(%peer, user = ?user, "logged in");
     let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
@@ -503,6 +551,7 @@ async fn authenticated(
     id: String,
     login: Login,
     path: String,
+    door: &Pending,
 ) -> Response<Body> {
     let mode = if req.headers().contains_key(header::CONTENT_LENGTH)
         || !req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -580,6 +629,10 @@ async fn authenticated(
             Mode::Chunked => plain(StatusCode::BAD_REQUEST, &id, "Invalid encoding\n"),
         };
     };
+    // The first token verified under the session key: the request is authentic.
+    if let Some(refused) = promote(door, &id) {
+        return refused;
+    }
     if mode == Mode::Single {
         state.sessions.set_req_no(&id, header.req_no);
     }

@@ -24,7 +24,8 @@ pub const DEFAULT_PIPE_ARGS: [&str; 4] = ["-i", "{id}", "-u", "{ipc_socket}"];
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most open connections (TCP and Unix together); more are closed at once.
+    /// Most authenticated TCP connections (TLS handshake done); more are closed at once.
+    /// Connections still in the handshake have their own pool (`[tls] max_handshakes`).
     pub max_connections: usize,
     /// Most distinct client ids with a live websocket.
     pub max_clients: usize,
@@ -56,6 +57,8 @@ pub struct Limits {
     pub send_queue: usize,
     /// Seconds to let connections finish after SIGTERM.
     pub drain_grace_secs: u64,
+    /// Most open connections on the Unix socket, a pool apart from the TCP ones.
+    pub max_local_connections: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +80,7 @@ impl Default for Limits {
             orphan_pipe_timeout_secs: 24 * 3600,
             send_queue: 256,
             drain_grace_secs: 10,
+            max_local_connections: common::admission::DEFAULT_MAX_LOCAL_CONNECTIONS,
         }
     }
 }
@@ -312,6 +316,7 @@ impl FileConfig {
             ("max_ipc_frame_bytes", limits.max_ipc_frame_bytes),
             ("max_header_bytes", limits.max_header_bytes),
             ("send_queue", limits.send_queue),
+            ("max_local_connections", limits.max_local_connections),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("limits.{name} must be above 0")));

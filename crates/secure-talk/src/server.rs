@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use http_body_util::Full;
@@ -26,7 +27,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -50,7 +50,10 @@ pub(crate) struct Shared {
     pub(crate) uploads: Mutex<std::collections::HashSet<PathBuf>>,
     /// Serialises read-modify-write of `model_info.json`.
     pub(crate) model_info_lock: Mutex<()>,
-    slots: Arc<Semaphore>,
+    /// The TCP front door: strangers in the handshake, then `max_connections`.
+    admission: Admission,
+    /// The Unix socket's own pool (`max_local_connections`).
+    local: Arc<Pool>,
 }
 
 /// Who is on the other end of a connection.
@@ -167,7 +170,21 @@ impl Server {
         tls: Option<Arc<ServerTls>>,
         shutdown: Shutdown,
     ) -> Self {
-        let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let limits = config.tls.as_ref().map_or_else(
+            || {
+                common::admission::Limits::new(
+                    config.limits.max_connections,
+                    common::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                )
+            },
+            |tls| tls.admission(config.limits.max_connections),
+        );
+        let admission = Admission::new("https", limits);
+        let local = Pool::new(
+            "unix",
+            "max_local_connections",
+            config.limits.max_local_connections,
+        );
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -178,7 +195,8 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 uploads: Mutex::new(std::collections::HashSet::new()),
                 model_info_lock: Mutex::new(()),
-                slots,
+                admission,
+                local,
             }),
         }
     }
@@ -217,6 +235,16 @@ impl Server {
         }
     }
 
+    /// The TCP front door (pools and their counters).
+    pub fn admission(&self) -> &Admission {
+        &self.shared.admission
+    }
+
+    /// The Unix socket's pool.
+    pub fn local_pool(&self) -> &Pool {
+        &self.shared.local
+    }
+
     /// Clients with a live websocket.
     pub fn connected_clients(&self) -> usize {
         self.shared.hub.connected_clients()
@@ -232,36 +260,25 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
-        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, "refused: max_connections reached");
+        // Refusals are counted and logged (rate-limited) by the admission.
+        let Ok(stranger) = shared.admission.stranger(addr) else {
             continue;
         };
         let shared = shared.clone();
         let span = tracing::info_span!("conn", peer = %addr);
-        shutdown.spawn(tcp_connection(shared, tcp, addr.to_string(), slot).instrument(span));
+        shutdown.spawn(tcp_connection(shared, tcp, addr.to_string(), stranger).instrument(span));
     }
 }
 
-async fn tcp_connection(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    addr: String,
-    slot: OwnedSemaphorePermit,
-) {
+async fn tcp_connection(shared: Arc<Shared>, tcp: TcpStream, addr: String, stranger: Stranger) {
     let _ = tcp.set_nodelay(true);
     let Some(tls) = &shared.tls else {
         return;
     };
     let acceptor = tls.acceptor();
-    let timeout = shared
-        .config
-        .tls
-        .as_ref()
-        .map_or(common::tls::DEFAULT_HANDSHAKE_TIMEOUT, |t| {
-            t.handshake_timeout()
-        });
-    match common::tls::accept(&acceptor, tcp, timeout).await {
-        Ok((stream, identity)) => {
+    // The max_connections slot is taken once the handshake is done, not at accept.
+    match stranger.accept_tls(&acceptor, tcp).await {
+        Ok((stream, identity, slot)) => {
             let live = Some(tls.live_peer(stream.get_ref().1));
             let peer = Peer {
                 addr,
@@ -270,7 +287,10 @@ async fn tcp_connection(
             };
             http(shared, stream, peer, slot).await;
         }
-        Err(err) => tracing::info!(outcome = "refused", %err, "tls handshake failed"),
+        Err(AcceptError::Tls(err)) => {
+            tracing::info!(outcome = "refused", %err, "tls handshake failed");
+        }
+        Err(AcceptError::Refused(_)) => {}
     }
 }
 
@@ -278,8 +298,8 @@ async fn serve_unix(shared: Arc<Shared>, listener: UnixListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
     while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
-            tracing::warn!("refused a unix connection: max_connections reached");
+        // Local users have their own pool: remote strangers never starve them, nor they them.
+        let Ok(slot) = shared.local.try_admit() else {
             continue;
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
@@ -294,7 +314,7 @@ async fn serve_unix(shared: Arc<Shared>, listener: UnixListener) {
 }
 
 /// Serves HTTP/1.1 on one connection until it closes, upgrades or the server stops.
-async fn http<S>(shared: Arc<Shared>, io: S, peer: Peer, slot: OwnedSemaphorePermit)
+async fn http<S>(shared: Arc<Shared>, io: S, peer: Peer, slot: Slot)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -374,7 +394,7 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
 fn handle(
     shared: &Arc<Shared>,
     peer: &Peer,
-    slot: &Arc<OwnedSemaphorePermit>,
+    slot: &Arc<Slot>,
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let channel = match req.uri().path() {

@@ -15,11 +15,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use common::admission::{AcceptError, Admission, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use crate::fields::python_json;
@@ -34,24 +34,32 @@ pub struct Server {
     service: Arc<Service>,
     tls: Arc<ServerTls>,
     shutdown: Shutdown,
-    slots: Arc<Semaphore>,
+    admission: Admission,
 }
 
 impl Server {
     /// A server over a loaded service and TLS material (which must offer [`ALPN_HTTP`]).
     pub fn new(service: Arc<Service>, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
-        let slots = Arc::new(Semaphore::new(service.config.limits.max_connections));
+        let limits = service
+            .config
+            .tls
+            .admission(service.config.limits.max_connections);
         Self {
             service,
             tls,
             shutdown,
-            slots,
+            admission: Admission::new("tls", limits),
         }
     }
 
     /// The service.
     pub fn service(&self) -> &Arc<Service> {
         &self.service
+    }
+
+    /// The front door (pools and their counters).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// Rebuilds the TLS configuration from disk for new connections.
@@ -67,36 +75,29 @@ impl Server {
     pub async fn serve(&self, listener: TcpListener) {
         let mut backoff = AcceptBackoff::default();
         while let Some((tcp, addr)) = backoff.next(&self.shutdown, || listener.accept()).await {
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                tracing::warn!(%addr, "refused: max_connections reached");
+            // Refusals are counted and logged (rate-limited) by the admission.
+            let Ok(stranger) = self.admission.stranger(addr) else {
                 continue;
             };
             let server = self.clone();
             let span = tracing::info_span!("conn", peer = %addr);
             self.shutdown.spawn(
-                async move {
-                    server.connection(tcp, addr).await;
-                    drop(slot);
-                }
-                .instrument(span),
+                async move { server.connection(tcp, addr, stranger).await }.instrument(span),
             );
         }
     }
 
-    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+    async fn connection(&self, tcp: TcpStream, addr: SocketAddr, stranger: Stranger) {
         let _ = tcp.set_nodelay(true);
-        let (stream, identity) = match common::tls::accept(
-            &self.tls.acceptor(),
-            tcp,
-            self.service.config.tls.handshake_timeout(),
-        )
-        .await
-        {
+        // The slot in max_connections is taken only once the handshake (client certificate
+        // verified) is done, and held until the connection ends.
+        let (stream, identity, _slot) = match stranger.accept_tls(&self.tls.acceptor(), tcp).await {
             Ok(accepted) => accepted,
-            Err(err) => {
+            Err(AcceptError::Tls(err)) => {
                 tracing::info!(outcome = "refused", %err, "tls handshake failed");
                 return;
             }
+            Err(AcceptError::Refused(_)) => return,
         };
         let http = stream.get_ref().1.alpn_protocol() == Some(ALPN_HTTP);
         let live = self.tls.live_peer(stream.get_ref().1);

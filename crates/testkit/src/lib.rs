@@ -6,11 +6,14 @@
 //!   tracing.
 //! - [`logs`]: log injection checks: a value that forges a log line, a capture of a child's
 //!   stderr, and the assertion that nothing was forged.
+//! - [`front`]: the front-door attack (a crowd of idle sockets from 127.0.0.1) and a
+//!   legitimate mutual-TLS client from 127.0.0.2.
 //!
 //! Nothing here is used by a shipped binary.
 
 pub mod daemon;
 pub mod logs;
+pub mod front;
 pub mod pki;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};

@@ -89,13 +89,12 @@ impl TestPki {
     /// policy); handshakes time out after 2 s.
     pub fn server_tls_section(&self) -> common::tls::TlsSection {
         common::tls::TlsSection {
-            cert: self.server.cert_path.clone(),
             key: Some(self.server.key_path.clone()),
             client_ca: Some(self.ca_path.clone()),
             crls: vec![self.crl_path.clone()],
             client_auth: None,
             handshake_timeout_secs: 2,
-            max_connection_age_secs: common::tls::DEFAULT_MAX_CONNECTION_AGE.as_secs(),
+            ..common::tls::TlsSection::new(self.server.cert_path.clone())
         }
     }
 }

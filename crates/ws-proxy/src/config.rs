@@ -194,6 +194,10 @@ pub struct Limits {
     pub write_buffer_bytes: usize,
     /// Age at which a connection is closed with 1001 (`[tls] max_connection_age_secs`).
     pub max_connection_age: Duration,
+    /// Connections still in the TLS handshake at once (`[tls] max_handshakes`).
+    pub max_handshakes: usize,
+    /// Of those, from one source address (`[tls] max_handshakes_per_address`).
+    pub max_handshakes_per_address: usize,
 }
 
 impl Default for Limits {
@@ -214,11 +218,24 @@ impl Default for Limits {
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
             max_connection_age: common::tls::DEFAULT_MAX_CONNECTION_AGE,
+            max_handshakes: common::admission::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_address: common::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
         }
     }
 }
 
 impl Limits {
+    /// The front door: the stranger pool and its deadline (the handshake timeout) around
+    /// `max_connections` slots for authenticated connections.
+    pub fn admission(&self, max_connections: usize) -> common::admission::Limits {
+        common::admission::Limits {
+            max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_address: self.max_handshakes_per_address,
+            deadline: self.handshake_timeout,
+        }
+    }
+
     /// tungstenite's configuration: every buffer and size set explicitly (its defaults are
     /// 64 MiB messages, 16 MiB frames and an unbounded write buffer).
     pub fn websocket(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
@@ -350,6 +367,8 @@ impl Config {
             relay_queue_bytes: l.relay_queue_bytes,
             read_buffer_bytes: l.read_buffer_bytes,
             write_buffer_bytes: l.write_buffer_bytes,
+            max_handshakes: tls.max_handshakes.get(),
+            max_handshakes_per_address: tls.max_handshakes_per_address.get(),
         };
         let rules = file
             .authorize

@@ -26,8 +26,12 @@ pub enum Refusal {
     forbidden,
     /// The id already has two peers.
     full,
-    /// Too many live connections.
+    /// Too many live connections (refused once authenticated).
     max_connections,
+    /// Too many connections still in the TLS handshake.
+    max_handshakes,
+    /// Too many connections in the TLS handshake from one source address.
+    max_handshakes_per_address,
     /// The HTTP upgrade was invalid or too slow.
     upgrade,
     /// The server is shutting down.
@@ -65,6 +69,16 @@ pub enum Ending {
     revoked,
     /// The connection reached `max_connection_age_secs`.
     max_age,
+}
+
+impl From<common::admission::Refused> for Refusal {
+    fn from(refused: common::admission::Refused) -> Self {
+        match refused {
+            common::admission::Refused::Handshakes => Self::max_handshakes,
+            common::admission::Refused::Address => Self::max_handshakes_per_address,
+            common::admission::Refused::Connections => Self::max_connections,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

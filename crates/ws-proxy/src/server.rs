@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use common::admission::{AcceptError, Admission, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tracing::Instrument as _;
@@ -193,7 +193,7 @@ impl Drop for Listed<'_> {
 pub struct Server {
     shared: Arc<Shared>,
     tls: Arc<ServerTls>,
-    slots: Arc<Semaphore>,
+    admission: Admission,
 }
 
 impl std::fmt::Debug for Server {
@@ -208,7 +208,8 @@ impl Server {
     /// A server with a validated configuration and loaded TLS material; `shutdown` ends
     /// [`Server::serve`] and closes every connection with 1001.
     pub fn new(config: Config, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
-        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let limits = config.limits.admission(config.max_connections);
+        let admission = Admission::new("wss", limits);
         Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.on_partner_leave),
@@ -220,8 +221,13 @@ impl Server {
                 next_conn: AtomicU64::new(1),
             }),
             tls,
-            slots,
+            admission,
         }
+    }
+
+    /// The front door (pools and their counters).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// Accepts connections until shutdown; connection tasks are tracked by the shutdown handle,
@@ -234,19 +240,18 @@ impl Server {
         let shutdown = self.shared.shutdown.clone();
         while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
             self.shared.metrics.accepted.inc();
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                self.shared.metrics.refused(Refusal::max_connections);
-                tracing::warn!(%addr, "refused: max_connections reached");
-                continue;
+            // Refusals are logged (rate-limited) by the admission, counted here.
+            let stranger = match self.admission.stranger(addr) {
+                Ok(stranger) => stranger,
+                Err(refused) => {
+                    self.shared.metrics.refused(Refusal::from(refused));
+                    continue;
+                }
             };
             let server = self.clone();
             let span = tracing::info_span!("conn", %addr);
             shutdown.spawn(
-                async move {
-                    server.connection(tcp, addr).await;
-                    drop(slot);
-                }
-                .instrument(span),
+                async move { server.connection(tcp, addr, stranger).await }.instrument(span),
             );
         }
         Ok(())
@@ -257,25 +262,37 @@ impl Server {
     async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Option<(relay::Ws, Option<PeerIdentity>, LivePeer, String, String)> {
+        stranger: Stranger,
+    ) -> Option<(
+        relay::Ws,
+        Option<PeerIdentity>,
+        LivePeer,
+        String,
+        String,
+        common::admission::Slot,
+    )> {
         let shared = &self.shared;
         let limits = &shared.config.limits;
         // Small messages in both directions: latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
         let acceptor = self.tls.acceptor();
-        let (tls, identity) =
-            match common::tls::accept(&acceptor, tcp, limits.handshake_timeout).await {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    let reason = match err {
-                        TlsError::HandshakeTimeout(_) => Refusal::tls_timeout,
-                        _ => Refusal::tls,
-                    };
-                    shared.metrics.refused(reason);
-                    tracing::info!(outcome = "refused", %err, "tls handshake failed");
-                    return None;
-                }
-            };
+        // A max_connections slot is taken once the client certificate is verified, not before.
+        let (tls, identity, slot) = match stranger.accept_tls(&acceptor, tcp).await {
+            Ok(accepted) => accepted,
+            Err(AcceptError::Tls(err)) => {
+                let reason = match err {
+                    TlsError::HandshakeTimeout(_) => Refusal::tls_timeout,
+                    _ => Refusal::tls,
+                };
+                shared.metrics.refused(reason);
+                tracing::info!(outcome = "refused", %err, "tls handshake failed");
+                return None;
+            }
+            Err(AcceptError::Refused(refused)) => {
+                shared.metrics.refused(Refusal::from(refused));
+                return None;
+            }
+        };
         let who = identity
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
@@ -349,13 +366,15 @@ impl Server {
         let Ok(id) = decision else {
             return None;
         };
-        Some((ws, identity, live, id, who))
+        Some((ws, identity, live, id, who, slot))
     }
 
-    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+    async fn connection(&self, tcp: TcpStream, addr: SocketAddr, stranger: Stranger) {
         // The handshake's state (TLS, HTTP parsing) is boxed and freed once it is done, so the
         // long-lived task keeps only what the relay needs.
-        let Some((ws, identity, live, id, who)) = Box::pin(self.handshake(tcp)).await else {
+        let Some((ws, identity, live, id, who, _slot)) =
+            Box::pin(self.handshake(tcp, stranger)).await
+        else {
             return;
         };
         let shared = &self.shared;

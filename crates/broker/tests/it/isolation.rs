@@ -307,3 +307,56 @@ async fn the_daemon_reloads_its_https_certificate_on_sighup() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Issue 14: idle sockets that never start the handshake held the API's connection slots
+/// (and, the accept loop waiting for a slot, stopped it accepting at all), locking out every
+/// HTTPS client. Now they wait in the stranger pool (a few per address), a client with a
+/// certificate from another address and local users are served, and the idle ones are closed
+/// at the handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_strangers_do_not_lock_out_https_clients() {
+    use testkit::front::{closed_within, idle_crowd, tls_from_other_loopback};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = testkit::pki::test_pki();
+    // The test [tls] section: 2 s handshake timeout, the default stranger budget.
+    let tls = pki.server_tls_section();
+    let deadline = tls.handshake_timeout();
+    let daemon = Daemon::start_with(Backend::Sqlite, |config| {
+        config.max_connections = 4;
+        config.https = Some(HttpsSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls,
+            users: [("CN=alice".to_owned(), "alice".to_owned())].into(),
+        });
+    })
+    .await;
+    let https = daemon.https.unwrap();
+    let crowd = idle_crowd(https, 40).await;
+
+    let mut alice = tls_from_other_loopback(https, &pki.alice, &[]).await;
+    alice
+        .write_all(b"GET /v1/whoami HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        alice.read_to_end(&mut answer),
+    )
+    .await
+    .expect("alice is answered")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"alice\""), "{answer}");
+    // Local users have a pool of their own.
+    daemon
+        .client()
+        .whoami()
+        .await
+        .expect("the unix socket serves");
+
+    let (closed, last) = closed_within(crowd, deadline * 3).await;
+    assert_eq!(closed, 40);
+    assert!(last >= deadline / 2 && last < deadline * 2, "{last:?}");
+}

@@ -6,6 +6,8 @@
 //! - `harness`: servers, raw sessions, answer decoding, process helpers;
 //! - `protocol`: every endpoint through the client, request numbers, logout and re-login;
 //! - `errors`: every error row of the status table, none of them a 500;
+//! - `front`: the front door: unauthenticated connections in their own pool until a login,
+//!   closed at `auth-timeout`;
 //! - `files`: roots, symlinks, modes, failed and stalled uploads;
 //! - `interactive`: /icm, /idt, /edt, and who terminates the attached command;
 //! - `process`: the daemon, `remo` and `remo-admin` binaries (exit codes, HTTPS, SIGTERM,
@@ -20,6 +22,7 @@
 
 mod errors;
 mod files;
+mod front;
 mod harness;
 mod interactive;
 mod original;

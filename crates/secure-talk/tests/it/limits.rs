@@ -261,11 +261,15 @@ async fn upgrade_when_free(options: &ClientOptions, channel: Channel, token: &st
 
 #[tokio::test]
 async fn connections_beyond_max_connections_are_closed_at_once() {
-    let server = TestServer::start_with(|c| c.limits.max_connections = 2).await;
+    let server = TestServer::start_with(|c| {
+        c.limits.max_connections = 1;
+        c.limits.max_local_connections = 1;
+    })
+    .await;
     let tls = server.alice("a");
     let unix = server.unix("a");
     let token = client::fetch_token(&unix, None).await.expect("a token");
-    // Two websockets hold both slots, TCP and Unix counted together (the token fetch's
+    // Two websockets hold both pools' slots, TCP's and the Unix socket's (the token fetch's
     // connection frees its slot once the server has seen it close).
     let mut admin = upgrade_when_free(&tls, Channel::Admin, &token).await;
     let data = upgrade_when_free(&unix, Channel::Data, &token).await;
@@ -286,6 +290,8 @@ async fn connections_beyond_max_connections_are_closed_at_once() {
             );
         }
     }
+    assert!(server.server.admission().stats().refused_connections >= 3);
+    assert_eq!(server.server.local_pool().refused(), 3);
     // The connections holding the slots are not disturbed.
     send(
         &mut admin,
@@ -302,6 +308,76 @@ async fn connections_beyond_max_connections_are_closed_at_once() {
         assert!(Instant::now() < deadline, "never served again: {err}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Issue 14: the Unix socket shared `max_connections` with TCP, so remote clients could take
+/// every local user's slot (and the reverse). Each now has a pool of its own.
+#[tokio::test]
+async fn the_unix_socket_and_tcp_do_not_share_a_pool() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_connections = 1;
+        c.limits.max_local_connections = 1;
+    })
+    .await;
+    let tls = server.alice("a");
+    let unix = server.unix("a");
+    let token = client::fetch_token(&unix, None).await.expect("a token");
+    // TCP full: local users are still served.
+    let admin = upgrade_when_free(&tls, Channel::Admin, &token).await;
+    for _ in 0..3 {
+        let deadline = Instant::now() + STEP;
+        while let Err(err) = client::fetch_token(&unix, Some(&token)).await {
+            assert!(Instant::now() < deadline, "unix starved by TCP: {err}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    admin.close().await.expect("close");
+    // Unix full: TCP clients are still served.
+    let data = upgrade_when_free(&unix, Channel::Data, &token).await;
+    for _ in 0..3 {
+        let deadline = Instant::now() + STEP;
+        while let Err(err) = client::fetch_token(&tls, Some(&token)).await {
+            assert!(Instant::now() < deadline, "TCP starved by unix: {err}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    data.close().await.expect("close");
+}
+
+/// Issue 14: idle sockets that never start the handshake held `max_connections` slots for the
+/// whole handshake timeout, locking every TCP client out. Now they wait in the stranger pool
+/// (at most `max_handshakes_per_address` from one address), clients with a certificate from
+/// another address and local users are served, and the idle ones are closed at the deadline.
+#[tokio::test]
+async fn idle_strangers_do_not_lock_out_clients_with_certificates() {
+    use testkit::front::{closed_within, idle_crowd, tls_from_other_loopback};
+    let server = TestServer::start_with(|c| c.limits.max_connections = 4).await;
+    // The test [tls] section: 2 s handshake timeout, the default stranger budget.
+    let deadline = Duration::from_secs(2);
+    let crowd = idle_crowd(server.addr, 40).await;
+
+    let mut alice = tls_from_other_loopback(server.addr, &pki().alice, &[]).await;
+    alice
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, alice.read_to_end(&mut answer))
+        .await
+        .expect("alice is answered")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    client::fetch_token(&server.unix("a"), None)
+        .await
+        .expect("local users are served");
+    let stats = server.server.admission().stats();
+    assert_eq!(stats.strangers, 8, "{stats:?}");
+    assert_eq!(stats.refused_address, 32, "{stats:?}");
+
+    let (closed, last) = closed_within(crowd, deadline * 3).await;
+    assert_eq!(closed, 40);
+    assert!(last >= deadline / 2 && last < deadline * 2, "{last:?}");
 }
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_secure-talk");

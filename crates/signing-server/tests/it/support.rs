@@ -64,6 +64,9 @@ pub(crate) struct Options {
     pub(crate) anyone_signs_pkgs: bool,
     /// The `[tls]` section; `None`: [`tls_section`].
     pub(crate) tls: Option<TlsSection>,
+    /// `[tls] max_handshakes_per_address`: 32, above the default, as every test client comes
+    /// from 127.0.0.1 and some tests connect 20 at once.
+    pub(crate) max_handshakes_per_address: usize,
 }
 
 impl Default for Options {
@@ -75,6 +78,7 @@ impl Default for Options {
             client_auth: None,
             anyone_signs_pkgs: false,
             tls: None,
+            max_handshakes_per_address: 32,
         }
     }
 }
@@ -150,6 +154,7 @@ impl TestServer {
         }
         let mut section = options.tls.unwrap_or_else(|| tls_section(pki));
         section.client_auth = options.client_auth;
+        section.max_handshakes_per_address = options.max_handshakes_per_address.try_into().unwrap();
         let config = FileConfig {
             listen: Some("127.0.0.1:0".into()),
             tls: Some(section),

@@ -140,15 +140,9 @@ fn configure(
         };
     }
     if let Some(cert) = &args.cert {
-        let tls = file.tls.get_or_insert_with(|| common::tls::TlsSection {
-            cert: cert.clone(),
-            key: None,
-            client_ca: None,
-            crls: Vec::new(),
-            client_auth: None,
-            handshake_timeout_secs: tls::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
-            max_connection_age_secs: tls::DEFAULT_MAX_CONNECTION_AGE.as_secs(),
-        });
+        let tls = file
+            .tls
+            .get_or_insert_with(|| common::tls::TlsSection::new(cert.clone()));
         tls.cert.clone_from(cert);
     }
     if let Some(tls) = file.tls.as_mut() {

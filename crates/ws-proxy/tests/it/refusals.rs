@@ -217,3 +217,46 @@ async fn a_plain_https_request_gets_426_with_directions() {
     proxy.connect(&pki.alice, "x").await;
     proxy.stop().await;
 }
+
+/// Issue 14: idle sockets that never start the TLS handshake took `max_connections` slots and
+/// locked everyone out. Now they wait in the stranger pool (three per address here), are
+/// closed at the handshake deadline, and a client with a certificate is served meanwhile.
+#[tokio::test]
+async fn idle_strangers_do_not_lock_out_clients_with_certificates() {
+    use std::time::Duration;
+    use testkit::front::{closed_within, idle_crowd, tls_from_other_loopback};
+
+    let deadline = Duration::from_secs(1);
+    let mut config = quick();
+    config.max_connections = 4;
+    config.limits.handshake_timeout = deadline;
+    config.limits.max_handshakes = 16;
+    config.limits.max_handshakes_per_address = 3;
+    let proxy = Proxy::start(config).await;
+    let crowd = idle_crowd(proxy.addr, 40).await;
+
+    // A client with a certificate, from another address, upgrades and is relayed.
+    let pki = test_pki();
+    let tls = tls_from_other_loopback(proxy.addr, &pki.alice, &[]).await;
+    let (mut alice, _) = tokio_tungstenite::client_async(proxy.url("crowd"), tls)
+        .await
+        .expect("alice upgrades past the crowd");
+    send(&mut alice, &hello("alice")).await;
+    proxy.wait_for(|s| s.meetups.len() == 1).await;
+
+    let stats = proxy.server.admission().stats();
+    assert_eq!((stats.strangers, stats.connections), (3, 1), "{stats:?}");
+    let metrics = proxy.server.metrics();
+    assert_eq!(metrics.refusals(Refusal::max_handshakes_per_address), 37);
+    assert_eq!(metrics.refusals(Refusal::max_connections), 0);
+
+    // The refused are closed at once, the three waiting ones at the deadline.
+    let (closed, last) = closed_within(crowd, deadline * 4).await;
+    assert_eq!(closed, 40);
+    assert!(last >= deadline / 2 && last < deadline * 3, "{last:?}");
+    proxy
+        .wait_for(|_| proxy.server.metrics().refusals(Refusal::tls_timeout) == 3)
+        .await;
+    drop(alice);
+    proxy.stop().await;
+}

@@ -1,0 +1,539 @@
+//! The front door every daemon shares: who gets a connection slot, and when.
+//!
+//! A connection from the network is a *stranger* until it has authenticated (a TLS handshake
+//! with a verified client certificate, or whatever the daemon's protocol calls a login). While
+//! it is a stranger it holds a [`Stranger`] permit from a small pool of its own
+//! ([`Limits::max_handshakes`]), of which one source address (an IPv4 address or an IPv6 /64)
+//! may hold at most [`Limits::max_handshakes_per_address`], and it must authenticate before
+//! its total deadline ([`Limits::deadline`], counted from TCP accept). Only then does it take a
+//! [`Slot`] in the main pool (`max_connections`), giving back its stranger permit. So a client
+//! without a certificate that opens hundreds of idle sockets fills at most its own share of the
+//! stranger pool for at most the deadline, and never touches the slots of those who
+//! authenticated. Local (Unix-socket) connections take their slots from a [`Pool`] of their
+//! own, so remote strangers never starve local users, nor the reverse.
+//!
+//! Refusals are counted ([`Admission::stats`]) and logged at most once per pool per
+//! [`WARN_INTERVAL`], with the number refused since the previous line: a flood of refused
+//! connections never becomes a flood of log lines.
+//!
+//! This module knows nothing of any daemon's protocol; [`Stranger::accept_tls`] runs the
+//! common case (TLS handshake under the deadline, then promotion) in one call.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::{PeerIdentity, TlsError};
+
+/// Default size of the stranger (pre-authentication) pool.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Default number of stranger permits one source address (IPv4 address, IPv6 /64) may hold.
+pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+/// Default size of a daemon's local (Unix-socket) pool.
+pub const DEFAULT_MAX_LOCAL_CONNECTIONS: usize = 256;
+/// At most one "limit reached" warning per pool in this interval.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The limits of one front door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Slots for authenticated connections.
+    pub max_connections: usize,
+    /// Permits for connections that have not authenticated yet.
+    pub max_handshakes: usize,
+    /// Stranger permits one source address may hold.
+    pub max_handshakes_per_address: usize,
+    /// Time from accept to authenticated; a stranger still there after it is closed.
+    pub deadline: Duration,
+}
+
+impl Limits {
+    /// The default stranger budget around `max_connections` and `deadline`.
+    pub fn new(max_connections: usize, deadline: Duration) -> Self {
+        Self {
+            max_connections,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            deadline,
+        }
+    }
+}
+
+/// Why a connection was refused a permit or a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The stranger pool is full.
+    #[error("max_handshakes reached")]
+    Handshakes,
+    /// The source address holds all the stranger permits it may.
+    #[error("max_handshakes_per_address reached")]
+    Address,
+    /// The main pool (or a local pool) is full.
+    #[error("max_connections reached")]
+    Connections,
+}
+
+/// What [`Stranger::accept_tls`] can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// The handshake failed or missed the deadline.
+    #[error(transparent)]
+    Tls(TlsError),
+    /// Authenticated, but the main pool is full.
+    #[error("authenticated, but {0}")]
+    Refused(Refused),
+}
+
+/// One log line per pool per [`WARN_INTERVAL`], carrying how many refusals it stands for.
+///
+/// Sans-IO: the caller passes `now` and logs when [`Warning::note`] says so.
+#[derive(Debug, Default)]
+pub struct Warning {
+    state: Mutex<WarnState>,
+}
+
+#[derive(Debug, Default)]
+struct WarnState {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Warning {
+    /// Records one refusal at `now`; `Some(n)` when a line is due, `n` being the refusals it
+    /// reports (this one and those since the previous line).
+    pub fn note(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.suppressed = state.suppressed.saturating_add(1);
+        let due = state
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= WARN_INTERVAL);
+        if !due {
+            return None;
+        }
+        state.last = Some(now);
+        Some(std::mem::take(&mut state.suppressed))
+    }
+}
+
+/// A pool of slots with a name, a rate-limited warning and a refusal counter: the main pool of
+/// an [`Admission`], or a daemon's local (Unix-socket) pool.
+#[derive(Debug)]
+pub struct Pool {
+    name: &'static str,
+    key: &'static str,
+    limit: usize,
+    slots: Arc<Semaphore>,
+    refused: AtomicU64,
+    warning: Warning,
+}
+
+impl Pool {
+    /// A pool of `limit` slots; `name` (e.g. `unix`) and `key` (the configuration key that
+    /// sets the limit, e.g. `max_local_connections`) appear in the warning.
+    pub fn new(name: &'static str, key: &'static str, limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            key,
+            limit,
+            slots: Arc::new(Semaphore::new(limit)),
+            refused: AtomicU64::new(0),
+            warning: Warning::default(),
+        })
+    }
+
+    /// A slot now, or [`Refused::Connections`] (counted, and logged at most once per
+    /// [`WARN_INTERVAL`]).
+    ///
+    /// # Errors
+    /// The pool is full.
+    pub fn try_admit(&self) -> Result<Slot, Refused> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Slot { _permit: permit }),
+            Err(_) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(refused) = self.warning.note(Instant::now()) {
+                    tracing::warn!(
+                        pool = self.name,
+                        limit = self.limit,
+                        refused,
+                        "refusing connections: {} reached",
+                        self.key
+                    );
+                }
+                Err(Refused::Connections)
+            }
+        }
+    }
+
+    /// A slot, waiting for one to be free (for local sockets whose clients prefer to queue);
+    /// `None` only if the pool was closed, which nothing here does.
+    pub async fn admit(&self) -> Option<Slot> {
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        Some(Slot { _permit: permit })
+    }
+
+    /// Slots in use.
+    pub fn in_use(&self) -> usize {
+        self.limit.saturating_sub(self.slots.available_permits())
+    }
+
+    /// Connections refused since start-up.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// A slot in a pool; given back when dropped (with the connection it belongs to).
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The key a source address is counted under: an IPv4 address, or an IPv6 /64 (one host
+/// usually holds a whole /64). IPv4-mapped IPv6 addresses count as their IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressKey {
+    /// One IPv4 address.
+    V4([u8; 4]),
+    /// The first 64 bits of an IPv6 address.
+    V6([u8; 8]),
+}
+
+impl AddressKey {
+    /// The key of `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::V4(v4.octets()),
+                None => {
+                    let octets = v6.octets();
+                    let mut prefix = [0u8; 8];
+                    prefix.copy_from_slice(octets.get(..8).unwrap_or(&[0; 8]));
+                    Self::V6(prefix)
+                }
+            },
+        }
+    }
+}
+
+/// Counters of one front door since start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Strangers refused because the stranger pool was full.
+    pub refused_handshakes: u64,
+    /// Strangers refused because their address held its share.
+    pub refused_address: u64,
+    /// Authenticated connections refused because the main pool was full.
+    pub refused_connections: u64,
+    /// Strangers holding a permit now.
+    pub strangers: usize,
+    /// Authenticated connections holding a slot now.
+    pub connections: usize,
+}
+
+struct Inner {
+    name: &'static str,
+    limits: Limits,
+    main: Arc<Pool>,
+    handshakes: Arc<Semaphore>,
+    per_address: Mutex<HashMap<AddressKey, usize>>,
+    refused_handshakes: AtomicU64,
+    refused_address: AtomicU64,
+    warn_handshakes: Warning,
+    warn_address: Warning,
+}
+
+/// The front door of one network listener (or several sharing `max_connections`): the
+/// stranger pool, the per-address cap, the deadline and the main pool. Cloning shares it.
+#[derive(Clone)]
+pub struct Admission {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("name", &self.inner.name)
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// A front door named `name` (e.g. `https`, for the log lines) with `limits`. Limits of
+    /// zero are configuration errors the daemon's configuration refuses; here they only refuse
+    /// every connection.
+    pub fn new(name: &'static str, limits: Limits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name,
+                limits,
+                main: Pool::new(name, "max_connections", limits.max_connections),
+                handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+                per_address: Mutex::new(HashMap::new()),
+                refused_handshakes: AtomicU64::new(0),
+                refused_address: AtomicU64::new(0),
+                warn_handshakes: Warning::default(),
+                warn_address: Warning::default(),
+            }),
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// A stranger permit for a connection just accepted from `peer`, its deadline starting
+    /// now; call it in the accept loop and close the connection on refusal (counted, and
+    /// logged at most once per pool per [`WARN_INTERVAL`]).
+    ///
+    /// # Errors
+    /// [`Refused::Address`] or [`Refused::Handshakes`].
+    pub fn stranger(&self, peer: SocketAddr) -> Result<Stranger, Refused> {
+        let inner = &self.inner;
+        let key = AddressKey::of(peer.ip());
+        let refused = {
+            let mut counts = inner.per_address.lock().unwrap_or_else(|p| p.into_inner());
+            let held = counts.get(&key).copied().unwrap_or(0);
+            if held >= inner.limits.max_handshakes_per_address {
+                Refused::Address
+            } else {
+                match inner.handshakes.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        counts.insert(key, held.saturating_add(1));
+                        return Ok(Stranger {
+                            admission: self.clone(),
+                            key,
+                            deadline: Instant::now() + inner.limits.deadline,
+                            _permit: permit,
+                        });
+                    }
+                    Err(_) => Refused::Handshakes,
+                }
+            }
+        };
+        let (counter, warning, key_name, limit) = match refused {
+            Refused::Address => (
+                &inner.refused_address,
+                &inner.warn_address,
+                "max_handshakes_per_address",
+                inner.limits.max_handshakes_per_address,
+            ),
+            _ => (
+                &inner.refused_handshakes,
+                &inner.warn_handshakes,
+                "max_handshakes",
+                inner.limits.max_handshakes,
+            ),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(count) = warning.note(Instant::now()) {
+            // The address of the refusal that triggered the line; the others are counted.
+            tracing::warn!(
+                pool = inner.name,
+                limit,
+                refused = count,
+                last_peer = %peer,
+                "refusing unauthenticated connections: {key_name} reached"
+            );
+        }
+        Err(refused)
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        Stats {
+            refused_handshakes: inner.refused_handshakes.load(Ordering::Relaxed),
+            refused_address: inner.refused_address.load(Ordering::Relaxed),
+            refused_connections: inner.main.refused(),
+            strangers: inner
+                .limits
+                .max_handshakes
+                .saturating_sub(inner.handshakes.available_permits()),
+            connections: inner.main.in_use(),
+        }
+    }
+}
+
+/// A connection that has not authenticated yet: a permit from the stranger pool, counted
+/// against its source address, with a deadline. Dropping it gives both back.
+pub struct Stranger {
+    admission: Admission,
+    key: AddressKey,
+    deadline: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl fmt::Debug for Stranger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stranger")
+            .field("key", &self.key)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let mut counts = self
+            .admission
+            .inner
+            .per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = counts.get_mut(&self.key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Stranger {
+    /// When the connection must have authenticated.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The whole pre-authentication phase allowed (the configured deadline).
+    pub fn allowed(&self) -> Duration {
+        self.admission.inner.limits.deadline
+    }
+
+    /// The connection has authenticated: a slot in the main pool, the stranger permit given
+    /// back either way.
+    ///
+    /// # Errors
+    /// [`Refused::Connections`] when the main pool is full (counted, and logged at most once
+    /// per [`WARN_INTERVAL`]); close the connection (or answer a clean 503).
+    pub fn authenticated(self) -> Result<Slot, Refused> {
+        self.admission.inner.main.try_admit()
+    }
+
+    /// The whole TLS accept: the handshake under what is left of the deadline, then
+    /// [`Stranger::authenticated`]. The stream, the verified peer and the main-pool slot.
+    ///
+    /// "Authenticated" here is the TLS layer's: the handshake finished under the acceptor's
+    /// client-certificate policy (with `client_auth = required`, a verified certificate).
+    /// A daemon whose authentication comes later (a login) keeps the [`Stranger`] instead and
+    /// runs [`crate::tls::accept`] with [`Stranger::deadline`] itself.
+    ///
+    /// # Errors
+    /// [`AcceptError::Tls`] (a timeout reports the whole deadline) or
+    /// [`AcceptError::Refused`].
+    pub async fn accept_tls<IO>(
+        self,
+        acceptor: &TlsAcceptor,
+        io: IO,
+    ) -> Result<
+        (
+            tokio_rustls::server::TlsStream<IO>,
+            Option<PeerIdentity>,
+            Slot,
+        ),
+        AcceptError,
+    >
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let (stream, peer) = match crate::tls::accept(acceptor, io, left).await {
+            Ok(accepted) => accepted,
+            Err(TlsError::HandshakeTimeout(_)) => {
+                return Err(AcceptError::Tls(TlsError::HandshakeTimeout(self.allowed())));
+            }
+            Err(err) => return Err(AcceptError::Tls(err)),
+        };
+        let slot = self.authenticated().map_err(AcceptError::Refused)?;
+        Ok((stream, peer, slot))
+    }
+}
+
+impl Stranger {
+    /// For a protocol that authenticates inside the connection (a login on an HTTP
+    /// connection): a handle its request handlers share, promoted by the first request that
+    /// authenticates.
+    pub fn pending(self) -> Pending {
+        Pending {
+            deadline: self.deadline,
+            state: Mutex::new(PendingState::Stranger(self)),
+        }
+    }
+}
+
+/// A connection whose authentication is up to its protocol: a [`Stranger`] until
+/// [`Pending::authenticated`] is first called, a [`Slot`] after. [`Pending::expired`]
+/// completes at the deadline unless it has authenticated by then; close the connection then.
+#[derive(Debug)]
+pub struct Pending {
+    deadline: Instant,
+    state: Mutex<PendingState>,
+}
+
+#[derive(Debug)]
+enum PendingState {
+    Stranger(Stranger),
+    Admitted(Slot),
+    Refused,
+}
+
+impl Pending {
+    /// A request on this connection authenticated: the first call takes the main-pool slot
+    /// (giving back the stranger permit), later calls are no-ops.
+    ///
+    /// # Errors
+    /// [`Refused::Connections`]: the main pool was full when the connection first
+    /// authenticated (then and on every later call); close the connection.
+    pub fn authenticated(&self) -> Result<(), Refused> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *state, PendingState::Refused) {
+            PendingState::Stranger(stranger) => {
+                let slot = stranger.authenticated()?;
+                *state = PendingState::Admitted(slot);
+                Ok(())
+            }
+            PendingState::Admitted(slot) => {
+                *state = PendingState::Admitted(slot);
+                Ok(())
+            }
+            PendingState::Refused => Err(Refused::Connections),
+        }
+    }
+
+    /// When the connection must have authenticated.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Whether the connection holds a main-pool slot.
+    pub fn is_authenticated(&self) -> bool {
+        matches!(
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            PendingState::Admitted(_)
+        )
+    }
+
+    /// Completes at the deadline if the connection has not authenticated by then; never
+    /// completes for one that has.
+    pub async fn expired(&self) {
+        tokio::time::sleep_until(self.deadline).await;
+        if self.is_authenticated() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
