@@ -58,7 +58,7 @@ pub struct Ed448Key {
     prefix: [u8; LEN],
     public: [u8; LEN],
     keyid: String,
-    public_table: std::sync::OnceLock<Box<[[EdwardsPoint; 8]; WINDOWS]>>,
+    public_table: std::sync::OnceLock<Box<WideTable>>,
 }
 
 impl Drop for Ed448Key {
@@ -341,14 +341,14 @@ impl Ed448Key {
         else {
             return false;
         };
-        let lhs = mul_vartime(base_table(), &s) - mul_vartime(self.public_table(), k);
+        let lhs = mul_wide(wide_base_table(), &s) - mul_wide(self.public_table(), k);
         lhs.to_affine().compress().as_bytes()[..] == signature[..LEN]
     }
 
-    /// `TABLE[i][j] = (j + 1) * 16^i * A` for this key's public point, built on first use.
-    fn public_table(&self) -> &[[EdwardsPoint; 8]; WINDOWS] {
+    /// The wide comb table of this key's public point, built on first use.
+    fn public_table(&self) -> &WideTable {
         self.public_table
-            .get_or_init(|| comb_table(EdwardsPoint::GENERATOR * self.scalar))
+            .get_or_init(|| wide_table(EdwardsPoint::GENERATOR * self.scalar))
     }
 
     /// Signs a message in memory (the library's own implementation).
@@ -383,7 +383,60 @@ fn comb_table(point: EdwardsPoint) -> Box<[[EdwardsPoint; 8]; WINDOWS]> {
     table
 }
 
+/// Rows of a wide comb table: signed radix-256 digits of a scalar below 2^446, plus a carry.
+const WIDE_WINDOWS: usize = 57;
+
+/// `TABLE[i][j] = (j + 1) * 256^i * P`, for j < 128: 57 rows of 128 points (1.6 MB). Used
+/// only in variable time, for public scalars (verification), where it needs 57 additions
+/// per multiplication instead of the narrow comb's 112.
+type WideTable = [[EdwardsPoint; 128]; WIDE_WINDOWS];
+
+fn wide_base_table() -> &'static WideTable {
+    static TABLE: std::sync::OnceLock<Box<WideTable>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| wide_table(EdwardsPoint::GENERATOR))
+}
+
+fn wide_table(point: EdwardsPoint) -> Box<WideTable> {
+    let mut table: Box<WideTable> = vec![[EdwardsPoint::IDENTITY; 128]; WIDE_WINDOWS]
+        .into_boxed_slice()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("57 rows"));
+    let mut base = point;
+    for row in table.iter_mut() {
+        row[0] = base;
+        for j in 1..128 {
+            row[j] = row[j - 1] + base;
+        }
+        for _ in 0..8 {
+            base = base.double();
+        }
+    }
+    table
+}
+
+/// `[scalar]P` over a wide comb table of `P`, in variable time: for public scalars only.
+fn mul_wide(table: &WideTable, scalar: &EdwardsScalar) -> EdwardsPoint {
+    let bytes = scalar.to_bytes_rfc_8032();
+    let mut acc = EdwardsPoint::IDENTITY;
+    let mut carry = 0i16;
+    for (byte, row) in bytes.iter().zip(table.iter()) {
+        let mut digit = i16::from(*byte) + carry;
+        carry = 0;
+        if digit >= 128 {
+            digit -= 256;
+            carry = 1;
+        }
+        match digit.cmp(&0) {
+            std::cmp::Ordering::Greater => acc += row[digit.unsigned_abs() as usize - 1],
+            std::cmp::Ordering::Less => acc -= row[digit.unsigned_abs() as usize - 1],
+            std::cmp::Ordering::Equal => {}
+        }
+    }
+    acc
+}
+
 /// `[scalar]P` over a comb table of `P`, in variable time: for public scalars only.
+#[cfg(test)]
 fn mul_vartime(table: &[[EdwardsPoint; 8]; WINDOWS], scalar: &EdwardsScalar) -> EdwardsPoint {
     let mut acc = EdwardsPoint::IDENTITY;
     for (digit, row) in signed_digits(scalar).iter().zip(table.iter()) {
@@ -514,7 +567,7 @@ impl StreamVerifier {
         if big_r == EdwardsPoint::IDENTITY || s == EdwardsScalar::ZERO {
             return false;
         }
-        mul_vartime(base_table(), &s) == big_r + a * k
+        mul_wide(wide_base_table(), &s) == big_r + a * k
     }
 }
 
@@ -623,9 +676,18 @@ mod tests {
                 EdwardsPoint::GENERATOR * r,
                 "round {round}"
             );
+            assert_eq!(
+                mul_wide(wide_base_table(), &r),
+                EdwardsPoint::GENERATOR * r,
+                "round {round}"
+            );
         }
         let minus_one = EdwardsScalar::ZERO - EdwardsScalar::ONE;
         assert_eq!(mul_base(&minus_one), EdwardsPoint::GENERATOR * minus_one);
+        assert_eq!(
+            mul_wide(wide_base_table(), &minus_one),
+            EdwardsPoint::GENERATOR * minus_one
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //! Nothing here is used by a shipped binary.
 
 pub mod daemon;
-pub mod logs;
 pub mod front;
+pub mod logs;
 pub mod pki;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};
