@@ -315,7 +315,7 @@ impl Server {
                         };
                         this.serve_connection(stream, identity, Some((live, max_age))).await;
                     }
-                    Err(AcceptError::Tls(err)) => tracing::info!(%peer, %err, "https: handshake refused"),
+                    Err(AcceptError::Tls(err)) => tracing::debug!(%peer, %err, "https: handshake refused"),
                     Err(AcceptError::Refused(_)) => {}
                 }
             });

@@ -250,6 +250,7 @@ struct Inner {
     refused_address: AtomicU64,
     warn_handshakes: Warning,
     warn_address: Warning,
+    warn_failed: Warning,
 }
 
 /// The front door of one network listener (or several sharing `max_connections`): the
@@ -284,6 +285,7 @@ impl Admission {
                 refused_address: AtomicU64::new(0),
                 warn_handshakes: Warning::default(),
                 warn_address: Warning::default(),
+                warn_failed: Warning::default(),
             }),
         }
     }
@@ -384,6 +386,24 @@ impl fmt::Debug for Stranger {
     }
 }
 
+impl Stranger {
+    /// Logs a failed handshake: every one at debug, and at most one info line per
+    /// [`WARN_INTERVAL`] with how many failed, so strangers cannot flood the log (and push
+    /// the daemon's real lines out of journald's rate limit).
+    fn failed(&self, err: &TlsError) {
+        let inner = &self.admission.inner;
+        tracing::debug!(listener = inner.name, err = %crate::log::Escaped(err), "tls handshake failed");
+        if let Some(failed) = inner.warn_failed.note(Instant::now()) {
+            tracing::info!(
+                listener = inner.name,
+                failed,
+                last = %crate::log::Escaped(err),
+                "tls handshakes failed (logged at most once per 10 s; each at debug)"
+            );
+        }
+    }
+}
+
 impl Drop for Stranger {
     fn drop(&mut self) {
         let mut counts = self
@@ -451,10 +471,14 @@ impl Stranger {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let (stream, peer) = match crate::tls::accept(acceptor, io, left).await {
             Ok(accepted) => accepted,
-            Err(TlsError::HandshakeTimeout(_)) => {
-                return Err(AcceptError::Tls(TlsError::HandshakeTimeout(self.allowed())));
+            Err(err) => {
+                let err = match err {
+                    TlsError::HandshakeTimeout(_) => TlsError::HandshakeTimeout(self.allowed()),
+                    other => other,
+                };
+                self.failed(&err);
+                return Err(AcceptError::Tls(err));
             }
-            Err(err) => return Err(AcceptError::Tls(err)),
         };
         let slot = self.authenticated().map_err(AcceptError::Refused)?;
         Ok((stream, peer, slot))

@@ -288,7 +288,7 @@ async fn tcp_connection(shared: Arc<Shared>, tcp: TcpStream, addr: String, stran
             http(shared, stream, peer, slot).await;
         }
         Err(AcceptError::Tls(err)) => {
-            tracing::info!(outcome = "refused", %err, "tls handshake failed");
+            tracing::debug!(outcome = "refused", %err, "tls handshake failed");
         }
         Err(AcceptError::Refused(_)) => {}
     }
@@ -323,7 +323,19 @@ where
     let service = {
         let shared = shared.clone();
         hyper::service::service_fn(move |req| {
-            let answer = handle(&shared, &peer, &slot, req);
+            // A certificate revoked since the handshake gets no token and no upgrade on this
+            // connection (the websocket checks again on every frame).
+            let answer = match peer.live.as_ref().map(common::tls::LivePeer::check) {
+                Some(Err(err)) => {
+                    tracing::warn!(outcome = "refused", identity = ?peer.identity.as_ref().map(ToString::to_string), err = %common::log::Escaped(&err), "request refused");
+                    let mut answer = plain(StatusCode::FORBIDDEN, "revoked by a current CRL");
+                    answer
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    answer
+                }
+                _ => handle(&shared, &peer, &slot, req),
+            };
             async move { Ok::<_, Infallible>(answer) }
         })
     };

@@ -94,7 +94,7 @@ impl Server {
         let (stream, identity, _slot) = match stranger.accept_tls(&self.tls.acceptor(), tcp).await {
             Ok(accepted) => accepted,
             Err(AcceptError::Tls(err)) => {
-                tracing::info!(outcome = "refused", %err, "tls handshake failed");
+                tracing::debug!(outcome = "refused", %err, "tls handshake failed");
                 return;
             }
             Err(AcceptError::Refused(_)) => return,

@@ -285,7 +285,7 @@ impl Server {
                     _ => Refusal::tls,
                 };
                 shared.metrics.refused(reason);
-                tracing::info!(outcome = "refused", %err, "tls handshake failed");
+                tracing::debug!(outcome = "refused", %err, "tls handshake failed");
                 return None;
             }
             Err(AcceptError::Refused(refused)) => {

@@ -101,3 +101,49 @@ async fn websockets_are_closed_with_1001_at_max_connection_age() {
     let mut fresh = connect(&server.alice("alice"), Channel::Admin).await;
     list(&mut fresh).await;
 }
+
+/// A request on a kept-alive HTTPS connection after the client's certificate was revoked
+/// gets 403, not a token or an upgrade (found by the adversarial pass: `GET /` answered 200
+/// with a fresh token and the upgrade 101 with the admin greeting).
+#[tokio::test]
+async fn a_revoked_client_gets_no_token_on_its_kept_alive_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = pki();
+    let (server, crl) = server_with_own_crl(3600).await;
+    let files = common::tls::ClientTlsFiles {
+        ca: Some(pki.ca_path.clone()),
+        cert: Some(pki.alice.cert_path.clone()),
+        key: Some(pki.alice.key_path.clone()),
+        alpn: vec![b"http/1.1".to_vec()],
+        ..common::tls::ClientTlsFiles::default()
+    };
+    let config = std::sync::Arc::new(common::tls::client_config(&files).expect("client config"));
+    let tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let mut tls = common::tls::connect(config, "localhost", tcp, STEP)
+        .await
+        .expect("handshake");
+    async fn status(
+        tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    ) -> String {
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(STEP, tls.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+    assert!(status(&mut tls).await.contains(" 200 "), "a token before");
+    std::fs::write(&crl, pki.crl_revoking(&[&pki.alice.serial_hex])).expect("write crl");
+    server.server.reload().expect("reload");
+    let line = status(&mut tls).await;
+    assert!(line.contains(" 403 "), "{line}");
+}
