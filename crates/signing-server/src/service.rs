@@ -213,7 +213,9 @@ impl Service {
         // Small content in memory is a fraction of a millisecond of CPU, signed on the
         // request's task without a slot: a client holding every slot with huge files cannot
         // hold up small uploads.
-        let inline = matches!(&content, Content::Memory(bytes) if bytes.len() <= INLINE_SIGN);
+        // (A signing command is a process: it always takes a slot.)
+        let inline = matches!(signer, Signer::Ed448 { .. })
+            && matches!(&content, Content::Memory(bytes) if bytes.len() <= INLINE_SIGN);
         let (share, slot) = if inline {
             (None, None)
         } else {
