@@ -357,28 +357,14 @@ impl Server {
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         // The Unix socket's connections have no age limit: their identity cannot change.
-        let too_old = tokio::time::sleep(max_age.unwrap_or(Duration::MAX / 4));
-        tokio::pin!(too_old);
-        let mut aged = false;
-        loop {
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(err) = result {
-                        tracing::debug!(%err, "connection ended with an error");
-                    }
-                    return;
-                }
-                () = &mut too_old, if !aged && max_age.is_some() => {
-                    aged = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = self.shutdown.triggered() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                    return;
-                }
-            }
-        }
+        common::daemon::drive_http(
+            conn,
+            |c| c.graceful_shutdown(),
+            max_age,
+            &self.shutdown,
+            Duration::from_secs(30),
+        )
+        .await;
     }
 }
 

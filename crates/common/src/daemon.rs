@@ -279,6 +279,44 @@ impl Shutdown {
     }
 }
 
+/// Drives one HTTP connection (hyper's, pinned) to its end. At `max_age` (none: no limit) and
+/// on shutdown it is asked to close after the request in progress (`graceful`, since hyper's
+/// connection types share no trait); after shutdown it gets `drain` to finish.
+pub async fn drive_http<C, E>(
+    mut conn: std::pin::Pin<&mut C>,
+    mut graceful: impl FnMut(std::pin::Pin<&mut C>),
+    max_age: Option<Duration>,
+    shutdown: &Shutdown,
+    drain: Duration,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let too_old = tokio::time::sleep(max_age.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(too_old);
+    let mut aged = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "http connection ended");
+                }
+                return;
+            }
+            () = &mut too_old, if !aged && max_age.is_some() => {
+                tracing::debug!(?max_age, "closing after the request in progress: max_connection_age reached");
+                aged = true;
+                graceful(conn.as_mut());
+            }
+            () = shutdown.triggered() => {
+                graceful(conn.as_mut());
+                let _ = tokio::time::timeout(drain, conn).await;
+                return;
+            }
+        }
+    }
+}
+
 /// A process signal that ends the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopSignal {

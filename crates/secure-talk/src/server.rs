@@ -349,30 +349,16 @@ where
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
-    let too_old = tokio::time::sleep(max_connection_age(&shared.config));
-    tokio::pin!(too_old);
-    let mut aged = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(err) = result {
-                    tracing::debug!(%err, "http connection ended");
-                }
-                return;
-            }
-            // Keep-alive ends after the request in progress (an upgraded websocket has its
-            // own timer in `channel`).
-            () = &mut too_old, if !aged => {
-                aged = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = shared.shutdown.triggered() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                return;
-            }
-        }
-    }
+    // Keep-alive ends at the age after the request in progress (an upgraded websocket has
+    // its own timer in `channel`).
+    common::daemon::drive_http(
+        conn,
+        |c| c.graceful_shutdown(),
+        Some(max_connection_age(&shared.config)),
+        &shared.shutdown,
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 /// `[tls] max_connection_age_secs`, for every connection (the Unix socket's too).

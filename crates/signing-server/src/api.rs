@@ -78,30 +78,14 @@ pub async fn serve<S>(
     let io = common::io::WriteDeadline::new(io, limits.io_timeout());
     let conn = builder.serve_connection(TokioIo::new(io), handler);
     tokio::pin!(conn);
-    let too_old = tokio::time::sleep(max_age);
-    tokio::pin!(too_old);
-    let mut aged = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(err) = result {
-                    tracing::debug!(%err, "http connection ended");
-                }
-                return;
-            }
-            () = &mut too_old, if !aged => {
-                // Ends after the request in progress, if any.
-                tracing::debug!(?max_age, "closing: max_connection_age reached");
-                aged = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = shutdown.triggered() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(limits.drain_grace(), conn).await;
-                return;
-            }
-        }
-    }
+    common::daemon::drive_http(
+        conn,
+        |c| c.graceful_shutdown(),
+        Some(max_age),
+        &shutdown,
+        limits.drain_grace(),
+    )
+    .await;
 }
 
 fn json_answer(status: u16, value: &Value) -> Answer {
