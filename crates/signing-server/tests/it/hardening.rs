@@ -518,39 +518,17 @@ async fn listings_files_and_names_are_bounded() {
 #[tokio::test]
 async fn sigterm_ends_the_daemon_while_a_signature_is_still_running() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("release.pem");
-    let out = std::process::Command::new(crate::support::SERVER_BIN)
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let (config, _key) = crate::support::daemon_setup(
+        dir.path(),
+        "drain_grace_secs = 1\nmax_upload_bytes = 2199023255552\n",
+    );
     let pkgs = dir.path().join("pkgs");
-    std::fs::create_dir(&pkgs).unwrap();
     let huge = pkgs.join("huge.bin");
     std::fs::File::create(&huge)
         .unwrap()
         .set_len(1 << 40)
         .unwrap();
-    let quoted = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
     let pki = pki();
-    let config = dir.path().join("signing-server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {state}\n\n[tls]\ncert = {cert}\nkey = {tls_key}\n\
-             client_ca = {ca}\n\n[[keys]]\ntype = \"ed448\"\nname = \"release\"\nfile = {key}\n\n\
-             [[clients]]\ncn = \"alice\"\nkey = \"release\"\nroots = [{pkgs}]\n\n\
-             [limits]\ndrain_grace_secs = 1\nmax_upload_bytes = 2199023255552\n",
-            state = quoted(&dir.path().join("state")),
-            cert = quoted(&pki.server.cert_path),
-            tls_key = quoted(&pki.server.key_path),
-            ca = quoted(&pki.ca_path),
-            key = quoted(&key),
-            pkgs = quoted(&pkgs),
-        ),
-    )
-    .unwrap();
     let daemon = crate::support::Daemon::start(&config).await;
     let request = {
         let (addr, path) = (daemon.addr, text(&huge).to_owned());

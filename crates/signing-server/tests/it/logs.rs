@@ -1,7 +1,6 @@
 //! Log injection (SECURITY.md, invariant 7): what a client sends never forges a line in the
 //! daemon's log, and no raw escape sequence reaches it.
 
-use std::path::Path;
 use std::process::Stdio;
 
 use testkit::logs::{LogCapture, injection};
@@ -11,41 +10,12 @@ use crate::support::{STEP, legacy, pki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_signing-server");
 
-fn quoted(path: &Path) -> String {
-    serde_json::to_string(path.to_str().unwrap()).unwrap()
-}
-
 #[tokio::test]
 async fn a_refused_path_cannot_forge_a_log_line() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("release.pem");
-    let out = std::process::Command::new(BIN)
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let (config, _key) = crate::support::daemon_setup(dir.path(), "drain_grace_secs = 3\n");
     let pkgs = dir.path().join("pkgs");
-    std::fs::create_dir(&pkgs).unwrap();
     let pki = pki();
-    let config = dir.path().join("signing-server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = {state}\n\n[tls]\ncert = {cert}\nkey = {tls_key}\n\
-             client_ca = {ca}\ncrls = [{crl}]\n\n[[keys]]\ntype = \"ed448\"\nname = \"release\"\n\
-             file = {key}\n\n[[clients]]\ncn = \"alice\"\nkey = \"release\"\nroots = [{pkgs}]\n\n\
-             [limits]\ndrain_grace_secs = 3\n",
-            state = quoted(&dir.path().join("state")),
-            cert = quoted(&pki.server.cert_path),
-            tls_key = quoted(&pki.server.key_path),
-            ca = quoted(&pki.ca_path),
-            crl = quoted(&pki.crl_path),
-            key = quoted(&key),
-            pkgs = quoted(&pkgs),
-        ),
-    )
-    .unwrap();
     let mut child = tokio::process::Command::new(BIN)
         .arg("-c")
         .arg(&config)

@@ -507,6 +507,64 @@ impl io::Read for Generated {
     }
 }
 
+/// A path as a TOML string.
+pub(crate) fn quoted(path: &Path) -> String {
+    serde_json::to_string(path.to_str().unwrap()).unwrap()
+}
+
+/// Makes a key with `keygen` in `dir` and a TOML file for the daemon binary serving
+/// `dir/pkgs` to alice, with `limits` as the body of its `[limits]` section.
+pub(crate) fn daemon_setup(dir: &Path, limits: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join("release.pem");
+    let out = std::process::Command::new(SERVER_BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pkgs = dir.join("pkgs");
+    std::fs::create_dir(&pkgs).unwrap();
+    let pki = pki();
+    let toml = format!(
+        r#"listen = "127.0.0.1:0"
+state_dir = {state}
+log = "warn"
+
+[tls]
+cert = {cert}
+key = {tls_key}
+client_ca = {ca}
+crls = [{crl}]
+
+[[keys]]
+type = "ed448"
+name = "release"
+file = {key}
+
+[[clients]]
+cn = "alice"
+key = "release"
+roots = [{pkgs}]
+
+[limits]
+{limits}"#,
+        state = quoted(&dir.join("state")),
+        cert = quoted(&pki.server.cert_path),
+        tls_key = quoted(&pki.server.key_path),
+        ca = quoted(&pki.ca_path),
+        crl = quoted(&pki.crl_path),
+        key = quoted(&key),
+        pkgs = quoted(&pkgs),
+    );
+    let config = dir.join("signing-server.toml");
+    std::fs::write(&config, toml).unwrap();
+    (config, key)
+}
+
 /// The daemon binary.
 pub(crate) const SERVER_BIN: &str = env!("CARGO_BIN_EXE_signing-server");
 
