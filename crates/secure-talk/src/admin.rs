@@ -271,8 +271,9 @@ fn create(ctx: &Ctx, body: &Body) -> Vec<WsMessage> {
         Err(err) => return vec![pipe_error(ctx, &err)],
     };
     let mut replies = Vec::new();
-    for (pipe, stop) in created {
-        match crate::pipes::spawn(shared, pipe, stop) {
+    for new in created {
+        let pipe = new.id;
+        match crate::pipes::spawn(shared, &new) {
             Ok(pid) => {
                 shared.hub.set_pid(pipe, pid);
                 tracing::info!(pipe_id = pipe, pid, owner = ctx.client, "pipe created");

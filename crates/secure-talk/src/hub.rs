@@ -95,7 +95,35 @@ struct Pipe {
     stop: CancellationToken,
     /// Cancelled when the pipe's IPC connection has relayed everything it read.
     relayed: CancellationToken,
+    /// Cancelled when the pipe checks in: wakes its supervisor, which disarms the check-in
+    /// timer, and the listener on its descriptor when it checked in over the path socket.
+    checked_in: CancellationToken,
+    /// When it was recorded (an orphan's clock when its owner has no entry).
+    since: Instant,
     destroying: bool,
+}
+
+/// A pipe just recorded by [`Hub::create_pipes`].
+#[derive(Debug, Clone)]
+pub struct NewPipe {
+    /// Its id.
+    pub id: PipeId,
+    /// Cancelled to stop it (destroy, orphan reaper, protocol error).
+    pub stop: CancellationToken,
+    /// Cancelled when it has checked in.
+    pub checked_in: CancellationToken,
+}
+
+/// How a check-in reached the server, which decides what proves it comes from the pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckInVia {
+    /// On the socket the daemon made for pipe `PipeId` and handed to its process only (its
+    /// inherited descriptor): only that pipe's id may check in on it.
+    Descriptor(PipeId),
+    /// On the shared path socket, from the process `SO_PEERCRED` names: only the exact
+    /// process that was spawned may check in (never its process group, which another
+    /// process may join).
+    Path(Option<u32>),
 }
 
 /// Why a request about a pipe was refused.
@@ -132,9 +160,12 @@ pub enum CheckInError {
     /// The id has checked in already.
     #[error("pipe {0} has already checked in")]
     Duplicate(PipeId),
-    /// The connecting process is not the pipe's process (nor in its process group).
+    /// The connecting process is not the process spawned for the pipe.
     #[error("pipe {0} is not run by the connecting process")]
     WrongProcess(PipeId),
+    /// The check-in came on another pipe's descriptor.
+    #[error("pipe {0} checked in on the descriptor of pipe {1}")]
+    WrongDescriptor(PipeId, PipeId),
     /// The pipe's process id is not recorded yet: it connected while still being spawned.
     #[error("pipe {0} is still being started")]
     Starting(PipeId),
@@ -321,8 +352,10 @@ impl Hub {
             .count()
     }
 
-    /// Records new pipes for `owner` and returns their ids and stop tokens; nothing is
-    /// recorded when a limit would be passed.
+    /// Records new pipes for `owner` and returns them; nothing is recorded when a limit would
+    /// be passed. The owner's entry is made when it has none (its last connection may have
+    /// closed while this request was being handled), so every pipe is counted against its
+    /// owner's limit and seen by the orphan reaper.
     ///
     /// # Errors
     /// Per-client or server limit.
@@ -333,7 +366,7 @@ impl Hub {
         count: usize,
         max_per_client: usize,
         max_total: usize,
-    ) -> Result<Vec<(PipeId, CancellationToken)>, PipeError> {
+    ) -> Result<Vec<NewPipe>, PipeError> {
         let mut state = self.lock();
         let owned = state.clients.get(&owner).map_or(0, |c| c.pipes.len());
         if owned.saturating_add(count) > max_per_client {
@@ -345,11 +378,16 @@ impl Hub {
         if state.pipes.len().saturating_add(count) > max_total {
             return Err(PipeError::ServerLimit(max_total));
         }
+        let now = Instant::now();
         let mut created = Vec::with_capacity(count);
         for _ in 0..count {
             let id = state.next_pipe;
             state.next_pipe += 1;
-            let stop = CancellationToken::new();
+            let new = NewPipe {
+                id,
+                stop: CancellationToken::new(),
+                checked_in: CancellationToken::new(),
+            };
             state.pipes.insert(
                 id,
                 Pipe {
@@ -360,16 +398,24 @@ impl Hub {
                     to_pipe: None,
                     pending: Vec::new(),
                     created: SystemTime::now(),
-                    stop: stop.clone(),
+                    stop: new.stop.clone(),
                     relayed: CancellationToken::new(),
+                    checked_in: new.checked_in.clone(),
+                    since: now,
                     destroying: false,
                 },
             );
-            if let Some(client) = state.clients.get_mut(&owner) {
-                client.pipes.insert(id);
-            }
-            created.push((id, stop));
+            created.push(new);
         }
+        let client = state.clients.entry(owner).or_insert_with(|| Client {
+            admin: None,
+            data: None,
+            identity: None,
+            pipes: BTreeSet::new(),
+            // No connection is registered for it: the reaper's clock starts now.
+            gone_since: Some(now),
+        });
+        client.pipes.extend(created.iter().map(|p| p.id));
         Ok(created)
     }
 
@@ -394,16 +440,16 @@ impl Hub {
         self.lock().pipes.get(&pipe).map(|p| p.owner)
     }
 
-    /// Accepts a pipe's check-in from process `peer_pid` (whose process group is
-    /// `peer_pgid`); returns the frames to send it first (config, launch, queued frames).
+    /// Accepts a pipe's check-in that came `via` the path socket or a pipe's descriptor;
+    /// returns the frames to send it first (config, launch, queued frames).
     ///
     /// # Errors
-    /// Unknown id, second check-in, or a process that is not the pipe's.
+    /// Unknown id, second check-in, a check-in on another pipe's descriptor, or a process
+    /// that is not the one spawned for the pipe.
     pub fn check_in(
         &self,
         pipe: PipeId,
-        peer_pid: Option<u32>,
-        peer_pgid: Option<u32>,
+        via: CheckInVia,
         tx: mpsc::Sender<Frame>,
     ) -> Result<Vec<Frame>, CheckInError> {
         use common::envelope::ipc::Kind;
@@ -415,19 +461,22 @@ impl Hub {
         if p.to_pipe.is_some() {
             return Err(CheckInError::Duplicate(pipe));
         }
-        if p.pid.is_none() {
-            return Err(CheckInError::Starting(pipe));
-        }
-        // The spawned process leads its own process group, so the pipe program itself or
-        // anything it starts may check in; no other local process may claim the id.
-        let ours = match (p.pid, peer_pid) {
-            (Some(pid), Some(peer)) => peer == pid || peer_pgid == Some(pid),
-            _ => false,
-        };
-        if !ours {
-            return Err(CheckInError::WrongProcess(pipe));
+        match via {
+            // Only the pipe's process (and what it started) holds its descriptor.
+            CheckInVia::Descriptor(holder) if holder != pipe => {
+                return Err(CheckInError::WrongDescriptor(pipe, holder));
+            }
+            CheckInVia::Descriptor(_) => {}
+            // The kernel vouches for the peer's pid; a process group can be joined by any
+            // process of the same user, a pid cannot be taken while the pipe runs.
+            CheckInVia::Path(peer) => match p.pid {
+                None => return Err(CheckInError::Starting(pipe)),
+                Some(pid) if peer == Some(pid) => {}
+                Some(_) => return Err(CheckInError::WrongProcess(pipe)),
+            },
         }
         p.to_pipe = Some(tx);
+        p.checked_in.cancel();
         let mut frames = Vec::new();
         if let Some(config) = &p.spec.config {
             frames.push(Frame::new(Kind::Config, config.clone().into_bytes()));
@@ -531,14 +580,23 @@ impl Hub {
         Some((owner, admin))
     }
 
-    /// Pipes whose owner has had no connection for longer than `after`.
+    /// Pipes whose owner has had no connection for longer than `after`, found by each pipe's
+    /// owner (a pipe whose owner has no entry at all counts from its creation); pipes already
+    /// being destroyed are left to their supervisor.
     pub fn orphans(&self, after: std::time::Duration) -> Vec<PipeId> {
         let state = self.lock();
         state
-            .clients
-            .values()
-            .filter(|c| c.gone_since.is_some_and(|t| t.elapsed() > after))
-            .flat_map(|c| c.pipes.iter().copied())
+            .pipes
+            .iter()
+            .filter(|(_, p)| !p.destroying)
+            .filter(|(_, p)| {
+                let gone_since = match state.clients.get(&p.owner) {
+                    Some(client) => client.gone_since,
+                    None => Some(p.since),
+                };
+                gone_since.is_some_and(|t| t.elapsed() > after)
+            })
+            .map(|(id, _)| *id)
             .collect()
     }
 
@@ -640,7 +698,7 @@ mod tests {
             .create_pipes(1, &spec(), 2, 2, 10)
             .unwrap()
             .into_iter()
-            .map(|(id, _)| id)
+            .map(|p| p.id)
             .collect();
         assert_eq!(ids, vec![0, 1]);
         assert!(matches!(
@@ -660,21 +718,45 @@ mod tests {
         // Queued before check-in, delivered after config and launch.
         hub.send_to_pipe(Some(1), 0, Frame::new(4u32, "{\"p\":1}"))
             .unwrap();
-        hub.set_pid(0, 100);
         let (tx, _rx) = mpsc::channel(4);
         assert_eq!(
-            hub.check_in(0, Some(101), Some(555), tx.clone()),
+            hub.check_in(0, CheckInVia::Path(Some(100)), tx.clone()),
+            Err(CheckInError::Starting(0))
+        );
+        hub.set_pid(0, 100);
+        // A process that joined the pipe's process group is not the pipe.
+        assert_eq!(
+            hub.check_in(0, CheckInVia::Path(Some(101)), tx.clone()),
             Err(CheckInError::WrongProcess(0))
         );
-        let frames = hub.check_in(0, Some(101), Some(100), tx.clone()).unwrap();
+        assert_eq!(
+            hub.check_in(0, CheckInVia::Path(None), tx.clone()),
+            Err(CheckInError::WrongProcess(0))
+        );
+        // Pipe 1's descriptor cannot check in pipe 0.
+        assert_eq!(
+            hub.check_in(0, CheckInVia::Descriptor(1), tx.clone()),
+            Err(CheckInError::WrongDescriptor(0, 1))
+        );
+        assert!(!hub.checked_in(0));
+        let frames = hub
+            .check_in(0, CheckInVia::Path(Some(100)), tx.clone())
+            .unwrap();
         let kinds: Vec<u32> = frames.iter().map(|f| f.kind.number()).collect();
         assert_eq!(kinds, vec![2, 3, 4]);
+        assert!(hub.checked_in(0));
         assert_eq!(
-            hub.check_in(0, Some(100), Some(100), tx),
+            hub.check_in(0, CheckInVia::Descriptor(0), tx.clone()),
             Err(CheckInError::Duplicate(0))
         );
+        // On its own descriptor a pipe checks in before its pid is even recorded.
         assert_eq!(
-            hub.check_in(9, Some(1), None, mpsc::channel(1).0),
+            hub.check_in(1, CheckInVia::Descriptor(1), tx)
+                .map(|f| f.len()),
+            Ok(2)
+        );
+        assert_eq!(
+            hub.check_in(9, CheckInVia::Path(Some(1)), mpsc::channel(1).0),
             Err(CheckInError::Unknown(9))
         );
         let (owner, admin) = hub.pipe_exited(0).unwrap();
@@ -700,5 +782,40 @@ mod tests {
         let (_, pipes) = hub.attach(1, Channel::Admin, a, None, 10).unwrap();
         assert_eq!(pipes, vec![0]);
         assert!(hub.orphans(std::time::Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn check_in_wakes_whoever_waits_for_it() {
+        let hub = Hub::default();
+        let new = hub.create_pipes(1, &spec(), 1, 4, 4).unwrap().remove(0);
+        assert!(!new.checked_in.is_cancelled());
+        hub.check_in(new.id, CheckInVia::Descriptor(new.id), mpsc::channel(1).0)
+            .unwrap();
+        assert!(new.checked_in.is_cancelled());
+    }
+
+    /// A second admin connection of the client attaches and closes while the first is still
+    /// creating pipes: the client entry was removed, and every later create recorded no id,
+    /// so neither the limit nor the orphan reaper saw those pipes.
+    #[test]
+    fn creates_after_the_last_registered_connection_closed_still_count() {
+        let hub = Hub::default();
+        let (first, _r1) = conn(1);
+        let (second, _r2) = conn(2);
+        hub.attach(7, Channel::Admin, first, None, 10).unwrap();
+        hub.attach(7, Channel::Admin, second, None, 10).unwrap();
+        hub.detach(7, Channel::Admin, 2);
+        // The first connection, replaced but still handling its batch, creates 30 pipes.
+        let created = (0..30)
+            .filter(|_| hub.create_pipes(7, &spec(), 1, 16, 256).is_ok())
+            .count();
+        assert_eq!(created, 16, "max_pipes_per_client holds");
+        assert_eq!(hub.pipes_of(7).len(), 16);
+        hub.detach(7, Channel::Admin, 1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(hub.orphans(std::time::Duration::ZERO).len(), 16);
+        // A pipe being destroyed is left to its supervisor.
+        hub.begin_destroy(None, 0).unwrap();
+        assert_eq!(hub.orphans(std::time::Duration::ZERO).len(), 15);
     }
 }

@@ -1,8 +1,14 @@
-//! The IPC socket pipes connect back to: check-in, commands to the pipe, output from it.
+//! The IPC sockets pipes talk on: check-in, commands to the pipe, output from it.
+//!
+//! A pipe checks in on one of two sockets. Its own descriptor (one end of a socketpair the
+//! daemon made for it alone, inherited as descriptor 3): holding it is the proof, and only
+//! that pipe's id may check in on it. Or the shared path socket (`ipc_socket`), for pipe
+//! programs that connect by path: there only the exact process that was spawned for the id
+//! may check in (`SO_PEERCRED` pid, which the kernel vouches for; never its process group,
+//! which any process of the same user can join).
 //!
 //! A connection's first byte tells raw frames from JSON lines. Its first frame must be a
-//! check-in (type 1, the pipe id in ASCII decimal) from the pipe's own process or its process
-//! group (`SO_PEERCRED`), within the check-in timeout. After that the server sends config
+//! check-in (type 1, the pipe id in ASCII decimal), within the check-in timeout. After that the server sends config
 //! (2) and launch (3), then whatever the owner asks (property 4, destroy 5, text 0); what the
 //! pipe sends goes to its owner's data channel, error text (7) to the admin channel too. A
 //! malformed frame ends the connection and the pipe with it.
@@ -19,7 +25,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use crate::hub::{Channel, CheckInError, ClientId, Out, PipeId};
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Channel, CheckInError, CheckInVia, ClientId, Out, PipeId};
 use crate::server::Shared;
 
 /// Frames queued towards one pipe.
@@ -39,15 +47,41 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
             .and_then(|p| u32::try_from(p).ok());
         let span = tracing::info_span!("ipc", peer_pid = pid);
         // Not tracked by the drain: the pipe supervisors are, and they end these connections.
-        tokio::spawn(connection(shared, stream, pid).instrument(span));
+        tokio::spawn(connection(shared, stream, CheckInVia::Path(pid), None).instrument(span));
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
+/// Serves pipe `id`'s own socket (the daemon's end of the pair whose other end the pipe
+/// inherited). Gives up quietly when the pipe checks in over the path socket instead, or
+/// sends nothing before the check-in timeout (its supervisor deals with that).
+pub(crate) async fn on_descriptor(
+    shared: Arc<Shared>,
+    id: PipeId,
+    stream: UnixStream,
+    checked_in: CancellationToken,
+) {
+    connection(shared, stream, CheckInVia::Descriptor(id), Some(checked_in)).await;
+}
+
+/// One pipe connection, from its check-in to its end. `elsewhere`, for a pipe's descriptor,
+/// is cancelled when the pipe has checked in by another way: waiting for a check-in here
+/// then ends.
+async fn connection(
+    shared: Arc<Shared>,
+    stream: UnixStream,
+    via: CheckInVia,
+    elsewhere: Option<CancellationToken>,
+) {
     let max = shared.config.limits.max_ipc_frame_bytes;
     let (mut reader, mut writer) = stream.into_split();
     let mut buf = BytesMut::with_capacity(8192);
 
+    let checked_in_elsewhere = async {
+        match &elsewhere {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     let checkin = tokio::time::timeout(shared.config.limits.pipe_checkin_timeout(), async {
         loop {
             if let Some(first) = buf.first() {
@@ -61,13 +95,24 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
                 return Ok(None);
             }
         }
-    })
-    .await;
+    });
+    let checkin = tokio::select! {
+        checkin = checkin => checkin,
+        () = checked_in_elsewhere => {
+            tracing::debug!("the pipe checked in over the path socket; closing its descriptor");
+            return;
+        }
+    };
+    let descriptor = matches!(via, CheckInVia::Descriptor(_));
     let (protocol, frame) = match checkin {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return,
         Ok(Err(err)) => {
             tracing::warn!(err = %common::log::Escaped(&err), "ipc check-in is malformed");
+            return;
+        }
+        Err(_) if descriptor => {
+            tracing::debug!("no check-in on the pipe's descriptor in time");
             return;
         }
         Err(_) => {
@@ -82,17 +127,12 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
         );
         return;
     };
-    let pgid = pid.and_then(|p| {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(p).ok()?)?;
-        let group = rustix::process::getpgid(Some(pid)).ok()?;
-        u32::try_from(group.as_raw_nonzero().get()).ok()
-    });
     let (tx, mut rx) = mpsc::channel::<Frame>(TO_PIPE_QUEUE);
     // A pipe may connect before its spawner has recorded its pid: ask again until the
     // check-in deadline.
     let started = tokio::time::Instant::now();
     let first = loop {
-        match shared.hub.check_in(id, pid, pgid, tx.clone()) {
+        match shared.hub.check_in(id, via, tx.clone()) {
             Ok(first) => break first,
             Err(CheckInError::Starting(_))
                 if started.elapsed() < shared.config.limits.pipe_checkin_timeout() =>
@@ -109,7 +149,7 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, pid: Option<u32>) {
     drop(tx);
     // The supervisor announces the pipe's end only after this connection is done.
     let _relayed = shared.hub.relayed(id).map(|t| t.drop_guard());
-    tracing::info!(pipe_id = id, ?protocol, "pipe checked in");
+    tracing::info!(pipe_id = id, ?protocol, descriptor, "pipe checked in");
 
     // Writer: frames to the pipe, until the hub forgets the pipe (the sender drops).
     let write = async move {

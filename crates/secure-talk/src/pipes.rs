@@ -6,11 +6,19 @@
 //! shutdown, starts at SIGTERM. The supervisor holds the child until it is reaped, so a pid is
 //! never signalled after it could have been reused. When the process exits the owner gets
 //! `pipe_delete`.
+//!
+//! Each pipe also gets a socket of its own: one end of a `socketpair` is inherited as
+//! descriptor [`IPC_FD`] (announced by `SECURE_TALK_IPC_FD` and the `{ipc_fd}` placeholder),
+//! the other stays with the daemon. Only the spawned process, and what it starts, holds that
+//! descriptor, so a check-in on it is the pipe's (see `ipc`). A check-in wakes the supervisor,
+//! which disarms the check-in timer.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 
+use command_fds::{CommandFdExt as _, FdMapping};
 use common::envelope::talk::Message;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::{Child, Command};
@@ -18,8 +26,11 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::hub::{Out, PipeId};
+use crate::hub::{NewPipe, Out, PipeId};
 use crate::server::Shared;
+
+/// The descriptor number a pipe inherits its own IPC socket as.
+pub const IPC_FD: i32 = 3;
 
 /// Environment variables of the service manager that must not leak into pipes.
 const SCRUBBED_ENV: [&str; 7] = [
@@ -38,33 +49,51 @@ const RELAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest line of a pipe's own stdout/stderr copied into the log.
 const MAX_LOG_LINE: usize = 1024;
 
-/// The pipe program's argument list for `id`, placeholders replaced.
+/// The pipe program's argument list for `id`, placeholders (`{id}`, `{ipc_socket}`,
+/// `{ipc_fd}`) replaced.
 pub fn arguments(template: &[String], id: PipeId, ipc_socket: &str) -> Vec<String> {
     template
         .iter()
         .map(|arg| {
             arg.replace("{id}", &id.to_string())
                 .replace("{ipc_socket}", ipc_socket)
+                .replace("{ipc_fd}", &IPC_FD.to_string())
         })
         .collect()
 }
 
-/// Starts the process of pipe `id` and its supervisor; returns the process id.
+/// Starts the process of a new pipe, its supervisor and the listener on its own IPC socket;
+/// returns the process id.
 ///
 /// # Errors
-/// The program cannot be started.
-pub(crate) fn spawn(
-    shared: &Arc<Shared>,
-    id: PipeId,
-    stop: CancellationToken,
-) -> std::io::Result<u32> {
+/// The socket pair cannot be made or the program cannot be started.
+pub(crate) fn spawn(shared: &Arc<Shared>, pipe: &NewPipe) -> std::io::Result<u32> {
+    let id = pipe.id;
     let config = &shared.config;
     let socket = config.ipc_socket.to_string_lossy().into_owned();
+    // Blocking on the pipe's side (a status flag of the socket, not of the descriptor, so the
+    // daemon's end is made non-blocking on its own); close-on-exec on both, so no other child
+    // inherits either end.
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let ours = std::os::unix::net::UnixStream::from(ours);
+    ours.set_nonblocking(true)?;
+    let ours = tokio::net::UnixStream::from_std(ours)?;
     let mut command = Command::new(&config.pipe_program);
     command
         .args(arguments(&config.pipe_args, id, &socket))
         .env("SECURE_TALK_PIPE_ID", id.to_string())
         .env("SECURE_TALK_IPC_SOCKET", &socket)
+        .env("SECURE_TALK_IPC_FD", IPC_FD.to_string())
+        .fd_mappings(vec![FdMapping {
+            parent_fd: theirs,
+            child_fd: IPC_FD,
+        }])
+        .map_err(std::io::Error::other)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,7 +102,10 @@ pub(crate) fn spawn(
     for name in SCRUBBED_ENV {
         command.env_remove(name);
     }
-    let mut child = command.spawn()?;
+    let spawned = command.spawn();
+    // The command holds the pipe's end until it is dropped: the daemon keeps none.
+    drop(command);
+    let mut child = spawned?;
     let pid = child.id().unwrap_or_default();
     let span = tracing::info_span!("pipe", pipe_id = id, pid);
     if let Some(out) = child.stdout.take() {
@@ -82,9 +114,21 @@ pub(crate) fn spawn(
     if let Some(err) = child.stderr.take() {
         tokio::spawn(log_output(err, "stderr").instrument(span.clone()));
     }
-    let shared = shared.clone();
+    // Not tracked by the drain, as connections on the path socket: the supervisor is.
+    tokio::spawn(
+        crate::ipc::on_descriptor(shared.clone(), id, ours, pipe.checked_in.clone())
+            .instrument(tracing::info_span!("ipc", pipe_id = id, via = "descriptor")),
+    );
     let shutdown = shared.shutdown.clone();
-    shutdown.spawn(supervise(shared, id, child, pid, stop).instrument(span));
+    let supervised = supervise(
+        shared.clone(),
+        id,
+        child,
+        pid,
+        pipe.stop.clone(),
+        pipe.checked_in.clone(),
+    );
+    shutdown.spawn(supervised.instrument(span));
     Ok(pid)
 }
 
@@ -106,6 +150,7 @@ async fn supervise(
     mut child: Child,
     pid: u32,
     stop: CancellationToken,
+    checked_in: CancellationToken,
 ) {
     let limits = &shared.config.limits;
     let grace = limits.kill_grace();
@@ -113,9 +158,12 @@ async fn supervise(
     let mut phase = Phase::Running;
     let mut deadline = checkin_by;
     let status: std::io::Result<ExitStatus> = loop {
-        let waiting_checkin = phase == Phase::Running && !shared.hub.checked_in(id);
+        // Recomputed each turn; the check-in wakes this loop (below), so the timer is
+        // disarmed as soon as the pipe has checked in, not only when something else happens.
+        let waiting_checkin = phase == Phase::Running && !checked_in.is_cancelled();
         tokio::select! {
             status = child.wait() => break status,
+            () = checked_in.cancelled(), if waiting_checkin => {}
             () = stop.cancelled(), if phase == Phase::Running => {
                 if shared.hub.checked_in(id) {
                     phase = Phase::Asked;
@@ -221,5 +269,7 @@ mod tests {
             arguments(&template, 12, "/run/st/ipc.sock"),
             vec!["-i", "12", "-u", "/run/st/ipc.sock", "x12y"]
         );
+        let template = vec!["--ipc-fd".to_owned(), "{ipc_fd}".to_owned()];
+        assert_eq!(arguments(&template, 1, "s"), vec!["--ipc-fd", "3"]);
     }
 }

@@ -1,12 +1,14 @@
 //! secure-talk-pipe: the worker ("pipe") process the secure-talk daemon spawns, one per pipe.
 //!
-//! It checks in over the daemon's IPC socket, takes config/launch/property/destroy frames, runs
+//! It checks in over its own IPC descriptor (inherited from the daemon, `SECURE_TALK_IPC_FD`)
+//! or, without one, the daemon's IPC socket, takes config/launch/property/destroy frames, runs
 //! the launched command (split with shell-word rules, never through a shell) and streams the
 //! command's stdout and stderr back as frames. Framing is `common::envelope::ipc`; this file
 //! only knows what each type means for a pipe.
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus, Stdio};
@@ -52,8 +54,12 @@ const EXIT_NOT_FOUND: u8 = 127;
 
 /// Worker ("pipe") process of the secure-talk daemon: runs one command and relays it over IPC.
 ///
-/// The daemon starts one per pipe as `secure-talk-pipe -i <ID> -u <SOCKET>`. It connects to
-/// the daemon's Unix socket, checks in with its id, then obeys the daemon's frames.
+/// The daemon starts one per pipe as `secure-talk-pipe -i <ID> -u <SOCKET>`, with the pipe's
+/// own socket inherited as descriptor 3 and SECURE_TALK_IPC_FD=3 in the environment. It checks
+/// in with its id on that descriptor (holding it is what proves to the daemon that this is the
+/// pipe), or, when no descriptor is given, on the daemon's Unix socket (accepted only from the
+/// process the daemon spawned), then obeys the daemon's frames. The descriptor is closed before
+/// the command starts, and SECURE_TALK_IPC_FD is not passed on to it.
 ///
 /// Framing: raw by default (u32 big-endian total length including the 8-byte header, u32
 /// big-endian type, payload); with --json one {"type": n, "payload": "..."} object per line,
@@ -96,9 +102,17 @@ struct Args {
     /// Pipe id, sent in the check-in frame.
     #[arg(long, short = 'i')]
     id: u64,
-    /// The daemon's IPC Unix socket.
-    #[arg(long = "socket", short = 'u', value_name = "PATH")]
-    socket: PathBuf,
+    /// The daemon's IPC Unix socket, used when no --ipc-fd is given.
+    #[arg(
+        long = "socket",
+        short = 'u',
+        value_name = "PATH",
+        required_unless_present = "ipc_fd"
+    )]
+    socket: Option<PathBuf>,
+    /// The pipe's own IPC socket, an inherited descriptor (the daemon passes 3).
+    #[arg(long, env = "SECURE_TALK_IPC_FD", value_name = "FD")]
+    ipc_fd: Option<RawFd>,
     /// Speak the JSON-lines form of the IPC protocol instead of raw frames.
     #[arg(long)]
     json: bool,
@@ -136,14 +150,10 @@ async fn run(args: Args) -> u8 {
     } else {
         Protocol::Raw
     };
-    let stream = match UnixStream::connect(&args.socket).await {
-        Ok(stream) => stream,
-        Err(err) => {
-            tracing::error!(socket = %args.socket.display(), %err, "cannot connect to the daemon");
-            return exit::UNAVAILABLE;
-        }
+    let Some(stream) = ipc_stream(&args).await else {
+        return exit::UNAVAILABLE;
     };
-    debug!(socket = %args.socket.display(), ?protocol, "connected");
+    debug!(?protocol, "connected");
     let (rd, wr) = stream.into_split();
     let (out, out_rx) = mpsc::channel(OUTPUT_QUEUE);
     let writer = tokio::spawn(write_frames(wr, protocol, out_rx).in_current_span());
@@ -170,6 +180,93 @@ async fn run(args: Args) -> u8 {
         Err(_) => warn!("the daemon did not take the last frames in time; closing anyway"),
     }
     code
+}
+
+/// The connection to the daemon: the inherited descriptor when one is given, else the path
+/// socket (also when the descriptor cannot be used and a socket was named).
+async fn ipc_stream(args: &Args) -> Option<UnixStream> {
+    if let Some(fd) = args.ipc_fd {
+        match take_inherited_socket(fd) {
+            Ok(stream) => return Some(stream),
+            Err(err) if args.socket.is_some() => {
+                warn!(fd, %err, "cannot use the inherited ipc descriptor; connecting by path");
+            }
+            Err(err) => {
+                tracing::error!(fd, %err, "cannot use the inherited ipc descriptor");
+                return None;
+            }
+        }
+    }
+    let socket = args.socket.as_ref()?;
+    match UnixStream::connect(socket).await {
+        Ok(stream) => Some(stream),
+        Err(err) => {
+            tracing::error!(socket = %socket.display(), %err, "cannot connect to the daemon");
+            None
+        }
+    }
+}
+
+/// Takes the Unix stream socket inherited as descriptor `fd`, without `unsafe`.
+///
+/// std offers no safe way to own a descriptor known only by its number, so it is passed to
+/// ourselves: sent with `SCM_RIGHTS` over a fresh socketpair (the kernel checks the number
+/// and duplicates it) and received as an owned, close-on-exec descriptor. The inherited
+/// number is then closed, so the command launched later does not inherit the daemon's
+/// socket. Sound because the launch contract gives this process descriptor `fd` and nothing
+/// else in it knows that number.
+fn take_inherited_socket(fd: RawFd) -> io::Result<UnixStream> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr};
+    use rustix::net::{
+        AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags,
+        SocketType,
+    };
+    if fd <= 2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the ipc descriptor must not be standard input, output or error",
+        ));
+    }
+    let (tx, rx) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    nix::sys::socket::sendmsg::<UnixAddr>(
+        tx.as_raw_fd(),
+        &[io::IoSlice::new(b"fd")],
+        &[ControlMessage::ScmRights(&[fd])],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)?;
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 2];
+    rustix::net::recvmsg(
+        &rx,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let owned: Option<OwnedFd> = control.drain().find_map(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+        _ => None,
+    });
+    let owned = owned.ok_or_else(|| io::Error::other("no descriptor came back"))?;
+    nix::unistd::close(fd).map_err(io::Error::from)?;
+    if rustix::net::sockopt::socket_type(&owned)? != SocketType::STREAM
+        || rustix::net::getsockname(&owned)?.address_family() != AddressFamily::UNIX
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the ipc descriptor is not a Unix stream socket",
+        ));
+    }
+    let stream = std::os::unix::net::UnixStream::from(owned);
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
 }
 
 /// The pipe's state between frames.
@@ -401,6 +498,7 @@ impl Pipe {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .env_remove("SECURE_TALK_IPC_FD")
             .kill_on_drop(true);
         self.apply_config(&mut command);
         let mut child = match command.spawn() {

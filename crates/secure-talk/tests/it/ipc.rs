@@ -1,4 +1,6 @@
-//! The IPC socket: only a spawned pipe may check in, and no byte sequence breaks the server.
+//! The IPC sockets: only a spawned pipe may check in (on its own descriptor, or on the path
+//! socket from its own process, never from its process group), and no byte sequence breaks the
+//! server.
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
 use crate::support::{
-    PIPE, STEP, TestServer, connect, create_pipe, data_until, expect_reply, list,
+    PIPE, STEP, TestServer, connect, create_pipe, data_until, expect_reply, list, listed_pid,
     panics_on_this_thread, recv_message, recv_method, recv_until, send, wait_checked_in,
 };
 
@@ -74,6 +76,148 @@ async fn a_process_that_is_not_the_pipe_cannot_check_in_for_it() {
     assert_eq!(listed["pipes"][0]["checked_in"], json!(false), "{listed}");
     // The real pipe checks in and runs its command.
     assert_eq!(data_until(&mut data, id, "real\n").await, "real\n");
+}
+
+/// A hostile process (Python, stdlib only): joins the victim pipe's process group, checks in
+/// on the path socket with the victim's id and prints how many bytes the server sent it.
+const GROUP_JOINER: &str = r#"
+import os, socket, struct, sys
+victim_pid, pipe_id, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.setpgid(0, victim_pid)
+assert os.getpgid(0) == victim_pid
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.sendall(struct.pack(">II", 8 + len(pipe_id), 1) + pipe_id.encode())
+answer = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    answer += chunk
+print(len(answer))
+"#;
+
+#[tokio::test]
+async fn a_process_that_joins_the_pipes_process_group_cannot_check_in_for_it() {
+    // The victim starts late, so its id is free when the hostile process claims it.
+    let server = TestServer::start_with(|c| {
+        c.pipe_program = "sh".into();
+        c.pipe_args = vec![
+            "-c".into(),
+            format!("sleep 1.5; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}"),
+        ];
+    })
+    .await;
+    let opts = server.alice("victim");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "echo real").await;
+    let victim = listed_pid(&list(&mut admin).await, id);
+
+    let hostile = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(GROUP_JOINER)
+        .arg(victim.to_string())
+        .arg(id.to_string())
+        .arg(&server.config.ipc_socket)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(STEP, hostile)
+        .await
+        .expect("the hostile process ends")
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "0",
+        "the server sent the victim's config and launch to a process of its group"
+    );
+    let listed = list(&mut admin).await;
+    assert_eq!(listed["pipes"][0]["checked_in"], json!(false), "{listed}");
+    // The real pipe still checks in, and its owner gets its output.
+    assert_eq!(data_until(&mut data, id, "real\n").await, "real\n");
+}
+
+#[tokio::test]
+async fn a_pipe_checks_in_on_its_own_descriptor() {
+    // No socket path at all: the inherited descriptor is the only way in.
+    let server = TestServer::start_with(|c| {
+        c.pipe_args = ["-i", "{id}", "--ipc-fd", "{ipc_fd}"]
+            .map(String::from)
+            .to_vec();
+    })
+    .await;
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    let id = create_pipe(&mut admin, "echo via the descriptor").await;
+    data_until(&mut data, id, "via the descriptor\n").await;
+}
+
+/// A pipe (Python, stdlib only) that claims its sibling's id on its own descriptor, then
+/// checks in on the path socket with its own id and reports what the claim was answered.
+const SIBLING_CLAIM: &str = r#"
+import os, socket, struct, sys, time
+me, path = int(sys.argv[1]), sys.argv[2]
+def frame(kind, payload):
+    return struct.pack(">II", 8 + len(payload), kind) + payload
+own = socket.socket(fileno=int(os.environ["SECURE_TALK_IPC_FD"]))
+own.sendall(frame(1, str(me ^ 1).encode()))
+answer = b""
+while True:
+    chunk = own.recv(65536)
+    if not chunk:
+        break
+    answer += chunk
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.sendall(frame(1, str(me).encode()))
+s.sendall(frame(0, ("claim answered with %d bytes\n" % len(answer)).encode()))
+time.sleep(30)
+"#;
+
+#[tokio::test]
+async fn a_check_in_on_a_descriptor_with_another_pipes_id_is_refused() {
+    let server = TestServer::start_with(|c| {
+        c.pipe_program = "python3".into();
+        c.pipe_args = vec![
+            "-c".into(),
+            SIBLING_CLAIM.into(),
+            "{id}".into(),
+            "{ipc_socket}".into(),
+        ];
+    })
+    .await;
+    let opts = server.alice("a");
+    let mut data = connect(&opts, Channel::Data).await;
+    let mut admin = connect(&opts, Channel::Admin).await;
+    // Pipes 0 and 1, both recorded before either starts: each claims the other's id.
+    send(
+        &mut admin,
+        json!({"headers": {"method": "create"}, "payload": {"pipe_num": 2, "launch": "x"}}),
+    )
+    .await;
+    expect_reply(&mut admin, 200, "pipe_create 0").await;
+    expect_reply(&mut admin, 200, "pipe_create 1").await;
+    // Their outputs come in either order.
+    let mut reported = std::collections::BTreeMap::new();
+    while reported.len() < 2 {
+        let output =
+            recv_message(&mut data, "a pipe's report", |m| m.headers.kind == Some(0)).await;
+        let text = output
+            .payload
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        reported.insert(output.headers.pipe_id, text);
+    }
+    let expected = Some("claim answered with 0 bytes\n".to_owned());
+    assert_eq!(reported.get(&Some(0)), Some(&expected), "{reported:?}");
+    assert_eq!(reported.get(&Some(1)), Some(&expected), "{reported:?}");
 }
 
 #[tokio::test]

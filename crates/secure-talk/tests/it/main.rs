@@ -9,7 +9,9 @@
 //! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push;
 //! - `limits`: per-client pipes and clients, `max_connections`, pings and the idle timeout,
 //!   data-channel backpressure, the upload lock, SIGHUP reloading the TLS certificate;
-//! - `ipc`: impostor check-ins and garbage on the IPC socket;
+//! - `ipc`: impostor check-ins (another process, a process of the pipe's group, another
+//!   pipe's id on a descriptor), check-in on the descriptor, garbage on the IPC socket;
+//! - `checkin`: the check-in timer at its default, both ways;
 //! - `shutdown`: shutdown with pipes that ignore SIGTERM;
 //! - `daemon`: the `secure-talk` binary;
 //! - `pipe_program`: the `secure-talk-pipe` binary against a fake daemon;
@@ -20,6 +22,7 @@
     reason = "test helpers panic on setup failures, like the tests"
 )]
 
+mod checkin;
 mod cli;
 mod daemon;
 mod echo;

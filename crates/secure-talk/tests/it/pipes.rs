@@ -377,3 +377,107 @@ async fn pipes_started_in_bursts_all_check_in() {
         }
     }
 }
+
+/// A second admin connection of a client attaches and closes while the first is still busy:
+/// the first connection's creates, handled after the client's entry was dropped, still count
+/// against `max_pipes_per_client`, and the orphan reaper stops every pipe they started.
+#[tokio::test]
+async fn creates_of_a_replaced_admin_connection_keep_the_limit_and_are_reaped() {
+    use common::envelope::talk::Message;
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::{Message as WsMessage, protocol::Role};
+
+    const LISTS: usize = 50;
+    const CREATES: usize = 8;
+    let server = TestServer::start_with(|c| {
+        c.admin_subjects = vec![AdminSubject::Cn("alice".into())];
+        c.limits.max_pipes_per_client = 6;
+        c.limits.orphan_pipe_timeout_secs = 1;
+    })
+    .await;
+    // Bob's six pipes, each with a 60 KB create JSON, make an admin's `list` reply 360 KB.
+    let mut bob = connect(&server.bob("bob"), Channel::Admin).await;
+    let pad = "y".repeat(60_000);
+    send(
+        &mut bob,
+        json!({"headers": {"method": "create"},
+               "payload": {"launch": "sleep 30", "pipe_num": 6, "pad": pad}}),
+    )
+    .await;
+    for _ in 0..6 {
+        expect_reply(&mut bob, 200, "pipe_create").await;
+    }
+
+    // Alice (an admin) sends, in one write, 50 lists (18 MB of replies she does not read:
+    // the server blocks writing them) and 8 creates behind them, all in one batch.
+    let alice = server.alice("alice");
+    let first = connect(&alice, Channel::Admin).await;
+    let mut ws = WebSocketStream::from_raw_socket(first.into_stream(), Role::Client, None).await;
+    let listing = json!({"headers": {"method": "list"}}).to_string();
+    let create =
+        json!({"headers": {"method": "create"}, "payload": {"launch": "sleep 30"}}).to_string();
+    for _ in 0..LISTS {
+        ws.feed(WsMessage::text(listing.clone()))
+            .await
+            .expect("feed");
+    }
+    for _ in 0..CREATES {
+        ws.feed(WsMessage::text(create.clone()))
+            .await
+            .expect("feed");
+    }
+    ws.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.server.pipes(),
+        6,
+        "the server is blocked before the creates"
+    );
+    // Her second admin connection attaches (replacing the busy one) and closes.
+    let second = connect(&alice, Channel::Admin).await;
+    second.close().await.expect("close");
+    eventually("the second connection to detach", STEP, || {
+        server.server.connected_clients() == 1
+    })
+    .await;
+
+    // The busy connection goes on: its creates come after her client entry was removed.
+    let (mut created, mut refused) = (0, 0);
+    tokio::time::timeout(STEP, async {
+        while created + refused < CREATES {
+            let text = match ws.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(WsMessage::Text(text))) => text,
+                Some(Ok(_)) => continue,
+            };
+            let message = Message::decode(text.as_bytes(), 16 << 20).expect("a JSON reply");
+            let text = message.payload.as_ref().and_then(Value::as_str);
+            match message.headers.code {
+                Some(200) if text.is_some_and(|t| t.starts_with("pipe_create")) => created += 1,
+                Some(503) => refused += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{created} created and {refused} refused in time"));
+    assert_eq!(
+        (created, refused),
+        (6, CREATES - 6),
+        "max_pipes_per_client holds"
+    );
+    assert_eq!(server.server.pipes(), 12);
+    // Alice has no registered connection: the reaper stops every one of her pipes, and
+    // only hers (Bob is connected).
+    eventually("the orphans to be reaped", Duration::from_secs(6), || {
+        server.server.pipes() == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.server.pipes(), 6, "the connected owner's pipes stay");
+    assert_eq!(
+        list(&mut bob).await["pipes"].as_array().map(Vec::len),
+        Some(6)
+    );
+}
