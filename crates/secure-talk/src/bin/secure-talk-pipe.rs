@@ -125,6 +125,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // First, before this process opens any descriptor of its own: the number is then still
+    // the inherited one (see `take_inherited_socket`).
+    let inherited = args.ipc_fd.map(|fd| (fd, take_inherited_socket(fd)));
     if let Err(err) = common::daemon::init_tracing(&args.log, "info") {
         eprintln!("secure-talk-pipe: {err:#}");
         return ExitCode::from(EXIT_USAGE);
@@ -140,17 +143,20 @@ fn main() -> ExitCode {
         }
     };
     let span = tracing::info_span!("pipe", id = args.id);
-    ExitCode::from(runtime.block_on(run(args).instrument(span)))
+    ExitCode::from(runtime.block_on(run(args, inherited).instrument(span)))
 }
 
+/// The inherited descriptor's number and what taking it gave.
+type Inherited = Option<(RawFd, io::Result<std::os::unix::net::UnixStream>)>;
+
 /// Connects, checks in, serves the daemon's frames; returns the process exit code.
-async fn run(args: Args) -> u8 {
+async fn run(args: Args, inherited: Inherited) -> u8 {
     let protocol = if args.json {
         Protocol::Json
     } else {
         Protocol::Raw
     };
-    let Some(stream) = ipc_stream(&args).await else {
+    let Some(stream) = ipc_stream(&args, inherited).await else {
         return exit::UNAVAILABLE;
     };
     debug!(?protocol, "connected");
@@ -184,9 +190,9 @@ async fn run(args: Args) -> u8 {
 
 /// The connection to the daemon: the inherited descriptor when one is given, else the path
 /// socket (also when the descriptor cannot be used and a socket was named).
-async fn ipc_stream(args: &Args) -> Option<UnixStream> {
-    if let Some(fd) = args.ipc_fd {
-        match take_inherited_socket(fd) {
+async fn ipc_stream(args: &Args, inherited: Inherited) -> Option<UnixStream> {
+    if let Some((fd, taken)) = inherited {
+        match taken.and_then(UnixStream::from_std) {
             Ok(stream) => return Some(stream),
             Err(err) if args.socket.is_some() => {
                 warn!(fd, %err, "cannot use the inherited ipc descriptor; connecting by path");
@@ -207,15 +213,17 @@ async fn ipc_stream(args: &Args) -> Option<UnixStream> {
     }
 }
 
-/// Takes the Unix stream socket inherited as descriptor `fd`, without `unsafe`.
+/// Takes the Unix stream socket inherited as descriptor `fd`, without `unsafe`; call it
+/// before the process opens any descriptor.
 ///
 /// std offers no safe way to own a descriptor known only by its number, so it is passed to
 /// ourselves: sent with `SCM_RIGHTS` over a fresh socketpair (the kernel checks the number
 /// and duplicates it) and received as an owned, close-on-exec descriptor. The inherited
 /// number is then closed, so the command launched later does not inherit the daemon's
-/// socket. Sound because the launch contract gives this process descriptor `fd` and nothing
-/// else in it knows that number.
-fn take_inherited_socket(fd: RawFd) -> io::Result<UnixStream> {
+/// socket. Sound because the number is checked to be an open Unix socket before this
+/// process has opened anything (so it was inherited: std's start-up only fills 0 to 2), and
+/// nothing else in the process knows it.
+fn take_inherited_socket(fd: RawFd) -> io::Result<std::os::unix::net::UnixStream> {
     use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr};
     use rustix::net::{
         AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags,
@@ -227,6 +235,9 @@ fn take_inherited_socket(fd: RawFd) -> io::Result<UnixStream> {
             "the ipc descriptor must not be standard input, output or error",
         ));
     }
+    // Open and a Unix socket, before anything below takes a number (a closed `fd` would
+    // otherwise be reused by the socketpair, and closed under it).
+    nix::sys::socket::getsockname::<UnixAddr>(fd).map_err(io::Error::from)?;
     let (tx, rx) = rustix::net::socketpair(
         AddressFamily::UNIX,
         SocketType::DGRAM,
@@ -266,7 +277,7 @@ fn take_inherited_socket(fd: RawFd) -> io::Result<UnixStream> {
     }
     let stream = std::os::unix::net::UnixStream::from(owned);
     stream.set_nonblocking(true)?;
-    UnixStream::from_std(stream)
+    Ok(stream)
 }
 
 /// The pipe's state between frames.

@@ -397,3 +397,27 @@ async fn unreachable_socket_exits_69() {
         .expect("wait");
     assert_eq!(status.code(), Some(69));
 }
+
+/// `--ipc-fd 3` (or `SECURE_TALK_IPC_FD=3`) with no descriptor 3 inherited: the pipe falls
+/// back to `-u`, or exits 69 without one; it never takes a descriptor it opened itself (the
+/// socket pair it passes the descriptor through would get number 3, and be closed under it:
+/// an abort).
+#[tokio::test]
+async fn an_ipc_descriptor_that_was_not_inherited_is_not_used() {
+    let mut pipe = Pipe::checked_in(&["--ipc-fd", "3"]).await;
+    pipe.launch("echo fell back").await;
+    let frames = pipe.frames_until_eof().await;
+    assert_eq!(joined(&frames, Kind::Text), b"fell back\n");
+    assert_eq!(pipe.exit_code().await, 0);
+    let mut child = tokio::process::Command::new(PIPE)
+        .args(["-i", ID])
+        .env("SECURE_TALK_IPC_FD", "3")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn secure-talk-pipe");
+    let status = tokio::time::timeout(STEP, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert_eq!(status.code(), Some(69), "{status:?}");
+}
