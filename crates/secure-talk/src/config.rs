@@ -143,7 +143,7 @@ pub struct FileConfig {
     pub token_lifetime_secs: Option<u64>,
     /// Program spawned per pipe.
     pub pipe_program: Option<String>,
-    /// Its arguments; `{id}` and `{ipc_socket}` are replaced.
+    /// Its arguments; `{id}`, `{ipc_socket}` and `{ipc_fd}` are replaced.
     pub pipe_args: Option<Vec<String>>,
     /// Client-certificate identities that may list everything and disconnect clients.
     pub admin_subjects: Option<Vec<String>>,
