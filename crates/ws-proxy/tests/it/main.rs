@@ -10,6 +10,7 @@ mod e2e;
 mod harness;
 mod interop;
 mod logs;
+mod memory;
 mod process;
 mod refusals;
 mod relay;
