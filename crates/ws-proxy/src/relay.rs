@@ -362,7 +362,7 @@ pub(crate) async fn run(
                                     break Stop::close(
                                         Ending::busy,
                                         CloseCode::Again,
-                                        "the waiting peer is not reading; try again later",
+                                        "no room for the HELLO now; try again later",
                                     );
                                 }
                                 Join::Waiting => {

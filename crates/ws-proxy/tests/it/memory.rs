@@ -469,3 +469,34 @@ async fn new_work_over_the_global_budget_is_refused_with_1013() {
     assert_eq!(recv_text(&mut b).await, "ok");
     proxy.stop().await;
 }
+
+/// The total bound at the defaults, on the daemon: 400 waiting peers each hold an unfinished
+/// 1 MiB message (400 MiB before the budget existed). The bytes being read are charged to
+/// `max_buffered_bytes` (256 MiB), so once it is spent the next peers are closed with 1013 and
+/// the daemon grows by about the budget, not by what the peers send.
+#[tokio::test]
+async fn the_daemon_stays_within_max_buffered_bytes_at_the_defaults() {
+    let pki = test_pki();
+    let daemon = Daemon::start("", "").await;
+    let before = daemon.rss();
+    let started = Instant::now();
+    let mut peers = Vec::new();
+    for i in 0..400 {
+        let leaf = if i % 2 == 0 { &pki.alice } else { &pki.bob };
+        let mut ws = daemon.dial(leaf, &format!("total-{i}")).await.unwrap();
+        send(&mut ws, &hello("w")).await;
+        unfinished_frame(&mut ws, 1 << 20, (1 << 20) - 1).await;
+        peers.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let grown = daemon.rss().saturating_sub(before);
+    eprintln!(
+        "400 unfinished 1 MiB messages in {:?}: RSS grew by {} MiB",
+        started.elapsed(),
+        grown >> 20
+    );
+    let (code, reason) = raw_close(peers.last_mut().unwrap()).await;
+    assert_eq!(code, 1013, "{reason}");
+    // The budget, the fixed cost of 400 connections (~23 KiB each) and allocator slack.
+    assert!(grown < 300 << 20, "the proxy grew by {} MiB", grown >> 20);
+}
