@@ -15,3 +15,4 @@ mod process;
 mod refusals;
 mod relay;
 mod revocation;
+mod timers;
