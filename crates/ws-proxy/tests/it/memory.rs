@@ -352,6 +352,7 @@ async fn status_is_a_small_page_whatever_the_peers_sent() {
             .unwrap()
     };
     let (size, first) = get("/status").await;
+    eprintln!("the first /status page is {size} bytes");
     assert!(size < 256 * 1024, "the page is {size} bytes");
     assert_eq!(first["meetups"].as_array().unwrap().len(), 100);
     assert_eq!(first["meetups_total"], 150);
