@@ -724,3 +724,23 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::truncated;
+
+    #[test]
+    fn client_fields_are_cut_on_a_character_boundary() {
+        let check = |text: &str, max: usize, expected: &str| {
+            let cut = truncated(text, max);
+            assert_eq!(cut, expected, "{text:?} to {max}");
+            assert!(cut.len() <= max);
+        };
+        check("gw-17", 128, "gw-17");
+        check(&"x".repeat(128), 128, &"x".repeat(128));
+        check(&"x".repeat(129), 128, &format!("{}…", "x".repeat(125)));
+        // 'é' is two bytes: the cut never splits it.
+        check(&"é".repeat(100), 10, "ééé…");
+        check("abcdef", 3, "…");
+    }
+}
