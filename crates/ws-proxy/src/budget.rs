@@ -1,4 +1,5 @@
-//! Memory accounting: the process-wide byte budget ([`Budget`]) and what draws on it.
+//! Memory accounting: the process-wide byte budget ([`Budget`]), each identity's share of it,
+//! and what draws on them.
 //!
 //! Every byte the proxy holds for a peer beyond its fixed per-connection cost is charged here:
 //! a stored HELLO, a HELLO queued for a partner, a waiting peer's queue, the relay queue towards
@@ -17,11 +18,13 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The process-wide byte budget.
+/// A byte budget: the process-wide one, or one identity's share of it (a budget with a
+/// parent takes every byte from both).
 #[derive(Debug)]
 pub(crate) struct Budget {
     limit: usize,
     used: AtomicUsize,
+    parent: Option<Arc<Budget>>,
 }
 
 impl Budget {
@@ -29,20 +32,44 @@ impl Budget {
         Arc::new(Self {
             limit,
             used: AtomicUsize::new(0),
+            parent: None,
         })
     }
 
-    /// Takes `bytes` from the budget, or nothing if they do not fit.
+    /// A share of at most `limit` bytes of `parent`.
+    pub(crate) fn share(parent: &Arc<Self>, limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+            parent: Some(parent.clone()),
+        })
+    }
+
+    /// Takes `bytes` from the budget (and its parent), or nothing if they do not fit.
     fn take(&self, bytes: usize) -> bool {
-        self.used
+        let mine = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(bytes).filter(|total| *total <= self.limit)
             })
-            .is_ok()
+            .is_ok();
+        if !mine {
+            return false;
+        }
+        if let Some(parent) = &self.parent {
+            if !parent.take(bytes) {
+                self.used.fetch_sub(bytes, Ordering::AcqRel);
+                return false;
+            }
+        }
+        true
     }
 
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if let Some(parent) = &self.parent {
+            parent.give_back(bytes);
+        }
     }
 
     /// A charge of `bytes`, held until dropped; `None` when the budget cannot take them.
@@ -282,6 +309,23 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_share_takes_from_its_parent_and_is_capped_by_both() {
+        let total = Budget::new(100);
+        let mine = Budget::share(&total, 60);
+        let theirs = Budget::share(&total, 60);
+        let a = mine.charge(50).unwrap();
+        assert!(mine.charge(11).is_none(), "over the share");
+        let b = theirs.charge(50).unwrap();
+        assert!(theirs.charge(1).is_none(), "over the total");
+        assert_eq!((mine.used(), theirs.used(), total.used()), (50, 50, 100));
+        drop(a);
+        assert_eq!((mine.used(), total.used()), (0, 50));
+        let c = theirs.charge(10).unwrap();
+        drop((b, c));
+        assert_eq!(total.used(), 0);
     }
 
     #[tokio::test]

@@ -49,6 +49,9 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 1024;
 /// Bytes held for all connections together: stored and queued HELLOs, waiting and relay queues,
 /// messages being read. Work that would need more is refused (close 1013).
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Of those, bytes held for the connections of one client certificate (what they are sending,
+/// what waits for them), so that one client cannot spend the whole budget.
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_IDENTITY: usize = 64 << 20;
 /// What a queued message costs beyond its payload, so that empty messages count too. A relay
 /// queue must hold one largest message and this.
 pub const QUEUE_OVERHEAD: usize = 64;
@@ -146,6 +149,8 @@ pub struct FileLimits {
     pub max_connections_per_identity: usize,
     /// Bytes buffered for all connections together.
     pub max_buffered_bytes: usize,
+    /// Of those, bytes buffered for the connections of one identity.
+    pub max_buffered_bytes_per_identity: usize,
     /// Longest meet-up id in bytes.
     pub max_id_bytes: usize,
     /// Messages queued from a waiting peer.
@@ -174,6 +179,7 @@ impl Default for FileLimits {
             max_hello_bytes: limits.max_hello_bytes,
             max_connections_per_identity: limits.max_connections_per_identity,
             max_buffered_bytes: limits.max_buffered_bytes,
+            max_buffered_bytes_per_identity: limits.max_buffered_bytes_per_identity,
             max_id_bytes: limits.max_id_bytes,
             waiting_queue_messages: limits.waiting_queue_messages,
             waiting_queue_bytes: limits.waiting_queue_bytes,
@@ -212,6 +218,9 @@ pub struct Limits {
     /// Bytes held for all connections together (HELLOs, queues, messages being read); work
     /// that would need more is refused with close 1013.
     pub max_buffered_bytes: usize,
+    /// Of those, what the connections of one identity (as for `max_connections_per_identity`)
+    /// may hold: what they are reading and what is queued for them.
+    pub max_buffered_bytes_per_identity: usize,
     /// Longest meet-up id.
     pub max_id_bytes: usize,
     /// Messages a waiting peer may queue.
@@ -246,6 +255,7 @@ impl Default for Limits {
             max_hello_bytes: DEFAULT_MAX_HELLO_BYTES,
             max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            max_buffered_bytes_per_identity: DEFAULT_MAX_BUFFERED_BYTES_PER_IDENTITY,
             max_id_bytes: DEFAULT_MAX_ID_BYTES,
             waiting_queue_messages: DEFAULT_WAITING_QUEUE_MESSAGES,
             waiting_queue_bytes: DEFAULT_WAITING_QUEUE_BYTES,
@@ -337,10 +347,16 @@ impl Limits {
                 self.max_hello_bytes, self.max_message_bytes
             )));
         }
-        if self.max_buffered_bytes < self.relay_queue_bytes {
+        if self.max_buffered_bytes_per_identity < self.relay_queue_bytes {
             return Err(ConfigError::Invalid(format!(
-                "max_buffered_bytes ({}) must be at least relay_queue_bytes ({})",
-                self.max_buffered_bytes, self.relay_queue_bytes
+                "max_buffered_bytes_per_identity ({}) must be at least relay_queue_bytes ({})",
+                self.max_buffered_bytes_per_identity, self.relay_queue_bytes
+            )));
+        }
+        if self.max_buffered_bytes < self.max_buffered_bytes_per_identity {
+            return Err(ConfigError::Invalid(format!(
+                "max_buffered_bytes ({}) must be at least max_buffered_bytes_per_identity ({})",
+                self.max_buffered_bytes, self.max_buffered_bytes_per_identity
             )));
         }
         if self.max_message_bytes > 256 << 20 {
@@ -424,6 +440,7 @@ impl Config {
             max_hello_bytes: l.max_hello_bytes,
             max_connections_per_identity: l.max_connections_per_identity,
             max_buffered_bytes: l.max_buffered_bytes,
+            max_buffered_bytes_per_identity: l.max_buffered_bytes_per_identity,
             max_id_bytes: l.max_id_bytes,
             waiting_queue_messages: l.waiting_queue_messages,
             waiting_queue_bytes: l.waiting_queue_bytes,
@@ -519,6 +536,7 @@ mod tests {
         assert_eq!(config.limits.max_hello_bytes, 64 * 1024);
         assert_eq!(config.limits.max_connections_per_identity, 1024);
         assert_eq!(config.limits.max_buffered_bytes, 256 << 20);
+        assert_eq!(config.limits.max_buffered_bytes_per_identity, 64 << 20);
         // The largest message fits the relay queue with its overhead.
         assert!(
             config.limits.relay_queue_bytes >= config.limits.max_message_bytes + QUEUE_OVERHEAD
@@ -556,6 +574,10 @@ mod tests {
             (
                 "[tls]\ncert = \"s\"\n[limits]\nmax_buffered_bytes = 1048576",
                 "max_buffered_bytes",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_buffered_bytes_per_identity = 1048576",
+                "max_buffered_bytes_per_identity",
             ),
             (
                 "[tls]\ncert = \"s\"\n[limits]\nmax_mesage_bytes = 1",

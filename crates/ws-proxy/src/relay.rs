@@ -6,8 +6,9 @@
 //! a queue that the partner, the table (HELLOs) and the reader itself (pings, close frames)
 //! fill. The queue is bounded in bytes by a semaphore: a forward waits for room, so a slow
 //! reader slows its partner down and memory stays bounded. HELLOs take room like any other
-//! message. Every queued byte is also charged to the process-wide budget (`crate::budget`),
-//! as are the bytes of a message still being read; a charge the budget cannot take closes the
+//! message. Every queued byte is also charged to the budget (`crate::budget`) of the identity
+//! it is queued for, and through it to the process-wide one, as are the bytes of a message
+//! still being read (to the reader's identity); a charge that does not fit closes the
 //! connection that asked with 1013 instead of growing.
 
 use std::collections::VecDeque;
@@ -205,6 +206,7 @@ pub(crate) async fn run(
     info: Arc<ConnInfo>,
     id: String,
     meter: Arc<ReadMeter>,
+    budget: Arc<Budget>,
 ) {
     let limits = &shared.config.limits;
     // Before the HELLO, a connection may send little more than the HELLO cap; tungstenite's
@@ -219,7 +221,7 @@ pub(crate) async fn run(
         out: out_tx.clone(),
         room: room.clone(),
         capacity: limits.relay_queue_bytes,
-        budget: shared.budget.clone(),
+        budget: budget.clone(),
         ctrl: ctrl_tx,
     };
     // The budget's share for this peer's HELLO, kept in the table until it leaves.
@@ -348,7 +350,7 @@ pub(crate) async fn run(
                         Ok((peer_class, peer_id)) => {
                             shared.metrics.hellos.inc();
                             info.set_hello(peer_class, peer_id);
-                            let Some(charge) = shared.budget.charge(len.saturating_add(QUEUE_OVERHEAD)) else {
+                            let Some(charge) = budget.charge(len.saturating_add(QUEUE_OVERHEAD)) else {
                                 break over_budget();
                             };
                             hello_charge = Some(charge);
@@ -392,7 +394,7 @@ pub(crate) async fn run(
                                 "too many messages before a partner joined",
                             );
                         }
-                        let Some(charge) = shared.budget.charge(len.saturating_add(QUEUE_OVERHEAD)) else {
+                        let Some(charge) = budget.charge(len.saturating_add(QUEUE_OVERHEAD)) else {
                             break over_budget();
                         };
                         queue.push_back((message, charge));

@@ -37,8 +37,9 @@ pub(crate) struct Shared {
     /// Every byte held for peers beyond their fixed cost (`max_buffered_bytes`).
     pub(crate) budget: Arc<Budget>,
     connections: Mutex<HashMap<ConnId, Arc<ConnInfo>>>,
-    /// Live connections per identity (`max_connections_per_identity`).
-    identities: Mutex<HashMap<IdentityKey, usize>>,
+    /// Live connections per identity (`max_connections_per_identity`) and the identity's
+    /// share of the budget (`max_buffered_bytes_per_identity`).
+    identities: Mutex<HashMap<IdentityKey, (usize, Arc<Budget>)>>,
     next_conn: AtomicU64,
 }
 
@@ -50,10 +51,12 @@ enum IdentityKey {
     Address(AddressKey),
 }
 
-/// A connection counted against its identity's limit until dropped.
+/// A connection counted against its identity's limit until dropped, with the identity's share
+/// of the budget.
 struct IdentitySlot {
     shared: Arc<Shared>,
     key: IdentityKey,
+    budget: Arc<Budget>,
 }
 
 impl Drop for IdentitySlot {
@@ -63,7 +66,7 @@ impl Drop for IdentitySlot {
             .identities
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = identities.get_mut(&self.key) {
+        if let Some((count, _)) = identities.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
                 identities.remove(&self.key);
@@ -441,7 +444,7 @@ impl Server {
             tracing::info!(peer = ?who, outcome = "refused", max, "max_connections_per_identity reached");
             return None;
         };
-        let meter = ReadMeter::new(shared.budget.clone());
+        let meter = ReadMeter::new(identity_slot.budget.clone());
         let stream = Metered::new(Rewind::new(prefix, tls), meter.clone());
 
         let mut decision: Result<String, (Refusal, StatusCode, String)> =
@@ -510,14 +513,21 @@ impl Server {
             .identities
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let count = identities.entry(key.clone()).or_insert(0);
-        if *count >= self.shared.config.limits.max_connections_per_identity {
+        let limits = &self.shared.config.limits;
+        let (count, budget) = identities.entry(key.clone()).or_insert_with(|| {
+            (
+                0,
+                Budget::share(&self.shared.budget, limits.max_buffered_bytes_per_identity),
+            )
+        });
+        if *count >= limits.max_connections_per_identity {
             return None;
         }
         *count += 1;
         Some(IdentitySlot {
             shared: self.shared.clone(),
             key,
+            budget: budget.clone(),
         })
     }
 
@@ -560,7 +570,8 @@ impl Server {
             .insert(conn, info.clone());
         let _listed = Listed { shared, conn };
         tracing::info!(conn, peer = ?who, id = ?id, "connected");
-        relay::run(shared.clone(), ws, info, id, meter).await;
+        let budget = _identity_slot.budget.clone();
+        relay::run(shared.clone(), ws, info, id, meter, budget).await;
     }
 
     /// Decides on an upgrade request: the meet-up id, or why not.

@@ -501,3 +501,45 @@ async fn the_daemon_stays_within_max_buffered_bytes_at_the_defaults() {
     // The budget, the fixed cost of 400 connections (~23 KiB each) and allocator slack.
     assert!(grown < 300 << 20, "the proxy grew by {} MiB", grown >> 20);
 }
+
+/// One identity cannot spend the whole budget, at the defaults: alice's 300 connections each
+/// holding an unfinished 1 MiB message would take all 256 MiB and every other peer would be
+/// refused (1013); her share is `max_buffered_bytes_per_identity` (64 MiB), past which only
+/// her own connections are refused, and bob still relays 1 MiB messages.
+#[tokio::test]
+async fn one_identity_cannot_spend_the_whole_budget() {
+    let pki = test_pki();
+    let proxy = Proxy::start(quick()).await;
+    let mut hers = Vec::new();
+    for i in 0..300 {
+        let mut ws = proxy.connect(&pki.alice, &format!("hers-{i}")).await;
+        send(&mut ws, &hello("alice")).await;
+        unfinished_frame(&mut ws, 1 << 20, (1 << 20) - 1).await;
+        hers.push(ws);
+    }
+    let held = proxy.server.status().buffered_bytes;
+    eprintln!("alice's connections hold {} MiB", held >> 20);
+    assert!(held <= 65 << 20, "{held}");
+    let (code, reason) = raw_close(hers.last_mut().unwrap()).await;
+    assert_eq!(code, 1013, "{reason}");
+
+    let mut b1 = proxy.connect(&pki.bob, "his").await;
+    send(&mut b1, &hello("b1")).await;
+    proxy
+        .wait_for(|s| s.meetups.iter().any(|m| m.id == "his"))
+        .await;
+    let mut b2 = proxy.connect(&pki.chained_client, "his").await;
+    send(&mut b2, &hello("b2")).await;
+    assert_eq!(recv_text(&mut b1).await, hello("b2"));
+    assert_eq!(recv_text(&mut b2).await, hello("b1"));
+    let big = vec![1u8; 1 << 20];
+    b1.send(Message::binary(big.clone())).await.unwrap();
+    b2.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(
+        crate::harness::recv(&mut b2).await,
+        Message::binary(big.clone())
+    );
+    assert_eq!(crate::harness::recv(&mut b1).await, Message::binary(big));
+    drop(hers);
+    proxy.stop().await;
+}
