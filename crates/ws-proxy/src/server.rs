@@ -277,7 +277,8 @@ struct Admitted {
     who: String,
     meter: Arc<ReadMeter>,
     _slot: common::admission::Slot,
-    _identity_slot: IdentitySlot,
+    /// Counts against the identity's limits while the connection lives.
+    identity_slot: IdentitySlot,
 }
 
 /// Removes a connection from the status list when its task ends, however it ends.
@@ -493,7 +494,7 @@ impl Server {
             who,
             meter,
             _slot: slot,
-            _identity_slot: identity_slot,
+            identity_slot,
         })
     }
 
@@ -545,7 +546,7 @@ impl Server {
             who,
             meter,
             _slot,
-            _identity_slot,
+            identity_slot,
         } = admitted;
         let shared = &self.shared;
         shared.metrics.upgraded.inc();
@@ -570,8 +571,16 @@ impl Server {
             .insert(conn, info.clone());
         let _listed = Listed { shared, conn };
         tracing::info!(conn, peer = ?who, id = ?id, "connected");
-        let budget = _identity_slot.budget.clone();
-        relay::run(shared.clone(), ws, info, id, meter, budget).await;
+        relay::run(
+            shared.clone(),
+            ws,
+            info,
+            id,
+            meter,
+            identity_slot.budget.clone(),
+        )
+        .await;
+        drop(identity_slot);
     }
 
     /// Decides on an upgrade request: the meet-up id, or why not.
