@@ -41,6 +41,23 @@ pub const DEFAULT_WAITING_QUEUE_MESSAGES: usize = 64;
 pub const DEFAULT_WAITING_QUEUE_BYTES: usize = 1 << 20;
 /// Bytes queued towards one peer before its partner's reads pause (backpressure).
 pub const DEFAULT_RELAY_QUEUE_BYTES: usize = 2 << 20;
+/// Largest HELLO, and the most a connection may send before its HELLO (a Micronets HELLO is a
+/// few hundred bytes; the envelope needs no more).
+pub const DEFAULT_MAX_HELLO_BYTES: usize = 64 * 1024;
+/// Live connections of one client certificate (by SHA-256 fingerprint).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 1024;
+/// Bytes held for all connections together: stored and queued HELLOs, waiting and relay queues,
+/// messages being read. Work that would need more is refused (close 1013).
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Of those, bytes held for the connections of one client certificate (what they are sending,
+/// what waits for them), so that one client cannot spend the whole budget.
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_IDENTITY: usize = 64 << 20;
+/// What a queued message costs beyond its payload, so that empty messages count too. A relay
+/// queue must hold one largest message and this.
+pub const QUEUE_OVERHEAD: usize = 64;
+/// Longest `peerClass` or `peerId` kept from a HELLO (for the status page and logs); the HELLO
+/// itself is forwarded whole.
+pub const MAX_PEER_FIELD_BYTES: usize = 128;
 /// tungstenite's read buffer per connection (allocated eagerly, so it is the idle cost).
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
 /// tungstenite's write buffer target per connection.
@@ -126,6 +143,14 @@ pub struct FileLimits {
     pub close_timeout_secs: u64,
     /// Largest message in bytes.
     pub max_message_bytes: usize,
+    /// Largest HELLO in bytes, and the most read before it.
+    pub max_hello_bytes: usize,
+    /// Live connections of one client certificate.
+    pub max_connections_per_identity: usize,
+    /// Bytes buffered for all connections together.
+    pub max_buffered_bytes: usize,
+    /// Of those, bytes buffered for the connections of one identity.
+    pub max_buffered_bytes_per_identity: usize,
     /// Longest meet-up id in bytes.
     pub max_id_bytes: usize,
     /// Messages queued from a waiting peer.
@@ -151,6 +176,10 @@ impl Default for FileLimits {
             write_timeout_secs: limits.write_timeout.as_secs(),
             close_timeout_secs: limits.close_timeout.as_secs(),
             max_message_bytes: limits.max_message_bytes,
+            max_hello_bytes: limits.max_hello_bytes,
+            max_connections_per_identity: limits.max_connections_per_identity,
+            max_buffered_bytes: limits.max_buffered_bytes,
+            max_buffered_bytes_per_identity: limits.max_buffered_bytes_per_identity,
             max_id_bytes: limits.max_id_bytes,
             waiting_queue_messages: limits.waiting_queue_messages,
             waiting_queue_bytes: limits.waiting_queue_bytes,
@@ -180,6 +209,18 @@ pub struct Limits {
     pub close_timeout: Duration,
     /// Largest message (and frame) payload.
     pub max_message_bytes: usize,
+    /// Largest HELLO; also the most a connection may send before its HELLO (plus a little for
+    /// frame headers and control frames).
+    pub max_hello_bytes: usize,
+    /// Live connections of one client certificate (SHA-256 fingerprint; without a certificate,
+    /// of one source address); one more is refused with HTTP 429 before the upgrade.
+    pub max_connections_per_identity: usize,
+    /// Bytes held for all connections together (HELLOs, queues, messages being read); work
+    /// that would need more is refused with close 1013.
+    pub max_buffered_bytes: usize,
+    /// Of those, what the connections of one identity (as for `max_connections_per_identity`)
+    /// may hold: what they are reading and what is queued for them.
+    pub max_buffered_bytes_per_identity: usize,
     /// Longest meet-up id.
     pub max_id_bytes: usize,
     /// Messages a waiting peer may queue.
@@ -211,6 +252,10 @@ impl Default for Limits {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_hello_bytes: DEFAULT_MAX_HELLO_BYTES,
+            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            max_buffered_bytes_per_identity: DEFAULT_MAX_BUFFERED_BYTES_PER_IDENTITY,
             max_id_bytes: DEFAULT_MAX_ID_BYTES,
             waiting_queue_messages: DEFAULT_WAITING_QUEUE_MESSAGES,
             waiting_queue_bytes: DEFAULT_WAITING_QUEUE_BYTES,
@@ -268,6 +313,11 @@ impl Limits {
         }
         let sizes = [
             ("max_message_bytes", self.max_message_bytes),
+            ("max_hello_bytes", self.max_hello_bytes),
+            (
+                "max_connections_per_identity",
+                self.max_connections_per_identity,
+            ),
             ("max_id_bytes", self.max_id_bytes),
             ("waiting_queue_messages", self.waiting_queue_messages),
             ("read_buffer_bytes", self.read_buffer_bytes),
@@ -277,10 +327,36 @@ impl Limits {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
-        if self.relay_queue_bytes < self.max_message_bytes {
+        // A forward takes the message's size plus QUEUE_OVERHEAD from the partner's relay
+        // queue: a queue smaller than that could never take the largest message.
+        let largest = self.max_message_bytes.saturating_add(QUEUE_OVERHEAD);
+        if self.relay_queue_bytes < largest {
             return Err(ConfigError::Invalid(format!(
-                "relay_queue_bytes ({}) must be at least max_message_bytes ({})",
-                self.relay_queue_bytes, self.max_message_bytes
+                "relay_queue_bytes ({}) must be at least max_message_bytes + {QUEUE_OVERHEAD} ({largest})",
+                self.relay_queue_bytes
+            )));
+        }
+        if self.relay_queue_bytes > u32::MAX as usize {
+            return Err(ConfigError::Invalid(
+                "relay_queue_bytes may be at most 4 GiB - 1".into(),
+            ));
+        }
+        if self.max_hello_bytes > self.max_message_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "max_hello_bytes ({}) may be at most max_message_bytes ({})",
+                self.max_hello_bytes, self.max_message_bytes
+            )));
+        }
+        if self.max_buffered_bytes_per_identity < self.relay_queue_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "max_buffered_bytes_per_identity ({}) must be at least relay_queue_bytes ({})",
+                self.max_buffered_bytes_per_identity, self.relay_queue_bytes
+            )));
+        }
+        if self.max_buffered_bytes < self.max_buffered_bytes_per_identity {
+            return Err(ConfigError::Invalid(format!(
+                "max_buffered_bytes ({}) must be at least max_buffered_bytes_per_identity ({})",
+                self.max_buffered_bytes, self.max_buffered_bytes_per_identity
             )));
         }
         if self.max_message_bytes > 256 << 20 {
@@ -361,6 +437,10 @@ impl Config {
             write_timeout: secs(l.write_timeout_secs),
             close_timeout: secs(l.close_timeout_secs),
             max_message_bytes: l.max_message_bytes,
+            max_hello_bytes: l.max_hello_bytes,
+            max_connections_per_identity: l.max_connections_per_identity,
+            max_buffered_bytes: l.max_buffered_bytes,
+            max_buffered_bytes_per_identity: l.max_buffered_bytes_per_identity,
             max_id_bytes: l.max_id_bytes,
             waiting_queue_messages: l.waiting_queue_messages,
             waiting_queue_bytes: l.waiting_queue_bytes,
@@ -453,6 +533,14 @@ mod tests {
         assert_eq!(ws.max_frame_size, Some(1 << 20));
         assert_eq!(ws.read_buffer_size, DEFAULT_READ_BUFFER_BYTES);
         assert!(ws.max_write_buffer_size < 2 << 20);
+        assert_eq!(config.limits.max_hello_bytes, 64 * 1024);
+        assert_eq!(config.limits.max_connections_per_identity, 1024);
+        assert_eq!(config.limits.max_buffered_bytes, 256 << 20);
+        assert_eq!(config.limits.max_buffered_bytes_per_identity, 64 << 20);
+        // The largest message fits the relay queue with its overhead.
+        assert!(
+            config.limits.relay_queue_bytes >= config.limits.max_message_bytes + QUEUE_OVERHEAD
+        );
     }
 
     #[test]
@@ -468,6 +556,28 @@ mod tests {
             (
                 "[tls]\ncert = \"s\"\n[limits]\nrelay_queue_bytes = 10",
                 "relay_queue_bytes",
+            ),
+            // A queue that takes exactly the largest message cannot take it with its overhead:
+            // forwarding it would wait for ever.
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nrelay_queue_bytes = 1048576",
+                "relay_queue_bytes (1048576) must be at least max_message_bytes + 64",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_hello_bytes = 2000000",
+                "max_hello_bytes",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_connections_per_identity = 0",
+                "max_connections_per_identity",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_buffered_bytes = 1048576",
+                "max_buffered_bytes",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_buffered_bytes_per_identity = 1048576",
+                "max_buffered_bytes_per_identity",
             ),
             (
                 "[tls]\ncert = \"s\"\n[limits]\nmax_mesage_bytes = 1",

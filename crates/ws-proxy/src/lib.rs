@@ -11,6 +11,8 @@
 //! - `relay`: one connection's life: HELLO, waiting, relaying, keepalive, close.
 //! - [`registry`]: the meet-up table (no sockets).
 //! - [`auth`]: authorization rules from certificate identity to meet-up ids.
+//! - `budget`: the process-wide byte budget (`max_buffered_bytes`) and the read meter that
+//!   charges messages being read and caps what is read before the HELLO.
 //! - [`status`], [`metrics`]: the local `/status` and `/metrics` listener.
 //! - [`client`]: a peer (connect, HELLO, send, receive), the HTTP front end that turns HTTP
 //!   requests into REST:REQUEST, and the gateway side that answers them from an upstream
@@ -34,6 +36,7 @@
 //! The library never reads argv, environment variables or signals; the binaries do.
 
 pub mod auth;
+mod budget;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -36,6 +36,8 @@ pub enum Refusal {
     upgrade,
     /// The server is shutting down.
     shutting_down,
+    /// The certificate (or, without one, the address) has `max_connections_per_identity`.
+    per_identity,
 }
 
 /// Why a connection ended.
@@ -69,6 +71,10 @@ pub enum Ending {
     revoked,
     /// The connection reached `max_connection_age_secs`.
     max_age,
+    /// `max_buffered_bytes` could not take what the peer sent (close 1013).
+    over_budget,
+    /// The waiting peer had no room for this peer's HELLO (close 1013).
+    busy,
 }
 
 impl From<common::admission::Refused> for Refusal {
@@ -116,6 +122,8 @@ pub struct Metrics {
     pub paired: Gauge,
     /// Successful certificate reloads.
     pub reloads: Counter,
+    /// Bytes charged to `max_buffered_bytes` (set when scraped).
+    pub buffered: Gauge,
 }
 
 impl Metrics {
@@ -190,6 +198,11 @@ impl Metrics {
             "meetups_paired",
             "meet-up ids with a pair",
             self.paired.clone(),
+        );
+        registry.register(
+            "buffered_bytes",
+            "bytes held for peers (HELLOs, queues, messages being read)",
+            self.buffered.clone(),
         );
         let mut text = String::new();
         // Writing into a String cannot fail.

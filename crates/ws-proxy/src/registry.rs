@@ -4,7 +4,10 @@
 //! HELLO order, not connection order. Joining and leaving notify the peers involved through
 //! the [`Peer`] trait while the table is locked, so every peer sees its partner's HELLO before
 //! anything else from that partner, and sees "partner left" and "paired again" in the order
-//! they happened. The table knows nothing about sockets; tests drive it with a recording peer.
+//! they happened. A HELLO takes room in the queue it is delivered to like any other message:
+//! both HELLOs are reserved before either is delivered, and a pairing whose waiter has no room
+//! is refused ([`Join::Busy`]), so a waiter that does not read cannot be made to hold more
+//! than its queue. The table knows nothing about sockets; tests drive it with a recording peer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,8 +21,12 @@ pub type ConnId = u64;
 
 /// What the table needs to tell a peer; implemented by the connection's handle.
 pub trait Peer: Clone {
+    /// Room taken in this peer's queue for one HELLO.
+    type Room;
+    /// Takes room for `hello` in this peer's queue now, or `None` when there is none.
+    fn reserve(&self, hello: &Message) -> Option<Self::Room>;
     /// Queue the partner's HELLO for this peer, ahead of anything else from the partner.
-    fn deliver_hello(&self, hello: &Message);
+    fn deliver_hello(&self, hello: &Message, room: Self::Room);
     /// This waiting peer now has `partner`.
     fn paired(&self, partner: Self);
     /// This peer's partner has gone.
@@ -35,6 +42,9 @@ pub enum Join<P> {
     Paired(P),
     /// The id already has two peers.
     Full,
+    /// A peer is waiting, but one of the two queues has no room for the other's HELLO (the
+    /// waiter is not reading); nothing changed.
+    Busy,
 }
 
 #[derive(Debug)]
@@ -108,8 +118,16 @@ impl<P: Peer> Registry<P> {
                 Join::Waiting
             }
             Some(Slot::Waiting(waiter)) => {
-                joiner.peer.deliver_hello(&waiter.hello);
-                waiter.peer.deliver_hello(&joiner.hello);
+                let rooms = joiner
+                    .peer
+                    .reserve(&waiter.hello)
+                    .zip(waiter.peer.reserve(&joiner.hello));
+                let Some((joiner_room, waiter_room)) = rooms else {
+                    slots.insert(id.to_owned(), Slot::Waiting(waiter));
+                    return Join::Busy;
+                };
+                joiner.peer.deliver_hello(&waiter.hello, joiner_room);
+                waiter.peer.deliver_hello(&joiner.hello, waiter_room);
                 waiter.peer.paired(joiner.peer.clone());
                 let partner = waiter.peer.clone();
                 slots.insert(id.to_owned(), Slot::Paired(waiter, joiner));
@@ -159,19 +177,32 @@ impl<P: Peer> Registry<P> {
 
     /// Every id and its connections, sorted by id.
     pub fn snapshot(&self) -> Vec<SlotView> {
+        self.page(0, usize::MAX).0
+    }
+
+    /// At most `limit` ids from the `offset`th in id order, with their connections, and the
+    /// number of ids in the table. Only the page's ids are copied.
+    pub fn page(&self, offset: usize, limit: usize) -> (Vec<SlotView>, usize) {
         let slots = self.lock();
-        let mut views: Vec<SlotView> = slots
-            .iter()
-            .map(|(id, slot)| SlotView {
-                id: id.clone(),
-                conns: match slot {
+        let mut ids: Vec<&String> = slots.keys().collect();
+        ids.sort_unstable();
+        let total = ids.len();
+        let views = ids
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .filter_map(|id| {
+                let conns = match slots.get(id)? {
                     Slot::Waiting(m) => vec![m.conn],
                     Slot::Paired(a, b) => vec![a.conn, b.conn],
-                },
+                };
+                Some(SlotView {
+                    id: id.clone(),
+                    conns,
+                })
             })
             .collect();
-        views.sort_by(|a, b| a.id.cmp(&b.id));
-        views
+        (views, total)
     }
 }
 
@@ -181,15 +212,22 @@ mod tests {
 
     use super::*;
 
-    /// Records what the table told it, as text.
+    /// Records what the table told it, as text; takes HELLOs while it has `room` (bytes).
     #[derive(Clone, Debug)]
     struct Recorder {
         name: &'static str,
         log: Arc<Mutex<Vec<String>>>,
+        room: Arc<Mutex<usize>>,
     }
 
     impl Peer for Recorder {
-        fn deliver_hello(&self, hello: &Message) {
+        type Room = ();
+        fn reserve(&self, hello: &Message) -> Option<()> {
+            let mut room = self.room.lock().unwrap();
+            *room = room.checked_sub(hello.len())?;
+            Some(())
+        }
+        fn deliver_hello(&self, hello: &Message, (): ()) {
             let text = hello.to_text().unwrap_or("?").to_owned();
             self.push(format!("{} <- hello {text}", self.name));
         }
@@ -214,6 +252,7 @@ mod tests {
             .map(|name| Recorder {
                 name,
                 log: log.clone(),
+                room: Arc::new(Mutex::new(usize::MAX)),
             })
             .collect();
         (peers, log)
@@ -296,6 +335,26 @@ mod tests {
             take(&log),
             ["c <- hello B", "b <- hello C", "b paired with c"]
         );
+    }
+
+    #[test]
+    fn a_waiter_without_room_for_the_hello_is_not_paired_and_keeps_waiting() {
+        let registry = Registry::new(OnPartnerLeave::Wait);
+        let (p, log) = cast(&["a", "b", "c"]);
+        *p[0].room.lock().unwrap() = 3;
+        registry.join("x", 1, Message::text("A"), p[0].clone());
+        assert!(matches!(
+            registry.join("x", 2, Message::text("BBBB"), p[1].clone()),
+            Join::Busy
+        ));
+        assert!(take(&log).is_empty(), "nothing delivered to either side");
+        assert_eq!(registry.snapshot()[0].conns, [1]);
+        // A HELLO that fits still pairs.
+        assert!(matches!(
+            registry.join("x", 3, Message::text("CC"), p[2].clone()),
+            Join::Paired(_)
+        ));
+        assert_eq!(*p[0].room.lock().unwrap(), 1);
     }
 
     #[test]

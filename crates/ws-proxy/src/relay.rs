@@ -5,7 +5,11 @@
 //! forwards each message to the partner's writer. The *writer* owns the sending half and drains
 //! a queue that the partner, the table (HELLOs) and the reader itself (pings, close frames)
 //! fill. The queue is bounded in bytes by a semaphore: a forward waits for room, so a slow
-//! reader slows its partner down and memory stays bounded.
+//! reader slows its partner down and memory stays bounded. HELLOs take room like any other
+//! message. Every queued byte is also charged to the budget (`crate::budget`) of the identity
+//! it is queued for, and through it to the process-wide one, as are the bytes of a message
+//! still being read (to the reader's identity); a charge that does not fit closes the
+//! connection that asked with 1013 instead of growing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,33 +29,51 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::config::OnPartnerLeave;
+use crate::budget::{Budget, Charge, Metered, Overrun, ReadMeter};
+use crate::config::{OnPartnerLeave, QUEUE_OVERHEAD};
 use crate::metrics::Ending;
 use crate::registry::{ConnId, Join, Peer};
 use crate::server::{ConnInfo, PeerState, Shared};
 use crate::upgrade::Rewind;
 
 /// The websocket stream of an accepted connection.
-pub(crate) type Ws = WebSocketStream<Rewind<TlsStream<TcpStream>>>;
+pub(crate) type Ws = WebSocketStream<Metered<Rewind<TlsStream<TcpStream>>>>;
 
 /// The reason sent to a survivor whose partner left (the original's text).
 pub const PARTNER_LEFT_REASON: &str = "the peer websocket disconnected";
 
-/// Semaphore permits a queued message costs beyond its payload, so empty messages count.
-const QUEUE_OVERHEAD: usize = 64;
+/// What a connection may read before its HELLO beyond `max_hello_bytes`: frame headers and a
+/// few control frames (pongs to our first ping).
+const PRE_HELLO_SLACK: usize = 1024;
 /// Most queued items the writer feeds before it flushes.
 const WRITE_BATCH: usize = 64;
 
 /// What a writer sends.
 pub(crate) enum Out {
-    /// A data message (or a HELLO), with the queue room it holds until written.
-    Data(Message, Option<OwnedSemaphorePermit>),
+    /// A data message (or a HELLO), with the queue room and budget it holds until written.
+    Data(Message, Option<Held>),
     /// A keepalive ping.
     Ping(Bytes),
     /// A close frame; later data is dropped.
     Close(CloseFrame),
     /// Flush and stop.
     End,
+}
+
+/// Room in a peer's queue and in the budget, held by a queued message until it is written.
+pub(crate) struct Held {
+    _room: OwnedSemaphorePermit,
+    _charge: Charge,
+}
+
+/// Why a forward did not queue the message.
+enum Refused {
+    /// The partner's writer has gone.
+    Gone,
+    /// The message can never fit the partner's queue (a configuration the validation refuses).
+    TooBig,
+    /// The budget cannot take it now.
+    Budget,
 }
 
 /// What the table tells a reader.
@@ -66,6 +88,9 @@ pub(crate) struct Handle {
     conn: ConnId,
     out: mpsc::UnboundedSender<Out>,
     room: Arc<Semaphore>,
+    /// The queue's size: a message that costs more can never be queued.
+    capacity: usize,
+    budget: Arc<Budget>,
     ctrl: mpsc::UnboundedSender<Ctrl>,
 }
 
@@ -76,8 +101,24 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Peer for Handle {
-    fn deliver_hello(&self, hello: &Message) {
-        let _ = self.out.send(Out::Data(hello.clone(), None));
+    type Room = Held;
+
+    fn reserve(&self, hello: &Message) -> Option<Held> {
+        let cost = hello.len().saturating_add(QUEUE_OVERHEAD);
+        let room = self
+            .room
+            .clone()
+            .try_acquire_many_owned(u32::try_from(cost).ok()?)
+            .ok()?;
+        let charge = self.budget.charge(cost)?;
+        Some(Held {
+            _room: room,
+            _charge: charge,
+        })
+    }
+
+    fn deliver_hello(&self, hello: &Message, room: Held) {
+        let _ = self.out.send(Out::Data(hello.clone(), Some(room)));
     }
 
     fn paired(&self, partner: Self) {
@@ -90,33 +131,39 @@ impl Peer for Handle {
 }
 
 impl Handle {
-    /// Queues `message` for this peer once there is room; gives it back when the peer's
-    /// writer has gone.
-    async fn forward(&self, message: Message) -> Result<(), Message> {
-        let cost = u32::try_from(message.len() + QUEUE_OVERHEAD).unwrap_or(u32::MAX);
-        let permit = match self.room.clone().try_acquire_many_owned(cost) {
-            Ok(permit) => permit,
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(message),
+    /// Queues `message` for this peer once there is room in its queue. A message that can
+    /// never fit is an error at once, not a wait; so is one the budget cannot take now.
+    async fn forward(&self, message: Message) -> Result<(), Refused> {
+        let cost = message.len().saturating_add(QUEUE_OVERHEAD);
+        if cost > self.capacity {
+            return Err(Refused::TooBig);
+        }
+        let permits = u32::try_from(cost).map_err(|_| Refused::TooBig)?;
+        let room = match self.room.clone().try_acquire_many_owned(permits) {
+            Ok(room) => room,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Refused::Gone),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                match self.room.clone().acquire_many_owned(cost).await {
-                    Ok(permit) => permit,
-                    Err(_) => return Err(message),
+                match self.room.clone().acquire_many_owned(permits).await {
+                    Ok(room) => room,
+                    Err(_) => return Err(Refused::Gone),
                 }
             }
         };
+        let charge = self.budget.charge(cost).ok_or(Refused::Budget)?;
+        let held = Held {
+            _room: room,
+            _charge: charge,
+        };
         self.out
-            .send(Out::Data(message, Some(permit)))
-            .map_err(|err| match err.0 {
-                Out::Data(message, _) => message,
-                _ => Message::Binary(Bytes::new()),
-            })
+            .send(Out::Data(message, Some(held)))
+            .map_err(|_| Refused::Gone)
     }
 }
 
 enum State {
     AwaitHello,
     Waiting {
-        queue: VecDeque<Message>,
+        queue: VecDeque<(Message, Charge)>,
         bytes: usize,
     },
     Paired(Handle),
@@ -153,8 +200,18 @@ impl Stop {
 }
 
 /// Runs an upgraded connection on meet-up `id` until it ends.
-pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: String) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    ws: Ws,
+    info: Arc<ConnInfo>,
+    id: String,
+    meter: Arc<ReadMeter>,
+    budget: Arc<Budget>,
+) {
     let limits = &shared.config.limits;
+    // Before the HELLO, a connection may send little more than the HELLO cap; tungstenite's
+    // own limit (max_message_bytes) is fixed when the websocket is made.
+    meter.set_cap(limits.max_hello_bytes.saturating_add(PRE_HELLO_SLACK));
     let (sink, mut stream) = ws.split();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
@@ -163,8 +220,12 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
         conn: info.conn,
         out: out_tx.clone(),
         room: room.clone(),
+        capacity: limits.relay_queue_bytes,
+        budget: budget.clone(),
         ctrl: ctrl_tx,
     };
+    // The budget's share for this peer's HELLO, kept in the table until it leaves.
+    let mut hello_charge: Option<Charge> = None;
     let mut writer = tokio::spawn(write_loop(sink, out_rx, limits.write_timeout, info.clone()));
 
     let started = Instant::now();
@@ -210,11 +271,24 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                         _ => VecDeque::new(),
                     };
                     state = State::Paired(partner.clone());
-                    for message in queued {
-                        if !forward(&shared, &info, &partner, message).await {
-                            state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
-                            break;
+                    let mut refused = None;
+                    for (message, charge) in queued {
+                        // The forward charges the budget again; give this share back first.
+                        drop(charge);
+                        match forward(&shared, &info, &partner, message).await {
+                            Ok(()) => {}
+                            Err(Refused::Gone) => {
+                                state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
+                                break;
+                            }
+                            Err(other) => {
+                                refused = Some(other);
+                                break;
+                            }
                         }
+                    }
+                    if let Some(refused) = refused {
+                        break refused_stop(&refused);
                     }
                 }
                 Ctrl::PartnerLeft => match shared.config.on_partner_leave {
@@ -232,11 +306,15 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                 let message = match item {
                     None => break Stop::gone(Ending::peer_closed),
                     Some(Ok(message)) => message,
-                    Some(Err(err)) => break read_error(&err),
+                    Some(Err(err)) => {
+                        let awaiting_hello = matches!(state, State::AwaitHello);
+                        break read_error(&err, meter.overrun(), awaiting_hello);
+                    }
                 };
                 match message {
-                    Message::Text(_) | Message::Binary(_) => {}
+                    Message::Text(_) | Message::Binary(_) => meter.data_done(),
                     Message::Pong(payload) => {
+                        meter.control_done(payload.len());
                         if ping.as_ref() == Some(&payload) {
                             ping = None;
                         }
@@ -244,7 +322,11 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                     }
                     // tungstenite answers pings itself; a close frame is answered too, and the
                     // stream ends after it.
-                    Message::Ping(_) | Message::Close(_) | Message::Frame(_) => continue,
+                    Message::Ping(payload) => {
+                        meter.control_done(payload.len());
+                        continue;
+                    }
+                    Message::Close(_) | Message::Frame(_) => continue,
                 }
                 // Relaying is the privileged action: the peer is checked against the CRLs
                 // loaded now (a hash lookup).
@@ -256,6 +338,10 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                 info.messages_in.fetch_add(1, Ordering::Relaxed);
                 info.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
                 match &mut state {
+                    State::AwaitHello if len > limits.max_hello_bytes => {
+                        tracing::info!(conn = info.conn, id = ?id, len, "hello too big");
+                        break Stop::close(Ending::too_big, CloseCode::Size, "HELLO too big");
+                    }
                     State::AwaitHello => match check_hello(&message) {
                         Err(reason) => {
                             tracing::info!(conn = info.conn, id = ?id, reason = ?reason, "invalid hello");
@@ -264,19 +350,33 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                         Ok((peer_class, peer_id)) => {
                             shared.metrics.hellos.inc();
                             info.set_hello(peer_class, peer_id);
+                            let Some(charge) = budget.charge(len.saturating_add(QUEUE_OVERHEAD)) else {
+                                break over_budget();
+                            };
+                            hello_charge = Some(charge);
                             match shared.registry.join(&id, info.conn, message, handle.clone()) {
                                 Join::Full => {
                                     tracing::info!(conn = info.conn, id = ?id, "meet-up id is full");
                                     break Stop::close(Ending::full, CloseCode::Policy, "meet-up id is full");
                                 }
+                                Join::Busy => {
+                                    tracing::info!(conn = info.conn, id = ?id, "the waiting peer has no room for the hello");
+                                    break Stop::close(
+                                        Ending::busy,
+                                        CloseCode::Again,
+                                        "no room for the HELLO now; try again later",
+                                    );
+                                }
                                 Join::Waiting => {
                                     joined = true;
+                                    meter.set_cap(message_cap(limits.max_message_bytes));
                                     info.set_state(PeerState::Waiting);
                                     tracing::info!(conn = info.conn, id = ?id, "waiting for a partner");
                                     state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
                                 }
                                 Join::Paired(partner) => {
                                     joined = true;
+                                    meter.set_cap(message_cap(limits.max_message_bytes));
                                     shared.metrics.pairs.inc();
                                     info.set_state(PeerState::Paired);
                                     tracing::info!(conn = info.conn, id = ?id, partner = partner.conn, "paired");
@@ -287,21 +387,26 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
                     },
                     State::Waiting { queue, bytes } => {
                         *bytes += len;
-                        queue.push_back(message);
-                        if queue.len() > limits.waiting_queue_messages || *bytes > limits.waiting_queue_bytes {
+                        if queue.len() >= limits.waiting_queue_messages || *bytes > limits.waiting_queue_bytes {
                             break Stop::close(
                                 Ending::queue_overflow,
                                 CloseCode::Policy,
                                 "too many messages before a partner joined",
                             );
                         }
+                        let Some(charge) = budget.charge(len.saturating_add(QUEUE_OVERHEAD)) else {
+                            break over_budget();
+                        };
+                        queue.push_back((message, charge));
                     }
-                    State::Paired(partner) => {
-                        if !forward(&shared, &info, partner, message).await {
-                            // The partner's writer is gone; its departure is on the way.
+                    State::Paired(partner) => match forward(&shared, &info, partner, message).await {
+                        Ok(()) => {}
+                        // The partner's writer is gone; its departure is on the way.
+                        Err(Refused::Gone) => {
                             state = State::Waiting { queue: VecDeque::new(), bytes: 0 };
                         }
-                    }
+                        Err(refused) => break refused_stop(&refused),
+                    },
                 }
             }
             () = &mut ping_timer => {
@@ -330,6 +435,8 @@ pub(crate) async fn run(shared: Arc<Shared>, ws: Ws, info: Arc<ConnInfo>, id: St
         shared.registry.leave(&id, info.conn);
     }
     drop(handle);
+    drop(hello_charge);
+    drop(state);
     shared.metrics.ended(stop.ending);
     let code = stop.close.as_ref().map(|frame| u16::from(frame.code));
     tracing::info!(
@@ -382,21 +489,79 @@ async fn finish(
     }
 }
 
-/// Forwards one message to the partner; `false` when the partner's writer has gone.
-async fn forward(shared: &Shared, info: &ConnInfo, partner: &Handle, message: Message) -> bool {
+/// Forwards one message to the partner.
+async fn forward(
+    shared: &Shared,
+    info: &ConnInfo,
+    partner: &Handle,
+    message: Message,
+) -> Result<(), Refused> {
     let len = message.len() as u64;
-    match partner.forward(message).await {
-        Ok(()) => {
-            shared.metrics.messages.inc();
-            shared.metrics.bytes.inc_by(len);
-            tracing::debug!(conn = info.conn, to = partner.conn, len, "relayed");
-            true
+    partner.forward(message).await?;
+    shared.metrics.messages.inc();
+    shared.metrics.bytes.inc_by(len);
+    tracing::debug!(conn = info.conn, to = partner.conn, len, "relayed");
+    Ok(())
+}
+
+/// The cap on bytes read between two data messages once the HELLO is in: tungstenite enforces
+/// `max_message_bytes` per message; this leaves room for fragment headers and control frames.
+fn message_cap(max_message_bytes: usize) -> usize {
+    max_message_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024)
+}
+
+fn over_budget() -> Stop {
+    // The "connection ended" line says it (outcome over_budget); no line of its own, which
+    // would multiply under the load that caused it.
+    tracing::debug!("refusing work: max_buffered_bytes reached");
+    Stop::close(
+        Ending::over_budget,
+        CloseCode::Again,
+        "the proxy is out of buffer space; try again later",
+    )
+}
+
+/// Why a forward that did not succeed ends the sender (a gone partner does not).
+fn refused_stop(refused: &Refused) -> Stop {
+    match refused {
+        Refused::Budget => over_budget(),
+        Refused::TooBig | Refused::Gone => {
+            tracing::warn!(
+                "a message larger than the relay queue (relay_queue_bytes) cannot be forwarded"
+            );
+            Stop::close(
+                Ending::too_big,
+                CloseCode::Size,
+                "message too big for the relay queue",
+            )
         }
-        Err(_) => false,
     }
 }
 
-fn read_error(err: &WsError) -> Stop {
+fn read_error(err: &WsError, overrun: Option<Overrun>, awaiting_hello: bool) -> Stop {
+    match overrun {
+        Some(Overrun::Cap) => {
+            let reason = if awaiting_hello {
+                "HELLO too big"
+            } else {
+                "message too big"
+            };
+            tracing::info!(reason, "read cap reached");
+            return Stop {
+                readable: false,
+                ..Stop::close(Ending::too_big, CloseCode::Size, reason)
+            };
+        }
+        Some(Overrun::Budget) => {
+            return Stop {
+                readable: false,
+                ..over_budget()
+            };
+        }
+        None => {}
+    }
     match err {
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             tracing::info!(size, max_size, "message too big");
@@ -450,17 +615,20 @@ async fn write_loop(
         let Some(first) = queue.recv().await else {
             break;
         };
+        // A fed message sits in tungstenite's write buffer until the flush: it keeps its queue
+        // room and budget until then, so a peer that does not read holds no more than its queue.
+        let mut written: Vec<Held> = Vec::new();
         let batch = async {
             let mut item = Some(first);
             let mut fed = 0;
             while let Some(out) = item.take() {
                 match out {
-                    Out::Data(message, permit) => {
+                    Out::Data(message, held) => {
                         if !closed {
                             sink.feed(message).await?;
                             info.messages_out.fetch_add(1, Ordering::Relaxed);
                         }
-                        drop(permit);
+                        written.extend(held);
                     }
                     Out::Ping(payload) if !closed => sink.feed(Message::Ping(payload)).await?,
                     Out::Ping(_) => {}
@@ -482,7 +650,9 @@ async fn write_loop(
             }
             sink.flush().await
         };
-        match tokio::time::timeout(write_timeout, batch).await {
+        let flushed = tokio::time::timeout(write_timeout, batch).await;
+        drop(written);
+        match flushed {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::debug!(conn = info.conn, %err, "write failed");

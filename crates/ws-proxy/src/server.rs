@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::admission::{AcceptError, Admission, Stranger};
+use common::admission::{AcceptError, AddressKey, Admission, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use serde::Serialize;
@@ -19,7 +19,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tracing::Instrument as _;
 
-use crate::config::Config;
+use crate::budget::{Budget, Metered, ReadMeter};
+use crate::config::{Config, MAX_PEER_FIELD_BYTES};
 use crate::metrics::{Metrics, Refusal};
 use crate::registry::{ConnId, Registry};
 use crate::relay::{self, Handle};
@@ -33,9 +34,88 @@ pub(crate) struct Shared {
     pub(crate) shutdown: Shutdown,
     /// Bumped by every successful TLS reload: live connections re-check their peer.
     pub(crate) trust: tokio::sync::watch::Sender<u64>,
+    /// Every byte held for peers beyond their fixed cost (`max_buffered_bytes`).
+    pub(crate) budget: Arc<Budget>,
     connections: Mutex<HashMap<ConnId, Arc<ConnInfo>>>,
+    /// Live connections per identity (`max_connections_per_identity`) and the identity's
+    /// share of the budget (`max_buffered_bytes_per_identity`).
+    identities: Mutex<HashMap<IdentityKey, (usize, Arc<Budget>)>>,
     next_conn: AtomicU64,
 }
+
+/// Who a connection counts against for `max_connections_per_identity`: its certificate, or
+/// without one its source address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IdentityKey {
+    Certificate(String),
+    Address(AddressKey),
+}
+
+/// A connection counted against its identity's limit until dropped, with the identity's share
+/// of the budget.
+struct IdentitySlot {
+    shared: Arc<Shared>,
+    key: IdentityKey,
+    budget: Arc<Budget>,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut identities = self
+            .shared
+            .identities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((count, _)) = identities.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                identities.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…` when cut (a
+/// client-chosen field kept for the status page).
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The identity as kept for the status page: subject fields cut to [`MAX_PEER_FIELD_BYTES`],
+/// at most [`MAX_KEPT_SANS`] subjectAltNames.
+fn kept_identity(identity: &PeerIdentity) -> PeerIdentity {
+    let cut = |field: &Option<String>| {
+        field
+            .as_deref()
+            .map(|text| truncated(text, MAX_PEER_FIELD_BYTES))
+    };
+    PeerIdentity {
+        cn: cut(&identity.cn),
+        o: cut(&identity.o),
+        ou: cut(&identity.ou),
+        sans: identity
+            .sans
+            .iter()
+            .take(MAX_KEPT_SANS)
+            .map(|san| truncated(san, MAX_PEER_FIELD_BYTES))
+            .collect(),
+        sha256: identity.sha256.clone(),
+    }
+}
+
+/// subjectAltNames kept per connection for the status page.
+const MAX_KEPT_SANS: usize = 8;
+/// Meet-up ids on a `/status` page when the request does not say.
+pub const DEFAULT_STATUS_PAGE: usize = 100;
+/// Most meet-up ids (and connections awaiting a HELLO) on one `/status` page.
+pub const MAX_STATUS_PAGE: usize = 1000;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,8 +159,11 @@ impl ConnInfo {
         }
     }
 
+    /// Keeps `peerClass` and `peerId` for the status page, each cut to
+    /// [`MAX_PEER_FIELD_BYTES`].
     pub(crate) fn set_hello(&self, peer_class: Option<String>, peer_id: Option<String>) {
-        *self.hello.lock().unwrap_or_else(|p| p.into_inner()) = (peer_class, peer_id);
+        let cut = |field: Option<String>| field.map(|text| truncated(&text, MAX_PEER_FIELD_BYTES));
+        *self.hello.lock().unwrap_or_else(|p| p.into_inner()) = (cut(peer_class), cut(peer_id));
     }
 
     fn view(&self) -> PeerStatus {
@@ -115,9 +198,9 @@ pub struct PeerStatus {
     pub address: String,
     /// Verified client certificate identity.
     pub identity: Option<PeerIdentity>,
-    /// `peerClass` from the HELLO.
+    /// `peerClass` from the HELLO, cut to 128 bytes.
     pub peer_class: Option<String>,
-    /// `peerId` from the HELLO.
+    /// `peerId` from the HELLO, cut to 128 bytes.
     pub peer_id: Option<String>,
     /// Life-cycle state.
     pub state: PeerState,
@@ -159,17 +242,43 @@ pub struct Counters {
     pub bytes_relayed: u64,
 }
 
-/// The `/status` document.
+/// The `/status` document: one page of meet-up ids.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     /// Live websocket connections.
     pub connections: usize,
-    /// Every meet-up id with its peers, sorted by id.
+    /// Meet-up ids in the table.
+    pub meetups_total: usize,
+    /// Index of the first id on this page.
+    pub offset: usize,
+    /// `offset` of the next page, or null on the last.
+    pub next_offset: Option<usize>,
+    /// This page's meet-up ids with their peers, sorted by id.
     pub meetups: Vec<MeetupStatus>,
     /// Connections that have not sent their HELLO yet.
+    pub awaiting_hello_total: usize,
+    /// The oldest of them, at most a page.
     pub awaiting_hello: Vec<PeerStatus>,
+    /// Bytes held for peers now (HELLOs, queues, messages being read).
+    pub buffered_bytes: usize,
+    /// Their limit, `max_buffered_bytes`.
+    pub max_buffered_bytes: usize,
     /// Counters since start-up.
     pub counters: Counters,
+}
+
+/// What a connection that passed the handshake and the upgrade holds.
+struct Admitted {
+    ws: relay::Ws,
+    identity: Option<PeerIdentity>,
+    live: LivePeer,
+    id: String,
+    /// The identity as logged.
+    who: String,
+    meter: Arc<ReadMeter>,
+    _slot: common::admission::Slot,
+    /// Counts against the identity's limits while the connection lives.
+    identity_slot: IdentitySlot,
 }
 
 /// Removes a connection from the status list when its task ends, however it ends.
@@ -213,11 +322,13 @@ impl Server {
         Self {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.on_partner_leave),
+                budget: Budget::new(config.limits.max_buffered_bytes),
                 config,
                 metrics: Metrics::default(),
                 shutdown,
                 trust: tokio::sync::watch::Sender::new(0),
                 connections: Mutex::new(HashMap::new()),
+                identities: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
             }),
             tls,
@@ -262,15 +373,9 @@ impl Server {
     async fn handshake(
         &self,
         tcp: TcpStream,
+        addr: SocketAddr,
         stranger: Stranger,
-    ) -> Option<(
-        relay::Ws,
-        Option<PeerIdentity>,
-        LivePeer,
-        String,
-        String,
-        common::admission::Slot,
-    )> {
+    ) -> Option<Admitted> {
         let shared = &self.shared;
         let limits = &shared.config.limits;
         // Small messages in both directions: latency matters more than packet count.
@@ -326,7 +431,22 @@ impl Server {
                 return None;
             }
         };
-        let stream = Rewind::new(prefix, tls);
+        let Some(identity_slot) = self.identity_slot(identity.as_ref(), addr) else {
+            let max = limits.max_connections_per_identity;
+            upgrade::refuse(
+                &mut tls,
+                429,
+                &format!(
+                    "this certificate already has {max} connections (max_connections_per_identity)"
+                ),
+            )
+            .await;
+            shared.metrics.refused(Refusal::per_identity);
+            tracing::info!(peer = ?who, outcome = "refused", max, "max_connections_per_identity reached");
+            return None;
+        };
+        let meter = ReadMeter::new(identity_slot.budget.clone());
+        let stream = Metered::new(Rewind::new(prefix, tls), meter.clone());
 
         let mut decision: Result<String, (Refusal, StatusCode, String)> =
             Err((Refusal::upgrade, StatusCode::BAD_REQUEST, String::new()));
@@ -366,25 +486,76 @@ impl Server {
         let Ok(id) = decision else {
             return None;
         };
-        Some((ws, identity, live, id, who, slot))
+        Some(Admitted {
+            ws,
+            identity,
+            live,
+            id,
+            who,
+            meter,
+            _slot: slot,
+            identity_slot,
+        })
+    }
+
+    /// Counts a connection against its identity's `max_connections_per_identity`; `None` when
+    /// the identity has that many already.
+    fn identity_slot(
+        &self,
+        identity: Option<&PeerIdentity>,
+        addr: SocketAddr,
+    ) -> Option<IdentitySlot> {
+        let key = identity.map_or_else(
+            || IdentityKey::Address(AddressKey::of(addr.ip())),
+            |identity| IdentityKey::Certificate(identity.sha256.clone()),
+        );
+        let mut identities = self
+            .shared
+            .identities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let limits = &self.shared.config.limits;
+        let (count, budget) = identities.entry(key.clone()).or_insert_with(|| {
+            (
+                0,
+                Budget::share(&self.shared.budget, limits.max_buffered_bytes_per_identity),
+            )
+        });
+        if *count >= limits.max_connections_per_identity {
+            return None;
+        }
+        *count += 1;
+        Some(IdentitySlot {
+            shared: self.shared.clone(),
+            key,
+            budget: budget.clone(),
+        })
     }
 
     async fn connection(&self, tcp: TcpStream, addr: SocketAddr, stranger: Stranger) {
         // The handshake's state (TLS, HTTP parsing) is boxed and freed once it is done, so the
         // long-lived task keeps only what the relay needs.
-        let Some((ws, identity, live, id, who, _slot)) =
-            Box::pin(self.handshake(tcp, stranger)).await
-        else {
+        let Some(admitted) = Box::pin(self.handshake(tcp, addr, stranger)).await else {
             return;
         };
+        let Admitted {
+            ws,
+            identity,
+            live,
+            id,
+            who,
+            meter,
+            _slot,
+            identity_slot,
+        } = admitted;
         let shared = &self.shared;
         shared.metrics.upgraded.inc();
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(ConnInfo {
             conn,
             addr,
-            identity,
             live,
+            identity: identity.as_ref().map(kept_identity),
             id: id.clone(),
             since: SystemTime::now(),
             state: AtomicU8::new(PeerState::AwaitingHello as u8),
@@ -400,7 +571,16 @@ impl Server {
             .insert(conn, info.clone());
         let _listed = Listed { shared, conn };
         tracing::info!(conn, peer = ?who, id = ?id, "connected");
-        relay::run(shared.clone(), ws, info, id).await;
+        relay::run(
+            shared.clone(),
+            ws,
+            info,
+            id,
+            meter,
+            identity_slot.budget.clone(),
+        )
+        .await;
+        drop(identity_slot);
     }
 
     /// Decides on an upgrade request: the meet-up id, or why not.
@@ -489,21 +669,31 @@ impl Server {
             .metrics
             .paired
             .set(i64::try_from(occupancy.paired).unwrap_or(i64::MAX));
+        shared
+            .metrics
+            .buffered
+            .set(i64::try_from(shared.budget.used()).unwrap_or(i64::MAX));
         &shared.metrics
     }
 
-    /// The `/status` document.
+    /// The first page of the `/status` document.
     pub fn status(&self) -> Status {
+        self.status_page(0, DEFAULT_STATUS_PAGE)
+    }
+
+    /// The `/status` page of at most `limit` meet-up ids (and connections awaiting a HELLO)
+    /// from the `offset`th id; `limit` is capped at [`MAX_STATUS_PAGE`].
+    pub fn status_page(&self, offset: usize, limit: usize) -> Status {
         let shared = &self.shared;
-        let mut infos = shared
+        let limit = limit.min(MAX_STATUS_PAGE);
+        let infos = shared
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let connections = infos.len();
-        let meetups = shared
-            .registry
-            .snapshot()
+        let (slots, meetups_total) = shared.registry.page(offset, limit);
+        let meetups = slots
             .into_iter()
             .map(|slot| MeetupStatus {
                 state: if slot.conns.len() == 2 {
@@ -514,23 +704,35 @@ impl Server {
                 peers: slot
                     .conns
                     .iter()
-                    .filter_map(|conn| infos.remove(conn))
+                    .filter_map(|conn| infos.get(conn))
                     .map(|info| info.view())
                     .collect(),
                 id: slot.id,
             })
             .collect();
-        let mut awaiting_hello: Vec<PeerStatus> = infos
+        let mut awaiting: Vec<&Arc<ConnInfo>> = infos
             .values()
             .filter(|info| info.state() == PeerState::AwaitingHello)
+            .collect();
+        let awaiting_hello_total = awaiting.len();
+        awaiting.sort_unstable_by_key(|info| info.conn);
+        let awaiting_hello = awaiting
+            .into_iter()
+            .take(limit)
             .map(|info| info.view())
             .collect();
-        awaiting_hello.sort_by_key(|p| p.conn);
+        let next = offset.saturating_add(limit);
         let m = &shared.metrics;
         Status {
             connections,
+            meetups_total,
+            offset,
+            next_offset: (next < meetups_total).then_some(next),
             meetups,
+            awaiting_hello_total,
             awaiting_hello,
+            buffered_bytes: shared.budget.used(),
+            max_buffered_bytes: shared.budget.limit(),
             counters: Counters {
                 accepted: m.accepted.get(),
                 upgraded: m.upgraded.get(),
@@ -540,5 +742,25 @@ impl Server {
                 bytes_relayed: m.bytes.get(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncated;
+
+    #[test]
+    fn client_fields_are_cut_on_a_character_boundary() {
+        let check = |text: &str, max: usize, expected: &str| {
+            let cut = truncated(text, max);
+            assert_eq!(cut, expected, "{text:?} to {max}");
+            assert!(cut.len() <= max);
+        };
+        check("gw-17", 128, "gw-17");
+        check(&"x".repeat(128), 128, &"x".repeat(128));
+        check(&"x".repeat(129), 128, &format!("{}…", "x".repeat(125)));
+        // 'é' is two bytes: the cut never splits it.
+        check(&"é".repeat(100), 10, "ééé…");
+        check("abcdef", 3, "…");
     }
 }

@@ -78,6 +78,7 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> io::Resul
 pub(crate) async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, status: u16, text: &str) {
     let reason = match status {
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         _ => "Bad Request",
     };
