@@ -6,6 +6,8 @@
 //! - [`server`]: listeners, the token endpoint and websocket upgrades;
 //! - [`hub`]: clients, channels, pipes and who owns what;
 //! - [`admin`]: the admin channel's methods;
+//! - [`upload`]: upload files, spooled to disk and moved beneath the upload directory
+//!   without following symlinks;
 //! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
 //! - [`client`]: the client library behind `secure-talk-cli`.
 //!
@@ -21,5 +23,6 @@ pub mod ipc;
 pub mod pipes;
 pub mod server;
 pub mod token;
+pub mod upload;
 
 pub use channel::{CLOSE_DISCONNECTED, CLOSE_REPLACED};

@@ -207,6 +207,7 @@ impl Server {
     pub async fn run(&self, listeners: Listeners) {
         let shared = &self.shared;
         let Listeners { tcp, unix, ipc } = listeners;
+        crate::upload::remove_leftovers(&shared.config.upload_dir);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(crate::ipc::serve(shared.clone(), ipc.0));
         if let Some(tcp) = tcp {
