@@ -95,9 +95,10 @@ pub(crate) async fn on_text(ctx: &Ctx, frame: Utf8Bytes) -> Vec<WsMessage> {
 /// A binary frame on the admin channel: `headers | 0x01 | payload | 0x01 | md5`.
 pub(crate) async fn on_binary(ctx: &Ctx, frame: Bytes) -> Vec<WsMessage> {
     let limits = &ctx.shared.config.limits;
+    // Uploads are streamed (`inbound`); what comes here is a message held whole.
     let limits = Limits {
         max_header: limits.max_message_bytes,
-        max_payload: limits.max_upload_bytes,
+        max_payload: limits.max_message_bytes,
     };
     let message = match BinaryMessage::decode(&frame, limits) {
         Ok(message) => message,

@@ -6,6 +6,8 @@
 //! - [`server`]: listeners, the token endpoint and websocket upgrades;
 //! - [`hub`]: clients, channels, pipes and who owns what;
 //! - [`admin`]: the admin channel's methods;
+//! - `channel`, `inbound`, `budget`: one websocket's loop, the messages it receives (capped
+//!   per channel, uploads streamed) and the budget of bytes in flight they share;
 //! - [`upload`]: upload files, spooled to disk and moved beneath the upload directory
 //!   without following symlinks;
 //! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
@@ -15,10 +17,12 @@
 //! reads argv, the environment or signals; the binaries in `src/bin` do.
 
 pub mod admin;
+mod budget;
 mod channel;
 pub mod client;
 pub mod config;
 pub mod hub;
+mod inbound;
 pub mod ipc;
 pub mod pipes;
 pub mod server;

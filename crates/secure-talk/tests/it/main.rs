@@ -9,6 +9,8 @@
 //! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push;
 //! - `limits`: per-client pipes and clients, `max_connections`, pings and the idle timeout,
 //!   data-channel backpressure, the upload lock, SIGHUP reloading the TLS certificate;
+//! - `memory`: per-channel message caps, the budget of bytes in flight, streamed uploads and
+//!   the daemon's RSS under unfinished big messages;
 //! - `ipc`: impostor check-ins and garbage on the IPC socket;
 //! - `shutdown`: shutdown with pipes that ignore SIGTERM;
 //! - `daemon`: the `secure-talk` binary;
@@ -25,6 +27,7 @@ mod daemon;
 mod echo;
 mod ipc;
 mod limits;
+mod memory;
 mod pipe_program;
 mod pipes;
 mod python;
