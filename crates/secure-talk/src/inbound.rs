@@ -250,9 +250,10 @@ impl Inbound {
             let mut whole = Vec::with_capacity(headers.len() + rest.len());
             whole.extend_from_slice(headers);
             whole.extend_from_slice(&rest);
+            let held = whole.capacity();
             self.state = State::Memory(whole);
             self.check(&ctx.shared)?;
-            return Ok(());
+            return self.cover(held);
         }
         match admin::begin_upload(ctx, &parsed).await {
             Ok((relative, lock, spool)) => {
