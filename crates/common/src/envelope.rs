@@ -7,6 +7,8 @@
 //!   `header 0x01 payload 0x01 md5` upload framing.
 //! - [`ipc`]: secure-talk's pipe IPC frames, raw (big-endian length and type) and one JSON object
 //!   per line.
+//! - [`ws`]: the server side of websocket framing, streaming: payload bytes as they arrive, so
+//!   a daemon holds what it chooses of a message, not the whole of it.
 //!
 //! Everything here takes bytes or text and returns values: no tokio, no sockets, no clocks.
 //! Size limits are parameters; the callers choose them. This module does not know which daemon
@@ -15,6 +17,7 @@
 pub mod ipc;
 pub mod micronets;
 pub mod talk;
+pub mod ws;
 
 #[cfg(test)]
 mod tests;

@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::{ClientId, Out, PipeError, PipeId, PipeSpec};
 use crate::server::Shared;
+use crate::upload::Spool;
 
 /// Name of the model information file in the upload directory.
 pub const MODEL_INFO: &str = "model_info.json";
@@ -47,7 +48,7 @@ pub(crate) struct Ctx {
     pub(crate) is_admin: bool,
 }
 
-fn text(code: i64, text: impl Into<String>) -> WsMessage {
+pub(crate) fn text(code: i64, text: impl Into<String>) -> WsMessage {
     WsMessage::text(Message::text(code, text).encode())
 }
 
@@ -94,9 +95,10 @@ pub(crate) async fn on_text(ctx: &Ctx, frame: Utf8Bytes) -> Vec<WsMessage> {
 /// A binary frame on the admin channel: `headers | 0x01 | payload | 0x01 | md5`.
 pub(crate) async fn on_binary(ctx: &Ctx, frame: Bytes) -> Vec<WsMessage> {
     let limits = &ctx.shared.config.limits;
+    // Uploads are streamed (`inbound`); what comes here is a message held whole.
     let limits = Limits {
         max_header: limits.max_message_bytes,
-        max_payload: limits.max_upload_bytes,
+        max_payload: limits.max_message_bytes,
     };
     let message = match BinaryMessage::decode(&frame, limits) {
         Ok(message) => message,
@@ -399,13 +401,15 @@ pub fn sanitize_upload_path(name: &str) -> Option<PathBuf> {
     (depth > 0 && depth <= 8 && clean != Path::new(MODEL_INFO)).then_some(clean)
 }
 
-/// Releases an upload path when the write ends, however it ends.
-struct UploadLock<'a> {
-    shared: &'a Shared,
+/// Holds an upload path while it is written (a second writer gets an `error`); released on
+/// drop, however the upload ends.
+#[derive(Debug)]
+pub(crate) struct UploadLock {
+    shared: Arc<Shared>,
     path: PathBuf,
 }
 
-impl Drop for UploadLock<'_> {
+impl Drop for UploadLock {
     fn drop(&mut self) {
         self.shared
             .uploads
@@ -415,24 +419,24 @@ impl Drop for UploadLock<'_> {
     }
 }
 
-async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
+/// Starts a `model` upload: checks the name, takes its lock and creates the spool. The
+/// replies are the refusal (400, 409, 500).
+pub(crate) async fn begin_upload(
+    ctx: &Ctx,
+    headers: &Headers,
+) -> Result<(PathBuf, UploadLock, Spool), Vec<WsMessage>> {
     let shared = &ctx.shared;
     let Some(name) = headers.path.as_deref() else {
-        return vec![text(400, "headers.path is required")];
+        return Err(vec![text(400, "headers.path is required")]);
     };
     let Some(relative) = sanitize_upload_path(name) else {
         tracing::warn!(path = name, client_id = ctx.client, "upload path refused");
-        return vec![text(
+        return Err(vec![text(
             400,
             format!(
                 "upload path {name:?} refused: relative names inside the upload directory only"
             ),
-        )];
-    };
-    let bytes = match body {
-        Body::Bytes(bytes) => bytes,
-        Body::Json(Value::String(s)) => Bytes::from(s.into_bytes()),
-        Body::Json(_) => return vec![text(400, "a model upload needs a binary message")],
+        )]);
     };
     {
         let mut uploads = shared.uploads.lock().unwrap_or_else(|p| p.into_inner());
@@ -442,32 +446,57 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
                 "model file {name} is being written by another controller"
             ));
             busy.headers.code = Some(409);
-            return vec![reply(&busy)];
+            return Err(vec![reply(&busy)]);
         }
     }
-    let _lock = UploadLock {
-        shared,
+    let lock = UploadLock {
+        shared: shared.clone(),
         path: relative.clone(),
     };
     let dir = shared.config.upload_dir.clone();
-    let checksum = md5_hex(&bytes);
-    let size = bytes.len();
-    let written = {
-        let relative = relative.clone();
-        let checksum = checksum.clone();
-        let info_lock = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            write_upload(&dir, &relative, &bytes)?;
-            let _guard = info_lock
-                .model_info_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            update_model_info(&dir, &relative, &checksum)
-        })
-        .await
+    match tokio::task::spawn_blocking(move || Spool::create(&dir)).await {
+        Ok(Ok(spool)) => Ok((relative, lock, spool)),
+        Ok(Err(err)) => {
+            tracing::error!(%err, path = ?relative, "cannot create an upload file");
+            Err(vec![text(
+                500,
+                format!("cannot write {}: {err}", relative.display()),
+            )])
+        }
+        Err(err) => Err(vec![text(500, format!("upload task failed: {err}"))]),
+    }
+}
+
+/// Ends a verified upload: moves it to its name, records it in `model_info.json` and tells
+/// every admin connection.
+pub(crate) async fn finish_upload(
+    ctx: &Ctx,
+    spool: Spool,
+    relative: PathBuf,
+    size: u64,
+    checksum: String,
+) -> Vec<WsMessage> {
+    let shared = &ctx.shared;
+    let written = match spool.finish(relative.clone()).await {
+        Ok(()) => {
+            let dir = shared.config.upload_dir.clone();
+            let relative = relative.clone();
+            let checksum = checksum.clone();
+            let info_lock = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let _guard = info_lock
+                    .model_info_lock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                update_model_info(&dir, &relative, &checksum)
+            })
+            .await
+            .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
+        }
+        Err(err) => Err(err),
     };
     match written {
-        Ok(Ok(info)) => {
+        Ok(info) => {
             tracing::info!(path = ?relative, size, md5 = checksum, client_id = ctx.client, "model uploaded");
             let broadcast = Message::check_sum(Value::String(info)).encode();
             for admin in shared.hub.admin_conns() {
@@ -481,43 +510,40 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
                 ),
             )]
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             tracing::error!(%err, path = ?relative, "writing an upload failed");
+            let code = if err.kind() == std::io::ErrorKind::PermissionDenied {
+                400
+            } else {
+                500
+            };
             vec![text(
-                500,
+                code,
                 format!("cannot write {}: {err}", relative.display()),
             )]
         }
-        Err(err) => vec![text(500, format!("upload task failed: {err}"))],
     }
 }
 
-/// Writes `bytes` at `dir/relative` atomically (temporary file, fsync, rename), creating
-/// directories; refuses a parent that resolves outside `dir` (a planted symlink).
-fn write_upload(dir: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    std::fs::create_dir_all(dir)?;
-    let root = dir.canonicalize()?;
-    let target = root.join(relative);
-    let parent = target.parent().unwrap_or(&root);
-    std::fs::create_dir_all(parent)?;
-    let resolved = parent.canonicalize()?;
-    if !resolved.starts_with(&root) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "the path leaves the upload directory",
-        ));
+/// A `model` request held whole (a string payload in a text message).
+async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
+    let bytes = match body {
+        Body::Bytes(bytes) => bytes,
+        Body::Json(Value::String(s)) => Bytes::from(s.into_bytes()),
+        Body::Json(_) => return vec![text(400, "a model upload needs a binary message")],
+    };
+    let (relative, _lock, mut spool) = match begin_upload(ctx, headers).await {
+        Ok(begun) => begun,
+        Err(replies) => return replies,
+    };
+    let checksum = md5_hex(&bytes);
+    if let Err(err) = spool.write(&bytes).await {
+        return vec![text(
+            500,
+            format!("cannot write {}: {err}", relative.display()),
+        )];
     }
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".upload-")
-        .tempfile_in(&resolved)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(resolved.join(file_name)).map_err(|e| e.error)?;
-    Ok(())
+    finish_upload(ctx, spool, relative, bytes.len() as u64, checksum).await
 }
 
 /// Records `relative → md5` in `dir/model_info.json` (atomically) and returns its new text.
@@ -597,10 +623,8 @@ mod tests {
     }
 
     #[test]
-    fn atomic_upload_and_model_info() {
+    fn model_info_records_uploads() {
         let dir = tempfile::tempdir().unwrap();
-        write_upload(dir.path(), Path::new("m/a.bin"), b"abc").unwrap();
-        assert_eq!(std::fs::read(dir.path().join("m/a.bin")).unwrap(), b"abc");
         let info = update_model_info(
             dir.path(),
             Path::new("m/a.bin"),
@@ -608,10 +632,5 @@ mod tests {
         )
         .unwrap();
         assert!(info.contains("m/a.bin"));
-        // A symlink planted inside the upload directory does not lead outside it.
-        let outside = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
-        assert!(write_upload(dir.path(), Path::new("link/x"), b"1").is_err());
-        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }
 }

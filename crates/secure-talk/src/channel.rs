@@ -3,20 +3,25 @@
 //! The task reads frames, answers them in place (replies are written in batches: everything
 //! already received is handled before one flush), writes what the hub queues for it, pings
 //! the peer and closes it when idle, replaced, disconnected or when the server stops.
+//!
+//! Frames are read with the streaming decoder of `common::envelope::ws`, never a whole
+//! message at a time: [`Inbound`] keeps what a message needs (nothing on `/data`, a capped
+//! buffer for JSON, a spool file for uploads) and closes the connection with 1009 past the
+//! channel's cap or 1013 when the budget of bytes in flight is spent. Server frames are
+//! written unmasked and unfragmented.
 
 use std::sync::Arc;
 
-use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::BytesMut;
+use common::envelope::ws::{self, Decoder, Event, ProtocolError};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::admin::{self, Ctx};
 use crate::hub::{Channel, ClientId, Conn, Out};
+use crate::inbound::{Inbound, Refusal};
 use crate::server::{Peer, Shared, next_conn};
 
 /// Close code for a connection replaced by a newer one of the same client and channel.
@@ -28,26 +33,108 @@ pub(crate) const CLOSE_REVOKED: u16 = 1008;
 /// Close code at `max_connection_age_secs` (going away: reconnect).
 pub(crate) const CLOSE_TOO_OLD: u16 = 1001;
 
-/// Most frames handled before the replies are flushed.
-const BATCH: usize = 64;
+/// Most bytes read from the socket at once, and so held of it before they are decoded.
+pub(crate) const READ_BUFFER: usize = 8 * 1024;
+/// Replies gathered before they are written out (a batch may hold more: it is written as it
+/// passes this).
+const WRITE_BUFFER: usize = 64 * 1024;
 
-fn close_frame(code: u16, reason: &str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_owned().into(),
-    }))
+/// The socket: frames in through the decoder, frames out through a small buffer.
+struct Wire<S> {
+    io: S,
+    decoder: Decoder,
+    read: BytesMut,
+    write: Vec<u8>,
+}
+
+/// What ended a read.
+enum ReadError {
+    /// The peer closed the socket, or it failed.
+    Gone,
+    /// A frame broke the protocol.
+    Protocol(ProtocolError),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
+    fn new(io: S) -> Self {
+        Self {
+            io,
+            decoder: Decoder::new(),
+            read: BytesMut::with_capacity(READ_BUFFER),
+            write: Vec::new(),
+        }
+    }
+
+    /// The next event, reading when none is buffered. Cancel-safe: bytes are either read
+    /// into the buffer or left in the socket.
+    async fn next(&mut self) -> Result<Event, ReadError> {
+        loop {
+            if let Some(event) = self.buffered()? {
+                return Ok(event);
+            }
+            let mut chunk = [0u8; READ_BUFFER];
+            match self.io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Err(ReadError::Gone),
+                Ok(n) => self.read.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// An event from what was already read, without reading.
+    fn buffered(&mut self) -> Result<Option<Event>, ReadError> {
+        self.decoder
+            .decode(&mut self.read)
+            .map_err(ReadError::Protocol)
+    }
+
+    /// Queues a frame; writes the queue out once it passes [`WRITE_BUFFER`].
+    async fn feed(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        self.write
+            .extend_from_slice(&ws::encode_frame_header(opcode, payload.len()));
+        if payload.len() > WRITE_BUFFER {
+            // Large frames go out from where they are, not through a copy.
+            self.io.write_all(&std::mem::take(&mut self.write)).await?;
+            return self.io.write_all(payload).await;
+        }
+        self.write.extend_from_slice(payload);
+        if self.write.len() > WRITE_BUFFER {
+            self.io.write_all(&std::mem::take(&mut self.write)).await?;
+        }
+        Ok(())
+    }
+
+    async fn feed_message(&mut self, message: &WsMessage) -> std::io::Result<()> {
+        match message {
+            WsMessage::Text(text) => self.feed(ws::OP_TEXT, text.as_bytes()).await,
+            WsMessage::Binary(bytes) => self.feed(ws::OP_BINARY, bytes).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.write.is_empty() {
+            self.io.write_all(&std::mem::take(&mut self.write)).await?;
+        }
+        self.io.flush().await
+    }
+
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        self.feed(opcode, payload).await?;
+        self.flush().await
+    }
 }
 
 /// Runs a connection of `client` on `channel` until it ends.
 pub(crate) async fn run<S>(
     shared: Arc<Shared>,
-    mut ws: WebSocketStream<S>,
+    io: S,
     client: ClientId,
     channel: Channel,
     peer: Peer,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut ws = Wire::new(io);
     let limits = shared.config.limits.clone();
     let conn = next_conn(&shared);
     let (tx, mut rx) = mpsc::channel(limits.send_queue);
@@ -71,7 +158,12 @@ pub(crate) async fn run<S>(
             pipes
         }
         Err(err) => {
-            let _ = ws.send(close_frame(1013, &err.to_string())).await;
+            let payload = ws::close_payload(ws::CLOSE_TRY_AGAIN, &err.to_string());
+            let _ = within(
+                std::time::Duration::from_secs(1),
+                ws.send(ws::OP_CLOSE, &payload),
+            )
+            .await;
             return;
         }
     };
@@ -94,8 +186,8 @@ pub(crate) async fn run<S>(
             greeting.push(WsMessage::binary(push));
         }
         let mut delivered = true;
-        for message in greeting {
-            if !within(write_limit, ws.feed(message)).await {
+        for message in &greeting {
+            if !within(write_limit, ws.feed_message(message)).await {
                 delivered = false;
                 break;
             }
@@ -122,6 +214,7 @@ pub(crate) async fn run<S>(
         }
         _ => false,
     };
+    let mut inbound = Inbound::new(channel, &shared.budget);
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval_at(
         Instant::now() + limits.ping_interval(),
@@ -129,49 +222,62 @@ pub(crate) async fn run<S>(
     );
     let reason = loop {
         tokio::select! {
-            incoming = ws.next() => {
-                let Some(Ok(first)) = incoming else {
-                    break "closed by the peer";
-                };
-                if revoked() {
-                    close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
-                    break "certificate revoked";
-                }
-                last_seen = Instant::now();
-                let mut batch = 0;
-                let mut next = Some(first);
-                let mut failed = false;
-                while let Some(message) = next.take() {
-                    if matches!(message, WsMessage::Close(_)) {
-                        failed = true;
-                        break;
+            first = ws.next() => {
+                let first = match first {
+                    Ok(event) => event,
+                    Err(ReadError::Gone) => break "closed by the peer",
+                    Err(ReadError::Protocol(err)) => {
+                        tracing::info!(conn, %err, "closing: protocol error");
+                        close(&mut ws, ws::CLOSE_PROTOCOL, "protocol error").await;
+                        break "protocol error";
                     }
-                    for reply in handle(&ctx, channel, message).await {
-                        if !within(write_limit, ws.feed(reply)).await {
-                            failed = true;
+                };
+                last_seen = Instant::now();
+                // Everything already read is handled before one flush.
+                let mut next = Some(Ok(first));
+                let mut ended = None;
+                while let Some(event) = next.take() {
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(ReadError::Gone) => {
+                            ended = Some("closed by the peer");
+                            break;
+                        }
+                        Err(ReadError::Protocol(err)) => {
+                            tracing::info!(conn, %err, "closing: protocol error");
+                            close(&mut ws, ws::CLOSE_PROTOCOL, "protocol error").await;
+                            ended = Some("protocol error");
+                            break;
+                        }
+                    };
+                    match on_event(&ctx, &mut ws, &mut inbound, event, write_limit, &revoked).await {
+                        Ok(()) => {}
+                        Err(why) => {
+                            ended = Some(why);
+                            break;
                         }
                     }
-                    batch += 1;
-                    if failed || batch >= BATCH {
-                        break;
-                    }
-                    next = match ws.next().now_or_never() {
-                        Some(Some(Ok(message))) => Some(message),
-                        _ => None,
-                    };
+                    next = ws.buffered().transpose();
                 }
-                if failed || !within(write_limit, ws.flush()).await {
-                    break "closed";
+                if let Some(why) = ended {
+                    break why;
+                }
+                if !within(write_limit, ws.flush()).await {
+                    break "write failed or stalled";
                 }
             }
             out = rx.recv() => {
-                let message = match out {
+                let sent = match out {
                     Some(Out::Text(_) | Out::Binary(_)) if revoked() => {
                         close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
                         break "certificate revoked";
                     }
-                    Some(Out::Text(text)) => WsMessage::text(text),
-                    Some(Out::Binary(bytes)) => WsMessage::binary(bytes),
+                    Some(Out::Text(text)) => {
+                        within(write_limit, ws.send(ws::OP_TEXT, text.as_bytes())).await
+                    }
+                    Some(Out::Binary(bytes)) => {
+                        within(write_limit, ws.send(ws::OP_BINARY, &bytes)).await
+                    }
                     Some(Out::Close(code, reason)) => {
                         close(&mut ws, code, &reason).await;
                         break "closed by the server";
@@ -181,7 +287,7 @@ pub(crate) async fn run<S>(
                         break "unregistered";
                     }
                 };
-                if !within(write_limit, ws.send(message)).await {
+                if !sent {
                     break "write failed or stalled";
                 }
             }
@@ -194,7 +300,7 @@ pub(crate) async fn run<S>(
                     close(&mut ws, 1001, "idle timeout").await;
                     break "idle";
                 }
-                if !within(write_limit, ws.send(WsMessage::Ping(Default::default()))).await {
+                if !within(write_limit, ws.send(ws::OP_PING, &[])).await {
                     break "write failed or stalled";
                 }
             }
@@ -208,8 +314,82 @@ pub(crate) async fn run<S>(
             }
         }
     };
+    drop(inbound);
     shared.hub.detach(client, channel, conn);
     tracing::info!(conn, reason, "disconnected");
+}
+
+/// Handles one event; `Err` with the reason when the connection must end (already closed).
+async fn on_event<S>(
+    ctx: &Ctx,
+    ws: &mut Wire<S>,
+    inbound: &mut Inbound,
+    event: Event,
+    write_limit: std::time::Duration,
+    revoked: &impl Fn() -> bool,
+) -> Result<(), &'static str>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let shared = &ctx.shared;
+    let step = match event {
+        Event::Start { kind, declared } => inbound.start(shared, kind, declared),
+        Event::More { declared } => inbound.more(shared, declared),
+        Event::Data(data) => inbound.data(ctx, data).await,
+        Event::End => {
+            if revoked() {
+                close(ws, CLOSE_REVOKED, "client certificate revoked").await;
+                return Err("certificate revoked");
+            }
+            match inbound.end(ctx).await {
+                Ok(replies) => {
+                    for reply in &replies {
+                        if !within(write_limit, ws.feed_message(reply)).await {
+                            return Err("write failed or stalled");
+                        }
+                    }
+                    Ok(())
+                }
+                Err(refusal) => Err(refusal),
+            }
+        }
+        Event::Ping(payload) => {
+            if within(write_limit, ws.feed(ws::OP_PONG, &payload)).await {
+                Ok(())
+            } else {
+                return Err("write failed or stalled");
+            }
+        }
+        Event::Pong => Ok(()),
+        Event::Close(_) => {
+            // Answer the close and end.
+            let payload = ws::close_payload(ws::CLOSE_NORMAL, "");
+            let _ = within(
+                std::time::Duration::from_secs(1),
+                ws.send(ws::OP_CLOSE, &payload),
+            )
+            .await;
+            return Err("closed by the peer");
+        }
+    };
+    match step {
+        Ok(()) => Ok(()),
+        Err(refusal) => {
+            let (code, reason) = refusal.close();
+            tracing::info!(
+                client_id = ctx.client,
+                code,
+                reason,
+                "closing: message refused"
+            );
+            close(ws, code, &reason).await;
+            Err(match refusal {
+                Refusal::TooBig(_) => "message too big",
+                Refusal::Busy => "bytes in flight exhausted",
+                Refusal::NotUtf8 => "text not UTF-8",
+            })
+        }
+    }
 }
 
 /// Runs a write with a deadline; false when it failed or stalled.
@@ -220,33 +400,27 @@ where
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
-async fn handle(ctx: &Ctx, channel: Channel, message: WsMessage) -> Vec<WsMessage> {
-    match (channel, message) {
-        (Channel::Admin, WsMessage::Text(text)) => admin::on_text(ctx, text).await,
-        (Channel::Admin, WsMessage::Binary(bytes)) => admin::on_binary(ctx, bytes).await,
-        (Channel::Data, WsMessage::Text(_) | WsMessage::Binary(_)) => {
-            tracing::debug!("ignoring a message on the data channel");
-            Vec::new()
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// Sends a close frame and waits briefly for the peer's.
-async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
+/// Sends a close frame and waits briefly for the peer's, dropping whatever else comes.
+async fn close<S>(ws: &mut Wire<S>, code: u16, reason: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let payload = ws::close_payload(code, reason);
     if !within(
         std::time::Duration::from_secs(1),
-        ws.send(close_frame(code, reason)),
+        ws.send(ws::OP_CLOSE, &payload),
     )
     .await
     {
         return;
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        while let Some(Ok(_)) = ws.next().await {}
+        while let Ok(event) = ws.next().await {
+            if matches!(event, Event::Close(_)) {
+                break;
+            }
+        }
     })
     .await;
+    let _ = ws.io.shutdown().await;
 }

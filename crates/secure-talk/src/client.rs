@@ -381,7 +381,7 @@ pub async fn upgrade(
         .map_err(|_| ClientError::Protocol("the token is not a header value".into()))?;
     request.headers_mut().insert("token", value);
     let config = WebSocketConfig::default()
-        .read_buffer_size(crate::server::READ_BUFFER)
+        .read_buffer_size(crate::channel::READ_BUFFER)
         .max_message_size(Some(options.max_message_bytes))
         .max_frame_size(Some(options.max_message_bytes));
     let upgrading = tokio_tungstenite::client_async_with_config(request, stream, Some(config));

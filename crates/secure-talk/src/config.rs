@@ -33,9 +33,11 @@ pub struct Limits {
     pub max_pipes_per_client: usize,
     /// Most pipes on the server.
     pub max_pipes: usize,
-    /// Largest websocket text message, and largest headers JSON of a binary one, in bytes.
+    /// Largest websocket text message on the admin channel, largest headers JSON of a binary
+    /// one, and largest binary message that is not a `model` upload (held in memory), in
+    /// bytes; a longer message closes the connection with 1009.
     pub max_message_bytes: usize,
-    /// Largest binary (upload) message payload in bytes.
+    /// Largest `model` upload payload in bytes (streamed to disk, not held in memory).
     pub max_upload_bytes: usize,
     /// Largest IPC frame from a pipe, header included, in bytes.
     pub max_ipc_frame_bytes: usize,
@@ -59,6 +61,10 @@ pub struct Limits {
     pub drain_grace_secs: u64,
     /// Most open connections on the Unix socket, a pool apart from the TCP ones.
     pub max_local_connections: usize,
+    /// Bytes of incoming messages held in memory by all connections together (text and
+    /// binary messages being received, upload headers and spool buffers); a connection that
+    /// would take more is closed with 1013.
+    pub max_bytes_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -81,6 +87,7 @@ impl Default for Limits {
             send_queue: 256,
             drain_grace_secs: 10,
             max_local_connections: common::admission::DEFAULT_MAX_LOCAL_CONNECTIONS,
+            max_bytes_in_flight: 64 << 20,
         }
     }
 }
@@ -337,6 +344,15 @@ impl FileConfig {
                 return Err(ConfigError(format!("limits.{name} must be above 0")));
             }
         }
+        // One message of the largest size, rounded up to the budget's steps, must fit.
+        let least = limits
+            .max_message_bytes
+            .saturating_add(2 * crate::budget::STEP);
+        if limits.max_bytes_in_flight < least {
+            return Err(ConfigError(format!(
+                "limits.max_bytes_in_flight must be at least max_message_bytes + 128 KiB ({least})"
+            )));
+        }
         if limits.max_ipc_frame_bytes < common::envelope::ipc::HEADER_LEN {
             return Err(ConfigError("limits.max_ipc_frame_bytes is below 8".into()));
         }
@@ -416,6 +432,9 @@ mod tests {
             ]
         );
         assert!(AdminSubject::parse("sha256:abc").is_err());
+        // The budget of bytes in flight must hold one message of the largest size.
+        let small = "listen = \"\"\nunix_socket = \"s\"\n[limits]\nmax_bytes_in_flight = 1048576";
+        assert!(parse(small).unwrap_err().0.contains("max_bytes_in_flight"));
     }
 
     #[test]

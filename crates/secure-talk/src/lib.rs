@@ -6,6 +6,10 @@
 //! - [`server`]: listeners, the token endpoint and websocket upgrades;
 //! - [`hub`]: clients, channels, pipes and who owns what;
 //! - [`admin`]: the admin channel's methods;
+//! - `channel`, `inbound`, `budget`: one websocket's loop, the messages it receives (capped
+//!   per channel, uploads streamed) and the budget of bytes in flight they share;
+//! - [`upload`]: upload files, spooled to disk and moved beneath the upload directory
+//!   without following symlinks;
 //! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
 //! - [`client`]: the client library behind `secure-talk-cli`.
 //!
@@ -13,13 +17,16 @@
 //! reads argv, the environment or signals; the binaries in `src/bin` do.
 
 pub mod admin;
+mod budget;
 mod channel;
 pub mod client;
 pub mod config;
 pub mod hub;
+mod inbound;
 pub mod ipc;
 pub mod pipes;
 pub mod server;
 pub mod token;
+pub mod upload;
 
 pub use channel::{CLOSE_DISCONNECTED, CLOSE_REPLACED};

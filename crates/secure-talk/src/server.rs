@@ -27,9 +27,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument as _;
 
 use crate::channel;
@@ -50,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) uploads: Mutex<std::collections::HashSet<PathBuf>>,
     /// Serialises read-modify-write of `model_info.json`.
     pub(crate) model_info_lock: Mutex<()>,
+    /// Bytes of incoming messages held in memory, all connections together.
+    pub(crate) budget: Arc<crate::budget::Budget>,
     /// The TCP front door: strangers in the handshake, then `max_connections`.
     admission: Admission,
     /// The Unix socket's own pool (`max_local_connections`).
@@ -185,6 +185,7 @@ impl Server {
             "max_local_connections",
             config.limits.max_local_connections,
         );
+        let budget = crate::budget::Budget::new(config.limits.max_bytes_in_flight);
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -195,6 +196,7 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 uploads: Mutex::new(std::collections::HashSet::new()),
                 model_info_lock: Mutex::new(()),
+                budget,
                 admission,
                 local,
             }),
@@ -207,6 +209,7 @@ impl Server {
     pub async fn run(&self, listeners: Listeners) {
         let shared = &self.shared;
         let Listeners { tcp, unix, ipc } = listeners;
+        crate::upload::remove_leftovers(&shared.config.upload_dir);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(crate::ipc::serve(shared.clone(), ipc.0));
         if let Some(tcp) = tcp {
@@ -248,6 +251,11 @@ impl Server {
     /// Clients with a live websocket.
     pub fn connected_clients(&self) -> usize {
         self.shared.hub.connected_clients()
+    }
+
+    /// Bytes of incoming messages held in memory now (the budget's use).
+    pub fn bytes_in_flight(&self) -> usize {
+        self.shared.budget.used()
     }
 
     /// Pipes alive.
@@ -470,13 +478,7 @@ fn handle(
                         return;
                     }
                 };
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(websocket_config(&task_shared.config)),
-                )
-                .await;
-                channel::run(task_shared, ws, client, channel, peer).await;
+                channel::run(task_shared, TokioIo::new(upgraded), client, channel, peer).await;
                 drop(slot);
             }
             .instrument(span),
@@ -515,25 +517,6 @@ fn token_answer(shared: &Shared, presented: Option<&str>) -> Response<Full<Bytes
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
-
-fn websocket_config(config: &Config) -> WebSocketConfig {
-    let limits = &config.limits;
-    let largest = limits
-        .max_message_bytes
-        .max(limits.max_upload_bytes)
-        .saturating_add(limits.max_message_bytes)
-        .saturating_add(128);
-    // tungstenite zero-fills the free part of its read buffer before every read (EAGAIN
-    // included): its 128 KiB default made that memset 30% of the server's CPU time on small
-    // messages. 8 KiB keeps large uploads at 128 reads per MiB.
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(largest))
-        .max_frame_size(Some(largest))
-}
-
-/// Websocket read buffer, on both ends (see [`websocket_config`]).
-pub(crate) const READ_BUFFER: usize = 8 * 1024;
 
 /// Stops pipes whose owner has been gone longer than the orphan timeout.
 async fn reap_orphans(shared: Arc<Shared>) {

@@ -403,6 +403,28 @@ pub fn md5_hex(data: &[u8]) -> String {
     hex::encode(Md5::digest(data))
 }
 
+/// MD5 computed piece by piece, for a payload that is never whole in memory.
+#[derive(Clone, Default)]
+pub struct Md5Stream(Md5);
+
+impl Md5Stream {
+    /// Adds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        Md5::update(&mut self.0, data);
+    }
+
+    /// The MD5 of everything added, as 32 lowercase hex digits.
+    pub fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+impl std::fmt::Debug for Md5Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Md5Stream")
+    }
+}
+
 fn json_error(err: serde_json::Error) -> TalkError {
     TalkError::Json(err.to_string())
 }

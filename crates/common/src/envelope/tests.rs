@@ -3,3 +3,4 @@
 mod ipc;
 mod micronets;
 mod talk;
+mod ws;

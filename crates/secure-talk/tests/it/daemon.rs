@@ -26,7 +26,7 @@ fn command() -> Command {
 }
 
 /// A Unix-socket-only configuration under `dir`, with `extra` top-level keys.
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("secure-talk.toml");
     let text = format!(
         "listen = \"\"\nunix_socket = \"{}\"\nstate_dir = \"{}\"\npipe_program = \"{PIPE}\"\n{extra}\n\
@@ -38,14 +38,14 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
-struct Daemon {
-    child: Child,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
     socket: PathBuf,
 }
 
 impl Daemon {
     /// Starts the daemon and waits for its `listening on unix:` line.
-    async fn start(config: &Path) -> Self {
+    pub(crate) async fn start(config: &Path) -> Self {
         let mut child = command()
             .arg("-c")
             .arg(config)
@@ -69,12 +69,12 @@ impl Daemon {
         Self { child, socket }
     }
 
-    fn options(&self, token_file: PathBuf) -> client::ClientOptions {
+    pub(crate) fn options(&self, token_file: PathBuf) -> client::ClientOptions {
         options(Transport::Unix(self.socket.clone()), Some(token_file))
     }
 
     /// SIGTERM, then the exit code within a few seconds.
-    async fn terminate(mut self) -> i32 {
+    pub(crate) async fn terminate(mut self) -> i32 {
         let pid = self
             .child
             .id()

@@ -9,6 +9,8 @@
 //! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push;
 //! - `limits`: per-client pipes and clients, `max_connections`, pings and the idle timeout,
 //!   data-channel backpressure, the upload lock, SIGHUP reloading the TLS certificate;
+//! - `memory`: per-channel message caps, the budget of bytes in flight, streamed uploads and
+//!   the daemon's RSS under unfinished big messages;
 //! - `ipc`: impostor check-ins (another process, a process of the pipe's group, another
 //!   pipe's id on a descriptor), check-in on the descriptor, garbage on the IPC socket;
 //! - `checkin`: the check-in timer at its default, both ways;
@@ -28,6 +30,7 @@ mod daemon;
 mod echo;
 mod ipc;
 mod limits;
+mod memory;
 mod pipe_program;
 mod pipes;
 mod python;

@@ -170,3 +170,31 @@ async fn traversal_bad_checksums_and_missing_paths_are_refused() {
         "{first:?}"
     );
 }
+
+#[tokio::test]
+async fn a_symlink_inside_the_upload_directory_creates_nothing_outside() {
+    let server = TestServer::start().await;
+    let upload_dir = &server.config.upload_dir;
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(upload_dir).expect("the upload directory");
+    std::os::unix::fs::symlink(outside.path(), upload_dir.join("link")).expect("symlink");
+    std::fs::write(upload_dir.join("plain"), b"a file").expect("write");
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    for name in ["link/new/file", "link/file", "plain/new/file"] {
+        a.send_binary(&model(name, b"payload")).await.expect("send");
+        expect_reply(&mut a, 400, "leaves the upload directory").await;
+    }
+    // Nothing was created through the link, not even a directory.
+    let created: Vec<_> = std::fs::read_dir(outside.path())
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(created.is_empty(), "{created:?}");
+    assert_eq!(files(upload_dir), ["plain"]);
+    // The same names without the link work.
+    a.send_binary(&model("real/new/file", b"payload"))
+        .await
+        .expect("send");
+    expect_reply(&mut a, 200, "real/new/file").await;
+}

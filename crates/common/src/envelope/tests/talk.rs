@@ -343,3 +343,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn md5_by_pieces_is_md5_of_the_whole() {
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+    let mut stream = crate::envelope::talk::Md5Stream::default();
+    for piece in data.chunks(333) {
+        stream.update(piece);
+    }
+    assert_eq!(stream.finish(), crate::envelope::talk::md5_hex(&data));
+}

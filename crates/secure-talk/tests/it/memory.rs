@@ -1,0 +1,315 @@
+//! Memory bounds: per-channel message caps (close 1009 at the frame header, before the bytes
+//! are read), the global budget of bytes in flight (close 1013), uploads streamed to disk and
+//! the daemon's RSS under clients that send unfinished big frames.
+
+use std::time::Duration;
+
+use common::envelope::talk::{BinaryMessage, Headers, md5_hex, method};
+use futures_util::StreamExt as _;
+use secure_talk::client::{self, ClientOptions, Stream};
+use secure_talk::config::Limits;
+use secure_talk::hub::Channel;
+use tokio::io::AsyncWriteExt as _;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+use futures_util::SinkExt as _;
+
+use crate::support::{STEP, TestServer, connect, expect_reply, http};
+
+/// A websocket on `path` with a fresh token, for writing raw frames.
+pub(crate) async fn raw_ws(options: &ClientOptions, path: &str) -> WebSocketStream<Stream> {
+    let (status, token) = http(options, "GET", "/", None).await;
+    assert_eq!(status, 200);
+    let stream = client::open_stream(options).await.expect("open a stream");
+    let mut request = format!("ws://localhost{path}")
+        .into_client_request()
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("token", token.parse().expect("header value"));
+    let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::client_async(request, stream))
+        .await
+        .expect("upgraded in time")
+        .expect("upgraded");
+    ws
+}
+
+/// The header of a masked client frame (mask 0: the payload goes as is).
+pub(crate) fn frame_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    match len {
+        0..=125 => out.push(0x80 | len as u8),
+        126..=0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0; 4]);
+    out
+}
+
+/// Writes `bytes` (a write error means the server already closed: fine) and returns the close
+/// code the server sends.
+pub(crate) async fn close_code_after(ws: &mut WebSocketStream<Stream>, bytes: &[u8]) -> u16 {
+    let _ = tokio::time::timeout(STEP, async {
+        let _ = ws.get_mut().write_all(bytes).await;
+        let _ = ws.get_mut().flush().await;
+    })
+    .await;
+    tokio::time::timeout(STEP, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the server closes in time")
+}
+
+/// A server with the default limits (the test configuration lowers them).
+async fn default_server() -> TestServer {
+    TestServer::start_with(|c| c.limits = Limits::default()).await
+}
+
+#[tokio::test]
+async fn unfinished_big_frames_are_cut_off_at_the_channel_cap() {
+    let server = default_server().await;
+    let options = server.unix("raw");
+    // /data: a 128 MiB frame is refused at its header, and so is a message that grows past
+    // 4 KiB in small fragments.
+    let mut data = raw_ws(&options, "/data").await;
+    let mut bytes = frame_header(false, 0x2, 128 << 20);
+    bytes.extend(vec![0u8; 64 << 10]);
+    assert_eq!(close_code_after(&mut data, &bytes).await, 1009);
+    let mut data = raw_ws(&options, "/data").await;
+    let mut bytes = frame_header(false, 0x2, 1024);
+    bytes.extend([0u8; 1024]);
+    for _ in 0..8 {
+        bytes.extend(frame_header(false, 0x0, 1024));
+        bytes.extend([0u8; 1024]);
+    }
+    assert_eq!(close_code_after(&mut data, &bytes).await, 1009);
+    // A data channel still takes a small message (and ignores it).
+    let mut data = raw_ws(&options, "/data").await;
+    data.send(WsMessage::text("ignored")).await.expect("send");
+
+    // /: a text frame over max_message_bytes, at its header.
+    let mut admin = raw_ws(&options, "/").await;
+    let mut bytes = frame_header(false, 0x1, 128 << 20);
+    bytes.extend(vec![b' '; 64 << 10]);
+    assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
+    // /: a binary message that is not an upload is held in memory, so it has the same cap:
+    // refused once its headers say what it is.
+    let mut admin = raw_ws(&options, "/").await;
+    let mut bytes = frame_header(false, 0x2, 128 << 20);
+    bytes.extend_from_slice(b"{\"headers\":{\"method\":\"text\"}}\x01");
+    bytes.extend(vec![0u8; 64 << 10]);
+    assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
+    // Fragments adding up past the cap.
+    let mut admin = raw_ws(&options, "/").await;
+    let chunk = 256 << 10;
+    let mut bytes = frame_header(false, 0x1, chunk);
+    bytes.extend(vec![b' '; chunk as usize]);
+    for _ in 0..4 {
+        bytes.extend(frame_header(false, 0x0, chunk));
+        bytes.extend(vec![b' '; chunk as usize]);
+    }
+    assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
+    // Nothing stays charged.
+    crate::support::eventually("the budget is back to 0", STEP, || {
+        server.server.bytes_in_flight() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_budget_of_bytes_in_flight_refuses_with_1013_instead_of_growing() {
+    // Room for three unfinished 60 KiB messages (64 KiB steps), not four.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_message_bytes = 64 << 10;
+        c.limits.max_bytes_in_flight = 192 << 10;
+    })
+    .await;
+    let options = server.unix("raw");
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let mut admin = raw_ws(&options, "/").await;
+        let mut bytes = frame_header(false, 0x1, 64 << 10);
+        bytes.extend(vec![b' '; 60 << 10]);
+        admin.get_mut().write_all(&bytes).await.expect("write");
+        holders.push(admin);
+    }
+    crate::support::eventually("three messages charged", STEP, || {
+        server.server.bytes_in_flight() == 192 << 10
+    })
+    .await;
+    let mut fourth = raw_ws(&options, "/").await;
+    let mut bytes = frame_header(false, 0x1, 64 << 10);
+    bytes.extend(vec![b' '; 60 << 10]);
+    assert_eq!(close_code_after(&mut fourth, &bytes).await, 1013);
+    assert_eq!(server.server.bytes_in_flight(), 192 << 10);
+    // Closing gives the bytes back: the next client gets through.
+    drop(holders);
+    crate::support::eventually("the budget is back", STEP, || {
+        server.server.bytes_in_flight() == 0
+    })
+    .await;
+    let mut admin = connect(&server.alice("a"), Channel::Admin).await;
+    admin
+        .send_text(r#"{"headers":{"method":"text"},"payload":"hi"}"#)
+        .await
+        .expect("send");
+    let reply = admin.recv_timeout(STEP).await.expect("recv");
+    assert!(reply.is_some());
+}
+
+#[tokio::test]
+async fn an_upload_is_streamed_in_fragments_and_verified() {
+    let server = TestServer::start_with(|c| c.limits.max_upload_bytes = 4 << 20).await;
+    let options = server.unix("raw");
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let message = BinaryMessage::new(
+        Headers::method(method::MODEL).with_path("big/w.bin"),
+        payload.clone(),
+    )
+    .encode();
+    // Fragments of odd sizes, with a ping between two of them.
+    let mut ws = raw_ws(&options, "/").await;
+    let mut bytes = Vec::new();
+    let pieces: Vec<&[u8]> = message.chunks(777_777).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let opcode = if i == 0 { 0x2 } else { 0x0 };
+        bytes.extend(frame_header(
+            i + 1 == pieces.len(),
+            opcode,
+            piece.len() as u64,
+        ));
+        bytes.extend_from_slice(piece);
+        if i == 1 {
+            bytes.extend(frame_header(true, 0x9, 0));
+        }
+    }
+    ws.get_mut().write_all(&bytes).await.expect("write");
+    let reply = tokio::time::timeout(STEP, async {
+        loop {
+            if let Some(Ok(WsMessage::Text(text))) = ws.next().await {
+                if text.contains("\"code\"") {
+                    return text.to_string();
+                }
+            }
+        }
+    })
+    .await
+    .expect("a reply");
+    assert!(reply.contains("200"), "{reply}");
+    assert!(reply.contains(&md5_hex(&payload)), "{reply}");
+    let upload_dir = &server.config.upload_dir;
+    assert_eq!(
+        std::fs::read(upload_dir.join("big/w.bin")).expect("read"),
+        payload
+    );
+    // No temporary file is left.
+    let names: Vec<_> = std::fs::read_dir(upload_dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // An upload growing past max_upload_bytes is cut off with 1009 and its temporary file
+    // (4 MiB written by then) is removed.
+    let mut admin = raw_ws(&options, "/").await;
+    let mut bytes = frame_header(false, 0x2, 1 << 20);
+    let head = b"{\"headers\":{\"method\":\"model\",\"path\":\"too/big\"}}\x01";
+    bytes.extend_from_slice(head);
+    bytes.extend(vec![0u8; (1 << 20) - head.len()]);
+    for _ in 0..4 {
+        bytes.extend(frame_header(false, 0x0, 1 << 20));
+        bytes.extend(vec![0u8; 1 << 20]);
+    }
+    assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
+    crate::support::eventually("the temporary file is removed", STEP, || {
+        std::fs::read_dir(upload_dir).map_or(0, Iterator::count) == 2
+    })
+    .await;
+    // A checksum mismatch is refused and leaves nothing either.
+    let mut conn = connect(&server.alice("a"), Channel::Admin).await;
+    let mut wrong = BinaryMessage::new(
+        Headers::method(method::MODEL).with_path("bad.bin"),
+        vec![1u8; 300_000],
+    );
+    wrong.check_sum = md5_hex(b"other");
+    conn.send_binary(&wrong).await.expect("send");
+    expect_reply(&mut conn, 422, "checksum").await;
+    let names: Vec<_> = std::fs::read_dir(upload_dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+/// VmRSS of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test]
+async fn the_daemon_does_not_grow_with_unfinished_big_messages() {
+    // The real binary at its default limits: two clients start 128 MiB messages on `/data`
+    // and two stream 24 MiB into unfinished uploads on `/`.
+    crate::support::pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = crate::daemon::Daemon::start(&crate::daemon::write_config(dir.path(), "")).await;
+    let pid = daemon.child.id().expect("running");
+    let options = daemon.options(dir.path().join("token"));
+    // Warm up (a token, an upgrade, an echo), then measure.
+    let mut warm = connect(&options, Channel::Admin).await;
+    warm.send_text(r#"{"headers":{"method":"text"},"payload":"hi"}"#)
+        .await
+        .expect("send");
+    let _ = warm.recv_timeout(STEP).await;
+    let before = rss_kib(pid);
+    for _ in 0..2 {
+        let mut data = raw_ws(&options, "/data").await;
+        let mut bytes = frame_header(false, 0x2, 128 << 20);
+        bytes.extend(vec![0u8; 1 << 20]);
+        assert_eq!(close_code_after(&mut data, &bytes).await, 1009);
+    }
+    let mut uploads = Vec::new();
+    for i in 0..2 {
+        let mut admin = raw_ws(&options, "/").await;
+        let mut bytes = frame_header(false, 0x2, 128 << 20);
+        bytes.extend_from_slice(
+            format!("{{\"headers\":{{\"method\":\"model\",\"path\":\"u{i}\"}}}}\x01").as_bytes(),
+        );
+        admin.get_mut().write_all(&bytes).await.expect("write");
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..24 {
+            tokio::time::timeout(STEP, admin.get_mut().write_all(&chunk))
+                .await
+                .expect("the daemon keeps reading an upload")
+                .expect("write");
+        }
+        uploads.push(admin);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    eprintln!("VmRSS {before} KiB -> {after} KiB (+{grown} KiB) with 48 MiB of unfinished uploads");
+    assert!(grown < 16 << 10, "the daemon grew by {grown} KiB");
+    drop(uploads);
+    assert_eq!(daemon.terminate().await, 0);
+}
