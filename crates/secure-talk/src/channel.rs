@@ -143,7 +143,7 @@ pub(crate) async fn run<S>(
     let attached = shared.hub.attach(
         client,
         channel,
-        Conn { id: conn, tx },
+        Conn::new(conn, tx, limits.send_queue_bytes),
         peer.identity.clone(),
         limits.max_clients,
     );
@@ -267,6 +267,11 @@ pub(crate) async fn run<S>(
                 }
             }
             out = rx.recv() => {
+                // Pipe output gives its room back once it is written (or dropped).
+                let (out, _room) = match out {
+                    Some(Out::Held(out, room)) => (Some(*out), Some(room)),
+                    other => (other, None),
+                };
                 let sent = match out {
                     Some(Out::Text(_) | Out::Binary(_)) if revoked() => {
                         close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
@@ -282,6 +287,7 @@ pub(crate) async fn run<S>(
                         close(&mut ws, code, &reason).await;
                         break "closed by the server";
                     }
+                    Some(Out::Held(..)) => true,
                     None => {
                         close(&mut ws, CLOSE_REPLACED, "replaced").await;
                         break "unregistered";

@@ -57,6 +57,9 @@ pub struct Limits {
     pub orphan_pipe_timeout_secs: u64,
     /// Outgoing messages queued per websocket before the sender waits (data) or drops (admin).
     pub send_queue: usize,
+    /// Bytes of pipe output queued per data channel before the pipe waits (a message larger
+    /// than this waits for an empty queue and goes alone).
+    pub send_queue_bytes: usize,
     /// Seconds to let connections finish after SIGTERM.
     pub drain_grace_secs: u64,
     /// Most open connections on the Unix socket, a pool apart from the TCP ones.
@@ -85,6 +88,7 @@ impl Default for Limits {
             kill_grace_secs: 5,
             orphan_pipe_timeout_secs: 24 * 3600,
             send_queue: 256,
+            send_queue_bytes: 4 << 20,
             drain_grace_secs: 10,
             max_local_connections: common::admission::DEFAULT_MAX_LOCAL_CONNECTIONS,
             max_bytes_in_flight: 64 << 20,
@@ -323,6 +327,7 @@ impl FileConfig {
             ("max_ipc_frame_bytes", limits.max_ipc_frame_bytes),
             ("max_header_bytes", limits.max_header_bytes),
             ("send_queue", limits.send_queue),
+            ("send_queue_bytes", limits.send_queue_bytes),
             ("max_local_connections", limits.max_local_connections),
         ] {
             if value == 0 {

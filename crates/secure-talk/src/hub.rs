@@ -6,14 +6,14 @@
 //! sockets.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use common::envelope::ipc::Frame;
 use common::tls::PeerIdentity;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// A client identity (the token's `client_id`).
@@ -27,7 +27,7 @@ pub type ConnId = u64;
 pub const MAX_PENDING_FRAMES: usize = 64;
 
 /// Something to write on a websocket.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Out {
     /// A text frame.
     Text(String),
@@ -35,6 +35,36 @@ pub enum Out {
     Binary(Vec<u8>),
     /// Close with this code and reason.
     Close(u16, String),
+    /// Pipe output holding its share of the connection's [`Conn::room`] until it is written.
+    Held(Box<Out>, OwnedSemaphorePermit),
+}
+
+impl Out {
+    /// Bytes of payload it holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(text) => text.len(),
+            Self::Binary(bytes) => bytes.len(),
+            Self::Close(_, reason) => reason.len(),
+            Self::Held(out, _) => out.len(),
+        }
+    }
+
+    /// Whether it holds no payload.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message itself, without the room it held.
+    #[must_use]
+    pub fn unheld(self) -> Self {
+        match self {
+            Self::Held(out, _) => *out,
+            other => other,
+        }
+    }
 }
 
 /// Which websocket of a client.
@@ -54,6 +84,23 @@ pub struct Conn {
     pub id: ConnId,
     /// Its queue.
     pub tx: mpsc::Sender<Out>,
+    /// Bytes of pipe output that may wait in its queue (`send_queue_bytes` permits): a pipe
+    /// whose output does not fit waits, so a client that does not read stops its pipes
+    /// instead of growing the daemon.
+    pub room: Arc<Semaphore>,
+}
+
+impl Conn {
+    /// A connection numbered `id` with its queue and `room_bytes` of room for pipe output.
+    #[must_use]
+    pub fn new(id: ConnId, tx: mpsc::Sender<Out>, room_bytes: usize) -> Self {
+        let permits = room_bytes.min(Semaphore::MAX_PERMITS);
+        Self {
+            id,
+            tx,
+            room: Arc::new(Semaphore::new(permits)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -651,7 +698,7 @@ mod tests {
 
     fn conn(id: ConnId) -> (Conn, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(4);
-        (Conn { id, tx }, rx)
+        (Conn::new(id, tx, 1 << 20), rx)
     }
 
     fn spec() -> PipeSpec {

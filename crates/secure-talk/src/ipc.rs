@@ -257,16 +257,24 @@ async fn route(shared: &Arc<Shared>, owner: ClientId, id: PipeId, frame: Frame) 
             Out::Text(Message::data(kind, id, Value::String(text.to_owned())).encode())
         }
     };
+    // A message bigger than the whole room waits for all of it, then goes alone.
+    let room_bytes = shared.config.limits.send_queue_bytes;
+    let want = u32::try_from(out.len().min(room_bytes)).unwrap_or(u32::MAX);
     let mut out = out;
     loop {
         // Register interest before looking, so an attach between the two is not missed.
         let attached = shared.hub.data_attached.notified();
         if let Some(data) = shared.hub.conn(owner, Channel::Data) {
-            match data.tx.send(out).await {
+            let room = tokio::select! {
+                room = data.room.clone().acquire_many_owned(want) => room,
+                () = shared.shutdown.triggered() => return,
+            };
+            let Ok(room) = room else { return };
+            match data.tx.send(Out::Held(Box::new(out), room)).await {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(back)) => {
                     // The channel is closing; its task detaches it in a moment.
-                    out = back;
+                    out = back.unheld();
                     tokio::task::yield_now().await;
                     continue;
                 }

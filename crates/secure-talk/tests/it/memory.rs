@@ -22,6 +22,11 @@ use crate::support::{STEP, TestServer, connect, expect_reply, http};
 pub(crate) async fn raw_ws(options: &ClientOptions, path: &str) -> WebSocketStream<Stream> {
     let (status, token) = http(options, "GET", "/", None).await;
     assert_eq!(status, 200);
+    raw_ws_as(options, path, &token).await
+}
+
+/// A websocket on `path` with `token` (so two channels belong to one client).
+async fn raw_ws_as(options: &ClientOptions, path: &str, token: &str) -> WebSocketStream<Stream> {
     let stream = client::open_stream(options).await.expect("open a stream");
     let mut request = format!("ws://localhost{path}")
         .into_client_request()
@@ -312,4 +317,70 @@ async fn the_daemon_does_not_grow_with_unfinished_big_messages() {
     assert!(grown < 16 << 10, "the daemon grew by {grown} KiB");
     drop(uploads);
     assert_eq!(daemon.terminate().await, 0);
+}
+
+/// A pipe that checks in on the path socket, then writes `argv[3]` text frames of 8 MiB as
+/// fast as the daemon reads them.
+const FLOOD_PIPE: &str = r#"
+import socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[2])
+def frame(kind, payload):
+    return struct.pack(">II", len(payload) + 8, kind) + payload
+s.sendall(frame(1, sys.argv[1].encode()))
+chunk = b"a" * (8 << 20)
+for _ in range(int(sys.argv[3])):
+    s.sendall(frame(0, chunk))
+time.sleep(60)
+"#;
+
+#[tokio::test]
+async fn pipe_output_for_a_client_that_does_not_read_waits_in_the_pipe() {
+    // At the default limits, a pipe writes 40 messages of 8 MiB for an owner whose data
+    // channel never reads. The output queue holds `send_queue_bytes` (4 MiB) and one message
+    // that is larger goes alone: the pipe waits instead of the daemon holding 320 MiB.
+    let server = TestServer::start_with(|c| {
+        c.limits = Limits::default();
+        c.limits.max_ipc_frame_bytes = 9 << 20;
+        c.pipe_program = "python3".into();
+        c.pipe_args = vec![
+            "-c".into(),
+            FLOOD_PIPE.into(),
+            "{id}".into(),
+            "{ipc_socket}".into(),
+            "40".into(),
+        ];
+    })
+    .await;
+    let options = server.alice("flood");
+    let (status, token) = http(&options, "GET", "/", None).await;
+    assert_eq!(status, 200);
+    let data = raw_ws_as(&options, "/data", &token).await;
+    let mut admin = raw_ws_as(&options, "/", &token).await;
+    let before = rss_kib(std::process::id());
+    admin
+        .send(WsMessage::text(
+            r#"{"headers":{"method":"create"},"payload":{"pipe_num":1,"launch":"x"}}"#,
+        ))
+        .await
+        .expect("send");
+    let reply = tokio::time::timeout(STEP, admin.next())
+        .await
+        .expect("a reply in time")
+        .expect("a reply")
+        .expect("a reply");
+    assert!(
+        reply.to_text().expect("text").contains("pipe_create 0"),
+        "{reply:?}"
+    );
+    // Long enough for the whole flood to arrive when nothing holds it back (it takes well
+    // under a second on loopback).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(std::process::id());
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "VmRSS {before} KiB -> {after} KiB (+{grown} KiB) with 320 MiB of unread pipe output"
+    );
+    assert!(grown < 96 << 10, "the daemon grew by {grown} KiB");
+    drop(data);
 }
