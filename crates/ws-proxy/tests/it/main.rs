@@ -14,3 +14,4 @@ mod process;
 mod refusals;
 mod relay;
 mod revocation;
+mod timers;
