@@ -230,7 +230,8 @@ pub async fn run(
 #[derive(Debug)]
 pub struct Interactive {
     child: Child,
-    stream: UnixStream,
+    /// Our end; taken only when the command is dropped (see [`Interactive`]'s `Drop`).
+    stream: Option<UnixStream>,
     pid: Option<u32>,
     grace: Duration,
 }
@@ -267,7 +268,7 @@ impl Interactive {
         let pid = child.id();
         let mut this = Self {
             child,
-            stream: UnixStream::from_std(ours)?,
+            stream: Some(UnixStream::from_std(ours)?),
             pid,
             grace,
         };
@@ -281,7 +282,7 @@ impl Interactive {
     /// The command closed its input.
     pub async fn write(&mut self, input: &[u8]) -> io::Result<()> {
         if !input.is_empty() {
-            self.stream.write_all(input).await?;
+            self.stream()?.write_all(input).await?;
         }
         Ok(())
     }
@@ -294,7 +295,8 @@ impl Interactive {
         tokio::time::sleep(wait).await;
         let mut buf = vec![0u8; INTERACTIVE_READ];
         // The readiness may not have been seen yet by the reactor; a millisecond settles it.
-        match tokio::time::timeout(Duration::from_millis(1), self.stream.read(&mut buf)).await {
+        let stream = self.stream()?;
+        match tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf)).await {
             Ok(Ok(0)) => Ok(Read {
                 data: Vec::new(),
                 eof: true,
@@ -320,8 +322,15 @@ impl Interactive {
     /// # Errors
     /// Socket errors.
     pub async fn finish(mut self) -> io::Result<FinishedOutput> {
-        self.stream.shutdown().await?;
+        self.stream()?.shutdown().await?;
         Ok(FinishedOutput { inner: self })
+    }
+
+    /// Our end of the socketpair (there until the command is dropped).
+    fn stream(&mut self) -> io::Result<&mut UnixStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
 
     /// The command's pid.
@@ -358,9 +367,20 @@ impl Drop for Interactive {
         }
         signal_group(pid, Signal::TERM);
         let grace = self.grace;
+        let stream = self.stream.take();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                tokio::time::sleep(grace).await;
+                let deadline = tokio::time::Instant::now() + grace;
+                // Its output is read and thrown away during the grace: with our end closed,
+                // a command that writes while it stops (a shell's "Terminated", a goodbye)
+                // would die of SIGPIPE at once instead of finishing.
+                if let Some(mut stream) = stream {
+                    let mut buf = vec![0u8; INTERACTIVE_READ];
+                    let drain =
+                        async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} };
+                    let _ = tokio::time::timeout_at(deadline, drain).await;
+                }
+                tokio::time::sleep_until(deadline).await;
                 signal_group(pid, Signal::KILL);
             });
         } else {
@@ -382,7 +402,7 @@ impl FinishedOutput {
     /// Socket errors.
     pub async fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
         let mut buf = vec![0u8; INTERACTIVE_READ];
-        let n = self.inner.stream.read(&mut buf).await?;
+        let n = self.inner.stream()?.read(&mut buf).await?;
         if n == 0 {
             // It closed its output: reap it if it has exited, and do not signal it.
             let _ = self.inner.child.try_wait();

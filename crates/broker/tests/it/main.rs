@@ -11,3 +11,4 @@ mod isolation;
 mod logs;
 mod revocation;
 mod run;
+mod timers;

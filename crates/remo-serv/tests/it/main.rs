@@ -13,7 +13,8 @@
 //! - `process`: the daemon, `remo` and `remo-admin` binaries (exit codes, HTTPS, SIGTERM,
 //!   256 MiB with bounded memory, a killed upload);
 //! - `original`: our client against the original server's framing and upload limits;
-//! - `python`: the independent Python client.
+//! - `python`: the independent Python client;
+//! - `timers`: every timer whose default fits a test, at that default, both ways.
 
 #![allow(
     clippy::unwrap_used,
@@ -29,3 +30,4 @@ mod original;
 mod process;
 mod protocol;
 mod python;
+mod timers;

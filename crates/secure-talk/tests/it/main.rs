@@ -17,7 +17,8 @@
 //! - `shutdown`: shutdown with pipes that ignore SIGTERM;
 //! - `daemon`: the `secure-talk` binary;
 //! - `pipe_program`: the `secure-talk-pipe` binary against a fake daemon;
-//! - `python`: the independent Python client.
+//! - `python`: the independent Python client;
+//! - `timers`: every timer at its default value, both ways.
 
 #![allow(
     clippy::unwrap_used,
@@ -36,6 +37,7 @@ mod pipes;
 mod python;
 mod shutdown;
 mod support;
+mod timers;
 mod tls;
 mod tokens;
 mod unix;

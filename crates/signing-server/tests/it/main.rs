@@ -17,7 +17,8 @@
 //! - `limits`: `max_connections`, SIGHUP certificate reloads, stalled (408) and over-size
 //!   (413) uploads;
 //! - `revocation`: a certificate revoked after the handshake on a live connection, and
-//!   `max_connection_age_secs`.
+//!   `max_connection_age_secs`;
+//! - `timers`: every timer whose default fits a test, at that default, both ways.
 
 #![allow(
     clippy::unwrap_used,
@@ -36,4 +37,5 @@ mod refusals;
 mod revocation;
 mod signatures;
 mod support;
+mod timers;
 mod upload;

@@ -1,0 +1,171 @@
+//! Every broker timer whose default fits a test, at that default, both ways (SECURITY.md
+//! invariant 8, docs/TESTING.md lists the others with their short-value tests). One broker
+//! with the default reaper interval, request timeout and HTTPS `[tls]` section runs every
+//! scenario at once.
+//!
+//! Dies at about its default: a job whose TTL ran out is hidden at once and reaped (its row
+//! and port freed) at the next reaper pass (15 s); a TCP stranger on the HTTPS port (handshake, 10 s); a Unix-socket connection and a
+//! verified HTTPS connection that send no request, and a kept-alive connection idle after its
+//! second answer (request timeout, 10 s). Lives: a job with a short TTL kept alive by
+//! heartbeats outlasts the reaper pass; a kept-alive connection's second request at 8 s is
+//! answered.
+
+use std::time::{Duration, Instant};
+
+use broker::api::{JobType, SaveRequest};
+use broker::config::{FileConfig, HttpsSection};
+use testkit::timers::{SLACK, assert_about, closed_at, http_get, sleep_until};
+
+use crate::support::{Backend, Daemon};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
+    let pki = testkit::pki::test_pki();
+    let defaults = FileConfig::default();
+    let reap_interval = Duration::from_secs(defaults.reap_interval_secs);
+    let request_timeout = Duration::from_secs(defaults.request_timeout_secs);
+    assert_eq!(reap_interval, Duration::from_secs(15));
+    assert_eq!(request_timeout, Duration::from_secs(10));
+    let mut tls = pki.server_tls_section();
+    // The test PKI's section shortens the handshake timeout; this test is about defaults.
+    tls.handshake_timeout_secs =
+        common::tls::TlsSection::new(pki.server.cert_path.clone()).handshake_timeout_secs;
+    let handshake = tls.handshake_timeout();
+    assert_eq!(handshake, Duration::from_secs(10));
+    let daemon = Daemon::start_with(Backend::Sqlite, |config| {
+        // The test daemon reaps every second; this test is about the default.
+        config.reap_interval = reap_interval;
+        assert_eq!(config.request_timeout, request_timeout);
+        config.https = Some(HttpsSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls,
+            users: [("CN=alice".to_owned(), "alice".to_owned())].into(),
+        });
+    })
+    .await;
+    // The reaper's first pass ran at its start; the next is one interval later.
+    let start = Instant::now();
+    let https = daemon.https.unwrap();
+    let within = Duration::from_secs(30);
+
+    // Dies: a job whose TTL ran out is hidden at once and its row (and port) freed at the
+    // next reaper pass. Lives: one kept alive by heartbeats, past that pass.
+    let reaper = async {
+        let mut client = daemon.client();
+        let store = daemon.broker.store();
+        let save = |ttl| SaveRequest {
+            job_type: Some(JobType::Ssh),
+            ttl_secs: Some(ttl),
+            label: None,
+        };
+        let lapsed = client.save(&save(1)).await.unwrap().summary.id;
+        let saved = Instant::now();
+        let kept = client.save(&save(4)).await.unwrap().summary.id;
+        let listed = |jobs: &[broker::api::JobSummary], id: &str| jobs.iter().any(|j| j.id == id);
+        let mut hidden = None;
+        let reaped = loop {
+            let jobs = client.query().await.unwrap();
+            assert!(listed(&jobs, &kept), "the heartbeated job lapsed");
+            if hidden.is_none() && !listed(&jobs, &lapsed) {
+                hidden = Some(saved.elapsed());
+            }
+            assert!(
+                store.job(&kept).await.unwrap().is_some(),
+                "the heartbeated job was reaped"
+            );
+            if store.job(&lapsed).await.unwrap().is_none() {
+                break start.elapsed();
+            }
+            assert!(start.elapsed() < within, "the lapsed job was never reaped");
+            client.heartbeat(&kept).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        // Expiry has a granularity of one second.
+        assert_about(
+            "lapsed job hidden",
+            hidden.expect("hidden"),
+            Duration::from_secs(1),
+        );
+        assert_about("lapsed job reaped", reaped, reap_interval);
+        // Past the pass, the kept job still answers.
+        sleep_until(start, reap_interval + SLACK).await;
+        client.heartbeat(&kept).await.unwrap();
+        assert_eq!(client.load(&kept).await.unwrap().summary.status, "active");
+    };
+
+    // Dies: a TCP connection to the HTTPS port that never starts TLS, at the handshake
+    // timeout.
+    let stranger = async {
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        let began = Instant::now();
+        let at = closed_at(tcp, began, within).await;
+        assert_about("tcp stranger", at.expect("closed"), handshake);
+    };
+
+    // Dies: connections that send no request, on the socket and over HTTPS.
+    let quiet_unix = async {
+        let unix = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        let began = Instant::now();
+        let at = closed_at(unix, began, within).await;
+        assert_about(
+            "unix without a request",
+            at.expect("closed"),
+            request_timeout,
+        );
+    };
+    let quiet_https = async {
+        let tls = testkit::front::tls_from_other_loopback(https, &pki.alice, &[b"http/1.1"]).await;
+        let began = Instant::now();
+        let at = closed_at(tls, began, within).await;
+        assert_about(
+            "https without a request",
+            at.expect("closed"),
+            request_timeout,
+        );
+    };
+
+    // Lives, then dies: on a kept-alive connection (socket and HTTPS) a second request at
+    // 8 s is answered; idle after it, the connection is closed at the request timeout.
+    let kept_alive_unix = async {
+        let mut unix = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        assert_eq!(http_get(&mut unix, "/v1/whoami").await, 200);
+        sleep_until(start, Duration::from_secs(8)).await;
+        assert_eq!(http_get(&mut unix, "/v1/whoami").await, 200, "at 8 s");
+        let answered = Instant::now();
+        let at = closed_at(unix, answered, within).await;
+        assert_about(
+            "idle kept-alive (unix)",
+            at.expect("closed"),
+            request_timeout,
+        );
+    };
+    let kept_alive_https = async {
+        let mut tls =
+            testkit::front::tls_from_other_loopback(https, &pki.alice, &[b"http/1.1"]).await;
+        assert_eq!(http_get(&mut tls, "/v1/whoami").await, 200);
+        sleep_until(start, Duration::from_secs(8)).await;
+        assert_eq!(http_get(&mut tls, "/v1/whoami").await, 200, "at 8 s");
+        let answered = Instant::now();
+        let at = closed_at(tls, answered, within).await;
+        assert_about(
+            "idle kept-alive (https)",
+            at.expect("closed"),
+            request_timeout,
+        );
+    };
+
+    tokio::join!(
+        reaper,
+        stranger,
+        quiet_unix,
+        quiet_https,
+        kept_alive_unix,
+        kept_alive_https
+    );
+    assert!(start.elapsed() < reap_interval + 2 * SLACK + Duration::from_secs(5));
+    daemon.stop().await;
+}
