@@ -188,3 +188,34 @@ pub(crate) fn copy_to(dir: &std::path::Path, from: &std::path::Path, name: &str)
     std::fs::copy(from, &to).expect("copy");
     to
 }
+
+/// The `ws-proxy` binary.
+pub(crate) const DAEMON: &str = env!("CARGO_BIN_EXE_ws-proxy");
+
+/// Starts the `ws-proxy` binary on `config` with `--print-address` and `args`, its stderr to
+/// `stderr`; returns it (killed when dropped) and the port it printed.
+pub(crate) async fn spawn_daemon(
+    config: &std::path::Path,
+    args: &[&str],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, u16) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(DAEMON)
+        .arg("--config")
+        .arg(config)
+        .arg("--print-address")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let port = line.rsplit(':').next().unwrap().parse().unwrap();
+    (child, port)
+}

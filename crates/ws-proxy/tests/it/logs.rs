@@ -5,12 +5,8 @@ use std::process::Stdio;
 
 use testkit::logs::{LogCapture, client_with_cn, injection};
 use testkit::test_pki;
-use tokio::io::AsyncBufReadExt as _;
-use tokio::process::Command;
 
-use crate::harness::{WAIT, closed, hello, options, send};
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_ws-proxy");
+use crate::harness::{WAIT, closed, hello, options, send, spawn_daemon};
 
 #[tokio::test]
 async fn a_certificate_subject_cannot_forge_a_log_line() {
@@ -30,22 +26,13 @@ async fn a_certificate_subject_cannot_forge_a_log_line() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(DAEMON)
-        .args(["--config", config.to_str().unwrap(), "--print-address"])
-        .args(["--log-format", "text", "--log", "info"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, port) = spawn_daemon(
+        &config,
+        &["--log-format", "text", "--log", "info"],
+        Stdio::piped(),
+    )
+    .await;
     let log = LogCapture::start("ws-proxy", child.stderr.take().unwrap());
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let port = line.rsplit(':').next().unwrap().to_owned();
     let url = format!("wss://localhost:{port}/micronets/v1/ws-proxy/p");
 
     // Connected (the subject is logged), then an invalid HELLO whose fields hold the same

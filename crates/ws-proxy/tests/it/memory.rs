@@ -10,15 +10,13 @@ use std::time::{Duration, Instant};
 use common::envelope::micronets::{Hello, Message as Envelope};
 use futures_util::{SinkExt as _, StreamExt as _};
 use testkit::test_pki;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 use ws_proxy::OnPartnerLeave;
 use ws_proxy::client::{self, ClientError, PeerStream};
 
-use crate::harness::{Proxy, WAIT, closed, hello, options, quick, recv_text, send};
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_ws-proxy");
+use crate::harness::{Proxy, WAIT, closed, hello, options, quick, recv_text, send, spawn_daemon};
 
 /// The `ws-proxy` binary with the test PKI and `extra` TOML (top-level keys, then tables).
 struct Daemon {
@@ -43,20 +41,7 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let mut child = Command::new(DAEMON)
-            .args(["--config", config.to_str().unwrap(), "--print-address"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let port = line.rsplit(':').next().unwrap().parse().unwrap();
+        let (child, port) = spawn_daemon(&config, &[], Stdio::null()).await;
         Self {
             child,
             port,

@@ -4,12 +4,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use testkit::test_pki;
-use tokio::io::AsyncBufReadExt as _;
 use tokio::process::Command;
 
-use crate::harness::{WAIT, closed, hello, options, recv_text, send};
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_ws-proxy");
+use crate::harness::{DAEMON, WAIT, closed, hello, options, recv_text, send, spawn_daemon};
 
 async fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
@@ -38,24 +35,8 @@ async fn sighup_reloads_keeping_pairs_and_sigterm_closes_with_1001() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(DAEMON)
-        .args(["--config", config.to_str().unwrap(), "--print-address"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = line.strip_prefix("listening on ").unwrap().to_owned();
-    let url = format!(
-        "wss://localhost:{}/micronets/v1/ws-proxy/p",
-        addr.rsplit(':').next().unwrap()
-    );
+    let (mut child, port) = spawn_daemon(&config, &[], Stdio::null()).await;
+    let url = format!("wss://localhost:{port}/micronets/v1/ws-proxy/p");
 
     let mut a = ws_proxy::client::connect(&options(&url, Some(&pki.alice)))
         .await
