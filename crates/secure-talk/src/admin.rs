@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::{ClientId, Out, PipeError, PipeId, PipeSpec};
+use crate::hub::{ClientId, Out, PipeError, PipeId, PipeLimits, PipeSpec};
 use crate::server::Shared;
 use crate::upload::Spool;
 
@@ -46,6 +46,8 @@ pub(crate) struct Ctx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) client: ClientId,
     pub(crate) is_admin: bool,
+    /// Who pays for its pipes ([`crate::server::Peer::key`]).
+    pub(crate) party: String,
 }
 
 pub(crate) fn text(code: i64, text: impl Into<String>) -> WsMessage {
@@ -214,7 +216,9 @@ fn pipe_error(ctx: &Ctx, err: &PipeError) -> WsMessage {
             text(404, format!("client {} has no pipes yet", ctx.client))
         }
         PipeError::NotFound(_) => text(404, err.to_string()),
-        PipeError::ClientLimit { .. } | PipeError::ServerLimit(_) => text(503, err.to_string()),
+        PipeError::ClientLimit { .. } | PipeError::PartyLimit(_) | PipeError::ServerLimit(_) => {
+            text(503, err.to_string())
+        }
         PipeError::QueueFull(_) | PipeError::Unavailable(_) => text(503, err.to_string()),
     }
 }
@@ -257,18 +261,29 @@ fn create(ctx: &Ctx, body: &Body) -> Vec<WsMessage> {
     let Some(create) = body.json() else {
         return vec![text(400, "json format error")];
     };
+    // The request is kept with each pipe it creates (and shown by `list`): bounded.
+    let max = shared.config.limits.max_pipe_spec_bytes;
+    if create.to_string().len() > max {
+        return vec![text(
+            413,
+            format!("the create request is larger than {max} bytes (max_pipe_spec_bytes)"),
+        )];
+    }
     let (spec, count) = match create_spec(create) {
         Ok(found) => found,
         Err(err) => return vec![text(400, err)],
     };
     let limits = &shared.config.limits;
-    let created = match shared.hub.create_pipes(
-        ctx.client,
-        &spec,
-        count,
-        limits.max_pipes_per_client,
-        limits.max_pipes,
-    ) {
+    let pipe_limits = PipeLimits {
+        per_client: limits.max_pipes_per_client,
+        per_party: limits.max_pipes_per_identity,
+        total: limits.max_pipes,
+        queue_bytes: limits.pipe_queue_bytes,
+    };
+    let created = match shared
+        .hub
+        .create_pipes(ctx.client, &ctx.party, &spec, count, &pipe_limits)
+    {
         Ok(created) => created,
         Err(err) => return vec![pipe_error(ctx, &err)],
     };
@@ -298,6 +313,14 @@ fn property(ctx: &Ctx, pipe: PipeId, body: &Body) -> Vec<WsMessage> {
         return vec![text(400, "json format error")];
     };
     let payload = json.to_string().into_bytes();
+    // The last property is kept with the pipe (and shown by `list`): bounded.
+    let max = ctx.shared.config.limits.max_pipe_spec_bytes;
+    if payload.len() > max {
+        return vec![text(
+            413,
+            format!("the property is larger than {max} bytes (max_pipe_spec_bytes)"),
+        )];
+    }
     match ctx
         .shared
         .hub

@@ -172,6 +172,7 @@ pub(crate) async fn run<S>(
         shared: shared.clone(),
         client,
         is_admin,
+        party: peer.key(),
     };
     // A peer that stops reading cannot hold this task: every write has the idle deadline.
     let write_limit = limits.idle_timeout();

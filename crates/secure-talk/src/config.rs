@@ -33,6 +33,14 @@ pub struct Limits {
     pub max_pipes_per_client: usize,
     /// Most pipes on the server.
     pub max_pipes: usize,
+    /// Pipes one identity (client certificate, local uid, or address without a certificate)
+    /// may own across all its client ids.
+    pub max_pipes_per_identity: usize,
+    /// Bytes of frames queued towards one pipe (what the owner sends it) before `send` and
+    /// `property` get 503.
+    pub pipe_queue_bytes: usize,
+    /// Largest create request (its JSON) and property a pipe keeps.
+    pub max_pipe_spec_bytes: usize,
     /// Largest websocket text message on the admin channel, largest headers JSON of a binary
     /// one, and largest binary message that is not a `model` upload (held in memory), in
     /// bytes; a longer message closes the connection with 1009.
@@ -77,6 +85,9 @@ impl Default for Limits {
             max_clients: 512,
             max_pipes_per_client: 16,
             max_pipes: 256,
+            max_pipes_per_identity: 64,
+            pipe_queue_bytes: 1 << 20,
+            max_pipe_spec_bytes: 16 << 10,
             max_message_bytes: 1 << 20,
             max_upload_bytes: 256 << 20,
             max_ipc_frame_bytes: 16 << 20,
@@ -328,6 +339,9 @@ impl FileConfig {
             ("max_header_bytes", limits.max_header_bytes),
             ("send_queue", limits.send_queue),
             ("send_queue_bytes", limits.send_queue_bytes),
+            ("max_pipes_per_identity", limits.max_pipes_per_identity),
+            ("pipe_queue_bytes", limits.pipe_queue_bytes),
+            ("max_pipe_spec_bytes", limits.max_pipe_spec_bytes),
             ("max_local_connections", limits.max_local_connections),
         ] {
             if value == 0 {

@@ -133,11 +133,17 @@ pub struct PipeSpec {
 #[derive(Debug)]
 struct Pipe {
     owner: ClientId,
+    /// Who pays for it (see [`PipeLimits::per_party`]).
+    party: String,
+    /// Bytes that may wait for the pipe (`pipe_queue_bytes` permits).
+    room: Arc<Semaphore>,
+    /// Its size.
+    room_bytes: usize,
     spec: PipeSpec,
     property: Option<Value>,
     pid: Option<u32>,
-    to_pipe: Option<mpsc::Sender<Frame>>,
-    pending: Vec<Frame>,
+    to_pipe: Option<mpsc::Sender<ToPipe>>,
+    pending: Vec<ToPipe>,
     created: SystemTime,
     stop: CancellationToken,
     /// Cancelled when the pipe's IPC connection has relayed everything it read.
@@ -148,6 +154,35 @@ struct Pipe {
     /// When it was recorded (an orphan's clock when its owner has no entry).
     since: Instant,
     destroying: bool,
+}
+
+/// The limits [`Hub::create_pipes`] keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct PipeLimits {
+    /// Pipes one client id may own (`max_pipes_per_client`).
+    pub per_client: usize,
+    /// Pipes one party (certificate, local uid or address) may own across all its client ids
+    /// (`max_pipes_per_identity`): tokens are free, client ids are not a party.
+    pub per_party: usize,
+    /// Pipes in the server (`max_pipes`).
+    pub total: usize,
+    /// Bytes of frames queued towards one pipe (`pipe_queue_bytes`).
+    pub queue_bytes: usize,
+}
+
+/// A frame on its way to a pipe, holding its share of the pipe's queue room until it has been
+/// written to the pipe.
+#[derive(Debug)]
+pub struct ToPipe {
+    /// The frame.
+    pub frame: Frame,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+impl ToPipe {
+    fn unheld(frame: Frame) -> Self {
+        Self { frame, _room: None }
+    }
 }
 
 /// A pipe just recorded by [`Hub::create_pipes`].
@@ -187,6 +222,9 @@ pub enum PipeError {
         /// The limit.
         max: usize,
     },
+    /// The limit of one party across its client ids.
+    #[error("this identity already has {0} pipes (max_pipes_per_identity)")]
+    PartyLimit(usize),
     /// The server's limit.
     #[error("the server already runs {0} pipes (max_pipes)")]
     ServerLimit(usize),
@@ -409,22 +447,27 @@ impl Hub {
     pub fn create_pipes(
         &self,
         owner: ClientId,
+        party: &str,
         spec: &PipeSpec,
         count: usize,
-        max_per_client: usize,
-        max_total: usize,
+        limits: &PipeLimits,
     ) -> Result<Vec<NewPipe>, PipeError> {
         let mut state = self.lock();
         let owned = state.clients.get(&owner).map_or(0, |c| c.pipes.len());
-        if owned.saturating_add(count) > max_per_client {
+        if owned.saturating_add(count) > limits.per_client {
             return Err(PipeError::ClientLimit {
                 client: owner,
-                max: max_per_client,
+                max: limits.per_client,
             });
         }
-        if state.pipes.len().saturating_add(count) > max_total {
-            return Err(PipeError::ServerLimit(max_total));
+        let of_party = state.pipes.values().filter(|p| p.party == party).count();
+        if of_party.saturating_add(count) > limits.per_party {
+            return Err(PipeError::PartyLimit(limits.per_party));
         }
+        if state.pipes.len().saturating_add(count) > limits.total {
+            return Err(PipeError::ServerLimit(limits.total));
+        }
+        let room_bytes = limits.queue_bytes.min(Semaphore::MAX_PERMITS);
         let now = Instant::now();
         let mut created = Vec::with_capacity(count);
         for _ in 0..count {
@@ -439,6 +482,9 @@ impl Hub {
                 id,
                 Pipe {
                     owner,
+                    party: party.to_owned(),
+                    room: Arc::new(Semaphore::new(room_bytes)),
+                    room_bytes,
                     spec: spec.clone(),
                     property: None,
                     pid: None,
@@ -497,8 +543,8 @@ impl Hub {
         &self,
         pipe: PipeId,
         via: CheckInVia,
-        tx: mpsc::Sender<Frame>,
-    ) -> Result<Vec<Frame>, CheckInError> {
+        tx: mpsc::Sender<ToPipe>,
+    ) -> Result<Vec<ToPipe>, CheckInError> {
         use common::envelope::ipc::Kind;
         let mut state = self.lock();
         let p = state
@@ -526,10 +572,16 @@ impl Hub {
         p.checked_in.cancel();
         let mut frames = Vec::new();
         if let Some(config) = &p.spec.config {
-            frames.push(Frame::new(Kind::Config, config.clone().into_bytes()));
+            frames.push(ToPipe::unheld(Frame::new(
+                Kind::Config,
+                config.clone().into_bytes(),
+            )));
         }
         if let Some(launch) = &p.spec.launch {
-            frames.push(Frame::new(Kind::Launch, launch.clone().into_bytes()));
+            frames.push(ToPipe::unheld(Frame::new(
+                Kind::Launch,
+                launch.clone().into_bytes(),
+            )));
         }
         frames.append(&mut p.pending);
         Ok(frames)
@@ -551,13 +603,29 @@ impl Hub {
             .get_mut(&pipe)
             .filter(|p| client.is_none_or(|c| p.owner == c))
             .ok_or(PipeError::NotFound(pipe))?;
-        match &p.to_pipe {
-            Some(tx) => tx.try_send(frame).map_err(|_| PipeError::Unavailable(pipe)),
-            None if p.pending.len() < MAX_PENDING_FRAMES => {
-                p.pending.push(frame);
+        // Counted in bytes as well as frames: a frame larger than the whole room waits for
+        // an empty queue and goes alone.
+        let want = frame.payload.len().min(p.room_bytes);
+        let want = u32::try_from(want).unwrap_or(u32::MAX);
+        let room = p.room.clone().try_acquire_many_owned(want);
+        match (&p.to_pipe, room) {
+            (Some(tx), Ok(room)) => {
+                let queued = ToPipe {
+                    frame,
+                    _room: Some(room),
+                };
+                tx.try_send(queued)
+                    .map_err(|_| PipeError::Unavailable(pipe))
+            }
+            (Some(_), Err(_)) => Err(PipeError::Unavailable(pipe)),
+            (None, Ok(room)) if p.pending.len() < MAX_PENDING_FRAMES => {
+                p.pending.push(ToPipe {
+                    frame,
+                    _room: Some(room),
+                });
                 Ok(())
             }
-            None => Err(PipeError::QueueFull(pipe)),
+            (None, _) => Err(PipeError::QueueFull(pipe)),
         }
     }
 
@@ -701,6 +769,15 @@ mod tests {
         (Conn::new(id, tx, 1 << 20), rx)
     }
 
+    fn limits(per_client: usize, total: usize) -> PipeLimits {
+        PipeLimits {
+            per_client,
+            per_party: usize::MAX,
+            total,
+            queue_bytes: 1 << 20,
+        }
+    }
+
     fn spec() -> PipeSpec {
         PipeSpec {
             create: Value::Null,
@@ -742,18 +819,18 @@ mod tests {
         let (a, _ra) = conn(1);
         hub.attach(1, Channel::Admin, a, None, 10).unwrap();
         let ids: Vec<_> = hub
-            .create_pipes(1, &spec(), 2, 2, 10)
+            .create_pipes(1, "party", &spec(), 2, &limits(2, 10))
             .unwrap()
             .into_iter()
             .map(|p| p.id)
             .collect();
         assert_eq!(ids, vec![0, 1]);
         assert!(matches!(
-            hub.create_pipes(1, &spec(), 1, 2, 10),
+            hub.create_pipes(1, "party", &spec(), 1, &limits(2, 10)),
             Err(PipeError::ClientLimit { .. })
         ));
         assert!(matches!(
-            hub.create_pipes(2, &spec(), 1, 5, 2),
+            hub.create_pipes(2, "party", &spec(), 1, &limits(5, 2)),
             Err(PipeError::ServerLimit(2))
         ));
         // Someone else's pipe looks like no pipe.
@@ -767,34 +844,36 @@ mod tests {
             .unwrap();
         let (tx, _rx) = mpsc::channel(4);
         assert_eq!(
-            hub.check_in(0, CheckInVia::Path(Some(100)), tx.clone()),
-            Err(CheckInError::Starting(0))
+            hub.check_in(0, CheckInVia::Path(Some(100)), tx.clone())
+                .err(),
+            Some(CheckInError::Starting(0))
         );
         hub.set_pid(0, 100);
         // A process that joined the pipe's process group is not the pipe.
         assert_eq!(
-            hub.check_in(0, CheckInVia::Path(Some(101)), tx.clone()),
-            Err(CheckInError::WrongProcess(0))
+            hub.check_in(0, CheckInVia::Path(Some(101)), tx.clone())
+                .err(),
+            Some(CheckInError::WrongProcess(0))
         );
         assert_eq!(
-            hub.check_in(0, CheckInVia::Path(None), tx.clone()),
-            Err(CheckInError::WrongProcess(0))
+            hub.check_in(0, CheckInVia::Path(None), tx.clone()).err(),
+            Some(CheckInError::WrongProcess(0))
         );
         // Pipe 1's descriptor cannot check in pipe 0.
         assert_eq!(
-            hub.check_in(0, CheckInVia::Descriptor(1), tx.clone()),
-            Err(CheckInError::WrongDescriptor(0, 1))
+            hub.check_in(0, CheckInVia::Descriptor(1), tx.clone()).err(),
+            Some(CheckInError::WrongDescriptor(0, 1))
         );
         assert!(!hub.checked_in(0));
         let frames = hub
             .check_in(0, CheckInVia::Path(Some(100)), tx.clone())
             .unwrap();
-        let kinds: Vec<u32> = frames.iter().map(|f| f.kind.number()).collect();
+        let kinds: Vec<u32> = frames.iter().map(|q| q.frame.kind.number()).collect();
         assert_eq!(kinds, vec![2, 3, 4]);
         assert!(hub.checked_in(0));
         assert_eq!(
-            hub.check_in(0, CheckInVia::Descriptor(0), tx.clone()),
-            Err(CheckInError::Duplicate(0))
+            hub.check_in(0, CheckInVia::Descriptor(0), tx.clone()).err(),
+            Some(CheckInError::Duplicate(0))
         );
         // On its own descriptor a pipe checks in before its pid is even recorded.
         assert_eq!(
@@ -803,8 +882,9 @@ mod tests {
             Ok(2)
         );
         assert_eq!(
-            hub.check_in(9, CheckInVia::Path(Some(1)), mpsc::channel(1).0),
-            Err(CheckInError::Unknown(9))
+            hub.check_in(9, CheckInVia::Path(Some(1)), mpsc::channel(1).0)
+                .err(),
+            Some(CheckInError::Unknown(9))
         );
         let (owner, admin) = hub.pipe_exited(0).unwrap();
         assert_eq!((owner, admin.map(|c| c.id)), (1, Some(1)));
@@ -819,7 +899,8 @@ mod tests {
         let hub = Hub::default();
         let (a, _ra) = conn(1);
         hub.attach(1, Channel::Admin, a, None, 10).unwrap();
-        hub.create_pipes(1, &spec(), 1, 4, 4).unwrap();
+        hub.create_pipes(1, "party", &spec(), 1, &limits(4, 4))
+            .unwrap();
         assert!(hub.orphans(std::time::Duration::ZERO).is_empty());
         hub.detach(1, Channel::Admin, 1);
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -834,7 +915,10 @@ mod tests {
     #[test]
     fn check_in_wakes_whoever_waits_for_it() {
         let hub = Hub::default();
-        let new = hub.create_pipes(1, &spec(), 1, 4, 4).unwrap().remove(0);
+        let new = hub
+            .create_pipes(1, "party", &spec(), 1, &limits(4, 4))
+            .unwrap()
+            .remove(0);
         assert!(!new.checked_in.is_cancelled());
         hub.check_in(new.id, CheckInVia::Descriptor(new.id), mpsc::channel(1).0)
             .unwrap();
@@ -854,7 +938,10 @@ mod tests {
         hub.detach(7, Channel::Admin, 2);
         // The first connection, replaced but still handling its batch, creates 30 pipes.
         let created = (0..30)
-            .filter(|_| hub.create_pipes(7, &spec(), 1, 16, 256).is_ok())
+            .filter(|_| {
+                hub.create_pipes(7, "party", &spec(), 1, &limits(16, 256))
+                    .is_ok()
+            })
             .count();
         assert_eq!(created, 16, "max_pipes_per_client holds");
         assert_eq!(hub.pipes_of(7).len(), 16);

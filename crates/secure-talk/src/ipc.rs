@@ -27,7 +27,7 @@ use tracing::Instrument as _;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Channel, CheckInError, CheckInVia, ClientId, Out, PipeId};
+use crate::hub::{Channel, CheckInError, CheckInVia, ClientId, Out, PipeId, ToPipe};
 use crate::server::Shared;
 
 /// Frames queued towards one pipe.
@@ -127,7 +127,7 @@ async fn connection(
         );
         return;
     };
-    let (tx, mut rx) = mpsc::channel::<Frame>(TO_PIPE_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<ToPipe>(TO_PIPE_QUEUE);
     // A pipe may connect before its spawner has recorded its pid: ask again until the
     // check-in deadline.
     let started = tokio::time::Instant::now();
@@ -153,11 +153,12 @@ async fn connection(
 
     // Writer: frames to the pipe, until the hub forgets the pipe (the sender drops).
     let write = async move {
-        for frame in first {
-            write_frame(&mut writer, protocol, &frame).await?;
+        for queued in first {
+            write_frame(&mut writer, protocol, &queued.frame).await?;
         }
-        while let Some(frame) = rx.recv().await {
-            write_frame(&mut writer, protocol, &frame).await?;
+        // Each frame gives its room back once written.
+        while let Some(queued) = rx.recv().await {
+            write_frame(&mut writer, protocol, &queued.frame).await?;
         }
         writer.shutdown().await
     };

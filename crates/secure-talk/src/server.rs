@@ -72,7 +72,6 @@ impl Peer {
     /// DER), else its local uid (`unix:uid=N`), else its address without the port. Tokens
     /// are free (each `GET /` mints a new client id), so limits meant for one party are
     /// kept by this key, not by client id.
-    #[allow(dead_code, reason = "the per-identity limits that use it land next")]
     pub(crate) fn key(&self) -> String {
         if let Some(identity) = &self.identity {
             return format!("sha256:{}", identity.sha256);

@@ -567,6 +567,16 @@ async fn a_second_upload_to_a_name_being_written_gets_409() {
     // Both admin connections first: a new admin connection reads model_info.json (the push).
     let mut a = connect(&server.alice("a"), Channel::Admin).await;
     let mut b = connect(&server.bob("b"), Channel::Admin).await;
+    // An echo on each proves its greeting (which reads model_info.json) is behind it: a
+    // greeting still to come would block on the FIFO below.
+    for conn in [&mut a, &mut b] {
+        send(
+            conn,
+            json!({"headers": {"method": "text"}, "payload": "ready"}),
+        )
+        .await;
+        recv_message(conn, "the echo", |m| m.method() == method::TEXT).await;
+    }
     // model_info.json as a FIFO holds the first writer inside its write (the file written,
     // the record being updated) until the test feeds it.
     let upload_dir = server.config.upload_dir.clone();

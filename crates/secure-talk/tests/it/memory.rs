@@ -384,3 +384,131 @@ async fn pipe_output_for_a_client_that_does_not_read_waits_in_the_pipe() {
     assert!(grown < 96 << 10, "the daemon grew by {grown} KiB");
     drop(data);
 }
+
+/// A pipe that checks in on the path socket and then never reads.
+const DEAF_PIPE: &str = r#"
+import socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[2])
+s.sendall(struct.pack(">II", len(sys.argv[1]) + 8, 1) + sys.argv[1].encode())
+time.sleep(60)
+"#;
+
+/// The next reply with a code, whatever it says.
+async fn reply_code(admin: &mut secure_talk::client::Connection) -> i64 {
+    crate::support::recv_message(admin, "a text reply with a code", |m| {
+        m.method() == method::TEXT && m.headers.code.is_some()
+    })
+    .await
+    .headers
+    .code
+    .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn what_the_owner_sends_a_pipe_that_does_not_read_is_bounded_in_bytes() {
+    // At the default limits: 64 `send`s of 900 KB to a pipe that never reads. The queue
+    // towards a pipe holds `pipe_queue_bytes` (1 MiB) besides what the kernel buffers: the
+    // rest get 503 instead of the daemon holding 64 frames (57 MB) per pipe.
+    let server = TestServer::start_with(|c| {
+        c.limits = Limits::default();
+        c.pipe_program = "python3".into();
+        c.pipe_args = vec![
+            "-c".into(),
+            DEAF_PIPE.into(),
+            "{id}".into(),
+            "{ipc_socket}".into(),
+        ];
+    })
+    .await;
+    let options = server.alice("deaf");
+    let mut admin = connect(&options, Channel::Admin).await;
+    admin
+        .send_text(r#"{"headers":{"method":"create"},"payload":{"pipe_num":1,"launch":"x"}}"#)
+        .await
+        .expect("send");
+    expect_reply(&mut admin, 200, "pipe_create 0").await;
+    crate::support::wait_checked_in(&mut admin, 0).await;
+    let before = rss_kib(std::process::id());
+    let chunk = "a".repeat(900_000);
+    let message = format!(r#"{{"headers":{{"method":"send","pipe_id":0}},"payload":"{chunk}"}}"#);
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..64 {
+        admin.send_text(&message).await.expect("send");
+        match reply_code(&mut admin).await {
+            200 => accepted += 1,
+            503 => refused += 1,
+            other => panic!("unexpected reply {other}"),
+        }
+    }
+    let after = rss_kib(std::process::id());
+    let grown = after.saturating_sub(before);
+    eprintln!("{accepted} accepted, {refused} refused; VmRSS +{grown} KiB");
+    assert!(refused > 0, "every send was queued");
+    assert!(grown < 16 << 10, "the daemon grew by {grown} KiB");
+}
+
+#[tokio::test]
+async fn one_identity_cannot_take_every_pipe_through_many_client_ids() {
+    // Tokens are free: every `GET /` is a new client id. The pipes of all of them count
+    // against the certificate's `max_pipes_per_identity`, and a create or property larger
+    // than `max_pipe_spec_bytes` is refused.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_pipes_per_client = 2;
+        c.limits.max_pipes_per_identity = 3;
+        c.limits.max_pipe_spec_bytes = 1024;
+    })
+    .await;
+    let mut created = 0;
+    let mut last = String::new();
+    for i in 0..3 {
+        let options = server.alice(&format!("id{i}"));
+        let mut admin = connect(&options, Channel::Admin).await;
+        for _ in 0..2 {
+            admin
+                .send_text(r#"{"headers":{"method":"create"},"payload":{"pipe_num":1,"launch":"sleep 30"}}"#)
+                .await
+                .expect("send");
+            let reply = crate::support::recv_message(&mut admin, "a reply", |m| {
+                m.method() == method::TEXT && m.headers.code.is_some()
+            })
+            .await;
+            if reply.headers.code == Some(200) {
+                created += 1;
+            } else {
+                last = reply
+                    .payload
+                    .and_then(|p| p.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+            }
+        }
+    }
+    assert_eq!(created, 3, "max_pipes_per_identity holds across client ids");
+    assert!(last.contains("max_pipes_per_identity"), "{last}");
+    // Bob, another certificate, still gets his pipe.
+    let mut bob = connect(&server.bob("b"), Channel::Admin).await;
+    let big = "x".repeat(2000);
+    bob.send_text(&format!(
+        r#"{{"headers":{{"method":"create"}},"payload":{{"pipe_num":1,"launch":"sleep 30","config":"{big}"}}}}"#
+    ))
+    .await
+    .expect("send");
+    expect_reply(&mut bob, 413, "max_pipe_spec_bytes").await;
+    bob.send_text(
+        r#"{"headers":{"method":"create"},"payload":{"pipe_num":1,"launch":"sleep 30"}}"#,
+    )
+    .await
+    .expect("send");
+    let text = expect_reply(&mut bob, 200, "pipe_create").await;
+    let pipe: u64 = text
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("an id");
+    bob.send_text(&format!(
+        r#"{{"headers":{{"method":"property","pipe_id":{pipe}}},"payload":{{"p":"{big}"}}}}"#
+    ))
+    .await
+    .expect("send");
+    expect_reply(&mut bob, 413, "max_pipe_spec_bytes").await;
+}

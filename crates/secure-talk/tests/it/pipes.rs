@@ -393,6 +393,7 @@ async fn creates_of_a_replaced_admin_connection_keep_the_limit_and_are_reaped() 
     let server = TestServer::start_with(|c| {
         c.admin_subjects = vec![AdminSubject::Cn("alice".into())];
         c.limits.max_pipes_per_client = 6;
+        c.limits.max_pipe_spec_bytes = 64 << 10;
         c.limits.orphan_pipe_timeout_secs = 1;
     })
     .await;
