@@ -213,8 +213,11 @@ async fn run(
                 tracing::info!(%addr, "status listener: /status, /metrics");
             }
             status::Listener::Unix(_) => {
-                let listen = deploy.status_listen.as_ref().map(ToString::to_string);
-                tracing::info!(addr = ?listen, mode = format!("{:o}", deploy.status_socket_mode), "status listener: /status, /metrics");
+                let listen = deploy
+                    .status_listen
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string);
+                tracing::info!(addr = %listen, mode = format!("{:o}", deploy.status_socket_mode), "status listener: /status, /metrics");
             }
         }
         tokio::spawn(status::serve(listener, server.clone(), shutdown.clone()));

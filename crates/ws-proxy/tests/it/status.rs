@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use testkit::test_pki;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use ws_proxy::client::PeerStream;
 
 use crate::harness::{
     WAIT, hello, options, recv_text, send, spawn_daemon, spawn_daemon_with_nofile,
@@ -29,8 +30,9 @@ fn write_config(dir: &std::path::Path, top: &str) -> std::path::PathBuf {
     path
 }
 
-/// alice and bob pair on `id` through the proxy on `port` and relay one message.
-async fn pair_and_relay(port: u16, id: &str) {
+/// alice and bob pair on `id` through the proxy on `port` and relay one message; returns
+/// them, still paired.
+async fn pair_and_relay(port: u16, id: &str) -> (PeerStream, PeerStream) {
     let pki = test_pki();
     let url = format!("wss://localhost:{port}/micronets/v1/ws-proxy/{id}");
     let mut a = ws_proxy::client::connect(&options(&url, Some(&pki.alice)))
@@ -46,6 +48,7 @@ async fn pair_and_relay(port: u16, id: &str) {
     assert_eq!(recv_text(&mut b).await, hello("a"));
     send(&mut a, "through").await;
     assert_eq!(recv_text(&mut b).await, "through");
+    (a, b)
 }
 
 /// The attack: 300 connections to a TCP status listener that send a partial `GET /status`
@@ -141,7 +144,7 @@ async fn status_is_served_on_a_unix_socket_with_its_mode() {
         &format!("status_listen = \"unix:{}\"", socket.display()),
     );
     let (mut child, port) = spawn_daemon(&config, &[], Stdio::null()).await;
-    pair_and_relay(port, "unix/p").await;
+    let _pair = pair_and_relay(port, "unix/p").await;
 
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o660);
