@@ -5,6 +5,7 @@
 //! constants (1 MiB messages, a ping every 10 s with a 10 s pong deadline).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::daemon::{ConfigError, LogFormat};
@@ -62,6 +63,15 @@ pub const MAX_PEER_FIELD_BYTES: usize = 128;
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
 /// tungstenite's write buffer target per connection.
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Connections the status listener serves at once; one more is closed at once.
+pub const DEFAULT_MAX_STATUS_CONNECTIONS: usize = 16;
+/// Time a status connection has to send a request head (each one, on keep-alive).
+pub const DEFAULT_STATUS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Age at which a status connection is closed after the request in progress; one
+/// header timeout later it is dropped whatever it is doing.
+pub const DEFAULT_STATUS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Mode of the status Unix socket: owner and group (the monitoring group) may connect.
+pub const DEFAULT_STATUS_SOCKET_MODE: u32 = 0o660;
 /// Grace period for live connections on SIGTERM.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -84,8 +94,11 @@ pub struct FileConfig {
     pub listen: String,
     /// URL path prefix.
     pub url_prefix: String,
-    /// Plain-HTTP status listener (`/status`, `/metrics`); absent: off.
+    /// Plain-HTTP status listener (`/status`, `/metrics`): `ADDR:PORT` or `unix:PATH`;
+    /// absent: off.
     pub status_listen: Option<String>,
+    /// Octal mode of the status Unix socket (default `0660`).
+    pub status_socket_mode: Option<String>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directives.
@@ -112,6 +125,7 @@ impl Default for FileConfig {
             listen: DEFAULT_LISTEN.to_owned(),
             url_prefix: DEFAULT_URL_PREFIX.to_owned(),
             status_listen: None,
+            status_socket_mode: None,
             log_format: LogFormat::Auto,
             log_filter: None,
             drain_grace_secs: DEFAULT_DRAIN_GRACE.as_secs(),
@@ -163,6 +177,12 @@ pub struct FileLimits {
     pub read_buffer_bytes: usize,
     /// Write buffer target per connection.
     pub write_buffer_bytes: usize,
+    /// Connections the status listener serves at once.
+    pub max_status_connections: usize,
+    /// Seconds a status connection has to send a request head.
+    pub status_header_timeout_secs: u64,
+    /// Seconds after which a status connection is closed.
+    pub status_connection_timeout_secs: u64,
 }
 
 impl Default for FileLimits {
@@ -186,6 +206,9 @@ impl Default for FileLimits {
             relay_queue_bytes: limits.relay_queue_bytes,
             read_buffer_bytes: limits.read_buffer_bytes,
             write_buffer_bytes: limits.write_buffer_bytes,
+            max_status_connections: limits.max_status_connections,
+            status_header_timeout_secs: limits.status_header_timeout.as_secs(),
+            status_connection_timeout_secs: limits.status_connection_timeout.as_secs(),
         }
     }
 }
@@ -239,6 +262,14 @@ pub struct Limits {
     pub max_handshakes: usize,
     /// Of those, from one source address (`[tls] max_handshakes_per_address`).
     pub max_handshakes_per_address: usize,
+    /// Connections the status listener serves at once (a pool of its own, apart from
+    /// `max_connections`); one more is closed at once.
+    pub max_status_connections: usize,
+    /// Time a status connection has to send each request head.
+    pub status_header_timeout: Duration,
+    /// Age at which a status connection is closed after the request in progress (and
+    /// dropped one `status_header_timeout` later whatever it is doing).
+    pub status_connection_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -265,6 +296,9 @@ impl Default for Limits {
             max_connection_age: common::tls::DEFAULT_MAX_CONNECTION_AGE,
             max_handshakes: common::admission::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_address: common::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            max_status_connections: DEFAULT_MAX_STATUS_CONNECTIONS,
+            status_header_timeout: DEFAULT_STATUS_HEADER_TIMEOUT,
+            status_connection_timeout: DEFAULT_STATUS_CONNECTION_TIMEOUT,
         }
     }
 }
@@ -305,6 +339,11 @@ impl Limits {
             ("write_timeout_secs", self.write_timeout),
             ("close_timeout_secs", self.close_timeout),
             ("max_connection_age_secs", self.max_connection_age),
+            ("status_header_timeout_secs", self.status_header_timeout),
+            (
+                "status_connection_timeout_secs",
+                self.status_connection_timeout,
+            ),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -321,6 +360,7 @@ impl Limits {
             ("max_id_bytes", self.max_id_bytes),
             ("waiting_queue_messages", self.waiting_queue_messages),
             ("read_buffer_bytes", self.read_buffer_bytes),
+            ("max_status_connections", self.max_status_connections),
         ];
         for (name, value) in sizes {
             if value == 0 {
@@ -395,13 +435,33 @@ impl Default for Config {
     }
 }
 
+/// Where the status listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusListen {
+    /// A TCP address: every local user can read it.
+    Tcp(SocketAddr),
+    /// A Unix socket (`unix:PATH`), created with `status_socket_mode`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for StatusListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 /// Everything `main` needs from the file besides [`Config`]: addresses and TLS files.
 #[derive(Debug, Clone)]
 pub struct Deployment {
     /// WSS listen address.
     pub listen: SocketAddr,
-    /// Status listener address, if any.
-    pub status_listen: Option<SocketAddr>,
+    /// Status listener, if any.
+    pub status_listen: Option<StatusListen>,
+    /// Mode of the status Unix socket.
+    pub status_socket_mode: u32,
     /// TLS section.
     pub tls: TlsSection,
     /// Drain grace period.
@@ -423,8 +483,19 @@ impl Config {
         let status_listen = file
             .status_listen
             .as_deref()
-            .map(|addr| parse_addr("status_listen", addr))
+            .map(parse_status_listen)
             .transpose()?;
+        let status_socket_mode = match file.status_socket_mode.as_deref() {
+            None => DEFAULT_STATUS_SOCKET_MODE,
+            Some(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "status_socket_mode {text:?} is not an octal mode"
+                    ))
+                })?,
+        };
         let l = &file.limits;
         let secs = Duration::from_secs;
         let limits = Limits {
@@ -449,6 +520,9 @@ impl Config {
             write_buffer_bytes: l.write_buffer_bytes,
             max_handshakes: tls.max_handshakes.get(),
             max_handshakes_per_address: tls.max_handshakes_per_address.get(),
+            max_status_connections: l.max_status_connections,
+            status_header_timeout: secs(l.status_header_timeout_secs),
+            status_connection_timeout: secs(l.status_connection_timeout_secs),
         };
         let rules = file
             .authorize
@@ -472,6 +546,7 @@ impl Config {
             Deployment {
                 listen,
                 status_listen,
+                status_socket_mode,
                 tls,
                 drain_grace: secs(file.drain_grace_secs),
                 worker_threads: file.worker_threads,
@@ -508,6 +583,21 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| ConfigError::Invalid(format!("{key} {value:?} is not an IP address and port")))
 }
 
+/// `ADDR:PORT` or `unix:PATH` (an absolute path).
+fn parse_status_listen(value: &str) -> Result<StatusListen, ConfigError> {
+    match value.strip_prefix("unix:") {
+        Some(path) if path.starts_with('/') => Ok(StatusListen::Unix(PathBuf::from(path))),
+        Some(_) => Err(ConfigError::Invalid(format!(
+            "status_listen {value:?}: the socket path must be absolute"
+        ))),
+        None => value.parse().map(StatusListen::Tcp).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "status_listen {value:?} is neither an IP address and port nor unix:PATH"
+            ))
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,6 +627,9 @@ mod tests {
         assert_eq!(config.limits.max_connections_per_identity, 1024);
         assert_eq!(config.limits.max_buffered_bytes, 256 << 20);
         assert_eq!(config.limits.max_buffered_bytes_per_identity, 64 << 20);
+        assert_eq!(config.limits.max_status_connections, 16);
+        assert_eq!(config.limits.status_header_timeout, Duration::from_secs(10));
+        assert_eq!(deploy.status_socket_mode, 0o660);
         // The largest message fits the relay queue with its overhead.
         assert!(
             config.limits.relay_queue_bytes >= config.limits.max_message_bytes + QUEUE_OVERHEAD
@@ -582,6 +675,18 @@ mod tests {
             (
                 "[tls]\ncert = \"s\"\n[limits]\nmax_mesage_bytes = 1",
                 "unknown field",
+            ),
+            (
+                "status_listen = \"unix:rel.sock\"\n[tls]\ncert = \"s\"",
+                "must be absolute",
+            ),
+            (
+                "status_socket_mode = \"999\"\n[tls]\ncert = \"s\"",
+                "status_socket_mode",
+            ),
+            (
+                "[tls]\ncert = \"s\"\n[limits]\nmax_status_connections = 0",
+                "max_status_connections",
             ),
             (
                 "on_partner_leave = \"stay\"\n[tls]\ncert = \"s\"",

@@ -336,6 +336,11 @@ impl Server {
         }
     }
 
+    /// The configuration it serves with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
     /// The front door (pools and their counters).
     pub fn admission(&self) -> &Admission {
         &self.admission

@@ -10,7 +10,7 @@ use clap::Parser;
 use common::daemon::{self, LogArgs, Shutdown, exit};
 use common::tls::{self, ServerTls};
 use tokio::net::TcpListener;
-use ws_proxy::config::{Config, DEFAULT_CLIENT_AUTH, FileConfig, OnPartnerLeave};
+use ws_proxy::config::{Config, DEFAULT_CLIENT_AUTH, FileConfig, OnPartnerLeave, StatusListen};
 use ws_proxy::{Server, status};
 
 /// The Micronets websocket relay.
@@ -28,7 +28,7 @@ use ws_proxy::{Server, status};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example:\n  ws-proxy --config /etc/ws-proxy/ws-proxy.toml\n  ws-proxy --config dev.toml --listen 127.0.0.1:0 --status-listen 127.0.0.1:5051"
+    after_help = "Example:\n  ws-proxy --config /etc/ws-proxy/ws-proxy.toml\n  ws-proxy --config dev.toml --listen 127.0.0.1:0 --status-listen unix:/run/ws-proxy/status.sock"
 )]
 struct Args {
     /// TOML configuration file.
@@ -37,9 +37,14 @@ struct Args {
     /// WSS listen address (overrides `listen`).
     #[arg(long, short = 'a', env = "WS_PROXY_LISTEN", value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
-    /// Status listener for /status and /metrics (overrides `status_listen`).
-    #[arg(long, env = "WS_PROXY_STATUS_LISTEN", value_name = "ADDR:PORT")]
-    status_listen: Option<SocketAddr>,
+    /// Status listener for /status and /metrics, `unix:PATH` or `ADDR:PORT` (overrides
+    /// `status_listen`). A TCP listener is readable by every local user.
+    #[arg(
+        long,
+        env = "WS_PROXY_STATUS_LISTEN",
+        value_name = "unix:PATH|ADDR:PORT"
+    )]
+    status_listen: Option<String>,
     /// URL path prefix in front of meet-up ids (overrides `url_prefix`).
     #[arg(long, value_name = "PATH")]
     url_prefix: Option<String>,
@@ -128,8 +133,8 @@ fn configure(
     if let Some(listen) = args.listen {
         file.listen = listen.to_string();
     }
-    if let Some(status) = args.status_listen {
-        file.status_listen = Some(status.to_string());
+    if let Some(status) = &args.status_listen {
+        file.status_listen = Some(status.clone());
     }
     daemon::overlay(&mut file.url_prefix, args.url_prefix.clone());
     if let Some(mode) = &args.on_partner_leave {
@@ -165,7 +170,7 @@ async fn run(
     print_address: bool,
 ) -> anyhow::Result<ExitCode> {
     tls::install_default_provider();
-    raise_fd_limit(config.max_connections);
+    raise_fd_limit(config.max_connections + config.limits.max_status_connections);
     let files = deploy.tls.files(DEFAULT_CLIENT_AUTH, Vec::new());
     let server_tls = Arc::new(ServerTls::load(files).context("loading the TLS material")?);
     let identity = server_tls.server_identity()?;
@@ -175,11 +180,17 @@ async fn run(
     let local = listener.local_addr()?;
     // Signals are ours before anything is announced (the address line, READY=1).
     let signals = daemon::Signals::install().context("installing signal handlers")?;
-    let status_listener = match deploy.status_listen {
-        Some(addr) => Some(
+    let status_listener: Option<status::Listener> = match &deploy.status_listen {
+        Some(StatusListen::Tcp(addr)) => Some(
             TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding the status listener {addr}"))?,
+                .with_context(|| format!("binding the status listener {addr}"))?
+                .into(),
+        ),
+        Some(StatusListen::Unix(path)) => Some(
+            status::bind_unix(path, deploy.status_socket_mode)
+                .with_context(|| format!("binding the status socket {}", path.display()))?
+                .into(),
         ),
         None => None,
     };
@@ -195,22 +206,21 @@ async fn run(
         "serving"
     );
     if let Some(listener) = status_listener {
-        let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "the status listener is not on loopback: it shows identities and addresses");
-        }
-        tracing::info!(%addr, "status listener: /status, /metrics");
-        let stop = shutdown.clone();
-        let status_server = server.clone();
-        tokio::spawn(async move {
-            if let Err(err) = status::serve(listener, status_server, async move {
-                stop.triggered().await;
-            })
-            .await
-            {
-                tracing::error!(%err, "status listener failed");
+        match &listener {
+            status::Listener::Tcp(tcp) => {
+                let addr = tcp.local_addr()?;
+                tracing::warn!(%addr, "the status listener is on TCP: every local user can read identities and addresses; prefer status_listen = \"unix:PATH\"");
+                tracing::info!(%addr, "status listener: /status, /metrics");
             }
-        });
+            status::Listener::Unix(_) => {
+                let listen = deploy
+                    .status_listen
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string);
+                tracing::info!(addr = %listen, mode = format!("{:o}", deploy.status_socket_mode), "status listener: /status, /metrics");
+            }
+        }
+        tokio::spawn(status::serve(listener, server.clone(), shutdown.clone()));
     }
     if print_address {
         #[expect(clippy::print_stdout, reason = "the one line scripts read")]

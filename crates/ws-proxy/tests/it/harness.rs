@@ -199,8 +199,32 @@ pub(crate) async fn spawn_daemon(
     args: &[&str],
     stderr: std::process::Stdio,
 ) -> (tokio::process::Child, u16) {
+    spawn_command(tokio::process::Command::new(DAEMON), config, args, stderr).await
+}
+
+/// As [`spawn_daemon`], with at most `nofile` open files (through `prlimit`), as on a host
+/// with a small descriptor limit.
+pub(crate) async fn spawn_daemon_with_nofile(
+    nofile: u32,
+    config: &std::path::Path,
+    args: &[&str],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, u16) {
+    let mut command = tokio::process::Command::new("prlimit");
+    command
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(DAEMON);
+    spawn_command(command, config, args, stderr).await
+}
+
+async fn spawn_command(
+    mut command: tokio::process::Command,
+    config: &std::path::Path,
+    args: &[&str],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, u16) {
     use tokio::io::AsyncBufReadExt as _;
-    let mut child = tokio::process::Command::new(DAEMON)
+    let mut child = command
         .arg("--config")
         .arg(config)
         .arg("--print-address")

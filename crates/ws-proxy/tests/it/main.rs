@@ -15,4 +15,5 @@ mod process;
 mod refusals;
 mod relay;
 mod revocation;
+mod status;
 mod timers;

@@ -309,7 +309,7 @@ async fn status_is_a_small_page_whatever_the_peers_sent() {
     tokio::spawn(ws_proxy::status::serve(
         listener,
         proxy.server.clone(),
-        std::future::pending(),
+        common::daemon::Shutdown::new(),
     ));
     let mut peers = Vec::new();
     for i in 0..150 {

@@ -368,7 +368,7 @@ async fn status_and_metrics_are_served_over_http() {
     tokio::spawn(ws_proxy::status::serve(
         listener,
         server,
-        std::future::pending(),
+        common::daemon::Shutdown::new(),
     ));
     let get = |path: &'static str| async move {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
