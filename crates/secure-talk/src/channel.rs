@@ -7,8 +7,10 @@
 //! Frames are read with the streaming decoder of `common::envelope::ws`, never a whole
 //! message at a time: [`Inbound`] keeps what a message needs (nothing on `/data`, a capped
 //! buffer for JSON, a spool file for uploads) and closes the connection with 1009 past the
-//! channel's cap or 1013 when the budget of bytes in flight is spent. Server frames are
-//! written unmasked and unfragmented.
+//! channel's cap, 1013 when the party's share or the budget of bytes in flight is spent, and
+//! 1008 when a message is not finished by its deadline (a timer of its own: the bytes of an
+//! unfinished message do not keep it alive). Server frames are written unmasked and
+//! unfragmented.
 
 use std::sync::Arc;
 
@@ -215,13 +217,14 @@ pub(crate) async fn run<S>(
         }
         _ => false,
     };
-    let mut inbound = Inbound::new(channel, &shared.budget);
+    let mut inbound = Inbound::new(channel, shared.budget.of(peer.key()));
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval_at(
         Instant::now() + limits.ping_interval(),
         limits.ping_interval(),
     );
     let reason = loop {
+        let deadline = inbound.deadline(&limits);
         tokio::select! {
             first = ws.next() => {
                 let first = match first {
@@ -263,6 +266,9 @@ pub(crate) async fn run<S>(
                 if let Some(why) = ended {
                     break why;
                 }
+                if let Some(refusal) = inbound.overdue(&limits, Instant::now()) {
+                    break refuse(&ctx, &mut ws, &mut inbound, refusal).await;
+                }
                 if !within(write_limit, ws.flush()).await {
                     break "write failed or stalled";
                 }
@@ -296,6 +302,11 @@ pub(crate) async fn run<S>(
                 };
                 if !sent {
                     break "write failed or stalled";
+                }
+            }
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                if let Some(refusal) = inbound.overdue(&limits, Instant::now()) {
+                    break refuse(&ctx, &mut ws, &mut inbound, refusal).await;
                 }
             }
             _ = ping.tick() => {
@@ -381,21 +392,34 @@ where
     };
     match step {
         Ok(()) => Ok(()),
-        Err(refusal) => {
-            let (code, reason) = refusal.close();
-            tracing::info!(
-                client_id = ctx.client,
-                code,
-                reason,
-                "closing: message refused"
-            );
-            close(ws, code, &reason).await;
-            Err(match refusal {
-                Refusal::TooBig(_) => "message too big",
-                Refusal::Busy => "bytes in flight exhausted",
-                Refusal::NotUtf8 => "text not UTF-8",
-            })
-        }
+        Err(refusal) => Err(refuse(ctx, ws, inbound, refusal).await),
+    }
+}
+
+/// Closes the connection for `refusal`, giving the message's bytes back first; the reason.
+async fn refuse<S>(
+    ctx: &Ctx,
+    ws: &mut Wire<S>,
+    inbound: &mut Inbound,
+    refusal: Refusal,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    inbound.abandon();
+    let (code, reason) = refusal.close();
+    tracing::info!(
+        client_id = ctx.client,
+        code,
+        reason,
+        "closing: message refused"
+    );
+    close(ws, code, &reason).await;
+    match refusal {
+        Refusal::TooBig(_) => "message too big",
+        Refusal::Busy(_) => "bytes in flight exhausted",
+        Refusal::NotUtf8 => "text not UTF-8",
+        Refusal::TooSlow(_) => "message too slow",
     }
 }
 

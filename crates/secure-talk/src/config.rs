@@ -76,6 +76,17 @@ pub struct Limits {
     /// binary messages being received, upload headers and spool buffers); a connection that
     /// would take more is closed with 1013.
     pub max_bytes_in_flight: usize,
+    /// Of those, what the connections of one party (a certificate, a local uid, an address)
+    /// may hold together; a connection that would take more is closed with 1013. A value
+    /// above `max_bytes_in_flight` is the whole budget.
+    pub max_bytes_in_flight_per_identity: usize,
+    /// Seconds a message (all its frames) has to arrive, from its first frame header; a
+    /// message not finished by then closes the connection with 1008. `model` uploads are held
+    /// to `min_upload_bytes_per_sec` instead.
+    pub message_timeout_secs: u64,
+    /// Least average rate of a `model` upload, in bytes per second from its first frame
+    /// header, once it is `message_timeout_secs` old; a slower one closes with 1008.
+    pub min_upload_bytes_per_sec: u64,
 }
 
 impl Default for Limits {
@@ -103,6 +114,9 @@ impl Default for Limits {
             drain_grace_secs: 10,
             max_local_connections: common::admission::DEFAULT_MAX_LOCAL_CONNECTIONS,
             max_bytes_in_flight: 64 << 20,
+            max_bytes_in_flight_per_identity: 16 << 20,
+            message_timeout_secs: 30,
+            min_upload_bytes_per_sec: 16 << 10,
         }
     }
 }
@@ -119,6 +133,10 @@ impl Limits {
     /// Idle deadline.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// Deadline of one incoming message.
+    pub fn message_timeout(&self) -> Duration {
+        Duration::from_secs(self.message_timeout_secs)
     }
     /// Check-in deadline.
     pub fn pipe_checkin_timeout(&self) -> Duration {
@@ -354,6 +372,8 @@ impl FileConfig {
             ("ping_interval_secs", limits.ping_interval_secs),
             ("idle_timeout_secs", limits.idle_timeout_secs),
             ("request_timeout_secs", limits.request_timeout_secs),
+            ("message_timeout_secs", limits.message_timeout_secs),
+            ("min_upload_bytes_per_sec", limits.min_upload_bytes_per_sec),
             (
                 "pipe_checkin_timeout_secs",
                 limits.pipe_checkin_timeout_secs,
@@ -370,6 +390,11 @@ impl FileConfig {
         if limits.max_bytes_in_flight < least {
             return Err(ConfigError(format!(
                 "limits.max_bytes_in_flight must be at least max_message_bytes + 128 KiB ({least})"
+            )));
+        }
+        if limits.max_bytes_in_flight_per_identity < least {
+            return Err(ConfigError(format!(
+                "limits.max_bytes_in_flight_per_identity must be at least max_message_bytes + 128 KiB ({least})"
             )));
         }
         if limits.max_ipc_frame_bytes < common::envelope::ipc::HEADER_LEN {
@@ -454,6 +479,19 @@ mod tests {
         // The budget of bytes in flight must hold one message of the largest size.
         let small = "listen = \"\"\nunix_socket = \"s\"\n[limits]\nmax_bytes_in_flight = 1048576";
         assert!(parse(small).unwrap_err().0.contains("max_bytes_in_flight"));
+        // And so must each party's share, which is part of it.
+        let small = "listen = \"\"\nunix_socket = \"s\"\n[limits]\nmax_bytes_in_flight_per_identity = 1048576";
+        assert!(
+            parse(small)
+                .unwrap_err()
+                .0
+                .contains("max_bytes_in_flight_per_identity")
+        );
+        // A share larger than the budget is the whole budget.
+        let over = "listen = \"\"\nunix_socket = \"s\"\n[limits]\nmax_bytes_in_flight = 8388608";
+        assert!(parse(over).is_ok());
+        let zero = "listen = \"\"\nunix_socket = \"s\"\n[limits]\nmessage_timeout_secs = 0";
+        assert!(parse(zero).unwrap_err().0.contains("message_timeout_secs"));
     }
 
     #[test]

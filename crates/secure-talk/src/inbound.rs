@@ -1,5 +1,5 @@
-//! Messages from a client as they arrive, piece by piece, with the channel's caps and the
-//! global budget of bytes in flight.
+//! Messages from a client as they arrive, piece by piece, with the channel's caps, the budget
+//! of bytes in flight (the party's share and the global one) and the message's deadline.
 //!
 //! | channel, message | held in memory | cap (close 1009 past it) |
 //! |---|---|---|
@@ -11,27 +11,37 @@
 //!
 //! A message's frames announce their lengths before their bytes, so a frame that would take
 //! the message past its cap closes the connection at its header, before it is read. What is
-//! held in memory is charged to the [`Budget`]; when it is spent the connection is closed
-//! with 1013. Uploads are streamed to a [`Spool`] and verified (MD5) before they are moved
-//! to their name.
+//! held in memory is charged to the party's [`Share`] of the budget; when it or the budget is
+//! spent the connection is closed with 1013. Uploads are streamed to a [`Spool`] and verified
+//! (MD5) before they are moved to their name.
+//!
+//! A message has `message_timeout_secs` from its first frame header to its end; a `model`
+//! upload (and the rest of a binary message refused at its headers, which is read and
+//! dropped) must instead average `min_upload_bytes_per_sec` once it is that old. Past its
+//! [`Inbound::deadline`] the connection is closed with 1008, so a trickle of bytes never
+//! holds a message's memory for longer.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use common::envelope::talk::{Headers, MAX_CHECKSUM_LEN, Md5Stream, SEPARATOR, TalkError, method};
 use common::envelope::ws::{self, Kind};
+use tokio::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::admin::{self, Ctx};
-use crate::budget::{Budget, Charge};
+use crate::budget::{Charge, Share, Spent};
+use crate::config::Limits;
 use crate::hub::Channel;
 use crate::server::Shared;
 use crate::upload::{SPOOL_BUFFER, Spool};
 
 /// Largest message a client may send on `/data` (where its messages are ignored).
 pub(crate) const DATA_MAX_MESSAGE: usize = 4 * 1024;
+
+/// Close code for a message that did not arrive in time (policy violation).
+const CLOSE_POLICY: u16 = 1008;
 
 /// The separators and checksum around a binary message's payload.
 const TRAILER: usize = 2 + MAX_CHECKSUM_LEN;
@@ -44,8 +54,10 @@ const HOLD: usize = 1 + MAX_CHECKSUM_LEN;
 pub(crate) enum Refusal {
     /// Over the channel's cap: 1009.
     TooBig(String),
-    /// The budget of bytes in flight is spent: 1013.
-    Busy,
+    /// The party's share or the global budget of bytes in flight is spent: 1013.
+    Busy(Spent),
+    /// The message did not arrive in time (or an upload too slowly): 1008.
+    TooSlow(String),
     /// A text message that is not UTF-8: 1007.
     NotUtf8,
 }
@@ -55,10 +67,15 @@ impl Refusal {
     pub(crate) fn close(&self) -> (u16, String) {
         match self {
             Self::TooBig(why) => (ws::CLOSE_TOO_BIG, why.clone()),
-            Self::Busy => (
+            Self::Busy(Spent::Total) => (
                 ws::CLOSE_TRY_AGAIN,
                 "server busy: too many bytes in flight; try again later".into(),
             ),
+            Self::Busy(Spent::Share) => (
+                ws::CLOSE_TRY_AGAIN,
+                "server busy: too many bytes in flight from this client; try again later".into(),
+            ),
+            Self::TooSlow(why) => (CLOSE_POLICY, why.clone()),
             Self::NotUtf8 => (ws::CLOSE_INVALID_DATA, "text message is not UTF-8".into()),
         }
     }
@@ -102,18 +119,70 @@ pub(crate) struct Inbound {
     state: State,
     /// Bytes the message's frames have announced so far.
     announced: u64,
+    /// When the message's first frame header came (`None`: no message in progress).
+    started: Option<Instant>,
+    /// Payload bytes of the message received so far.
+    received: u64,
+    /// Dropped before the share it is charged to.
     charge: Charge,
+    _share: Share,
 }
 
 impl Inbound {
-    /// Nothing received yet on `channel`.
-    pub(crate) fn new(channel: Channel, budget: &Arc<Budget>) -> Self {
+    /// Nothing received yet on `channel`; messages are charged to `share`.
+    pub(crate) fn new(channel: Channel, share: Share) -> Self {
         Self {
             channel,
             state: State::Idle,
             announced: 0,
-            charge: Charge::new(budget),
+            started: None,
+            received: 0,
+            charge: Charge::new(&share),
+            _share: share,
         }
+    }
+
+    /// When the message in progress must have ended, or (for an upload) when it falls below
+    /// the minimum rate unless more bytes come; `None` when no message is in progress.
+    pub(crate) fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        let started = self.started?;
+        let rated = matches!(self.state, State::Upload(_) | State::Dropped(_));
+        let allowed = if rated {
+            let rate = limits.min_upload_bytes_per_sec.max(1);
+            let earned = Duration::from_millis(self.received.saturating_mul(1000) / rate);
+            limits.message_timeout().max(earned)
+        } else {
+            limits.message_timeout()
+        };
+        Some(started + allowed)
+    }
+
+    /// Why the message in progress is past its [`Inbound::deadline`] at `now`, if it is.
+    pub(crate) fn overdue(&self, limits: &Limits, now: Instant) -> Option<Refusal> {
+        let deadline = self.deadline(limits)?;
+        if now < deadline {
+            return None;
+        }
+        Some(Refusal::TooSlow(
+            if matches!(self.state, State::Upload(_) | State::Dropped(_)) {
+                format!(
+                    "upload slower than {} bytes/s",
+                    limits.min_upload_bytes_per_sec
+                )
+            } else {
+                format!(
+                    "message not finished within {} s",
+                    limits.message_timeout_secs
+                )
+            },
+        ))
+    }
+
+    /// Abandons the message in progress and gives its bytes back (the connection is closing).
+    pub(crate) fn abandon(&mut self) {
+        self.state = State::Idle;
+        self.started = None;
+        self.charge.release();
     }
 
     /// The largest message the current state allows.
@@ -150,11 +219,7 @@ impl Inbound {
 
     /// Holds `buf`'s capacity against the budget.
     fn cover(&mut self, bytes: usize) -> Result<(), Refusal> {
-        if self.charge.cover(bytes) {
-            Ok(())
-        } else {
-            Err(Refusal::Busy)
-        }
+        self.charge.cover(bytes).map_err(Refusal::Busy)
     }
 
     /// A message begins; its first frame announces `declared` bytes.
@@ -165,6 +230,8 @@ impl Inbound {
         declared: u64,
     ) -> Result<(), Refusal> {
         self.announced = 0;
+        self.started = Some(Instant::now());
+        self.received = 0;
         self.state = match (self.channel, kind) {
             (Channel::Data, _) => State::Ignored,
             (Channel::Admin, Kind::Text) => State::Text(Vec::new()),
@@ -181,6 +248,9 @@ impl Inbound {
     /// Payload bytes of the current message.
     pub(crate) async fn data(&mut self, ctx: &Ctx, data: Bytes) -> Result<(), Refusal> {
         let cap = usize::try_from(self.cap(&ctx.shared)).unwrap_or(usize::MAX);
+        self.received = self
+            .received
+            .saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
         let held = match &mut self.state {
             State::Idle | State::Ignored | State::Dropped(_) => return Ok(()),
             State::Text(buf) | State::Memory(buf) => {
@@ -287,6 +357,7 @@ impl Inbound {
     pub(crate) async fn end(&mut self, ctx: &Ctx) -> Result<Vec<WsMessage>, Refusal> {
         let state = std::mem::replace(&mut self.state, State::Idle);
         self.announced = 0;
+        self.started = None;
         let replies = match state {
             State::Idle => Vec::new(),
             State::Ignored => {

@@ -48,8 +48,9 @@ pub(crate) struct Shared {
     pub(crate) uploads: Mutex<std::collections::HashSet<PathBuf>>,
     /// Serialises read-modify-write of `model_info.json`.
     pub(crate) model_info_lock: Mutex<()>,
-    /// Bytes of incoming messages held in memory, all connections together.
-    pub(crate) budget: Arc<crate::budget::Budget>,
+    /// Bytes of incoming messages held in memory, all connections together and each party's
+    /// share.
+    pub(crate) budget: Arc<crate::budget::Shares>,
     /// The TCP front door: strangers in the handshake, then `max_connections`.
     admission: Admission,
     /// The Unix socket's own pool (`max_local_connections`).
@@ -203,7 +204,10 @@ impl Server {
             "max_local_connections",
             config.limits.max_local_connections,
         );
-        let budget = crate::budget::Budget::new(config.limits.max_bytes_in_flight);
+        let budget = crate::budget::Shares::new(
+            crate::budget::Budget::new(config.limits.max_bytes_in_flight),
+            config.limits.max_bytes_in_flight_per_identity,
+        );
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -273,7 +277,7 @@ impl Server {
 
     /// Bytes of incoming messages held in memory now (the budget's use).
     pub fn bytes_in_flight(&self) -> usize {
-        self.shared.budget.used()
+        self.shared.budget.total().used()
     }
 
     /// Pipes alive.

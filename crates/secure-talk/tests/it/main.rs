@@ -29,6 +29,7 @@ mod checkin;
 mod cli;
 mod daemon;
 mod echo;
+mod inflight;
 mod ipc;
 mod limits;
 mod memory;
