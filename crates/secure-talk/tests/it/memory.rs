@@ -116,7 +116,7 @@ async fn unfinished_big_frames_are_cut_off_at_the_channel_cap() {
     // refused once its headers say what it is.
     let mut admin = raw_ws(&options, "/").await;
     let mut bytes = frame_header(false, 0x2, 128 << 20);
-    bytes.extend_from_slice(b"{\"headers\":{\"method\":\"text\"}}\x01");
+    bytes.extend_from_slice(b"{\"method\":\"text\"}\x01");
     bytes.extend(vec![0u8; 64 << 10]);
     assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
     // Fragments adding up past the cap.
@@ -233,7 +233,7 @@ async fn an_upload_is_streamed_in_fragments_and_verified() {
     // (4 MiB written by then) is removed.
     let mut admin = raw_ws(&options, "/").await;
     let mut bytes = frame_header(false, 0x2, 1 << 20);
-    let head = b"{\"headers\":{\"method\":\"model\",\"path\":\"too/big\"}}\x01";
+    let head = b"{\"method\":\"model\",\"path\":\"too/big\"}\x01";
     bytes.extend_from_slice(head);
     bytes.extend(vec![0u8; (1 << 20) - head.len()]);
     for _ in 0..4 {
@@ -298,7 +298,7 @@ async fn the_daemon_does_not_grow_with_unfinished_big_messages() {
         let mut admin = raw_ws(&options, "/").await;
         let mut bytes = frame_header(false, 0x2, 128 << 20);
         bytes.extend_from_slice(
-            format!("{{\"headers\":{{\"method\":\"model\",\"path\":\"u{i}\"}}}}\x01").as_bytes(),
+            format!("{{\"method\":\"model\",\"path\":\"u{i}\"}}\x01").as_bytes(),
         );
         admin.get_mut().write_all(&bytes).await.expect("write");
         let chunk = vec![7u8; 1 << 20];
