@@ -549,7 +549,7 @@ impl Stranger {
     ///
     /// # Errors
     /// [`AcceptError::Tls`] (a timeout reports the whole deadline; an eviction is a failed
-    /// handshake, `ConnectionAborted`) or [`AcceptError::Refused`].
+    /// handshake, [`TlsError::Evicted`]) or [`AcceptError::Refused`].
     pub async fn accept_tls<IO>(
         self,
         acceptor: &TlsAcceptor,
@@ -568,10 +568,7 @@ impl Stranger {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let handshake = tokio::select! {
             accepted = crate::tls::accept(acceptor, io, left) => accepted,
-            () = self.evict.cancelled() => Err(TlsError::Handshake(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "evicted: max_handshakes reached and this was the oldest stranger",
-            ))),
+            () = self.evict.cancelled() => Err(TlsError::Evicted),
         };
         let (stream, peer) = match handshake {
             Ok(accepted) => accepted,
