@@ -329,10 +329,14 @@ async fn serve_admitted(
         };
         let mode = mode.clone();
         let stop = shutdown.clone();
+        // A newcomer evicts the oldest idle stranger when the pool is full; once
+        // authenticated it can no longer be evicted.
+        let evicted = stranger.evicted();
         shutdown.spawn(async move {
             tokio::select! {
                 () = connection(stream, peer, mode, upstream, stranger) => {}
                 () = stop.triggered() => debug!(%peer, "gate: connection cut by shutdown"),
+                () = evicted => debug!(%peer, "gate: evicted from the full stranger pool"),
             }
         });
     }

@@ -9,7 +9,11 @@
 //! [`Slot`] in the main pool (`max_connections`), giving back its stranger permit. So a client
 //! without a certificate that opens hundreds of idle sockets fills at most its own share of the
 //! stranger pool for at most the deadline, and never touches the slots of those who
-//! authenticated. Local (Unix-socket) connections take their slots from a [`Pool`] of their
+//! authenticated. When the stranger pool is full, a newcomer evicts the oldest stranger that
+//! has been waiting at least [`EVICT_MIN_AGE`] (its connection is closed as a failed
+//! handshake) instead of being refused: a real handshake takes milliseconds and is done long
+//! before it could be evicted, so idle strangers from many addresses cannot keep those with a
+//! certificate out. Only when every stranger is younger than that is the newcomer refused. Local (Unix-socket) connections take their slots from a [`Pool`] of their
 //! own, so remote strangers never starve local users, nor the reverse.
 //!
 //! Refusals are counted ([`Admission::stats`]) and logged at most once per pool per
@@ -19,7 +23,7 @@
 //! This module knows nothing of any daemon's protocol; [`Stranger::accept_tls`] runs the
 //! common case (TLS handshake under the deadline, then promotion) in one call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::tls::{PeerIdentity, TlsError};
 
@@ -39,6 +44,10 @@ pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 /// Default size of a daemon's local (Unix-socket) pool.
 pub const DEFAULT_MAX_LOCAL_CONNECTIONS: usize = 256;
+/// When the stranger pool is full, a newcomer evicts the oldest stranger that has held its
+/// permit at least this long; if none has, the newcomer is refused. A TLS handshake (or a
+/// login) takes milliseconds, so it is never evicted; a socket kept idle is.
+pub const EVICT_MIN_AGE: Duration = Duration::from_secs(1);
 /// At most one "limit reached" warning per pool in this interval.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -234,20 +243,69 @@ pub struct Stats {
     pub refused_address: u64,
     /// Authenticated connections refused because the main pool was full.
     pub refused_connections: u64,
+    /// Strangers evicted (closed) to make room for a newcomer when the stranger pool was full.
+    pub evicted: u64,
     /// Strangers holding a permit now.
     pub strangers: usize,
     /// Authenticated connections holding a slot now.
     pub connections: usize,
 }
 
+/// The strangers holding a permit, oldest first, and how many each address holds.
+#[derive(Default)]
+struct Table {
+    next: u64,
+    strangers: BTreeMap<u64, Entry>,
+    per_address: HashMap<AddressKey, usize>,
+}
+
+struct Entry {
+    key: AddressKey,
+    admitted: Instant,
+    evict: CancellationToken,
+}
+
+impl Table {
+    /// Takes `seq` out of the table with its address count; what it held, if it was there.
+    fn remove(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.strangers.remove(&seq)?;
+        if let Some(held) = self.per_address.get_mut(&entry.key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.per_address.remove(&entry.key);
+            }
+        }
+        Some(entry)
+    }
+
+    /// Makes room in a full pool: evicts the oldest stranger if it has been there at least
+    /// [`EVICT_MIN_AGE`] at `now` (seq order is admission order), cancelling its token.
+    fn evict_oldest(&mut self, now: Instant, evicted: &AtomicU64) -> bool {
+        let Some((&seq, oldest)) = self.strangers.first_key_value() else {
+            return false;
+        };
+        if now.saturating_duration_since(oldest.admitted) < EVICT_MIN_AGE {
+            return false;
+        }
+        match self.remove(seq) {
+            Some(entry) => {
+                entry.evict.cancel();
+                evicted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 struct Inner {
     name: &'static str,
     limits: Limits,
     main: Arc<Pool>,
-    handshakes: Arc<Semaphore>,
-    per_address: Mutex<HashMap<AddressKey, usize>>,
+    table: Mutex<Table>,
     refused_handshakes: AtomicU64,
     refused_address: AtomicU64,
+    evicted: AtomicU64,
     warn_handshakes: Warning,
     warn_address: Warning,
     warn_failed: Warning,
@@ -279,10 +337,10 @@ impl Admission {
                 name,
                 limits,
                 main: Pool::new(name, "max_connections", limits.max_connections),
-                handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
-                per_address: Mutex::new(HashMap::new()),
+                table: Mutex::new(Table::default()),
                 refused_handshakes: AtomicU64::new(0),
                 refused_address: AtomicU64::new(0),
+                evicted: AtomicU64::new(0),
                 warn_handshakes: Warning::default(),
                 warn_address: Warning::default(),
                 warn_failed: Warning::default(),
@@ -297,31 +355,51 @@ impl Admission {
 
     /// A stranger permit for a connection just accepted from `peer`, its deadline starting
     /// now; call it in the accept loop and close the connection on refusal (counted, and
-    /// logged at most once per pool per [`WARN_INTERVAL`]).
+    /// logged at most once per pool per [`WARN_INTERVAL`]). With the pool full, the oldest
+    /// stranger of at least [`EVICT_MIN_AGE`] is evicted to make room (its permit is this
+    /// one's at once; its connection ends through [`Stranger::evicted`]).
     ///
     /// # Errors
-    /// [`Refused::Address`] or [`Refused::Handshakes`].
+    /// [`Refused::Address`] or [`Refused::Handshakes`] (the pool is full of strangers all
+    /// younger than [`EVICT_MIN_AGE`]).
     pub fn stranger(&self, peer: SocketAddr) -> Result<Stranger, Refused> {
+        self.stranger_at(peer, Instant::now())
+    }
+
+    /// [`Admission::stranger`] at `now` (tests pass their own clock).
+    fn stranger_at(&self, peer: SocketAddr, now: Instant) -> Result<Stranger, Refused> {
         let inner = &self.inner;
         let key = AddressKey::of(peer.ip());
         let refused = {
-            let mut counts = inner.per_address.lock().unwrap_or_else(|p| p.into_inner());
-            let held = counts.get(&key).copied().unwrap_or(0);
+            let mut table = inner.table.lock().unwrap_or_else(|p| p.into_inner());
+            let held = table.per_address.get(&key).copied().unwrap_or(0);
             if held >= inner.limits.max_handshakes_per_address {
                 Refused::Address
+            } else if table.strangers.len() >= inner.limits.max_handshakes
+                && !table.evict_oldest(now, &inner.evicted)
+            {
+                Refused::Handshakes
             } else {
-                match inner.handshakes.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        counts.insert(key, held.saturating_add(1));
-                        return Ok(Stranger {
-                            admission: self.clone(),
-                            key,
-                            deadline: Instant::now() + inner.limits.deadline,
-                            _permit: permit,
-                        });
-                    }
-                    Err(_) => Refused::Handshakes,
-                }
+                let seq = table.next;
+                table.next = seq.wrapping_add(1);
+                let evict = CancellationToken::new();
+                table.strangers.insert(
+                    seq,
+                    Entry {
+                        key,
+                        admitted: now,
+                        evict: evict.clone(),
+                    },
+                );
+                let count = table.per_address.entry(key).or_insert(0);
+                *count = count.saturating_add(1);
+                return Ok(Stranger {
+                    admission: self.clone(),
+                    seq,
+                    key,
+                    deadline: now + inner.limits.deadline,
+                    evict,
+                });
             }
         };
         let (counter, warning, key_name, limit) = match refused {
@@ -359,22 +437,28 @@ impl Admission {
             refused_handshakes: inner.refused_handshakes.load(Ordering::Relaxed),
             refused_address: inner.refused_address.load(Ordering::Relaxed),
             refused_connections: inner.main.refused(),
+            evicted: inner.evicted.load(Ordering::Relaxed),
             strangers: inner
-                .limits
-                .max_handshakes
-                .saturating_sub(inner.handshakes.available_permits()),
+                .table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .strangers
+                .len(),
             connections: inner.main.in_use(),
         }
     }
 }
 
 /// A connection that has not authenticated yet: a permit from the stranger pool, counted
-/// against its source address, with a deadline. Dropping it gives both back.
+/// against its source address, with a deadline. Dropping it gives both back (unless an
+/// eviction took them already). An evicted stranger must end its connection: see
+/// [`Stranger::evicted`].
 pub struct Stranger {
     admission: Admission,
+    seq: u64,
     key: AddressKey,
     deadline: Instant,
-    _permit: OwnedSemaphorePermit,
+    evict: CancellationToken,
 }
 
 impl fmt::Debug for Stranger {
@@ -406,18 +490,14 @@ impl Stranger {
 
 impl Drop for Stranger {
     fn drop(&mut self) {
-        let mut counts = self
+        // An evicted stranger's permit and count were taken with its entry already.
+        let _ = self
             .admission
             .inner
-            .per_address
+            .table
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = counts.get_mut(&self.key) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                counts.remove(&self.key);
-            }
-        }
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.seq);
     }
 }
 
@@ -425,6 +505,19 @@ impl Stranger {
     /// When the connection must have authenticated.
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// Whether a newcomer evicted this stranger (its permit is given away; close it).
+    pub fn is_evicted(&self) -> bool {
+        self.evict.is_cancelled()
+    }
+
+    /// Completes when a newcomer evicts this stranger from the full pool; never once it has
+    /// authenticated. A daemon that runs its own authentication (not
+    /// [`Stranger::accept_tls`]) takes this before moving the stranger and closes the
+    /// connection when it completes.
+    pub fn evicted(&self) -> WaitForCancellationFutureOwned {
+        self.evict.clone().cancelled_owned()
     }
 
     /// The whole pre-authentication phase allowed (the configured deadline).
@@ -438,7 +531,11 @@ impl Stranger {
     /// # Errors
     /// [`Refused::Connections`] when the main pool is full (counted, and logged at most once
     /// per [`WARN_INTERVAL`]); close the connection (or answer a clean 503).
+    /// [`Refused::Handshakes`] when it was evicted first (not counted again).
     pub fn authenticated(self) -> Result<Slot, Refused> {
+        if self.is_evicted() {
+            return Err(Refused::Handshakes);
+        }
         self.admission.inner.main.try_admit()
     }
 
@@ -451,8 +548,8 @@ impl Stranger {
     /// runs [`crate::tls::accept`] with [`Stranger::deadline`] itself.
     ///
     /// # Errors
-    /// [`AcceptError::Tls`] (a timeout reports the whole deadline) or
-    /// [`AcceptError::Refused`].
+    /// [`AcceptError::Tls`] (a timeout reports the whole deadline; an eviction is a failed
+    /// handshake, [`TlsError::Evicted`]) or [`AcceptError::Refused`].
     pub async fn accept_tls<IO>(
         self,
         acceptor: &TlsAcceptor,
@@ -469,7 +566,11 @@ impl Stranger {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let left = self.deadline.saturating_duration_since(Instant::now());
-        let (stream, peer) = match crate::tls::accept(acceptor, io, left).await {
+        let handshake = tokio::select! {
+            accepted = crate::tls::accept(acceptor, io, left) => accepted,
+            () = self.evict.cancelled() => Err(TlsError::Evicted),
+        };
+        let (stream, peer) = match handshake {
             Ok(accepted) => accepted,
             Err(err) => {
                 let err = match err {
@@ -492,6 +593,7 @@ impl Stranger {
     pub fn pending(self) -> Pending {
         Pending {
             deadline: self.deadline,
+            evict: self.evict.clone(),
             state: Mutex::new(PendingState::Stranger(self)),
         }
     }
@@ -499,10 +601,12 @@ impl Stranger {
 
 /// A connection whose authentication is up to its protocol: a [`Stranger`] until
 /// [`Pending::authenticated`] is first called, a [`Slot`] after. [`Pending::expired`]
-/// completes at the deadline unless it has authenticated by then; close the connection then.
+/// completes at the deadline, or when the stranger is evicted, unless it has authenticated by
+/// then; close the connection then.
 #[derive(Debug)]
 pub struct Pending {
     deadline: Instant,
+    evict: CancellationToken,
     state: Mutex<PendingState>,
 }
 
@@ -519,7 +623,8 @@ impl Pending {
     ///
     /// # Errors
     /// [`Refused::Connections`]: the main pool was full when the connection first
-    /// authenticated (then and on every later call); close the connection.
+    /// authenticated (then and on every later call), or [`Refused::Handshakes`] the first
+    /// time if it had been evicted; close the connection.
     pub fn authenticated(&self) -> Result<(), Refused> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *state, PendingState::Refused) {
@@ -549,10 +654,14 @@ impl Pending {
         )
     }
 
-    /// Completes at the deadline if the connection has not authenticated by then; never
-    /// completes for one that has.
+    /// Completes at the deadline, or when a newcomer evicts the stranger, if the connection
+    /// has not authenticated by then; never completes for one that has (an authenticated
+    /// connection has left the stranger pool and cannot be evicted).
     pub async fn expired(&self) {
-        tokio::time::sleep_until(self.deadline).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(self.deadline) => {}
+            () = self.evict.cancelled() => {}
+        }
         if self.is_authenticated() {
             std::future::pending::<()>().await;
         }

@@ -98,6 +98,10 @@ pub enum TlsError {
     /// The handshake failed.
     #[error("tls handshake: {0}")]
     Handshake(io::Error),
+    /// The stranger pool was full and this connection, still in its handshake, was the
+    /// oldest one waiting (`common::admission::EVICT_MIN_AGE` or more): closed for a newcomer.
+    #[error("tls handshake: evicted from the full stranger pool (max_handshakes)")]
+    Evicted,
 }
 
 impl From<rustls::Error> for TlsError {

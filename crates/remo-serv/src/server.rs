@@ -235,7 +235,15 @@ impl Server {
                             let left = door
                                 .deadline()
                                 .saturating_duration_since(tokio::time::Instant::now());
-                            match common::tls::accept(&acceptor, stream, left).await {
+                            // An eviction from the full stranger pool ends it too.
+                            let accepted = tokio::select! {
+                                accepted = common::tls::accept(&acceptor, stream, left) => accepted,
+                                () = door.expired() => {
+                                    tracing::debug!("evicted before the TLS handshake finished");
+                                    return;
+                                }
+                            };
+                            match accepted {
                                 Ok((stream, _)) => {
                                     serve_connection(state, stream, peer, stop, door).await
                                 }

@@ -98,3 +98,47 @@ pub async fn tls_from_other_loopback(
     .await
     .expect("tls handshake from 127.0.0.2")
 }
+
+/// The crowd of issue 15: `per_source` idle TCP connections to `addr` from each of
+/// `sources` (sources bound before connect), each reopened as soon as the daemon closes it.
+/// It runs until dropped.
+#[derive(Debug)]
+pub struct ReopeningCrowd {
+    tasks: tokio::task::JoinSet<()>,
+    reopened: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReopeningCrowd {
+    /// Starts the crowd.
+    pub fn start(addr: SocketAddr, sources: &[IpAddr], per_source: usize) -> Self {
+        let reopened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for &source in sources {
+            for _ in 0..per_source {
+                let reopened = Arc::clone(&reopened);
+                tasks.spawn(async move {
+                    loop {
+                        if let Ok(mut stream) = connect_from(source, addr).await {
+                            let mut buf = [0u8; 64];
+                            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        reopened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        Self { tasks, reopened }
+    }
+
+    /// How many times a connection of the crowd was closed (and reopened).
+    pub fn reopened(&self) -> u64 {
+        self.reopened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the crowd, closing its connections.
+    pub fn stop(mut self) {
+        self.tasks.abort_all();
+    }
+}

@@ -18,6 +18,9 @@ pub enum Refusal {
     tls,
     /// TLS handshake not finished in time.
     tls_timeout,
+    /// Still in the TLS handshake, the oldest stranger (1 s or more) when the stranger pool
+    /// was full: closed to make room for a newcomer.
+    evicted,
     /// Path outside the prefix.
     not_found,
     /// Empty or too long meet-up id.

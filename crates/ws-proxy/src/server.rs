@@ -392,6 +392,7 @@ impl Server {
             Err(AcceptError::Tls(err)) => {
                 let reason = match err {
                     TlsError::HandshakeTimeout(_) => Refusal::tls_timeout,
+                    TlsError::Evicted => Refusal::evicted,
                     _ => Refusal::tls,
                 };
                 shared.metrics.refused(reason);

@@ -185,3 +185,124 @@ async fn a_pending_connection_is_promoted_once_or_expires_at_its_deadline() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_full_pool_evicts_its_oldest_stranger_once_it_is_old_enough() {
+    let mut now = Instant::now();
+    let door = Admission::new("test", limits(4, 3, 2));
+    let oldest = door.stranger_at(v4(1, 1), now).unwrap();
+    now += Duration::from_millis(10);
+    let middle = door.stranger_at(v4(1, 2), now).unwrap();
+    let youngest = door.stranger_at(v4(2, 1), now).unwrap();
+    // Full, and nobody has been there EVICT_MIN_AGE: the newcomer is refused as before.
+    assert_eq!(
+        door.stranger_at(v4(3, 1), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    assert!(!oldest.is_evicted());
+    now += EVICT_MIN_AGE - Duration::from_millis(10);
+    // Now the oldest (only) is old enough: it goes, the newcomer takes its room at once.
+    let first_in = door.stranger_at(v4(3, 1), now).unwrap();
+    assert!(oldest.is_evicted());
+    assert!(!middle.is_evicted() && !youngest.is_evicted());
+    // The evicted one's evicted() has completed; the others' have not.
+    tokio::time::timeout(Duration::ZERO, oldest.evicted())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::ZERO, middle.evicted())
+            .await
+            .is_err()
+    );
+    let stats = door.stats();
+    assert_eq!((stats.strangers, stats.evicted), (3, 1), "{stats:?}");
+    assert_eq!(stats.refused_handshakes, 1);
+    // The next eviction is the next oldest, admission order deciding between equals.
+    now += Duration::from_millis(10);
+    let _second_in = door.stranger_at(v4(3, 2), now).unwrap();
+    assert!(middle.is_evicted());
+    assert!(!youngest.is_evicted() && !first_in.is_evicted());
+    // first_in is younger than EVICT_MIN_AGE, but youngest is not: it goes next.
+    let _third_in = door.stranger_at(v4(4, 1), now).unwrap();
+    assert!(youngest.is_evicted());
+    assert!(!first_in.is_evicted());
+    // Now all three are the newcomers, all young: refused.
+    assert_eq!(
+        door.stranger_at(v4(5, 1), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    assert_eq!(door.stats().evicted, 3);
+}
+
+/// How many stranger permits the address of `v4(last, _)` holds.
+fn held(door: &Admission, last: u8) -> usize {
+    let key = AddressKey::of(v4(last, 0).ip());
+    let table = door.inner.table.lock().unwrap();
+    table.per_address.get(&key).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn eviction_gives_back_the_address_share_once_and_the_evicted_cannot_authenticate() {
+    let mut now = Instant::now();
+    let door = Admission::new("test", limits(4, 2, 2));
+    let a1 = door.stranger_at(v4(1, 1), now).unwrap();
+    let a2 = door.stranger_at(v4(1, 2), now).unwrap();
+    now += EVICT_MIN_AGE;
+    // The per-address cap is kept and checked first: a full address evicts nobody.
+    assert_eq!(
+        door.stranger_at(v4(1, 3), now).unwrap_err(),
+        Refused::Address
+    );
+    assert_eq!(door.stats().evicted, 0);
+    let b1 = door.stranger_at(v4(2, 1), now).unwrap();
+    assert!(a1.is_evicted() && !a2.is_evicted());
+    // The evicted one's share went with it, at once.
+    assert_eq!((held(&door, 1), held(&door, 2)), (1, 1));
+    // Dropping the evicted gives nothing back twice.
+    drop(a1);
+    assert_eq!((held(&door, 1), door.stats().strangers), (1, 2));
+    // Address 1 may take its second permit again (evicting a2, old enough; b1 is not).
+    let a3 = door.stranger_at(v4(1, 3), now).unwrap();
+    assert!(a2.is_evicted() && !b1.is_evicted());
+    assert_eq!(held(&door, 1), 1);
+    drop(a2);
+    assert_eq!((held(&door, 1), door.stats().strangers), (1, 2));
+    // Both young: the next newcomer is refused, whatever its address.
+    assert_eq!(
+        door.stranger_at(v4(3, 1), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    // An evicted stranger is not promoted, and its refusal takes no slot.
+    now += EVICT_MIN_AGE;
+    let c1 = door.stranger_at(v4(3, 1), now).unwrap();
+    assert!(b1.is_evicted() && !a3.is_evicted());
+    assert_eq!(held(&door, 2), 0);
+    assert_eq!(b1.authenticated().unwrap_err(), Refused::Handshakes);
+    assert_eq!(door.stats().connections, 0);
+    let _slot = a3.authenticated().unwrap();
+    drop(c1);
+    let stats = door.stats();
+    assert_eq!(
+        (stats.strangers, stats.connections, stats.evicted),
+        (0, 1, 3)
+    );
+    assert_eq!((held(&door, 1), held(&door, 2), held(&door, 3)), (0, 0, 0));
+    assert!(door.inner.table.lock().unwrap().per_address.is_empty());
+}
+
+#[tokio::test]
+async fn an_evicted_pending_connection_expires_at_once() {
+    let mut now = Instant::now();
+    let door = Admission::new("test", limits(4, 1, 1));
+    let pending = door.stranger_at(v4(1, 1), now).unwrap().pending();
+    now += EVICT_MIN_AGE;
+    let _newcomer = door.stranger_at(v4(2, 1), now).unwrap();
+    // The deadline is 10 s away; the eviction ends it now.
+    tokio::time::timeout(Duration::from_secs(1), pending.expired())
+        .await
+        .unwrap();
+    // A request that authenticates afterwards does not promote it.
+    assert_eq!(pending.authenticated().unwrap_err(), Refused::Handshakes);
+    assert!(!pending.is_authenticated());
+    assert_eq!(door.stats().connections, 0);
+}

@@ -380,6 +380,68 @@ async fn idle_strangers_do_not_lock_out_clients_with_certificates() {
     assert!(last >= deadline / 2 && last < deadline * 2, "{last:?}");
 }
 
+/// Issue 15 (every daemon's front door): 8 idle sockets from each of 127.0.0.10-17 fill the
+/// default stranger pool (64) within the per-address cap (8), reopened as fast as the daemon
+/// drops them; a certificate holder's handshakes were all refused (3 of 81 got through). Now a
+/// newcomer evicts the oldest stranger of at least `EVICT_MIN_AGE`, so the client gets in.
+#[tokio::test]
+async fn strangers_from_several_addresses_do_not_lock_out_clients_with_certificates() {
+    use testkit::front::{OTHER_LOOPBACK, ReopeningCrowd, client_config, connect_from};
+    // The default front door: tls.handshake_timeout_secs, max_handshakes, per address.
+    let server = TestServer::start_with(|c| {
+        if let Some(tls) = c.tls.as_mut() {
+            tls.handshake_timeout_secs = common::tls::DEFAULT_HANDSHAKE_TIMEOUT.as_secs();
+        }
+    })
+    .await;
+    let limits = server.server.admission().limits();
+    assert_eq!(limits.max_handshakes, 64);
+    assert_eq!(limits.max_handshakes_per_address, 8);
+    let sources: Vec<std::net::IpAddr> = (10..18)
+        .map(|last| std::net::Ipv4Addr::new(127, 0, 0, last).into())
+        .collect();
+    let crowd = ReopeningCrowd::start(server.addr, &sources, 8);
+    eventually("the crowd to fill the stranger pool", STEP, || {
+        server.server.admission().stats().strangers == 64
+    })
+    .await;
+    // Past EVICT_MIN_AGE, so the crowd is old enough to be evicted.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let config = client_config(&pki().bob, &[]);
+    let mut served = 0;
+    for _ in 0..10 {
+        let attempt = async {
+            let tcp = connect_from(OTHER_LOOPBACK, server.addr).await.ok()?;
+            let mut tls =
+                common::tls::connect(std::sync::Arc::clone(&config), "localhost", tcp, STEP)
+                    .await
+                    .ok()?;
+            tls.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut answer = Vec::new();
+            tls.read_to_end(&mut answer).await.ok()?;
+            answer.starts_with(b"HTTP/1.1 200").then_some(())
+        };
+        if tokio::time::timeout(STEP, attempt)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let stats = server.server.admission().stats();
+    let reopened = crowd.reopened();
+    crowd.stop();
+    eprintln!("served {served} of 10; crowd reopened {reopened} times; {stats:?}");
+    assert!(served >= 9, "served {served} of 10; {stats:?}");
+    assert!(stats.evicted >= 9, "{stats:?}");
+}
+
 const DAEMON: &str = env!("CARGO_BIN_EXE_secure-talk");
 
 /// Waits for a daemon log line containing `wanted`.
