@@ -10,7 +10,7 @@
 //! within the first `io_timeout_secs` where the rate is not enforced) is signed.
 //!
 //! The timers of one or two minutes have a test each below, at their defaults too:
-//! `io_timeout_secs` with `min_upload_bytes_per_sec` (~110 s), `command_timeout_secs` (~120 s).
+//! `io_timeout_secs` with `min_upload_bytes_per_sec` (~100 s), `command_timeout_secs` (~120 s).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -164,7 +164,7 @@ async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
 }
 
 /// `limits.io_timeout_secs` (60 s) and `min_upload_bytes_per_sec` (16 KiB/s, enforced after
-/// the first `io_timeout_secs`) at their defaults, both ways, in one ~110 s wait. Lives: an
+/// the first `io_timeout_secs`) at their defaults, both ways, in one ~100 s wait. Lives: an
 /// upload of three 512 KiB pieces 50 s apart (no stall of 60 s, and ahead of the minimum rate
 /// once its first 60 s are over: 1 MiB by 50 s buys 64 s more) is signed after 100 s. Dies:
 /// an upload that sends 1 MiB and stalls gets 408 ("stalled") 60 s after its last byte; one
