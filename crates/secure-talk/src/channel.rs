@@ -218,7 +218,10 @@ pub(crate) async fn run<S>(
         _ => false,
     };
     let mut inbound = Inbound::new(channel, shared.budget.of(peer.key()));
-    let mut last_seen = Instant::now();
+    // Idle is counted from the peer's last frame (pongs included), to the second: not
+    // checked only at ping ticks, which closed a peer up to a ping period late.
+    let idle = tokio::time::sleep(limits.idle_timeout());
+    tokio::pin!(idle);
     let mut ping = tokio::time::interval_at(
         Instant::now() + limits.ping_interval(),
         limits.ping_interval(),
@@ -236,7 +239,7 @@ pub(crate) async fn run<S>(
                         break "protocol error";
                     }
                 };
-                last_seen = Instant::now();
+                idle.as_mut().reset(Instant::now() + limits.idle_timeout());
                 // Everything already read is handled before one flush.
                 let mut next = Some(Ok(first));
                 let mut ended = None;
@@ -314,13 +317,13 @@ pub(crate) async fn run<S>(
                     close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
                     break "certificate revoked";
                 }
-                if last_seen.elapsed() > limits.idle_timeout() {
-                    close(&mut ws, 1001, "idle timeout").await;
-                    break "idle";
-                }
                 if !within(write_limit, ws.send(ws::OP_PING, &[])).await {
                     break "write failed or stalled";
                 }
+            }
+            () = &mut idle => {
+                close(&mut ws, 1001, "idle timeout").await;
+                break "idle";
             }
             () = shared.shutdown.triggered() => {
                 close(&mut ws, 1001, "server shutting down").await;

@@ -9,6 +9,9 @@
 //! second answer (request timeout, 10 s). Lives: a job with a short TTL kept alive by
 //! heartbeats outlasts the reaper pass; a kept-alive connection's second request at 8 s is
 //! answered.
+//!
+//! `max_ttl_secs` and `cert_days` are bounds, not timers that fire: a quick test below checks
+//! them at their defaults.
 
 use std::time::{Duration, Instant};
 
@@ -168,4 +171,88 @@ async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
     );
     assert!(start.elapsed() < reap_interval + 2 * SLACK + Duration::from_secs(5));
     daemon.stop().await;
+}
+
+/// `max_ttl_secs` (7 days) and `cert_days` (30) at their defaults: bounds, not timers that
+/// fire. A save asking for exactly the maximum TTL is accepted and expires 7 days out, one
+/// second more is refused (400); an ssl-mode job's server and client certificates are valid
+/// from about now to about 30 days out.
+#[tokio::test]
+async fn max_ttl_and_cert_days_at_their_defaults() {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let defaults = FileConfig::default();
+    assert_eq!(defaults.max_ttl_secs, 7 * 24 * 3600);
+    assert_eq!(defaults.cert_days, 30);
+    let max_ttl = defaults.max_ttl_secs;
+    let daemon = Daemon::start_with(Backend::Sqlite, |config| {
+        assert_eq!(config.max_ttl, Duration::from_secs(max_ttl));
+        assert_eq!(config.cert_days, 30);
+    })
+    .await;
+    let mut client = daemon.client();
+    let save = |job_type, ttl| SaveRequest {
+        job_type: Some(job_type),
+        ttl_secs: Some(ttl),
+        label: None,
+    };
+    let now = || {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap()
+    };
+
+    // One second over the maximum is refused, and saves nothing.
+    let err = client
+        .save(&save(JobType::Ssh, max_ttl + 1))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("above this broker's limit"),
+        "{err}"
+    );
+    assert!(client.query().await.unwrap().is_empty());
+
+    // Exactly the maximum is accepted and expires a week out.
+    let before = now();
+    let job = client.save(&save(JobType::Ssh, max_ttl)).await.unwrap();
+    let row = daemon
+        .broker
+        .store()
+        .job(&job.summary.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let max_ttl = i64::try_from(max_ttl).unwrap();
+    assert_eq!(row.ttl_secs, max_ttl);
+    assert!(
+        (before + max_ttl..=now() + max_ttl).contains(&row.expires_at),
+        "expires at {} for a save at {before}",
+        row.expires_at
+    );
+
+    // An ssl-mode job: both certificates end cert_days (30 days) from now.
+    let before = now();
+    let job = client.save(&save(JobType::Ssl, 60)).await.unwrap();
+    let after = now();
+    let tls = job.tls.expect("ssl material");
+    for (what, pem) in [("server", &tls.cert), ("client", &tls.client_cert)] {
+        let blocks = common::pki::pem_decode(pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&blocks[0].der).unwrap();
+        let validity = cert.validity();
+        let not_after = validity.not_after.timestamp();
+        let not_before = validity.not_before.timestamp();
+        let days_30 = 30 * 86_400;
+        assert!(
+            (before + days_30 - 60..=after + days_30 + 60).contains(&not_after),
+            "{what}: notAfter {not_after}, not 30 days after {before}"
+        );
+        assert!(
+            not_before <= after && not_before >= before - 3600,
+            "{what}: notBefore {not_before} for an issue at {before}"
+        );
+    }
 }

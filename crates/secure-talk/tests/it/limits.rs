@@ -184,8 +184,8 @@ async fn a_peer_that_never_answers_pings_is_closed_as_idle() {
         server.server.connected_clients() == 0
     })
     .await;
-    // The first ping tick past the idle timeout closes it; the close handshake waits at most
-    // a second for the peer's answer.
+    // The idle timeout closes it; the close handshake waits at most a second for the peer's
+    // answer.
     let after = started.elapsed();
     assert!(
         after >= Duration::from_secs(IDLE_SECS),
@@ -241,6 +241,34 @@ async fn any_frame_from_the_peer_counts_as_activity() {
         "dropped {:?} after the last frame",
         silent.elapsed()
     );
+}
+
+/// The idle timeout counts from the peer's last frame, not in whole ping periods: with pings
+/// every 5 s and an idle timeout of 2 s, a silent peer is closed at about 2 s (it used to be
+/// closed only at the first ping tick past the timeout, up to a ping period late: at the
+/// defaults, a peer silent from 10 s went at 120 s instead of 100 s).
+#[tokio::test]
+async fn a_silent_peer_is_closed_at_the_idle_timeout_not_at_the_next_ping() {
+    const PING_EVERY: u64 = 5;
+    let server = TestServer::start_with(|config| {
+        config.limits.ping_interval_secs = PING_EVERY;
+        config.limits.idle_timeout_secs = IDLE_SECS;
+    })
+    .await;
+    let opts = server.alice("a");
+    let (_, token) = http(&opts, "GET", "/", None).await;
+    let started = Instant::now();
+    let mut stream = raw_websocket(&opts, Channel::Admin, &token).await;
+    let frames = server_frames(&read_until_closed(&mut stream).await);
+    let after = started.elapsed();
+    // The close handshake waits at most a second for the peer's answer.
+    assert!(
+        after >= Duration::from_secs(IDLE_SECS) && after < Duration::from_secs(PING_EVERY),
+        "closed after {after:?}: not at the idle timeout ({IDLE_SECS} s)"
+    );
+    let (opcode, payload) = frames.last().expect("a close frame");
+    assert_eq!(*opcode, 0x8, "the last frame is a close: {frames:?}");
+    assert_eq!(&payload[2..], b"idle timeout");
 }
 
 /// Upgrades `channel`, retrying while the server closes the connection at once (no slot yet).

@@ -13,6 +13,8 @@
 //! websocket (Unix socket) idle but reading past the first ping and the request timeout, a
 //! kept-alive connection whose second request comes at 25 s, and a command that takes 2 s to
 //! finish after `destroy`'s SIGTERM (its last output arrives, nothing is killed).
+//!
+//! `idle_timeout_secs` (90 s) has a test of its own below, at its default too (~100 s).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -319,4 +321,97 @@ async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
         polite,
     );
     assert!(start.elapsed() < CHECK_AT + SLACK + Duration::from_secs(5));
+}
+
+/// When the idle timeout's live connections are checked: past the default idle timeout
+/// (90 s) and three ping rounds, with a margin.
+const IDLE_CHECK_AT: Duration = Duration::from_secs(100);
+
+/// A masked, empty pong: the least frame a peer can send.
+const PONG: [u8; 6] = [0x8a, 0x80, 0x1f, 0x2e, 0x3d, 0x4c];
+
+/// `limits.idle_timeout_secs` (90 s) with `ping_interval_secs` (30 s) at their defaults, both
+/// ways, in one ~100 s sleep. Lives: an admin websocket over TLS and a data websocket over
+/// the Unix socket that send nothing but answer the pings (the client library does) are still
+/// served at 100 s. Dies: a websocket that never answers a ping (a bare stream: the pings are
+/// read and dropped, nothing is ever written) is closed at 90 s; one whose last frame is a
+/// pong at 10 s is closed 90 s after that pong, at 100 s (it used to be closed at the first
+/// ping tick past the timeout, 120 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timeout_at_its_default_closes_silent_peers_and_spares_answering_ones() {
+    let server = Defaults::start(|_| {}).await;
+    let limits = server.config.limits.clone();
+    // The defaults this test is about (deploy/config/secure-talk.example.toml).
+    assert_eq!(limits.idle_timeout(), Duration::from_secs(90));
+    assert_eq!(limits.ping_interval(), Duration::from_secs(30));
+    let idle = limits.idle_timeout();
+    let pki = pki();
+    let start = Instant::now();
+    let within = IDLE_CHECK_AT + SLACK;
+
+    // A websocket upgrade on a bare stream: nothing answers the server's pings.
+    let bare = |name: &'static str| {
+        let opts = server.client(&pki.bob, name);
+        async move {
+            let (_, token) = crate::support::http(&opts, "GET", "/", None).await;
+            let conn = client::upgrade(&opts, Channel::Admin, &token)
+                .await
+                .expect("upgrade");
+            (conn.into_stream(), Instant::now())
+        }
+    };
+
+    // Dies: never a frame from the peer, at the idle timeout from the upgrade.
+    let silent = async {
+        let (stream, began) = bare("silent").await;
+        let at = closed_at(stream, began, within).await;
+        assert_about("a peer that never answers pings", at.expect("closed"), idle);
+    };
+
+    // Dies: one pong at 10 s, then silence: at the idle timeout from that pong.
+    let silent_after_a_pong = async {
+        let (mut stream, _) = bare("pong-once").await;
+        sleep_until(start, Duration::from_secs(10)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &PONG)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::flush(&mut stream).await.unwrap();
+        let ponged = Instant::now();
+        let at = closed_at(stream, ponged, within).await;
+        assert_about(
+            "a peer silent after a pong at 10 s",
+            at.expect("closed"),
+            idle,
+        );
+    };
+
+    // Lives: idle clients that answer pings, over TLS and over the Unix socket, still work
+    // past the idle timeout.
+    let answering = async {
+        let opts = server.client(&pki.alice, "answering");
+        let mut admin = connect(&opts, Channel::Admin).await;
+        let unix_opts = server.unix("answering-unix");
+        let mut data = connect(&unix_opts, Channel::Data).await;
+        let mut unix_admin = connect(&unix_opts, Channel::Admin).await;
+        // All three read (and so answer pings) at once.
+        tokio::join!(
+            idle_reading(&mut admin, start, IDLE_CHECK_AT, "admin over TLS"),
+            idle_reading(&mut data, start, IDLE_CHECK_AT, "data over unix"),
+            idle_reading(&mut unix_admin, start, IDLE_CHECK_AT, "admin over unix"),
+        );
+        send(
+            &mut admin,
+            json!({"headers": {"method": "text"}, "payload": "still here"}),
+        )
+        .await;
+        crate::support::recv_message(&mut admin, "the echo", |m| {
+            m.payload == Some(json!("still here"))
+        })
+        .await;
+        let id = create_pipe(&mut unix_admin, "echo still-here").await;
+        data_until(&mut data, id, "still-here").await;
+    };
+
+    tokio::join!(silent, silent_after_a_pong, answering);
+    assert!(start.elapsed() < IDLE_CHECK_AT + SLACK + Duration::from_secs(5));
 }

@@ -373,23 +373,23 @@ drain_grace_secs = 3
 // ---------------------------------------------------------------------------------------
 
 /// A client TLS connection.
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+pub(crate) type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// An HTTP/1.1 answer read off a raw connection.
 #[derive(Debug)]
-struct RawAnswer {
+pub(crate) struct RawAnswer {
     /// The status code.
-    status: u16,
+    pub(crate) status: u16,
     /// The body.
-    body: String,
+    pub(crate) body: String,
     /// When the whole answer had arrived, counted from the last byte sent.
-    after: Duration,
+    pub(crate) after: Duration,
 }
 
 /// Writes `head`, then the `pieces` of the body `gap` apart, on a fresh HTTPS connection as
 /// alice (maybe only part of what the head announces), then reads one answer (up to
 /// `deadline`); returns it and the connection.
-async fn raw_http(
+pub(crate) async fn raw_http(
     addr: SocketAddr,
     head: &str,
     pieces: &[Vec<u8>],
@@ -449,7 +449,7 @@ async fn raw_http(
 }
 
 /// A `POST /v1/sign` head announcing `length` bytes.
-fn sign_head(name: &str, length: usize) -> String {
+pub(crate) fn sign_head(name: &str, length: usize) -> String {
     format!(
         "POST /v1/sign?name={name} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n"
     )
