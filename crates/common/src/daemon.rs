@@ -197,6 +197,45 @@ pub fn secret_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> boo
     mode & forbidden == 0
 }
 
+/// Binds a Unix socket at `path` with `mode`. A stale socket file (nobody accepting on it) is
+/// replaced; a live one, or a path that is not a socket, is an error, so two daemons never
+/// share a path. The directory, and who may reach it, are the caller's.
+///
+/// # Errors
+/// The path is not a socket, a process accepts on it, or binding fails.
+pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(Error::new(
+                        ErrorKind::AddrInUse,
+                        format!("another process is accepting on {}", path.display()),
+                    ));
+                }
+                Err(err) if err.kind() == ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "removing a stale socket file");
+                    std::fs::remove_file(path)?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(err) if err.kind() == ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
 /// Writes `contents` to a new file at `path` that only its owner can read (0600 from the
 /// moment it exists, whatever the umask), and syncs it to disk. An existing file is never
 /// overwritten.

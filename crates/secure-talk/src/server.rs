@@ -10,7 +10,7 @@
 //! socket file left by a crash, refusing one a live server still holds).
 
 use std::convert::Infallible;
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,7 +136,6 @@ impl Listeners {
 /// # Errors
 /// The path is held by a live server, is not a socket, or cannot be bound.
 pub fn bind_unix(path: &Path, mode: u32, private_dir: bool) -> std::io::Result<UnixListener> {
-    use std::io::{Error, ErrorKind};
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
             std::fs::create_dir_all(parent)?;
@@ -145,34 +144,7 @@ pub fn bind_unix(path: &Path, mode: u32, private_dir: bool) -> std::io::Result<U
             }
         }
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(Error::new(
-                        ErrorKind::AddrInUse,
-                        "another process is accepting on this socket",
-                    ));
-                }
-                Err(err) if err.kind() == ErrorKind::ConnectionRefused => {
-                    tracing::info!(path = %path.display(), "removing a stale socket file");
-                    std::fs::remove_file(path)?;
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(_) => {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            ));
-        }
-        Err(err) if err.kind() == ErrorKind::NotFound => {}
-        Err(err) => return Err(err),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    common::daemon::bind_unix(path, mode)
 }
 
 /// The daemon: configuration, token keys, TLS material and the hub.

@@ -187,33 +187,5 @@ async fn connection<S>(
 /// # Errors
 /// Binding failed, the path is not a socket, or a daemon accepts on it.
 pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    use std::io::{Error, ErrorKind};
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(Error::new(
-                        ErrorKind::AddrInUse,
-                        "another process is accepting on this socket",
-                    ));
-                }
-                Err(err) if err.kind() == ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path)?;
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(_) => {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            ));
-        }
-        Err(err) if err.kind() == ErrorKind::NotFound => {}
-        Err(err) => return Err(err),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    common::daemon::bind_unix(path, mode)
 }
