@@ -72,7 +72,7 @@ async fn send_with(
 }
 
 /// A login body for alice.
-fn login(keys: &Keys) -> Bytes {
+pub(crate) fn login(keys: &Keys) -> Bytes {
     let secret = proto::x448_secret();
     let public = proto::x448_public(&secret);
     AuthRequest {

@@ -17,28 +17,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use remo_serv::client::ClientConfig;
 use remo_serv::config::Config;
-use remo_serv::proto::{self, AuthRequest};
+use remo_serv::proto;
 use testkit::timers::{SLACK, assert_about, closed_at, sleep_until};
 
+use crate::front::login;
 use crate::harness::{
-    FIRST, Harness, Keys, LAST, MIDDLE, ONLY, RawBody, RawSession, USER, numbers, process_ended,
-    random_bytes,
+    FIRST, Harness, LAST, MIDDLE, ONLY, RawBody, RawSession, numbers, process_ended, random_bytes,
 };
-
-/// A login body for alice.
-fn login(keys: &Keys) -> Bytes {
-    let secret = proto::x448_secret();
-    let public = proto::x448_public(&secret);
-    AuthRequest {
-        user: USER.into(),
-        key: public.to_vec(),
-        sign: keys
-            .user_key()
-            .sign(&AuthRequest::signed_message(USER, &public)),
-    }
-    .to_json()
-    .into()
-}
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
