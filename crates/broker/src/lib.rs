@@ -5,7 +5,8 @@
 //! uid the kernel reports (`SO_PEERCRED`), and optionally over HTTPS, where the caller is the
 //! user its client certificate maps to. Jobs live in a SQL store ([`store`]: SQLite by
 //! default, PostgreSQL by URL). [`client`] is the library `broker-cli`, `broker-run` and the
-//! tests use; [`gate`] fronts an unmodified application; [`tunnel`] is the user's side of it.
+//! tests use; [`gate`] fronts an unmodified application; [`tunnel`] is the user's side of it
+//! ([`peer`] tells it which uid owns a TCP peer on this host).
 //!
 //! This crate knows nothing of ssh itself except that `broker-cli connect --host` runs the
 //! system's `ssh` binary.
@@ -16,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod gate;
 pub mod identity;
+pub mod peer;
 pub mod pemtls;
 pub mod server;
 pub mod service;
