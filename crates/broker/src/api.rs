@@ -160,6 +160,40 @@ pub struct Job {
     pub tls: Option<TlsMaterial>,
 }
 
+impl Job {
+    /// Checks an answer from a broker (local, HTTPS or a remote `broker-cli`) before its
+    /// fields are used as file names or sent anywhere: a valid job id, equal to `requested`
+    /// when one was asked for, and the material of its type (an ssh secret in hex).
+    ///
+    /// # Errors
+    /// What is wrong, in words.
+    pub fn check_answer(&self, requested: Option<&str>) -> Result<(), String> {
+        let id = &self.summary.id;
+        if !valid_job_id(id) {
+            return Err(format!("{id:?} is not a job id"));
+        }
+        if let Some(requested) = requested {
+            if id != requested {
+                return Err(format!("asked for job {requested}, got {id:?}"));
+            }
+        }
+        match self.summary.job_type {
+            JobType::Ssh => match &self.secret {
+                Some(secret)
+                    if !secret.is_empty() && secret.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                Some(_) => return Err(format!("the secret of job {id} is not hex")),
+                None => return Err(format!("job {id} came without its secret")),
+            },
+            JobType::Ssl => {
+                if self.tls.is_none() {
+                    return Err(format!("job {id} came without its certificates"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")

@@ -185,7 +185,9 @@ impl Client {
     /// [`ClientError`].
     pub async fn save(&mut self, request: &SaveRequest) -> Result<Job, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.json(Method::POST, "/v1/jobs", Some(body)).await
+        let job: Job = self.json(Method::POST, "/v1/jobs", Some(body)).await?;
+        job.check_answer(None).map_err(ClientError::Protocol)?;
+        Ok(job)
     }
 
     /// Shorthand for [`Client::save`] with a type and optional TTL.
@@ -217,11 +219,16 @@ impl Client {
     /// One of the caller's jobs, with its secret or certificates.
     ///
     /// # Errors
-    /// [`ClientError`]; 404 when it does not exist or is someone else's.
+    /// [`ClientError`]; 404 when it does not exist or is someone else's;
+    /// [`ClientError::Protocol`] when the answer is another job or not a job
+    /// ([`Job::check_answer`]).
     pub async fn load(&mut self, id: &str) -> Result<Job, ClientError> {
         check_id(id)?;
-        self.json(Method::GET, &format!("/v1/jobs/{id}"), None)
-            .await
+        let job: Job = self
+            .json(Method::GET, &format!("/v1/jobs/{id}"), None)
+            .await?;
+        job.check_answer(Some(id)).map_err(ClientError::Protocol)?;
+        Ok(job)
     }
 
     /// Whether `secret` is the job's secret (compared in constant time by the daemon).

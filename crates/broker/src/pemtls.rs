@@ -109,3 +109,96 @@ pub fn client_config(
         )
         .map_err(|e| PemTlsError::Config(e.to_string()))
 }
+
+/// Like [`client_config`], but accepts only the server certificate `server_pem` (the job's
+/// own, from `load`), and only when it also chains to `ca_pem` and carries the server name
+/// as the default verifier checks. Every job's certificate chains to the same CA and names
+/// the same hosts, so the chain alone would let another job's server stand in for this one.
+///
+/// # Errors
+/// [`PemTlsError`].
+pub fn pinned_client_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    server_pem: &str,
+) -> Result<ClientConfig, PemTlsError> {
+    let pinned = certs("server certificate", server_pem)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| PemTlsError::Pem {
+            what: "server certificate",
+            detail: "no certificate".into(),
+        })?;
+    let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots(ca_pem)?,
+        common::tls::provider(),
+    )
+    .build()
+    .map_err(|e| PemTlsError::Config(e.to_string()))?;
+    ClientConfig::builder_with_provider(common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PemTlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { pinned, chain }))
+        .with_client_auth_cert(
+            certs("client certificate", cert_pem)?,
+            key("client key", key_pem)?,
+        )
+        .map_err(|e| PemTlsError::Config(e.to_string()))
+}
+
+/// The default verifier (chain, validity, name, signatures) plus one rule: the end-entity
+/// certificate is exactly the pinned one.
+#[derive(Debug)]
+struct Pinned {
+    pinned: CertificateDer<'static>,
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.chain.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if end_entity.as_ref() != self.pinned.as_ref() {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
