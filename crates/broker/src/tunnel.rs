@@ -1,24 +1,33 @@
 //! The user's end of `broker-cli connect`: a local listener that, for each connection, opens
 //! the job's port (directly, or through an `ssh -L` forward started by [`Ssh::forward`]),
 //! proves the user's right to it (the magic key line in ssh mode, the owner's client
-//! certificate in ssl mode) and then splices bytes both ways. Also runs `broker-cli` on another
-//! host over ssh ([`Ssh::run_cli`]) for `--host`.
+//! certificate in ssl mode, checking that the server is the job's own certificate) and then
+//! splices bytes both ways. Also runs `broker-cli` on another host over ssh
+//! ([`Ssh::run_cli`]) for `--host`.
+//!
+//! Whoever reaches the local listener uses the job as the user, and whoever listens where the
+//! tunnel connects receives the key line, so both ends live where only the user can reach
+//! them (SECURITY.md, invariant 6): the listener is a Unix socket in a 0700 directory
+//! ([`private_dir`]) unless a TCP port is asked for, and then a loopback peer is served only
+//! when its socket belongs to the user's uid ([`crate::peer`]); the ssh forward ends in a
+//! Unix socket in the same directory, and ssh's readiness is learnt from ssh itself (its
+//! control socket answers `ssh -O check`), never from "something accepts a connection".
 //!
 //! It never reads argv, the environment or signals: the binary hands it a [`Shutdown`]. It
 //! never logs the secret, and it never runs a local shell: ssh gets its arguments as a vector,
 //! and the one string the remote shell sees is built from validated, quoted words
 //! ([`remote_command`]).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::TlsError;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
@@ -34,6 +43,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = common::tls::DEFAULT_HANDSHAKE_TIMEOUT;
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long an `ssh -L` forward may take to start listening.
 pub const FORWARD_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one `ssh -O check` may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest Unix socket path (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// The local socket's name in the private directory.
+pub const LOCAL_SOCKET: &str = "tunnel.sock";
+/// The ssh forward's socket and ssh's control socket there.
+const FORWARD_SOCKET: &str = "fwd.sock";
+const CONTROL_SOCKET: &str = "ctl.sock";
 /// How long `broker-cli` on the remote host may take, ssh login included.
 pub const REMOTE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long ssh gets to exit after SIGTERM before it is killed.
@@ -49,11 +67,11 @@ pub enum TunnelError {
     /// A host name, option or job that cannot be used.
     #[error("{0}")]
     Invalid(String),
-    /// The local listener could not be bound.
+    /// The local listener or the private directory could not be made.
     #[error("listening on {addr}: {source}")]
     Bind {
-        /// The address asked for.
-        addr: SocketAddr,
+        /// The address or path asked for.
+        addr: String,
         /// The cause.
         source: std::io::Error,
     },
@@ -92,15 +110,31 @@ fn stderr_suffix(stderr: &str) -> String {
 /// Where each local connection goes, and the name the job's certificate must carry there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    address: String,
+    address: Address,
     server_name: String,
+}
+
+/// A TCP `host:port` or the Unix socket of an ssh forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Address {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(address) => f.write_str(address),
+            Self::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 impl Target {
     /// `address` (`host:port`) with an explicit TLS server name.
     pub fn new(address: impl Into<String>, server_name: impl Into<String>) -> Self {
         Self {
-            address: address.into(),
+            address: Address::Tcp(address.into()),
             server_name: server_name.into(),
         }
     }
@@ -114,10 +148,7 @@ impl Target {
         } else {
             job.host.clone()
         };
-        Self {
-            address,
-            server_name,
-        }
+        Self::new(address, server_name)
     }
 
     /// The job's own `host:port`, as the broker registered it.
@@ -130,9 +161,9 @@ impl Target {
         Self::for_job(address, job)
     }
 
-    /// `host:port` connected to.
-    pub fn address(&self) -> &str {
-        &self.address
+    /// `host:port` or the socket path connected to.
+    pub fn address(&self) -> String {
+        self.address.to_string()
     }
 
     /// The name checked against an ssl job's certificate.
@@ -178,6 +209,62 @@ impl std::fmt::Debug for Proof {
     }
 }
 
+/// Where the local listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket at this path; its directory must be one only the user can enter
+    /// ([`private_dir`]).
+    Unix(PathBuf),
+    /// A TCP address (port 0: any free port). Loopback peers are served only when their
+    /// socket is the user's; peers on other hosts only when the address is not a loopback
+    /// one (the user asked for that, and was warned).
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "{}", path.display()),
+            Self::Tcp(address) => write!(f, "{address}"),
+        }
+    }
+}
+
+/// A fresh directory `broker-connect-XXXXXX` in `base`, mode 0700, owned by us: the local
+/// socket, the ssh forward's socket and ssh's control socket go there. Removed when dropped.
+///
+/// # Errors
+/// [`TunnelError::Bind`] when it cannot be made, [`TunnelError::Invalid`] when its path
+/// cannot carry a socket (too long, or a `:` or `%` that ssh would take apart).
+pub fn private_dir(base: &Path) -> Result<tempfile::TempDir, TunnelError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let error = |source| TunnelError::Bind {
+        addr: base.display().to_string(),
+        source,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("broker-connect-")
+        .tempdir_in(base)
+        .map_err(error)?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(error)?;
+    let meta = std::fs::symlink_metadata(dir.path()).map_err(error)?;
+    if !meta.is_dir() || meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(TunnelError::Invalid(format!(
+            "{} is not a private directory",
+            dir.path().display()
+        )));
+    }
+    let longest = dir.path().join(LOCAL_SOCKET);
+    let text = longest.to_str().unwrap_or("");
+    if text.is_empty() || text.len() > MAX_SOCKET_PATH || text.contains([':', '%']) {
+        return Err(TunnelError::Invalid(format!(
+            "{} cannot hold a socket path for ssh (too long, or a ':' or '%'); choose another --runtime-dir",
+            dir.path().display()
+        )));
+    }
+    Ok(dir)
+}
+
 /// What every connection task needs.
 #[derive(Debug)]
 struct Shared {
@@ -185,23 +272,52 @@ struct Shared {
     proof: Proof,
 }
 
+/// The bound local listener.
+#[derive(Debug)]
+enum Listener {
+    Unix(UnixListener),
+    Tcp {
+        listener: TcpListener,
+        /// Whether peers on other hosts are let in (a non-loopback address was asked for).
+        remote_ok: bool,
+    },
+}
+
+/// One accepted local connection.
+enum Accepted {
+    Unix(UnixStream),
+    Tcp(TcpStream, SocketAddr),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Self::Unix(listener) => listener.accept().await.map(|(s, _)| Accepted::Unix(s)),
+            Self::Tcp { listener, .. } => listener
+                .accept()
+                .await
+                .map(|(s, peer)| Accepted::Tcp(s, peer)),
+        }
+    }
+}
+
 /// A bound local listener for one job; [`Tunnel::run`] serves it.
 #[derive(Debug)]
 pub struct Tunnel {
-    listener: TcpListener,
-    local: SocketAddr,
+    listener: Listener,
+    local: Listen,
     job_id: String,
     shared: Arc<Shared>,
 }
 
 impl Tunnel {
-    /// Checks the job's material, builds the TLS configuration (ssl mode) and binds `local`
-    /// (port 0: any free port).
+    /// Checks the job's material, builds the TLS configuration (ssl mode, pinned to the job's
+    /// own server certificate) and binds `local` (TCP port 0: any free port).
     ///
     /// # Errors
     /// [`TunnelError::Invalid`] for a job without its secret or certificates (or a secret
     /// with a line break), [`TunnelError::Tls`], [`TunnelError::Bind`].
-    pub async fn bind(job: &Job, target: Target, local: SocketAddr) -> Result<Self, TunnelError> {
+    pub async fn bind(job: &Job, target: Target, local: Listen) -> Result<Self, TunnelError> {
         let proof = match job.summary.job_type {
             JobType::Ssh => {
                 let secret = job.secret.as_deref().ok_or_else(|| {
@@ -222,7 +338,12 @@ impl Tunnel {
                         job.summary.id
                     ))
                 })?;
-                let config = pemtls::client_config(&tls.client_cert, &tls.client_key, &tls.ca)?;
+                let config = pemtls::pinned_client_config(
+                    &tls.client_cert,
+                    &tls.client_key,
+                    &tls.ca,
+                    &tls.cert,
+                )?;
                 Proof::Tls(Arc::new(config))
             }
         };
@@ -232,16 +353,28 @@ impl Tunnel {
                 target.server_name
             )));
         }
-        let listener = TcpListener::bind(local)
-            .await
-            .map_err(|source| TunnelError::Bind {
-                addr: local,
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| TunnelError::Bind {
-            addr: local,
+        let shown = local.to_string();
+        let bind_error = |source| TunnelError::Bind {
+            addr: shown.clone(),
             source,
-        })?;
+        };
+        let (listener, local) = match local {
+            Listen::Unix(path) => {
+                let listener = UnixListener::bind(&path).map_err(bind_error)?;
+                (Listener::Unix(listener), Listen::Unix(path))
+            }
+            Listen::Tcp(address) => {
+                let listener = TcpListener::bind(address).await.map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(bind_error)?;
+                (
+                    Listener::Tcp {
+                        listener,
+                        remote_ok: !bound.ip().is_loopback(),
+                    },
+                    Listen::Tcp(bound),
+                )
+            }
+        };
         Ok(Self {
             listener,
             local,
@@ -250,9 +383,9 @@ impl Tunnel {
         })
     }
 
-    /// The bound local address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
+    /// The bound local address (with the port chosen) or socket path.
+    pub fn local(&self) -> &Listen {
+        &self.local
     }
 
     /// Serves local connections until `shutdown` is triggered; connection tasks are tracked
@@ -261,7 +394,19 @@ impl Tunnel {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut backoff = AcceptBackoff::default();
         let listener = &self.listener;
-        while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
+        let remote_ok = matches!(
+            listener,
+            Listener::Tcp {
+                remote_ok: true,
+                ..
+            }
+        );
+        let me = nix::unistd::geteuid().as_raw();
+        while let Some(accepted) = backoff.next(&shutdown, || listener.accept()).await {
+            let peer = match &accepted {
+                Accepted::Unix(_) => String::from("unix"),
+                Accepted::Tcp(_, peer) => peer.to_string(),
+            };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, max = MAX_CONNECTIONS, "too many connections; closing");
                 continue;
@@ -277,9 +422,22 @@ impl Tunnel {
             shutdown.spawn(
                 async move {
                     let _permit = permit;
+                    let served = async {
+                        match accepted {
+                            Accepted::Unix(stream) => serve(&shared, stream).await,
+                            Accepted::Tcp(stream, peer) => {
+                                admit_tcp(&stream, peer, me, remote_ok).await?;
+                                let _ = stream.set_nodelay(true);
+                                serve(&shared, stream).await
+                            }
+                        }
+                    };
                     tokio::select! {
-                        result = serve(&shared, stream) => match result {
+                        result = served => match result {
                             Ok((up, down)) => tracing::debug!(up, down, "connection closed"),
+                            Err(ConnError::Refused(why)) => {
+                                tracing::warn!(why, "refused a local connection");
+                            }
                             Err(err) => tracing::warn!(%err, "tunnel connection failed"),
                         },
                         () = stop.triggered() => tracing::debug!("closed by shutdown"),
@@ -291,9 +449,35 @@ impl Tunnel {
     }
 }
 
+/// Lets a TCP peer in only when its socket is ours (it is on this host), or when it is on
+/// another host and a non-loopback address was asked for.
+async fn admit_tcp(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    me: u32,
+    remote_ok: bool,
+) -> Result<(), ConnError> {
+    let local = stream
+        .local_addr()
+        .map_err(|_| ConnError::Refused("the connection has no local address"))?;
+    let owner = tokio::task::spawn_blocking(move || crate::peer::peer_uid(peer, local))
+        .await
+        .unwrap_or(None);
+    match owner {
+        Some(uid) if uid == me => Ok(()),
+        Some(_) => Err(ConnError::Refused(
+            "the peer's socket belongs to another user",
+        )),
+        None if remote_ok && !peer.ip().to_canonical().is_loopback() => Ok(()),
+        None => Err(ConnError::Refused("the peer's owner cannot be found")),
+    }
+}
+
 /// Why one tunnelled connection failed (never with the secret in it).
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
+    #[error("refused: {0}")]
+    Refused(&'static str),
     #[error("connecting to the target: {0}")]
     Connect(std::io::Error),
     #[error("{0} timed out")]
@@ -306,16 +490,36 @@ enum ConnError {
     Splice(std::io::Error),
 }
 
-async fn serve(shared: &Shared, mut local: TcpStream) -> Result<(u64, u64), ConnError> {
-    let _ = local.set_nodelay(true);
-    let mut remote = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect(shared.target.address.as_str()),
-    )
-    .await
-    .map_err(|_| ConnError::Timeout("connecting to the target"))?
-    .map_err(ConnError::Connect)?;
-    let _ = remote.set_nodelay(true);
+async fn serve<L>(shared: &Shared, local: L) -> Result<(u64, u64), ConnError>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    match &shared.target.address {
+        Address::Tcp(address) => {
+            let remote =
+                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address.as_str()))
+                    .await
+                    .map_err(|_| ConnError::Timeout("connecting to the target"))?
+                    .map_err(ConnError::Connect)?;
+            let _ = remote.set_nodelay(true);
+            relay(shared, local, remote).await
+        }
+        Address::Unix(path) => {
+            let remote = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+                .await
+                .map_err(|_| ConnError::Timeout("connecting to the target"))?
+                .map_err(ConnError::Connect)?;
+            relay(shared, local, remote).await
+        }
+    }
+}
+
+/// Proves the user's right on `remote`, then splices.
+async fn relay<L, R>(shared: &Shared, mut local: L, mut remote: R) -> Result<(u64, u64), ConnError>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
     match &shared.proof {
         Proof::Secret(secret) => {
             let mut line = Vec::with_capacity(secret.len() + 1);
@@ -513,16 +717,20 @@ impl Ssh {
         })
     }
 
-    /// Starts `ssh -N -L 127.0.0.1:FWD:FORWARD_HOST:REMOTE_PORT -- HOST` on a free local port
-    /// FWD and waits until FWD accepts connections (up to [`FORWARD_READY_TIMEOUT`]).
-    /// `forward_host` is where the ssh server connects to: `localhost` for a job on HOST
-    /// itself.
+    /// Starts `ssh -N -L DIR/fwd.sock:FORWARD_HOST:REMOTE_PORT -- HOST` as a control master
+    /// (control socket `DIR/ctl.sock`, `ExitOnForwardFailure=yes`) and waits until ssh itself
+    /// says it is ready: its control socket answers `ssh -O check` (ssh opens it only after
+    /// the forward is listening) and the forward's socket is there, up to
+    /// [`FORWARD_READY_TIMEOUT`]. Nothing is connected through the forward to find out.
+    /// `dir` must be a private directory ([`private_dir`]); `forward_host` is where the ssh
+    /// server connects to: `localhost` for a job on HOST itself.
     ///
     /// # Errors
     /// [`TunnelError::Invalid`], [`TunnelError::Spawn`], or [`TunnelError::Ssh`] with ssh's
     /// stderr when it exits first or does not get ready in time.
     pub async fn forward(
         &self,
+        dir: &Path,
         forward_host: &str,
         remote_port: u16,
     ) -> Result<SshForward, TunnelError> {
@@ -531,12 +739,28 @@ impl Ssh {
                 "{forward_host:?} is not a host name to forward to"
             )));
         }
-        let port = free_local_port()?;
-        let spec = format!("127.0.0.1:{port}:{forward_host}:{remote_port}");
+        let socket = dir.join(FORWARD_SOCKET);
+        let control = dir.join(CONTROL_SOCKET);
+        let (Some(socket_text), Some(control_text)) = (socket.to_str(), control.to_str()) else {
+            return Err(TunnelError::Invalid(format!(
+                "{} is not a path ssh can take",
+                dir.display()
+            )));
+        };
+        if socket_text.contains([':', '%']) || control_text.contains([':', '%']) {
+            return Err(TunnelError::Invalid(format!(
+                "{} has a ':' or '%', which ssh would take apart",
+                dir.display()
+            )));
+        }
+        let spec = format!("{socket_text}:{forward_host}:{remote_port}");
+        let control_path = format!("ControlPath={control_text}");
         let mut command = self.command(&[
             "ExitOnForwardFailure=yes",
-            "ControlMaster=no",
-            "ControlPath=none",
+            "ControlMaster=yes",
+            &control_path,
+            "ControlPersist=no",
+            "StreamLocalBindUnlink=no",
         ]);
         command
             .arg("-N")
@@ -556,13 +780,14 @@ impl Ssh {
         tracing::debug!(host = %self.host, %spec, "started ssh");
         let mut forward = SshForward {
             child,
-            port,
-            host: self.host.clone(),
+            socket,
+            control,
+            ssh: self.clone(),
             stderr,
             reader,
         };
         forward.wait_ready().await?;
-        tracing::info!(host = %self.host, local_port = port, remote_port, "ssh forward ready");
+        tracing::info!(host = %self.host, socket = %forward.socket.display(), remote_port, "ssh forward ready");
         Ok(forward)
     }
 }
@@ -584,30 +809,21 @@ async fn collect_stderr(mut pipe: tokio::process::ChildStderr, keep: Arc<Mutex<V
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (ssh with ExitOnForwardFailure fails
-/// cleanly if someone takes it in between).
-fn free_local_port() -> Result<u16, TunnelError> {
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-    std::net::TcpListener::bind(addr)
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|source| TunnelError::Bind { addr, source })
-}
-
 /// A running `ssh -N -L`; killed when dropped, stopped gently by [`SshForward::stop`].
 #[derive(Debug)]
 pub struct SshForward {
     child: Child,
-    port: u16,
-    host: String,
+    socket: PathBuf,
+    control: PathBuf,
+    ssh: Ssh,
     stderr: Arc<Mutex<Vec<u8>>>,
     reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl SshForward {
-    /// The local end of the forward, on 127.0.0.1.
-    pub fn local_port(&self) -> u16 {
-        self.port
+    /// The local end of the forward: a Unix socket in the private directory.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// The tunnel target through this forward for `job`, forwarded to `forward_host` on the
@@ -619,7 +835,10 @@ impl SshForward {
         } else {
             job.host.clone()
         };
-        Target::new(format!("127.0.0.1:{}", self.port), server_name)
+        Target {
+            address: Address::Unix(self.socket.clone()),
+            server_name,
+        }
     }
 
     async fn stderr_text(&mut self) -> String {
@@ -633,14 +852,13 @@ impl SshForward {
 
     async fn exit_error(&mut self, status: std::process::ExitStatus) -> TunnelError {
         TunnelError::Ssh {
-            host: self.host.clone(),
+            host: self.ssh.host.clone(),
             status: format!("exited ({status})"),
             stderr: self.stderr_text().await,
         }
     }
 
     async fn wait_ready(&mut self) -> Result<(), TunnelError> {
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port);
         let deadline = tokio::time::Instant::now() + FORWARD_READY_TIMEOUT;
         loop {
             match self.child.try_wait() {
@@ -653,14 +871,14 @@ impl SshForward {
                     });
                 }
             }
-            // The probe is forwarded too: the far end sees one empty connection.
-            if TcpStream::connect(addr).await.is_ok() {
+            // Only ssh can have made these: the directory is ours alone.
+            if self.control.exists() && self.check().await && self.socket.exists() {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 let stderr = self.stderr_text().await;
                 return Err(TunnelError::Ssh {
-                    host: self.host.clone(),
+                    host: self.ssh.host.clone(),
                     status: format!(
                         "did not open the forward within {}s",
                         FORWARD_READY_TIMEOUT.as_secs()
@@ -668,8 +886,29 @@ impl SshForward {
                     stderr,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `ssh -O check`: whether the master answers on its control socket.
+    async fn check(&self) -> bool {
+        let control_path = format!("ControlPath={}", self.control.display());
+        let mut command = Command::new(&self.ssh.program);
+        command
+            .arg("-o")
+            .arg(control_path)
+            .arg("-O")
+            .arg("check")
+            .arg("--")
+            .arg(&self.ssh.host)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        matches!(
+            tokio::time::timeout(CHECK_TIMEOUT, command.status()).await,
+            Ok(Ok(status)) if status.success()
+        )
     }
 
     /// Completes when ssh exits on its own, with the reason.

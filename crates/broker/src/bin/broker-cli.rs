@@ -1,7 +1,8 @@
 //! broker-cli: the user's client of the broker. Registers, lists, loads, verifies and deletes
 //! jobs over the daemon's socket (or its HTTPS API), runs itself on another host over ssh for
-//! `--host` as the original client did, and builds the tunnel (`connect`) so a browser on the
-//! laptop just opens `http://127.0.0.1:PORT/`.
+//! `--host` as the original client did, and builds the tunnel (`connect`): a Unix socket in a
+//! private directory (`curl --unix-socket`), or a TCP port only the user's own processes get
+//! through (a browser on the laptop opens `http://127.0.0.1:PORT/`).
 //!
 //! The tunnel lives in `broker::tunnel`; this file is flags, output and exit codes.
 #![allow(clippy::print_stdout)] // a CLI: results go to stdout
@@ -9,14 +10,14 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::DirBuilderExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use broker::api::{Job, JobList, JobSummary, JobType, SaveRequest, VerifyResponse, valid_job_id};
 use broker::client::{Client, ClientError, DEFAULT_SOCKET, Endpoint};
-use broker::tunnel::{Ssh, SshForward, Target, Tunnel, TunnelError};
+use broker::tunnel::{LOCAL_SOCKET, Listen, Ssh, SshForward, Target, Tunnel, TunnelError};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use common::daemon::{LogArgs, Shutdown, exit};
 use tokio::signal::unix::{SignalKind, signal};
@@ -35,20 +36,26 @@ Workflows:
   ssh mode (a port plus a secret the client sends first; any TCP application):
     on the server:   broker-run --type ssh --gate -- app --port {port}
     on the laptop:   broker-cli connect JOB --host login1
-                     -> open http://127.0.0.1:PORT/  (job JOB, ssh mode, via login1)
+                     -> socket /run/user/1000/broker-connect-XXXX/tunnel.sock  (job JOB, ...)
+                     curl --unix-socket /run/user/1000/broker-connect-XXXX/tunnel.sock http://localhost/
+    or, for a browser: broker-cli connect JOB --host login1 --local-port 8888
+                     -> open http://127.0.0.1:8888/  (only your own uid's connections pass)
   ssl mode (a certificate from the broker's CA; the client presents yours):
     on the server:   broker-run --type ssl --gate -- app --port {port}
     on the laptop:   broker-cli connect JOB --host login1
   JOB is printed by broker-run and listed by `broker-cli query` (on the server, or here
-  with --host). connect runs `ssh -N -L` itself (host keys are checked as usual), listens
-  on 127.0.0.1 and sends the secret or does mTLS for every connection; Ctrl-C ends it.
-  The forward goes to the host the job is registered on (a compute node behind login1
-  works when their brokers share a registry); --forward-host NAME overrides it.
+  with --host). connect runs `ssh -N -L` itself (host keys are checked as usual) to a Unix
+  socket in a private (0700) directory, listens on a Unix socket there (or on the TCP port
+  asked for) and sends the secret or does mTLS (accepting only the job's own certificate)
+  for every connection; Ctrl-C ends it. The forward goes to the host the job is registered
+  on (a compute node behind login1 works when their brokers share a registry);
+  --forward-host NAME overrides it.
 
 Other examples:
   broker-cli query                      your jobs (-q, as the original)
   broker-cli save ssh --ttl 8h          register a job (-s ssh); add --out-dir DIR for files
   broker-cli load JOB --out-dir ~/.broker   write the secret or certificates, mode 0600
+                                        (DIR must be yours and 0700 if it exists)
   broker-cli --json load JOB            everything, secret included, as JSON (-l JOB)
   broker-cli verify JOB < secret.txt    does the secret match? (-v JOB; exit 0 or 1)
   broker-cli --host login1 query        the jobs on login1 (runs broker-cli there over ssh)
@@ -65,8 +72,10 @@ Exit codes:
   65  no such job (or not yours)
   66  a local input file (secret, certificate, key) cannot be read
   69  the broker, ssh or the tunnel target cannot be reached, or cannot do it now
-  74  local I/O failed: writing --out-dir files, binding the local port
-  76  the broker's answer makes no sense
+  74  local I/O failed: writing --out-dir files, an existing --out-dir open to others or
+      not yours, binding the local socket or port
+  76  the broker's answer makes no sense (also: another job than asked for, an id that is
+      not a job id, a secret that is not hex)
   77  refused by the broker";
 
 /// Client of the broker: ports, secrets and certificates for your applications, and the
@@ -144,9 +153,10 @@ enum Command {
     Whoami,
     /// Print the broker's CA certificate (PEM): what ssl jobs' certificates chain to.
     Ca,
-    /// Open a local port that reaches the job's application: sends the secret (ssh mode) or
-    /// does mTLS with your client certificate (ssl mode) for each connection. With --host,
-    /// runs `ssh -N -L` to HOST. Runs until Ctrl-C.
+    /// Open a local socket (or, with --local-port, a TCP port) that reaches the job's
+    /// application: sends the secret (ssh mode) or does mTLS with your client certificate
+    /// (ssl mode) for each connection. With --host, runs `ssh -N -L` to HOST. Runs until
+    /// Ctrl-C.
     Connect(Connect),
 }
 
@@ -162,7 +172,8 @@ struct Material {
     #[arg(long)]
     show_secret: bool,
     /// Write the secret (JOB.secret) or the certificates and keys (JOB.crt, JOB.key,
-    /// JOB.client.crt, JOB.client.key, JOB.ca.crt) into DIR, mode 0600 (DIR is created 0700).
+    /// JOB.client.crt, JOB.client.key, JOB.ca.crt) into DIR, mode 0600 (DIR is created 0700;
+    /// an existing DIR must be yours and closed to group and others).
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
 }
@@ -206,12 +217,18 @@ struct Verify {
 struct Connect {
     /// The job id (job_ and 32 hex digits).
     job: String,
-    /// Local port to listen on (0: any free port).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    local_port: u16,
-    /// Local address to listen on (anyone who can reach it uses the job as you).
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST), value_name = "ADDR")]
-    bind: IpAddr,
+    /// Listen on this TCP port instead of a Unix socket (0: any free port). Connections from
+    /// other users' processes on this host are refused.
+    #[arg(long, value_name = "N")]
+    local_port: Option<u16>,
+    /// Listen on TCP at this address [default with --local-port: 127.0.0.1]. Beyond
+    /// loopback, anyone on another host who reaches it uses the job as you.
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<IpAddr>,
+    /// Where the private directory for the sockets is made [default: $XDG_RUNTIME_DIR, else
+    /// the temporary directory].
+    #[arg(long, env = "XDG_RUNTIME_DIR", value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
     /// Connect here instead of the job's host:port (without --host).
     #[arg(long, value_name = "ADDR", conflicts_with = "forward_host")]
     target: Option<String>,
@@ -518,11 +535,16 @@ async fn remote<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The job, checked: the one asked for, with material of its type ([`Job::check_answer`]).
 async fn load_job(conn: &Conn, ssh: Option<&Ssh>, job: &str) -> Result<Job, Failure> {
-    match ssh {
-        Some(ssh) => remote(conn, ssh, &["load", job]).await,
-        None => Ok(client(conn)?.load(job).await?),
-    }
+    let loaded: Job = match ssh {
+        Some(ssh) => remote(conn, ssh, &["load", job]).await?,
+        None => client(conn)?.load(job).await?,
+    };
+    loaded
+        .check_answer(Some(job))
+        .map_err(|e| Failure::new(PROTOCOL, format!("unexpected answer from the broker: {e}")))?;
+    Ok(loaded)
 }
 
 async fn run_query(conn: &Conn, ssh: Option<&Ssh>) -> Result<u8, Failure> {
@@ -651,6 +673,9 @@ fn show_job(conn: &Conn, job: &Job, material: &Material) -> Result<u8, Failure> 
 
 /// The files `--out-dir` writes for a job: name and content.
 fn material_files(job: &Job) -> Result<Vec<(String, String)>, Failure> {
+    // The id becomes a file name: never one that leaves the directory.
+    job.check_answer(None)
+        .map_err(|e| Failure::new(PROTOCOL, format!("unexpected answer from the broker: {e}")))?;
     let id = &job.summary.id;
     let missing = || {
         Failure::new(
@@ -676,7 +701,9 @@ fn material_files(job: &Job) -> Result<Vec<(String, String)>, Failure> {
     })
 }
 
-/// Writes the job's material into `dir` (created 0700), each file 0600, atomically.
+/// Writes the job's material into `dir` (created 0700), each file 0600, atomically. An
+/// existing `dir` must be a directory of ours that group and others cannot enter or list:
+/// the files are private, and so are their names and the moments they change.
 fn write_material(dir: &Path, job: &Job) -> Result<Vec<PathBuf>, Failure> {
     let files = material_files(job)?;
     let io = |what: &Path, e: std::io::Error| {
@@ -687,10 +714,32 @@ fn write_material(dir: &Path, job: &Job) -> Result<Vec<PathBuf>, Failure> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| io(dir, e))?;
-    if !dir.is_dir() {
+    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
+    if !meta.is_dir() {
         return Err(Failure::new(
             exit::IOERR,
             format!("{} is not a directory", dir.display()),
+        ));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(Failure::new(
+            exit::IOERR,
+            format!(
+                "--out-dir {} belongs to uid {}, not to you; choose a directory of your own",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(Failure::new(
+            exit::IOERR,
+            format!(
+                "--out-dir {} is open to others (mode {:04o}); run `chmod 700 {}` or choose another directory",
+                dir.display(),
+                meta.mode() & 0o7777,
+                dir.display()
+            ),
         ));
     }
     let mut written = Vec::with_capacity(files.len());
@@ -798,6 +847,7 @@ async fn run_connect(conn: &Conn, ssh: Option<&Ssh>, connect: &Connect) -> Resul
     if job.summary.status != "active" {
         tracing::warn!(job = %job.summary.id, status = %job.summary.status, "the job is not active");
     }
+    let private = private_dir(connect)?;
     let mut forward: Option<SshForward> = None;
     let target = match (ssh, &connect.target) {
         (Some(ssh), _) => {
@@ -805,7 +855,9 @@ async fn run_connect(conn: &Conn, ssh: Option<&Ssh>, connect: &Connect) -> Resul
                 .forward_host
                 .clone()
                 .unwrap_or_else(|| job.summary.host.clone());
-            let opened = ssh.forward(&forward_host, job.summary.port).await?;
+            let opened = ssh
+                .forward(private.path(), &forward_host, job.summary.port)
+                .await?;
             let target = opened.target(&job.summary, &forward_host);
             forward = Some(opened);
             target
@@ -813,35 +865,59 @@ async fn run_connect(conn: &Conn, ssh: Option<&Ssh>, connect: &Connect) -> Resul
         (None, Some(address)) => Target::for_job(address.as_str(), &job.summary),
         (None, None) => Target::job(&job.summary),
     };
-    let tunnel = Tunnel::bind(
-        &job,
-        target.clone(),
-        SocketAddr::new(connect.bind, connect.local_port),
-    )
-    .await?;
-    let local = tunnel.local_addr();
-    if !local.ip().is_loopback() {
-        tracing::warn!(%local, "listening beyond loopback: whoever reaches this port uses the job as you");
-    }
-    let url = format!("http://{local}/");
-    if conn.json {
-        println!(
-            "{}",
-            serde_json::json!({ "local_port": local.port(), "url": url, "job": job.summary.id })
-        );
+    let listen = if connect.local_port.is_some() || connect.bind.is_some() {
+        Listen::Tcp(SocketAddr::new(
+            connect.bind.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            connect.local_port.unwrap_or(0),
+        ))
     } else {
-        let via = match ssh {
-            Some(ssh) => format!("via {}", ssh.host()),
-            None => format!("to {}", target.address()),
-        };
-        println!(
-            "open {url}  (job {}, {} mode, {via})",
-            job.summary.id, job.summary.job_type
-        );
-    }
-    std::io::stdout()
-        .flush()
+        Listen::Unix(private.path().join(LOCAL_SOCKET))
+    };
+    let tunnel = Tunnel::bind(&job, target.clone(), listen).await?;
+    let via = match ssh {
+        Some(ssh) => format!("via {}", ssh.host()),
+        None => format!("to {}", target.address()),
+    };
+    let what = format!(
+        "job {}, {} mode, {via}",
+        job.summary.id, job.summary.job_type
+    );
+    // One write: a reader that takes the first line and goes does not kill us with EPIPE.
+    let announcement = match tunnel.local() {
+        Listen::Tcp(local) => {
+            if !local.ip().is_loopback() {
+                tracing::warn!(%local, "listening beyond loopback: whoever reaches this port from another host uses the job as you");
+            }
+            let url = format!("http://{local}/");
+            if conn.json {
+                serde_json::json!({ "local_port": local.port(), "url": url, "job": job.summary.id })
+                    .to_string()
+            } else {
+                format!("open {url}  ({what})")
+            }
+        }
+        Listen::Unix(path) => {
+            let quoted = shlex::try_quote(&path.to_string_lossy())
+                .map(|q| q.into_owned())
+                .unwrap_or_else(|_| path.display().to_string());
+            let curl = format!("curl --unix-socket {quoted} http://localhost/");
+            if conn.json {
+                serde_json::json!({ "socket": path, "url": "http://localhost/", "curl": curl, "job": job.summary.id })
+                    .to_string()
+            } else {
+                format!(
+                    "socket {}  ({what})\n  e.g. {curl}  (a browser: --local-port N)",
+                    path.display()
+                )
+            }
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(format!("{announcement}\n").as_bytes())
+        .and_then(|()| stdout.flush())
         .map_err(|e| Failure::new(exit::IOERR, format!("stdout: {e}")))?;
+    drop(stdout);
 
     let shutdown = Shutdown::new();
     let result = tokio::select! {
@@ -854,7 +930,18 @@ async fn run_connect(conn: &Conn, ssh: Option<&Ssh>, connect: &Connect) -> Resul
     if let Some(forward) = forward {
         forward.stop().await;
     }
+    drop(private);
     result
+}
+
+/// The 0700 directory for the local socket, ssh's forward and its control socket.
+fn private_dir(connect: &Connect) -> Result<tempfile::TempDir, Failure> {
+    let base = connect
+        .runtime_dir
+        .clone()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or_else(std::env::temp_dir);
+    Ok(broker::tunnel::private_dir(&base)?)
 }
 
 /// Completes when the forward's ssh exits; never without one.

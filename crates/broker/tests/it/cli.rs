@@ -13,7 +13,7 @@ use std::time::Duration;
 use broker::api::{Job, JobList, JobType, VerifyResponse};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
@@ -412,29 +412,48 @@ async fn usage_errors_contact_nobody_and_exit_codes_are_documented() {
 
 /// A stand-in for `ssh`: logs its arguments (one JSON array per line) and its pid, then
 /// either runs the remote command string with `sh -c`, as sshd does with it, or with `-N -L`
-/// serves the forward. `FAKE_SSH_FORWARD_FAIL` makes the forward fail the way ssh does.
+/// serves the forward from the Unix socket it names, then opens its control socket (as ssh
+/// does: after the forward listens), or with `-O check` connects to the control socket (all
+/// it checks: that the master accepts there). `FAKE_SSH_FORWARD_FAIL` makes the forward fail
+/// the way ssh does.
 const FAKE_SSH: &str = r#"#!/usr/bin/env python3
 import json, os, socket, sys, threading
 args = sys.argv[1:]
 with open(os.environ["FAKE_SSH_LOG"], "a") as log:
     log.write(json.dumps({"pid": os.getpid(), "args": args}) + "\n")
-i, forward, no_command = 0, None, False
+i, forward, no_command, control, op = 0, None, False, None, None
 while args[i] != "--":
-    if args[i] == "-o": i += 2
+    if args[i] == "-o":
+        if args[i + 1].startswith("ControlPath="): control = args[i + 1][len("ControlPath="):]
+        i += 2
     elif args[i] == "-N": no_command, i = True, i + 1
     elif args[i] == "-L": forward, i = args[i + 1], i + 2
+    elif args[i] == "-O": op, i = args[i + 1], i + 2
     else: sys.exit("fake ssh: unexpected " + args[i])
 host, rest = args[i + 1], args[i + 2:]
+if op == "check":
+    try:
+        socket.socket(socket.AF_UNIX).connect(control)
+    except OSError as e:
+        sys.exit("Control socket connect(%s): %s" % (control, e))
+    sys.exit(0)
+if op: sys.exit("fake ssh: unexpected -O " + op)
 if not no_command:
     os.execvp("sh", ["sh", "-c", " ".join(rest)])
+path, to_host, to_port = forward.rsplit(":", 2)
 if os.environ.get("FAKE_SSH_FORWARD_FAIL"):
-    sys.stderr.write("channel_setup_fwd_listener: cannot listen to port: " + forward + "\n")
+    sys.stderr.write("unix_listener: cannot bind to path " + path + ": Address already in use\n")
     sys.exit(255)
-bind, port, to_host, to_port = forward.split(":")
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind((bind, int(port)))
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
 listener.listen(16)
+master = socket.socket(socket.AF_UNIX)
+master.bind(control)
+master.listen(16)
+def answer_checks():
+    while True:
+        master.accept()[0].close()
+threading.Thread(target=answer_checks, daemon=True).start()
 def pipe(a, b):
     try:
         while True:
@@ -591,9 +610,46 @@ async fn start_connect(mut command: Command) -> (Child, String) {
     (child, line)
 }
 
+/// Where `connect` said it listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Local {
+    Unix(PathBuf),
+    Tcp(u16),
+}
+
+/// The listener in `connect`'s announcement, JSON or text.
+fn announced(line: &str) -> Local {
+    if let Ok(json) = serde_json::from_str::<Value>(line) {
+        if let Some(path) = json["socket"].as_str() {
+            return Local::Unix(PathBuf::from(path));
+        }
+        let port = json["local_port"].as_u64().expect("a socket or a port");
+        return Local::Tcp(u16::try_from(port).unwrap());
+    }
+    if let Some(rest) = line.strip_prefix("socket ") {
+        return Local::Unix(PathBuf::from(rest.split("  (").next().unwrap()));
+    }
+    let port = line
+        .strip_prefix("open http://127.0.0.1:")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("not an announcement: {line}"));
+    Local::Tcp(port.parse().unwrap())
+}
+
+/// A connection to the tunnel's local end.
+async fn dial(local: &Local) -> Box<dyn Stream> {
+    match local {
+        Local::Unix(path) => Box::new(UnixStream::connect(path).await.unwrap()),
+        Local::Tcp(port) => Box::new(TcpStream::connect(("127.0.0.1", *port)).await.unwrap()),
+    }
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 /// Sends one line through the tunnel and expects it back.
-async fn echo_through(port: u16, text: &str) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+async fn echo_through(local: &Local, text: &str) {
+    let mut stream = dial(local).await;
     stream.write_all(text.as_bytes()).await.unwrap();
     let mut back = vec![0u8; text.len()];
     tokio::time::timeout(STEP, stream.read_exact(&mut back))
@@ -636,13 +692,23 @@ async fn connect_ssh_mode_sends_the_key_line_first() {
         &target_addr.to_string(),
     ]);
     let (child, line) = start_connect(command).await;
-    let announced: Value = serde_json::from_str(&line).unwrap();
-    let port = u16::try_from(announced["local_port"].as_u64().unwrap()).unwrap();
-    assert_eq!(announced["url"], format!("http://127.0.0.1:{port}/"));
-    assert_eq!(announced["job"], job.summary.id.as_str());
+    let json: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(json["job"], job.summary.id.as_str());
+    assert_eq!(json["url"], "http://localhost/");
+    // By default a Unix socket in a directory only we can enter.
+    let local = announced(&line);
+    let Local::Unix(path) = &local else {
+        panic!("a Unix socket by default: {line}")
+    };
+    let dir = path.parent().unwrap().to_owned();
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert_eq!(
+        json["curl"],
+        format!("curl --unix-socket {} http://localhost/", path.display())
+    );
 
     for text in ["GET / HTTP/1.0\r\n\r\n", "second connection\n"] {
-        echo_through(port, text).await;
+        echo_through(&local, text).await;
         assert_eq!(
             seen.recv().await.unwrap(),
             secret,
@@ -650,8 +716,9 @@ async fn connect_ssh_mode_sends_the_key_line_first() {
         );
     }
     // Two at once.
-    tokio::join!(echo_through(port, "a\n"), echo_through(port, "b\n"));
+    tokio::join!(echo_through(&local, "a\n"), echo_through(&local, "b\n"));
     terminate(child).await;
+    assert!(!dir.exists(), "the private directory goes with connect");
 
     // Text announcement, a chosen local port.
     let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -674,7 +741,7 @@ async fn connect_ssh_mode_sends_the_key_line_first() {
             job.summary.id
         )
     );
-    echo_through(chosen, "x\n").await;
+    echo_through(&Local::Tcp(chosen), "x\n").await;
     terminate(child).await;
     daemon.stop().await;
 }
@@ -717,13 +784,7 @@ async fn connect_ssl_mode_presents_the_owners_certificate() {
     ]);
     let (child, line) = start_connect(command).await;
     assert!(line.contains("ssl mode"), "{line}");
-    let port: u16 = line
-        .strip_prefix("open http://127.0.0.1:")
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    echo_through(port, "GET /api HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    echo_through(&announced(&line), "GET /api HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(seen.recv().await.unwrap(), Some(me.user.clone()));
     terminate(child).await;
     daemon.stop().await;
@@ -746,44 +807,66 @@ async fn connect_with_host_runs_an_ssh_forward_and_stops_it() {
     command.args(["--remote-cli", CLI, "connect", &job.summary.id]);
     let (child, line) = start_connect(command).await;
     assert!(line.ends_with("ssh mode, via login1)"), "{line}");
-    let port: u16 = line
-        .strip_prefix("open http://127.0.0.1:")
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    echo_through(port, "through ssh\n").await;
+    let local = announced(&line);
+    let Local::Unix(path) = &local else {
+        panic!("{line}")
+    };
+    let dir = path.parent().unwrap().to_owned();
+    echo_through(&local, "through ssh\n").await;
     assert_eq!(seen.recv().await.unwrap(), secret);
+    assert_eq!(
+        seen.try_recv().ok(),
+        None,
+        "nothing was connected through the forward to see whether it is ready"
+    );
 
     let calls = ssh_log(&log);
-    assert_eq!(calls.len(), 2, "a remote load, then the forward: {calls:?}");
-    let forward: Vec<&str> = calls[1]["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let spec = forward[forward.len() - 3];
+    let args = |call: &Value| -> Vec<String> {
+        call["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
     assert!(
-        spec.starts_with("127.0.0.1:")
-            && spec.ends_with(&format!(":localhost:{}", job.summary.port)),
-        "{forward:?}"
+        calls.len() >= 3,
+        "a remote load, the forward, a check: {calls:?}"
     );
+    // The forward ends in a socket in connect's private directory; ssh is a control master
+    // there, and exits if the forward fails.
+    let forward = args(&calls[1]);
+    let control = format!("ControlPath={}", dir.join("ctl.sock").display());
     assert_eq!(
-        forward[..8],
+        forward,
         [
             "-o",
             "ExitOnForwardFailure=yes",
             "-o",
-            "ControlMaster=no",
+            "ControlMaster=yes",
             "-o",
-            "ControlPath=none",
+            &control,
             "-o",
-            "Port=2222"
+            "ControlPersist=no",
+            "-o",
+            "StreamLocalBindUnlink=no",
+            "-o",
+            "Port=2222",
+            "-N",
+            "-L",
+            &format!(
+                "{}:localhost:{}",
+                dir.join("fwd.sock").display(),
+                job.summary.port
+            ),
+            "--",
+            "login1",
         ]
     );
-    assert_eq!(forward[8..10], ["-N", "-L"]);
-    assert_eq!(forward[forward.len() - 2..], ["--", "login1"]);
+    // Readiness is ssh's word: -O check on the control socket.
+    for call in &calls[2..] {
+        assert_eq!(args(call), ["-o", &control, "-O", "check", "--", "login1"]);
+    }
     let ssh_pid = i32::try_from(calls[1]["pid"].as_i64().unwrap()).unwrap();
 
     terminate(child).await;
@@ -812,10 +895,332 @@ async fn connect_reports_a_failed_forward_with_sshs_words() {
     let out = run(command, &[], None).await;
     assert_eq!(code(&out), 69, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("cannot listen to port"),
+        stderr(&out).contains("cannot bind to path"),
         "{}",
         stderr(&out)
     );
     assert!(stdout(&out).is_empty(), "nothing announced");
+    daemon.stop().await;
+}
+
+/// A uid with no passwd entry: another local user, as far as anyone can tell.
+const OTHER_UID: u32 = 4_242_421;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A stand-in for the job's web application behind its gate: after the right key line, one
+/// HTTP answer with `body`; anything else is closed unanswered.
+async fn keyed_web_app(listener: TcpListener, secret: String, body: &'static str) {
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut read = BufReader::new(read);
+                let mut line = String::new();
+                if read.read_line(&mut line).await.is_err() || line.trim_end() != secret {
+                    return;
+                }
+                loop {
+                    line.clear();
+                    if read.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = write.write_all(answer.as_bytes()).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+}
+
+/// `curl` as `uid` to the tunnel's local end: curl's exit code and what it printed.
+fn curl_local_as(uid: u32, local: &Local) -> (i32, String) {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = std::process::Command::new("curl");
+    command.args(["-sS", "--max-time", "10"]);
+    match local {
+        Local::Unix(path) => {
+            command
+                .arg("--unix-socket")
+                .arg(path)
+                .arg("http://localhost/");
+        }
+        Local::Tcp(port) => {
+            command.arg(format!("http://127.0.0.1:{port}/"));
+        }
+    }
+    let output = command.uid(uid).gid(uid).output().expect("run curl");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// Issue 16: any local user could use the job through connect's listener (`curl` as `nobody`
+/// to the printed URL got the owner's data). Now the default is a Unix socket in a 0700
+/// directory, and on a TCP port asked for, another uid's connection is closed unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_lets_no_other_local_user_in() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as a second uid");
+        return;
+    }
+    const DATA: &str = "the owner's data\n";
+    let daemon = Daemon::start().await;
+    let job = save(&daemon, "ssh").await;
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap().to_string();
+    keyed_web_app(target, job.secret.clone().unwrap(), DATA).await;
+
+    for extra in [&[][..], &["--local-port", "0"]] {
+        let mut command = cli(&daemon);
+        command
+            .args([
+                "--json",
+                "connect",
+                &job.summary.id,
+                "--target",
+                &target_addr,
+            ])
+            .args(extra);
+        let (child, line) = start_connect(command).await;
+        let local = announced(&line);
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(
+            curl_local_as(me, &local),
+            (0, DATA.to_owned()),
+            "the owner gets through ({extra:?})"
+        );
+        let (code, out) = curl_local_as(OTHER_UID, &local);
+        assert!(
+            code != 0 && out.is_empty(),
+            "another uid gets nothing ({extra:?}, {local:?}): curl exit {code}, {out:?}"
+        );
+        match &local {
+            // curl: "Couldn't connect" (EACCES on the directory).
+            Local::Unix(_) => assert_eq!(code, 7, "{line}"),
+            // curl: "Empty reply from server" or "Recv failure" (reset): closed unanswered.
+            Local::Tcp(_) => assert!(code == 52 || code == 56, "{code}: {line}"),
+        }
+        assert!(
+            extra.is_empty() == matches!(local, Local::Unix(_)),
+            "{line}"
+        );
+        terminate(child).await;
+    }
+    daemon.stop().await;
+}
+
+/// Issue 16: connect accepted any job's server certificate (all chain to the broker CA and
+/// carry the same names), so another user serving their own job's certificate on the job's
+/// port while it was unbound got the owner's connection. Now only the job's own certificate
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ssl_refuses_another_jobs_certificate() {
+    let daemon = Daemon::start().await;
+    let mine = save(&daemon, "ssl").await;
+    let theirs = save(&daemon, "ssl").await;
+    let other = theirs.tls.clone().unwrap();
+    // Their server, with their certificate, taking any certificate of the broker's CA.
+    let config = broker::pemtls::server_config(&other.cert, &other.key, &other.ca, "").unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let impostor = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor_addr = impostor.local_addr().unwrap();
+    let (handshakes, mut done) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = impostor.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let handshakes = handshakes.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = handshakes.send(());
+                let (mut read, mut write) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+
+    let mut command = cli(&daemon);
+    command.args([
+        "connect",
+        &mine.summary.id,
+        "--target",
+        &impostor_addr.to_string(),
+    ]);
+    let (child, line) = start_connect(command).await;
+    let mut stream = dial(&announced(&line)).await;
+    let _ = stream.write_all(b"GET /private HTTP/1.0\r\n\r\n").await;
+    let mut answer = [0u8; 256];
+    let got = tokio::time::timeout(STEP, stream.read(&mut answer))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(
+        got,
+        0,
+        "nothing through another job's server: {:?}",
+        String::from_utf8_lossy(&answer[..got])
+    );
+    assert!(done.try_recv().is_err(), "no handshake completed with it");
+    terminate(child).await;
+    daemon.stop().await;
+}
+
+/// A stand-in broker on a Unix socket that answers every request with `body` (200).
+async fn hostile_broker(socket: &Path, body: String) {
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut read = BufReader::new(read);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if read.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = write.write_all(answer.as_bytes()).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Issue 16: `load --out-dir D` took the id for file names from the answer, so a crafted
+/// answer (`/../../...`) wrote outside D. Now the answer must be the job asked for, a valid
+/// id, with a hex secret; else exit 76 and nothing is written. Checked against a hostile
+/// broker socket and a hostile remote broker-cli behind --host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_refuses_a_crafted_answer_and_writes_nothing() {
+    let daemon = Daemon::start().await;
+    let job = save(&daemon, "ssh").await;
+    let id = job.summary.id.clone();
+    let work = tempfile::tempdir().unwrap();
+    let out_dir = work.path().join("out");
+    // From D up to / and down to the work directory: where the files would land.
+    let depth = out_dir.components().count() - 1;
+    let escape = format!(
+        "/{}{}/pwned",
+        "../".repeat(depth),
+        work.path().to_str().unwrap().trim_start_matches('/')
+    );
+    let landed = work.path().join("pwned.secret");
+    let crafted = |id: &str, secret: &str| {
+        let mut job = job.clone();
+        job.summary.id = id.to_owned();
+        job.secret = Some(secret.to_owned());
+        serde_json::to_string(&job).unwrap()
+    };
+    let secret = job.secret.clone().unwrap();
+    let other_id = "job_ffffffffffffffffffffffffffffffff";
+    let answers = [
+        crafted(&escape, &secret),
+        crafted(other_id, &secret),
+        crafted(&id, "00ff\n../x"),
+    ];
+    let (ssh, log) = fake_ssh(work.path());
+    for (n, answer) in answers.iter().enumerate() {
+        // A hostile broker on the socket.
+        let socket = work.path().join(format!("hostile{n}.sock"));
+        hostile_broker(&socket, answer.clone()).await;
+        let out = run(
+            cli_on(&socket, work.path()),
+            &["load", &id, "--out-dir", out_dir.to_str().unwrap()],
+            None,
+        )
+        .await;
+        assert_eq!(code(&out), 76, "answer {n}: {}", stderr(&out));
+        // A hostile broker-cli on the --host.
+        let remote_cli = work.path().join(format!("hostile-cli{n}"));
+        let answer_file = work.path().join(format!("answer{n}.json"));
+        std::fs::write(&answer_file, answer).unwrap();
+        std::fs::write(
+            &remote_cli,
+            format!("#!/bin/sh\ncat '{}'\n", answer_file.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&remote_cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut command = cli_in(&daemon, work.path());
+        with_fake_ssh(&mut command, &ssh, &log);
+        command.arg("--remote-cli").arg(&remote_cli).args([
+            "load",
+            &id,
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+        ]);
+        let out = run(command, &[], None).await;
+        assert_eq!(code(&out), 76, "remote answer {n}: {}", stderr(&out));
+        assert!(!landed.exists(), "written outside --out-dir");
+    }
+    let names: Vec<_> = std::fs::read_dir(&out_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(names.is_empty(), "nothing written: {names:?}");
+    // The real broker's answer still passes.
+    let out = run(
+        cli(&daemon),
+        &["load", &id, "--out-dir", out_dir.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(out_dir.join(format!("{id}.secret")).exists());
+    daemon.stop().await;
+}
+
+/// Issue 16: an existing --out-dir open to others kept its mode without a word, and the
+/// secrets went in. Now it is refused (exit 74, the fix in the message) and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_dir_open_to_others_is_refused() {
+    let daemon = Daemon::start().await;
+    let job = save(&daemon, "ssh").await;
+    let id = job.summary.id.as_str();
+    let dir = daemon.dir.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    for loose in [0o755, 0o750, 0o701, 0o770] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(loose)).unwrap();
+        let out = run(
+            cli(&daemon),
+            &["load", id, "--out-dir", dir.to_str().unwrap()],
+            None,
+        )
+        .await;
+        assert_eq!(code(&out), 74, "{loose:o}: {}", stderr(&out));
+        assert!(stderr(&out).contains("chmod 700"), "{}", stderr(&out));
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing written"
+        );
+        assert_eq!(mode(&dir), loose, "the mode is the user's to change");
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run(
+        cli(&daemon),
+        &["load", id, "--out-dir", dir.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode(&dir.join(format!("{id}.secret"))), 0o600);
     daemon.stop().await;
 }

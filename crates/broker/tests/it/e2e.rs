@@ -4,7 +4,8 @@
 //! and another user's broker-issued certificate are refused at the gate; an expired job is
 //! refused by `connect`; deleting the job closes the gate to a tunnel that is still open; and
 //! `connect --host` runs a real `ssh -N -L` to a throwaway sshd (when /usr/sbin/sshd exists
-//! and the test runs as root), host key checking on.
+//! and the test runs as root), host key checking on, and another uid watching for the forward
+//! to steal its port gets nothing.
 //!
 //! Every child is held by a [`Proc`] guard that stops it on drop (also on panic), every wait
 //! has a deadline, and only processes this file started are signalled, by pid.
@@ -747,7 +748,7 @@ async fn connect_with_host_through_a_real_sshd() {
             .args(["--ssh-option", "IdentitiesOnly=yes"])
             .arg("--remote-socket")
             .arg(&daemon.socket)
-            .args(["--json", "connect", &id]);
+            .args(["--json", "connect", &id, "--local-port", "0"]);
         command
     };
 
@@ -779,8 +780,8 @@ async fn connect_with_host_through_a_real_sshd() {
     let cmdline = std::fs::read(format!("/proc/{ssh_pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(
-        cmdline.contains(" -N -L 127.0.0.1:") && cmdline.contains(":localhost:"),
-        "{cmdline}"
+        cmdline.contains(" -N -L /") && cmdline.contains("/fwd.sock:localhost:"),
+        "the forward ends in connect's private directory: {cmdline}"
     );
     // Two logins: the remote load and the forward.
     let deadline = Instant::now() + STEP;
@@ -801,6 +802,206 @@ async fn connect_with_host_through_a_real_sshd() {
     assert_job_gone(&daemon, &id).await;
     let code = sshd.proc.terminate().await;
     assert!(code == 0 || code == 255, "sshd exit {code}");
+    daemon.stop().await;
+    assert!(started.elapsed() < BUDGET, "{:?}", started.elapsed());
+}
+
+/// Watches, as another uid, for an `ssh ... -L SPEC` and tries to take its local end first:
+/// binds a TCP port (and reports every line sent to it) or dials and lists a socket path.
+/// One report per stdout line: `spec SPEC`, `bound PORT`, `received HEX`, `dial-failed ERRNO`,
+/// `list-failed ERRNO`, `dialed`, `listed`.
+const PORT_THIEF: &str = r#"
+import os, socket, sys, time
+deadline = time.time() + float(sys.argv[1])
+seen, listeners = set(), []
+def report(*words): print(*words, flush=True)
+while time.time() < deadline:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid in seen: continue
+        try: args = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")
+        except OSError: continue
+        if b"-L" not in args or b"-N" not in args: continue
+        seen.add(pid)
+        spec = args[args.index(b"-L") + 1].decode()
+        report("spec", spec)
+        parts = spec.split(":")
+        if len(parts) == 4:
+            s = socket.socket()
+            try:
+                s.bind((parts[0], int(parts[1]))); s.listen(8); s.settimeout(0.01)
+                listeners.append(s); report("bound", parts[1])
+            except OSError as e: report("bind-failed", e.errno)
+        else:
+            path = parts[0]
+            try: socket.socket(socket.AF_UNIX).connect(path); report("dialed")
+            except OSError as e: report("dial-failed", e.errno)
+            try: os.listdir(os.path.dirname(path)); report("listed")
+            except OSError as e: report("list-failed", e.errno)
+    for s in listeners:
+        try: conn = s.accept()[0]
+        except OSError: continue
+        conn.settimeout(2)
+        data = b""
+        try:
+            while b"\n" not in data:
+                piece = conn.recv(65536)
+                if not piece: break
+                data += piece
+        except OSError: pass
+        report("received", data.hex())
+    time.sleep(0.005)
+"#;
+
+/// Issue 16: `connect --host` picked a free port for `ssh -L` (visible in ssh's command line)
+/// and took "something accepts on it" for "ssh is ready", so a local user who bound the port
+/// first received the key line. Here the login is slow (1 s, as over a real network), the
+/// thief runs as another uid, and the forward ends in connect's 0700 directory: the thief
+/// can neither take nor reach it, and the key goes through ssh to the application only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_host_gives_a_port_thief_nothing() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if !Path::new(SSHD).exists() {
+        eprintln!("skipped: no {SSHD} (install openssh-server)");
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipped: the throwaway sshd and the second uid need root");
+        return;
+    }
+    let started = Instant::now();
+    let daemon = Daemon::start().await;
+    let job = daemon.client().save_type(JobType::Ssh, None).await.unwrap();
+    let secret = job.secret.clone().unwrap();
+    // The application on the job's port of the "remote" host (this one): the first line of
+    // each connection is reported, the rest echoed when it is the key.
+    let app = tokio::net::TcpListener::bind(("127.0.0.1", job.summary.port))
+        .await
+        .expect("the job's port is free");
+    let (first_lines, mut app_seen) = mpsc::unbounded_channel();
+    let key = secret.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = app.accept().await.unwrap();
+            let first_lines = first_lines.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut read = BufReader::new(read);
+                let mut line = String::new();
+                let _ = read.read_line(&mut line).await;
+                let line = line.trim_end().to_owned();
+                let _ = first_lines.send(line.clone());
+                if line == key {
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                }
+            });
+        }
+    });
+    let ssh_dir = temp_dir("broker-e2e-sshd-");
+    let sshd = start_sshd(ssh_dir.path()).await;
+    let mut thief = {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = std::process::Command::new("python3");
+        command
+            .args(["-c", PORT_THIEF, "8"])
+            .uid(OTHER_UID)
+            .gid(OTHER_UID);
+        Proc::spawn("port thief", Command::from(command))
+    };
+    // Each ssh login takes a second: sshd in inetd mode behind a delay (ssh runs the
+    // command as `exec COMMAND` in a shell).
+    let proxy = format!(
+        "ProxyCommand=sh -c 'sleep 1; exec {SSHD} -i -f {}'",
+        ssh_dir.path().join("sshd_config").display()
+    );
+    let mut command = cli(&daemon);
+    command
+        .args(["--host", "127.0.0.1", "--remote-cli", CLI])
+        .arg("--ssh-option")
+        .arg(&proxy)
+        .arg("--ssh-option")
+        .arg(format!("Port={}", sshd.port))
+        .arg("--ssh-option")
+        .arg(format!("IdentityFile={}", sshd.id.display()))
+        .arg("--ssh-option")
+        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+        .args(["--ssh-option", "GlobalKnownHostsFile=/dev/null"])
+        .args(["--ssh-option", "IdentitiesOnly=yes"])
+        .arg("--remote-socket")
+        .arg(&daemon.socket)
+        .args(["--json", "connect", &job.summary.id]);
+    let mut connect = Proc::spawn("broker-cli connect", command);
+    let line = connect.next_line().await;
+    let announced: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    // The owner's request, as soon as connect says it is ready (whatever it offers).
+    let request = HELLO.to_owned();
+    let mut answer = vec![0u8; request.len()];
+    let echoed = if let Some(path) = announced["socket"].as_str() {
+        let mut stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::timeout(STEP, stream.read_exact(&mut answer)).await
+    } else {
+        let port = u16::try_from(announced["local_port"].as_u64().unwrap()).unwrap();
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::timeout(STEP, stream.read_exact(&mut answer)).await
+    };
+
+    // The thief's view, once it has seen the forward and had its chance.
+    let mut reports = Vec::new();
+    let deadline = Instant::now() + STEP;
+    while Instant::now() < deadline && !reports.iter().any(|r: &String| r.starts_with("list")) {
+        if let Ok(Some(report)) =
+            tokio::time::timeout(Duration::from_millis(200), thief.out.recv()).await
+        {
+            reports.push(report);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(report) = thief.out.try_recv() {
+        reports.push(report);
+    }
+    let stolen: Vec<String> = reports
+        .iter()
+        .filter_map(|r| r.strip_prefix("received "))
+        .filter_map(|hex| hex::decode(hex).ok())
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .collect();
+    let short: Vec<String> = reports
+        .iter()
+        .map(|r| r.chars().take(80).collect())
+        .collect();
+    assert!(
+        !stolen.iter().any(|got| got.contains(&secret[..64])),
+        "the thief received the key line; its reports: {short:?}"
+    );
+    assert!(
+        reports.iter().any(|r| r.starts_with("spec /")),
+        "the thief saw the forward, a socket path: {reports:?}"
+    );
+    // EACCES (13): the directory is connect's alone.
+    assert!(
+        reports.iter().any(|r| r == "dial-failed 13")
+            && reports.iter().any(|r| r == "list-failed 13"),
+        "{reports:?}"
+    );
+    assert!(
+        !reports.iter().any(|r| r.starts_with("bound")),
+        "{reports:?}"
+    );
+    // And the owner's request went through ssh to the application, key line first.
+    echoed
+        .expect("the owner is answered in time")
+        .expect("the owner's request is echoed");
+    assert_eq!(String::from_utf8_lossy(&answer), request);
+    assert_eq!(app_seen.recv().await.unwrap(), secret);
+    assert!(
+        app_seen.try_recv().is_err(),
+        "nothing was connected through the forward to see whether it is ready"
+    );
+    assert_eq!(connect.terminate().await, 0, "{}", connect.stderr());
+    drop(thief);
+    drop(sshd);
     daemon.stop().await;
     assert!(started.elapsed() < BUDGET, "{:?}", started.elapsed());
 }
