@@ -11,6 +11,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// TCP state `TIME_WAIT` in the tables: a socket nobody owns any more (uid 0).
 const TIME_WAIT: &str = "06";
 
+/// Whether this system lets [`peer_uid`] look peers up (Linux's `/proc/net/tcp`); without it
+/// every loopback peer would be refused.
+pub fn available() -> bool {
+    std::fs::File::open("/proc/net/tcp").is_ok()
+}
+
 /// The uid owning the socket at `peer` connected to `local`, when that socket is on this
 /// host (in this network namespace); `None` for a peer elsewhere or an unreadable table.
 pub fn peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
@@ -159,6 +165,7 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, peer) = listener.accept().unwrap();
         assert_eq!(peer, client.local_addr().unwrap());
+        assert!(available());
         assert_eq!(
             peer_uid(peer, listener.local_addr().unwrap()),
             Some(nix::unistd::geteuid().as_raw())

@@ -364,6 +364,12 @@ impl Tunnel {
                 (Listener::Unix(listener), Listen::Unix(path))
             }
             Listen::Tcp(address) => {
+                if !crate::peer::available() {
+                    return Err(TunnelError::Invalid(String::from(
+                        "this system cannot tell which user a TCP connection comes from \
+                         (no /proc/net/tcp): use the Unix socket (no --local-port, --bind)",
+                    )));
+                }
                 let listener = TcpListener::bind(address).await.map_err(bind_error)?;
                 let bound = listener.local_addr().map_err(bind_error)?;
                 (
