@@ -779,12 +779,22 @@ async fn remo_cli_exit_codes() {
     daemon.assert_no_panic();
 }
 
-/// Log injection (SECURITY.md, invariant 7): a user name at login, a command line and a file
-/// name never forge a line in the daemon's log, and no raw escape sequence reaches it.
+/// Log injection (SECURITY.md, invariant 7): a user name at login (unknown, or registered
+/// with a wrong key, logged in and out), a command line and a file name never forge a line in
+/// the daemon's log, and no raw escape sequence reaches it.
 #[tokio::test]
 async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
     use testkit::logs::{ESCAPED, assert_not_forged, injection};
     let d = Deployment::new().await;
+    // A registered user whose name forges a line, with alice's key.
+    let users = remo_serv::users::Users::open(&d.path("users.sqlite"))
+        .await
+        .unwrap();
+    users
+        .add(&injection("eve"), d.keys.user_pub_pem().as_bytes())
+        .await
+        .unwrap();
+    users.close().await;
     let args: Vec<OsString> = [
         "-p",
         "0",
@@ -807,20 +817,34 @@ async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
     config.user = injection("mallory");
     let refused = Client::login(config, d.keys.user_key(), d.keys.server_pub.clone()).await;
     assert!(refused.is_err());
+    let mut eve_config = d.client_config(&daemon.url());
+    eve_config.user = injection("eve");
+    let wrong_key = Client::login(
+        eve_config.clone(),
+        d.keys.server_key(),
+        d.keys.server_pub.clone(),
+    )
+    .await;
+    assert!(wrong_key.is_err());
+    let mut eve = Client::login(eve_config, d.keys.user_key(), d.keys.server_pub.clone())
+        .await
+        .unwrap();
+    eve.logout().await.unwrap();
     let mut alice = d.client(&daemon).await;
     let _ = alice.exec(&injection("true"), b"").await;
     let missing = alice
         .get(&injection("missing"), &d.path("local"), |_, _| {})
         .await;
     assert!(missing.is_err());
-    // Unknown user, the command, the file name: each logged once at least.
+    // Unknown user, eve's bad signature, login and logout, the command, the file name: each
+    // logged once at least.
     let deadline = Instant::now() + WAIT;
-    while daemon.stderr().matches(ESCAPED).count() < 3 && Instant::now() < deadline {
+    while daemon.stderr().matches(ESCAPED).count() < 6 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_not_forged(&daemon.stderr.lock().unwrap());
     assert!(
-        daemon.stderr().matches(ESCAPED).count() >= 3,
+        daemon.stderr().matches(ESCAPED).count() >= 6,
         "{}",
         daemon.stderr()
     );
