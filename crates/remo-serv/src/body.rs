@@ -3,7 +3,8 @@
 //! A Content-Length body is one token. A chunked body is tokens separated by line breaks;
 //! the first carries the path hash, later ones count up (`tok_no`), all share the request
 //! number, and the one whose magic ends in `E` closes the body. Every read is bounded in size
-//! and in time.
+//! and in time: a stall deadline between pieces, and while nothing in the body was verified
+//! yet, a total deadline and a byte charge against the unverified-body budget.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
+use crate::limits::{Charge, OverBudget};
 use crate::proto::{Cipher, TokenHeader};
 
 /// Longest token line accepted in a chunked body (a 16 MiB piece, base64-encoded, plus slack).
@@ -40,9 +42,12 @@ pub enum BodyError {
     /// The body exceeds the configured cap.
     #[error("request body too large")]
     TooLarge,
-    /// The client stalled.
+    /// The client stalled, or took longer than the total deadline of an unverified body.
     #[error("request body timed out")]
     Timeout,
+    /// The unverified bytes would go over a budget.
+    #[error("{0}")]
+    OverBudget(OverBudget),
     /// The connection failed mid-body.
     #[error("reading the request body: {0}")]
     Io(String),
@@ -51,13 +56,16 @@ pub enum BodyError {
     Encoding(&'static str),
 }
 
-/// Reads a body frame by frame with a stall deadline.
+/// Reads a body frame by frame with a stall deadline, and while it is unverified, a total
+/// deadline and a budget charge.
 #[derive(Debug)]
 pub struct BodyReader {
     body: Incoming,
     buf: BytesMut,
     eof: bool,
     stall: Duration,
+    deadline: Option<tokio::time::Instant>,
+    charge: Option<Charge>,
 }
 
 impl BodyReader {
@@ -68,7 +76,25 @@ impl BodyReader {
             buf: BytesMut::new(),
             eof: false,
             stall,
+            deadline: None,
+            charge: None,
         }
+    }
+
+    /// An unverified body: it must arrive within `total` however it trickles (the stall
+    /// deadline restarts with each piece, this one does not), and its bytes go on `charge`.
+    pub fn unverified(body: Incoming, stall: Duration, total: Duration, charge: Charge) -> Self {
+        Self {
+            deadline: Some(tokio::time::Instant::now() + total),
+            charge: Some(charge),
+            ..Self::new(body, stall)
+        }
+    }
+
+    /// The body verified: the total deadline and the charge end.
+    pub fn verified(&mut self) {
+        self.deadline = None;
+        self.charge = None;
     }
 
     async fn fill(&mut self) -> Result<bool, BodyError> {
@@ -76,7 +102,13 @@ impl BodyReader {
             if self.eof {
                 return Ok(false);
             }
-            let frame = tokio::time::timeout(self.stall, self.body.frame())
+            let wait = match self.deadline {
+                Some(deadline) => self
+                    .stall
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+                None => self.stall,
+            };
+            let frame = tokio::time::timeout(wait, self.body.frame())
                 .await
                 .map_err(|_| BodyError::Timeout)?;
             match frame {
@@ -88,6 +120,9 @@ impl BodyReader {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         if !data.is_empty() {
+                            if let Some(charge) = self.charge.as_mut() {
+                                charge.add(data.len()).map_err(BodyError::OverBudget)?;
+                            }
                             self.buf.extend_from_slice(&data);
                             return Ok(true);
                         }

@@ -244,9 +244,37 @@ impl Client {
 
     /// Logs out (the server forgets the session key and ends any interactive command).
     ///
+    /// The body is one token of the session for the path `/auth` (our server ignores an empty
+    /// `/auth`, which only needs the cookie); a server that does not take it (the original)
+    /// gets the original's empty body next.
+    ///
     /// # Errors
     /// [`ClientError`].
     pub async fn logout(&mut self) -> Result<(), ClientError> {
+        if let Some(cipher) = self.cipher.clone() {
+            if self.req_no < i16::MAX {
+                self.req_no += 1;
+                let plain = proto::request_plain(
+                    Magic {
+                        first: true,
+                        last: true,
+                    },
+                    self.req_no,
+                    0,
+                    Some(&proto::path_hash("/auth")),
+                    b"",
+                );
+                let token = cipher.encrypt(&plain);
+                if let Ok(response) = self.send(Method::POST, "/auth", full(token), true).await {
+                    let done = response.status().is_success();
+                    let _ = collect(response, 4096).await;
+                    if done {
+                        self.cipher = None;
+                        return Ok(());
+                    }
+                }
+            }
+        }
         let response = self
             .send(Method::POST, "/auth", full(Bytes::new()), true)
             .await?;

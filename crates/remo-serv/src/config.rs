@@ -17,14 +17,27 @@ pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
 pub const DEFAULT_USER_SERVICE: &str = "SqliteUserService:users_db.sqlite";
 /// Default server key file (the original's).
 pub const DEFAULT_KEY_FILE: &str = "remo_serv_key.pem";
-/// Largest Content-Length body (one token) accepted.
-pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
+/// Largest one-token body (plaintext) accepted, and largest first token of any body.
+pub const DEFAULT_MAX_BODY: u64 = 4 << 20;
 /// Largest `/cmd` output kept.
 pub const DEFAULT_MAX_OUTPUT: u64 = 64 << 20;
 /// Most logged-in sessions at once.
 pub const DEFAULT_MAX_SESSIONS: usize = 1024;
 /// Most authenticated connections at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Most sessions one user holds; a login beyond ends their oldest.
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 8;
+/// Login attempts one source address may make in a burst...
+pub const DEFAULT_LOGIN_BURST: u32 = 20;
+/// ...and a minute after that.
+pub const DEFAULT_LOGINS_PER_MINUTE: u32 = 60;
+/// Seconds an unverified body (an `/auth` body, the first token of any body) may take in all.
+/// Body tokens expire 10 s after they were made, so a slower one is refused anyway.
+pub const DEFAULT_UNVERIFIED_BODY_TIMEOUT_SECS: u64 = 10;
+/// Unverified-body bytes per session, in first tokens of `max-body` (the default allows two).
+pub const DEFAULT_UNVERIFIED_TOKENS_PER_SESSION: usize = 2;
+/// Unverified-body bytes server-wide, in first tokens of `max-body`.
+pub const DEFAULT_UNVERIFIED_TOKENS: usize = 8;
 /// Seconds from TCP accept to the first authenticated request (a login that verified, or a
 /// request on a valid session); a connection still unauthenticated then is closed.
 pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
@@ -83,6 +96,18 @@ pub struct FileConfig {
     pub max_handshakes_per_address: Option<usize>,
     /// Seconds from accept to the first authenticated request.
     pub auth_timeout: Option<u64>,
+    /// Most sessions of one user.
+    pub max_sessions_per_user: Option<usize>,
+    /// Login attempts per source address in a burst.
+    pub login_burst: Option<u32>,
+    /// Login attempts per source address and minute, after the burst.
+    pub logins_per_minute: Option<u32>,
+    /// Seconds an unverified body may take in all.
+    pub unverified_body_timeout: Option<u64>,
+    /// Bytes of unverified bodies held at once, server-wide.
+    pub unverified_bytes: Option<u64>,
+    /// Bytes of unverified bodies held at once for one session.
+    pub unverified_bytes_per_session: Option<u64>,
 }
 
 /// Validated configuration of the daemon.
@@ -130,6 +155,19 @@ pub struct Config {
     pub max_handshakes_per_address: usize,
     /// Accept to first authenticated request.
     pub auth_timeout: Duration,
+    /// Sessions of one user.
+    pub max_sessions_per_user: usize,
+    /// Login attempts per address in a burst.
+    pub login_burst: u32,
+    /// Login attempts per address and minute after the burst.
+    pub logins_per_minute: u32,
+    /// Total deadline of an unverified body.
+    pub unverified_body_timeout: Duration,
+    /// Unverified-body bytes server-wide (`None`: [`DEFAULT_UNVERIFIED_TOKENS`] first tokens).
+    pub unverified_bytes: Option<usize>,
+    /// Unverified-body bytes per session (`None`: [`DEFAULT_UNVERIFIED_TOKENS_PER_SESSION`]
+    /// first tokens).
+    pub unverified_bytes_per_session: Option<usize>,
 }
 
 impl Default for Config {
@@ -156,11 +194,44 @@ impl Default for Config {
             max_handshakes: common::admission::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_address: common::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             auth_timeout: Duration::from_secs(DEFAULT_AUTH_TIMEOUT_SECS),
+            max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
+            login_burst: DEFAULT_LOGIN_BURST,
+            logins_per_minute: DEFAULT_LOGINS_PER_MINUTE,
+            unverified_body_timeout: Duration::from_secs(DEFAULT_UNVERIFIED_BODY_TIMEOUT_SECS),
+            unverified_bytes: None,
+            unverified_bytes_per_session: None,
         }
     }
 }
 
+/// Characters of the Fernet token carrying `plain` bytes of plaintext (base64 of version,
+/// time, IV, the padded ciphertext and the MAC).
+pub fn token_len(plain: u64) -> u64 {
+    let raw = 1 + 8 + 16 + (plain / 16 + 1) * 16 + 32;
+    raw.div_ceil(3) * 4
+}
+
 impl Config {
+    /// Longest first token of a body (one-token bodies are nothing else): a token of
+    /// `max_body` bytes of payload, its header and path hash, and a line break.
+    pub fn max_first_token(&self) -> usize {
+        let header = (crate::proto::HEADER_LEN + 48) as u64;
+        usize::try_from(token_len(self.max_body.saturating_add(header)).saturating_add(2))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// The unverified-body budget: `(server-wide, per session)` bytes.
+    pub fn unverified_budget(&self) -> (usize, usize) {
+        let token = self.max_first_token();
+        let per_session = self
+            .unverified_bytes_per_session
+            .unwrap_or_else(|| token.saturating_mul(DEFAULT_UNVERIFIED_TOKENS_PER_SESSION));
+        let total = self
+            .unverified_bytes
+            .unwrap_or_else(|| token.saturating_mul(DEFAULT_UNVERIFIED_TOKENS));
+        (total, per_session)
+    }
+
     /// The front door: unauthenticated connections in a small pool of their own (capped per
     /// address, closed at `auth_timeout`), `max_connections` for authenticated ones.
     pub fn admission(&self) -> common::admission::Limits {
@@ -170,6 +241,28 @@ impl Config {
             max_handshakes_per_address: self.max_handshakes_per_address,
             deadline: self.auth_timeout,
         }
+    }
+}
+
+impl Config {
+    /// Checks what depends on more than one key.
+    ///
+    /// # Errors
+    /// A message naming the keys.
+    pub fn checked(self) -> Result<Self, String> {
+        let (total, per_session) = self.unverified_budget();
+        let token = self.max_first_token();
+        if per_session < token {
+            return Err(format!(
+                "unverified-bytes-per-session ({per_session}) must hold one first token of max-body ({token} bytes): raise it with max-body"
+            ));
+        }
+        if total < per_session {
+            return Err(format!(
+                "unverified-bytes ({total}) must be at least unverified-bytes-per-session ({per_session})"
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -202,7 +295,7 @@ impl FileConfig {
         if file_roots.is_empty() {
             return Err("file-roots must name at least one directory".into());
         }
-        Ok(Config {
+        Config {
             listen: SocketAddr::new(
                 self.host.unwrap_or(DEFAULT_HOST),
                 self.port.unwrap_or(DEFAULT_PORT),
@@ -254,7 +347,38 @@ impl FileConfig {
                 self.auth_timeout,
                 DEFAULT_AUTH_TIMEOUT_SECS,
             )?),
-        })
+            max_sessions_per_user: positive(
+                "max-sessions-per-user",
+                self.max_sessions_per_user.map(|v| v as u64),
+                DEFAULT_MAX_SESSIONS_PER_USER as u64,
+            )? as usize,
+            login_burst: positive(
+                "login-burst",
+                self.login_burst.map(u64::from),
+                u64::from(DEFAULT_LOGIN_BURST),
+            )? as u32,
+            logins_per_minute: positive(
+                "logins-per-minute",
+                self.logins_per_minute.map(u64::from),
+                u64::from(DEFAULT_LOGINS_PER_MINUTE),
+            )? as u32,
+            unverified_body_timeout: Duration::from_secs(positive(
+                "unverified-body-timeout",
+                self.unverified_body_timeout,
+                DEFAULT_UNVERIFIED_BODY_TIMEOUT_SECS,
+            )?),
+            unverified_bytes: self
+                .unverified_bytes
+                .map(|v| positive("unverified-bytes", Some(v), 0))
+                .transpose()?
+                .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
+            unverified_bytes_per_session: self
+                .unverified_bytes_per_session
+                .map(|v| positive("unverified-bytes-per-session", Some(v), 0))
+                .transpose()?
+                .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
+        }
+        .checked()
     }
 }
 
@@ -293,6 +417,42 @@ mod tests {
         assert!(bad("\"tls-cert\" = \"a\"").contains("together"));
         assert!(bad("\"user-service\" = \"MemoryUserService:a\"").contains("user-service"));
         assert!(bad("\"file-roots\" = []").contains("file-roots"));
+        assert!(bad("max-sessions-per-user = 0").contains("max-sessions-per-user"));
+        assert!(bad("unverified-body-timeout = 0").contains("unverified-body-timeout"));
+        assert!(bad("unverified-bytes-per-session = 1000").contains("max-body"));
+        assert!(
+            bad("unverified-bytes = 20000000\nunverified-bytes-per-session = 30000000")
+                .contains("at least")
+        );
+        // Raising max-body raises the derived budgets with it.
+        let big = common::daemon::parse_toml::<FileConfig>("max-body = 67108864")
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(big.unverified_budget().1, 2 * big.max_first_token());
+    }
+
+    #[test]
+    fn token_lengths_match_fernet() {
+        let cipher = crate::proto::Cipher::new(&[7u8; 32]);
+        for plain in [0usize, 1, 15, 16, 54, 1000, 65_536] {
+            assert_eq!(
+                token_len(plain as u64) as usize,
+                cipher.encrypt(&vec![0u8; plain]).len(),
+                "{plain}"
+            );
+        }
+        let defaults = Config::default();
+        assert!(defaults.max_first_token() < 6 << 20);
+        // The figures the example file gives.
+        assert_eq!(defaults.unverified_budget(), (44_740_560, 11_185_140));
+        assert_eq!(
+            defaults.unverified_budget(),
+            (
+                8 * defaults.max_first_token(),
+                2 * defaults.max_first_token()
+            )
+        );
     }
 
     #[test]

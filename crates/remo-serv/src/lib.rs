@@ -9,6 +9,7 @@
 //! - [`proto`]: the wire format, sans-IO (test vectors in its tests);
 //! - [`keys`], [`users`]: key files and the user database, as the original tools write them;
 //! - [`session`], [`body`], [`server`]: sessions, request bodies and the HTTP server;
+//! - [`limits`]: the budget of unverified body bytes and the login rate per address;
 //! - [`exec`], [`files`], [`pipeline`]: commands, file access and parallel encryption;
 //! - [`client`]: the client library behind `remo`;
 //! - [`config`]: the TOML file and its validation.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod exec;
 pub mod files;
 pub mod keys;
+pub mod limits;
 pub mod pipeline;
 pub mod proto;
 pub mod server;

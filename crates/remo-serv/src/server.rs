@@ -24,11 +24,12 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use crate::body::{BodyError, BodyReader, MAX_TOKEN_LINE, RequestBody, full, unix_now};
+use crate::body::{BodyError, BodyReader, RequestBody, full, unix_now};
 use crate::config::Config;
 use crate::exec::{self, CmdLimits, ExecError, Interactive};
 use crate::files::{FileError, Roots};
 use crate::keys::{PrivateKey, PublicKey};
+use crate::limits::{Budget, LoginRate, OverBudget};
 use crate::proto::{self, AuthRequest, Cipher, Magic, TokenHeader};
 use crate::session::{self, Login, Sessions, WINDOW_CHUNKED, WINDOW_SINGLE};
 use crate::users::Users;
@@ -62,6 +63,14 @@ struct State {
     /// its `max_connections` slots.
     admission: Admission,
     ephemerals: Arc<Ephemerals>,
+    /// Bytes of request bodies not verified yet.
+    budget: Budget,
+    /// Login attempts per source address.
+    login_rate: LoginRate,
+    login_rate_warning: common::admission::Warning,
+    /// The public key (PEM) an unknown user's login is verified against, so that it costs
+    /// what a known user's does.
+    dummy_pem: Vec<u8>,
 }
 
 /// A server X448 key pair for one login, with the server's signature over the public half.
@@ -157,8 +166,15 @@ impl Server {
         tls: Option<ServerTls>,
     ) -> std::io::Result<Self> {
         let roots = Roots::new(&config.workdir, &config.file_roots)?;
-        let sessions = Sessions::new(config.session_timeout, config.max_sessions);
+        let sessions = Sessions::new(
+            config.session_timeout,
+            config.max_sessions,
+            config.max_sessions_per_user,
+        );
         let admission = Admission::new("http", config.admission());
+        let (total, per_session) = config.unverified_budget();
+        let login_rate = LoginRate::new(config.logins_per_minute, config.login_burst);
+        let dummy_pem = PublicKey::ed448_pem(&PrivateKey::generate().verifying_key()).into_bytes();
         Ok(Self {
             state: Arc::new(State {
                 config,
@@ -168,6 +184,10 @@ impl Server {
                 sessions,
                 admission,
                 ephemerals: Arc::default(),
+                budget: Budget::new(total, per_session),
+                login_rate,
+                login_rate_warning: common::admission::Warning::default(),
+                dummy_pem,
             }),
             tls: tls.map(Arc::new),
         })
@@ -192,6 +212,11 @@ impl Server {
     /// Logged-in sessions right now.
     pub fn sessions(&self) -> usize {
         self.state.sessions.len()
+    }
+
+    /// Bytes of unverified request bodies held right now.
+    pub fn unverified_bytes(&self) -> usize {
+        self.state.budget.used()
     }
 
     /// Accepts connections until `shutdown` triggers; each connection is a tracked task that
@@ -373,7 +398,7 @@ async fn handle(
     let (id, login) = state.sessions.resolve(cookie, now);
     let path = req.uri().path().to_owned();
     if path == "/auth" {
-        return auth(&state, req, &id, login.is_some(), peer, door).await;
+        return auth(&state, req, &id, login, peer, door).await;
     }
     match login {
         None if path == "/info" => plain_streamed(StatusCode::OK, &id, info_text()),
@@ -383,29 +408,82 @@ async fn handle(
     }
 }
 
+/// The declared Content-Length of a request, if any.
+fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The plain answer refusing an unverified body (too slow, over a budget, cut short).
+fn unverified_refusal(id: &str, err: &BodyError, incomplete: &'static str) -> Response<Body> {
+    match err {
+        BodyError::TooLarge => plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            id,
+            "Request body too large\n",
+        ),
+        BodyError::OverBudget(OverBudget::Session) => plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            id,
+            "too much unverified data in flight for this session\n",
+        ),
+        BodyError::OverBudget(OverBudget::Server) => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            id,
+            "server busy: too much unverified data in flight\n",
+        ),
+        _ => plain(StatusCode::BAD_REQUEST, id, incomplete),
+    }
+}
+
 async fn auth(
     state: &State,
     req: Request<Incoming>,
     id: &str,
-    logged_in: bool,
+    login: Option<Login>,
     peer: SocketAddr,
     door: &Pending,
 ) -> Response<Body> {
-    let mut reader = BodyReader::new(req.into_body(), state.config.body_timeout);
+    if declared_length(&req).is_some_and(|n| n > MAX_AUTH_BODY as u64) {
+        return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
+    }
+    // Nothing in it is verified until the signature is: a total deadline and the budget.
+    let mut reader = BodyReader::unverified(
+        req.into_body(),
+        state.config.body_timeout,
+        state.config.unverified_body_timeout,
+        state.budget.charge(None),
+    );
     let body = match reader.read_all(MAX_AUTH_BODY).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
         }
-        Err(_) => return plain(StatusCode::BAD_REQUEST, id, "incomplete auth body\n"),
-    };
-    if body.is_empty() {
-        if logged_in {
-            if let Some(user) = state.sessions.logout(id) {
-                tracing::info!(user = ?user, "logged out");
-            }
+        Err(err) => {
+            tracing::info!(%peer, err = %common::log::Escaped(&err), "login refused: body");
+            return unverified_refusal(id, &err, "incomplete auth body\n");
         }
+    };
+    drop(reader);
+    let text = body.trim_ascii();
+    if text.is_empty() {
+        // The original logged out on an empty body; with nothing but a cookie anyone could,
+        // so it is answered as before and changes nothing (see `logout`).
         return plain_streamed(StatusCode::OK, id, "Disconnected".into());
+    }
+    if !text.starts_with(b"{") {
+        if let Some(login) = login {
+            return logout(state, id, &login, text);
+        }
+    }
+    if !state.login_rate.allow(peer.ip(), Instant::now()) {
+        if let Some(refused) = state.login_rate_warning.note(tokio::time::Instant::now()) {
+            tracing::warn!(%peer, refused, "login refused: too many attempts from this address");
+        }
+        // As the original answers a refused login.
+        return plain(StatusCode::FORBIDDEN, id, "");
     }
     let request = match AuthRequest::parse(&body) {
         Ok(request) => request,
@@ -414,12 +492,11 @@ async fn auth(
             return plain(StatusCode::BAD_REQUEST, id, "");
         }
     };
-    let stored = match state.users.public_pem(&request.user).await {
-        Ok(Some(pem)) => pem,
-        Ok(None) => {
-            tracing::warn!(%peer, user = ?request.user, "login refused: unknown user");
-            return plain(StatusCode::FORBIDDEN, id, "");
-        }
+    // An unknown user (or an unusable stored key) is verified against a key of our own, with
+    // the same agreement after it: the answer takes as long as a wrong signature's.
+    let (stored, known) = match state.users.public_pem(&request.user).await {
+        Ok(Some(pem)) => (pem, true),
+        Ok(None) => (state.dummy_pem.clone(), false),
         Err(err) => {
             tracing::error!(%err, "user database lookup failed");
             return plain(
@@ -429,9 +506,12 @@ async fn auth(
             );
         }
     };
-    let Ok(public) = PublicKey::from_pem(&stored) else {
-        tracing::warn!(user = ?request.user, "login refused: stored key is neither Ed448 nor RSA");
-        return plain(StatusCode::FORBIDDEN, id, "");
+    let (public, usable) = match PublicKey::from_pem(&stored) {
+        Ok(public) => (public, true),
+        Err(_) => match PublicKey::from_pem(&state.dummy_pem) {
+            Ok(public) => (public, false),
+            Err(_) => return plain(StatusCode::FORBIDDEN, id, ""),
+        },
     };
     // The signature check and the key agreement are independent: run them side by side on
     // the blocking pool (each is around a millisecond with ed448-goldilocks), with a server
@@ -448,6 +528,14 @@ async fn auth(
     let agree = tokio::task::spawn_blocking(move || proto::x448_shared(&secret, &peer_key));
     let (verified, shared) = (verify.await, agree.await);
     state.ephemerals.refill(&state.server_key);
+    if !known {
+        tracing::warn!(%peer, user = ?user, "login refused: unknown user");
+        return plain(StatusCode::FORBIDDEN, id, "");
+    }
+    if !usable {
+        tracing::warn!(user = ?user, "login refused: stored key is neither Ed448 nor RSA");
+        return plain(StatusCode::FORBIDDEN, id, "");
+    }
     if !matches!(verified, Ok(true)) {
         tracing::warn!(%peer, user = ?user, "login refused: bad signature");
         return plain(StatusCode::FORBIDDEN, id, "");
@@ -457,22 +545,48 @@ async fn auth(
         return plain(StatusCode::BAD_REQUEST, id, "");
     };
     let cipher = Cipher::new(&proto::session_key(&shared));
-    // A re-login keeps the session id; a new login gets the id handed to this request.
-    if state
-        .sessions
-        .login(id, cipher, &user, Instant::now())
-        .is_err()
-    {
+    // Every login is a new session under a new id; the cookie's session is left alone.
+    let Ok(id) = state.sessions.login(cipher, &user, Instant::now()) else {
         tracing::warn!(user = ?user, "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
-    }
-    if let Some(refused) = promote(door, id) {
+    };
+    if let Some(refused) = promote(door, &id) {
         // The login stands (the session is the user's); this connection is closed.
         return refused;
     }
     tracing::info!(%peer, user = ?user, "logged in");
     let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
-    answer(StatusCode::OK, full(text), cookie_value(id))
+    answer(StatusCode::OK, full(text), cookie_value(&id))
+}
+
+/// `POST /auth` whose body is one token of the session (`BE`, the path hash of `/auth`, the
+/// next request number): the session holder logs out, and its interactive command ends. An
+/// empty body no longer does (the cookie alone proves nothing).
+fn logout(state: &State, id: &str, login: &Login, token: &[u8]) -> Response<Body> {
+    let checked = std::str::from_utf8(token)
+        .ok()
+        .and_then(|text| login.cipher.decrypt_body(text, unix_now()).ok())
+        .and_then(|plain| {
+            let (header, rest) = TokenHeader::split(&plain).ok()?;
+            let (hash, _) = proto::split_hash(rest).ok()?;
+            (header.is_first()
+                && header.is_last()
+                && header.tok_no == 0
+                && hash == &proto::path_hash("/auth"))
+                .then_some(header.req_no)
+        })
+        .is_some_and(|req_no| {
+            state
+                .sessions
+                .accept_req_no(id, req_no, WINDOW_SINGLE, Instant::now())
+        });
+    if !checked {
+        return plain(StatusCode::BAD_REQUEST, id, "Wrong initial token\n");
+    }
+    if let Some(user) = state.sessions.logout(id) {
+        tracing::info!(user = ?user, "logged out");
+    }
+    plain_streamed(StatusCode::OK, id, "Disconnected".into())
 }
 
 /// Appends one encrypted token and its CRLF to `batch`.
@@ -568,32 +682,39 @@ async fn authenticated(
     } else {
         Mode::Chunked
     };
-    let mut reader = BodyReader::new(req.into_body(), state.config.body_timeout);
-    let max_token = usize::try_from(state.config.max_body)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(4)
-        / 3
-        + 1024;
+    // The first token is unverified until it decrypts and checks: it is bounded in size
+    // (a token of `max-body`), in total time, and charged to the session and the server.
+    let max_token = state.config.max_first_token();
+    if mode == Mode::Single && declared_length(&req).is_some_and(|n| n > max_token as u64) {
+        return plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &id,
+            "Request body too large\n",
+        );
+    }
+    let mut reader = BodyReader::unverified(
+        req.into_body(),
+        state.config.body_timeout,
+        state.config.unverified_body_timeout,
+        state.budget.charge(Some(&id)),
+    );
     let first = match mode {
-        Mode::Single => match reader.read_all(max_token).await {
-            Ok(body) => body,
-            Err(BodyError::TooLarge) => {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &id,
-                    "Request body too large\n",
-                );
-            }
-            Err(_) => return plain(StatusCode::BAD_REQUEST, &id, "Incomplete request body\n"),
-        },
-        Mode::Chunked => match reader.next_line(MAX_TOKEN_LINE).await {
-            Ok(Some(line)) => line,
-            Ok(None) => Bytes::new(),
-            Err(BodyError::TooLarge) => {
-                return plain(StatusCode::PAYLOAD_TOO_LARGE, &id, "Token too large\n");
-            }
-            Err(_) => return plain(StatusCode::BAD_REQUEST, &id, "Invalid encoding\n"),
-        },
+        Mode::Single => reader.read_all(max_token).await,
+        Mode::Chunked => reader
+            .next_line(max_token)
+            .await
+            .map(Option::unwrap_or_default),
+    };
+    let first = match first {
+        Ok(first) => first,
+        Err(err) => {
+            tracing::info!(user = ?login.user, err = %common::log::Escaped(&err), "request body refused before it verified");
+            let incomplete = match mode {
+                Mode::Single => "Incomplete request body\n",
+                Mode::Chunked => "Invalid encoding\n",
+            };
+            return unverified_refusal(&id, &err, incomplete);
+        }
     };
     if first.len() < proto::HEADER_LEN {
         return plain(StatusCode::BAD_REQUEST, &id, "Missing magic tokens\n");
@@ -621,10 +742,12 @@ async fn authenticated(
         Mode::Single => WINDOW_SINGLE,
         Mode::Chunked => WINDOW_CHUNKED,
     };
+    // Accepted and recorded in one step: a copy of the token sent while this request runs
+    // finds the number taken.
     let checked = checked.filter(|(header, _)| {
         state
             .sessions
-            .check_req_no(&id, header.req_no, window, Instant::now())
+            .accept_req_no(&id, header.req_no, window, Instant::now())
     });
     let Some((header, payload)) = checked else {
         return match mode {
@@ -638,11 +761,10 @@ async fn authenticated(
         };
     };
     // The first token verified under the session key: the request is authentic.
+    reader.verified();
+    drop(first);
     if let Some(refused) = promote(door, &id) {
         return refused;
-    }
-    if mode == Mode::Single {
-        state.sessions.set_req_no(&id, header.req_no);
     }
     let body = if mode == Mode::Chunked && !header.is_last() {
         RequestBody::streaming(payload, reader, Arc::clone(&login.cipher), header.req_no)
@@ -656,7 +778,7 @@ async fn authenticated(
     };
     let outcome = dispatch(state, &id, &login.user, &path, body, &responder).await;
     if outcome.commit {
-        state.sessions.commit(&id, header.req_no, Instant::now());
+        state.sessions.commit(&id, Instant::now());
     }
     outcome.response
 }

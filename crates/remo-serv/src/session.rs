@@ -3,7 +3,10 @@
 //!
 //! Only logged-in sessions are stored. A request without a valid cookie is handed a fresh id
 //! (as the original did) but nothing is remembered until it logs in, so anonymous traffic
-//! cannot fill the table.
+//! cannot fill the table. Every login opens a new session under a new id (the original
+//! re-keyed the session the cookie named, so anyone holding a cookie could take it over), and
+//! one user holds at most `max_per_user` sessions: a replayed login evicts that user's oldest
+//! session instead of filling the table for everyone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +28,8 @@ struct Session {
     req_no: i16,
     last_req: Option<Instant>,
     last_access: Instant,
+    /// Login order: the lowest of a user's sessions is their oldest.
+    serial: u64,
     interactive: Option<Interactive>,
 }
 
@@ -43,6 +48,8 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Session>>,
     timeout: Duration,
     max: usize,
+    max_per_user: usize,
+    serial: std::sync::atomic::AtomicU64,
 }
 
 /// Extracts the session id the way the original did: the first occurrence of the substring
@@ -77,12 +84,14 @@ pub fn new_session_id() -> String {
 pub struct Full;
 
 impl Sessions {
-    /// An empty table.
-    pub fn new(timeout: Duration, max: usize) -> Self {
+    /// An empty table: at most `max` sessions, `max_per_user` of them for one user.
+    pub fn new(timeout: Duration, max: usize, max_per_user: usize) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             timeout,
             max,
+            max_per_user: max_per_user.max(1),
+            serial: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -117,39 +126,70 @@ impl Sessions {
         (new_session_id(), None)
     }
 
-    /// Installs a session key under `id` (a new login, or a re-login of a live session).
+    /// Opens a new session for `user` under a new id, which it returns. The session a cookie
+    /// named is left as it is: a login never re-keys a live session. When `user` already holds
+    /// `max_per_user` sessions, their oldest is ended (its interactive command terminated).
     ///
     /// # Errors
     /// [`Full`] when the table is at its cap even after removing expired sessions.
-    pub fn login(&self, id: &str, cipher: Cipher, user: &str, now: Instant) -> Result<(), Full> {
-        let mut map = self.lock();
-        if let Some(session) = map.get_mut(id) {
-            session.cipher = Arc::new(cipher);
-            session.user = user.to_owned();
-            session.req_no = 0;
-            session.last_req = None;
-            session.last_access = now;
-            return Ok(());
-        }
-        if map.len() >= self.max {
-            let timeout = self.timeout;
-            map.retain(|_, s| now.duration_since(s.last_access) <= timeout);
+    pub fn login(&self, cipher: Cipher, user: &str, now: Instant) -> Result<String, Full> {
+        let id = new_session_id();
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Ended sessions are dropped after the lock is released (dropping one terminates its
+        // interactive command).
+        let mut ended: Vec<Session> = Vec::new();
+        let result = {
+            let mut map = self.lock();
+            let mut mine: Vec<(u64, String)> = map
+                .iter()
+                .filter(|(_, s)| s.user == user)
+                .map(|(id, s)| (s.serial, id.clone()))
+                .collect();
+            if mine.len() >= self.max_per_user {
+                mine.sort_unstable();
+                let excess = mine.len() + 1 - self.max_per_user;
+                for (_, old) in mine.iter().take(excess) {
+                    if let Some(session) = map.remove(old) {
+                        ended.push(session);
+                    }
+                }
+            }
             if map.len() >= self.max {
-                return Err(Full);
+                let timeout = self.timeout;
+                let expired: Vec<String> = map
+                    .iter()
+                    .filter(|(_, s)| now.duration_since(s.last_access) > timeout)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                ended.extend(expired.iter().filter_map(|id| map.remove(id)));
+            }
+            if map.len() >= self.max {
+                Err(Full)
+            } else {
+                map.insert(
+                    id.clone(),
+                    Session {
+                        cipher: Arc::new(cipher),
+                        user: user.to_owned(),
+                        req_no: 0,
+                        last_req: None,
+                        last_access: now,
+                        serial,
+                        interactive: None,
+                    },
+                );
+                Ok(id)
+            }
+        };
+        for session in &ended {
+            if now.duration_since(session.last_access) <= self.timeout {
+                tracing::info!(user = ?session.user, "oldest session of the user ended by a new login");
             }
         }
-        map.insert(
-            id.to_owned(),
-            Session {
-                cipher: Arc::new(cipher),
-                user: user.to_owned(),
-                req_no: 0,
-                last_req: None,
-                last_access: now,
-                interactive: None,
-            },
-        );
-        Ok(())
+        drop(ended);
+        result
     }
 
     /// Logs out (and invalidates): the key and the interactive command go.
@@ -158,32 +198,32 @@ impl Sessions {
         removed.map(|session| session.user)
     }
 
-    /// Checks a request number against the session's window: within `window` of the last
-    /// request it must be the last one plus one; after that any number re-synchronises.
-    pub fn check_req_no(&self, id: &str, req_no: i16, window: Duration, now: Instant) -> bool {
-        let map = self.lock();
-        let Some(session) = map.get(id) else {
+    /// Accepts a request number, or refuses it, in one step: within `window` of the last
+    /// accepted request it must be the last one plus one; after that any number
+    /// re-synchronises. An accepted number is recorded at once, with the time, so a copy of
+    /// the same token sent while the first still runs is refused.
+    pub fn accept_req_no(&self, id: &str, req_no: i16, window: Duration, now: Instant) -> bool {
+        let mut map = self.lock();
+        let Some(session) = map.get_mut(id) else {
             return false;
         };
-        match session.last_req {
+        let ok = match session.last_req {
             Some(last) if now.duration_since(last) < window => {
                 i32::from(req_no) == i32::from(session.req_no) + 1
             }
             _ => true,
+        };
+        if ok {
+            session.req_no = req_no;
+            session.last_req = Some(now);
         }
+        ok
     }
 
-    /// Records an accepted request number.
-    pub fn set_req_no(&self, id: &str, req_no: i16) {
+    /// Records a completed request: the window counts from its end (as the original's
+    /// `LAST_REQ`). Its number was recorded when it was accepted.
+    pub fn commit(&self, id: &str, now: Instant) {
         if let Some(session) = self.lock().get_mut(id) {
-            session.req_no = req_no;
-        }
-    }
-
-    /// Records a completed request: its number and the time.
-    pub fn commit(&self, id: &str, req_no: i16, now: Instant) {
-        if let Some(session) = self.lock().get_mut(id) {
-            session.req_no = req_no;
             session.last_req = Some(now);
         }
     }
@@ -259,23 +299,26 @@ mod tests {
 
     #[test]
     fn windows_expiry_and_cap() {
-        let sessions = Sessions::new(Duration::from_secs(3), 2);
+        let sessions = Sessions::new(Duration::from_secs(3), 2, 2);
         let t0 = Instant::now();
         let cipher = || Cipher::new(&[1u8; 32]);
-        let (id, login) = sessions.resolve(None, t0);
+        let (anonymous, login) = sessions.resolve(None, t0);
         assert!(login.is_none());
-        sessions.login(&id, cipher(), "alice", t0).unwrap();
-        // Right after login any number is accepted.
-        assert!(sessions.check_req_no(&id, 5, WINDOW_SINGLE, t0));
-        sessions.commit(&id, 1, t0);
-        assert!(sessions.check_req_no(&id, 2, WINDOW_SINGLE, t0));
-        assert!(!sessions.check_req_no(&id, 3, WINDOW_SINGLE, t0));
-        assert!(!sessions.check_req_no(&id, 1, WINDOW_SINGLE, t0));
+        let id = sessions.login(cipher(), "alice", t0).unwrap();
+        assert_ne!(id, anonymous, "a login gets an id of its own");
+        // Right after login any number is accepted, and recorded at once: a copy is refused.
+        assert!(sessions.accept_req_no(&id, 5, WINDOW_SINGLE, t0));
+        assert!(!sessions.accept_req_no(&id, 5, WINDOW_SINGLE, t0));
+        assert!(sessions.accept_req_no(&id, 6, WINDOW_SINGLE, t0));
+        sessions.commit(&id, t0);
+        assert!(!sessions.accept_req_no(&id, 8, WINDOW_SINGLE, t0));
+        assert!(!sessions.accept_req_no(&id, 6, WINDOW_SINGLE, t0));
         let later = t0 + Duration::from_secs(11);
-        assert!(!sessions.check_req_no(&id, 9, WINDOW_SINGLE, later));
-        assert!(sessions.check_req_no(&id, 9, WINDOW_CHUNKED, later));
-        sessions.commit(&id, i16::MAX, t0);
-        assert!(!sessions.check_req_no(&id, i16::MIN, WINDOW_SINGLE, t0));
+        assert!(!sessions.accept_req_no(&id, 9, WINDOW_SINGLE, later));
+        assert!(sessions.accept_req_no(&id, 9, WINDOW_CHUNKED, later));
+        let id2 = sessions.login(cipher(), "alice", t0).unwrap();
+        assert!(sessions.accept_req_no(&id2, i16::MAX, WINDOW_SINGLE, t0));
+        assert!(!sessions.accept_req_no(&id2, i16::MIN, WINDOW_SINGLE, t0));
 
         // Idle timeout refreshed by every request.
         let (same, login) = sessions.resolve(Some(id.clone()), t0 + Duration::from_secs(2));
@@ -284,17 +327,36 @@ mod tests {
         let (fresh, login) = sessions.resolve(Some(id.clone()), t0 + Duration::from_secs(6));
         assert_ne!(fresh, id);
         assert!(login.is_none());
+        let (_, login) = sessions.resolve(Some(id2.clone()), t0 + Duration::from_secs(6));
+        assert!(login.is_none());
         assert!(sessions.is_empty());
 
-        sessions.login("a", cipher(), "u", t0).unwrap();
-        sessions.login("b", cipher(), "u", t0).unwrap();
-        assert!(sessions.login("c", cipher(), "u", t0).is_err());
-        assert!(
-            sessions
-                .login("c", cipher(), "u", t0 + Duration::from_secs(4))
-                .is_ok()
-        );
+        let a = sessions.login(cipher(), "u", t0).unwrap();
+        let _b = sessions.login(cipher(), "v", t0).unwrap();
+        assert!(sessions.login(cipher(), "w", t0).is_err());
+        let c = sessions
+            .login(cipher(), "w", t0 + Duration::from_secs(4))
+            .unwrap();
         assert_eq!(sessions.sweep(t0 + Duration::from_secs(10)), 1);
-        assert_eq!(sessions.logout("c"), None);
+        assert_eq!(sessions.logout(&c), None);
+        assert_eq!(sessions.logout(&a), None);
+    }
+
+    #[test]
+    fn a_user_over_their_cap_loses_their_oldest_session_only() {
+        let sessions = Sessions::new(Duration::from_secs(600), 4, 2);
+        let t0 = Instant::now();
+        let cipher = || Cipher::new(&[1u8; 32]);
+        let bob = sessions.login(cipher(), "bob", t0).unwrap();
+        let first = sessions.login(cipher(), "alice", t0).unwrap();
+        let second = sessions.login(cipher(), "alice", t0).unwrap();
+        for _ in 0..10 {
+            sessions.login(cipher(), "alice", t0).unwrap();
+        }
+        assert_eq!(sessions.len(), 3);
+        assert!(sessions.resolve(Some(first), t0).1.is_none());
+        assert!(sessions.resolve(Some(second), t0).1.is_none());
+        assert_eq!(sessions.resolve(Some(bob), t0).1.unwrap().user, "bob");
+        sessions.login(cipher(), "carol", t0).unwrap();
     }
 }

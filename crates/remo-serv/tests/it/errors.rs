@@ -338,7 +338,8 @@ async fn a_replayed_request_is_refused() {
 type MakeBody = fn(&RawSession, &str, i16) -> Vec<String>;
 
 /// Chunked bodies that break the token rules, on `/cmd` (which reads its body): 400 `Invalid
-/// encoding`; no invalidation in this mode and the number is not used up.
+/// encoding`; no invalidation in this mode. The number is used up when the first token checked
+/// (it is recorded when the request is accepted, so a copy cannot run), not otherwise.
 #[tokio::test]
 async fn chunked_body_errors_are_invalid_encoding() {
     let h = Harness::start().await;
@@ -440,7 +441,10 @@ async fn chunked_body_errors_are_invalid_encoding() {
         let refused = s.send_chunked(&cmd, make(&s, &cmd, req)).await;
         refused.assert_plain(400, "Invalid encoding\n");
         assert_eq!(h.server.sessions(), 1, "{name}: no invalidation");
-        // The session lives on and the number was not used up.
+        // The session lives on; the number is taken if the first token checked.
+        if !name.starts_with("first token") {
+            s.last = req;
+        }
         let answer = s.call(&cmd, b"still here").await;
         assert_eq!(s.decode(&answer), b"still here", "{name}");
     }
@@ -610,6 +614,8 @@ async fn oversize_bodies_get_413() {
     s.send_chunked(&cat, body)
         .await
         .assert_plain(413, "Request body too large\n");
+    // Its first token checked: the number was taken when the request was accepted.
+    s.last = req;
     // /idt too, and the session is still usable.
     let idt = s.first("/idt", ONLY, s.last + 1, &[b'x'; 4096]);
     s.send("/idt", idt)

@@ -84,13 +84,17 @@ async fn a_failed_upload_keeps_the_old_file_and_leaves_no_temporary() {
             let req = s.last + 1;
             let answer = s.send_chunked(&put, make(&s, &put, req, &piece)).await;
             assert_eq!(answer.status, 400, "{name}: {}", answer.text());
+            // A first token that checked took the number when the request was accepted.
+            if !name.starts_with("the first token") {
+                s.last = req;
+            }
             assert_eq!(std::fs::read(&target).unwrap(), b"precious", "{name}");
             assert!(!h.served.join("fresh.txt").exists(), "{name}");
             let leftovers = put_temporaries(&h.served);
             assert!(leftovers.is_empty(), "{name}: {leftovers:?}");
         }
     }
-    // The failures did not use up the number; a good upload replaces the file, mode kept.
+    // A good upload replaces the file, mode kept.
     let put = s.path("/put/", "keep.txt");
     let req = s.last + 1;
     let mut lines = good_start(&s, &put, req, &piece);

@@ -14,7 +14,9 @@
 //!   256 MiB with bounded memory, a killed upload);
 //! - `original`: our client against the original server's framing and upload limits;
 //! - `python`: the independent Python client;
-//! - `timers`: every timer whose default fits a test, at that default, both ways.
+//! - `timers`: every timer whose default fits a test, at that default, both ways;
+//! - `unverified`: limits on unverified work: body deadlines and budget, login rate and
+//!   per-user cap, no takeover by cookie, one run per token, equal cost for unknown users.
 
 #![allow(
     clippy::unwrap_used,
@@ -31,3 +33,4 @@ mod process;
 mod protocol;
 mod python;
 mod timers;
+mod unverified;

@@ -779,12 +779,22 @@ async fn remo_cli_exit_codes() {
     daemon.assert_no_panic();
 }
 
-/// Log injection (SECURITY.md, invariant 7): a user name at login, a command line and a file
-/// name never forge a line in the daemon's log, and no raw escape sequence reaches it.
+/// Log injection (SECURITY.md, invariant 7): a user name at login (unknown, or registered
+/// with a wrong key, logged in and out), a command line and a file name never forge a line in
+/// the daemon's log, and no raw escape sequence reaches it.
 #[tokio::test]
 async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
     use testkit::logs::{ESCAPED, assert_not_forged, injection};
     let d = Deployment::new().await;
+    // A registered user whose name forges a line, with alice's key.
+    let users = remo_serv::users::Users::open(&d.path("users.sqlite"))
+        .await
+        .unwrap();
+    users
+        .add(&injection("eve"), d.keys.user_pub_pem().as_bytes())
+        .await
+        .unwrap();
+    users.close().await;
     let args: Vec<OsString> = [
         "-p",
         "0",
@@ -807,21 +817,118 @@ async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
     config.user = injection("mallory");
     let refused = Client::login(config, d.keys.user_key(), d.keys.server_pub.clone()).await;
     assert!(refused.is_err());
+    let mut eve_config = d.client_config(&daemon.url());
+    eve_config.user = injection("eve");
+    let wrong_key = Client::login(
+        eve_config.clone(),
+        d.keys.server_key(),
+        d.keys.server_pub.clone(),
+    )
+    .await;
+    assert!(wrong_key.is_err());
+    let mut eve = Client::login(eve_config, d.keys.user_key(), d.keys.server_pub.clone())
+        .await
+        .unwrap();
+    eve.logout().await.unwrap();
     let mut alice = d.client(&daemon).await;
     let _ = alice.exec(&injection("true"), b"").await;
     let missing = alice
         .get(&injection("missing"), &d.path("local"), |_, _| {})
         .await;
     assert!(missing.is_err());
-    // Unknown user, the command, the file name: each logged once at least.
+    // Unknown user, eve's bad signature, login and logout, the command, the file name: each
+    // logged once at least.
     let deadline = Instant::now() + WAIT;
-    while daemon.stderr().matches(ESCAPED).count() < 3 && Instant::now() < deadline {
+    while daemon.stderr().matches(ESCAPED).count() < 6 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_not_forged(&daemon.stderr.lock().unwrap());
     assert!(
-        daemon.stderr().matches(ESCAPED).count() >= 3,
+        daemon.stderr().matches(ESCAPED).count() >= 6,
         "{}",
         daemon.stderr()
     );
+}
+
+/// Bodies with nothing but a valid cookie were buffered before any check (up to 87 MiB for
+/// one token, 24 MiB for a chunked first line): three such requests took the server from
+/// 18 MB to 281 MB. At the default configuration, twelve connections of three sessions each
+/// pushing a 16 MiB first token now leave the daemon's peak memory within the unverified-body
+/// budget (about 43 MiB) and some slack; every one of them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_bodies_keep_server_memory_bounded_at_the_defaults() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt as _;
+
+    const PER_CONNECTION: usize = 16 << 20;
+    let d = Deployment::new().await;
+    let daemon = d.start(&[]);
+    let before = daemon.peak_rss_kib();
+    let mut tasks = Vec::new();
+    for i in 0..3u8 {
+        let s = crate::harness::RawSession::login(daemon.addr, &d.keys, None).await;
+        let path = s.path("/cmd/", "true");
+        for j in 0..4u8 {
+            let source = std::net::IpAddr::from([127, 0, 1, 4 * i + j + 1]);
+            let cookie = s.cookie();
+            let path = path.clone();
+            let addr = daemon.addr;
+            tasks.push(tokio::spawn(async move {
+                let tcp = testkit::front::connect_from(source, addr).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let (tx, body) = crate::harness::RawBody::channel();
+                let crate::harness::RawBody::Chunked(body) = body else {
+                    unreachable!()
+                };
+                let request = hyper::Request::post(&path)
+                    .header("host", "x")
+                    .header("cookie", cookie)
+                    .header("transfer-encoding", "chunked")
+                    .body(body)
+                    .unwrap();
+                let feeder = tokio::spawn(async move {
+                    // Base64-looking bytes without a line break: a first token still coming.
+                    let piece = Bytes::from(vec![b'A'; 64 << 10]);
+                    for _ in 0..PER_CONNECTION / piece.len() {
+                        if tx.send(piece.clone()).await.is_err() {
+                            break;
+                        }
+                    }
+                    tx
+                });
+                let answer = tokio::time::timeout(WAIT, sender.send_request(request)).await;
+                let status = match answer {
+                    Ok(Ok(response)) => {
+                        let status = response.status().as_u16();
+                        let _ = response.into_body().collect().await;
+                        status
+                    }
+                    // The whole 16 MiB was taken without an answer.
+                    _ => 0,
+                };
+                drop(feeder.await);
+                status
+            }));
+        }
+    }
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    let peak = daemon.peak_rss_kib();
+    let grown = peak.saturating_sub(before);
+    eprintln!("peak RSS {before} KiB -> {peak} KiB; answers {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| [413, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        grown < 80 * 1024,
+        "server grew by {grown} KiB ({before} -> {peak}) under unverified bodies"
+    );
+    daemon.assert_no_panic();
 }

@@ -362,9 +362,12 @@ class Session:
         return self._simple("/edt")[0]
 
     def logout(self) -> bytes:
-        """POST /auth with an empty body.  The local key is kept so that tests can check
-        that later requests are refused (403)."""
-        conn, resp = self._request(self.prefix + "/auth", {}, body=b"")
+        """POST /auth whose body is one BE token of the session for the path /auth (our
+        server ignores the original's empty body: it needs nothing but the cookie).  The
+        local key is kept so that tests can check that later requests are refused (403)."""
+        self.req_no += 1
+        body = self.fernet.encrypt(token_plain(b"BE", self.req_no, 0, b"", path_hash("/auth")))
+        conn, resp = self._request(self.prefix + "/auth", {}, body=body)
         with closing(conn):
             return resp.read()
 
