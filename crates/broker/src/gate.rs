@@ -1,28 +1,36 @@
 //! The gate: `broker-run --gate` fronts an unmodified application. It owns the job's public
 //! port and, for each connection, first requires the magic key line (ssh mode) or a client
 //! certificate from the broker's CA issued to the job's owner (ssl mode), then splices the
-//! bytes to the application on a private loopback address.
+//! bytes to the application's [`Upstream`]: a Unix socket in the owner's 0700 directory, or
+//! a loopback port broker-run bound itself and handed to the application.
 //!
 //! The ssh-mode decision is the broker's: the gate asks it to verify the line (constant time,
 //! audited there) through a [`KeyCheck`], and refuses when the broker cannot be asked (fail
-//! closed). A refused connection is closed without a byte of reply and logged with the peer
-//! address, never with what it sent. The gate knows nothing of the application's protocol;
-//! [`key_line`] is its only parser.
+//! closed). After a refusal, the address is in [`Backoff`] for a short, growing interval:
+//! its lines are then refused locally without asking the broker, except a line that matches
+//! the job's secret (compared here in constant time), which is still asked, so wrong keys from
+//! an address the owner shares cannot lock the owner out. A refused connection is closed
+//! without a byte of reply and logged with the peer address, never with what it sent. The
+//! gate knows nothing of the application's protocol; [`key_line`] is its only parser.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use common::admission::{Admission, Limits, Stranger};
+use common::admission::{AddressKey, Admission, Limits, Stranger, Warning};
 use common::daemon::{AcceptBackoff, Shutdown};
 use rustls::ServerConfig;
+use subtle::ConstantTimeEq as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -50,6 +58,100 @@ pub const DEFAULT_VERIFY_POOL: usize = 4;
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of one read while waiting for the key line.
 const READ_CHUNK: usize = 4096;
+/// How long an address's lines are refused locally after its first refusal by the broker;
+/// each further refusal doubles it, up to [`BACKOFF_MAX`].
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// The longest local back-off; an address quiet for this long after its back-off starts
+/// afresh at [`BACKOFF_FIRST`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Addresses the back-off table remembers at most (memory bound); when it is full of live
+/// entries a new address is simply asked about, as without back-off.
+pub const BACKOFF_MAX_ADDRESSES: usize = 4096;
+
+/// Where the gate sends admitted connections: the application's listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// A Unix socket in the owner's private (0700) directory: only the owner reaches it.
+    Unix(PathBuf),
+    /// A loopback TCP address; used for a port broker-run bound and handed to the application
+    /// (no other process can take it, but every local user can connect to it).
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// A connection to the application, whichever the [`Upstream`].
+trait AppStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AppStream for T {}
+
+impl Upstream {
+    async fn connect(&self) -> std::io::Result<Box<dyn AppStream>> {
+        Ok(match self {
+            Self::Unix(path) => Box::new(UnixStream::connect(path).await?),
+            Self::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await?;
+                let _ = stream.set_nodelay(true);
+                Box::new(stream)
+            }
+        })
+    }
+}
+
+/// The per-address back-off after refused key lines (sans-IO: the caller passes `now`).
+#[derive(Debug, Default)]
+pub struct Backoff {
+    table: std::sync::Mutex<HashMap<AddressKey, BackoffEntry>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BackoffEntry {
+    /// Lines from the address are refused locally until then.
+    until: Instant,
+    /// The length of the current interval (the next one is twice as long).
+    interval: Duration,
+}
+
+impl Backoff {
+    /// Whether lines from `peer` are refused locally at `now`.
+    pub fn holds(&self, peer: SocketAddr, now: Instant) -> bool {
+        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        table
+            .get(&AddressKey::of(peer.ip()))
+            .is_some_and(|entry| now < entry.until)
+    }
+
+    /// Records that the broker refused a line from `peer` at `now`; returns the interval its
+    /// lines are now refused locally for.
+    pub fn refused(&self, peer: SocketAddr, now: Instant) -> Duration {
+        let key = AddressKey::of(peer.ip());
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let interval = match table.get(&key) {
+            Some(entry) if now < entry.until + BACKOFF_MAX => (entry.interval * 2).min(BACKOFF_MAX),
+            _ => BACKOFF_FIRST,
+        };
+        if !table.contains_key(&key) && table.len() >= BACKOFF_MAX_ADDRESSES {
+            table.retain(|_, entry| now < entry.until + BACKOFF_MAX);
+            if table.len() >= BACKOFF_MAX_ADDRESSES {
+                return Duration::ZERO;
+            }
+        }
+        table.insert(
+            key,
+            BackoffEntry {
+                until: now + interval,
+                interval,
+            },
+        );
+        interval
+    }
+}
 
 /// What the bytes received so far hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,15 +199,32 @@ pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, ClientError>
 pub trait KeyCheck: Send + Sync {
     /// `Ok(true)` to let the connection through; an error refuses it too (fail closed).
     fn check<'a>(&'a self, key: &'a str) -> CheckFuture<'a>;
+
+    /// Whether `key` can be the right one, judged locally (constant time) without asking
+    /// anyone: used while the peer's address is in [`Backoff`], where `Some(false)` is
+    /// refused locally and `Some(true)` still goes to [`KeyCheck::check`]. `None` (nothing
+    /// to compare with) refuses every line during the back-off.
+    fn local_match(&self, _key: &str) -> Option<bool> {
+        None
+    }
 }
 
 /// The ssh-mode [`KeyCheck`]: asks the broker to verify the key for one job, over a small
 /// pool of kept-alive connections.
-#[derive(Debug)]
 pub struct BrokerKeyCheck {
     job_id: String,
     clients: Vec<Mutex<Client>>,
     next: AtomicUsize,
+    secret: Option<String>,
+}
+
+impl std::fmt::Debug for BrokerKeyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerKeyCheck")
+            .field("job_id", &self.job_id)
+            .field("pool", &self.clients.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl BrokerKeyCheck {
@@ -119,7 +238,16 @@ impl BrokerKeyCheck {
             job_id: job_id.into(),
             clients,
             next: AtomicUsize::new(0),
+            secret: None,
         }
+    }
+
+    /// Also knows the job's secret (broker-run has it from the save), so that during an
+    /// address's [`Backoff`] the owner's right key still gets through.
+    #[must_use]
+    pub fn with_secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(secret.into());
+        self
     }
 }
 
@@ -139,6 +267,11 @@ impl KeyCheck for BrokerKeyCheck {
             };
             client.verify(&self.job_id, key).await
         })
+    }
+
+    fn local_match(&self, key: &str) -> Option<bool> {
+        let secret = self.secret.as_ref()?;
+        Some(secret.as_bytes().ct_eq(key.as_bytes()).into())
     }
 }
 
@@ -247,7 +380,7 @@ impl Gate {
     pub fn spawn(
         listener: TcpListener,
         mode: GateMode,
-        upstream: SocketAddr,
+        upstream: Upstream,
         shutdown: Shutdown,
     ) -> std::io::Result<Self> {
         Self::spawn_with_limit(listener, mode, upstream, shutdown, DEFAULT_MAX_CONNECTIONS)
@@ -260,7 +393,7 @@ impl Gate {
     pub fn spawn_with_limit(
         listener: TcpListener,
         mode: GateMode,
-        upstream: SocketAddr,
+        upstream: Upstream,
         shutdown: Shutdown,
         max_connections: usize,
     ) -> std::io::Result<Self> {
@@ -275,15 +408,14 @@ impl Gate {
     pub fn spawn_with_limits(
         listener: TcpListener,
         mode: GateMode,
-        upstream: SocketAddr,
+        upstream: Upstream,
         shutdown: Shutdown,
         limits: Limits,
     ) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let admission = Admission::new("gate", limits);
-        let task = tokio::spawn(serve_admitted(
-            listener, mode, upstream, shutdown, admission,
-        ));
+        let context = Arc::new(Context::new(mode, upstream));
+        let task = tokio::spawn(serve_admitted(listener, context, shutdown, admission));
         Ok(Self { local_addr, task })
     }
 
@@ -298,25 +430,47 @@ impl Gate {
     }
 }
 
+/// What every connection of one gate shares.
+struct Context {
+    mode: GateMode,
+    upstream: Upstream,
+    backoff: Backoff,
+    /// Lines refused locally during a back-off, logged at most once per interval.
+    backed_off: AtomicU64,
+    warn_backed_off: Warning,
+}
+
+impl Context {
+    fn new(mode: GateMode, upstream: Upstream) -> Self {
+        Self {
+            mode,
+            upstream,
+            backoff: Backoff::default(),
+            backed_off: AtomicU64::new(0),
+            warn_backed_off: Warning::default(),
+        }
+    }
+}
+
 /// The accept loop with at most `max_connections` authenticated connections; returns when
 /// `shutdown` is triggered.
 pub async fn serve(
     listener: TcpListener,
     mode: GateMode,
-    upstream: SocketAddr,
+    upstream: Upstream,
     shutdown: Shutdown,
     max_connections: usize,
 ) {
     let admission = Admission::new("gate", Limits::new(max_connections, KEY_LINE_TIMEOUT));
-    serve_admitted(listener, mode, upstream, shutdown, admission).await;
+    let context = Arc::new(Context::new(mode, upstream));
+    serve_admitted(listener, context, shutdown, admission).await;
 }
 
 /// The accept loop behind `admission`: a connection is a stranger (small pool, per-address
 /// cap, deadline) until its key line or certificate is accepted, and only then takes a slot.
 async fn serve_admitted(
     listener: TcpListener,
-    mode: GateMode,
-    upstream: SocketAddr,
+    context: Arc<Context>,
     shutdown: Shutdown,
     admission: Admission,
 ) {
@@ -327,14 +481,14 @@ async fn serve_admitted(
             drop(stream);
             continue;
         };
-        let mode = mode.clone();
+        let context = context.clone();
         let stop = shutdown.clone();
         // A newcomer evicts the oldest idle stranger when the pool is full; once
         // authenticated it can no longer be evicted.
         let evicted = stranger.evicted();
         shutdown.spawn(async move {
             tokio::select! {
-                () = connection(stream, peer, mode, upstream, stranger) => {}
+                () = connection(stream, peer, &context, stranger) => {}
                 () = stop.triggered() => debug!(%peer, "gate: connection cut by shutdown"),
                 () = evicted => debug!(%peer, "gate: evicted from the full stranger pool"),
             }
@@ -342,17 +496,11 @@ async fn serve_admitted(
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    mode: GateMode,
-    upstream: SocketAddr,
-    stranger: Stranger,
-) {
+async fn connection(stream: TcpStream, peer: SocketAddr, context: &Context, stranger: Stranger) {
     let _ = stream.set_nodelay(true);
-    match mode {
-        GateMode::Ssh(check) => ssh(stream, peer, check.as_ref(), upstream, stranger).await,
-        GateMode::Ssl(check) => ssl(stream, peer, &check, upstream, stranger).await,
+    match &context.mode {
+        GateMode::Ssh(check) => ssh(stream, peer, check.as_ref(), context, stranger).await,
+        GateMode::Ssl(check) => ssl(stream, peer, check, &context.upstream, stranger).await,
     }
 }
 
@@ -389,7 +537,7 @@ async fn ssh(
     mut stream: TcpStream,
     peer: SocketAddr,
     check: &dyn KeyCheck,
-    upstream: SocketAddr,
+    context: &Context,
     stranger: Stranger,
 ) {
     let deadline = stranger.deadline();
@@ -419,34 +567,49 @@ async fn ssh(
             return;
         }
     };
+    // After a refusal the address is in back-off: its wrong lines are refused here, without
+    // a verification (and an audit row) at the broker; the owner's right one still goes on.
+    if context.backoff.holds(peer, Instant::now()) && check.local_match(key) != Some(true) {
+        let refused = context.backed_off.fetch_add(1, Ordering::Relaxed) + 1;
+        debug!(%peer, "gate: refused during the address's back-off");
+        if let Some(since) = context.warn_backed_off.note(Instant::now()) {
+            warn!(%peer, refused = since, total = refused, "gate: wrong keys refused locally during back-off (not asked of the broker; logged at most once per 10 s)");
+        }
+        return;
+    }
     // The check is part of the stranger's deadline too: nothing unauthenticated outlives it.
-    match tokio::time::timeout_at(deadline, check.check(key)).await {
-        Ok(Ok(true)) => {}
+    let accepted = match tokio::time::timeout_at(deadline, check.check(key)).await {
+        Ok(Ok(true)) => true,
         Ok(Ok(false)) => {
             warn!(%peer, "gate: wrong key");
-            return;
+            false
         }
         Ok(Err(err)) => {
             warn!(%peer, err = %common::log::Escaped(&err), "gate: cannot verify the key with the broker; refused");
-            return;
+            false
         }
         Err(_) => {
             warn!(%peer, "gate: the key check did not finish in time; refused");
-            return;
+            false
         }
+    };
+    if !accepted {
+        let interval = context.backoff.refused(peer, Instant::now());
+        debug!(%peer, backoff_ms = interval.as_millis(), "gate: address in back-off");
+        return;
     }
     let Ok(_slot) = stranger.authenticated() else {
         return;
     };
     info!(%peer, "gate: key accepted");
-    splice(stream, peer, upstream, &rest).await;
+    splice(stream, peer, &context.upstream, &rest).await;
 }
 
 async fn ssl(
     stream: TcpStream,
     peer: SocketAddr,
     check: &TlsCheck,
-    upstream: SocketAddr,
+    upstream: &Upstream,
     stranger: Stranger,
 ) {
     let acceptor = check.acceptor();
@@ -485,23 +648,21 @@ async fn ssl(
 ///
 /// No idle timeout: the gate fronts interactive applications (shells, notebooks) whose
 /// connections may be silent for hours.
-async fn splice<S>(mut client: S, peer: SocketAddr, upstream: SocketAddr, first: &[u8])
+async fn splice<S>(mut client: S, peer: SocketAddr, upstream: &Upstream, first: &[u8])
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut app =
-        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream)).await {
-            Ok(Ok(app)) => app,
-            Ok(Err(err)) => {
-                warn!(%peer, %upstream, %err, "gate: cannot reach the application");
-                return;
-            }
-            Err(_) => {
-                warn!(%peer, %upstream, "gate: connecting to the application timed out");
-                return;
-            }
-        };
-    let _ = app.set_nodelay(true);
+    let mut app = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, upstream.connect()).await {
+        Ok(Ok(app)) => app,
+        Ok(Err(err)) => {
+            warn!(%peer, %upstream, %err, "gate: cannot reach the application");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, %upstream, "gate: connecting to the application timed out");
+            return;
+        }
+    };
     if !first.is_empty() {
         if let Err(err) = app.write_all(first).await {
             debug!(%peer, %err, "gate: the application closed the connection");
@@ -597,7 +758,7 @@ mod tests {
         let gate = Gate::spawn(
             listener,
             GateMode::Ssh(Arc::new(Fixed("c0ffee"))),
-            upstream,
+            Upstream::Tcp(upstream),
             shutdown.clone(),
         )
         .expect("spawn");
@@ -634,7 +795,7 @@ mod tests {
         let gate = Gate::spawn_with_limit(
             listener,
             GateMode::Ssh(Arc::new(Fixed("aa"))),
-            upstream,
+            Upstream::Tcp(upstream),
             shutdown.clone(),
             1,
         )
@@ -673,7 +834,7 @@ mod tests {
         let gate = Gate::spawn_with_limits(
             listener,
             GateMode::Ssh(Arc::new(Fixed("c0ffee"))),
-            upstream,
+            Upstream::Tcp(upstream),
             shutdown.clone(),
             Limits {
                 max_connections: 4,
@@ -698,6 +859,157 @@ mod tests {
         assert_eq!(closed, 40);
         assert!(last >= deadline / 2 && last < deadline * 3, "{last:?}");
         drop(owner);
+        assert!(shutdown.drain(Duration::from_secs(2)).await);
+        gate.stopped().await;
+    }
+
+    #[test]
+    fn backoff_grows_resets_and_is_per_address() {
+        let backoff = Backoff::default();
+        let a: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let same_host: SocketAddr = "192.0.2.1:2000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:1000".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(!backoff.holds(a, t0));
+        assert_eq!(backoff.refused(a, t0), BACKOFF_FIRST);
+        assert!(
+            backoff.holds(same_host, t0),
+            "per address, not per connection"
+        );
+        assert!(!backoff.holds(b, t0));
+        assert!(!backoff.holds(a, t0 + BACKOFF_FIRST));
+        // Refused again after the interval: twice as long, up to the cap.
+        let mut now = t0 + BACKOFF_FIRST;
+        let mut expected = BACKOFF_FIRST;
+        for _ in 0..10 {
+            expected = (expected * 2).min(BACKOFF_MAX);
+            assert_eq!(backoff.refused(a, now), expected);
+            assert!(backoff.holds(a, now + expected - Duration::from_millis(1)));
+            now += expected;
+        }
+        assert_eq!(expected, BACKOFF_MAX);
+        // Quiet for BACKOFF_MAX after its back-off: starts afresh.
+        assert_eq!(backoff.refused(a, now + BACKOFF_MAX), BACKOFF_FIRST);
+    }
+
+    #[test]
+    fn backoff_table_is_bounded() {
+        let backoff = Backoff::default();
+        let now = Instant::now();
+        for i in 0..BACKOFF_MAX_ADDRESSES + 10 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000_u32 + u32::try_from(i).unwrap());
+            backoff.refused(SocketAddr::new(ip.into(), 1), now);
+        }
+        let len = backoff.table.lock().unwrap().len();
+        assert_eq!(len, BACKOFF_MAX_ADDRESSES);
+        // Once the old entries are stale they make room.
+        let later = now + BACKOFF_FIRST + BACKOFF_MAX;
+        assert_eq!(
+            backoff.refused("192.0.2.9:1".parse().unwrap(), later),
+            BACKOFF_FIRST
+        );
+        assert_eq!(backoff.table.lock().unwrap().len(), 1);
+    }
+
+    /// Counts the checks; knows the secret locally like broker-run's check.
+    struct Counting {
+        secret: &'static str,
+        checks: AtomicUsize,
+    }
+
+    impl KeyCheck for Counting {
+        fn check<'a>(&'a self, key: &'a str) -> CheckFuture<'a> {
+            self.checks.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move { Ok(key == self.secret) })
+        }
+
+        fn local_match(&self, key: &str) -> Option<bool> {
+            Some(key == self.secret)
+        }
+    }
+
+    /// Issue 16: each wrong line was a verification at the broker (and an audit row). Now,
+    /// after the first refusal, wrong lines from the address are refused locally, while the
+    /// owner's right key from the same address still goes through.
+    #[tokio::test]
+    async fn wrong_keys_back_off_locally_and_the_owner_still_gets_in() {
+        let upstream = echo_upstream().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shutdown = Shutdown::new();
+        let check = Arc::new(Counting {
+            secret: "c0ffee",
+            checks: AtomicUsize::new(0),
+        });
+        let gate = Gate::spawn(
+            listener,
+            GateMode::Ssh(check.clone()),
+            Upstream::Tcp(upstream),
+            shutdown.clone(),
+        )
+        .expect("spawn");
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            let mut bad = TcpStream::connect(gate.local_addr())
+                .await
+                .expect("connect");
+            bad.write_all(b"a\n").await.expect("write");
+            let mut out = Vec::new();
+            let _ = bad.read_to_end(&mut out).await;
+            assert!(out.is_empty());
+        }
+        let asked = check.checks.load(Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        // One check per interval at most: 1 s, then 2 s, 4 s...
+        assert!(
+            asked <= 2 + usize::try_from(elapsed.as_secs()).unwrap(),
+            "{asked} checks in {elapsed:?}"
+        );
+        let mut good = TcpStream::connect(gate.local_addr())
+            .await
+            .expect("connect");
+        good.write_all(b"c0ffee\nhi").await.expect("write");
+        let mut buf = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), good.read_exact(&mut buf))
+            .await
+            .expect("in time")
+            .expect("the owner gets through during the back-off");
+        assert_eq!(&buf, b"hi");
+        assert_eq!(check.checks.load(Ordering::Relaxed), asked + 1);
+        drop(good);
+        assert!(shutdown.drain(Duration::from_secs(2)).await);
+        gate.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn the_gate_splices_to_a_unix_socket() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("app.sock");
+        let app = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = app.accept().await {
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = stream.split();
+                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                });
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shutdown = Shutdown::new();
+        let gate = Gate::spawn(
+            listener,
+            GateMode::Ssh(Arc::new(Fixed("c0ffee"))),
+            Upstream::Unix(path),
+            shutdown.clone(),
+        )
+        .expect("spawn");
+        let mut good = TcpStream::connect(gate.local_addr())
+            .await
+            .expect("connect");
+        good.write_all(b"c0ffee\nhello").await.expect("write");
+        let mut buf = [0u8; 5];
+        good.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"hello");
+        drop(good);
         assert!(shutdown.drain(Duration::from_secs(2)).await);
         gate.stopped().await;
     }

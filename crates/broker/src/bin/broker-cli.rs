@@ -34,14 +34,14 @@ const MAX_SECRET: u64 = 64 * 1024;
 const AFTER_HELP: &str = "\
 Workflows:
   ssh mode (a port plus a secret the client sends first; any TCP application):
-    on the server:   broker-run --type ssh --gate -- app --port {port}
+    on the server:   broker-run --type ssh --gate -- app --unix-socket {socket}
     on the laptop:   broker-cli connect JOB --host login1
                      -> socket /run/user/1000/broker-connect-XXXX/tunnel.sock  (job JOB, ...)
                      curl --unix-socket /run/user/1000/broker-connect-XXXX/tunnel.sock http://localhost/
     or, for a browser: broker-cli connect JOB --host login1 --local-port 8888
                      -> open http://127.0.0.1:8888/  (only your own uid's connections pass)
   ssl mode (a certificate from the broker's CA; the client presents yours):
-    on the server:   broker-run --type ssl --gate -- app --port {port}
+    on the server:   broker-run --type ssl --gate --listen-fd -- app   (socket-activated app)
     on the laptop:   broker-cli connect JOB --host login1
   JOB is printed by broker-run and listed by `broker-cli query` (on the server, or here
   with --host). connect runs `ssh -N -L` itself (host keys are checked as usual) to a Unix

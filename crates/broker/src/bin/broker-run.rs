@@ -1,12 +1,17 @@
 //! broker-run: registers a job with the local broker, hands an application its port, secret
 //! and certificates, runs it, heartbeats, forwards signals and deletes the job when the
 //! application exits (the original `server.py` role). With `--gate` it also owns the public
-//! port and admits only connections that prove they are the owner's ([`broker::gate`]).
+//! port and admits only connections that prove they are the owner's ([`broker::gate`]), and
+//! gives the application a listening socket only the owner can reach: a Unix socket in the
+//! private 0700 directory (`{socket}`), or one broker-run binds itself and passes as fd 3,
+//! systemd-style (`--listen-fd`). A private TCP port the application binds is refused: any
+//! local user could reach it around the gate, or bind it first.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::ExitStatusExt as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -14,8 +19,9 @@ use std::time::Duration;
 
 use broker::api::{Job, JobType, SaveRequest};
 use broker::client::{Client, ClientError, DEFAULT_SOCKET, Endpoint};
-use broker::gate::{BrokerKeyCheck, DEFAULT_VERIFY_POOL, Gate, GateMode, TlsCheck};
-use clap::Parser;
+use broker::gate::{BrokerKeyCheck, DEFAULT_VERIFY_POOL, Gate, GateMode, TlsCheck, Upstream};
+use clap::{Parser, ValueEnum};
+use command_fds::{CommandFdExt as _, FdMapping};
 use common::daemon::{LogArgs, Shutdown, exit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -41,26 +47,56 @@ const MAX_LABEL: usize = 200;
 const EXIT_CANNOT_EXECUTE: u8 = 126;
 /// The application was not found (as in shells).
 const EXIT_NOT_FOUND: u8 = 127;
+/// The hidden first argument of the exec shim: `broker-run __exec-with-listen-pid APP ARGS`
+/// sets `LISTEN_PID` to its own pid and execs the application (same pid), which cannot be
+/// done between fork and exec without `unsafe`.
+const EXEC_SHIM: &str = "__exec-with-listen-pid";
+/// The descriptor a socket-activated application gets its listening socket on (systemd's
+/// `SD_LISTEN_FDS_START`).
+const LISTEN_FD: i32 = 3;
+/// `LISTEN_FDNAMES` for that descriptor.
+const LISTEN_FD_NAME: &str = "broker-gate";
+/// The application's socket in the private directory.
+const APP_SOCKET: &str = "app.sock";
+/// Why a gated application may not listen on a TCP port of its own.
+const GATE_NEEDS_A_SOCKET: &str = "\
+--gate needs the application on a socket only you can reach; a TCP port the application binds
+on 127.0.0.1 ({port}) can be reached by every local user around the gate, or bound by one of
+them first. Either put {socket} where the application listens (a Unix socket in broker-run's
+private 0700 directory), or add --listen-fd (broker-run binds the listening socket and hands
+it to the application as fd 3, systemd-style: LISTEN_FDS, LISTEN_PID; --listen-fd tcp for an
+application that only accepts TCP, reachable by local users but not hijackable)";
 
 const AFTER_HELP: &str = "\
 The application gets, in its environment:
   BROKER_JOB_ID        the job id
-  BROKER_PORT          the port to listen on (with --gate: a private port on 127.0.0.1)
+  BROKER_PORT          the port to listen on (not with --gate)
   BROKER_PUBLIC_PORT   the job's public port
+  BROKER_APP_SOCKET    with --gate and {socket}: the Unix socket path to listen on
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES
+                       with --listen-fd: the listening socket is fd 3 (systemd's protocol)
   BROKER_SECRET_FILE   ssh: file holding the magic key (hex, no newline)
   BROKER_CERT, BROKER_KEY, BROKER_CA
                        ssl: the job's server certificate, its key, and the broker CA (PEM)
 and the same in its arguments: {port} {public_port} {job_id} {secret_file} {cert} {key} {ca}
-are replaced wherever they appear. The files live in a private directory (0700, under
+{socket} are replaced wherever they appear. The files live in a private directory (0700, under
 $XDG_RUNTIME_DIR or the temporary directory) removed on exit. The application is run
 directly, never through a shell, in its own process group; the secret is never put on a
 command line.
 
 Without --gate the application must itself check the key (ssh) or require client
-certificates from BROKER_CA (ssl). With --gate it can be any unmodified TCP server on
-127.0.0.1:{port}: broker-run binds the public port and lets through only connections that
-first send the magic key and a newline (ssh; the broker verifies it) or present a client
-certificate the broker issued to you (ssl, mutual TLS; the app sees plain TCP).
+certificates from BROKER_CA (ssl). With --gate, broker-run binds the public port and lets
+through only connections that first send the magic key and a newline (ssh; the broker
+verifies it) or present a client certificate the broker issued to you (ssl, mutual TLS; the
+app sees plain bytes), and the application listens where only you can reach it:
+  {socket}            it binds a Unix socket at this path, in the 0700 private directory
+                      (full protection: other users cannot traverse the directory)
+  --listen-fd         broker-run binds a Unix socket there itself and passes it as fd 3
+                      (full protection; the app must accept socket activation)
+  --listen-fd tcp     broker-run binds 127.0.0.1 on a free port and passes it as fd 3:
+                      nobody can take the port first, but other local users can connect
+                      to it (partial protection)
+A gated application on a TCP port of its own ({port}) is refused (exit 64).
 
 SIGTERM, SIGINT and SIGHUP are forwarded to the application; after SIGTERM or SIGINT it has
 --stop-timeout (30 s) to exit before it is killed. The job is heartbeated every
@@ -69,13 +105,15 @@ third of its TTL and looked for in your job list every 2 s; once the broker no l
 application is stopped (SIGTERM, SIGKILL after 5 s).
 
 Examples:
-  broker-run --type ssh --gate -- python3 -m http.server --bind 127.0.0.1 {port}
-  broker-run --type ssl --gate --ttl 8h --label notebook -- jupyter lab --ip 127.0.0.1 --port {port} --no-browser
+  broker-run --type ssh --gate -- uvicorn app:app --uds {socket}
+  broker-run --type ssl --gate --ttl 8h --label notebook -- jupyter lab --no-browser --ServerApp.sock={socket}
+  broker-run --type ssh --gate --listen-fd tcp -- my-socket-activated-server
   broker-run --type ssl -- my-server --listen 0.0.0.0:{port} --cert {cert} --key {key} --client-ca {ca}
 
 Exit codes:
   the application's exit status (128+N when killed by signal N)
-  64   bad flags, or the broker refused the request as malformed
+  64   bad flags (--gate without {socket} or --listen-fd included), or the broker refused
+       the request as malformed
   69   the broker is unreachable or could not register the job, the public port could not
        be bound, or the job vanished from the broker while the application ran
   73   the private directory or its files could not be written
@@ -90,11 +128,24 @@ struct Args {
     /// Job type: ssh (port + magic key) or ssl (port + certificates from the broker's CA).
     #[arg(long = "type", short = 't', value_enum, value_name = "TYPE")]
     job_type: JobType,
-    /// Front the application: broker-run binds the public port, runs the app on a private
-    /// loopback port, and admits only connections with the key (ssh) or your client
-    /// certificate (ssl).
+    /// Front the application: broker-run binds the public port and admits only connections
+    /// with the key (ssh) or your client certificate (ssl); the application listens on
+    /// {socket} or on the socket --listen-fd hands it.
     #[arg(long)]
     gate: bool,
+    /// With --gate: bind the application's listening socket here and pass it as fd 3
+    /// (LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES, as systemd does). unix (the default): a
+    /// Unix socket in the private 0700 directory, only you can connect. tcp: 127.0.0.1 on a
+    /// free port, nobody can bind it first but other local users can connect to it.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FAMILY",
+        num_args = 0..=1,
+        default_missing_value = "unix",
+        requires = "gate"
+    )]
+    listen_fd: Option<ListenFd>,
     /// How long the job lives without a heartbeat, e.g. 90s, 1h (broker's default if
     /// omitted; capped by the broker).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -119,7 +170,31 @@ struct Args {
     app: Vec<OsString>,
 }
 
+/// Which socket `--listen-fd` pre-binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListenFd {
+    /// A Unix socket in the private directory.
+    Unix,
+    /// 127.0.0.1 on a free port.
+    Tcp,
+}
+
+/// Where the application listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppListen {
+    /// No gate: on the job's public port.
+    PublicPort,
+    /// Gated: it binds the Unix socket `{socket}` in the private directory.
+    Socket,
+    /// Gated: on fd 3, bound by broker-run.
+    ListenFd(ListenFd),
+}
+
 fn main() -> ExitCode {
+    let mut argv = std::env::args_os();
+    if argv.nth(1).as_deref() == Some(OsStr::new(EXEC_SHIM)) {
+        return exec_shim(argv);
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(err) => {
@@ -149,6 +224,28 @@ fn main() -> ExitCode {
     // Gate connections still copying must not hold the exit up.
     runtime.shutdown_timeout(Duration::from_millis(100));
     ExitCode::from(code)
+}
+
+/// The exec shim: `LISTEN_PID` is the pid the application will have, which is this one's;
+/// fd 3 and the other `LISTEN_*` variables were set up by the parent broker-run.
+fn exec_shim(mut argv: std::env::ArgsOs) -> ExitCode {
+    let Some(program) = argv.next() else {
+        eprintln!("broker-run: {EXEC_SHIM} needs an application");
+        return ExitCode::from(exit::USAGE);
+    };
+    let err = std::process::Command::new(&program)
+        .args(argv)
+        .env("LISTEN_PID", std::process::id().to_string())
+        .exec();
+    eprintln!(
+        "broker-run: cannot start {}: {err}",
+        program.to_string_lossy()
+    );
+    ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_CANNOT_EXECUTE
+    })
 }
 
 /// The signals forwarded to the application.
@@ -182,6 +279,13 @@ async fn run(args: Args) -> u8 {
         eprintln!("broker-run: {message}");
         return exit::USAGE;
     }
+    let listen = match app_listen(args.gate, args.listen_fd, &args.app) {
+        Ok(listen) => listen,
+        Err(message) => {
+            eprintln!("broker-run: {message}");
+            return exit::USAGE;
+        }
+    };
     // Installed before anything is registered, so a stop signal is queued for the
     // application instead of killing broker-run with a job left behind.
     let mut signals = match Signals::install() {
@@ -226,7 +330,7 @@ async fn run(args: Args) -> u8 {
     let id = job.summary.id.clone();
     info!(job = %id, r#type = %job.summary.job_type, port = job.summary.port, "job registered");
 
-    let outcome = run_job(&args, &mut client, &job, dir.path(), &mut signals).await;
+    let outcome = run_job(&args, listen, &mut client, &job, dir.path(), &mut signals).await;
 
     if outcome.job_gone {
         debug!(job = %id, "not deleting: the broker no longer has the job");
@@ -270,6 +374,7 @@ struct Material {
 
 async fn run_job(
     args: &Args,
+    listen: AppListen,
     client: &mut Client,
     job: &Job,
     dir: &Path,
@@ -288,10 +393,12 @@ async fn run_job(
         }
     };
 
-    // The gate, when asked for: it owns the public port and the app gets a private one.
+    // The gate, when asked for: it owns the public port, and the app listens where only the
+    // owner can reach it.
     let gate_shutdown = Shutdown::new();
     let mut tls_check = None;
-    let (gate, app_port) = if args.gate {
+    let mut listen_fd = None;
+    let gate = if args.gate {
         let listener = match TcpListener::bind((args.bind, public_port)).await {
             Ok(listener) => listener,
             Err(err) => {
@@ -302,19 +409,36 @@ async fn run_job(
                 return Outcome::failed(exit::UNAVAILABLE);
             }
         };
-        let private_port = match private_port() {
-            Ok(port) => port,
-            Err(err) => {
-                eprintln!("broker-run: finding a free loopback port: {err}");
-                return Outcome::failed(exit::UNAVAILABLE);
-            }
+        let app_socket = dir.join(APP_SOCKET);
+        let upstream = match listen {
+            AppListen::PublicPort | AppListen::Socket => Upstream::Unix(app_socket),
+            AppListen::ListenFd(family) => match pre_bind(family, &app_socket) {
+                Ok((fd, upstream)) => {
+                    listen_fd = Some(fd);
+                    upstream
+                }
+                Err(err) => {
+                    eprintln!("broker-run: binding the application's socket: {err}");
+                    return Outcome::failed(match family {
+                        ListenFd::Unix => exit::CANTCREAT,
+                        ListenFd::Tcp => exit::UNAVAILABLE,
+                    });
+                }
+            },
         };
         let mode = match job.summary.job_type {
-            JobType::Ssh => GateMode::Ssh(Arc::new(BrokerKeyCheck::new(
-                id.clone(),
-                &Endpoint::Unix(args.socket.clone()),
-                DEFAULT_VERIFY_POOL,
-            ))),
+            JobType::Ssh => {
+                let check = BrokerKeyCheck::new(
+                    id.clone(),
+                    &Endpoint::Unix(args.socket.clone()),
+                    DEFAULT_VERIFY_POOL,
+                );
+                let check = match &job.secret {
+                    Some(secret) => check.with_secret(secret.clone()),
+                    None => check,
+                };
+                GateMode::Ssh(Arc::new(check))
+            }
             JobType::Ssl => {
                 let Some(tls) = &job.tls else {
                     eprintln!("broker-run: the broker returned an ssl job without certificates");
@@ -340,11 +464,10 @@ async fn run_job(
                 }
             }
         };
-        let upstream = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), private_port);
-        match Gate::spawn(listener, mode, upstream, gate_shutdown.clone()) {
+        match Gate::spawn(listener, mode, upstream.clone(), gate_shutdown.clone()) {
             Ok(gate) => {
                 info!(public = %gate.local_addr(), %upstream, "gate listening");
-                (Some(gate), private_port)
+                Some((gate, upstream))
             }
             Err(err) => {
                 eprintln!("broker-run: starting the gate: {err}");
@@ -352,11 +475,21 @@ async fn run_job(
             }
         }
     } else {
-        (None, public_port)
+        None
     };
 
-    let mut command = app_command(args, job, &material, app_port);
-    let mut child = match command.spawn() {
+    let mut command = match app_command(args, job, &material, dir, listen_fd) {
+        Ok(command) => command,
+        Err(err) => {
+            eprintln!("broker-run: preparing the application: {err}");
+            gate_shutdown.drain(GATE_DRAIN).await;
+            return Outcome::failed(exit::SOFTWARE);
+        }
+    };
+    let spawned = command.spawn();
+    // The command holds our copy of a pre-bound socket: only the application keeps one.
+    drop(command);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
             let program = args.app.first().map(|p| p.to_string_lossy().into_owned());
@@ -376,16 +509,23 @@ async fn run_job(
         .id()
         .and_then(|pid| i32::try_from(pid).ok())
         .map(Pid::from_raw);
-    if gate.is_some() {
-        eprintln!(
-            "broker-run: job {id} type {} port {public_port} (app on 127.0.0.1:{app_port})",
-            job.summary.job_type
-        );
-    } else {
-        eprintln!(
-            "broker-run: job {id} type {} port {public_port}",
-            job.summary.job_type
-        );
+    let kind = job.summary.job_type;
+    match (&gate, listen) {
+        (None, _) => eprintln!("broker-run: job {id} type {kind} port {public_port}"),
+        (Some((_, upstream)), AppListen::ListenFd(ListenFd::Tcp)) => eprintln!(
+            "broker-run: job {id} type {kind} port {public_port} (gate; app on fd 3, {upstream}: \
+             partial protection, other local users can connect to it)"
+        ),
+        (Some((_, upstream)), AppListen::ListenFd(ListenFd::Unix)) => {
+            eprintln!(
+                "broker-run: job {id} type {kind} port {public_port} (gate; app on fd 3, {upstream})"
+            );
+        }
+        (Some((_, upstream)), _) => {
+            eprintln!(
+                "broker-run: job {id} type {kind} port {public_port} (gate; app on {upstream})"
+            );
+        }
     }
 
     let period = heartbeat_period(job.summary.ttl_secs);
@@ -431,7 +571,7 @@ async fn run_job(
         }
     };
     heartbeat.abort();
-    if let Some(gate) = gate {
+    if let Some((gate, _)) = gate {
         gate_shutdown.drain(GATE_DRAIN).await;
         gate.stopped().await;
     }
@@ -608,11 +748,52 @@ fn write_material(dir: &Path, job: &Job) -> std::io::Result<Material> {
     Ok(material)
 }
 
-/// A loopback port free right now, for the application behind the gate. Another process
-/// could take it before the app binds it; the app then fails to start, which is visible.
-fn private_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+/// Binds the application's listening socket for `--listen-fd`: a Unix socket at `path` (in
+/// the private directory) or 127.0.0.1 on a free port. Nobody can take it from now on; the
+/// descriptor goes to the application as fd 3, and the gate connects to it.
+fn pre_bind(family: ListenFd, path: &Path) -> std::io::Result<(OwnedFd, Upstream)> {
+    Ok(match family {
+        ListenFd::Unix => {
+            let listener = std::os::unix::net::UnixListener::bind(path)?;
+            (listener.into(), Upstream::Unix(path.to_owned()))
+        }
+        ListenFd::Tcp => {
+            let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+            let addr = listener.local_addr()?;
+            (listener.into(), Upstream::Tcp(addr))
+        }
+    })
+}
+
+/// Where the application listens, from the flags and its arguments; with --gate only a socket
+/// only the owner can reach (or, with `--listen-fd tcp`, nobody can take).
+fn app_listen(
+    gate: bool,
+    listen_fd: Option<ListenFd>,
+    app: &[OsString],
+) -> Result<AppListen, String> {
+    let uses = |name: &str| {
+        app.iter()
+            .filter_map(|arg| arg.to_str())
+            .any(|arg| arg.contains(&format!("{{{name}}}")))
+    };
+    match (gate, listen_fd) {
+        (false, _) if uses("socket") => Err(
+            "{socket} is the gated application's socket: it needs --gate (without --gate the \
+             application listens on the job's port, {port})"
+                .to_owned(),
+        ),
+        (false, _) => Ok(AppListen::PublicPort),
+        (true, _) if uses("port") => Err(GATE_NEEDS_A_SOCKET.to_owned()),
+        (true, Some(_)) if uses("socket") => Err(
+            "{socket} and --listen-fd exclude each other: with --listen-fd the application \
+             gets its socket as fd 3"
+                .to_owned(),
+        ),
+        (true, Some(family)) => Ok(AppListen::ListenFd(family)),
+        (true, None) if uses("socket") => Ok(AppListen::Socket),
+        (true, None) => Err(GATE_NEEDS_A_SOCKET.to_owned()),
+    }
 }
 
 /// Placeholders only the other job type has.
@@ -671,23 +852,33 @@ fn app_command(
     args: &Args,
     job: &Job,
     material: &Material,
-    app_port: u16,
-) -> tokio::process::Command {
+    dir: &Path,
+    listen_fd: Option<OwnedFd>,
+) -> std::io::Result<tokio::process::Command> {
     let path = |p: &Option<PathBuf>| {
         p.as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     };
     let mut vars = vec![
-        ("port", app_port.to_string()),
         ("public_port", job.summary.port.to_string()),
         ("job_id", job.summary.id.clone()),
     ];
     let mut env: Vec<(&str, String)> = vec![
         ("BROKER_JOB_ID", job.summary.id.clone()),
-        ("BROKER_PORT", app_port.to_string()),
         ("BROKER_PUBLIC_PORT", job.summary.port.to_string()),
     ];
+    if args.gate {
+        // The gate's application never gets a port: it would be one every local user reaches.
+        if listen_fd.is_none() {
+            let socket = dir.join(APP_SOCKET).display().to_string();
+            vars.push(("socket", socket.clone()));
+            env.push(("BROKER_APP_SOCKET", socket));
+        }
+    } else {
+        vars.push(("port", job.summary.port.to_string()));
+        env.push(("BROKER_PORT", job.summary.port.to_string()));
+    }
     if material.secret.is_some() {
         vars.push(("secret_file", path(&material.secret)));
         env.push(("BROKER_SECRET_FILE", path(&material.secret)));
@@ -700,20 +891,47 @@ fn app_command(
         env.push(("BROKER_KEY", path(&material.key)));
         env.push(("BROKER_CA", path(&material.ca)));
     }
-    let mut argv = args.app.iter().map(|arg| match arg.to_str() {
+    let argv = args.app.iter().map(|arg| match arg.to_str() {
         Some(text) => OsString::from(expand(text, &vars)),
         None => arg.clone(),
     });
-    let program = argv.next().unwrap_or_default();
-    let mut command = tokio::process::Command::new(program);
-    command.args(argv);
+    let mut command = match &listen_fd {
+        // Through the exec shim (this binary), which sets LISTEN_PID to the application's pid.
+        Some(_) => {
+            let mut command = tokio::process::Command::new(std::env::current_exe()?);
+            command.arg(EXEC_SHIM).args(argv);
+            command
+        }
+        None => {
+            let mut argv = argv;
+            let program = argv.next().unwrap_or_default();
+            let mut command = tokio::process::Command::new(program);
+            command.args(argv);
+            command
+        }
+    };
     for name in [
+        "BROKER_PORT",
+        "BROKER_APP_SOCKET",
         "BROKER_SECRET_FILE",
         "BROKER_CERT",
         "BROKER_KEY",
         "BROKER_CA",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
     ] {
         command.env_remove(name);
+    }
+    if let Some(fd) = listen_fd {
+        command
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", LISTEN_FD_NAME)
+            .fd_mappings(vec![FdMapping {
+                parent_fd: fd,
+                child_fd: LISTEN_FD,
+            }])
+            .map_err(std::io::Error::other)?;
     }
     command
         .envs(env)
@@ -721,7 +939,7 @@ fn app_command(
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .process_group(0);
-    command
+    Ok(command)
 }
 
 #[cfg(test)]
@@ -760,6 +978,70 @@ mod tests {
         assert!(check_placeholders(JobType::Ssh, &app("--cert={cert}")).is_err());
         assert!(check_placeholders(JobType::Ssl, &app("{secret_file}")).is_err());
         assert!(check_placeholders(JobType::Ssl, &app("{cert} {key} {ca}")).is_ok());
+    }
+
+    #[test]
+    fn a_gated_app_needs_a_socket_only_the_owner_reaches() {
+        let app = |s: &[&str]| s.iter().map(OsString::from).collect::<Vec<_>>();
+        let served = app(&["srv", "--uds", "{socket}"]);
+        let on_port = app(&["srv", "--port", "{port}"]);
+        let plain = app(&["srv"]);
+        assert_eq!(app_listen(false, None, &on_port), Ok(AppListen::PublicPort));
+        assert_eq!(app_listen(true, None, &served), Ok(AppListen::Socket));
+        assert_eq!(
+            app_listen(true, Some(ListenFd::Tcp), &plain),
+            Ok(AppListen::ListenFd(ListenFd::Tcp))
+        );
+        assert_eq!(
+            app_listen(true, Some(ListenFd::Unix), &app(&["srv", "x{public_port}"])),
+            Ok(AppListen::ListenFd(ListenFd::Unix))
+        );
+        // The old private port, nothing at all, {socket} without a gate or with --listen-fd.
+        for (gate, fd, argv) in [
+            (true, None, &on_port),
+            (true, Some(ListenFd::Unix), &on_port),
+            (true, None, &plain),
+            (false, None, &served),
+            (true, Some(ListenFd::Unix), &served),
+        ] {
+            assert!(
+                app_listen(gate, fd, argv).is_err(),
+                "{gate} {fd:?} {argv:?}"
+            );
+        }
+        let message = app_listen(true, None, &on_port).unwrap_err();
+        assert!(
+            message.contains("{socket}") && message.contains("--listen-fd"),
+            "{message}"
+        );
+        let args = Args::try_parse_from([
+            "broker-run",
+            "--type",
+            "ssh",
+            "--gate",
+            "--listen-fd",
+            "--",
+            "srv",
+        ])
+        .expect("parses");
+        assert_eq!(args.listen_fd, Some(ListenFd::Unix));
+        let args = Args::try_parse_from([
+            "broker-run",
+            "--type",
+            "ssh",
+            "--gate",
+            "--listen-fd",
+            "tcp",
+            "--",
+            "srv",
+        ])
+        .expect("parses");
+        assert_eq!(args.listen_fd, Some(ListenFd::Tcp));
+        assert!(
+            Args::try_parse_from(["broker-run", "--type", "ssh", "--listen-fd", "--", "srv"])
+                .is_err(),
+            "--listen-fd needs --gate"
+        );
     }
 
     #[test]

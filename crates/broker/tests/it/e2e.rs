@@ -1,5 +1,5 @@
 //! End to end: the real binaries together against the test daemon. `broker-run --gate` fronts
-//! an unmodified `python3 -m http.server`, `broker-cli connect` opens the local port, and an
+//! a small python3 web server on its `{socket}`, `broker-cli connect` opens the local port, and an
 //! HTTP request goes through both, in ssh mode (the key line) and ssl mode (mTLS); wrong keys
 //! and another user's broker-issued certificate are refused at the gate; an expired job is
 //! refused by `connect`; deleting the job closes the gate to a tunnel that is still open; and
@@ -240,8 +240,8 @@ fn cli(daemon: &Daemon) -> Command {
     command
 }
 
-/// `broker-run --gate --bind 127.0.0.1 ARGS -- python3 -m http.server` serving `web`, and
-/// the job id and public port from its start-up line.
+/// `broker-run --gate --bind 127.0.0.1 ARGS -- python3 SOCKET_WEB_APP unix WEB {socket}`
+/// serving `web`, and the job id and public port from its start-up line.
 async fn gated_web_app(
     daemon: &Daemon,
     web: &Path,
@@ -254,20 +254,18 @@ async fn gated_web_app(
     argv.extend_from_slice(&[
         "--",
         "python3",
-        "-m",
-        "http.server",
-        "--bind",
-        "127.0.0.1",
-        "--directory",
+        "-c",
+        crate::support::SOCKET_WEB_APP,
+        "unix",
         web.to_str().unwrap(),
-        "{port}",
+        "{socket}",
     ]);
     let mut run = Proc::spawn("broker-run", broker_run(daemon, xdg, rust_log, &argv));
-    // `broker-run: job ID type T port P (app on 127.0.0.1:Q)`
+    // `broker-run: job ID type T port P (gate; app on unix:PATH)`
     let line = run.stderr_line(|l| l.starts_with("broker-run: job ")).await;
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!((words[3], words[5]), ("type", "port"), "{line}");
-    assert!(line.contains("(app on 127.0.0.1:"), "gated: {line}");
+    assert!(line.contains("(gate; app on unix:"), "gated: {line}");
     let id = words[2].to_owned();
     let port = words[6].parse().unwrap();
     wait_accepting(port).await;

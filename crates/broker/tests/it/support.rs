@@ -246,3 +246,42 @@ where
         .expect("the connection ends in time");
     answer
 }
+
+/// A small web server (python3) for gated applications, serving the directory `ROOT` over
+/// HTTP/1.0 where only its owner reaches it:
+/// `unix ROOT PATH` binds the Unix socket PATH (`{socket}`);
+/// `fd ROOT REPORT` serves the listening socket on fd 3 (`--listen-fd`) and first writes what
+/// it was handed (the `LISTEN_*` variables, the socket's family and address) as JSON to REPORT.
+pub const SOCKET_WEB_APP: &str = r#"
+import http.server, json, os, socket, socketserver, sys
+mode, root = sys.argv[1], sys.argv[2]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **k):
+        super().__init__(*a, directory=root, **k)
+    def address_string(self):
+        return "local"
+    def log_message(self, *a):
+        pass
+if mode == "fd":
+    sock = socket.socket(fileno=3)
+    report = {"listen_pid_is_mine": os.environ.get("LISTEN_PID") == str(os.getpid()),
+              "fds": os.environ.get("LISTEN_FDS"), "names": os.environ.get("LISTEN_FDNAMES"),
+              "family": sock.family.name, "address": sock.getsockname(),
+              "broker_port": os.environ.get("BROKER_PORT"),
+              "app_socket": os.environ.get("BROKER_APP_SOCKET")}
+    json.dump(report, open(sys.argv[3] + ".tmp", "w"))
+    os.rename(sys.argv[3] + ".tmp", sys.argv[3])
+    unix = sock.family == socket.AF_UNIX
+else:
+    unix = True
+base = socketserver.UnixStreamServer if unix else socketserver.TCPServer
+class Server(socketserver.ThreadingMixIn, base):
+    daemon_threads = True
+if mode == "fd":
+    server = Server(None, Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+else:
+    server = Server(sys.argv[3], Handler)
+server.serve_forever()
+"#;
