@@ -33,7 +33,7 @@ const MAX_SECRET: u64 = 64 * 1024;
 
 const AFTER_HELP: &str = "\
 Workflows:
-  ssh mode (a port plus a secret the client sends first; any TCP application):
+  ssh mode (a port plus a secret the client sends first; the gate fronts any app):
     on the server:   broker-run --type ssh --gate -- app --unix-socket {socket}
     on the laptop:   broker-cli connect JOB --host login1
                      -> socket /run/user/1000/broker-connect-XXXX/tunnel.sock  (job JOB, ...)
