@@ -125,7 +125,13 @@ for _ in range(30):
 "#;
     use std::io::BufRead as _;
     use std::os::unix::process::CommandExt as _;
-    let mut attacker = std::process::Command::new("python3")
+    // The system's interpreter: a per-user one (pyenv under /root) may be out of the other
+    // uid's reach.
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+        .unwrap_or("python3");
+    let mut attacker = std::process::Command::new(python)
         .args(["-c", script])
         .arg(&daemon.socket)
         .arg("8")
