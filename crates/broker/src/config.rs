@@ -19,6 +19,22 @@ pub const DEFAULT_PORT_RANGE: [u16; 2] = [20000, 29999];
 pub const DEFAULT_TTL_SECS: u64 = 3600;
 /// Default cap on a job's TTL (7 days).
 pub const DEFAULT_MAX_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Most Unix-socket connections one uid holds at once, by default (and at most a quarter of
+/// `max_local_connections`): one uid never takes the other users' slots. A running
+/// `broker-run` holds one kept-alive connection, and its gate up to four more while it checks
+/// keys, so a user with `max_jobs_per_user` (100) gated jobs stays below it.
+pub const DEFAULT_MAX_LOCAL_CONNECTIONS_PER_UID: usize = 256;
+/// Most authenticated HTTPS connections one IPv4 address or IPv6 /64 holds at once, by
+/// default (and at most a quarter of `max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
+/// Default seconds over which failed verifications of one job share an audit row.
+pub const DEFAULT_AUDIT_INTERVAL_SECS: u64 = 60;
+
+/// The default of a per-key cap beside a pool of `pool` slots: a quarter of it, at most
+/// `ceiling`, at least one.
+fn default_share(pool: usize, ceiling: usize) -> usize {
+    (pool / 4).clamp(1, ceiling)
+}
 
 /// The file as written.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -64,7 +80,8 @@ pub struct FileConfig {
     /// the Unix socket's own pool unless `max_local_connections` is set. Connections still in
     /// the TLS handshake have a pool of their own (`[https.tls] max_handshakes`).
     pub max_connections: usize,
-    /// Seconds to read a request head; an idle keep-alive connection is closed after it too.
+    /// Seconds to read a request head, and again to read its body (a total for each, not per
+    /// piece); an idle keep-alive connection is closed after it too.
     pub request_timeout_secs: u64,
     /// Seconds to let requests finish after SIGTERM.
     pub drain_grace_secs: u64,
@@ -75,6 +92,15 @@ pub struct FileConfig {
     /// Most open connections on the Unix socket, a pool apart from HTTPS (further local
     /// clients wait in the listen backlog). Default: `max_connections`.
     pub max_local_connections: Option<usize>,
+    /// Most Unix-socket connections one uid (`SO_PEERCRED`) holds at once; further ones are
+    /// answered 503 and closed. Default: a quarter of `max_local_connections`, at most 256.
+    pub max_local_connections_per_uid: Option<usize>,
+    /// Most authenticated HTTPS connections one IPv4 address or IPv6 /64 holds at once;
+    /// further ones are closed. Default: a quarter of `max_connections`, at most 256.
+    pub max_connections_per_address: Option<usize>,
+    /// Failed verifications (`invalid`, `rate_limited`) of one job within this many seconds
+    /// share audit rows: the first is written at once, the rest as one row with their count.
+    pub audit_interval_secs: u64,
 }
 
 impl Default for FileConfig {
@@ -102,6 +128,9 @@ impl Default for FileConfig {
             log: None,
             https: None,
             max_local_connections: None,
+            max_local_connections_per_uid: None,
+            max_connections_per_address: None,
+            audit_interval_secs: DEFAULT_AUDIT_INTERVAL_SECS,
         }
     }
 }
@@ -164,6 +193,12 @@ pub struct Config {
     pub https: Option<HttpsSection>,
     /// See [`FileConfig::max_local_connections`].
     pub max_local_connections: usize,
+    /// See [`FileConfig::max_local_connections_per_uid`].
+    pub max_local_connections_per_uid: usize,
+    /// See [`FileConfig::max_connections_per_address`].
+    pub max_connections_per_address: usize,
+    /// See [`FileConfig::audit_interval_secs`].
+    pub audit_interval: Duration,
 }
 
 impl FileConfig {
@@ -223,6 +258,22 @@ impl FileConfig {
                 }
             }
         }
+        let max_connections = self.max_connections.max(1);
+        let max_local_connections = match self.max_local_connections {
+            Some(0) => return Err("max_local_connections must be above 0".into()),
+            Some(n) => n,
+            None => max_connections,
+        };
+        let max_local_connections_per_uid = match self.max_local_connections_per_uid {
+            Some(0) => return Err("max_local_connections_per_uid must be above 0".into()),
+            Some(n) => n,
+            None => default_share(max_local_connections, DEFAULT_MAX_LOCAL_CONNECTIONS_PER_UID),
+        };
+        let max_connections_per_address = match self.max_connections_per_address {
+            Some(0) => return Err("max_connections_per_address must be above 0".into()),
+            Some(n) => n,
+            None => default_share(max_connections, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+        };
         let database = if self.database.is_empty() {
             format!("sqlite://{}", self.state_dir.join("broker.db").display())
         } else {
@@ -245,15 +296,14 @@ impl FileConfig {
             audit_retention_days: self.audit_retention_days,
             max_jobs_per_user: self.max_jobs_per_user,
             max_failed_verifies_per_minute: self.max_failed_verifies_per_minute,
-            max_connections: self.max_connections.max(1),
+            max_connections,
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             drain_grace: Duration::from_secs(self.drain_grace_secs),
             https: self.https,
-            max_local_connections: match self.max_local_connections {
-                Some(0) => return Err("max_local_connections must be above 0".into()),
-                Some(n) => n,
-                None => self.max_connections.max(1),
-            },
+            max_local_connections,
+            max_local_connections_per_uid,
+            max_connections_per_address,
+            audit_interval: Duration::from_secs(self.audit_interval_secs.max(1)),
         })
     }
 }
@@ -302,6 +352,22 @@ mod tests {
         assert_eq!(config.socket_mode, 0o666);
         assert!(config.database.ends_with("/var/lib/broker/broker.db"));
         assert!(config.cert_sans.contains(&San::Dns("node1".into())));
+        // The connection caps at their defaults: no uid or address takes more than a quarter
+        // of its pool (issue 16).
+        assert_eq!(config.max_connections, 1024);
+        assert_eq!(config.max_local_connections, 1024);
+        assert_eq!(config.max_local_connections_per_uid, 256);
+        assert_eq!(config.max_connections_per_address, 256);
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.audit_interval, Duration::from_secs(60));
+        let small = FileConfig {
+            max_connections: 8,
+            ..FileConfig::default()
+        }
+        .into_config("h")
+        .unwrap();
+        assert_eq!(small.max_local_connections_per_uid, 2);
+        assert_eq!(small.max_connections_per_address, 2);
     }
 
     #[test]

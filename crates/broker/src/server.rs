@@ -1,6 +1,12 @@
 //! The API over HTTP: one axum router served on the Unix socket (caller = the peer's uid from
 //! `SO_PEERCRED`) and, optionally, on HTTPS (caller = the user the client certificate maps
 //! to). The identity is attached by the connection, never read from the request.
+//!
+//! Every request has a deadline for its head (`request_timeout`, hyper's header timeout) and
+//! another for its body, read whole before the handler runs; one uid holds at most
+//! `max_local_connections_per_uid` of the socket's pool, one address at most
+//! `max_connections_per_address` of the HTTPS slots. So nobody can hold the slots others need
+//! by sending slowly.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path as UrlPath, State};
 use axum::http::{StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use common::admission::{AcceptError, Admission, Pool};
+use common::admission::{AcceptError, AddressKey, Admission, PerKey, Pool};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, ServerTls};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -29,21 +35,76 @@ pub const MAX_BODY: usize = 16 * 1024;
 
 /// Who the connection belongs to, or why it belongs to nobody.
 #[derive(Debug, Clone)]
-struct Identity(Result<Caller, String>);
+enum Identity {
+    /// A Unix-socket peer's uid, resolved to a name for each request (cached), so that a
+    /// failed lookup fails that request only.
+    Unix(u32),
+    /// An HTTPS peer's mapped user, or why it has none (403).
+    Https(Result<Caller, String>),
+}
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl FromRequestParts<Arc<Broker>> for Caller {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        broker: &Arc<Broker>,
+    ) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<Identity>() {
-            Some(Identity(Ok(caller))) => Ok(caller.clone()),
-            Some(Identity(Err(why))) => Err(BrokerError::Forbidden(why.clone()).into_response()),
+            Some(Identity::Unix(uid)) => broker
+                .unix_caller(*uid)
+                .await
+                .map_err(IntoResponse::into_response),
+            Some(Identity::Https(Ok(caller))) => Ok(caller.clone()),
+            Some(Identity::Https(Err(why))) => {
+                Err(BrokerError::Forbidden(why.clone()).into_response())
+            }
             None => {
                 Err(BrokerError::Internal("connection without identity".into()).into_response())
             }
         }
     }
 }
+
+/// Reads `request`'s whole body (at most [`MAX_BODY`]) within `deadline`: a total for the
+/// body, however it is cut into pieces. `Err` is the answer to send instead (408 and the
+/// connection closed, or 413).
+async fn read_body(
+    request: hyper::Request<hyper::body::Incoming>,
+    deadline: Duration,
+) -> Result<hyper::Request<axum::body::Body>, Response> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = request.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_BODY);
+    match tokio::time::timeout(deadline, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(hyper::Request::from_parts(
+            parts,
+            axum::body::Body::from(collected.to_bytes()),
+        )),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+            Err((StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 KiB\n").into_response())
+        }
+        // The peer went away or sent a malformed body: nobody to answer.
+        Ok(Err(_)) => Err((
+            StatusCode::BAD_REQUEST,
+            [(header::CONNECTION, "close")],
+            "bad request body\n",
+        )
+            .into_response()),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            [(header::CONNECTION, "close")],
+            format!("request body not complete within {deadline:?}\n"),
+        )
+            .into_response()),
+    }
+}
+
+/// The answer to a Unix-socket connection over its uid's share, written without waiting (a
+/// new socket's buffer takes it) before the connection is closed.
+const TOO_MANY_LOCAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nconnection: close\r\ncontent-length: 98\r\n\r\n\
+{\"error\":\"this uid holds max_local_connections_per_uid connections already\",\"code\":\"unavailable\"}\n";
 
 impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
@@ -184,6 +245,10 @@ pub struct Server {
     admission: Admission,
     /// The Unix socket's own pool (`max_local_connections`).
     local: Arc<Pool>,
+    /// Each uid's share of `local` (`max_local_connections_per_uid`).
+    per_uid: Arc<PerKey<u32>>,
+    /// Each address's share of the HTTPS slots (`max_connections_per_address`).
+    per_address: Arc<PerKey<AddressKey>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -211,6 +276,16 @@ impl Server {
             "max_local_connections",
             config.max_local_connections,
         );
+        let per_uid = PerKey::new(
+            "unix",
+            "max_local_connections_per_uid",
+            config.max_local_connections_per_uid,
+        );
+        let per_address = PerKey::new(
+            "https",
+            "max_connections_per_address",
+            config.max_connections_per_address,
+        );
         Self {
             router: router(broker.clone()),
             broker,
@@ -218,6 +293,8 @@ impl Server {
             shutdown,
             admission,
             local,
+            per_uid,
+            per_address,
         }
     }
 
@@ -254,17 +331,24 @@ impl Server {
             let Some((stream, _)) = backoff.next(&self.shutdown, || listener.accept()).await else {
                 return;
             };
-            let identity = match stream.peer_cred() {
-                Ok(cred) => Identity(Ok(self.broker.unix_caller(cred.uid()))),
+            let uid = match stream.peer_cred() {
+                Ok(cred) => cred.uid(),
                 Err(err) => {
                     tracing::warn!(%err, "no peer credentials; closing");
                     continue;
                 }
             };
+            // One uid never holds more than its share of the pool, however slowly it sends.
+            let Some(share) = self.per_uid.try_admit(uid) else {
+                drop(permit);
+                let _ = stream.try_write(TOO_MANY_LOCAL);
+                continue;
+            };
             let this = self.clone();
             self.shutdown.spawn(async move {
-                this.serve_connection(stream, identity, None).await;
-                drop(permit);
+                this.serve_connection(stream, Identity::Unix(uid), None)
+                    .await;
+                drop((share, permit));
             });
         }
     }
@@ -304,13 +388,17 @@ impl Server {
             self.shutdown.spawn(async move {
                 match stranger.accept_tls(&acceptor, tcp).await {
                     Ok((stream, identity, _slot)) => {
+                        // One address never holds more than its share of the slots.
+                        let Some(_share) = this.per_address.try_admit(AddressKey::of(peer.ip())) else {
+                            return;
+                        };
                         let live = tls.live_peer(stream.get_ref().1);
                         let identity = match identity.as_ref().and_then(|id| map_certificate(&users, id)) {
-                            Some(user) => Identity(Ok(Caller { user, uid: None, via: "https" })),
+                            Some(user) => Identity::Https(Ok(Caller { user, uid: None, via: "https" })),
                             None => {
                                 let subject = identity.as_ref().map_or_else(String::new, |id| id.to_string());
                                 tracing::warn!(%peer, subject = ?subject, "https: certificate not mapped to a user");
-                                Identity(Err(format!("certificate {subject} is not mapped to a user on this broker")))
+                                Identity::Https(Err(format!("certificate {subject} is not mapped to a user on this broker")))
                             }
                         };
                         this.serve_connection(stream, identity, Some((live, max_age))).await;
@@ -335,21 +423,29 @@ impl Server {
     {
         let router = self.router.clone();
         let (live, max_age) = tls.unzip();
+        let timeout = self.broker.config().request_timeout;
         let service = hyper::service::service_fn(
             move |mut request: hyper::Request<hyper::body::Incoming>| {
                 // A certificate revoked since the handshake acts for nobody (403).
                 let identity = match live.as_ref().map(LivePeer::check) {
                     Some(Err(err)) => {
                         tracing::warn!(%err, "https: request refused");
-                        Identity(Err(err.to_string()))
+                        Identity::Https(Err(err.to_string()))
                     }
                     _ => identity.clone(),
                 };
                 request.extensions_mut().insert(identity);
-                router.clone().oneshot(request.map(axum::body::Body::new))
+                let router = router.clone();
+                async move {
+                    // The head came within the header timeout; the body has a deadline of
+                    // its own, so a byte every few seconds cannot hold the connection.
+                    match read_body(request, timeout).await {
+                        Ok(request) => router.oneshot(request).await,
+                        Err(answer) => Ok(answer),
+                    }
+                }
             },
         );
-        let timeout = self.broker.config().request_timeout;
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(timeout)
@@ -378,4 +474,21 @@ pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixList
         std::fs::create_dir_all(parent)?;
     }
     common::daemon::bind_unix(path, mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_canned_refusal_is_well_formed() {
+        let text = std::str::from_utf8(TOO_MANY_LOCAL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
+        let body: ErrorBody = serde_json::from_str(body).unwrap();
+        assert_eq!(body.code, "unavailable");
+    }
 }

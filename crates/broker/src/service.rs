@@ -14,6 +14,7 @@ use crate::ca::BrokerCa;
 use crate::config::Config;
 use crate::identity::{Caller, UserNames};
 use crate::store::{AuditRecord, JobRow, Store};
+use crate::tally::{self, Tally};
 
 /// Bytes of an ssh-mode secret (4096 bits, as the original).
 pub const SECRET_BYTES: usize = 512;
@@ -70,6 +71,8 @@ pub struct Broker {
     ca: BrokerCa,
     names: UserNames,
     failures: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Failed verifications counted per job per `audit_interval`.
+    tally: Mutex<Tally>,
 }
 
 /// Unix seconds now.
@@ -131,11 +134,12 @@ impl Broker {
             .with_context(|| format!("opening the store {}", redact_url(&config.database)))?;
         let ca = BrokerCa::load_or_create(&config.state_dir, &config.host)?;
         Ok(Self {
-            config: Arc::new(config),
             store,
             ca,
             names: UserNames::default(),
             failures: Mutex::new(HashMap::new()),
+            tally: Mutex::new(Tally::new(config.audit_interval)),
+            config: Arc::new(config),
         })
     }
 
@@ -149,13 +153,28 @@ impl Broker {
         &self.store
     }
 
+    /// The same broker resolving uids with `names` (tests inject a user database).
+    #[must_use]
+    pub fn with_user_names(mut self, names: UserNames) -> Self {
+        self.names = names;
+        self
+    }
+
     /// The caller behind a socket peer's uid.
-    pub fn unix_caller(&self, uid: u32) -> Caller {
-        Caller {
-            user: self.names.name(uid),
+    ///
+    /// # Errors
+    /// The user database failed (503): never another identity.
+    pub async fn unix_caller(&self, uid: u32) -> Result<Caller, BrokerError> {
+        let user = self
+            .names
+            .name(uid)
+            .await
+            .map_err(|err| BrokerError::Unavailable(err.to_string()))?;
+        Ok(Caller {
+            user,
             uid: Some(uid),
             via: "unix",
-        }
+        })
     }
 
     /// The broker CA certificate.
@@ -397,31 +416,99 @@ impl Broker {
         let limit = self.config.max_failed_verifies_per_minute;
         if !valid && limit > 0 {
             if self.rate_limited(id, limit) {
-                self.store
-                    .audit(&AuditRecord {
-                        caller,
-                        action: "verify",
-                        job_id: Some(id),
-                        result: "rate_limited",
-                        detail: None,
-                    })
-                    .await?;
+                self.audit_failure(caller, id, "rate_limited").await?;
                 return Err(BrokerError::TooMany(
                     "too many failed verifications of this job; wait a minute".into(),
                 ));
             }
             self.record_failure(id);
         }
+        if !valid {
+            // Strangers at the owner's gate decide how often this happens: counted per job
+            // per interval, not a row each.
+            self.audit_failure(caller, id, "invalid").await?;
+            return Ok(false);
+        }
         self.store
             .audit(&AuditRecord {
                 caller,
                 action: "verify",
                 job_id: Some(id),
-                result: if valid { "valid" } else { "invalid" },
+                result: "valid",
                 detail: None,
             })
             .await?;
-        Ok(valid)
+        Ok(true)
+    }
+
+    /// Records a failed verification through the tally: the first of an interval at once,
+    /// the rest when the interval ends.
+    async fn audit_failure(
+        &self,
+        caller: &Caller,
+        id: &str,
+        result: &'static str,
+    ) -> Result<(), BrokerError> {
+        let key = tally::Key {
+            job_id: id.to_owned(),
+            result,
+            user: caller.user.clone(),
+            uid: caller.uid,
+            via: caller.via,
+        };
+        let noted = self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .note(key, crate::store::now_ms());
+        for row in noted.closed.iter().chain(&noted.first) {
+            self.write_tallied(row).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_tallied(&self, row: &tally::Row) -> Result<(), BrokerError> {
+        let caller = Caller {
+            user: row.key.user.clone(),
+            uid: row.key.uid,
+            via: row.key.via,
+        };
+        let detail = (row.count > 1 || row.first_ms != row.at_ms).then(|| {
+            format!(
+                "{} attempts from {} to {}",
+                row.count,
+                rfc3339(row.first_ms / 1000),
+                rfc3339(row.at_ms / 1000)
+            )
+        });
+        let record = AuditRecord {
+            caller: &caller,
+            action: "verify",
+            job_id: Some(&row.key.job_id),
+            result: row.key.result,
+            detail,
+        };
+        self.store
+            .audit_counted(&record, row.at_ms, row.count)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the counted failed verifications of every interval that has ended, or of all
+    /// of them with `all` (at shutdown, and in tests).
+    ///
+    /// # Errors
+    /// [`BrokerError`] (the rows not written are lost; the store is failing anyway).
+    pub async fn flush_audit(&self, all: bool) -> Result<(), BrokerError> {
+        let rows = self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .due((!all).then(crate::store::now_ms));
+        for row in &rows {
+            self.write_tallied(row).await?;
+        }
+        Ok(())
     }
 
     fn rate_limited(&self, id: &str, limit: u32) -> bool {
@@ -536,6 +623,7 @@ impl Broker {
     /// # Errors
     /// [`BrokerError`].
     pub async fn reap(&self) -> Result<usize, BrokerError> {
+        self.flush_audit(false).await?;
         let reaped = self
             .store
             .reap(
@@ -570,7 +658,12 @@ impl Broker {
                         tracing::warn!(error = %err, "reaper pass failed");
                     }
                 }
-                () = shutdown.triggered() => return,
+                () = shutdown.triggered() => {
+                    if let Err(err) = self.flush_audit(true).await {
+                        tracing::warn!(error = %err, "writing the counted failed verifications failed");
+                    }
+                    return;
+                }
             }
         }
     }

@@ -164,6 +164,9 @@ pub struct AuditRow {
     pub result: String,
     /// Extra.
     pub detail: Option<String>,
+    /// How many attempts the row stands for: 1, or more for failed verifications counted
+    /// together over `audit_interval_secs`.
+    pub count: i64,
 }
 
 /// The registry.
@@ -191,6 +194,7 @@ struct OwnedAudit {
     job_id: Option<String>,
     result: String,
     detail: Option<String>,
+    count: i64,
 }
 
 impl From<&AuditRecord<'_>> for OwnedAudit {
@@ -204,6 +208,7 @@ impl From<&AuditRecord<'_>> for OwnedAudit {
             job_id: record.job_id.map(str::to_owned),
             result: record.result.to_owned(),
             detail: record.detail.clone(),
+            count: 1,
         }
     }
 }
@@ -302,9 +307,9 @@ async fn write_batch(
         .collect();
     if !audits.is_empty() {
         let sql = format!(
-            "INSERT INTO audit (at_ms, via, user_name, uid, action, job_id, result, detail) \
-             VALUES {}",
-            placeholders(audits.len(), 8)
+            "INSERT INTO audit (at_ms, via, user_name, uid, action, job_id, result, detail, \
+             count) VALUES {}",
+            placeholders(audits.len(), 9)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for audit in &audits {
@@ -316,7 +321,8 @@ async fn write_batch(
                 .bind(audit.action)
                 .bind(audit.job_id.as_deref())
                 .bind(audit.result.as_str())
-                .bind(audit.detail.as_deref());
+                .bind(audit.detail.as_deref())
+                .bind(audit.count);
         }
         query.execute(&mut *tx).await?;
     }
@@ -358,7 +364,8 @@ async fn run_writer(
     }
 }
 
-fn now_ms() -> i64 {
+/// Unix milliseconds now (the audit table's clock).
+pub fn now_ms() -> i64 {
     i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -671,6 +678,22 @@ impl Store {
         self.queue(Write::Audit(record.into())).await.map(|_| ())
     }
 
+    /// Appends one audit record standing for `count` attempts, the last at `at_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn audit_counted(
+        &self,
+        record: &AuditRecord<'_>,
+        at_ms: i64,
+        count: i64,
+    ) -> Result<(), StoreError> {
+        let mut owned = OwnedAudit::from(record);
+        owned.at_ms = at_ms;
+        owned.count = count;
+        self.queue(Write::Audit(owned)).await.map(|_| ())
+    }
+
     /// Moves `user`'s audit records `by_ms` into the past (tests of the retention rule).
     ///
     /// # Errors
@@ -706,8 +729,8 @@ impl Store {
     /// [`StoreError`].
     pub async fn audit_rows(&self, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT at_ms, via, user_name, uid, action, job_id, result, detail FROM audit \
-             ORDER BY at_ms DESC LIMIT $1",
+            "SELECT at_ms, via, user_name, uid, action, job_id, result, detail, count \
+             FROM audit ORDER BY at_ms DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -724,6 +747,7 @@ impl Store {
                     job_id: row.try_get(5)?,
                     result: row.try_get(6)?,
                     detail: row.try_get(7)?,
+                    count: row.try_get(8)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;

@@ -668,5 +668,8 @@ impl Pending {
     }
 }
 
+mod per_key;
+pub use per_key::{KeySlot, PerKey};
+
 #[cfg(test)]
 mod tests;

@@ -253,6 +253,10 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
     let _ = serving.await;
     let _ = reaper.await;
     let _ = std::fs::remove_file(&socket);
+    // Failed verifications counted since the reaper's last pass (and during the drain).
+    if let Err(err) = broker.flush_audit(true).await {
+        tracing::warn!(error = %err, "writing the counted failed verifications failed");
+    }
     broker.store().close().await;
     if drained {
         ExitCode::SUCCESS

@@ -7,6 +7,7 @@ mod support;
 mod api;
 mod cli;
 mod e2e;
+mod front;
 mod isolation;
 mod logs;
 mod revocation;

@@ -8,12 +8,15 @@
 //! verified HTTPS connection that send no request, and a kept-alive connection idle after its
 //! second answer (request timeout, 10 s). Lives: a job with a short TTL kept alive by
 //! heartbeats outlasts the reaper pass; a kept-alive connection's second request at 8 s is
-//! answered.
+//! answered. Request bodies (issue 16): one sent a byte at a time over 8 s is answered; one
+//! still incomplete is cut (408) at the request timeout after its head.
 //!
 //! `max_ttl_secs` and `cert_days` are bounds, not timers that fire: a quick test below checks
 //! them at their defaults.
 
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use broker::api::{JobType, SaveRequest};
 use broker::config::{FileConfig, HttpsSection};
@@ -161,13 +164,62 @@ async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
         );
     };
 
+    // Lives: a body dripped over 8 s. Dies: one still incomplete at the request timeout.
+    let slow_body = async {
+        let mut unix = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        let body = br#"{"type":"ssh"}"#;
+        let head = format!(
+            "POST /v1/jobs HTTP/1.1\r\nhost: b\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        unix.write_all(head.as_bytes()).await.unwrap();
+        let began = Instant::now();
+        for (i, byte) in body.iter().enumerate() {
+            let at = Duration::from_secs(8) * u32::try_from(i + 1).unwrap()
+                / u32::try_from(body.len()).unwrap();
+            sleep_until(began, at).await;
+            unix.write_all(&[*byte]).await.unwrap();
+        }
+        let mut answer = [0u8; 12];
+        unix.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 201", "a body sent over 8 s is answered");
+    };
+    let endless_body = async {
+        let mut unix = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        unix.write_all(b"POST /v1/jobs HTTP/1.1\r\nhost: b\r\ncontent-length: 1000\r\n\r\n{")
+            .await
+            .unwrap();
+        let began = Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 256];
+        let at = loop {
+            assert!(began.elapsed() < within, "an endless body is never cut");
+            if unix.write_all(b" ").await.is_err() {
+                break began.elapsed();
+            }
+            match tokio::time::timeout(Duration::from_secs(1), unix.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break began.elapsed(),
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        };
+        assert_about("body a byte a second", at, request_timeout);
+        assert!(answer.starts_with(b"HTTP/1.1 408"), "{answer:?}");
+    };
+
     tokio::join!(
         reaper,
         stranger,
         quiet_unix,
         quiet_https,
         kept_alive_unix,
-        kept_alive_https
+        kept_alive_https,
+        slow_body,
+        endless_body
     );
     assert!(start.elapsed() < reap_interval + 2 * SLACK + Duration::from_secs(5));
     daemon.stop().await;
