@@ -854,7 +854,8 @@ async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
 /// one token, 24 MiB for a chunked first line): three such requests took the server from
 /// 18 MB to 281 MB. At the default configuration, twelve connections of three sessions each
 /// pushing a 16 MiB first token now leave the daemon's peak memory within the unverified-body
-/// budget (about 43 MiB) and some slack; every one of them is refused.
+/// budget (about 43 MiB) and some slack; every one of them is refused (an answer, or the
+/// connection closed under a body still being sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unverified_bodies_keep_server_memory_bounded_at_the_defaults() {
     use bytes::Bytes;
@@ -907,8 +908,11 @@ async fn unverified_bodies_keep_server_memory_bounded_at_the_defaults() {
                         let _ = response.into_body().collect().await;
                         status
                     }
+                    // The server answered and closed while the body was still being sent,
+                    // so the client saw the connection end before the answer: refused too.
+                    Ok(Err(_)) => 1,
                     // The whole 16 MiB was taken without an answer.
-                    _ => 0,
+                    Err(_) => 0,
                 };
                 drop(feeder.await);
                 status
@@ -923,7 +927,7 @@ async fn unverified_bodies_keep_server_memory_bounded_at_the_defaults() {
     let grown = peak.saturating_sub(before);
     eprintln!("peak RSS {before} KiB -> {peak} KiB; answers {statuses:?}");
     assert!(
-        statuses.iter().all(|s| [413, 429, 503].contains(s)),
+        statuses.iter().all(|s| [1, 413, 429, 503].contains(s)),
         "{statuses:?}"
     );
     assert!(
