@@ -8,6 +8,9 @@
 //!   reload from disk, handshakes with a deadline and the verified peer identity.
 //! - [`pki`]: issue CAs, leaves and CRLs with rcgen; inspect certificates with x509-parser.
 //! - [`envelope`]: sans-IO message types and framing codecs (no tokio, no sockets, no clocks).
+//! - [`beneath`]: client-named paths opened once beneath a directory descriptor of their root
+//!   (`openat2` with `RESOLVE_BENEATH`, `O_NONBLOCK`), and temporary files moved into place
+//!   with `renameat` (removed when dropped).
 //! - [`io`]: stream adapters ([`io::WriteDeadline`]: a deadline on every write).
 //! - [`daemon`]: tracing set-up, layered TOML configuration, signals, systemd notifications and
 //!   draining.
@@ -17,6 +20,7 @@
 //! This crate knows nothing about any one daemon's protocol beyond the shared envelopes.
 
 pub mod admission;
+pub mod beneath;
 pub mod daemon;
 pub mod envelope;
 pub mod io;

@@ -1,13 +1,27 @@
 //! `/get` and `/put` on the server's file system, inside the configured roots.
 //!
-//! Names are resolved against the working directory; the resolved file (for `/get`, after
-//! following symlinks) or its parent directory (for `/put`) must lie inside one of the roots.
-//! Uploads go to a temporary file in the target directory, renamed into place only when the
-//! whole body verified: a failed upload never touches an existing file.
+//! Names are relative to the working directory (or absolute) and must lie, as written, under
+//! one of the roots; they are opened once, beneath a directory descriptor of that root
+//! ([`common::beneath`]: `openat2` with `RESOLVE_BENEATH`, `O_NONBLOCK`, `O_NOCTTY`), so a
+//! directory swapped for a symlink meanwhile never leads outside. A `/get` serves regular files
+//! only, decided by `fstat` on the descriptor it reads (a FIFO is refused, never waited on). An
+//! upload goes to a temporary file created in the target's directory, held open by descriptor,
+//! and is renamed into place relative to it (`renameat`) only when the whole body verified: a
+//! failed upload never touches an existing file, and its temporary file is removed on every
+//! failure and when the upload is dropped. Every call here blocks: callers run it on the
+//! blocking pool.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write as _};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use common::beneath::{self, OpenError, TempFile};
+
+/// Prefix and suffix of the temporary file of an upload.
+const TEMP_PREFIX: &str = ".remo-put-";
+const TEMP_SUFFIX: &str = ".part";
 
 /// Why a file request was refused; each maps to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +35,8 @@ pub enum FileError {
     /// The OS refused access (403).
     #[error("{0:?}: permission denied")]
     Denied(String),
-    /// A directory, or an empty name (400).
-    #[error("{0:?} is not a regular file name")]
+    /// A directory, a FIFO, a device or a socket, or an empty name (400).
+    #[error("{0:?} is not a regular file")]
     NotAFile(String),
     /// Any other I/O error (500).
     #[error("{name:?}: {source}")]
@@ -49,6 +63,14 @@ impl FileError {
         }
     }
 
+    fn open(name: &str, err: OpenError) -> Self {
+        match err {
+            OpenError::Outside => Self::OutsideRoots(name.to_owned()),
+            OpenError::NotFound => Self::NotFound(name.to_owned()),
+            OpenError::Io(source) => Self::io(name, source),
+        }
+    }
+
     /// The HTTP status this error answers with.
     pub fn status(&self) -> u16 {
         match self {
@@ -60,11 +82,11 @@ impl FileError {
     }
 }
 
-/// Where files may be read and written.
+/// Where files may be read and written (cheap to clone, to take to a blocking thread).
 #[derive(Debug, Clone)]
 pub struct Roots {
-    workdir: PathBuf,
-    roots: Vec<PathBuf>,
+    workdir: Arc<Path>,
+    roots: Arc<[PathBuf]>,
 }
 
 impl Roots {
@@ -79,7 +101,10 @@ impl Roots {
             .iter()
             .map(|root| workdir.join(root).canonicalize())
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Self { workdir, roots })
+        Ok(Self {
+            workdir: workdir.into(),
+            roots: roots.into(),
+        })
     }
 
     /// The working directory (canonical).
@@ -87,27 +112,17 @@ impl Roots {
         &self.workdir
     }
 
-    fn inside(&self, path: &Path) -> bool {
-        self.roots.iter().any(|root| path.starts_with(root))
-    }
-
-    /// Opens `name` for reading; returns the file and its size.
+    /// Opens `name` for reading (blocking, never on a FIFO); returns the file and its size.
     ///
     /// # Errors
-    /// [`FileError`].
+    /// [`FileError`]; [`FileError::NotAFile`] for anything but a regular file.
     pub fn open_for_get(&self, name: &str) -> Result<(File, u64), FileError> {
         if name.is_empty() {
             return Err(FileError::NotAFile(name.to_owned()));
         }
-        let path = self
-            .workdir
-            .join(name)
-            .canonicalize()
-            .map_err(|e| FileError::io(name, e))?;
-        if !self.inside(&path) {
-            return Err(FileError::OutsideRoots(name.to_owned()));
-        }
-        let file = File::open(&path).map_err(|e| FileError::io(name, e))?;
+        let file = beneath::locate(&self.workdir.join(name), &self.roots)
+            .and_then(|located| located.open_target())
+            .map_err(|e| FileError::open(name, e))?;
         let meta = file.metadata().map_err(|e| FileError::io(name, e))?;
         if !meta.is_file() {
             return Err(FileError::NotAFile(name.to_owned()));
@@ -115,7 +130,8 @@ impl Roots {
         Ok((file, meta.len()))
     }
 
-    /// Starts an upload to `name`: a temporary file next to the target.
+    /// Starts an upload to `name` (blocking): a temporary file in the target's directory,
+    /// opened beneath its root.
     ///
     /// # Errors
     /// [`FileError`].
@@ -127,32 +143,31 @@ impl Roots {
         };
         let parent = joined
             .parent()
-            .ok_or_else(|| FileError::NotAFile(name.to_owned()))?
-            .canonicalize()
-            .map_err(|e| FileError::io(name, e))?;
-        if !self.inside(&parent) {
-            return Err(FileError::OutsideRoots(name.to_owned()));
-        }
-        let target = parent.join(&file_name);
-        // Keep the mode of a file being replaced; new files get 0644 (less the umask of the
-        // rename's directory is not applied to an existing inode, so set it explicitly).
-        let mode = match std::fs::symlink_metadata(&target) {
-            Ok(meta) if meta.is_dir() => return Err(FileError::NotAFile(name.to_owned())),
-            Ok(meta) if meta.is_file() => {
-                use std::os::unix::fs::PermissionsExt as _;
-                meta.permissions().mode() & 0o7777
-            }
-            _ => 0o644,
+            .ok_or_else(|| FileError::NotAFile(name.to_owned()))?;
+        let dir = beneath::locate(parent, &self.roots)
+            .and_then(|located| located.open_target_dir())
+            .map_err(|e| FileError::open(name, e))?;
+        // Keep the mode of a file being replaced; new files get 0644 (the temporary file's
+        // mode is set explicitly, so the umask does not apply).
+        let mode = match rustix::fs::statat(
+            &dir,
+            file_name.as_os_str(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        ) {
+            Ok(stat) => match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+                rustix::fs::FileType::Directory => {
+                    return Err(FileError::NotAFile(name.to_owned()));
+                }
+                rustix::fs::FileType::RegularFile => stat.st_mode & 0o7777,
+                _ => 0o644,
+            },
+            Err(_) => 0o644,
         };
-        let temp = tempfile::Builder::new()
-            .prefix(".remo-put-")
-            .suffix(".part")
-            .tempfile_in(&parent)
+        let temp = TempFile::create_in(dir, TEMP_PREFIX, TEMP_SUFFIX, 0o600)
             .map_err(|e| FileError::io(name, e))?;
         Ok(Upload {
             name: name.to_owned(),
-            target,
-            parent,
+            file_name,
             temp,
             mode,
             fsync,
@@ -165,48 +180,47 @@ impl Roots {
 #[derive(Debug)]
 pub struct Upload {
     name: String,
-    target: PathBuf,
-    parent: PathBuf,
-    temp: tempfile::NamedTempFile,
+    /// The target's name in the directory the temporary file is in.
+    file_name: OsString,
+    temp: TempFile,
     mode: u32,
     fsync: bool,
     written: u64,
 }
 
 impl Upload {
-    /// Appends a piece.
+    /// Appends a piece (blocking).
     ///
     /// # Errors
     /// [`FileError`] (disk full, ...).
     pub fn write(&mut self, piece: &[u8]) -> Result<(), FileError> {
         self.temp
-            .as_file_mut()
+            .file_mut()
             .write_all(piece)
             .map_err(|e| FileError::io(&self.name, e))?;
         self.written += piece.len() as u64;
         Ok(())
     }
 
-    /// Flushes (and, when configured, syncs) the data and renames it over the target.
+    /// Flushes (and, when configured, syncs) the data and renames it over the target, in the
+    /// directory held open (blocking).
     ///
     /// # Errors
     /// [`FileError`]; the temporary file is removed and the target untouched.
-    pub fn commit(self) -> Result<u64, FileError> {
+    pub fn commit(mut self) -> Result<u64, FileError> {
         use std::os::unix::fs::PermissionsExt as _;
-        let name = self.name;
-        let file = self.temp.as_file();
+        let name = &self.name;
+        let file = self.temp.file();
         file.set_permissions(std::fs::Permissions::from_mode(self.mode))
-            .map_err(|e| FileError::io(&name, e))?;
+            .map_err(|e| FileError::io(name, e))?;
         if self.fsync {
-            file.sync_all().map_err(|e| FileError::io(&name, e))?;
+            file.sync_all().map_err(|e| FileError::io(name, e))?;
         }
         self.temp
-            .persist(&self.target)
-            .map_err(|e| FileError::io(&name, e.error))?;
+            .persist(&self.file_name)
+            .map_err(|e| FileError::io(name, e))?;
         if self.fsync {
-            File::open(&self.parent)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| FileError::io(&name, e))?;
+            rustix::fs::fsync(self.temp.dir()).map_err(|e| FileError::io(name, e.into()))?;
         }
         Ok(self.written)
     }

@@ -883,9 +883,15 @@ async fn get(
     if let Err(err) = body.collect(max_body, unix_now).await {
         return body_error(id, &err);
     }
-    let (file, size) = match state.roots.open_for_get(name) {
-        Ok(opened) => opened,
-        Err(err) => return file_error(out, user, name, &err),
+    // Opening blocks (a FIFO is opened without waiting, then refused): on the blocking pool.
+    let (roots, owned) = (state.roots.clone(), name.to_owned());
+    let (file, size) = match tokio::task::spawn_blocking(move || roots.open_for_get(&owned)).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(err)) => return file_error(out, user, name, &err),
+        Err(join) => {
+            tracing::error!(%join, "opening a file panicked");
+            return Outcome::done(out.single(StatusCode::INTERNAL_SERVER_ERROR, b""));
+        }
     };
     tracing::info!(user = ?user, name = ?name, size, "get");
     let piece = get_piece_size(size);
@@ -941,7 +947,17 @@ async fn put(
     mut body: RequestBody,
     out: &Responder,
 ) -> Outcome {
-    let mut upload = match state.roots.begin_put(name, state.config.put_fsync) {
+    let (roots, owned, fsync) = (state.roots.clone(), name.to_owned(), state.config.put_fsync);
+    let begun = tokio::task::spawn_blocking(move || roots.begin_put(&owned, fsync))
+        .await
+        .unwrap_or_else(|join| {
+            tracing::error!(%join, "starting an upload panicked");
+            Err(FileError::Io {
+                name: name.to_owned(),
+                source: std::io::Error::other("internal error"),
+            })
+        });
+    let mut upload = match begun {
         Ok(upload) => upload,
         Err(err) => {
             // Drain the body so the answer is read; its errors do not matter any more.

@@ -4,8 +4,9 @@
 //! An upload is one websocket message of up to `max_upload_bytes`; [`Spool`] takes its payload
 //! piece by piece as it arrives (a [`SPOOL_BUFFER`] at a time, written on the blocking pool),
 //! so a connection holds at most that much of it in memory. The temporary file is
-//! `.upload-<random>` in the upload directory itself (clients cannot name a hidden file) and
-//! is removed when the upload fails or the connection ends first.
+//! `.upload-<random>` in the upload directory itself (clients cannot name a hidden file), a
+//! [`common::beneath::TempFile`]: it is removed when the upload fails or the connection ends
+//! first.
 //!
 //! Only a complete, verified upload creates directories. Each directory of the name is opened
 //! from its parent's descriptor with `O_NOFOLLOW | O_DIRECTORY` (and `openat2`'s
@@ -14,11 +15,11 @@
 //! inside the upload directory therefore refuses the upload before anything is created
 //! through it. The upload directory itself is the operator's and may be a symlink.
 
-use std::fs::File;
 use std::io::Write as _;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
+use common::beneath::TempFile;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
@@ -43,7 +44,7 @@ fn refused(what: &str) -> std::io::Error {
 
 /// Opens the directory `name` (one component) in `parent` without following a symlink; `None`
 /// when it does not exist.
-fn open_dir(parent: &OwnedFd, name: &str) -> std::io::Result<Option<OwnedFd>> {
+fn open_dir(parent: BorrowedFd<'_>, name: &str) -> std::io::Result<Option<OwnedFd>> {
     let opened = rustix::io::retry_on_intr(|| {
         rustix::fs::openat2(
             parent,
@@ -67,14 +68,14 @@ fn open_dir(parent: &OwnedFd, name: &str) -> std::io::Result<Option<OwnedFd>> {
 ///
 /// # Errors
 /// A component is a symlink or not a directory, or the file system refuses.
-pub fn open_dirs_beneath(root: &OwnedFd, dirs: &Path) -> std::io::Result<OwnedFd> {
+pub fn open_dirs_beneath(root: impl AsFd, dirs: &Path) -> std::io::Result<OwnedFd> {
     let mut current = rustix::io::fcntl_dupfd_cloexec(root, 0)?;
     for component in dirs.components() {
         let Component::Normal(name) = component else {
             return Err(refused("not a plain name"));
         };
         let name = name.to_str().ok_or_else(|| refused("not UTF-8"))?;
-        let next = match open_dir(&current, name)? {
+        let next = match open_dir(current.as_fd(), name)? {
             Some(fd) => fd,
             None => {
                 match rustix::fs::mkdirat(&current, name, Mode::from_raw_mode(0o755)) {
@@ -82,7 +83,7 @@ pub fn open_dirs_beneath(root: &OwnedFd, dirs: &Path) -> std::io::Result<OwnedFd
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(errno) => return Err(errno.into()),
                 }
-                open_dir(&current, name)?.ok_or_else(|| refused(name))?
+                open_dir(current.as_fd(), name)?.ok_or_else(|| refused(name))?
             }
         };
         current = next;
@@ -100,27 +101,11 @@ fn open_root(dir: &Path) -> std::io::Result<OwnedFd> {
     )?)
 }
 
-/// The blocking half of a spool: the directory, the temporary file and its name.
-#[derive(Debug)]
-struct Open {
-    root: OwnedFd,
-    file: File,
-    /// The temporary file's name, until it is moved to its own (then nothing to remove).
-    tmp: Option<String>,
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        if let Some(tmp) = self.tmp.take() {
-            let _ = rustix::fs::unlinkat(&self.root, tmp.as_str(), rustix::fs::AtFlags::empty());
-        }
-    }
-}
-
 /// An upload being written: the temporary file and what has not been written to it yet.
 #[derive(Debug)]
 pub struct Spool {
-    open: Option<Open>,
+    /// The temporary file in the upload directory (on the blocking pool while it is written).
+    open: Option<TempFile>,
     buf: Vec<u8>,
     written: u64,
 }
@@ -132,19 +117,8 @@ impl Spool {
     /// The directory or the file cannot be created.
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         let root = open_root(dir)?;
-        let tmp = format!("{TMP_PREFIX}{:016x}", rand::random::<u64>());
-        let fd = rustix::fs::openat(
-            &root,
-            tmp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )?;
         Ok(Self {
-            open: Some(Open {
-                root,
-                file: fd.into(),
-                tmp: Some(tmp),
-            }),
+            open: Some(TempFile::create_in(root, TMP_PREFIX, "", 0o644)?),
             buf: Vec::new(),
             written: 0,
         })
@@ -179,7 +153,7 @@ impl Spool {
         let mut open = self.open.take().ok_or_else(gone)?;
         let buf = std::mem::take(&mut self.buf);
         let (open, buf, result) = tokio::task::spawn_blocking(move || {
-            let result = open.file.write_all(&buf);
+            let result = open.file_mut().write_all(&buf);
             (open, buf, result)
         })
         .await
@@ -201,19 +175,14 @@ impl Spool {
         self.flush().await?;
         let mut open = self.open.take().ok_or_else(gone)?;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            open.file.sync_all()?;
+            open.file().sync_all()?;
             let name = relative
                 .file_name()
                 .and_then(|n| n.to_str())
                 .ok_or_else(|| refused("no file name"))?;
             let parent = relative.parent().unwrap_or(Path::new(""));
-            let dir = open_dirs_beneath(&open.root, parent)?;
-            let tmp = open.tmp.take().ok_or_else(gone)?;
-            if let Err(errno) = rustix::fs::renameat(&open.root, tmp.as_str(), &dir, name) {
-                let _ =
-                    rustix::fs::unlinkat(&open.root, tmp.as_str(), rustix::fs::AtFlags::empty());
-                return Err(errno.into());
-            }
+            let dir = open_dirs_beneath(open.dir(), parent)?;
+            open.persist_into(&dir, std::ffi::OsStr::new(name))?;
             rustix::fs::fsync(&dir)?;
             Ok(())
         })

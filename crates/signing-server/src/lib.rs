@@ -17,10 +17,10 @@
 
 pub mod api;
 pub mod audit;
-pub mod beneath;
 pub mod config;
 pub mod ed448;
 pub mod fields;
+pub mod listing;
 pub mod server;
 pub mod service;
 pub mod signer;

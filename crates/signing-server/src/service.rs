@@ -10,8 +10,9 @@ use serde::ser::SerializeMap as _;
 use serde::{Serialize, Serializer};
 use tokio::sync::{Mutex, Semaphore};
 
+use common::beneath::{self, OpenError};
+
 use crate::audit::{Audit, Record, write_signatures_file};
-use crate::beneath::{self, OpenError};
 use crate::config::{ClientRule, Config};
 use crate::fields::{Fields, Names};
 use crate::signer::{Content, INLINE_SIGN, Job, PassHook, SignError, Signed, Signer};
@@ -477,7 +478,7 @@ fn scan(requested: &str, roots: &[PathBuf], limits: &ScanLimits) -> Result<Scan,
         not_signed: Vec::new(),
     };
     if scan.directory {
-        let (entries, not_listed) = beneath::entries(&target, limits.max_listing)
+        let (entries, not_listed) = crate::listing::entries(&target, limits.max_listing)
             .map_err(|e| Refusal::new(403, format!("{requested}: {e}")))?;
         scan.not_listed = not_listed;
         for (raw, candidate) in entries {

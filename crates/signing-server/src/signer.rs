@@ -25,10 +25,10 @@ use sha2::Digest as _;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::beneath::Stamp;
 use crate::config::KeySpec;
 use crate::ed448::{Ed448Key, KeyError, StreamSignature};
 use crate::fields::{Fields, Names, parse_line};
+use crate::listing::Stamp;
 use crate::spool::{Spool, SpoolError, SpoolFile};
 
 /// Content in memory up to this size is signed on the calling task.

@@ -278,3 +278,194 @@ async fn put_keeps_the_mode_of_a_replaced_file() {
     assert_eq!(mode(&h.served.join("brand-new.txt")), 0o644);
     h.stop().await;
 }
+
+/// Unblocks anything stuck opening `fifo` for reading (the code before the fix did, on an
+/// async worker): after `after`, opens the write end whenever a reader waits, until dropped.
+struct FifoWatchdog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FifoWatchdog {
+    fn start(fifo: &Path, after: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, fifo) = (std::sync::Arc::clone(&stop), fifo.to_owned());
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                if start.elapsed() >= after {
+                    // ENXIO while no reader waits; a waiting reader gets EOF.
+                    let _ = rustix::fs::open(
+                        &fifo,
+                        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK,
+                        rustix::fs::Mode::empty(),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FifoWatchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[tokio::test]
+async fn get_of_a_fifo_is_refused_at_once_and_the_server_keeps_serving() {
+    let h = Harness::start().await;
+    let fifo = h.served.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    // Without the fix the server's open() waits for a writer on an async worker: this test
+    // then takes as long as the watchdog's delay (and fails) instead of hanging for ever.
+    let _watchdog = FifoWatchdog::start(&fifo, Duration::from_secs(3));
+    let mut getter = h.client().await;
+    let mut other = h.client().await;
+    let local = h.dir.path().join("fifo.copy");
+    let started = Instant::now();
+    let (got, ran) = tokio::join!(getter.get("fifo", &local, |_, _| {}), async {
+        // A command and a new login while the FIFO is being asked for.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ran = other.exec("echo alive", b"").await.unwrap();
+        let mut fresh = h.client().await;
+        assert_eq!(fresh.exec("true", b"").await.unwrap().exit_status, Some(0));
+        ran
+    });
+    let elapsed = started.elapsed();
+    match got {
+        Err(ClientError::Status { status, .. }) => assert_eq!(status, 400),
+        other => panic!("a FIFO was served: {other:?}"),
+    }
+    assert_eq!(ran.output, b"alive\n");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "the FIFO held the server for {elapsed:?}"
+    );
+    assert!(!local.exists());
+    h.stop().await;
+}
+
+/// Swaps `served/d` (a directory) with a symlink to a directory outside the roots, atomically,
+/// as fast as it can, until dropped.
+struct Swapper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Swapper {
+    fn start(served: &Path, outside: &Path) -> Self {
+        use std::sync::atomic::Ordering;
+        std::os::unix::fs::symlink(outside, served.join("link")).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, served) = (std::sync::Arc::clone(&stop), served.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut swaps = 0;
+            while !flag.load(Ordering::Relaxed) {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    served.join("d"),
+                    rustix::fs::CWD,
+                    served.join("link"),
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .unwrap();
+                swaps += 1;
+            }
+            swaps
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_directory_swapped_for_a_symlink_never_leads_outside() {
+    let h = Harness::start().await;
+    let outside = h.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("f"), b"SECRET").unwrap();
+    std::fs::create_dir(h.served.join("d")).unwrap();
+    std::fs::write(h.served.join("d/f"), b"inside").unwrap();
+    let mut client = h.client().await;
+    let local = h.dir.path().join("copy");
+    let upload = h.dir.path().join("upload");
+    std::fs::write(&upload, b"planted").unwrap();
+
+    let swapper = Swapper::start(&h.served, &outside);
+    let (mut served_gets, mut refused, mut puts) = (0, 0, 0);
+    for round in 0..400 {
+        let _ = std::fs::remove_file(&local);
+        match client.get("d/f", &local, |_, _| {}).await {
+            Ok(_) => {
+                assert_eq!(std::fs::read(&local).unwrap(), b"inside", "round {round}");
+                served_gets += 1;
+            }
+            Err(ClientError::Status { status, .. }) => {
+                assert!(matches!(status, 403 | 404), "round {round}: {status}");
+                refused += 1;
+            }
+            Err(other) => panic!("round {round}: {other}"),
+        }
+        if round % 4 == 0 {
+            match client.put(&upload, "d/new", |_| {}).await {
+                Ok(_) => puts += 1,
+                Err(ClientError::Status { status, .. }) => {
+                    assert!(matches!(status, 403 | 404), "round {round}: {status}");
+                }
+                Err(other) => panic!("round {round}: {other}"),
+            }
+        }
+    }
+    let swaps = swapper.stop();
+    eprintln!("{swaps} swaps; gets: {served_gets} served, {refused} refused; {puts} puts");
+    assert_eq!(names(&outside), ["f"], "something was written outside");
+    assert_eq!(std::fs::read(outside.join("f")).unwrap(), b"SECRET");
+    // Wherever the directory is now, it holds no temporaries.
+    for dir in [h.served.join("d"), h.served.join("link"), h.served.clone()] {
+        assert!(put_temporaries(&dir).is_empty(), "{dir:?}");
+    }
+    assert!(served_gets > 0 && refused > 0, "the race was not exercised");
+    h.stop().await;
+}
