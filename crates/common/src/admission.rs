@@ -9,12 +9,29 @@
 //! [`Slot`] in the main pool (`max_connections`), giving back its stranger permit. So a client
 //! without a certificate that opens hundreds of idle sockets fills at most its own share of the
 //! stranger pool for at most the deadline, and never touches the slots of those who
-//! authenticated. When the stranger pool is full, a newcomer evicts the oldest stranger that
-//! has been waiting at least [`EVICT_MIN_AGE`] (its connection is closed as a failed
-//! handshake) instead of being refused: a real handshake takes milliseconds and is done long
-//! before it could be evicted, so idle strangers from many addresses cannot keep those with a
-//! certificate out. Only when every stranger is younger than that is the newcomer refused. Local (Unix-socket) connections take their slots from a [`Pool`] of their
-//! own, so remote strangers never starve local users, nor the reverse.
+//! authenticated.
+//!
+//! When the stranger pool is full, a newcomer makes room fairly by source key instead of being
+//! refused. If some key holds more permits than the newcomer's key would once admitted, the
+//! oldest stranger of the key holding the most is evicted (its connection is closed as a failed
+//! handshake), however young: so an attacker who keeps reconnecting from a few addresses (16
+//! addresses x 8 sockets, issue 16) cannot keep out a newcomer from an address of its own, and
+//! a newcomer never takes a permit from a key holding no more than its own. Between equals
+//! (the busiest key would hold as many as the newcomer's), the oldest stranger of such a key is
+//! evicted only once it has waited [`EVICT_MIN_AGE`], so equals cannot thrash each other, and
+//! idle strangers from many addresses (one each) are still evicted after that age; only when
+//! no stranger qualifies is the newcomer refused. A real handshake takes milliseconds.
+//!
+//! What this does not hold: an attacker with at least `max_handshakes` source keys (IPv4
+//! addresses or IPv6 /64s), each holding one permit and reopened faster than [`EVICT_MIN_AGE`],
+//! can still keep a newcomer from a fresh key out (every key then holds one, as the newcomer
+//! would, and every stranger is young). A local user has all of 127/8, so on a loopback
+//! listener this is within reach of any local account; loopback peers are keyed by address,
+//! not by uid (finding the uid means reading the whole of `/proc/net/tcp` per accept, a cost
+//! the peers can inflate). Local users have the daemon's Unix socket, whose pool is its own.
+//!
+//! Local (Unix-socket) connections take their slots from a [`Pool`] of their own, so remote
+//! strangers never starve local users, nor the reverse.
 //!
 //! Refusals are counted ([`Admission::stats`]) and logged at most once per pool per
 //! [`WARN_INTERVAL`], with the number refused since the previous line: a flood of refused
@@ -44,9 +61,11 @@ pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 /// Default size of a daemon's local (Unix-socket) pool.
 pub const DEFAULT_MAX_LOCAL_CONNECTIONS: usize = 256;
-/// When the stranger pool is full, a newcomer evicts the oldest stranger that has held its
-/// permit at least this long; if none has, the newcomer is refused. A TLS handshake (or a
-/// login) takes milliseconds, so it is never evicted; a socket kept idle is.
+/// When the stranger pool is full and no key holds more permits than the newcomer's would, a
+/// newcomer evicts the oldest stranger of an equal key only once it has held its permit this
+/// long; if none has, the newcomer is refused. A TLS handshake (or a login) takes
+/// milliseconds, so it is never evicted so; a socket kept idle is. (From a key holding more,
+/// the oldest is evicted at any age.)
 pub const EVICT_MIN_AGE: Duration = Duration::from_secs(1);
 /// At most one "limit reached" warning per pool in this interval.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -278,15 +297,34 @@ impl Table {
         Some(entry)
     }
 
-    /// Makes room in a full pool: evicts the oldest stranger if it has been there at least
-    /// [`EVICT_MIN_AGE`] at `now` (seq order is admission order), cancelling its token.
-    fn evict_oldest(&mut self, now: Instant, evicted: &AtomicU64) -> bool {
-        let Some((&seq, oldest)) = self.strangers.first_key_value() else {
+    /// Makes room in a full pool for a newcomer from `key`, fairly; whether it did.
+    ///
+    /// The newcomer's key would hold `after` permits once admitted. If some key holds more
+    /// than that, the oldest stranger of a key holding the most goes at once, however young:
+    /// an attacker spread over many addresses cannot keep out a newcomer from an address that
+    /// holds fewer permits than its busiest one. Otherwise the oldest stranger of a key
+    /// holding exactly `after` (one more than the newcomer's now) goes, but only once it has
+    /// waited [`EVICT_MIN_AGE`]: between equals it is a swap, and the age keeps equals from
+    /// thrashing each other (a real handshake is done long before). A key never loses a
+    /// permit to a newcomer whose key holds as many or more. Seq order is admission order,
+    /// so the first match is the oldest; one pass over at most `max_handshakes` strangers.
+    fn evict_for(&mut self, key: AddressKey, now: Instant, evicted: &AtomicU64) -> bool {
+        let held = |table: &Self, key: &AddressKey| table.per_address.get(key).copied();
+        let after = held(self, &key).unwrap_or(0).saturating_add(1);
+        let most = self.per_address.values().copied().max().unwrap_or(0);
+        let victim = if most > after {
+            self.strangers
+                .iter()
+                .find(|(_, entry)| held(self, &entry.key) == Some(most))
+        } else {
+            self.strangers
+                .iter()
+                .find(|(_, entry)| held(self, &entry.key) == Some(after))
+                .filter(|(_, entry)| now.saturating_duration_since(entry.admitted) >= EVICT_MIN_AGE)
+        };
+        let Some(seq) = victim.map(|(&seq, _)| seq) else {
             return false;
         };
-        if now.saturating_duration_since(oldest.admitted) < EVICT_MIN_AGE {
-            return false;
-        }
         match self.remove(seq) {
             Some(entry) => {
                 entry.evict.cancel();
@@ -355,13 +393,16 @@ impl Admission {
 
     /// A stranger permit for a connection just accepted from `peer`, its deadline starting
     /// now; call it in the accept loop and close the connection on refusal (counted, and
-    /// logged at most once per pool per [`WARN_INTERVAL`]). With the pool full, the oldest
-    /// stranger of at least [`EVICT_MIN_AGE`] is evicted to make room (its permit is this
-    /// one's at once; its connection ends through [`Stranger::evicted`]).
+    /// logged at most once per pool per [`WARN_INTERVAL`]). With the pool full, a stranger is
+    /// evicted to make room, fairly by source key (see the module documentation): the oldest
+    /// of the key holding the most if it holds more than `peer`'s would, else the oldest of
+    /// an equal key of at least [`EVICT_MIN_AGE`]; its permit is this one's at once, its
+    /// connection ends through [`Stranger::evicted`].
     ///
     /// # Errors
-    /// [`Refused::Address`] or [`Refused::Handshakes`] (the pool is full of strangers all
-    /// younger than [`EVICT_MIN_AGE`]).
+    /// [`Refused::Address`] or [`Refused::Handshakes`] (the pool is full, no key holds more
+    /// than `peer`'s would, and the strangers of equal keys are younger than
+    /// [`EVICT_MIN_AGE`]).
     pub fn stranger(&self, peer: SocketAddr) -> Result<Stranger, Refused> {
         self.stranger_at(peer, Instant::now())
     }
@@ -376,7 +417,7 @@ impl Admission {
             if held >= inner.limits.max_handshakes_per_address {
                 Refused::Address
             } else if table.strangers.len() >= inner.limits.max_handshakes
-                && !table.evict_oldest(now, &inner.evicted)
+                && !table.evict_for(key, now, &inner.evicted)
             {
                 Refused::Handshakes
             } else {

@@ -99,7 +99,8 @@ pub enum TlsError {
     #[error("tls handshake: {0}")]
     Handshake(io::Error),
     /// The stranger pool was full and this connection, still in its handshake, was the
-    /// oldest one waiting (`common::admission::EVICT_MIN_AGE` or more): closed for a newcomer.
+    /// oldest one of the busiest source address (or, between equals, of at least
+    /// `common::admission::EVICT_MIN_AGE`): closed for a newcomer.
     #[error("tls handshake: evicted from the full stranger pool (max_handshakes)")]
     Evicted,
 }

@@ -187,22 +187,23 @@ async fn a_pending_connection_is_promoted_once_or_expires_at_its_deadline() {
 }
 
 #[tokio::test]
-async fn a_full_pool_evicts_its_oldest_stranger_once_it_is_old_enough() {
+async fn between_equals_a_full_pool_evicts_its_oldest_stranger_once_it_is_old_enough() {
     let mut now = Instant::now();
     let door = Admission::new("test", limits(4, 3, 2));
     let oldest = door.stranger_at(v4(1, 1), now).unwrap();
     now += Duration::from_millis(10);
-    let middle = door.stranger_at(v4(1, 2), now).unwrap();
-    let youngest = door.stranger_at(v4(2, 1), now).unwrap();
-    // Full, and nobody has been there EVICT_MIN_AGE: the newcomer is refused as before.
+    let middle = door.stranger_at(v4(2, 1), now).unwrap();
+    let youngest = door.stranger_at(v4(3, 1), now).unwrap();
+    // Full, one each, as the newcomer would hold, and nobody has been there EVICT_MIN_AGE:
+    // the newcomer is refused.
     assert_eq!(
-        door.stranger_at(v4(3, 1), now).unwrap_err(),
+        door.stranger_at(v4(4, 1), now).unwrap_err(),
         Refused::Handshakes
     );
     assert!(!oldest.is_evicted());
     now += EVICT_MIN_AGE - Duration::from_millis(10);
     // Now the oldest (only) is old enough: it goes, the newcomer takes its room at once.
-    let first_in = door.stranger_at(v4(3, 1), now).unwrap();
+    let first_in = door.stranger_at(v4(4, 1), now).unwrap();
     assert!(oldest.is_evicted());
     assert!(!middle.is_evicted() && !youngest.is_evicted());
     // The evicted one's evicted() has completed; the others' have not.
@@ -219,19 +220,149 @@ async fn a_full_pool_evicts_its_oldest_stranger_once_it_is_old_enough() {
     assert_eq!(stats.refused_handshakes, 1);
     // The next eviction is the next oldest, admission order deciding between equals.
     now += Duration::from_millis(10);
-    let _second_in = door.stranger_at(v4(3, 2), now).unwrap();
+    let _second_in = door.stranger_at(v4(5, 1), now).unwrap();
     assert!(middle.is_evicted());
     assert!(!youngest.is_evicted() && !first_in.is_evicted());
     // first_in is younger than EVICT_MIN_AGE, but youngest is not: it goes next.
-    let _third_in = door.stranger_at(v4(4, 1), now).unwrap();
+    let _third_in = door.stranger_at(v4(6, 1), now).unwrap();
     assert!(youngest.is_evicted());
     assert!(!first_in.is_evicted());
     // Now all three are the newcomers, all young: refused.
     assert_eq!(
+        door.stranger_at(v4(7, 1), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    // A newcomer never evicts from a key holding no more than its own would: address 4 holds
+    // one, as everyone does, so its second connection is refused even once all are old.
+    now += EVICT_MIN_AGE;
+    assert_eq!(
+        door.stranger_at(v4(4, 2), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    assert!(!first_in.is_evicted());
+    assert_eq!(door.stats().evicted, 3);
+}
+
+/// Issue 16: the busiest key gives way at once, however young its strangers, to a newcomer
+/// whose key would hold fewer; never to one whose key would hold as many.
+#[tokio::test]
+async fn a_full_pool_evicts_from_the_busiest_address_at_once() {
+    let now = Instant::now();
+    let door = Admission::new("test", limits(4, 4, 3));
+    let a1 = door.stranger_at(v4(1, 1), now).unwrap();
+    let b1 = door.stranger_at(v4(2, 1), now).unwrap();
+    let a2 = door.stranger_at(v4(1, 2), now).unwrap();
+    let a3 = door.stranger_at(v4(1, 3), now).unwrap();
+    // All young. Address 1 holds 3, more than the newcomer's 1: its oldest goes.
+    let c1 = door.stranger_at(v4(3, 1), now).unwrap();
+    assert!(a1.is_evicted());
+    assert!(!a2.is_evicted() && !a3.is_evicted() && !b1.is_evicted());
+    assert_eq!((held(&door, 1), held(&door, 2), held(&door, 3)), (2, 1, 1));
+    // Address 3 would hold 2, as address 1 does: between equals the young stay.
+    assert_eq!(
+        door.stranger_at(v4(3, 2), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    // A fresh address would hold 1: address 1 (2) gives way again.
+    let d1 = door.stranger_at(v4(4, 1), now).unwrap();
+    assert!(a2.is_evicted() && !a3.is_evicted());
+    // Now one each, all young: the next fresh address is refused.
+    assert_eq!(
         door.stranger_at(v4(5, 1), now).unwrap_err(),
         Refused::Handshakes
     );
-    assert_eq!(door.stats().evicted, 3);
+    for survivor in [&a3, &b1, &c1, &d1] {
+        assert!(!survivor.is_evicted());
+    }
+    let stats = door.stats();
+    assert_eq!(
+        (stats.strangers, stats.evicted, stats.refused_handshakes),
+        (4, 2, 2),
+        "{stats:?}"
+    );
+}
+
+/// Issue 16 (`t_churn.py 16 20 8 0.5`), sans-IO: 16 addresses x 8 sockets, each reopened
+/// 0.5 s after the daemon closes it, kept the default pool full of strangers younger than
+/// `EVICT_MIN_AGE`, and a newcomer logging in every 0.5 s from an address of its own was
+/// refused every time. Now it gets in at once, and its 20 ms login is never cut short.
+#[tokio::test]
+async fn strangers_reconnecting_from_sixteen_addresses_do_not_lock_out_a_newcomer() {
+    const TICK: Duration = Duration::from_millis(10);
+    const PAUSE: Duration = Duration::from_millis(500);
+    const LOGIN: Duration = Duration::from_millis(20);
+    let door = Admission::new("test", Limits::new(256, Duration::from_secs(10)));
+    let start = Instant::now();
+    let mut now = start;
+    // (address, the permit held, when to reopen).
+    let mut crowd: Vec<(u8, Option<Stranger>, Instant)> = (1..=16)
+        .flat_map(|address| (0..8).map(move |_| (address, None, start)))
+        .collect();
+    let mut newcomer: Option<(Stranger, Instant)> = None;
+    let (mut tried, mut served, mut port) = (0, 0, 0u16);
+    while now < start + Duration::from_secs(8) {
+        for (address, held, reopen) in &mut crowd {
+            if held.as_ref().is_some_and(Stranger::is_evicted) {
+                *held = None;
+                *reopen = now + PAUSE;
+            }
+            if held.is_none() && now >= *reopen {
+                port = port.wrapping_add(1);
+                match door.stranger_at(v4(*address, port), now) {
+                    Ok(stranger) => *held = Some(stranger),
+                    Err(_) => *reopen = now + PAUSE,
+                }
+            }
+        }
+        if let Some((stranger, since)) = newcomer.take() {
+            if now >= since + LOGIN {
+                if stranger.authenticated().is_ok() {
+                    served += 1;
+                }
+            } else {
+                newcomer = Some((stranger, since));
+            }
+        }
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= Duration::from_secs(2) && elapsed.as_millis() % 500 == 0 {
+            tried += 1;
+            port = port.wrapping_add(1);
+            if let Ok(stranger) = door.stranger_at(v4(200, port), now) {
+                newcomer = Some((stranger, now));
+            }
+        }
+        now += TICK;
+    }
+    let stats = door.stats();
+    // The crowd keeps the pool full (but for the newcomer's room just given back).
+    assert!(stats.strangers >= 63, "{stats:?}");
+    assert!(stats.refused_handshakes > 500, "{stats:?}");
+    assert_eq!(served, tried, "served {served} of {tried}; {stats:?}");
+}
+
+/// The case fairness by key cannot help: 64 addresses (the pool) holding one stranger each.
+/// They are evicted between equals once EVICT_MIN_AGE old, as before; a newcomer whose key
+/// already holds one is refused.
+#[tokio::test]
+async fn one_stranger_from_each_of_many_addresses_is_evicted_only_once_old() {
+    let mut now = Instant::now();
+    let door = Admission::new("test", Limits::new(256, Duration::from_secs(10)));
+    let crowd: Vec<Stranger> = (1..=64)
+        .map(|address| door.stranger_at(v4(address, 1), now).unwrap())
+        .collect();
+    assert_eq!(
+        door.stranger_at(v4(100, 1), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    now += EVICT_MIN_AGE;
+    let newcomer = door.stranger_at(v4(100, 1), now).unwrap();
+    assert!(crowd.first().unwrap().is_evicted());
+    assert!(crowd.iter().skip(1).all(|s| !s.is_evicted()));
+    assert_eq!(
+        door.stranger_at(v4(100, 2), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    assert!(!newcomer.is_evicted());
 }
 
 /// How many stranger permits the address of `v4(last, _)` holds.
@@ -261,20 +392,26 @@ async fn eviction_gives_back_the_address_share_once_and_the_evicted_cannot_authe
     // Dropping the evicted gives nothing back twice.
     drop(a1);
     assert_eq!((held(&door, 1), door.stats().strangers), (1, 2));
-    // Address 1 may take its second permit again (evicting a2, old enough; b1 is not).
-    let a3 = door.stranger_at(v4(1, 3), now).unwrap();
+    // Address 1 would hold 2, more than address 2 (b1, young): refused, a2 stays.
+    assert_eq!(
+        door.stranger_at(v4(1, 3), now).unwrap_err(),
+        Refused::Handshakes
+    );
+    assert!(!a2.is_evicted());
+    // Address 3 would hold 1, as address 1 does: a2 is old enough, it goes.
+    let a3 = door.stranger_at(v4(3, 1), now).unwrap();
     assert!(a2.is_evicted() && !b1.is_evicted());
-    assert_eq!(held(&door, 1), 1);
+    assert_eq!((held(&door, 1), held(&door, 3)), (0, 1));
     drop(a2);
-    assert_eq!((held(&door, 1), door.stats().strangers), (1, 2));
+    assert_eq!((held(&door, 1), door.stats().strangers), (0, 2));
     // Both young: the next newcomer is refused, whatever its address.
     assert_eq!(
-        door.stranger_at(v4(3, 1), now).unwrap_err(),
+        door.stranger_at(v4(4, 1), now).unwrap_err(),
         Refused::Handshakes
     );
     // An evicted stranger is not promoted, and its refusal takes no slot.
     now += EVICT_MIN_AGE;
-    let c1 = door.stranger_at(v4(3, 1), now).unwrap();
+    let c1 = door.stranger_at(v4(4, 1), now).unwrap();
     assert!(b1.is_evicted() && !a3.is_evicted());
     assert_eq!(held(&door, 2), 0);
     assert_eq!(b1.authenticated().unwrap_err(), Refused::Handshakes);
@@ -286,7 +423,7 @@ async fn eviction_gives_back_the_address_share_once_and_the_evicted_cannot_authe
         (stats.strangers, stats.connections, stats.evicted),
         (0, 1, 3)
     );
-    assert_eq!((held(&door, 1), held(&door, 2), held(&door, 3)), (0, 0, 0));
+    assert_eq!((held(&door, 3), held(&door, 2), held(&door, 4)), (0, 0, 0));
     assert!(door.inner.table.lock().unwrap().per_address.is_empty());
 }
 
