@@ -111,6 +111,17 @@ pub struct ReopeningCrowd {
 impl ReopeningCrowd {
     /// Starts the crowd.
     pub fn start(addr: SocketAddr, sources: &[IpAddr], per_source: usize) -> Self {
+        Self::start_with_pause(addr, sources, per_source, Duration::ZERO)
+    }
+
+    /// Starts a crowd that waits `pause` after the daemon closes a connection before it
+    /// reopens it (issue 16's churn: `t_churn.py 16 20 8 0.5`).
+    pub fn start_with_pause(
+        addr: SocketAddr,
+        sources: &[IpAddr],
+        per_source: usize,
+        pause: Duration,
+    ) -> Self {
         let reopened = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for &source in sources {
@@ -121,6 +132,8 @@ impl ReopeningCrowd {
                         if let Ok(mut stream) = connect_from(source, addr).await {
                             let mut buf = [0u8; 64];
                             while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                            drop(stream);
+                            tokio::time::sleep(pause).await;
                         } else {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }

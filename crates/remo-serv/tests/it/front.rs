@@ -120,6 +120,52 @@ async fn idle_strangers_do_not_lock_out_a_user_who_logs_in() {
     harness.stop().await;
 }
 
+/// Issue 16 (F2, `t_churn.py 16 20 8 0.5`): 8 sockets from each of 16 addresses, each reopened
+/// 0.5 s after the daemon closes it, kept the default stranger pool (64) full of connections
+/// younger than `EVICT_MIN_AGE`; alice's logins from an address of her own were all refused
+/// (0 of 34). Now a newcomer evicts from the busiest address at once: she logs in.
+#[tokio::test]
+async fn strangers_reconnecting_from_sixteen_addresses_do_not_lock_out_a_user_who_logs_in() {
+    use testkit::front::ReopeningCrowd;
+    let harness = Harness::start().await;
+    let limits = harness.server.admission().limits();
+    assert_eq!(
+        (limits.max_handshakes, limits.max_handshakes_per_address),
+        (64, 8)
+    );
+    let sources: Vec<std::net::IpAddr> = (10..26)
+        .map(|last| std::net::Ipv4Addr::new(127, 0, 0, last).into())
+        .collect();
+    let crowd =
+        ReopeningCrowd::start_with_pause(harness.addr, &sources, 8, Duration::from_millis(500));
+    let full = Instant::now();
+    while harness.server.admission().stats().strangers < 64 {
+        assert!(full.elapsed() < WAIT, "the crowd fills the stranger pool");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past EVICT_MIN_AGE: the crowd churns, every stranger younger than it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut served = 0;
+    for _ in 0..10 {
+        let (mut alice, _driver) = keep_alive(harness.addr).await;
+        if let Some((200, _)) = send(&mut alice, "POST", "/auth", login(&harness.keys)).await {
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let stats = harness.server.admission().stats();
+    let reopened = crowd.reopened();
+    crowd.stop();
+    eprintln!("served {served} of 10; crowd reopened {reopened} times; {stats:?}");
+    assert!(
+        stats.strangers >= 60,
+        "the crowd kept the pool full: {stats:?}"
+    );
+    assert!(reopened > 200, "the crowd churned: {reopened}");
+    assert_eq!(served, 10, "{stats:?}");
+    harness.stop().await;
+}
+
 /// A connection that never authenticates is closed at `auth-timeout`, however busy it keeps
 /// itself with unauthenticated requests.
 #[tokio::test]
