@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 
 use crate::body::{BodyError, BodyReader, RequestBody, full, unix_now};
 use crate::config::Config;
+use crate::conns::{Tie, UserConnections};
 use crate::exec::{self, CmdLimits, ExecError, Interactive};
 use crate::files::{FileError, Roots};
 use crate::keys::{PrivateKey, PublicKey};
@@ -65,6 +66,8 @@ struct State {
     ephemerals: Arc<Ephemerals>,
     /// Bytes of request bodies not verified yet.
     budget: Budget,
+    /// Authenticated connections per user.
+    user_conns: Arc<UserConnections>,
     /// Login attempts per source address.
     login_rate: LoginRate,
     login_rate_warning: common::admission::Warning,
@@ -174,6 +177,7 @@ impl Server {
         let admission = Admission::new("http", config.admission());
         let (total, per_session) = config.unverified_budget();
         let login_rate = LoginRate::new(config.logins_per_minute, config.login_burst);
+        let user_conns = UserConnections::new(config.max_connections_per_user);
         let dummy_pem = PublicKey::ed448_pem(&PrivateKey::generate().verifying_key()).into_bytes();
         Ok(Self {
             state: Arc::new(State {
@@ -185,6 +189,7 @@ impl Server {
                 admission,
                 ephemerals: Arc::default(),
                 budget: Budget::new(total, per_session),
+                user_conns,
                 login_rate,
                 login_rate_warning: common::admission::Warning::default(),
                 dummy_pem,
@@ -252,18 +257,22 @@ impl Server {
             let span = tracing::info_span!("conn", %peer);
             shutdown.spawn(
                 async move {
-                    let door = Arc::new(stranger.pending());
+                    let door = Arc::new(Conn {
+                        door: stranger.pending(),
+                        tie: Tie::new(&state.user_conns),
+                    });
                     match tls {
                         None => serve_connection(state, stream, peer, stop, door).await,
                         Some(acceptor) => {
                             // The handshake is part of the time to authenticate.
                             let left = door
+                                .door
                                 .deadline()
                                 .saturating_duration_since(tokio::time::Instant::now());
                             // An eviction from the full stranger pool ends it too.
                             let accepted = tokio::select! {
                                 accepted = common::tls::accept(&acceptor, stream, left) => accepted,
-                                () = door.expired() => {
+                                () = door.door.expired() => {
                                     tracing::debug!("evicted before the TLS handshake finished");
                                     return;
                                 }
@@ -295,16 +304,25 @@ impl Server {
     }
 }
 
+/// What the handlers of one connection share: its place at the front door (a stranger, then
+/// a `max-connections` slot) and its tie to the session and user it authenticated with.
+#[derive(Debug)]
+struct Conn {
+    door: Pending,
+    tie: Tie,
+}
+
 async fn serve_connection<IO>(
     state: Arc<State>,
     io: IO,
     peer: SocketAddr,
     stop: Shutdown,
-    door: Arc<Pending>,
+    door: Arc<Conn>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let state_header_timeout = state.config.header_timeout;
+    let max_age = state.config.max_connection_age;
     let handlers_door = Arc::clone(&door);
     let service = hyper::service::service_fn(move |req| {
         let state = Arc::clone(&state);
@@ -317,26 +335,52 @@ async fn serve_connection<IO>(
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(err) = result {
-                tracing::debug!(%err, "connection ended with an error");
+    let too_old = tokio::time::sleep(max_age);
+    tokio::pin!(too_old);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "connection ended with an error");
+                }
+                return;
             }
-        }
-        () = stop.triggered() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-        () = door.expired() => {
-            tracing::debug!("no authenticated request in time; closing");
+            () = stop.triggered() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+            () = door.door.expired() => {
+                tracing::debug!("no authenticated request in time; closing");
+                return;
+            }
+            // Closed after the request in progress (none: at once).
+            () = &mut too_old, if !closing => {
+                tracing::debug!(?max_age, "closing after the request in progress: max-connection-age reached");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = door.tie.closing(), if !closing => {
+                tracing::debug!("closing after the request in progress: its session ended, or max-connections-per-user");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
 }
 
-/// A request authenticated: the connection takes its `max_connections` slot if it has none.
-/// `Some(503)` (closing the connection) when the slot pool is full.
-fn promote(door: &Pending, id: &str) -> Option<Response<Body>> {
-    door.authenticated().err().map(|_| {
+/// A request of `user` on session `id` (whose end `ended` marks) authenticated: the connection
+/// takes its `max_connections` slot if it has none, and is tied to that session and counted
+/// against the user's share (their oldest connection closed beyond it). `Some(503)` (closing
+/// the connection) when the slot pool is full.
+fn promote(
+    conn: &Conn,
+    id: &str,
+    user: &str,
+    ended: &tokio_util::sync::CancellationToken,
+) -> Option<Response<Body>> {
+    if conn.door.authenticated().is_err() {
         let mut response = plain(
             StatusCode::SERVICE_UNAVAILABLE,
             id,
@@ -345,8 +389,10 @@ fn promote(door: &Pending, id: &str) -> Option<Response<Body>> {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        response
-    })
+        return Some(response);
+    }
+    conn.tie.bind(user, id, ended);
+    None
 }
 
 fn cookie_value(id: &str) -> HeaderValue {
@@ -386,7 +432,7 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
-    door: &Pending,
+    door: &Conn,
 ) -> Response<Body> {
     let now = Instant::now();
     let cookie = session::cookie_session_id(
@@ -444,7 +490,7 @@ async fn auth(
     id: &str,
     login: Option<Login>,
     peer: SocketAddr,
-    door: &Pending,
+    door: &Conn,
 ) -> Response<Body> {
     if declared_length(&req).is_some_and(|n| n > MAX_AUTH_BODY as u64) {
         return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
@@ -546,11 +592,11 @@ async fn auth(
     };
     let cipher = Cipher::new(&proto::session_key(&shared));
     // Every login is a new session under a new id; the cookie's session is left alone.
-    let Ok(id) = state.sessions.login(cipher, &user, Instant::now()) else {
+    let Ok((id, ended)) = state.sessions.login(cipher, &user, Instant::now()) else {
         tracing::warn!(user = ?user, "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
     };
-    if let Some(refused) = promote(door, &id) {
+    if let Some(refused) = promote(door, &id, &user, &ended) {
         // The login stands (the session is the user's); this connection is closed.
         return refused;
     }
@@ -673,7 +719,7 @@ async fn authenticated(
     id: String,
     login: Login,
     path: String,
-    door: &Pending,
+    door: &Conn,
 ) -> Response<Body> {
     let mode = if req.headers().contains_key(header::CONTENT_LENGTH)
         || !req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -763,7 +809,7 @@ async fn authenticated(
     // The first token verified under the session key: the request is authentic.
     reader.verified();
     drop(first);
-    if let Some(refused) = promote(door, &id) {
+    if let Some(refused) = promote(door, &id, &login.user, &login.ended) {
         return refused;
     }
     let body = if mode == Mode::Chunked && !header.is_last() {
