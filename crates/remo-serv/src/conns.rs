@@ -69,7 +69,7 @@ impl UserConnections {
         };
         if evicted > 0 {
             tracing::debug!(
-                user = ?user,
+                user = %common::log::Clipped(&user),
                 evicted,
                 limit = self.limit,
                 "oldest connection of the user closed: max-connections-per-user reached"

@@ -508,7 +508,7 @@ async fn auth(
             return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
         }
         Err(err) => {
-            tracing::info!(%peer, err = %common::log::Escaped(&err), "login refused: body");
+            tracing::info!(%peer, err = %common::log::Clipped(&err), "login refused: body");
             return unverified_refusal(id, &err, "incomplete auth body\n");
         }
     };
@@ -534,7 +534,7 @@ async fn auth(
     let request = match AuthRequest::parse(&body) {
         Ok(request) => request,
         Err(err) => {
-            tracing::info!(%peer, err = %common::log::Escaped(&err), "login refused: malformed request");
+            tracing::info!(%peer, err = %common::log::Clipped(&err), "login refused: malformed request");
             return plain(StatusCode::BAD_REQUEST, id, "");
         }
     };
@@ -575,15 +575,15 @@ async fn auth(
     let (verified, shared) = (verify.await, agree.await);
     state.ephemerals.refill(&state.server_key);
     if !known {
-        tracing::warn!(%peer, user = ?user, "login refused: unknown user");
+        tracing::warn!(%peer, user = %common::log::Clipped(&user), "login refused: unknown user");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     if !usable {
-        tracing::warn!(user = ?user, "login refused: stored key is neither Ed448 nor RSA");
+        tracing::warn!(user = %common::log::Clipped(&user), "login refused: stored key is neither Ed448 nor RSA");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     if !matches!(verified, Ok(true)) {
-        tracing::warn!(%peer, user = ?user, "login refused: bad signature");
+        tracing::warn!(%peer, user = %common::log::Clipped(&user), "login refused: bad signature");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     let Ok(Ok(shared)) = shared else {
@@ -593,14 +593,14 @@ async fn auth(
     let cipher = Cipher::new(&proto::session_key(&shared));
     // Every login is a new session under a new id; the cookie's session is left alone.
     let Ok((id, ended)) = state.sessions.login(cipher, &user, Instant::now()) else {
-        tracing::warn!(user = ?user, "login refused: session table full");
+        tracing::warn!(user = %common::log::Clipped(&user), "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
     };
     if let Some(refused) = promote(door, &id, &user, &ended) {
         // The login stands (the session is the user's); this connection is closed.
         return refused;
     }
-    tracing::info!(%peer, user = ?user, "logged in");
+    tracing::info!(%peer, user = %common::log::Clipped(&user), "logged in");
     let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
     answer(StatusCode::OK, full(text), cookie_value(&id))
 }
@@ -630,7 +630,7 @@ fn logout(state: &State, id: &str, login: &Login, token: &[u8]) -> Response<Body
         return plain(StatusCode::BAD_REQUEST, id, "Wrong initial token\n");
     }
     if let Some(user) = state.sessions.logout(id) {
-        tracing::info!(user = ?user, "logged out");
+        tracing::info!(user = %common::log::Clipped(&user), "logged out");
     }
     plain_streamed(StatusCode::OK, id, "Disconnected".into())
 }
@@ -754,7 +754,7 @@ async fn authenticated(
     let first = match first {
         Ok(first) => first,
         Err(err) => {
-            tracing::info!(user = ?login.user, err = %common::log::Escaped(&err), "request body refused before it verified");
+            tracing::info!(user = %common::log::Clipped(&login.user), err = %common::log::Clipped(&err), "request body refused before it verified");
             let incomplete = match mode {
                 Mode::Single => "Incomplete request body\n",
                 Mode::Chunked => "Invalid encoding\n",
@@ -799,7 +799,7 @@ async fn authenticated(
         return match mode {
             Mode::Single => {
                 // As the original: a wrong first token kills the session.
-                tracing::warn!(user = ?login.user, path = ?path, "wrong initial token; session invalidated");
+                tracing::warn!(user = %common::log::Clipped(&login.user), path = %common::log::Clipped(&path), "wrong initial token; session invalidated");
                 state.sessions.logout(&id);
                 plain(StatusCode::BAD_REQUEST, &id, "Wrong initial token\n")
             }
@@ -830,7 +830,7 @@ async fn authenticated(
 }
 
 fn body_error(id: &str, err: &BodyError) -> Outcome {
-    tracing::info!(err = %common::log::Escaped(&err), "request body refused");
+    tracing::info!(err = %common::log::Clipped(&err), "request body refused");
     let response = match err {
         BodyError::TooLarge => plain(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -904,7 +904,7 @@ async fn dispatch(
 }
 
 fn file_error(out: &Responder, user: &str, name: &str, err: &FileError) -> Outcome {
-    tracing::info!(user = ?user, name = ?name, err = %common::log::Escaped(err), "file request refused");
+    tracing::info!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), err = %common::log::Clipped(err), "file request refused");
     let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Outcome::done(out.single(status, format!("{err}\n").as_bytes()))
 }
@@ -939,7 +939,7 @@ async fn get(
             return Outcome::done(out.single(StatusCode::INTERNAL_SERVER_ERROR, b""));
         }
     };
-    tracing::info!(user = ?user, name = ?name, size, "get");
+    tracing::info!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), size, "get");
     let piece = get_piece_size(size);
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
     let cipher = Arc::clone(&out.cipher);
@@ -1044,7 +1044,7 @@ async fn put(
         }
         Ok(Ok(_dropped)) => {
             let err = failure.unwrap_or(BodyError::Encoding("upload failed"));
-            tracing::warn!(user = ?user, name = ?name, err = %common::log::Escaped(&err), "upload aborted; target left untouched");
+            tracing::warn!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), err = %common::log::Clipped(&err), "upload aborted; target left untouched");
             return Outcome {
                 response: out.single(StatusCode::BAD_REQUEST, b""),
                 commit: false,
@@ -1058,7 +1058,7 @@ async fn put(
     };
     match written {
         Ok(Ok(bytes)) => {
-            tracing::info!(user = ?user, name = ?name, bytes, "put");
+            tracing::info!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), bytes, "put");
             Outcome::done(out.single(StatusCode::OK, b""))
         }
         Ok(Err(err)) => file_error(out, user, name, &err),
@@ -1070,7 +1070,7 @@ async fn put(
 }
 
 fn exec_error(out: &Responder, user: &str, line: &str, err: &ExecError) -> Outcome {
-    tracing::info!(user = ?user, command = ?line, err = %common::log::Escaped(err), "command refused");
+    tracing::info!(user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), err = %common::log::Clipped(err), "command refused");
     let status = match err {
         ExecError::OutputTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
         ExecError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -1117,7 +1117,7 @@ async fn cmd(
     match exec::run(&argv, stdin, state.roots.workdir(), limits).await {
         Ok((output, exit)) => {
             tracing::info!(
-                user = ?user, command = ?line, exit = exit.code, timed_out = exit.timed_out,
+                user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), exit = exit.code, timed_out = exit.timed_out,
                 millis = started.elapsed().as_millis() as u64, "cmd"
             );
             let mut response = out.single(StatusCode::OK, &output);
@@ -1156,7 +1156,7 @@ async fn icm(
             Ok(process) => process,
             Err(err) => return exec_error(out, user, line, &err),
         };
-    tracing::info!(user = ?user, command = ?line, pid = process.pid(), "interactive command started");
+    tracing::info!(user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), pid = process.pid(), "interactive command started");
     match process.read_after(state.config.interactive_wait).await {
         Ok(read) => {
             if !read.eof {

@@ -207,7 +207,7 @@ impl Sessions {
         };
         for session in &ended {
             if now.duration_since(session.last_access) <= self.timeout {
-                tracing::info!(user = ?session.user, "oldest session of the user ended by a new login");
+                tracing::info!(user = %common::log::Clipped(&session.user), "oldest session of the user ended by a new login");
             }
         }
         drop(ended);
@@ -281,7 +281,7 @@ impl Sessions {
             ids.iter().filter_map(|id| map.remove(id)).collect()
         };
         for session in &expired {
-            tracing::info!(user = ?session.user, "session expired");
+            tracing::info!(user = %common::log::Clipped(&session.user), "session expired");
         }
         expired.len()
     }
