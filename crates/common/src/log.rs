@@ -10,7 +10,10 @@
 //!   a quoted string), any other [`Display`](fmt::Display) value (an error whose message embeds
 //!   a path, a [`PeerIdentity`](crate::tls::PeerIdentity) whose CN comes from a certificate)
 //!   with [`Escaped`]: `err = %Escaped(&err)`. Quoting also keeps a value from forging
-//!   another field on the same line (`path=x identity=bob`).
+//!   another field on the same line (`path=x identity=bob`). A value a stranger can make as
+//!   long as a request allows is logged with [`Clipped`] (escaped and cut to
+//!   [`MAX_FIELD_CHARS`] characters, with its length), so one request cannot buy kilobytes of
+//!   log.
 //! - Underneath, [`EscapingFields`] formats every field and message of the `text` and
 //!   `journal` formats with control characters escaped, so a call site that slips still cannot
 //!   break a line.
@@ -49,6 +52,71 @@ impl<T: fmt::Display> fmt::Display for Escaped<T> {
 impl<T: fmt::Display> fmt::Debug for Escaped<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
+    }
+}
+
+/// Characters of a value [`Clipped`] writes at most.
+pub const MAX_FIELD_CHARS: usize = 256;
+
+/// [`Escaped`], cut after [`MAX_FIELD_CHARS`] characters of the value: a longer value is
+/// written as its first characters, then `…` and its whole length in bytes after the closing
+/// quote (`"aaaa"…(10007 bytes)`). For fields a stranger can make as long as a request allows
+/// (user names of failed logins, paths, commands, error texts embedding them), so that one
+/// request cannot buy kilobytes of log.
+#[derive(Clone, Copy)]
+pub struct Clipped<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Clipped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_char('"')?;
+        let (cut, total) = {
+            let mut limit = Limit {
+                inner: Escaper {
+                    inner: &mut *f,
+                    quotes: true,
+                },
+                left: MAX_FIELD_CHARS,
+                total: 0,
+                cut: false,
+            };
+            write!(limit, "{}", self.0)?;
+            (limit.cut, limit.total)
+        };
+        f.write_char('"')?;
+        if cut {
+            write!(f, "…({total} bytes)")?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: fmt::Display> fmt::Debug for Clipped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Passes the first `left` characters through to `inner` and counts every byte.
+struct Limit<W> {
+    inner: W,
+    left: usize,
+    total: usize,
+    cut: bool,
+}
+
+impl<W: fmt::Write> fmt::Write for Limit<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.total = self.total.saturating_add(s.len());
+        let end = s
+            .char_indices()
+            .nth(self.left)
+            .map_or(s.len(), |(at, _)| at);
+        if end < s.len() {
+            self.cut = true;
+        }
+        let kept = &s[..end];
+        self.left -= kept.chars().count();
+        self.inner.write_str(kept)
     }
 }
 
@@ -195,6 +263,26 @@ mod tests {
         for text in ["a\nb", "q\"q", "e\x1be", "back\\slash"] {
             assert_eq!(Escaped(text).to_string(), format!("{text:?}"));
         }
+    }
+
+    #[test]
+    fn clipped_cuts_long_values_and_says_how_long_they_were() {
+        assert_eq!(Clipped("alice").to_string(), r#""alice""#);
+        let exact = "x".repeat(MAX_FIELD_CHARS);
+        assert_eq!(Clipped(&exact).to_string(), format!("\"{exact}\""));
+        let long = format!("{}{}", "\n".repeat(10_000), "x");
+        let out = Clipped(&long).to_string();
+        assert_eq!(
+            out,
+            format!("\"{}\"…(10001 bytes)", "\\n".repeat(MAX_FIELD_CHARS))
+        );
+        // Characters, not bytes: never a cut inside one.
+        let wide = "名".repeat(MAX_FIELD_CHARS + 1);
+        let out = Clipped(&wide).to_string();
+        assert!(out.starts_with(&format!("\"{}\"…", "名".repeat(MAX_FIELD_CHARS))));
+        assert!(out.ends_with(&format!("({} bytes)", wide.len())));
+        let err = std::io::Error::other(long);
+        assert!(Clipped(&err).to_string().len() < 4 * MAX_FIELD_CHARS);
     }
 
     #[test]

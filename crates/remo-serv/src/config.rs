@@ -25,6 +25,11 @@ pub const DEFAULT_MAX_OUTPUT: u64 = 64 << 20;
 pub const DEFAULT_MAX_SESSIONS: usize = 1024;
 /// Most authenticated connections at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Most authenticated connections one user holds; one more closes their oldest.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 16;
+/// Seconds after which a connection is closed (after the request in progress): a day, as the
+/// other daemons' `max_connection_age_secs`.
+pub const DEFAULT_MAX_CONNECTION_AGE_SECS: u64 = common::tls::DEFAULT_MAX_CONNECTION_AGE.as_secs();
 /// Most sessions one user holds; a login beyond ends their oldest.
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 8;
 /// Login attempts one source address may make in a burst...
@@ -78,6 +83,10 @@ pub struct FileConfig {
     pub max_sessions: Option<usize>,
     /// Most authenticated connections.
     pub max_connections: Option<usize>,
+    /// Most authenticated connections of one user.
+    pub max_connections_per_user: Option<usize>,
+    /// Seconds after which a connection is closed after the request in progress.
+    pub max_connection_age: Option<u64>,
     /// fsync uploads before renaming them into place.
     pub put_fsync: Option<bool>,
     /// Milliseconds `/icm` and `/idt` wait for output.
@@ -137,6 +146,10 @@ pub struct Config {
     pub max_sessions: usize,
     /// Authenticated-connection cap.
     pub max_connections: usize,
+    /// Authenticated connections of one user.
+    pub max_connections_per_user: usize,
+    /// Age at which a connection is closed after the request in progress.
+    pub max_connection_age: Duration,
     /// fsync uploads.
     pub put_fsync: bool,
     /// `/icm`, `/idt` output wait.
@@ -185,6 +198,8 @@ impl Default for Config {
             max_output: DEFAULT_MAX_OUTPUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+            max_connection_age: Duration::from_secs(DEFAULT_MAX_CONNECTION_AGE_SECS),
             put_fsync: true,
             interactive_wait: Duration::from_millis(100),
             kill_grace: Duration::from_secs(5),
@@ -322,6 +337,16 @@ impl FileConfig {
                 self.max_connections.map(|v| v as u64),
                 DEFAULT_MAX_CONNECTIONS as u64,
             )? as usize,
+            max_connections_per_user: positive(
+                "max-connections-per-user",
+                self.max_connections_per_user.map(|v| v as u64),
+                DEFAULT_MAX_CONNECTIONS_PER_USER as u64,
+            )? as usize,
+            max_connection_age: Duration::from_secs(positive(
+                "max-connection-age",
+                self.max_connection_age,
+                DEFAULT_MAX_CONNECTION_AGE_SECS,
+            )?),
             put_fsync: self.put_fsync.unwrap_or(defaults.put_fsync),
             interactive_wait: Duration::from_millis(self.interactive_wait_ms.unwrap_or(100)),
             kill_grace: Duration::from_secs(self.kill_grace.unwrap_or(5)),
@@ -418,6 +443,10 @@ mod tests {
         assert!(bad("\"user-service\" = \"MemoryUserService:a\"").contains("user-service"));
         assert!(bad("\"file-roots\" = []").contains("file-roots"));
         assert!(bad("max-sessions-per-user = 0").contains("max-sessions-per-user"));
+        assert!(bad("max-connections-per-user = 0").contains("max-connections-per-user"));
+        assert!(bad("max-connection-age = 0").contains("max-connection-age"));
+        assert_eq!(defaults.max_connections_per_user, 16);
+        assert_eq!(defaults.max_connection_age, Duration::from_secs(86_400));
         assert!(bad("unverified-body-timeout = 0").contains("unverified-body-timeout"));
         assert!(bad("unverified-bytes-per-session = 1000").contains("max-body"));
         assert!(

@@ -147,8 +147,8 @@ impl Roots {
         let dir = beneath::locate(parent, &self.roots)
             .and_then(|located| located.open_target_dir())
             .map_err(|e| FileError::open(name, e))?;
-        // Keep the mode of a file being replaced; new files get 0644 (the temporary file's
-        // mode is set explicitly, so the umask does not apply).
+        // Keep the permission bits of a file being replaced; new files get 0644 (the temporary
+        // file's mode is set explicitly, so the umask does not apply).
         let mode = match rustix::fs::statat(
             &dir,
             file_name.as_os_str(),
@@ -158,7 +158,7 @@ impl Roots {
                 rustix::fs::FileType::Directory => {
                     return Err(FileError::NotAFile(name.to_owned()));
                 }
-                rustix::fs::FileType::RegularFile => stat.st_mode & 0o7777,
+                rustix::fs::FileType::RegularFile => replaced_mode(stat.st_mode, stat.st_uid),
                 _ => 0o644,
             },
             Err(_) => 0o644,
@@ -173,6 +173,19 @@ impl Roots {
             fsync,
             written: 0,
         })
+    }
+}
+
+/// The mode an upload gives the file it replaces, whose mode and owner were `mode` and `uid`:
+/// its permission bits only, never set-uid, set-gid or sticky (the new file belongs to the
+/// daemon's uid, so a planted 6777 would run as the daemon); and when another uid owned it
+/// (someone else planted it in a shared directory), without group and other write either.
+fn replaced_mode(mode: u32, uid: u32) -> u32 {
+    let mode = mode & 0o777;
+    if uid == rustix::process::geteuid().as_raw() {
+        mode
+    } else {
+        mode & !0o022
     }
 }
 

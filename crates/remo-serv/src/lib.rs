@@ -9,6 +9,7 @@
 //! - [`proto`]: the wire format, sans-IO (test vectors in its tests);
 //! - [`keys`], [`users`]: key files and the user database, as the original tools write them;
 //! - [`session`], [`body`], [`server`]: sessions, request bodies and the HTTP server;
+//! - [`conns`]: authenticated connections, each tied to its session and capped per user;
 //! - [`limits`]: the budget of unverified body bytes and the login rate per address;
 //! - [`exec`], [`files`], [`pipeline`]: commands, file access and parallel encryption;
 //! - [`client`]: the client library behind `remo`;
@@ -18,6 +19,7 @@
 pub mod body;
 pub mod client;
 pub mod config;
+pub mod conns;
 pub mod exec;
 pub mod files;
 pub mod keys;

@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 
 use crate::body::{BodyError, BodyReader, RequestBody, full, unix_now};
 use crate::config::Config;
+use crate::conns::{Tie, UserConnections};
 use crate::exec::{self, CmdLimits, ExecError, Interactive};
 use crate::files::{FileError, Roots};
 use crate::keys::{PrivateKey, PublicKey};
@@ -65,6 +66,8 @@ struct State {
     ephemerals: Arc<Ephemerals>,
     /// Bytes of request bodies not verified yet.
     budget: Budget,
+    /// Authenticated connections per user.
+    user_conns: Arc<UserConnections>,
     /// Login attempts per source address.
     login_rate: LoginRate,
     login_rate_warning: common::admission::Warning,
@@ -174,6 +177,7 @@ impl Server {
         let admission = Admission::new("http", config.admission());
         let (total, per_session) = config.unverified_budget();
         let login_rate = LoginRate::new(config.logins_per_minute, config.login_burst);
+        let user_conns = UserConnections::new(config.max_connections_per_user);
         let dummy_pem = PublicKey::ed448_pem(&PrivateKey::generate().verifying_key()).into_bytes();
         Ok(Self {
             state: Arc::new(State {
@@ -185,6 +189,7 @@ impl Server {
                 admission,
                 ephemerals: Arc::default(),
                 budget: Budget::new(total, per_session),
+                user_conns,
                 login_rate,
                 login_rate_warning: common::admission::Warning::default(),
                 dummy_pem,
@@ -252,18 +257,22 @@ impl Server {
             let span = tracing::info_span!("conn", %peer);
             shutdown.spawn(
                 async move {
-                    let door = Arc::new(stranger.pending());
+                    let door = Arc::new(Conn {
+                        door: stranger.pending(),
+                        tie: Tie::new(&state.user_conns),
+                    });
                     match tls {
                         None => serve_connection(state, stream, peer, stop, door).await,
                         Some(acceptor) => {
                             // The handshake is part of the time to authenticate.
                             let left = door
+                                .door
                                 .deadline()
                                 .saturating_duration_since(tokio::time::Instant::now());
                             // An eviction from the full stranger pool ends it too.
                             let accepted = tokio::select! {
                                 accepted = common::tls::accept(&acceptor, stream, left) => accepted,
-                                () = door.expired() => {
+                                () = door.door.expired() => {
                                     tracing::debug!("evicted before the TLS handshake finished");
                                     return;
                                 }
@@ -295,16 +304,25 @@ impl Server {
     }
 }
 
+/// What the handlers of one connection share: its place at the front door (a stranger, then
+/// a `max-connections` slot) and its tie to the session and user it authenticated with.
+#[derive(Debug)]
+struct Conn {
+    door: Pending,
+    tie: Tie,
+}
+
 async fn serve_connection<IO>(
     state: Arc<State>,
     io: IO,
     peer: SocketAddr,
     stop: Shutdown,
-    door: Arc<Pending>,
+    door: Arc<Conn>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let state_header_timeout = state.config.header_timeout;
+    let max_age = state.config.max_connection_age;
     let handlers_door = Arc::clone(&door);
     let service = hyper::service::service_fn(move |req| {
         let state = Arc::clone(&state);
@@ -317,26 +335,52 @@ async fn serve_connection<IO>(
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(err) = result {
-                tracing::debug!(%err, "connection ended with an error");
+    let too_old = tokio::time::sleep(max_age);
+    tokio::pin!(too_old);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "connection ended with an error");
+                }
+                return;
             }
-        }
-        () = stop.triggered() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-        () = door.expired() => {
-            tracing::debug!("no authenticated request in time; closing");
+            () = stop.triggered() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+            () = door.door.expired() => {
+                tracing::debug!("no authenticated request in time; closing");
+                return;
+            }
+            // Closed after the request in progress (none: at once).
+            () = &mut too_old, if !closing => {
+                tracing::debug!(?max_age, "closing after the request in progress: max-connection-age reached");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = door.tie.closing(), if !closing => {
+                tracing::debug!("closing after the request in progress: its session ended, or max-connections-per-user");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
 }
 
-/// A request authenticated: the connection takes its `max_connections` slot if it has none.
-/// `Some(503)` (closing the connection) when the slot pool is full.
-fn promote(door: &Pending, id: &str) -> Option<Response<Body>> {
-    door.authenticated().err().map(|_| {
+/// A request of `user` on session `id` (whose end `ended` marks) authenticated: the connection
+/// takes its `max_connections` slot if it has none, and is tied to that session and counted
+/// against the user's share (their oldest connection closed beyond it). `Some(503)` (closing
+/// the connection) when the slot pool is full.
+fn promote(
+    conn: &Conn,
+    id: &str,
+    user: &str,
+    ended: &tokio_util::sync::CancellationToken,
+) -> Option<Response<Body>> {
+    if conn.door.authenticated().is_err() {
         let mut response = plain(
             StatusCode::SERVICE_UNAVAILABLE,
             id,
@@ -345,8 +389,10 @@ fn promote(door: &Pending, id: &str) -> Option<Response<Body>> {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        response
-    })
+        return Some(response);
+    }
+    conn.tie.bind(user, id, ended);
+    None
 }
 
 fn cookie_value(id: &str) -> HeaderValue {
@@ -386,7 +432,7 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
-    door: &Pending,
+    door: &Conn,
 ) -> Response<Body> {
     let now = Instant::now();
     let cookie = session::cookie_session_id(
@@ -444,7 +490,7 @@ async fn auth(
     id: &str,
     login: Option<Login>,
     peer: SocketAddr,
-    door: &Pending,
+    door: &Conn,
 ) -> Response<Body> {
     if declared_length(&req).is_some_and(|n| n > MAX_AUTH_BODY as u64) {
         return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
@@ -462,7 +508,7 @@ async fn auth(
             return plain(StatusCode::PAYLOAD_TOO_LARGE, id, "auth body too large\n");
         }
         Err(err) => {
-            tracing::info!(%peer, err = %common::log::Escaped(&err), "login refused: body");
+            tracing::info!(%peer, err = %common::log::Clipped(&err), "login refused: body");
             return unverified_refusal(id, &err, "incomplete auth body\n");
         }
     };
@@ -488,7 +534,7 @@ async fn auth(
     let request = match AuthRequest::parse(&body) {
         Ok(request) => request,
         Err(err) => {
-            tracing::info!(%peer, err = %common::log::Escaped(&err), "login refused: malformed request");
+            tracing::info!(%peer, err = %common::log::Clipped(&err), "login refused: malformed request");
             return plain(StatusCode::BAD_REQUEST, id, "");
         }
     };
@@ -529,15 +575,15 @@ async fn auth(
     let (verified, shared) = (verify.await, agree.await);
     state.ephemerals.refill(&state.server_key);
     if !known {
-        tracing::warn!(%peer, user = ?user, "login refused: unknown user");
+        tracing::warn!(%peer, user = %common::log::Clipped(&user), "login refused: unknown user");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     if !usable {
-        tracing::warn!(user = ?user, "login refused: stored key is neither Ed448 nor RSA");
+        tracing::warn!(user = %common::log::Clipped(&user), "login refused: stored key is neither Ed448 nor RSA");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     if !matches!(verified, Ok(true)) {
-        tracing::warn!(%peer, user = ?user, "login refused: bad signature");
+        tracing::warn!(%peer, user = %common::log::Clipped(&user), "login refused: bad signature");
         return plain(StatusCode::FORBIDDEN, id, "");
     }
     let Ok(Ok(shared)) = shared else {
@@ -546,15 +592,15 @@ async fn auth(
     };
     let cipher = Cipher::new(&proto::session_key(&shared));
     // Every login is a new session under a new id; the cookie's session is left alone.
-    let Ok(id) = state.sessions.login(cipher, &user, Instant::now()) else {
-        tracing::warn!(user = ?user, "login refused: session table full");
+    let Ok((id, ended)) = state.sessions.login(cipher, &user, Instant::now()) else {
+        tracing::warn!(user = %common::log::Clipped(&user), "login refused: session table full");
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
     };
-    if let Some(refused) = promote(door, &id) {
+    if let Some(refused) = promote(door, &id, &user, &ended) {
         // The login stands (the session is the user's); this connection is closed.
         return refused;
     }
-    tracing::info!(%peer, user = ?user, "logged in");
+    tracing::info!(%peer, user = %common::log::Clipped(&user), "logged in");
     let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
     answer(StatusCode::OK, full(text), cookie_value(&id))
 }
@@ -584,7 +630,7 @@ fn logout(state: &State, id: &str, login: &Login, token: &[u8]) -> Response<Body
         return plain(StatusCode::BAD_REQUEST, id, "Wrong initial token\n");
     }
     if let Some(user) = state.sessions.logout(id) {
-        tracing::info!(user = ?user, "logged out");
+        tracing::info!(user = %common::log::Clipped(&user), "logged out");
     }
     plain_streamed(StatusCode::OK, id, "Disconnected".into())
 }
@@ -673,7 +719,7 @@ async fn authenticated(
     id: String,
     login: Login,
     path: String,
-    door: &Pending,
+    door: &Conn,
 ) -> Response<Body> {
     let mode = if req.headers().contains_key(header::CONTENT_LENGTH)
         || !req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -708,7 +754,7 @@ async fn authenticated(
     let first = match first {
         Ok(first) => first,
         Err(err) => {
-            tracing::info!(user = ?login.user, err = %common::log::Escaped(&err), "request body refused before it verified");
+            tracing::info!(user = %common::log::Clipped(&login.user), err = %common::log::Clipped(&err), "request body refused before it verified");
             let incomplete = match mode {
                 Mode::Single => "Incomplete request body\n",
                 Mode::Chunked => "Invalid encoding\n",
@@ -753,7 +799,7 @@ async fn authenticated(
         return match mode {
             Mode::Single => {
                 // As the original: a wrong first token kills the session.
-                tracing::warn!(user = ?login.user, path = ?path, "wrong initial token; session invalidated");
+                tracing::warn!(user = %common::log::Clipped(&login.user), path = %common::log::Clipped(&path), "wrong initial token; session invalidated");
                 state.sessions.logout(&id);
                 plain(StatusCode::BAD_REQUEST, &id, "Wrong initial token\n")
             }
@@ -763,7 +809,7 @@ async fn authenticated(
     // The first token verified under the session key: the request is authentic.
     reader.verified();
     drop(first);
-    if let Some(refused) = promote(door, &id) {
+    if let Some(refused) = promote(door, &id, &login.user, &login.ended) {
         return refused;
     }
     let body = if mode == Mode::Chunked && !header.is_last() {
@@ -784,7 +830,7 @@ async fn authenticated(
 }
 
 fn body_error(id: &str, err: &BodyError) -> Outcome {
-    tracing::info!(err = %common::log::Escaped(&err), "request body refused");
+    tracing::info!(err = %common::log::Clipped(&err), "request body refused");
     let response = match err {
         BodyError::TooLarge => plain(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -858,7 +904,7 @@ async fn dispatch(
 }
 
 fn file_error(out: &Responder, user: &str, name: &str, err: &FileError) -> Outcome {
-    tracing::info!(user = ?user, name = ?name, err = %common::log::Escaped(err), "file request refused");
+    tracing::info!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), err = %common::log::Clipped(err), "file request refused");
     let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Outcome::done(out.single(status, format!("{err}\n").as_bytes()))
 }
@@ -893,7 +939,7 @@ async fn get(
             return Outcome::done(out.single(StatusCode::INTERNAL_SERVER_ERROR, b""));
         }
     };
-    tracing::info!(user = ?user, name = ?name, size, "get");
+    tracing::info!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), size, "get");
     let piece = get_piece_size(size);
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
     let cipher = Arc::clone(&out.cipher);
@@ -998,7 +1044,7 @@ async fn put(
         }
         Ok(Ok(_dropped)) => {
             let err = failure.unwrap_or(BodyError::Encoding("upload failed"));
-            tracing::warn!(user = ?user, name = ?name, err = %common::log::Escaped(&err), "upload aborted; target left untouched");
+            tracing::warn!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), err = %common::log::Clipped(&err), "upload aborted; target left untouched");
             return Outcome {
                 response: out.single(StatusCode::BAD_REQUEST, b""),
                 commit: false,
@@ -1012,7 +1058,7 @@ async fn put(
     };
     match written {
         Ok(Ok(bytes)) => {
-            tracing::info!(user = ?user, name = ?name, bytes, "put");
+            tracing::info!(user = %common::log::Clipped(&user), name = %common::log::Clipped(&name), bytes, "put");
             Outcome::done(out.single(StatusCode::OK, b""))
         }
         Ok(Err(err)) => file_error(out, user, name, &err),
@@ -1024,7 +1070,7 @@ async fn put(
 }
 
 fn exec_error(out: &Responder, user: &str, line: &str, err: &ExecError) -> Outcome {
-    tracing::info!(user = ?user, command = ?line, err = %common::log::Escaped(err), "command refused");
+    tracing::info!(user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), err = %common::log::Clipped(err), "command refused");
     let status = match err {
         ExecError::OutputTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
         ExecError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -1071,7 +1117,7 @@ async fn cmd(
     match exec::run(&argv, stdin, state.roots.workdir(), limits).await {
         Ok((output, exit)) => {
             tracing::info!(
-                user = ?user, command = ?line, exit = exit.code, timed_out = exit.timed_out,
+                user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), exit = exit.code, timed_out = exit.timed_out,
                 millis = started.elapsed().as_millis() as u64, "cmd"
             );
             let mut response = out.single(StatusCode::OK, &output);
@@ -1110,7 +1156,7 @@ async fn icm(
             Ok(process) => process,
             Err(err) => return exec_error(out, user, line, &err),
         };
-    tracing::info!(user = ?user, command = ?line, pid = process.pid(), "interactive command started");
+    tracing::info!(user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), pid = process.pid(), "interactive command started");
     match process.read_after(state.config.interactive_wait).await {
         Ok(read) => {
             if !read.eof {

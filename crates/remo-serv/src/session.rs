@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::exec::Interactive;
 use crate::proto::Cipher;
 
@@ -31,6 +33,15 @@ struct Session {
     /// Login order: the lowest of a user's sessions is their oldest.
     serial: u64,
     interactive: Option<Interactive>,
+    /// Cancelled when the session ends (dropped), which closes the connections it
+    /// authenticated (`conns`).
+    ended: CancellationToken,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
 }
 
 /// What a request learns about its session.
@@ -40,6 +51,8 @@ pub struct Login {
     pub cipher: Arc<Cipher>,
     /// The logged-in user.
     pub user: String,
+    /// Cancelled when the session ends.
+    pub ended: CancellationToken,
 }
 
 /// The session table.
@@ -113,6 +126,7 @@ impl Sessions {
                     let login = Login {
                         cipher: Arc::clone(&session.cipher),
                         user: session.user.clone(),
+                        ended: session.ended.clone(),
                     };
                     return (id, Some(login));
                 }
@@ -126,14 +140,21 @@ impl Sessions {
         (new_session_id(), None)
     }
 
-    /// Opens a new session for `user` under a new id, which it returns. The session a cookie
+    /// Opens a new session for `user` under a new id, which it returns with the token
+    /// cancelled when the session ends. The session a cookie
     /// named is left as it is: a login never re-keys a live session. When `user` already holds
     /// `max_per_user` sessions, their oldest is ended (its interactive command terminated).
     ///
     /// # Errors
     /// [`Full`] when the table is at its cap even after removing expired sessions.
-    pub fn login(&self, cipher: Cipher, user: &str, now: Instant) -> Result<String, Full> {
+    pub fn login(
+        &self,
+        cipher: Cipher,
+        user: &str,
+        now: Instant,
+    ) -> Result<(String, CancellationToken), Full> {
         let id = new_session_id();
+        let end = CancellationToken::new();
         let serial = self
             .serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -178,14 +199,15 @@ impl Sessions {
                         last_access: now,
                         serial,
                         interactive: None,
+                        ended: end.clone(),
                     },
                 );
-                Ok(id)
+                Ok((id, end))
             }
         };
         for session in &ended {
             if now.duration_since(session.last_access) <= self.timeout {
-                tracing::info!(user = ?session.user, "oldest session of the user ended by a new login");
+                tracing::info!(user = %common::log::Clipped(&session.user), "oldest session of the user ended by a new login");
             }
         }
         drop(ended);
@@ -195,7 +217,7 @@ impl Sessions {
     /// Logs out (and invalidates): the key and the interactive command go.
     pub fn logout(&self, id: &str) -> Option<String> {
         let removed = self.lock().remove(id);
-        removed.map(|session| session.user)
+        removed.map(|session| session.user.clone())
     }
 
     /// Accepts a request number, or refuses it, in one step: within `window` of the last
@@ -259,7 +281,7 @@ impl Sessions {
             ids.iter().filter_map(|id| map.remove(id)).collect()
         };
         for session in &expired {
-            tracing::info!(user = ?session.user, "session expired");
+            tracing::info!(user = %common::log::Clipped(&session.user), "session expired");
         }
         expired.len()
     }
@@ -278,7 +300,9 @@ impl Sessions {
     /// caller to terminate.
     pub fn clear(&self) -> Vec<Interactive> {
         let all: Vec<Session> = self.lock().drain().map(|(_, s)| s).collect();
-        all.into_iter().filter_map(|s| s.interactive).collect()
+        all.into_iter()
+            .filter_map(|mut s| s.interactive.take())
+            .collect()
     }
 }
 
@@ -304,7 +328,7 @@ mod tests {
         let cipher = || Cipher::new(&[1u8; 32]);
         let (anonymous, login) = sessions.resolve(None, t0);
         assert!(login.is_none());
-        let id = sessions.login(cipher(), "alice", t0).unwrap();
+        let id = sessions.login(cipher(), "alice", t0).unwrap().0;
         assert_ne!(id, anonymous, "a login gets an id of its own");
         // Right after login any number is accepted, and recorded at once: a copy is refused.
         assert!(sessions.accept_req_no(&id, 5, WINDOW_SINGLE, t0));
@@ -316,7 +340,7 @@ mod tests {
         let later = t0 + Duration::from_secs(11);
         assert!(!sessions.accept_req_no(&id, 9, WINDOW_SINGLE, later));
         assert!(sessions.accept_req_no(&id, 9, WINDOW_CHUNKED, later));
-        let id2 = sessions.login(cipher(), "alice", t0).unwrap();
+        let id2 = sessions.login(cipher(), "alice", t0).unwrap().0;
         assert!(sessions.accept_req_no(&id2, i16::MAX, WINDOW_SINGLE, t0));
         assert!(!sessions.accept_req_no(&id2, i16::MIN, WINDOW_SINGLE, t0));
 
@@ -331,12 +355,13 @@ mod tests {
         assert!(login.is_none());
         assert!(sessions.is_empty());
 
-        let a = sessions.login(cipher(), "u", t0).unwrap();
-        let _b = sessions.login(cipher(), "v", t0).unwrap();
+        let a = sessions.login(cipher(), "u", t0).unwrap().0;
+        let _b = sessions.login(cipher(), "v", t0).unwrap().0;
         assert!(sessions.login(cipher(), "w", t0).is_err());
         let c = sessions
             .login(cipher(), "w", t0 + Duration::from_secs(4))
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(sessions.sweep(t0 + Duration::from_secs(10)), 1);
         assert_eq!(sessions.logout(&c), None);
         assert_eq!(sessions.logout(&a), None);
@@ -347,9 +372,9 @@ mod tests {
         let sessions = Sessions::new(Duration::from_secs(600), 4, 2);
         let t0 = Instant::now();
         let cipher = || Cipher::new(&[1u8; 32]);
-        let bob = sessions.login(cipher(), "bob", t0).unwrap();
-        let first = sessions.login(cipher(), "alice", t0).unwrap();
-        let second = sessions.login(cipher(), "alice", t0).unwrap();
+        let bob = sessions.login(cipher(), "bob", t0).unwrap().0;
+        let first = sessions.login(cipher(), "alice", t0).unwrap().0;
+        let second = sessions.login(cipher(), "alice", t0).unwrap().0;
         for _ in 0..10 {
             sessions.login(cipher(), "alice", t0).unwrap();
         }

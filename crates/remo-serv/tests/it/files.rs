@@ -279,6 +279,48 @@ async fn put_keeps_the_mode_of_a_replaced_file() {
     h.stop().await;
 }
 
+/// A local user made the target of an upload set-uid and set-gid (mode 6777) in a directory
+/// they share with the server's users: the replaced file, owned by the daemon's uid, kept
+/// those bits and ran with the daemon's euid. A replaced file keeps only its permission bits,
+/// and loses group and other write when it belonged to another uid.
+#[tokio::test]
+async fn put_never_keeps_set_id_bits_of_a_replaced_file() {
+    let h = Harness::start().await;
+    let tool = h.served.join("tool");
+    std::fs::write(&tool, b"planted").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o6777)).unwrap();
+    assert_eq!(mode(&tool), 0o6777);
+    let mut client = h.client().await;
+    let local = h.dir.path().join("id");
+    std::fs::write(&local, "#!/bin/sh\nid -u\n").unwrap();
+
+    client.put(&local, "tool", |_| {}).await.unwrap();
+    assert_eq!(
+        mode(&tool),
+        0o777,
+        "set-uid/set-gid bits copied onto the new file"
+    );
+    assert_eq!(
+        std::fs::read(&tool).unwrap(),
+        std::fs::read(&local).unwrap()
+    );
+
+    // Planted by another uid (nobody): group and other write go too. Only root can chown.
+    let other = h.served.join("other-tool");
+    std::fs::write(&other, b"planted").unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o6777)).unwrap();
+    if std::os::unix::fs::chown(&other, Some(65_534), Some(65_534)).is_ok() {
+        client.put(&local, "other-tool", |_| {}).await.unwrap();
+        assert_eq!(mode(&other), 0o755);
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(
+            std::fs::metadata(&other).unwrap().uid(),
+            rustix::process::geteuid().as_raw()
+        );
+    }
+    h.stop().await;
+}
+
 /// Unblocks anything stuck opening `fifo` for reading (the code before the fix did, on an
 /// async worker): after `after`, opens the write end whenever a reader waits, until dropped.
 struct FifoWatchdog {

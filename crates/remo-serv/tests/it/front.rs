@@ -247,6 +247,49 @@ async fn a_request_on_a_live_session_authenticates_its_connection() {
     harness.stop().await;
 }
 
+/// An authenticated connection lived for ever. It is closed at `max-connection-age`, after
+/// the request in progress (a day by default, too long for a test: docs/TESTING.md).
+#[tokio::test]
+async fn connections_are_closed_at_their_maximum_age_after_the_request_in_progress() {
+    let age = Duration::from_secs(1);
+    let harness = Harness::start_with(|config| config.max_connection_age = age).await;
+    let mut session = harness.raw().await;
+    let (mut busy, busy_driver) = keep_alive(harness.addr).await;
+    let started = Instant::now();
+    session.last += 1;
+    let path = session.path("/cmd/", "sleep 1.5");
+    let token = session.first(&path, crate::harness::ONLY, session.last, b"");
+    let (status, _) = send_with(
+        &mut busy,
+        "POST",
+        &path,
+        Some(&session.cookie()),
+        token.into(),
+    )
+    .await
+    .expect("the request in progress at the age is answered");
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(1_500));
+    tokio::time::timeout(WAIT, busy_driver)
+        .await
+        .expect("closed after its request")
+        .unwrap();
+
+    let (mut idle, idle_driver) = keep_alive(harness.addr).await;
+    let started = Instant::now();
+    let (status, _) = send(&mut idle, "POST", "/auth", login(&harness.keys))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    tokio::time::timeout(WAIT, idle_driver)
+        .await
+        .expect("an idle authenticated connection is closed at its age")
+        .unwrap();
+    let lived = started.elapsed();
+    assert!(lived >= age / 2 && lived < age * 3, "{lived:?}");
+    harness.stop().await;
+}
+
 /// The default deadline is the named constant, 10 s, and the stranger budget the shared one.
 #[test]
 fn the_default_front_door_is_ten_seconds_and_the_shared_budget() {

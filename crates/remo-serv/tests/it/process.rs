@@ -850,6 +850,50 @@ async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
     );
 }
 
+/// A stranger grew the log by about 10 KB per failed login: a 10 KB user name was logged
+/// escaped but whole. Client-controlled fields are cut (`common::log::Clipped`): twenty
+/// failed logins (one login burst) with a name of 5,000 newlines add under 1 KB each.
+#[tokio::test]
+async fn a_long_user_name_does_not_grow_the_log_by_its_length() {
+    use remo_serv::proto::{self, AuthRequest};
+    let d = Deployment::new().await;
+    let daemon = d.start(&[]);
+    // 10 KB as JSON and as logged before (each newline escaped to two bytes).
+    let user = format!("{}x", "\n".repeat(5_000));
+    let stranger = remo_serv::keys::PrivateKey::generate();
+    let public = proto::x448_public(&proto::x448_secret());
+    let body = AuthRequest {
+        user: user.clone(),
+        key: public.to_vec(),
+        sign: stranger.sign(&AuthRequest::signed_message(&user, &public)),
+    }
+    .to_json();
+    let before = daemon.stderr().len();
+    let attempts = 20;
+    for _ in 0..attempts {
+        let answer = crate::harness::request(
+            daemon.addr,
+            "POST",
+            "/auth",
+            None,
+            crate::harness::RawBody::Length(body.clone().into()),
+        )
+        .await;
+        assert_eq!(answer.status, 403);
+    }
+    let deadline = Instant::now() + WAIT;
+    while daemon.stderr().matches("unknown user").count() < attempts && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = daemon.stderr();
+    assert_eq!(log.matches("unknown user").count(), attempts, "{log}");
+    let per_attempt = (log.len() - before) / attempts;
+    assert!(
+        per_attempt < 1024,
+        "{per_attempt} log bytes per failed login"
+    );
+}
+
 /// Bodies with nothing but a valid cookie were buffered before any check (up to 87 MiB for
 /// one token, 24 MiB for a chunked first line): three such requests took the server from
 /// 18 MB to 281 MB. At the default configuration, twelve connections of three sessions each

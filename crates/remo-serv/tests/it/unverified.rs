@@ -241,6 +241,68 @@ async fn replayed_logins_do_not_fill_the_session_table() {
     h.stop().await;
 }
 
+/// One captured `/auth` body replayed on 530 connections, 20 per source address (under the
+/// login burst), each kept open: every replay that verified took a `max-connections` slot for
+/// as long as its connection lived (its session was soon ended by the per-user session cap,
+/// the connection was not), and after 512 every login of every user got 503. A connection now
+/// lives only as long as the session it authenticated with, and one user holds at most
+/// `max-connections-per-user` connections (their oldest closed for a newcomer): at the
+/// defaults, alice and bob still log in and work.
+#[tokio::test]
+async fn a_replayed_login_cannot_take_the_connection_slots() {
+    use remo_serv::config::{
+        DEFAULT_LOGIN_BURST, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SESSIONS_PER_USER,
+    };
+    let h = Harness::start_with(|config| config.login_burst = DEFAULT_LOGIN_BURST).await;
+    let bob = PrivateKey::generate();
+    let users = remo_serv::users::Users::open(&h.dir.path().join("users.sqlite"))
+        .await
+        .unwrap();
+    users
+        .add("bob", PublicKey::ed448_pem(&bob.verifying_key()).as_bytes())
+        .await
+        .unwrap();
+    let (captured, _) = login_body(USER, &h.keys.user_key());
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..DEFAULT_MAX_CONNECTIONS + 18 {
+        let per = DEFAULT_LOGIN_BURST as usize;
+        let source = IpAddr::from([127, 0, 20 + (i / per) as u8, (i % per + 1) as u8]);
+        let mut sender = connection(source, h.addr).await;
+        let (status, ..) = exchange(&mut sender, "/auth", None, captured.clone()).await;
+        if status != 200 {
+            refused += 1;
+        }
+        held.push(sender);
+    }
+    // Not one replay is refused (each closes an older connection of alice's instead), and
+    // alice's connections shrink to her share.
+    assert_eq!(refused, 0, "replays refused");
+    let cap = 16;
+    let started = Instant::now();
+    loop {
+        let open = held.iter().filter(|s| !s.is_closed()).count();
+        let stats = h.server.admission().stats();
+        if open <= DEFAULT_MAX_SESSIONS_PER_USER && stats.connections <= cap {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{open} replayed connections still open, {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A fresh login of alice (the real one) and one of bob get in and are served.
+    let mut alice = h.client().await;
+    assert_eq!(alice.exec("true", b"").await.unwrap().exit_status, Some(0));
+    let mut bob_conn = connection(OTHER_LOOPBACK, h.addr).await;
+    let (body, _) = login_body("bob", &bob);
+    let (status, text, ..) = exchange(&mut bob_conn, "/auth", None, body).await;
+    assert_eq!(status, 200, "{text:?}");
+    drop(held);
+    h.stop().await;
+}
+
 /// Login attempts from one address beyond the burst are refused as the original refuses a
 /// login (403, empty), before any signature is checked; another address is not affected.
 #[tokio::test]
