@@ -199,11 +199,7 @@ async fn refusals_make_few_rows(daemon: Daemon) {
             .collect::<Vec<_>>()
     };
     let audit = theirs(&daemon.broker.store().audit_rows(100_000).await.unwrap());
-    assert_eq!(
-        audit.len(),
-        floods.len(),
-        "the first of each at once: {audit:?}"
-    );
+    assert_eq!(audit.len(), floods.len(), "the first of each at once");
     daemon.broker.flush_audit(true).await.unwrap();
     let audit = theirs(&daemon.broker.store().audit_rows(100_000).await.unwrap());
     assert!(audit.len() <= 2 * floods.len(), "{} rows", audit.len());
