@@ -27,7 +27,7 @@ pub const DEFAULT_MAX_LOCAL_CONNECTIONS_PER_UID: usize = 256;
 /// Most authenticated HTTPS connections one IPv4 address or IPv6 /64 holds at once, by
 /// default (and at most a quarter of `max_connections`).
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
-/// Default seconds over which failed verifications of one job share an audit row.
+/// Default seconds over which refusals of one caller and job share an audit row.
 pub const DEFAULT_AUDIT_INTERVAL_SECS: u64 = 60;
 
 /// The default of a per-key cap beside a pool of `pool` slots: a quarter of it, at most
@@ -98,8 +98,9 @@ pub struct FileConfig {
     /// Most authenticated HTTPS connections one IPv4 address or IPv6 /64 holds at once;
     /// further ones are closed. Default: a quarter of `max_connections`, at most 256.
     pub max_connections_per_address: Option<usize>,
-    /// Failed verifications (`invalid`, `rate_limited`) of one job within this many seconds
-    /// share audit rows: the first is written at once, the rest as one row with their count.
+    /// Refusals (`invalid`, `rate_limited`, `refused_not_owner`, `not_found`, `expired`,
+    /// `no_port`) of one caller, action and job within this many seconds share audit rows:
+    /// the first is written at once, the rest as one row with their count.
     pub audit_interval_secs: u64,
 }
 

@@ -6,9 +6,9 @@
 //! user its client certificate maps to. Jobs live in a SQL store ([`store`]: SQLite by
 //! default, PostgreSQL by URL). [`client`] is the library `broker-cli`, `broker-run` and the
 //! tests use; [`gate`] fronts an unmodified application; [`tunnel`] is the user's side of it
-//! ([`peer`] tells it which uid owns a TCP peer on this host). [`tally`] counts failed
-//! verifications per job per interval, so a flood of wrong keys makes a few audit rows with a
-//! count, not a row each.
+//! ([`peer`] tells it which uid owns a TCP peer on this host). [`tally`] counts refusals
+//! (wrong keys, another user's or no such job) per caller and job per interval, so a flood of
+//! them makes a few audit rows with a count, not a row each.
 //!
 //! This crate knows nothing of ssh itself except that `broker-cli connect --host` runs the
 //! system's `ssh` binary.

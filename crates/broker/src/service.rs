@@ -71,7 +71,7 @@ pub struct Broker {
     ca: BrokerCa,
     names: UserNames,
     failures: Mutex<HashMap<String, (Instant, u32)>>,
-    /// Failed verifications counted per job per `audit_interval`.
+    /// Refusals counted per caller and job per `audit_interval`.
     tally: Mutex<Tally>,
 }
 
@@ -298,15 +298,7 @@ impl Broker {
                 return Ok(self.to_job(&row, true));
             }
         }
-        self.store
-            .audit(&AuditRecord {
-                caller,
-                action: "save",
-                job_id: None,
-                result: "no_port",
-                detail: None,
-            })
-            .await?;
+        self.audit_refusal(caller, "save", None, "no_port").await?;
         Err(BrokerError::Conflict(format!(
             "no free port in {}-{}",
             range.start(),
@@ -362,15 +354,7 @@ impl Broker {
                 if result == "refused_not_owner" {
                     tracing::warn!(user = ?caller.user, via = caller.via, job = id, action, "refused: not the owner");
                 }
-                self.store
-                    .audit(&AuditRecord {
-                        caller,
-                        action,
-                        job_id: Some(id),
-                        result,
-                        detail: None,
-                    })
-                    .await?;
+                self.audit_refusal(caller, action, Some(id), result).await?;
                 Err(BrokerError::NotFound)
             }
         }
@@ -416,7 +400,8 @@ impl Broker {
         let limit = self.config.max_failed_verifies_per_minute;
         if !valid && limit > 0 {
             if self.rate_limited(id, limit) {
-                self.audit_failure(caller, id, "rate_limited").await?;
+                self.audit_refusal(caller, "verify", Some(id), "rate_limited")
+                    .await?;
                 return Err(BrokerError::TooMany(
                     "too many failed verifications of this job; wait a minute".into(),
                 ));
@@ -426,7 +411,8 @@ impl Broker {
         if !valid {
             // Strangers at the owner's gate decide how often this happens: counted per job
             // per interval, not a row each.
-            self.audit_failure(caller, id, "invalid").await?;
+            self.audit_refusal(caller, "verify", Some(id), "invalid")
+                .await?;
             return Ok(false);
         }
         self.store
@@ -441,16 +427,19 @@ impl Broker {
         Ok(true)
     }
 
-    /// Records a failed verification through the tally: the first of an interval at once,
-    /// the rest when the interval ends.
-    async fn audit_failure(
+    /// Records a refusal the caller can repeat at will through the tally: the first of an
+    /// interval at once, the rest as one counted row when the interval ends. A `not_found`
+    /// is counted without its id (the caller invents those), the others per job.
+    async fn audit_refusal(
         &self,
         caller: &Caller,
-        id: &str,
+        action: &'static str,
+        id: Option<&str>,
         result: &'static str,
     ) -> Result<(), BrokerError> {
         let key = tally::Key {
-            job_id: id.to_owned(),
+            job_id: id.filter(|_| result != "not_found").map(str::to_owned),
+            action,
             result,
             user: caller.user.clone(),
             uid: caller.uid,
@@ -460,7 +449,7 @@ impl Broker {
             .tally
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .note(key, crate::store::now_ms());
+            .note(key, id, crate::store::now_ms());
         for row in noted.closed.iter().chain(&noted.first) {
             self.write_tallied(row).await?;
         }
@@ -483,8 +472,8 @@ impl Broker {
         });
         let record = AuditRecord {
             caller: &caller,
-            action: "verify",
-            job_id: Some(&row.key.job_id),
+            action: row.key.action,
+            job_id: row.job_id.as_deref(),
             result: row.key.result,
             detail,
         };
@@ -494,8 +483,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Writes the counted failed verifications of every interval that has ended, or of all
-    /// of them with `all` (at shutdown, and in tests).
+    /// Writes the counted refusals of every interval that has ended, or of all of them with
+    /// `all` (at shutdown, and in tests).
     ///
     /// # Errors
     /// [`BrokerError`] (the rows not written are lost; the store is failing anyway).
@@ -560,14 +549,7 @@ impl Broker {
             Some(expires) => Ok(rfc3339(expires)),
             None => {
                 let result = self.miss_reason(caller, id).await?;
-                self.store
-                    .audit(&AuditRecord {
-                        caller,
-                        action: "heartbeat",
-                        job_id: Some(id),
-                        result,
-                        detail: None,
-                    })
+                self.audit_refusal(caller, "heartbeat", Some(id), result)
                     .await?;
                 Err(BrokerError::NotFound)
             }
@@ -600,7 +582,8 @@ impl Broker {
             }
             None => {
                 let result = self.miss_reason(caller, id).await?;
-                self.store.audit(&AuditRecord { result, ..audit }).await?;
+                self.audit_refusal(caller, "delete", Some(id), result)
+                    .await?;
                 Err(BrokerError::NotFound)
             }
         }
@@ -660,7 +643,7 @@ impl Broker {
                 }
                 () = shutdown.triggered() => {
                     if let Err(err) = self.flush_audit(true).await {
-                        tracing::warn!(error = %err, "writing the counted failed verifications failed");
+                        tracing::warn!(error = %err, "writing the counted refusals failed");
                     }
                     return;
                 }

@@ -164,8 +164,8 @@ pub struct AuditRow {
     pub result: String,
     /// Extra.
     pub detail: Option<String>,
-    /// How many attempts the row stands for: 1, or more for failed verifications counted
-    /// together over `audit_interval_secs`.
+    /// How many attempts the row stands for: 1, or more for refusals counted together over
+    /// `audit_interval_secs`.
     pub count: i64,
 }
 

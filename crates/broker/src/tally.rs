@@ -1,21 +1,26 @@
-//! Failed verifications counted per job per interval, so that strangers sending wrong keys
-//! to a gate cannot fill the audit table: the first failure of a kind (`invalid`,
-//! `rate_limited`) for a job in an interval is recorded at once, the others of that interval
-//! as one row with their count when it ends. Sans-IO: times are passed in, and what to
-//! write is returned.
+//! Refusals counted per caller (and job) per interval, so that nobody can fill the audit
+//! table by repeating a refused request: failed verifications (`invalid`, `rate_limited`,
+//! caused by strangers at a gate), another user's job (`refused_not_owner`), no such job
+//! (`not_found`), an expired job (`expired`) and a save with no free port (`no_port`). The
+//! first refusal of a key in an interval is recorded at once, the others of that interval as
+//! one row with their count when it ends. Keys are bounded: a `not_found` is keyed without
+//! its (caller-chosen) id, so random ids make one key per caller and action, and every other
+//! key names a job that exists. Sans-IO: times are passed in, and what to write is returned.
 
 use std::collections::HashMap;
 
-/// Most jobs tallied at once; past it, everything is flushed (each job is a live job of its
-/// owner, so this is far above any real load).
+/// Most keys tallied at once; past it, everything is flushed (each key names a caller and a
+/// job that exists, or none, so this is far above any real load).
 const MAX_KEYS: usize = 100_000;
 
-/// What is counted together: one job, one result, one caller.
+/// What is counted together: one job (or none), one action, one result, one caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    /// The job.
-    pub job_id: String,
-    /// `invalid` or `rate_limited`.
+    /// The job; `None` for ids that name no job (the caller chooses those at will).
+    pub job_id: Option<String>,
+    /// `verify`, `load`, `heartbeat`, `delete` or `save`.
+    pub action: &'static str,
+    /// `invalid`, `rate_limited`, `refused_not_owner`, `not_found`, `expired` or `no_port`.
     pub result: &'static str,
     /// The caller's user name.
     pub user: String,
@@ -41,6 +46,9 @@ struct Window {
 pub struct Row {
     /// What failed.
     pub key: Key,
+    /// The job the row names: the key's, or for the first refusal of an interval, the id
+    /// the caller sent.
+    pub job_id: Option<String>,
     /// How many times.
     pub count: i64,
     /// The first of them (Unix milliseconds).
@@ -77,8 +85,9 @@ impl Tally {
         }
     }
 
-    /// One failure of `key` at `now_ms`.
-    pub fn note(&mut self, key: Key, now_ms: i64) -> Noted {
+    /// One failure of `key` at `now_ms`; `job_id` is the id the caller sent (written in the
+    /// row of the first failure of an interval).
+    pub fn note(&mut self, key: Key, job_id: Option<&str>, now_ms: i64) -> Noted {
         let mut noted = Noted::default();
         if let Some(window) = self.windows.get_mut(&key) {
             if now_ms.saturating_sub(window.start_ms) < self.interval_ms {
@@ -102,6 +111,7 @@ impl Tally {
         );
         noted.first = Some(Row {
             key,
+            job_id: job_id.map(str::to_owned),
             count: 1,
             first_ms: now_ms,
             at_ms: now_ms,
@@ -137,6 +147,7 @@ impl Tally {
     fn row(key: &Key, window: Window) -> Option<Row> {
         (window.pending > 0).then(|| Row {
             key: key.clone(),
+            job_id: key.job_id.clone(),
             count: window.pending,
             first_ms: window.start_ms,
             at_ms: window.last_ms,
@@ -151,7 +162,8 @@ mod tests {
 
     fn key(job: &str, result: &'static str) -> Key {
         Key {
-            job_id: job.into(),
+            job_id: Some(job.into()),
+            action: "verify",
             result,
             user: "alice".into(),
             uid: Some(1000),
@@ -162,7 +174,7 @@ mod tests {
     #[test]
     fn failures_of_an_interval_share_a_row() {
         let mut tally = Tally::new(Duration::from_secs(60));
-        let noted = tally.note(key("a", "invalid"), 0);
+        let noted = tally.note(key("a", "invalid"), None, 0);
         assert_eq!(
             noted.first.unwrap().count,
             1,
@@ -170,11 +182,16 @@ mod tests {
         );
         assert!(noted.closed.is_empty());
         for t in 1..1000 {
-            assert_eq!(tally.note(key("a", "invalid"), t), Noted::default());
+            assert_eq!(tally.note(key("a", "invalid"), None, t), Noted::default());
         }
         // Another job and another result count apart.
-        assert!(tally.note(key("b", "invalid"), 5).first.is_some());
-        assert!(tally.note(key("a", "rate_limited"), 5).first.is_some());
+        assert!(tally.note(key("b", "invalid"), None, 5).first.is_some());
+        assert!(
+            tally
+                .note(key("a", "rate_limited"), None, 5)
+                .first
+                .is_some()
+        );
         assert!(tally.due(Some(59_999)).is_empty(), "nothing has ended yet");
         let rows = tally.due(Some(60_000));
         assert_eq!(rows.len(), 1, "{rows:?}");
@@ -197,10 +214,10 @@ mod tests {
     #[test]
     fn a_failure_after_the_interval_closes_it_and_opens_the_next() {
         let mut tally = Tally::new(Duration::from_secs(1));
-        tally.note(key("a", "invalid"), 0);
-        tally.note(key("a", "invalid"), 10);
-        tally.note(key("a", "invalid"), 20);
-        let noted = tally.note(key("a", "invalid"), 1000);
+        tally.note(key("a", "invalid"), None, 0);
+        tally.note(key("a", "invalid"), None, 10);
+        tally.note(key("a", "invalid"), None, 20);
+        let noted = tally.note(key("a", "invalid"), None, 1000);
         assert_eq!(noted.closed.len(), 1);
         assert_eq!(noted.closed[0].count, 2);
         assert_eq!(noted.first.unwrap().count, 1);
@@ -209,5 +226,38 @@ mod tests {
             "the new interval has nothing pending"
         );
         assert!(tally.is_empty());
+    }
+
+    #[test]
+    fn random_ids_share_one_key() {
+        let mut tally = Tally::new(Duration::from_secs(60));
+        let not_found = Key {
+            job_id: None,
+            action: "load",
+            result: "not_found",
+            user: "mallory".into(),
+            uid: Some(2002),
+            via: "unix",
+        };
+        let first = tally
+            .note(not_found.clone(), Some("job_0"), 0)
+            .first
+            .unwrap();
+        assert_eq!(
+            first.job_id.as_deref(),
+            Some("job_0"),
+            "the first names its id"
+        );
+        for t in 1..10_000 {
+            let id = format!("job_{t}");
+            assert_eq!(
+                tally.note(not_found.clone(), Some(&id), t),
+                Noted::default()
+            );
+        }
+        assert_eq!(tally.len(), 1, "random ids hold no memory");
+        let rows = tally.due(None);
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].count, rows[0].job_id.as_deref()), (9_999, None));
     }
 }

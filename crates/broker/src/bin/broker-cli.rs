@@ -10,7 +10,7 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -703,63 +703,87 @@ fn material_files(job: &Job) -> Result<Vec<(String, String)>, Failure> {
 
 /// Writes the job's material into `dir` (created 0700), each file 0600, atomically. An
 /// existing `dir` must be a directory of ours that group and others cannot enter or list:
-/// the files are private, and so are their names and the moments they change.
+/// the files are private, and so are their names and the moments they change. `dir` itself
+/// must not be a symbolic link (exit 74): it is opened once with `O_NOFOLLOW`, that
+/// descriptor is checked, and every file is created and renamed relative to it, so what is
+/// checked is where the files land, whatever happens to the path meanwhile; a temporary file
+/// is removed on any failure.
 fn write_material(dir: &Path, job: &Job) -> Result<Vec<PathBuf>, Failure> {
     let files = material_files(job)?;
     let io = |what: &Path, e: std::io::Error| {
         Failure::new(exit::IOERR, format!("{}: {e}", what.display()))
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| io(dir, e))?;
-    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
-    if !meta.is_dir() {
-        return Err(Failure::new(
-            exit::IOERR,
-            format!("{} is not a directory", dir.display()),
-        ));
-    }
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(Failure::new(
-            exit::IOERR,
-            format!(
-                "--out-dir {} belongs to uid {}, not to you; choose a directory of your own",
-                dir.display(),
-                meta.uid()
-            ),
-        ));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(Failure::new(
-            exit::IOERR,
-            format!(
-                "--out-dir {} is open to others (mode {:04o}); run `chmod 700 {}` or choose another directory",
-                dir.display(),
-                meta.mode() & 0o7777,
-                dir.display()
-            ),
-        ));
-    }
+    let held = open_out_dir(dir)?;
     let mut written = Vec::with_capacity(files.len());
     for (name, content) in files {
         let path = dir.join(&name);
-        write_private(dir, &name, content.as_bytes()).map_err(|e| io(&path, e))?;
+        let held = held.try_clone().map_err(|e| io(dir, e))?;
+        let mut temp =
+            common::beneath::TempFile::create_in(held, &format!(".{name}."), ".tmp", 0o600)
+                .map_err(|e| io(&path, e))?;
+        // The umask can only have removed bits from 0600; make it exactly 0600.
+        temp.file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .and_then(|()| temp.file_mut().write_all(content.as_bytes()))
+            .and_then(|()| temp.file().sync_all())
+            .and_then(|()| temp.persist(std::ffi::OsStr::new(&name)))
+            .map_err(|e| io(&path, e))?;
         written.push(path);
     }
     Ok(written)
 }
 
-/// A temporary file in `dir` (0600 from the start), then renamed over `name`.
-fn write_private(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
-    let temp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let result = common::daemon::write_new_private(&temp, content)
-        .and_then(|()| std::fs::rename(&temp, dir.join(name)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+/// Opens `--out-dir` once, never through a symlink as its last component, creating it (0700)
+/// when missing, and checks the descriptor: a directory of ours, closed to others.
+fn open_out_dir(dir: &Path) -> Result<std::os::fd::OwnedFd, Failure> {
+    use rustix::fs::{Mode, OFlags};
+    let fail = |message: String| Failure::new(exit::IOERR, message);
+    let io = |e: std::io::Error| fail(format!("{}: {e}", dir.display()));
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let open = || rustix::io::retry_on_intr(|| rustix::fs::open(dir, flags, Mode::empty()));
+    let opened = match open() {
+        Err(rustix::io::Errno::NOENT) => {
+            // mkdir never follows a symlink in the last component; the open below checks
+            // whatever is there now.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+            open()
+        }
+        other => other,
+    };
+    let held = opened.map_err(|errno| {
+        let symlink = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+        if symlink {
+            fail(format!(
+                "--out-dir {} is a symbolic link; give the directory itself",
+                dir.display()
+            ))
+        } else if errno == rustix::io::Errno::NOTDIR {
+            fail(format!("{} is not a directory", dir.display()))
+        } else {
+            io(errno.into())
+        }
+    })?;
+    let stat = rustix::fs::fstat(&held).map_err(|e| io(e.into()))?;
+    if stat.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err(fail(format!(
+            "--out-dir {} belongs to uid {}, not to you; choose a directory of your own",
+            dir.display(),
+            stat.st_uid
+        )));
     }
-    result
+    if stat.st_mode & 0o077 != 0 {
+        return Err(fail(format!(
+            "--out-dir {} is open to others (mode {:04o}); run `chmod 700 {}` or choose another directory",
+            dir.display(),
+            stat.st_mode & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(held)
 }
 
 async fn run_save(conn: &Conn, save: &Save) -> Result<u8, Failure> {

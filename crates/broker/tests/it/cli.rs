@@ -1224,3 +1224,143 @@ async fn out_dir_open_to_others_is_refused() {
     assert_eq!(mode(&dir.join(format!("{id}.secret"))), 0o600);
     daemon.stop().await;
 }
+
+/// Gives `path` (not following a symlink) to [`OTHER_UID`] where we can (as root).
+fn give_away(path: &Path) {
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(path, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    }
+}
+
+/// The names in `dir` that are temporary files.
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+/// Attack on fb69011 (F3): `--out-dir /tmp/keysA`, a symlink another user made to a
+/// directory of the victim's, was checked through the link and written into its target.
+/// Now a symlinked --out-dir is refused (exit 74), whoever owns it, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_out_dir_is_refused() {
+    let daemon = Daemon::start().await;
+    let job = save(&daemon, "ssh").await;
+    let id = job.summary.id.as_str();
+    let shared = daemon.dir.path().join("tmp");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let private = daemon.dir.path().join("priv-test");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let theirs = shared.join("keysA");
+    std::os::unix::fs::symlink(&private, &theirs).unwrap();
+    give_away(&theirs);
+    let mine = shared.join("keysB");
+    std::os::unix::fs::symlink(&private, &mine).unwrap();
+    for link in [&theirs, &mine] {
+        let out = run(
+            cli(&daemon),
+            &["load", id, "--out-dir", link.to_str().unwrap()],
+            None,
+        )
+        .await;
+        assert_eq!(code(&out), 74, "{}", stderr(&out));
+        assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+    }
+    // The directory itself is fine.
+    let out = run(
+        cli(&daemon),
+        &["load", id, "--out-dir", private.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode(&private.join(format!("{id}.secret"))), 0o600);
+    daemon.stop().await;
+}
+
+/// Attack on fb69011 (F3, `outdir_race.py`): a path component flipped between the victim's
+/// private directory and another user's open one put the secret in the open one (17 of 150
+/// runs) and left `.JOB.secret.*.tmp` files behind. Now the directory is opened once and
+/// the files are created relative to that descriptor: for about a second of flipping, every
+/// run either writes into the private directory or is refused, and no temporary file stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipping_out_dir_never_lands_in_the_wrong_directory() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let daemon = Daemon::start().await;
+    let job = save(&daemon, "ssh").await;
+    let id = job.summary.id.clone();
+    let base = daemon.dir.path().join("race");
+    let good = base.join("good/keys");
+    let loot = base.join("loot/keys");
+    for dir in [&good, &loot] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&loot, std::fs::Permissions::from_mode(0o777)).unwrap();
+    give_away(&loot);
+    let planted = loot.join(format!("{id}.secret"));
+    std::fs::write(&planted, b"").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+    give_away(&planted);
+    // --out-dir base/link/keys, base/link flipping between good and loot.
+    let link = base.join("link");
+    std::os::unix::fs::symlink("good", &link).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, link, base) = (stop.clone(), link.clone(), base.clone());
+        std::thread::spawn(move || {
+            let tmp = base.join("link.tmp");
+            let mut flips = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                for target in ["good", "loot"] {
+                    let _ = std::fs::remove_file(&tmp);
+                    std::os::unix::fs::symlink(target, &tmp).unwrap();
+                    std::fs::rename(&tmp, &link).unwrap();
+                    flips += 1;
+                }
+            }
+            flips
+        })
+    };
+    let out_dir = link.join("keys");
+    let started = std::time::Instant::now();
+    let (mut written, mut refused) = (0, 0);
+    while started.elapsed() < Duration::from_secs(1) {
+        let out = run(
+            cli(&daemon),
+            &["load", &id, "--out-dir", out_dir.to_str().unwrap()],
+            None,
+        )
+        .await;
+        match code(&out) {
+            0 => written += 1,
+            74 => refused += 1,
+            other => panic!("exit {other}: {}", stderr(&out)),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    eprintln!("{written} written, {refused} refused, {flips} flips");
+    assert!(written + refused > 0);
+    assert_eq!(
+        std::fs::read(&planted).unwrap(),
+        b"",
+        "the secret landed in the open directory"
+    );
+    assert_eq!(
+        std::fs::read_dir(&loot).unwrap().count(),
+        1,
+        "only the planted file"
+    );
+    assert_eq!(temp_files(&good), Vec::<String>::new());
+    if written > 0 {
+        assert_eq!(mode(&good.join(format!("{id}.secret"))), 0o600);
+    }
+    daemon.stop().await;
+}

@@ -6,7 +6,7 @@ use broker::api::JobType;
 use broker::client::{Client, Endpoint};
 use broker::config::HttpsSection;
 
-use crate::support::{Backend, Daemon, curl_as};
+use crate::support::{Backend, Daemon, curl_as, curl_many_as};
 
 /// A uid with no passwd entry: a real, distinct identity the kernel reports.
 const THROWAWAY_UID: u32 = 4_242_421;
@@ -107,16 +107,129 @@ async fn two_uids(daemon: Daemon) {
     let (_, body) = curl_as(65534, &daemon.socket, "GET", "/v1/whoami", None);
     assert!(body.contains("\"user\":\"nobody\""), "{body}");
 
-    // Ours is untouched and the refusals are audited.
+    // Ours is untouched and the refusals are audited: the first of each action at once,
+    // all four counted once the interval is written out.
     assert!(mine.verify(id, &secret).await.unwrap());
+    let refused = |audit: &[broker::store::AuditRow]| {
+        let mut refused: Vec<(String, i64)> = audit
+            .iter()
+            .filter(|r| r.result == "refused_not_owner" && r.uid == Some(i64::from(other)))
+            .map(|r| (r.action.clone(), r.count))
+            .collect();
+        refused.sort();
+        refused
+    };
     let audit = daemon.broker.store().audit_rows(200).await.unwrap();
-    let refused = audit
+    let expected: Vec<(String, i64)> = ["delete", "heartbeat", "load", "verify"]
         .iter()
-        .filter(|r| r.result == "refused_not_owner" && r.uid == Some(i64::from(other)))
-        .count();
-    assert!(refused >= 2, "{audit:?}");
+        .map(|a| ((*a).to_owned(), 1))
+        .collect();
+    assert_eq!(refused(&audit), expected, "{audit:?}");
+    daemon.broker.flush_audit(true).await.unwrap();
+    let audit = daemon.broker.store().audit_rows(200).await.unwrap();
+    assert_eq!(refused(&audit), expected, "one each: nothing more to count");
     daemon.stop().await;
 }
+
+/// Attack on fb69011 (F2): another local user wrote one audit row per refused request
+/// (`refused_not_owner` on a victim's job, `not_found` on random ids: ~7,000 rows/s, 29 MB
+/// for 265,724 rows). Now every refusal a caller can repeat is counted per caller (and
+/// job, when the id names one) per interval: thousands of requests make a bounded number of
+/// rows whose counts add up, and random ids hold no key each.
+async fn refusals_make_few_rows(daemon: Daemon) {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as a second uid");
+        return;
+    }
+    let mut mine = daemon.client();
+    let job = mine.save_type(JobType::Ssh, None).await.unwrap();
+    let secret = job.secret.clone().unwrap();
+    let id = &job.summary.id;
+    let other = THROWAWAY_UID;
+    let n = 500;
+    let random = format!("/v1/jobs/job_{}[000-{:03}]", "0".repeat(29), n - 1);
+    let verify = format!("{{\"secret\":\"{secret}\"}}");
+    let floods: [(&str, String, Option<&str>, &str, &str); 6] = [
+        (
+            "GET",
+            format!("/v1/jobs/{id}?n=[1-{n}]"),
+            None,
+            "load",
+            "refused_not_owner",
+        ),
+        (
+            "POST",
+            format!("/v1/jobs/{id}/verify?n=[1-{n}]"),
+            Some(verify.as_str()),
+            "verify",
+            "refused_not_owner",
+        ),
+        ("GET", random.clone(), None, "load", "not_found"),
+        ("DELETE", random.clone(), None, "delete", "not_found"),
+        (
+            "POST",
+            format!("{random}/heartbeat"),
+            Some(""),
+            "heartbeat",
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("{random}/verify"),
+            Some(verify.as_str()),
+            "verify",
+            "not_found",
+        ),
+    ];
+    let started = std::time::Instant::now();
+    for (method, path, body, _, _) in &floods {
+        let statuses = curl_many_as(other, &daemon.socket, method, path, *body);
+        assert_eq!(statuses.len(), n, "{method} {path}");
+        assert!(
+            statuses.iter().all(|s| *s == 404),
+            "{method} {path}: {statuses:?}"
+        );
+    }
+    eprintln!("{} refused requests in {:?}", 6 * n, started.elapsed());
+    let theirs = |audit: &[broker::store::AuditRow]| {
+        audit
+            .iter()
+            .filter(|r| r.uid == Some(i64::from(other)))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let audit = theirs(&daemon.broker.store().audit_rows(100_000).await.unwrap());
+    assert_eq!(audit.len(), floods.len(), "the first of each at once");
+    daemon.broker.flush_audit(true).await.unwrap();
+    let audit = theirs(&daemon.broker.store().audit_rows(100_000).await.unwrap());
+    assert!(audit.len() <= 2 * floods.len(), "{} rows", audit.len());
+    for (_, _, _, action, result) in floods {
+        let count: i64 = audit
+            .iter()
+            .filter(|r| r.action == action && r.result == result)
+            .map(|r| r.count)
+            .sum();
+        assert_eq!(
+            count,
+            i64::try_from(n).unwrap(),
+            "{action} {result}: {audit:?}"
+        );
+    }
+    // The victim's job is named in its rows; random ids only in the first row of each.
+    assert!(
+        audit
+            .iter()
+            .filter(|r| r.result == "refused_not_owner")
+            .all(|r| r.job_id.as_deref() == Some(id.as_str()))
+    );
+    assert!(
+        mine.verify(id, &secret).await.unwrap(),
+        "the owner is untouched"
+    );
+    daemon.stop().await;
+}
+
+crate::both_stores!(refusals_are_counted_not_rowed, refusals_make_few_rows);
 
 crate::both_stores!(another_uid_cannot_touch_a_job, two_uids);
 

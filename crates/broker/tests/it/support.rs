@@ -227,6 +227,38 @@ pub fn curl_as(
     (status.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// One `curl` as `uid` sending `method` to every URL of the glob `path` (curl's `[1-1000]`
+/// ranges) over one connection: the HTTP status of each.
+pub fn curl_many_as(
+    uid: u32,
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Vec<u16> {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "60", "-X", method, "-o", "/dev/null"])
+        .args(["-w", "%{http_code}\n"])
+        .arg("--unix-socket")
+        .arg(socket)
+        .arg(format!("http://broker{path}"));
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let output = command.uid(uid).gid(uid).output().expect("run curl");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(0))
+        .collect()
+}
+
 /// Sends `preamble` and `GET /hello.txt` in one write; everything that comes back within
 /// 20 s (nothing when the connection is refused or closed).
 pub async fn http_get<S>(mut stream: S, preamble: &[u8]) -> Vec<u8>
