@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -361,6 +361,52 @@ impl std::fmt::Debug for GateMode {
             Self::Ssl(check) => f.debug_tuple("Ssl").field(check).finish(),
         }
     }
+}
+
+/// Backlog of the gate's public listener.
+const PUBLIC_BACKLOG: i32 = 1024;
+
+/// Binds the job's public port for a gate. At the default, `0.0.0.0`, the port is taken on
+/// every address of both families: one IPv6 socket that also accepts IPv4
+/// (`IPV6_V6ONLY` off), so no other local user can bind the same port on `[::]`, `[::1]` or
+/// a global IPv6 address and receive the key line of a client whose host name resolves to
+/// IPv6 first. Only where the host has no IPv6 at all (nothing can listen there) is it
+/// `0.0.0.0` alone. Any other address is bound as given: the same port on the host's other
+/// addresses stays free for others (docs/broker.md says so).
+///
+/// # Errors
+/// The port cannot be bound (in use, not permitted).
+pub fn bind_public(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    if ip != IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        return listen_on(SocketAddr::new(ip, port), None);
+    }
+    let everywhere = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    match listen_on(everywhere, Some(false)) {
+        Err(err) if no_ipv6(&err) => listen_on(SocketAddr::new(ip, port), None),
+        other => other,
+    }
+}
+
+/// Whether `err` says this host has no IPv6 (`EAFNOSUPPORT`, `EADDRNOTAVAIL`).
+fn no_ipv6(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::AddrNotAvailable
+        || err.raw_os_error() == Some(nix::errno::Errno::EAFNOSUPPORT as i32)
+}
+
+fn listen_on(address: SocketAddr, only_v6: Option<bool>) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if let Some(only_v6) = only_v6 {
+        socket.set_only_v6(only_v6)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(PUBLIC_BACKLOG)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// A running gate.

@@ -25,7 +25,6 @@ use command_fds::{CommandFdExt as _, FdMapping};
 use common::daemon::{LogArgs, Shutdown, exit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -160,7 +159,9 @@ struct Args {
     /// it is killed (SIGKILL to its group), so the job is always deleted; 0 waits forever.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
     stop_timeout: Duration,
-    /// Address the gate binds the public port on (only with --gate).
+    /// Address the gate binds the public port on (only with --gate). The default takes the
+    /// port on every address, IPv4 and IPv6, so nobody else can listen on it anywhere; a
+    /// specific address leaves the port free on the others.
     #[arg(long, value_name = "ADDR", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     bind: IpAddr,
     #[command(flatten)]
@@ -399,7 +400,7 @@ async fn run_job(
     let mut tls_check = None;
     let mut listen_fd = None;
     let gate = if args.gate {
-        let listener = match TcpListener::bind((args.bind, public_port)).await {
+        let listener = match broker::gate::bind_public(args.bind, public_port) {
             Ok(listener) => listener,
             Err(err) => {
                 eprintln!(

@@ -854,7 +854,10 @@ fn python_as(uid: u32, code: &str, args: &[&str]) -> (i32, String) {
 /// Binds HOST:PORT with SO_REUSEADDR and SO_REUSEPORT and listens: exit 0 when it could.
 const TAKE_PORT: &str = r#"
 import socket, sys
-s = socket.socket()
+v6 = ":" in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+if v6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 try:
@@ -878,6 +881,56 @@ fn gated(daemon: &Daemon, xdg: &Path, extra: &[&str], app_args: &[&str]) -> Runn
     args.extend_from_slice(&["--", "python3", "-c", SOCKET_WEB_APP]);
     args.extend_from_slice(app_args);
     Running::spawn(broker_run(daemon, xdg, &args))
+}
+
+/// Issue 16, attack pass (HIGH): the gate bound its public port on `0.0.0.0` only, so another
+/// uid could bind the same port on `[::1]` or `[::]` and receive the key line of a `connect`
+/// whose host name resolved to IPv6 first. At the default bind the gate now holds the port in
+/// both families: another uid can bind it nowhere, and the owner still gets in over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gates_port_is_held_on_ipv6_too() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as a second uid");
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let web = web_root();
+    let xdg = open_runtime_dir();
+    let root = web.path().to_str().unwrap();
+    let mut args = vec![
+        "--type",
+        "ssh",
+        "--gate",
+        "--",
+        "python3",
+        "-c",
+        SOCKET_WEB_APP,
+    ];
+    args.extend_from_slice(&["unix", root, "{socket}"]);
+    let mut run = Running::spawn(broker_run(&daemon, xdg.path(), &args));
+    let summary = run.summary().await;
+    let secret = daemon
+        .client()
+        .load(&summary.id)
+        .await
+        .unwrap()
+        .secret
+        .unwrap();
+    let line = format!("{secret}\n");
+    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    let port = summary.port.to_string();
+    for host in ["::1", "::", "127.0.0.1", "0.0.0.0"] {
+        let (code, err) = python_as(OTHER_UID, TAKE_PORT, &[host, &port]);
+        assert_eq!(code, 1, "another uid bound [{host}]:{port}: {err}");
+    }
+    // The owner's key line over IPv6 reaches the app through the gate.
+    let v6 = TcpStream::connect(("::1", summary.port)).await.unwrap();
+    let answer = http_get(v6, line.as_bytes()).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains(HELLO.trim_end()), "{answer}");
+    kill(run.pid(), Signal::SIGTERM).unwrap();
+    run.exit_code(STEP).await;
+    assert_job_gone(&daemon, &summary.id).await;
 }
 
 /// Issue 16 (HIGH): with `--gate` the app listened on a private 127.0.0.1 port, and another
