@@ -874,6 +874,21 @@ import sys, urllib.request
 sys.exit(0 if b"hello" in urllib.request.urlopen(sys.argv[1], timeout=10).read() else 1)
 "#;
 
+/// The job's key line (`SECRET\n`), once the gated app behind the job's port answers through
+/// the gate with it (the app may still be starting).
+async fn served_key_line(daemon: &Daemon, summary: &Summary) -> String {
+    let secret = daemon
+        .client()
+        .load(&summary.id)
+        .await
+        .unwrap()
+        .secret
+        .unwrap();
+    let line = format!("{secret}\n");
+    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    line
+}
+
 /// `broker-run --type ssh --gate --bind 127.0.0.1 EXTRA -- python3 SOCKET_WEB_APP APP_ARGS`.
 fn gated(daemon: &Daemon, xdg: &Path, extra: &[&str], app_args: &[&str]) -> Running {
     let mut args = vec!["--type", "ssh", "--gate", "--bind", "127.0.0.1"];
@@ -909,15 +924,7 @@ async fn the_gates_port_is_held_on_ipv6_too() {
     args.extend_from_slice(&["unix", root, "{socket}"]);
     let mut run = Running::spawn(broker_run(&daemon, xdg.path(), &args));
     let summary = run.summary().await;
-    let secret = daemon
-        .client()
-        .load(&summary.id)
-        .await
-        .unwrap()
-        .secret
-        .unwrap();
-    let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    let line = served_key_line(&daemon, &summary).await;
     let port = summary.port.to_string();
     for host in ["::1", "::", "127.0.0.1", "0.0.0.0"] {
         let (code, err) = python_as(OTHER_UID, TAKE_PORT, &[host, &port]);
@@ -957,15 +964,7 @@ async fn another_user_cannot_reach_a_gated_apps_socket() {
             .strip_prefix("unix:")
             .unwrap(),
     );
-    let secret = daemon
-        .client()
-        .load(&summary.id)
-        .await
-        .unwrap()
-        .secret
-        .unwrap();
-    let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    served_key_line(&daemon, &summary).await;
 
     // The owner reaches the socket directly; another uid does not, nor the public port
     // without the key.
@@ -1059,15 +1058,7 @@ async fn a_pre_bound_tcp_socket_cannot_be_taken() {
     let port = u16::try_from(seen["address"][1].as_u64().unwrap()).unwrap();
     assert!(app.contains(&format!("127.0.0.1:{port}")), "{app}");
 
-    let secret = daemon
-        .client()
-        .load(&summary.id)
-        .await
-        .unwrap()
-        .secret
-        .unwrap();
-    let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    served_key_line(&daemon, &summary).await;
     if is_root() {
         for host in ["127.0.0.1", "0.0.0.0"] {
             let (code, err) = python_as(OTHER_UID, TAKE_PORT, &[host, &port.to_string()]);
@@ -1104,15 +1095,7 @@ async fn a_pre_bound_unix_socket_is_the_owners_only() {
     assert_eq!(seen["family"], "AF_UNIX");
     let socket = PathBuf::from(seen["address"].as_str().unwrap());
     assert!(socket.starts_with(xdg.path()), "{socket:?}");
-    let secret = daemon
-        .client()
-        .load(&summary.id)
-        .await
-        .unwrap()
-        .secret
-        .unwrap();
-    let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    served_key_line(&daemon, &summary).await;
     if is_root() {
         let (status, body) = curl_as(OTHER_UID, &socket, "GET", "/hello.txt", None);
         assert_eq!(status, 0, "another uid reached the app: {body}");
@@ -1134,15 +1117,7 @@ async fn wrong_key_lines_back_off_at_the_gate() {
     let root = web.path().to_str().unwrap();
     let mut run = gated(&daemon, xdg.path(), &[], &["unix", root, "{socket}"]);
     let summary = run.summary().await;
-    let secret = daemon
-        .client()
-        .load(&summary.id)
-        .await
-        .unwrap()
-        .secret
-        .unwrap();
-    let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    let line = served_key_line(&daemon, &summary).await;
     let verifications = || async {
         daemon
             .broker
@@ -1199,15 +1174,7 @@ async fn idle_sockets_do_not_lock_the_owner_out_of_the_gate() {
     let root = web.path().to_str().unwrap();
     let mut run = gated(&daemon, xdg.path(), &[], &["unix", root, "{socket}"]);
     let summary = run.summary().await;
-    let secret = daemon
-        .client()
-        .load(&summary.id)
-        .await
-        .unwrap()
-        .secret
-        .unwrap();
-    let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    let line = served_key_line(&daemon, &summary).await;
     let gate = std::net::SocketAddr::from(([127, 0, 0, 1], summary.port));
     let crowd = idle_crowd(gate, 1030).await;
     let owner = connect_from(OTHER_LOOPBACK, gate).await.unwrap();
