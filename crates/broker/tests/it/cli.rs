@@ -746,20 +746,22 @@ async fn connect_ssh_mode_sends_the_key_line_first() {
     daemon.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_ssl_mode_presents_the_owners_certificate() {
-    let daemon = Daemon::start().await;
-    let me = daemon.client().whoami().await.unwrap();
-    let job = save(&daemon, "ssl").await;
-    let tls = job.tls.clone().unwrap();
+/// A TLS echo server on 127.0.0.1 with a job's server certificate, taking any client
+/// certificate of the broker's CA; each completed handshake sends the client's CN.
+async fn tls_echo_server(
+    tls: &broker::api::TlsMaterial,
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<Option<String>>,
+) {
     let config = broker::pemtls::server_config(&tls.cert, &tls.key, &tls.ca, "").unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
-    let (peers, mut seen) = mpsc::unbounded_channel();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (peers, seen) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let (tcp, _) = target.accept().await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = acceptor.clone();
             let peers = peers.clone();
             tokio::spawn(async move {
@@ -774,6 +776,16 @@ async fn connect_ssl_mode_presents_the_owners_certificate() {
             });
         }
     });
+    (address, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ssl_mode_presents_the_owners_certificate() {
+    let daemon = Daemon::start().await;
+    let me = daemon.client().whoami().await.unwrap();
+    let job = save(&daemon, "ssl").await;
+    let tls = job.tls.clone().unwrap();
+    let (target_addr, mut seen) = tls_echo_server(&tls).await;
 
     let mut command = cli(&daemon);
     command.args([
@@ -1030,26 +1042,7 @@ async fn connect_ssl_refuses_another_jobs_certificate() {
     let theirs = save(&daemon, "ssl").await;
     let other = theirs.tls.clone().unwrap();
     // Their server, with their certificate, taking any certificate of the broker's CA.
-    let config = broker::pemtls::server_config(&other.cert, &other.key, &other.ca, "").unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let impostor = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let impostor_addr = impostor.local_addr().unwrap();
-    let (handshakes, mut done) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = impostor.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            let handshakes = handshakes.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = handshakes.send(());
-                let (mut read, mut write) = tokio::io::split(stream);
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let (impostor_addr, mut done) = tls_echo_server(&other).await;
 
     let mut command = cli(&daemon);
     command.args([
