@@ -189,27 +189,21 @@ macro_rules! both_stores {
     };
 }
 
-/// `curl --unix-socket SOCKET` as `uid` (a second, real identity for the kernel): the HTTP
-/// status and the body.
-pub fn curl_as(
+/// `curl --unix-socket SOCKET -X METHOD [body as JSON] OPTIONS http://broker/PATH` run as
+/// `uid` (a second, real identity for the kernel): its standard output.
+fn curl_output_as(
     uid: u32,
     socket: &std::path::Path,
     method: &str,
     path: &str,
     body: Option<&str>,
-) -> (u16, String) {
+    options: &[&str],
+) -> String {
     use std::os::unix::process::CommandExt as _;
     let mut command = std::process::Command::new("curl");
     command
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-        ])
+        .args(["-sS", "-X", method])
+        .args(options)
         .arg("--unix-socket")
         .arg(socket)
         .arg(format!("http://broker{path}"));
@@ -222,7 +216,19 @@ pub fn curl_as(
         ]);
     }
     let output = command.uid(uid).gid(uid).output().expect("run curl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `curl --unix-socket SOCKET` as `uid`: the HTTP status and the body.
+pub fn curl_as(
+    uid: u32,
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let options = ["--max-time", "10", "-w", "\n%{http_code}"];
+    let text = curl_output_as(uid, socket, method, path, body, &options);
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (status.trim().parse().unwrap_or(0), body.to_owned())
 }
@@ -236,24 +242,15 @@ pub fn curl_many_as(
     path: &str,
     body: Option<&str>,
 ) -> Vec<u16> {
-    use std::os::unix::process::CommandExt as _;
-    let mut command = std::process::Command::new("curl");
-    command
-        .args(["-sS", "--max-time", "60", "-X", method, "-o", "/dev/null"])
-        .args(["-w", "%{http_code}\n"])
-        .arg("--unix-socket")
-        .arg(socket)
-        .arg(format!("http://broker{path}"));
-    if let Some(body) = body {
-        command.args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    let output = command.uid(uid).gid(uid).output().expect("run curl");
-    String::from_utf8_lossy(&output.stdout)
+    let options = [
+        "--max-time",
+        "60",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+    ];
+    curl_output_as(uid, socket, method, path, body, &options)
         .lines()
         .map(|l| l.trim().parse().unwrap_or(0))
         .collect()
