@@ -205,20 +205,27 @@ async fn the_unverified_body_deadline_is_ten_seconds_by_default() {
     h.stop().await;
 }
 
+/// Registers a second user `name` with a fresh Ed448 key in the harness's user database: the
+/// key.
+async fn add_user(h: &Harness, name: &str) -> PrivateKey {
+    let key = PrivateKey::generate();
+    let users = remo_serv::users::Users::open(&h.dir.path().join("users.sqlite"))
+        .await
+        .unwrap();
+    users
+        .add(name, PublicKey::ed448_pem(&key.verifying_key()).as_bytes())
+        .await
+        .unwrap();
+    key
+}
+
 /// A captured `/auth` body replayed 25 times used to fill `max-sessions = 20`, and the next
 /// user got 503. A user now holds at most `max-sessions-per-user` sessions (their oldest
 /// goes), so another user still logs in.
 #[tokio::test]
 async fn replayed_logins_do_not_fill_the_session_table() {
     let h = Harness::start_with(|config| config.max_sessions = 20).await;
-    let bob = PrivateKey::generate();
-    let users = remo_serv::users::Users::open(&h.dir.path().join("users.sqlite"))
-        .await
-        .unwrap();
-    users
-        .add("bob", PublicKey::ed448_pem(&bob.verifying_key()).as_bytes())
-        .await
-        .unwrap();
+    let bob = add_user(&h, "bob").await;
     let (captured, _) = login_body(USER, &h.keys.user_key());
     for _ in 0..25 {
         let answer = harness::request(
@@ -254,14 +261,7 @@ async fn a_replayed_login_cannot_take_the_connection_slots() {
         DEFAULT_LOGIN_BURST, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SESSIONS_PER_USER,
     };
     let h = Harness::start_with(|config| config.login_burst = DEFAULT_LOGIN_BURST).await;
-    let bob = PrivateKey::generate();
-    let users = remo_serv::users::Users::open(&h.dir.path().join("users.sqlite"))
-        .await
-        .unwrap();
-    users
-        .add("bob", PublicKey::ed448_pem(&bob.verifying_key()).as_bytes())
-        .await
-        .unwrap();
+    let bob = add_user(&h, "bob").await;
     let (captured, _) = login_body(USER, &h.keys.user_key());
     let mut held = Vec::new();
     let mut refused = 0;
