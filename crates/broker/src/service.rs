@@ -298,7 +298,8 @@ impl Broker {
                 return Ok(self.to_job(&row, true));
             }
         }
-        self.audit_refusal(caller, "save", None, "no_port").await?;
+        self.audit_repeatable(caller, "save", None, "no_port")
+            .await?;
         Err(BrokerError::Conflict(format!(
             "no free port in {}-{}",
             range.start(),
@@ -354,7 +355,8 @@ impl Broker {
                 if result == "refused_not_owner" {
                     tracing::warn!(user = ?caller.user, via = caller.via, job = id, action, "refused: not the owner");
                 }
-                self.audit_refusal(caller, action, Some(id), result).await?;
+                self.audit_repeatable(caller, action, Some(id), result)
+                    .await?;
                 Err(BrokerError::NotFound)
             }
         }
@@ -366,14 +368,8 @@ impl Broker {
     /// [`BrokerError`].
     pub async fn load(&self, caller: &Caller, id: &str) -> Result<Job, BrokerError> {
         let row = self.owned(caller, id, "load").await?;
-        self.store
-            .audit(&AuditRecord {
-                caller,
-                action: "load",
-                job_id: Some(id),
-                result: "ok",
-                detail: None,
-            })
+        // Repeatable at will and changing nothing: counted, like a refusal.
+        self.audit_repeatable(caller, "load", Some(id), "ok")
             .await?;
         Ok(self.to_job(&row, true))
     }
@@ -400,7 +396,7 @@ impl Broker {
         let limit = self.config.max_failed_verifies_per_minute;
         if !valid && limit > 0 {
             if self.rate_limited(id, limit) {
-                self.audit_refusal(caller, "verify", Some(id), "rate_limited")
+                self.audit_repeatable(caller, "verify", Some(id), "rate_limited")
                     .await?;
                 return Err(BrokerError::TooMany(
                     "too many failed verifications of this job; wait a minute".into(),
@@ -411,26 +407,20 @@ impl Broker {
         if !valid {
             // Strangers at the owner's gate decide how often this happens: counted per job
             // per interval, not a row each.
-            self.audit_refusal(caller, "verify", Some(id), "invalid")
+            self.audit_repeatable(caller, "verify", Some(id), "invalid")
                 .await?;
             return Ok(false);
         }
-        self.store
-            .audit(&AuditRecord {
-                caller,
-                action: "verify",
-                job_id: Some(id),
-                result: "valid",
-                detail: None,
-            })
+        self.audit_repeatable(caller, "verify", Some(id), "valid")
             .await?;
         Ok(true)
     }
 
-    /// Records a refusal the caller can repeat at will through the tally: the first of an
-    /// interval at once, the rest as one counted row when the interval ends. A `not_found`
-    /// is counted without its id (the caller invents those), the others per job.
-    async fn audit_refusal(
+    /// Records an outcome the caller can repeat at will (a refusal, or a load or verify of
+    /// their own job, which changes nothing) through the tally: the first of an interval at
+    /// once, the rest as one counted row when the interval ends. A `not_found` is counted
+    /// without its id (the caller invents those), the others per job.
+    async fn audit_repeatable(
         &self,
         caller: &Caller,
         action: &'static str,
@@ -549,7 +539,7 @@ impl Broker {
             Some(expires) => Ok(rfc3339(expires)),
             None => {
                 let result = self.miss_reason(caller, id).await?;
-                self.audit_refusal(caller, "heartbeat", Some(id), result)
+                self.audit_repeatable(caller, "heartbeat", Some(id), result)
                     .await?;
                 Err(BrokerError::NotFound)
             }
@@ -582,7 +572,7 @@ impl Broker {
             }
             None => {
                 let result = self.miss_reason(caller, id).await?;
-                self.audit_refusal(caller, "delete", Some(id), result)
+                self.audit_repeatable(caller, "delete", Some(id), result)
                     .await?;
                 Err(BrokerError::NotFound)
             }

@@ -1,7 +1,9 @@
-//! Refusals counted per caller (and job) per interval, so that nobody can fill the audit
-//! table by repeating a refused request: failed verifications (`invalid`, `rate_limited`,
-//! caused by strangers at a gate), another user's job (`refused_not_owner`), no such job
-//! (`not_found`), an expired job (`expired`) and a save with no free port (`no_port`). The
+//! Outcomes a caller can repeat at will, counted per caller (and job) per interval, so that
+//! nobody can fill the audit table by repeating a request: failed verifications (`invalid`,
+//! `rate_limited`, caused by strangers at a gate), another user's job (`refused_not_owner`),
+//! no such job (`not_found`), an expired job (`expired`), a save with no free port
+//! (`no_port`), and the caller's own loads (`ok`) and verifications (`valid`), which change
+//! nothing. The
 //! first refusal of a key in an interval is recorded at once, the others of that interval as
 //! one row with their count when it ends. Keys are bounded: a `not_found` is keyed without
 //! its (caller-chosen) id, so random ids make one key per caller and action, and every other
@@ -20,7 +22,8 @@ pub struct Key {
     pub job_id: Option<String>,
     /// `verify`, `load`, `heartbeat`, `delete` or `save`.
     pub action: &'static str,
-    /// `invalid`, `rate_limited`, `refused_not_owner`, `not_found`, `expired` or `no_port`.
+    /// `invalid`, `rate_limited`, `refused_not_owner`, `not_found`, `expired`, `no_port`,
+    /// `ok` (a load) or `valid` (a verification).
     pub result: &'static str,
     /// The caller's user name.
     pub user: String,

@@ -231,6 +231,55 @@ async fn refusals_make_few_rows(daemon: Daemon) {
 
 crate::both_stores!(refusals_are_counted_not_rowed, refusals_make_few_rows);
 
+/// Attack pass 2 (MEDIUM): a user's loads and valid verifications of their own job wrote a
+/// row each, 8,000 to 9,600 rows a second from one local user. They change nothing and can
+/// be repeated at will, so they are counted like refusals: one row at once per caller, job
+/// and action, the rest as one counted row when the interval ends.
+async fn own_reads_make_few_rows(daemon: Daemon) {
+    let me = nix::unistd::geteuid().as_raw();
+    let job = daemon.client().save_type(JobType::Ssh, None).await.unwrap();
+    let secret = job.secret.clone().unwrap();
+    let id = &job.summary.id;
+    let n = 500;
+    let verify = format!("{{\"secret\":\"{secret}\"}}");
+    let load = format!("/v1/jobs/{id}?n=[1-{n}]");
+    let statuses = curl_many_as(me, &daemon.socket, "GET", &load, None);
+    assert_eq!(statuses, vec![200; n], "{load}");
+    let valid = format!("/v1/jobs/{id}/verify?n=[1-{n}]");
+    let statuses = curl_many_as(me, &daemon.socket, "POST", &valid, Some(&verify));
+    assert_eq!(statuses, vec![200; n], "{valid}");
+    let reads = |audit: Vec<broker::store::AuditRow>| {
+        audit
+            .into_iter()
+            .filter(|r| r.action == "load" || r.action == "verify")
+            .collect::<Vec<_>>()
+    };
+    let audit = reads(daemon.broker.store().audit_rows(100_000).await.unwrap());
+    assert_eq!(
+        audit.len(),
+        2,
+        "the first of each at once: {} rows",
+        audit.len()
+    );
+    daemon.broker.flush_audit(true).await.unwrap();
+    let audit = reads(daemon.broker.store().audit_rows(100_000).await.unwrap());
+    assert!(audit.len() <= 4, "{} rows", audit.len());
+    for (action, result) in [("load", "ok"), ("verify", "valid")] {
+        let count: i64 = audit
+            .iter()
+            .filter(|r| r.action == action && r.result == result)
+            .map(|r| r.count)
+            .sum();
+        assert_eq!(count, i64::try_from(n).unwrap(), "{action} {result}");
+    }
+    daemon.stop().await;
+}
+
+crate::both_stores!(
+    own_loads_and_verifies_are_counted_not_rowed,
+    own_reads_make_few_rows
+);
+
 crate::both_stores!(another_uid_cannot_touch_a_job, two_uids);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
