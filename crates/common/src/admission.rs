@@ -322,10 +322,25 @@ impl Table {
                 .find(|(_, entry)| held(self, &entry.key) == Some(after))
                 .filter(|(_, entry)| now.saturating_duration_since(entry.admitted) >= EVICT_MIN_AGE)
         };
-        let Some(seq) = victim.map(|(&seq, _)| seq) else {
-            return false;
-        };
-        match self.remove(seq) {
+        self.evict(victim.map(|(&seq, _)| seq), evicted)
+    }
+
+    /// At the per-address cap: makes room by evicting the oldest stranger of `key` itself once
+    /// it is [`EVICT_MIN_AGE`] old, so that idle sockets from an address cannot keep out a
+    /// client sharing it (a NAT, or every local user on loopback): the newcomer's handshake is
+    /// done long before it could be evicted in turn.
+    fn evict_own(&mut self, key: AddressKey, now: Instant, evicted: &AtomicU64) -> bool {
+        let victim = self
+            .strangers
+            .iter()
+            .find(|(_, entry)| entry.key == key)
+            .filter(|(_, entry)| now.saturating_duration_since(entry.admitted) >= EVICT_MIN_AGE);
+        self.evict(victim.map(|(&seq, _)| seq), evicted)
+    }
+
+    /// Removes stranger `seq`, cancelling its token: whether there was one.
+    fn evict(&mut self, seq: Option<u64>, evicted: &AtomicU64) -> bool {
+        match seq.and_then(|seq| self.remove(seq)) {
             Some(entry) => {
                 entry.evict.cancel();
                 evicted.fetch_add(1, Ordering::Relaxed);
@@ -414,7 +429,9 @@ impl Admission {
         let refused = {
             let mut table = inner.table.lock().unwrap_or_else(|p| p.into_inner());
             let held = table.per_address.get(&key).copied().unwrap_or(0);
-            if held >= inner.limits.max_handshakes_per_address {
+            if held >= inner.limits.max_handshakes_per_address
+                && !table.evict_own(key, now, &inner.evicted)
+            {
                 Refused::Address
             } else if table.strangers.len() >= inner.limits.max_handshakes
                 && !table.evict_for(key, now, &inner.evicted)

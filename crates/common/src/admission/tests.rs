@@ -378,13 +378,13 @@ async fn eviction_gives_back_the_address_share_once_and_the_evicted_cannot_authe
     let door = Admission::new("test", limits(4, 2, 2));
     let a1 = door.stranger_at(v4(1, 1), now).unwrap();
     let a2 = door.stranger_at(v4(1, 2), now).unwrap();
-    now += EVICT_MIN_AGE;
-    // The per-address cap is kept and checked first: a full address evicts nobody.
+    // The per-address cap is kept and checked first: a full address evicts nobody young.
     assert_eq!(
         door.stranger_at(v4(1, 3), now).unwrap_err(),
         Refused::Address
     );
     assert_eq!(door.stats().evicted, 0);
+    now += EVICT_MIN_AGE;
     let b1 = door.stranger_at(v4(2, 1), now).unwrap();
     assert!(a1.is_evicted() && !a2.is_evicted());
     // The evicted one's share went with it, at once.
@@ -442,4 +442,32 @@ async fn an_evicted_pending_connection_expires_at_once() {
     assert_eq!(pending.authenticated().unwrap_err(), Refused::Handshakes);
     assert!(!pending.is_authenticated());
     assert_eq!(door.stats().connections, 0);
+}
+
+/// Attack pass 2 (MEDIUM): 8 idle sockets from 127.0.0.1, reopened when closed, kept every
+/// other client on 127.0.0.1 out (0 of 34 logins): a newcomer over its address's cap was
+/// refused at once. Now it evicts its own address's oldest stranger once that is
+/// EVICT_MIN_AGE old, so a client sharing the address gets in; a young one is not evicted.
+#[tokio::test]
+async fn a_full_address_makes_room_from_its_own_oldest_once_old() {
+    let mut now = Instant::now();
+    let door = Admission::new("test", Limits::new(256, Duration::from_secs(10)));
+    let per_address = door.limits().max_handshakes_per_address;
+    let crowd: Vec<Stranger> = (0..per_address)
+        .map(|port| door.stranger_at(v4(1, port as u16), now).unwrap())
+        .collect();
+    assert_eq!(
+        door.stranger_at(v4(1, 999), now).unwrap_err(),
+        Refused::Address
+    );
+    now += EVICT_MIN_AGE;
+    let client = door.stranger_at(v4(1, 999), now).unwrap();
+    assert!(crowd.first().unwrap().is_evicted());
+    assert!(crowd.iter().skip(1).all(|s| !s.is_evicted()));
+    assert_eq!(held(&door, 1), per_address);
+    // The attacker reopens at once: it evicts its own next oldest, never the young client.
+    let again = door.stranger_at(v4(1, 1000), now).unwrap();
+    assert!(crowd.get(1).unwrap().is_evicted());
+    assert!(!client.is_evicted() && !again.is_evicted());
+    assert_eq!(door.stats().evicted, 2);
 }
