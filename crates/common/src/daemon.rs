@@ -137,10 +137,20 @@ where
         eprintln!("{name}: {err:#}");
         return std::process::ExitCode::from(exit::USAGE);
     }
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    run_daemon_on(name, crate::cli::Flavor::MultiThread, main)
+}
+
+/// [`run_daemon`] for a daemon that set up tracing itself and chose its runtime's threads.
+pub fn run_daemon_on<F, Fut>(
+    name: &str,
+    flavor: crate::cli::Flavor,
+    main: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::process::ExitCode>,
+{
+    match flavor.build() {
         Ok(runtime) => {
             let code = runtime.block_on(main());
             // Dropping the runtime would wait for every blocking task; one stuck in a system

@@ -12,6 +12,8 @@
 //!   (`openat2` with `RESOLVE_BENEATH`, `O_NONBLOCK`), and temporary files moved into place
 //!   with `renameat` (removed when dropped).
 //! - [`io`]: stream adapters ([`io::WriteDeadline`]: a deadline on every write).
+//! - [`cli`]: the start-up path of every command-line tool and benchmark (runtime, `name: error`,
+//!   the exit-code rule).
 //! - [`daemon`]: tracing set-up, layered TOML configuration, signals, systemd notifications and
 //!   draining.
 //! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
@@ -21,6 +23,7 @@
 
 pub mod admission;
 pub mod beneath;
+pub mod cli;
 pub mod daemon;
 pub mod envelope;
 pub mod io;

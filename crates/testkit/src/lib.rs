@@ -8,6 +8,8 @@
 //!   stderr, and the assertion that nothing was forged.
 //! - [`front`]: the front-door attack (a crowd of idle sockets from 127.0.0.1) and a
 //!   legitimate mutual-TLS client from 127.0.0.2.
+//! - [`poll`]: [`eventually`], the one polling loop for whatever happens in another task or
+//!   process.
 //! - [`timers`]: timer tests at the defaults: when a connection was cut, and whether that was
 //!   about at its default.
 //!
@@ -17,7 +19,9 @@ pub mod daemon;
 pub mod front;
 pub mod logs;
 pub mod pki;
+pub mod poll;
 pub mod timers;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};
 pub use pki::{Attr, Leaf, TestPki, test_pki};
+pub use poll::{eventually, until};
