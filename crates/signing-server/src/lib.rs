@@ -11,12 +11,14 @@
 //! - [`service`]: identity rules, signing paths, recording;
 //! - [`audit`]: the append-only audit table and `signatures.txt`;
 //! - [`server`], [`api`]: the listener, the original protocol and the JSON API;
-//! - [`config`]: the TOML file.
+//! - [`config`]: the TOML file;
+//! - [`cli`]: the command-line tools' logic (`signing-client`, `signing-bench`).
 //!
 //! The library never reads argv, the environment or signals; the binaries in `src/bin` do.
 
 pub mod api;
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod ed448;
 pub mod fields;

@@ -7,10 +7,10 @@
 //! followed by the "Signatures written to" line, so a listed name that starts with `{` does
 //! not fool us.
 
+use crate::fields::Fields;
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use signing_server::fields::Fields;
 
 /// What ends the JSON object.
 const TRAILER: &[u8] = b"\nSignatures written to: ";
@@ -180,7 +180,7 @@ pub(crate) fn render(answer: &Answer, host: &str) -> String {
     for (name, entry) in &answer.files.0 {
         out.push_str(name);
         out.push_str(": ");
-        out.push_str(&signing_server::fields::python_json(entry));
+        out.push_str(&crate::fields::python_json(entry));
         out.push('\n');
     }
     out.push_str(&answer.trailer);

@@ -19,7 +19,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use crate::{Failure, Target};
+use super::conn::{Failure, Target, open_tls};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -85,7 +85,7 @@ impl Api {
 
     async fn sender(&mut self) -> Result<&mut SendRequest<Body>, Failure> {
         if self.sender.as_ref().is_none_or(SendRequest::is_closed) {
-            let stream = crate::open_tls(&self.target).await?;
+            let stream = open_tls(&self.target).await?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| Failure::Connect(format!("http handshake: {e}")))?;
