@@ -13,10 +13,12 @@
 //! - [`limits`]: the budget of unverified body bytes and the login rate per address;
 //! - [`exec`], [`files`], [`pipeline`]: commands, file access and parallel encryption;
 //! - [`client`]: the client library behind `remo`;
-//! - [`config`]: the TOML file and its validation.
+//! - [`config`]: the TOML file and its validation;
+//! - [`cli`]: the command-line tools' logic (`remo`, `remo-admin`, `remo-bench`).
 //!
 //! The library never reads argv, the environment or signals; the binaries in `src/bin` do.
 pub mod body;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod conns;
