@@ -22,6 +22,7 @@ mod report;
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use common::cli::Failure;
 
 use crate::cli::{Cli, Command};
 
@@ -42,13 +43,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("certgen: {err:#}");
-            ExitCode::from(exit_code(&err))
-        }
-    }
+    let result = run(&cli).map_err(|err| Failure::new(exit_code(&err), err));
+    ExitCode::from(common::cli::conclude("certgen", result))
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {

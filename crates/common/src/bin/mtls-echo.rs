@@ -8,11 +8,13 @@
 #![expect(clippy::print_stdout, reason = "a demo program that reports on stdout")]
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use common::daemon::Shutdown;
+use common::cli::Failure;
+use common::daemon::{Shutdown, exit};
 use common::tls::{self, ClientAuth, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -60,25 +62,19 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     tls::install_default_provider();
-    let args = Args::parse();
-    if let Err(err) = common::daemon::init_tracing(&args.log, "info") {
-        eprintln!("mtls-echo: {err:#}");
-        return std::process::ExitCode::from(common::daemon::exit::USAGE);
-    }
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("mtls-echo: {err:#}");
-            std::process::ExitCode::from(common::daemon::exit::UNAVAILABLE)
-        }
-    }
+    let Args { log, command } = Args::parse();
+    common::daemon::run_daemon("mtls-echo", &log, || async move {
+        let result = run(command)
+            .await
+            .map_err(|err| Failure::new(exit::UNAVAILABLE, err));
+        ExitCode::from(common::cli::conclude("mtls-echo", result))
+    })
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    match args.command {
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve { listen, creds, crl } => {
             let server = ServerTls::load(ServerTlsFiles {
                 cert: creds.cert,
