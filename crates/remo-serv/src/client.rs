@@ -779,14 +779,10 @@ impl Client {
                 crate::pipeline::Layout { size, piece, count },
                 &cipher,
                 |t, data| {
-                    let magic = Magic {
-                        first: t == 0,
-                        last: t + 1 == count,
-                    };
                     proto::request_plain(
-                        magic,
+                        Magic::nth(t, count),
                         req_no,
-                        t as u16 as i16,
+                        proto::token_no(t),
                         (t == 0).then_some(&hash),
                         data,
                     )

@@ -174,12 +174,27 @@ pub struct Magic {
 }
 
 impl Magic {
+    /// The marks of token `t` of a body of `count` tokens: `B` on the first, `E` on the last.
+    #[must_use]
+    pub fn nth(t: u64, count: u64) -> Self {
+        Self {
+            first: t == 0,
+            last: t + 1 == count,
+        }
+    }
+
     fn bytes(self) -> [u8; 2] {
         [
             if self.first { b'B' } else { b'.' },
             if self.last { b'E' } else { b'.' },
         ]
     }
+}
+
+/// Token `t`'s number on the wire: an int16 that wraps past 32767, as the original's counter.
+#[must_use]
+pub fn token_no(t: u64) -> i16 {
+    t as u16 as i16
 }
 
 /// A decoded token plaintext (request or response).
@@ -395,6 +410,21 @@ mod tests {
     const FIRST_TOKEN: &str = "gAAAAABlU_EAAAECAwQFBgcICQoLDA0OD7gNp4XaIpEJz_YIn3ArepGxXwca2qn6lIJFL-H31NOq7nTI-ipydBZnMtFtu8ZkTcS-vSN1ki93TWFCmVv4-MP07wkvxrLZywQtDiLf0yldZD5Yw9Z1UchJRnTrTz9y4g==";
     const RESPONSE_TOKEN: &str = "gAAAAABlU_EAAAECAwQFBgcICQoLDA0ODw2v8qVy-JEB74NtxtvpwkzKjC5EU8iFAh_3HJgC2UtvTPEqhKus63Y0q5l1hnvBjA==";
     const T0: u64 = 1_700_000_000;
+
+    #[test]
+    fn token_marks_and_numbers() {
+        let marks = |count| {
+            (0..count)
+                .map(|t| Magic::nth(t, count).bytes())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(marks(1), [*b"BE"]);
+        assert_eq!(marks(3), [*b"B.", *b"..", *b".E"]);
+        assert_eq!(token_no(0), 0);
+        assert_eq!(token_no(32_767), i16::MAX);
+        assert_eq!(token_no(32_768), i16::MIN);
+        assert_eq!(token_no(65_536), 0);
+    }
 
     #[test]
     fn x448_and_kdf_match_the_vectors() {

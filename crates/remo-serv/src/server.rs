@@ -886,8 +886,13 @@ async fn dispatch(
             match endpoint {
                 "/get/" => get(state, id, user, &arg, body, out, max_body).await,
                 "/put/" => put(state, user, &arg, body, out).await,
-                "/cmd/" => cmd(state, id, user, &arg, body, out, max_body).await,
-                _ => icm(state, id, user, &arg, body, out, max_body).await,
+                _ => match command_input(id, user, &arg, body, out, max_body).await {
+                    Err(outcome) => outcome,
+                    Ok((stdin, argv)) if endpoint == "/cmd/" => {
+                        cmd(state, user, &arg, stdin, &argv, out).await
+                    }
+                    Ok((input, argv)) => icm(state, id, user, &arg, &input, &argv, out).await,
+                },
             }
         }
         "/info" => match body.collect(max_body, unix_now).await {
@@ -953,11 +958,8 @@ async fn get(
             crate::pipeline::Layout { size, piece, count },
             &cipher,
             |t, data| {
-                let magic = Magic {
-                    first: t == 0,
-                    last: false,
-                };
-                proto::response_plain(magic, req_no, t as u16 as i16, data)
+                // `count` tokens of data, then the end token.
+                proto::response_plain(Magic::nth(t, count + 1), req_no, proto::token_no(t), data)
             },
             |batch, _| tx.blocking_send(Ok(batch)).is_ok(),
         );
@@ -971,11 +973,12 @@ async fn get(
             }
         };
         // An explicit end: the last token is an empty `.E` (or a lone `BE` for an empty file).
-        let magic = Magic {
-            first: count == 0,
-            last: true,
-        };
-        let end = proto::response_plain(magic, req_no, count as u16 as i16, b"");
+        let end = proto::response_plain(
+            Magic::nth(count, count + 1),
+            req_no,
+            proto::token_no(count),
+            b"",
+        );
         push_line(&mut batch, &cipher, &end);
         let _ = tx.blocking_send(Ok(batch.freeze()));
     });
@@ -1098,23 +1101,18 @@ async fn command_input(
 
 async fn cmd(
     state: &State,
-    id: &str,
     user: &str,
     line: &str,
-    body: RequestBody,
+    stdin: Vec<u8>,
+    argv: &[String],
     out: &Responder,
-    max_body: usize,
 ) -> Outcome {
-    let (stdin, argv) = match command_input(id, user, line, body, out, max_body).await {
-        Ok(input) => input,
-        Err(outcome) => return outcome,
-    };
     let limits = CmdLimits {
         timeout: state.config.command_timeout,
         max_output: usize::try_from(state.config.max_output).unwrap_or(usize::MAX),
     };
     let started = Instant::now();
-    match exec::run(&argv, stdin, state.roots.workdir(), limits).await {
+    match exec::run(argv, stdin, state.roots.workdir(), limits).await {
         Ok((output, exit)) => {
             tracing::info!(
                 user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), exit = exit.code, timed_out = exit.timed_out,
@@ -1140,32 +1138,36 @@ async fn icm(
     id: &str,
     user: &str,
     line: &str,
-    body: RequestBody,
+    input: &[u8],
+    argv: &[String],
     out: &Responder,
-    max_body: usize,
 ) -> Outcome {
-    let (input, argv) = match command_input(id, user, line, body, out, max_body).await {
-        Ok(input) => input,
-        Err(outcome) => return outcome,
-    };
     // A new interactive command replaces (and terminates) the previous one.
     drop(state.sessions.take_interactive(id));
     let workdir = state.roots.workdir();
-    let mut process =
-        match Interactive::start(&argv, &input, workdir, state.config.kill_grace).await {
-            Ok(process) => process,
-            Err(err) => return exec_error(out, user, line, &err),
-        };
+    let process = match Interactive::start(argv, input, workdir, state.config.kill_grace).await {
+        Ok(process) => process,
+        Err(err) => return exec_error(out, user, line, &err),
+    };
     tracing::info!(user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), pid = process.pid(), "interactive command started");
-    match process.read_after(state.config.interactive_wait).await {
-        Ok(read) => {
-            if !read.eof {
-                state.sessions.attach(id, process);
-            }
-            Outcome::done(out.single(StatusCode::OK, &read.data))
-        }
-        Err(err) => exec_error(out, user, line, &ExecError::Io(err)),
+    answer_output(state, id, process, out)
+        .await
+        .unwrap_or_else(|err| exec_error(out, user, line, &ExecError::Io(err)))
+}
+
+/// What the interactive command says within the wait, as the answer; it stays attached to
+/// session `id` until it ends its output.
+async fn answer_output(
+    state: &State,
+    id: &str,
+    mut process: Interactive,
+    out: &Responder,
+) -> std::io::Result<Outcome> {
+    let read = process.read_after(state.config.interactive_wait).await?;
+    if !read.eof {
+        state.sessions.attach(id, process);
     }
+    Ok(Outcome::done(out.single(StatusCode::OK, &read.data)))
 }
 
 async fn idt(
@@ -1186,18 +1188,14 @@ async fn idt(
         // It closed its input: report what it still says; it is detached at EOF below.
         tracing::debug!(%err, "interactive command closed its input");
     }
-    match process.read_after(state.config.interactive_wait).await {
-        Ok(read) => {
-            if !read.eof {
-                state.sessions.attach(id, process);
-            }
-            Outcome::done(out.single(StatusCode::OK, &read.data))
-        }
-        Err(err) => Outcome::done(out.single(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("interactive command: {err}\n").as_bytes(),
-        )),
-    }
+    answer_output(state, id, process, out)
+        .await
+        .unwrap_or_else(|err| {
+            Outcome::done(out.single(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("interactive command: {err}\n").as_bytes(),
+            ))
+        })
 }
 
 async fn edt(
