@@ -132,6 +132,18 @@ async fn handle(service: &Arc<Service>, cn: Option<&str>, req: Request<Incoming>
 }
 
 /// 413 for an upload over `max` bytes.
+/// The body's announced length (Content-Length), refused before it is read when over `max`.
+fn announced_length(req: &Request<Incoming>, max: u64) -> Result<Option<u64>, Refusal> {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max) {
+        return Err(too_large(max));
+    }
+    Ok(announced)
+}
+
 fn too_large(max: u64) -> Refusal {
     Refusal::new(413, format!("the upload is larger than {max} bytes"))
 }
@@ -270,13 +282,7 @@ async fn sign_upload(
     // hyper ends a body at its Content-Length, so one announced over the limit is refused
     // before it is read, and one within it cannot grow past it.
     let max = service.config.limits.max_upload_bytes;
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > max) {
-        return Err(too_large(max));
-    }
+    let announced = announced_length(&req, max)?;
     let small = announced.is_some_and(|n| n <= IN_MEMORY_UPLOAD);
     let content = if small {
         let mut body = Body::new(service, req.into_body());
@@ -425,13 +431,7 @@ async fn verify(
     } else {
         limits.max_verify_bytes_without_rule
     };
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > max) {
-        return Err(too_large(max));
-    }
+    announced_length(&req, max)?;
     // Hashed as it arrives: content to verify never touches the disk.
     let mut verifier = crate::ed448::StreamVerifier::new(&key, &signature);
     let mut body = Body::new(service, req.into_body());

@@ -533,6 +533,16 @@ pub fn substitute(template: &str, file: &str, output: &str) -> String {
     out
 }
 
+/// Up to [`MAX_COMMAND_OUTPUT`] bytes of a child's output pipe (nothing without one).
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    if let Some(pipe) = pipe {
+        let _ = pipe.take(MAX_COMMAND_OUTPUT).read_to_end(&mut out).await;
+    }
+    out
+}
+
 /// Runs the external signer: no shell, its own process group, killed at the deadline.
 async fn run_command(
     program: &Path,
@@ -563,31 +573,9 @@ async fn run_command(
     let pid = child.id();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let collect = |pipe: Option<tokio::process::ChildStdout>| async move {
-        let mut out = Vec::new();
-        if let Some(mut pipe) = pipe {
-            use tokio::io::AsyncReadExt as _;
-            let _ = (&mut pipe)
-                .take(MAX_COMMAND_OUTPUT)
-                .read_to_end(&mut out)
-                .await;
-        }
-        out
-    };
-    let collect_err = |pipe: Option<tokio::process::ChildStderr>| async move {
-        let mut out = Vec::new();
-        if let Some(mut pipe) = pipe {
-            use tokio::io::AsyncReadExt as _;
-            let _ = (&mut pipe)
-                .take(MAX_COMMAND_OUTPUT)
-                .read_to_end(&mut out)
-                .await;
-        }
-        out
-    };
     let run = async {
         let (status, stdout, stderr) =
-            tokio::join!(child.wait(), collect(stdout), collect_err(stderr));
+            tokio::join!(child.wait(), read_capped(stdout), read_capped(stderr));
         status.map(|status| std::process::Output {
             status,
             stdout,
