@@ -126,11 +126,10 @@ async fn a_stalled_upload_is_dropped_after_the_body_timeout() {
     tx.send(format!("{}\r\n", s.later(MIDDLE, 1, 1, &piece)).into())
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while put_temporaries(&h.served).is_empty() {
-        assert!(Instant::now() < deadline, "the upload never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    testkit::until("the upload to start", WAIT, || {
+        !put_temporaries(&h.served).is_empty()
+    })
+    .await;
     let stalled = Instant::now();
     // Nothing more is sent, but the connection stays open.
     let answer = pending.await.unwrap();

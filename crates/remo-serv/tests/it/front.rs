@@ -138,11 +138,10 @@ async fn strangers_reconnecting_from_sixteen_addresses_do_not_lock_out_a_user_wh
         .collect();
     let crowd =
         ReopeningCrowd::start_with_pause(harness.addr, &sources, 8, Duration::from_millis(500));
-    let full = Instant::now();
-    while harness.server.admission().stats().strangers < 64 {
-        assert!(full.elapsed() < WAIT, "the crowd fills the stranger pool");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::until("the crowd to fill the stranger pool", WAIT, || {
+        harness.server.admission().stats().strangers >= 64
+    })
+    .await;
     // Past EVICT_MIN_AGE: the crowd churns, every stranger younger than it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut served = 0;

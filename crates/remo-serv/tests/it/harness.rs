@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -563,18 +563,10 @@ pub(crate) fn process_ended(pid: u32) -> bool {
     }
 }
 
-/// Waits up to `within` for `pid` to end.
-pub(crate) async fn wait_ended(pid: u32, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if process_ended(pid) {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits up to `within` for `pid` to end; panics naming `what` (why it should have ended).
+pub(crate) async fn wait_ended(pid: u32, within: Duration, what: &str) {
+    let what = format!("process {pid} to end ({what})");
+    testkit::until(&what, within, || process_ended(pid)).await;
 }
 
 /// The decimal numbers in a command's output (pids printed with `echo $$`).

@@ -113,17 +113,14 @@ async fn a_new_icm_terminates_the_previous_one() {
     let old =
         start_printing_pids(&mut s, "sh -c 'trap \"\" TERM; echo $$; exec sleep 60'", 1).await;
     let new = start_printing_pids(&mut s, "sh -c 'echo $$; exec sleep 60'", 1).await;
-    assert!(
-        wait_ended(old[0], Duration::from_secs(5)).await,
-        "the replaced command still runs"
-    );
+    wait_ended(old[0], Duration::from_secs(5), "a new /icm replaces it").await;
     assert!(!process_ended(new[0]), "the new command runs");
     // The whole process group goes, background children included.
     let group = start_printing_pids(&mut s, "sh -c 'echo $$; sleep 60 & echo $!; wait'", 2).await;
-    assert!(wait_ended(new[0], Duration::from_secs(5)).await);
+    wait_ended(new[0], Duration::from_secs(5), "a new /icm replaces it").await;
     let _ = s.logout().await;
     for pid in group {
-        assert!(wait_ended(pid, Duration::from_secs(5)).await, "{pid}");
+        wait_ended(pid, Duration::from_secs(5), "logout ends the whole group").await;
     }
     h.stop().await;
 }
@@ -135,10 +132,7 @@ async fn logout_terminates_the_interactive_command() {
     let pids = start_printing_pids(&mut s, "sh -c 'echo $$; exec sleep 60'", 1).await;
     let bye = s.logout().await;
     assert_eq!(bye.status, 200);
-    assert!(
-        wait_ended(pids[0], Duration::from_secs(5)).await,
-        "logout left the interactive command running"
-    );
+    wait_ended(pids[0], Duration::from_secs(5), "logout ends it").await;
     // Through the client library too.
     let mut client = h.client().await;
     let pids = numbers(
@@ -152,7 +146,7 @@ async fn logout_terminates_the_interactive_command() {
         _ => numbers(&read_until(&mut client, Vec::new(), b"\n").await)[0],
     };
     client.logout().await.unwrap();
-    assert!(wait_ended(pid, Duration::from_secs(5)).await);
+    wait_ended(pid, Duration::from_secs(5), "the client's logout ends it").await;
     h.stop().await;
 }
 
@@ -171,10 +165,7 @@ async fn session_expiry_terminates_the_interactive_command() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cmd = s.path("/cmd/", "true");
     s.call(&cmd, b"").await.assert_plain(403, "");
-    assert!(
-        wait_ended(pids[0], Duration::from_secs(5)).await,
-        "the interactive command survived the session"
-    );
+    wait_ended(pids[0], Duration::from_secs(5), "its session expired").await;
     assert_eq!(h.server.sessions(), 0);
     h.stop().await;
 }

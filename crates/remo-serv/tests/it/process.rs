@@ -494,10 +494,7 @@ async fn sigterm_stops_promptly_and_ends_interactive_commands() {
         "took {:?}",
         started.elapsed()
     );
-    assert!(
-        wait_ended(pid, Duration::from_secs(2)).await,
-        "the interactive command outlived the server"
-    );
+    wait_ended(pid, Duration::from_secs(2), "the server stopped").await;
     daemon.assert_no_panic();
     // The client sees a closed server.
     let err = client.exec("true", b"").await.unwrap_err();
@@ -838,16 +835,11 @@ async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
     assert!(missing.is_err());
     // Unknown user, eve's bad signature, login and logout, the command, the file name: each
     // logged once at least.
-    let deadline = Instant::now() + WAIT;
-    while daemon.stderr().matches(ESCAPED).count() < 6 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    testkit::until("six escaped log lines", WAIT, || {
+        daemon.stderr().matches(ESCAPED).count() >= 6
+    })
+    .await;
     assert_not_forged(&daemon.stderr.lock().unwrap());
-    assert!(
-        daemon.stderr().matches(ESCAPED).count() >= 6,
-        "{}",
-        daemon.stderr()
-    );
 }
 
 /// A stranger grew the log by about 10 KB per failed login: a 10 KB user name was logged
@@ -881,10 +873,10 @@ async fn a_long_user_name_does_not_grow_the_log_by_its_length() {
         .await;
         assert_eq!(answer.status, 403);
     }
-    let deadline = Instant::now() + WAIT;
-    while daemon.stderr().matches("unknown user").count() < attempts && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    testkit::until("a log line per attempt", WAIT, || {
+        daemon.stderr().matches("unknown user").count() >= attempts
+    })
+    .await;
     let log = daemon.stderr();
     assert_eq!(log.matches("unknown user").count(), attempts, "{log}");
     let per_attempt = (log.len() - before) / attempts;

@@ -105,11 +105,8 @@ async fn interactive_pid(s: &mut RawSession, line: &str) -> u32 {
 
 /// When `pid` ended, from `since`.
 async fn ended_at(pid: u32, since: Instant) -> Duration {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !process_ended(pid) {
-        assert!(Instant::now() < deadline, "process {pid} still runs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("process {pid} to end");
+    testkit::until(&what, Duration::from_secs(20), || process_ended(pid)).await;
     since.elapsed()
 }
 

@@ -279,19 +279,16 @@ async fn a_replayed_login_cannot_take_the_connection_slots() {
     // alice's connections shrink to her share.
     assert_eq!(refused, 0, "replays refused");
     let cap = 16;
-    let started = Instant::now();
-    loop {
-        let open = held.iter().filter(|s| !s.is_closed()).count();
-        let stats = h.server.admission().stats();
-        if open <= DEFAULT_MAX_SESSIONS_PER_USER && stats.connections <= cap {
-            break;
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "{open} replayed connections still open, {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::until(
+        "the replayed connections to shrink to alice's share",
+        WAIT,
+        || {
+            let open = held.iter().filter(|s| !s.is_closed()).count();
+            let stats = h.server.admission().stats();
+            open <= DEFAULT_MAX_SESSIONS_PER_USER && stats.connections <= cap
+        },
+    )
+    .await;
     // A fresh login of alice (the real one) and one of bob get in and are served.
     let mut alice = h.client().await;
     assert_eq!(alice.exec("true", b"").await.unwrap().exit_status, Some(0));
@@ -411,11 +408,10 @@ async fn unverified_bodies_stay_within_the_budget() {
     );
     // Gone bodies give their bytes back; the sessions still work.
     drop(held);
-    let deadline = Instant::now() + WAIT;
-    while h.server.unverified_bytes() > 0 {
-        assert!(Instant::now() < deadline, "the budget was not given back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::until("the budget to be given back", WAIT, || {
+        h.server.unverified_bytes() == 0
+    })
+    .await;
     for mut s in sessions {
         let path = s.path("/cmd/", "echo ok");
         let answer = s.call(&path, b"").await;

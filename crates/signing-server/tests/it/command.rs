@@ -108,11 +108,8 @@ async fn a_create_pkgsign_compatible_command_signs_fails_and_times_out() {
     for pid_file in ["sh.pid", "sleep.pid"] {
         let pid = std::fs::read_to_string(pids.join(pid_file)).unwrap();
         let pid = pid.trim();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !gone(pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(gone(pid), "{pid_file} ({pid}) still runs");
+        let what = format!("{pid_file} ({pid}) to end");
+        testkit::until(&what, Duration::from_secs(3), || gone(pid)).await;
     }
 
     let rows = server.service.audit.rows().await.unwrap();

@@ -75,19 +75,12 @@ async fn assert_closed_at_once(addr: SocketAddr) {
 /// A connection as alice (no ALPN) that holds a slot (the server waits for its path),
 /// retried until a slot is free (up to 5 s).
 async fn served(addr: SocketAddr) -> Tls {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match tls_connect(addr, Some(&pki().alice), false).await {
-            Ok(mut tls) => {
-                if !closed_by_server(&mut tls, Duration::from_millis(300)).await {
-                    return tls;
-                }
-                assert!(Instant::now() < deadline, "no slot within 5 s");
-            }
-            Err(err) => assert!(Instant::now() < deadline, "no slot within 5 s: {err}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::eventually("a slot", Duration::from_secs(5), || async move {
+        let mut tls = tls_connect(addr, Some(&pki().alice), false).await.ok()?;
+        let closed = closed_by_server(&mut tls, Duration::from_millis(300)).await;
+        (!closed).then_some(tls)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -127,16 +120,18 @@ async fn connections_over_max_connections_are_closed_at_once_until_a_slot_frees(
 
     // Its slot comes back once the server has finished with it: a new connection is served
     // while `second` still holds the other slot (every refusal until then is immediate).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let answer = loop {
-        match legacy(server.addr, alice, path).await {
-            Ok(answer) if !answer.is_empty() => break answer,
-            Ok(_) | Err(_) => {
-                assert!(Instant::now() < deadline, "no slot came back within 5 s");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let addr = server.addr;
+    let answer = testkit::eventually(
+        "a slot to come back",
+        Duration::from_secs(5),
+        || async move {
+            legacy(addr, alice, path)
+                .await
+                .ok()
+                .filter(|answer| !answer.is_empty())
+        },
+    )
+    .await;
     let answer = Answer::parse(&String::from_utf8(answer).unwrap());
     assert!(answer.files()["a.bff"]["signature"].is_string());
 
@@ -160,31 +155,29 @@ async fn connections_over_max_connections_are_closed_at_once_until_a_slot_frees(
     drop(third);
 
     // Once everything is closed, two connections at once are served again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let within = Duration::from_secs(5);
+    testkit::eventually("both slots to come back", within, || async move {
         let (a, b) = tokio::join!(
-            tls_connect(server.addr, alice, false),
-            tls_connect(server.addr, alice, false)
+            tls_connect(addr, alice, false),
+            tls_connect(addr, alice, false)
         );
-        if let (Ok(mut a), Ok(mut b)) = (a, b) {
-            let mut answers = Vec::new();
-            for stream in [&mut a, &mut b] {
-                // A connection refused right after its handshake fails here: try again.
-                let _ = stream.write_all(path.as_bytes()).await;
-                let mut answer = Vec::new();
-                let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut answer)).await;
-                answers.push(String::from_utf8_lossy(&answer).into_owned());
-            }
-            if answers.iter().all(|a| a.contains("Signatures written to")) {
-                break;
-            }
+        let (Ok(mut a), Ok(mut b)) = (a, b) else {
+            return None;
+        };
+        let mut answers = Vec::new();
+        for stream in [&mut a, &mut b] {
+            // A connection refused right after its handshake fails here: try again.
+            let _ = stream.write_all(path.as_bytes()).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut answer)).await;
+            answers.push(String::from_utf8_lossy(&answer).into_owned());
         }
-        assert!(
-            Instant::now() < deadline,
-            "the slots did not all come back within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        answers
+            .iter()
+            .all(|a| a.contains("Signatures written to"))
+            .then_some(())
+    })
+    .await;
     assert_eq!(server.service.audit.rows().await.unwrap().len(), 5);
     server.stop().await;
 }
