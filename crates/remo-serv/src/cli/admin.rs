@@ -231,3 +231,27 @@ fn write_private(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
         .map_err(|e| fail(exit::IOERR, format!("{}: {e}", path.display())))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn keygen_writes_a_private_key_0600_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        keygen("alice", Some(dir.path()), None, true, false).unwrap();
+        let private = dir.path().join("alice_key.pem");
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let key = PrivateKey::from_pem(&std::fs::read_to_string(&private).unwrap(), None).unwrap();
+        let public = std::fs::read_to_string(dir.path().join("alice.pem")).unwrap();
+        assert_eq!(public, PublicKey::ed448_pem(&key.verifying_key()));
+
+        let again = keygen("alice", Some(dir.path()), None, true, false).unwrap_err();
+        assert_eq!(common::cli::Report::exit_code(&again), exit::CANTCREAT);
+        assert!(again.to_string().contains("exists (use --force"), "{again}");
+        keygen("alice", Some(dir.path()), None, true, true).unwrap();
+    }
+}

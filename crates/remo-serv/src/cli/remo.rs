@@ -414,3 +414,51 @@ async fn shell(client: &mut Client) -> Result<u8, Failure> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_exit_with_the_codes_the_help_lists() {
+        let status = |status| {
+            Failure::Client(ClientError::Status {
+                status,
+                message: String::new(),
+            })
+            .exit_code()
+        };
+        assert_eq!(status(403), exit::NOPERM);
+        assert_eq!(status(404), exit::NOINPUT);
+        assert_eq!(status(413), exit::DATAERR);
+        assert_eq!(status(500), exit::UNAVAILABLE);
+        let connect = ClientError::Connect {
+            url: "http://x".into(),
+            detail: "refused".into(),
+        };
+        assert_eq!(Failure::Client(connect).exit_code(), exit::UNAVAILABLE);
+        assert_eq!(
+            Failure::Client(ClientError::LoginRefused(403)).exit_code(),
+            exit::NOPERM
+        );
+        assert_eq!(
+            Failure::Client(ClientError::ServerKey).exit_code(),
+            exit::NOPERM
+        );
+        assert_eq!(
+            Failure::Client(ClientError::Protocol("x".into())).exit_code(),
+            76
+        );
+        assert_eq!(
+            Failure::Client(ClientError::Io("x".into())).exit_code(),
+            exit::IOERR
+        );
+        let missing = KeyError::Io {
+            path: "k.pem".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(Failure::Key(missing).exit_code(), exit::NOINPUT);
+        assert_eq!(Failure::Key(KeyError::NotEd448).exit_code(), exit::DATAERR);
+        assert_eq!(Failure::Usage("no user".into()).exit_code(), exit::USAGE);
+    }
+}

@@ -339,3 +339,32 @@ async fn fetch_key(conn: &Conn, keyid: &str) -> Result<String, Failure> {
         _ => Err(answer.failure("fetching the key")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use common::cli::Report as _;
+
+    use super::*;
+
+    #[test]
+    fn server_paths() {
+        assert_eq!(
+            server_path(Some(Path::new("/export/pkgs"))).unwrap(),
+            "/export/pkgs"
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            server_path(Some(Path::new("sub/a.bff"))).unwrap(),
+            cwd.join("sub/a.bff").to_str().unwrap()
+        );
+        assert_eq!(server_path(None).unwrap(), cwd.to_str().unwrap());
+        // A subcommand after a global flag lands here as a path: a usage error (2).
+        let keys = server_path(Some(Path::new("keys"))).unwrap_err();
+        assert!(matches!(keys, Failure::Usage(_)), "{keys}");
+        assert_eq!(keys.exit_code(), 2);
+        assert!(server_path(Some(Path::new("./keys"))).is_ok());
+        // The newline ends the path on the wire.
+        let broken = server_path(Some(Path::new("/p/a\nb"))).unwrap_err();
+        assert_eq!(broken.exit_code(), common::daemon::exit::DATAERR);
+    }
+}

@@ -130,3 +130,20 @@ pub(crate) async fn open_tls(
         .await
         .map_err(|e| Failure::Connect(format!("{where_}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_exit_with_the_codes_the_help_lists() {
+        let code = |failure: Failure| failure.exit_code();
+        assert_eq!(code(Failure::Rejected(String::new())), 1);
+        assert_eq!(code(Failure::Usage(String::new())), 2);
+        assert_eq!(code(Failure::Input(String::new())), 65);
+        assert_eq!(code(Failure::Connect(String::new())), 69);
+        assert_eq!(code(Failure::Io(String::new())), 74);
+        assert_eq!(code(Failure::Protocol(String::new())), 76);
+        assert_eq!(code(Failure::Refused(String::new())), 77);
+    }
+}
