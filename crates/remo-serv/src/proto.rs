@@ -176,7 +176,7 @@ pub struct Magic {
 impl Magic {
     /// The marks of token `t` of a body of `count` tokens: `B` on the first, `E` on the last.
     #[must_use]
-    pub fn nth(t: u64, count: u64) -> Self {
+    pub const fn nth(t: u64, count: u64) -> Self {
         Self {
             first: t == 0,
             last: t + 1 == count,

@@ -19,13 +19,7 @@ type Sender = SendRequest<Full<Bytes>>;
 /// A keep-alive HTTP connection from 127.0.0.2 (apart from the 127.0.0.1 crowd).
 async fn keep_alive(addr: SocketAddr) -> (Sender, tokio::task::JoinHandle<()>) {
     let tcp = connect_from(OTHER_LOOPBACK, addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (sender, driver)
+    crate::harness::http1(tcp).await
 }
 
 /// One request on `sender`: the status and the `connection` header; `None` when the

@@ -23,25 +23,13 @@ pub(crate) const WAIT: Duration = Duration::from_secs(10);
 pub(crate) const USER: &str = "alice";
 
 /// `BE`: the only token of a body.
-pub(crate) const ONLY: Magic = Magic {
-    first: true,
-    last: true,
-};
+pub(crate) const ONLY: Magic = Magic::nth(0, 1);
 /// `B.`: the first of several tokens.
-pub(crate) const FIRST: Magic = Magic {
-    first: true,
-    last: false,
-};
+pub(crate) const FIRST: Magic = Magic::nth(0, 3);
 /// `..`: a middle token.
-pub(crate) const MIDDLE: Magic = Magic {
-    first: false,
-    last: false,
-};
+pub(crate) const MIDDLE: Magic = Magic::nth(1, 3);
 /// `.E`: the last of several tokens.
-pub(crate) const LAST: Magic = Magic {
-    first: false,
-    last: true,
-};
+pub(crate) const LAST: Magic = Magic::nth(2, 3);
 
 /// The key material of one deployment, as PEM text.
 pub(crate) struct Keys {
@@ -280,6 +268,28 @@ impl Raw {
     }
 }
 
+/// An HTTP/1.1 client connection over `tcp`, driven by a task of its own that ends when the
+/// server closes the connection.
+pub(crate) async fn http1<B>(
+    tcp: tokio::net::TcpStream,
+) -> (
+    hyper::client::conn::http1::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, driver)
+}
+
 /// One request on a fresh connection, with `Host: x` like the original client. `cookie` is
 /// the whole Cookie header. Panics if no answer comes (a dropped connection would mean a
 /// panicking handler).
@@ -292,11 +302,7 @@ pub(crate) async fn request(
 ) -> Raw {
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let (mut sender, _) = http1(tcp).await;
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)

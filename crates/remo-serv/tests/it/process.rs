@@ -162,8 +162,13 @@ impl Deployment {
         self.path("served")
     }
 
-    /// The daemon with this deployment's files and `extra` flags.
+    /// The daemon with this deployment's files and `extra` flags, logging warnings.
     fn start(&self, extra: &[&str]) -> Daemon {
+        self.start_logging("warn", extra)
+    }
+
+    /// The daemon with this deployment's files and `extra` flags, logging at `level`.
+    fn start_logging(&self, level: &str, extra: &[&str]) -> Daemon {
         let mut args: Vec<OsString> = [
             "-p",
             "0",
@@ -174,7 +179,7 @@ impl Deployment {
             "--workdir",
             "served",
             "-l",
-            "warn",
+            level,
         ]
         .iter()
         .map(OsString::from)
@@ -792,24 +797,7 @@ async fn a_user_name_command_or_file_name_cannot_forge_a_log_line() {
         .await
         .unwrap();
     users.close().await;
-    let args: Vec<OsString> = [
-        "-p",
-        "0",
-        "-k",
-        "remo_serv_key.pem",
-        "-u",
-        "SqliteUserService:users.sqlite",
-        "--workdir",
-        "served",
-        "-l",
-        "info",
-        "--log-format",
-        "text",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    let daemon = Daemon::spawn(d.dir.path(), &args);
+    let daemon = d.start_logging("info", &["--log-format", "text"]);
     let mut config = d.client_config(&daemon.url());
     config.user = injection("mallory");
     let refused = Client::login(config, d.keys.user_key(), d.keys.server_pub.clone()).await;
@@ -912,11 +900,7 @@ async fn unverified_bodies_keep_server_memory_bounded_at_the_defaults() {
             let addr = daemon.addr;
             tasks.push(tokio::spawn(async move {
                 let tcp = testkit::front::connect_from(source, addr).await.unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
+                let (mut sender, _) = crate::harness::http1(tcp).await;
                 let (tx, body) = crate::harness::RawBody::channel();
                 let crate::harness::RawBody::Chunked(body) = body else {
                     unreachable!()

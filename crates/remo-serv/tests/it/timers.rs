@@ -30,13 +30,7 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 /// A kept-alive HTTP connection; the driver task ends when the server closes it.
 async fn kept_alive(h: &Harness) -> (Sender, tokio::task::JoinHandle<()>) {
     let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (sender, driver)
+    crate::harness::http1(tcp).await
 }
 
 /// One request on a kept-alive connection; its status.
@@ -65,11 +59,7 @@ async fn slow_post(addr: std::net::SocketAddr, path: String, cookie: String, bod
         panic!("a chunked body");
     };
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _) = crate::harness::http1(tcp).await;
     let request = hyper::Request::builder()
         .method("POST")
         .uri(path)

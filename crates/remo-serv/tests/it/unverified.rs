@@ -31,13 +31,7 @@ fn login_body(user: &str, key: &PrivateKey) -> (Bytes, [u8; proto::X448_LEN]) {
 /// A keep-alive connection from `source`.
 async fn connection(source: IpAddr, addr: SocketAddr) -> SendRequest<harness::Body> {
     let tcp = connect_from(source, addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender
+    crate::harness::http1(tcp).await.0
 }
 
 /// One request on `sender` with a Content-Length body: status, body, elapsed time.

@@ -4,9 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use signing_server::config::{ClientRule, KeySpec, Limits};
+use signing_server::config::{ClientRule, Limits};
 
-use crate::support::{Answer, Options, TestServer, full, sha256_hex, test_limits, write_script};
+use crate::support::{
+    Answer, Options, TestServer, command_key, full, sha256_hex, test_limits, write_script,
+};
 
 /// A `create_pkgsign` stand-in called as `create_pkgsign -a infile=FILE OUTPUT`. A file name
 /// containing `fail` makes it exit 1, `otherkey` sign with another key, `slow` hang (its
@@ -53,13 +55,7 @@ async fn a_create_pkgsign_compatible_command_signs_fails_and_times_out() {
             command_timeout_secs: 1,
             ..test_limits()
         },
-        keys: vec![KeySpec::Command {
-            name: "aix".into(),
-            program,
-            args: vec!["-a".into(), "infile={file}".into(), "{output}".into()],
-            keyid: "aixkey".into(),
-            public_key: None,
-        }],
+        keys: vec![command_key(program)],
         clients: vec![ClientRule {
             cn: "alice".into(),
             key: "aix".into(),

@@ -273,6 +273,18 @@ pub(crate) fn write_script(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// The key `aix`: the external signer `program`, called as `create_pkgsign` is
+/// (`-a infile={file} {output}`), key id `aixkey`.
+pub(crate) fn command_key(program: PathBuf) -> KeySpec {
+    KeySpec::Command {
+        name: "aix".into(),
+        program,
+        args: vec!["-a".into(), "infile={file}".into(), "{output}".into()],
+        keyid: "aixkey".into(),
+        public_key: None,
+    }
+}
+
 /// SHA-256 of `data`, hex.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;

@@ -19,11 +19,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
-use signing_server::config::{ClientRule, KeySpec, Limits};
+use signing_server::config::{ClientRule, Limits};
 use testkit::timers::{SLACK, assert_about, closed_at, sleep_until};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::{Answer, Body, Options, TestServer, pki, tls_connect, tls_section};
+use crate::support::{
+    Answer, Body, Options, TestServer, command_key, pki, tls_connect, tls_section,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
@@ -274,13 +276,7 @@ async fn commands_at_the_default_command_timeout() {
     crate::support::write_script(&program, slow_signer());
     let server = TestServer::start(Options {
         limits,
-        keys: vec![KeySpec::Command {
-            name: "aix".into(),
-            program,
-            args: vec!["-a".into(), "infile={file}".into(), "{output}".into()],
-            keyid: "aixkey".into(),
-            public_key: None,
-        }],
+        keys: vec![command_key(program)],
         // Two identities: one identity gets at most all slots but one (one here, on two
         // cores), so the two commands of one client would run one after the other.
         clients: ["alice", "bob"]
