@@ -8,7 +8,10 @@
 //!
 //! - [`config`]: the TOML file and the validated [`Config`].
 //! - [`server`]: the accept loop, TLS, the upgrade, status and reload ([`Server`]).
+//! - `state`: what every connection shares (the table, counters, budget, live connections)
+//!   and the `/status` document drawn from it; it knows no sockets.
 //! - `relay`: one connection's life: HELLO, waiting, relaying, keepalive, close.
+//! - `queue`: a connection's outgoing queue and the `Handle` by which others fill it.
 //! - [`registry`]: the meet-up table (no sockets).
 //! - [`auth`]: authorization rules from certificate identity to meet-up ids.
 //! - `budget`: the process-wide byte budget (`max_buffered_bytes`) and the read meter that
@@ -40,9 +43,11 @@ mod budget;
 pub mod client;
 pub mod config;
 pub mod metrics;
+mod queue;
 pub mod registry;
 mod relay;
 pub mod server;
+mod state;
 pub mod status;
 mod upgrade;
 
