@@ -17,6 +17,7 @@
 //! - `budget`: the process-wide byte budget (`max_buffered_bytes`) and the read meter that
 //!   charges messages being read and caps what is read before the HELLO.
 //! - [`status`], [`metrics`]: the local `/status` and `/metrics` listener.
+//! - [`cli`]: the client and benchmark command lines (`ws-proxy-client`, `ws-proxy-bench`).
 //! - [`client`]: a peer (connect, HELLO, send, receive), the HTTP front end that turns HTTP
 //!   requests into REST:REQUEST, and the gateway side that answers them from an upstream
 //!   HTTP service.
@@ -40,6 +41,7 @@
 
 pub mod auth;
 mod budget;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod metrics;
