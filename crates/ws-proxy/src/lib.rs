@@ -44,6 +44,7 @@ mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod io;
 pub mod metrics;
 mod queue;
 pub mod registry;
