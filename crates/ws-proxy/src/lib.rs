@@ -8,12 +8,16 @@
 //!
 //! - [`config`]: the TOML file and the validated [`Config`].
 //! - [`server`]: the accept loop, TLS, the upgrade, status and reload ([`Server`]).
+//! - `state`: what every connection shares (the table, counters, budget, live connections)
+//!   and the `/status` document drawn from it; it knows no sockets.
 //! - `relay`: one connection's life: HELLO, waiting, relaying, keepalive, close.
+//! - `queue`: a connection's outgoing queue and the `Handle` by which others fill it.
 //! - [`registry`]: the meet-up table (no sockets).
 //! - [`auth`]: authorization rules from certificate identity to meet-up ids.
 //! - `budget`: the process-wide byte budget (`max_buffered_bytes`) and the read meter that
 //!   charges messages being read and caps what is read before the HELLO.
 //! - [`status`], [`metrics`]: the local `/status` and `/metrics` listener.
+//! - [`cli`]: the client and benchmark command lines (`ws-proxy-client`, `ws-proxy-bench`).
 //! - [`client`]: a peer (connect, HELLO, send, receive), the HTTP front end that turns HTTP
 //!   requests into REST:REQUEST, and the gateway side that answers them from an upstream
 //!   HTTP service.
@@ -37,12 +41,16 @@
 
 pub mod auth;
 mod budget;
+pub mod cli;
 pub mod client;
 pub mod config;
+mod io;
 pub mod metrics;
+mod queue;
 pub mod registry;
 mod relay;
 pub mod server;
+mod state;
 pub mod status;
 mod upgrade;
 

@@ -27,7 +27,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tower::ServiceExt as _;
 
 use crate::config::Limits;
-use crate::server::{DEFAULT_STATUS_PAGE, MAX_STATUS_PAGE, Server};
+use crate::server::Server;
+use crate::state::{DEFAULT_STATUS_PAGE, MAX_STATUS_PAGE};
 
 /// `/status` query parameters.
 #[derive(Debug, serde::Deserialize)]

@@ -12,7 +12,7 @@ use axum::routing::{get, post, put};
 use testkit::{Leaf, test_pki};
 use tokio::process::{Child, Command};
 
-use crate::harness::{Proxy, WAIT, quick};
+use crate::support::{Proxy, WAIT, quick};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ws-proxy-client");
 
@@ -129,16 +129,10 @@ async fn curl_through_client_proxy_and_gateway_to_a_local_service() {
     let base = format!("http://{listen}");
 
     // Ready once paired: the front end answers 503 until then.
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if curl(&[&format!("{base}/hello")]).await.0 == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    testkit::eventually("the two clients to pair", WAIT, || async {
+        (curl(&[&format!("{base}/hello")]).await.0 == 200).then_some(())
     })
-    .await
-    .expect("the two clients pair");
+    .await;
 
     let (status, body) = curl(&[&format!("{base}/hello")]).await;
     assert_eq!((status, body.as_slice()), (200, b"hello world".as_slice()));
@@ -318,24 +312,21 @@ async fn an_unanswered_request_gets_504_and_the_client_reconnects_after_a_close(
         .spawn()
         .unwrap();
     // Before a partner arrives the front end says so.
-    tokio::time::timeout(WAIT, async {
-        while curl(&[&format!("http://{listen}/x")]).await.0 != 503 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    testkit::eventually("the front end to answer 503", WAIT, || async {
+        (curl(&[&format!("http://{listen}/x")]).await.0 == 503).then_some(())
     })
-    .await
-    .expect("front end up");
+    .await;
 
     // A partner that reads the request but never answers.
     let mut partner = proxy.connect(&pki.bob, "gw-test/quiet").await;
-    crate::harness::send(&mut partner, &crate::harness::hello("quiet")).await;
-    let first = crate::harness::recv_text(&mut partner).await;
+    crate::support::send(&mut partner, &crate::support::hello("quiet")).await;
+    let first = crate::support::recv_text(&mut partner).await;
     assert!(first.contains("micronets-ws-test-client"), "{first}");
     let started = std::time::Instant::now();
     let (status, body) = curl(&[&format!("http://{listen}/never")]).await;
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
     assert!(started.elapsed() < Duration::from_secs(5));
-    let request = crate::harness::recv_text(&mut partner).await;
+    let request = crate::support::recv_text(&mut partner).await;
     assert!(
         request.contains("REST:REQUEST") && request.contains("/never"),
         "{request}"
@@ -344,8 +335,8 @@ async fn an_unanswered_request_gets_504_and_the_client_reconnects_after_a_close(
     // The partner leaves: the proxy closes the client with 1002 and the client comes back.
     drop(partner);
     let mut second = proxy.connect(&pki.bob, "gw-test/quiet").await;
-    crate::harness::send(&mut second, &crate::harness::hello("second")).await;
-    let again = crate::harness::recv_text(&mut second).await;
+    crate::support::send(&mut second, &crate::support::hello("second")).await;
+    let again = crate::support::recv_text(&mut second).await;
     assert!(again.contains("micronets-ws-test-client"), "{again}");
     proxy.stop().await;
 }

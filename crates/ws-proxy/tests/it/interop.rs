@@ -10,7 +10,7 @@ use tokio::io::AsyncBufReadExt as _;
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Proxy, WAIT, hello, quick, recv, recv_text, send};
+use crate::support::{Proxy, WAIT, hello, quick, recv, recv_text, send};
 
 #[tokio::test]
 async fn a_python_websockets_peer_pairs_relays_and_sees_the_1002() {

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use testkit::logs::{LogCapture, client_with_cn, injection};
 use testkit::test_pki;
 
-use crate::harness::{WAIT, closed, hello, options, send, spawn_daemon};
+use crate::support::{WAIT, closed, hello, options, send, spawn_daemon, write_config};
 
 #[tokio::test]
 async fn a_certificate_subject_cannot_forge_a_log_line() {
@@ -14,18 +14,7 @@ async fn a_certificate_subject_cannot_forge_a_log_line() {
     let pki = test_pki();
     let eve = client_with_cn(pki, "ws-proxy-log-eve", &injection("eve"));
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ws-proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndrain_grace_secs = 1\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\ncrls = [{crl:?}]\n",
-            cert = pki.server.cert_path,
-            key = pki.server.key_path,
-            ca = pki.ca_path,
-            crl = pki.crl_path,
-        ),
-    )
-    .unwrap();
+    let config = write_config(dir.path(), "drain_grace_secs = 1", "");
     let (mut child, port) = spawn_daemon(
         &config,
         &["--log-format", "text", "--log", "info"],

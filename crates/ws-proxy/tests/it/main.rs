@@ -7,7 +7,6 @@
 )]
 
 mod e2e;
-mod harness;
 mod interop;
 mod logs;
 mod memory;
@@ -16,4 +15,5 @@ mod refusals;
 mod relay;
 mod revocation;
 mod status;
+mod support;
 mod timers;

@@ -16,7 +16,10 @@ use tokio_tungstenite::tungstenite::Message;
 use ws_proxy::OnPartnerLeave;
 use ws_proxy::client::{self, ClientError, PeerStream};
 
-use crate::harness::{Proxy, WAIT, closed, hello, options, quick, recv_text, send, spawn_daemon};
+use crate::support::{
+    Proxy, WAIT, closed, hello, http_get, options, quick, recv_text, send, spawn_daemon,
+    write_config,
+};
 
 /// The `ws-proxy` binary with the test PKI and `extra` TOML (top-level keys, then tables).
 struct Daemon {
@@ -28,19 +31,8 @@ struct Daemon {
 impl Daemon {
     async fn start(top: &str, limits: &str) -> Self {
         common::tls::install_default_provider();
-        let pki = test_pki();
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("ws-proxy.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nworker_threads = 1\n{top}\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n[limits]\n{limits}\n",
-                cert = pki.server.cert_path,
-                key = pki.server.key_path,
-                ca = pki.ca_path,
-            ),
-        )
-        .unwrap();
+        let config = write_config(dir.path(), &format!("worker_threads = 1\n{top}"), limits);
         let (child, port) = spawn_daemon(&config, &[], Stdio::null()).await;
         Self {
             child,
@@ -304,13 +296,7 @@ async fn an_unfinished_frame_before_the_hello_is_cut_at_the_hello_cap() {
 async fn status_is_a_small_page_whatever_the_peers_sent() {
     let pki = test_pki();
     let proxy = Proxy::start(quick()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let status_addr = listener.local_addr().unwrap();
-    tokio::spawn(ws_proxy::status::serve(
-        listener,
-        proxy.server.clone(),
-        common::daemon::Shutdown::new(),
-    ));
+    let status_addr = proxy.serve_status().await;
     let mut peers = Vec::new();
     for i in 0..150 {
         let mut ws = proxy.connect(&pki.alice, &format!("long/{i:03}")).await;
@@ -320,17 +306,7 @@ async fn status_is_a_small_page_whatever_the_peers_sent() {
     proxy.wait_for(|s| s.meetups_total == 150).await;
 
     let get = |path: &'static str| async move {
-        let mut tcp = tokio::net::TcpStream::connect(status_addr).await.unwrap();
-        tcp.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut body = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut body)
-            .await
-            .unwrap();
-        let text = String::from_utf8(body).unwrap();
+        let text = http_get(status_addr, path).await;
         let body = text.split("\r\n\r\n").nth(1).unwrap().to_owned();
         serde_json::from_str::<serde_json::Value>(&body)
             .map(|json| (body.len(), json))
@@ -521,10 +497,10 @@ async fn one_identity_cannot_spend_the_whole_budget() {
     b1.send(Message::binary(big.clone())).await.unwrap();
     b2.send(Message::binary(big.clone())).await.unwrap();
     assert_eq!(
-        crate::harness::recv(&mut b2).await,
+        crate::support::recv(&mut b2).await,
         Message::binary(big.clone())
     );
-    assert_eq!(crate::harness::recv(&mut b1).await, Message::binary(big));
+    assert_eq!(crate::support::recv(&mut b1).await, Message::binary(big));
     drop(hers);
     proxy.stop().await;
 }

@@ -1,12 +1,13 @@
 //! The `ws-proxy` binary as systemd runs it: TOML config, SIGHUP reload, SIGTERM drain.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use testkit::test_pki;
 use tokio::process::Command;
 
-use crate::harness::{DAEMON, WAIT, closed, hello, options, recv_text, send, spawn_daemon};
+use crate::support::{
+    DAEMON, WAIT, closed, options, pair_at, recv_text, send, spawn_daemon, write_config_with,
+};
 
 async fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
@@ -23,55 +24,38 @@ async fn sighup_reloads_keeping_pairs_and_sigterm_closes_with_1001() {
     common::tls::install_default_provider();
     let pki = test_pki();
     let dir = tempfile::tempdir().unwrap();
-    let cert = crate::harness::copy_to(dir.path(), &pki.server.cert_path, "cert.pem");
-    let key = crate::harness::copy_to(dir.path(), &pki.server.key_path, "key.pem");
-    let config = dir.path().join("ws-proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndrain_grace_secs = 5\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\ncrls = [{crl:?}]\n[limits]\nclose_timeout_secs = 1\n",
-            ca = pki.ca_path,
-            crl = pki.crl_path,
-        ),
-    )
-    .unwrap();
+    let cert = crate::support::copy_to(dir.path(), &pki.server.cert_path, "cert.pem");
+    let key = crate::support::copy_to(dir.path(), &pki.server.key_path, "key.pem");
+    let config = write_config_with(
+        dir.path(),
+        &cert,
+        &key,
+        "drain_grace_secs = 5",
+        "close_timeout_secs = 1",
+    );
     let (mut child, port) = spawn_daemon(&config, &[], Stdio::null()).await;
     let url = format!("wss://localhost:{port}/micronets/v1/ws-proxy/p");
 
-    let mut a = ws_proxy::client::connect(&options(&url, Some(&pki.alice)))
-        .await
-        .unwrap();
-    send(&mut a, &hello("a")).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut b = ws_proxy::client::connect(&options(&url, Some(&pki.bob)))
-        .await
-        .unwrap();
-    send(&mut b, &hello("b")).await;
-    assert_eq!(recv_text(&mut a).await, hello("b"));
-    assert_eq!(recv_text(&mut b).await, hello("a"));
+    let (mut a, mut b) = pair_at(&url).await;
 
     std::fs::copy(&pki.server2.cert_path, &cert).unwrap();
     std::fs::copy(&pki.server2.key_path, &key).unwrap();
     let pid = child.id().unwrap();
     signal(pid, "HUP").await;
     let other = url.replace("/p", "/q");
-    let seen = tokio::time::timeout(WAIT, async {
-        loop {
-            let ws = ws_proxy::client::connect(&options(&other, Some(&pki.alice)))
-                .await
-                .unwrap();
+    // SIGHUP loads the new certificate.
+    testkit::eventually("the new certificate after SIGHUP", WAIT, || {
+        let options = options(&other, Some(&pki.alice));
+        async move {
+            let ws = ws_proxy::client::connect(&options).await.unwrap();
             let leaf = ws.get_ref().get_ref().1.peer_certificates().unwrap()[0].clone();
             let cn = common::tls::PeerIdentity::from_der(leaf.as_ref())
                 .unwrap()
                 .cn;
-            if cn.as_deref() == Some("server2") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            (cn.as_deref() == Some("server2")).then_some(())
         }
     })
     .await;
-    assert!(seen.is_ok(), "SIGHUP did not load the new certificate");
     send(&mut a, "after reload").await;
     assert_eq!(recv_text(&mut b).await, "after reload");
 

@@ -6,7 +6,7 @@ use ws_proxy::auth::{Rule, RuleSpec, Rules};
 use ws_proxy::client::ClientError;
 use ws_proxy::metrics::Refusal;
 
-use crate::harness::{Proxy, copy_to, hello, quick, recv_text, send};
+use crate::support::{Proxy, copy_to, hello, quick, recv_text, send};
 
 #[tokio::test]
 async fn bad_certificates_are_refused_in_the_handshake() {
@@ -62,7 +62,7 @@ async fn paths_outside_the_prefix_and_bad_ids_are_refused_before_the_upgrade() {
         ),
     ];
     for (url, expected) in cases {
-        let result = ws_proxy::client::connect(&crate::harness::options(&url, Some(alice))).await;
+        let result = ws_proxy::client::connect(&crate::support::options(&url, Some(alice))).await;
         match result {
             Err(ClientError::Refused { status, .. }) => assert_eq!(status, expected, "{url}"),
             other => panic!("{url}: {other:?}"),
@@ -178,13 +178,10 @@ async fn connections_beyond_max_connections_are_dropped() {
     assert_eq!(proxy.server.metrics().refusals(Refusal::max_connections), 1);
     drop(_one);
     // The slot comes back once the first connection has ended.
-    tokio::time::timeout(crate::harness::WAIT, async {
-        while proxy.dial(Some(&pki.alice), "c").await.is_err() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    testkit::eventually("a slot to free up", crate::support::WAIT, || async {
+        proxy.dial(Some(&pki.alice), "c").await.ok()
     })
-    .await
-    .expect("a slot frees up");
+    .await;
     proxy.stop().await;
 }
 

@@ -10,7 +10,7 @@ use ws_proxy::OnPartnerLeave;
 use ws_proxy::client::ClientError;
 use ws_proxy::metrics::Ending;
 
-use crate::harness::{Proxy, WAIT, closed, hello, quick, recv, recv_text, send};
+use crate::support::{Proxy, WAIT, closed, hello, http_get, quick, recv, recv_text, send};
 
 #[tokio::test]
 async fn a_pair_exchanges_1000_messages_each_way_in_order() {
@@ -362,26 +362,8 @@ async fn status_and_metrics_are_served_over_http() {
     let (mut a, mut b) = proxy.pair("gw/s").await;
     send(&mut a, "x").await;
     recv(&mut b).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = proxy.server.clone();
-    tokio::spawn(ws_proxy::status::serve(
-        listener,
-        server,
-        common::daemon::Shutdown::new(),
-    ));
-    let get = |path: &'static str| async move {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut text = String::new();
-        tcp.read_to_string(&mut text).await.unwrap();
-        text
-    };
+    let addr = proxy.serve_status().await;
+    let get = |path: &'static str| http_get(addr, path);
     let status = get("/status").await;
     let body = status.split("\r\n\r\n").nth(1).unwrap();
     let json: serde_json::Value = serde_json::from_str(body).unwrap();

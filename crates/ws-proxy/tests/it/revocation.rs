@@ -9,7 +9,7 @@ use futures_util::StreamExt as _;
 use testkit::test_pki;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Proxy, WAIT, closed, hello, quick, recv_text, send};
+use crate::support::{Proxy, WAIT, closed, hello, quick, recv_text, send};
 
 /// A proxy whose CRL is a file of its own, holding the test PKI's CRL at first.
 async fn proxy_with_own_crl(

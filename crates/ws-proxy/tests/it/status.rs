@@ -4,48 +4,25 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use testkit::test_pki;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use ws_proxy::client::PeerStream;
 
-use crate::harness::{
-    WAIT, hello, options, recv_text, send, spawn_daemon, spawn_daemon_with_nofile,
+use crate::support::{
+    WAIT, pair_at, recv_text, send, spawn_daemon, spawn_daemon_with_nofile, write_config,
 };
 
 /// A configuration file in `dir` with `top` (top-level keys) and the test PKI.
-fn write_config(dir: &std::path::Path, top: &str) -> std::path::PathBuf {
-    let pki = test_pki();
-    let path = dir.join("ws-proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndrain_grace_secs = 1\n{top}\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\ncrls = [{crl:?}]\n",
-            cert = pki.server.cert_path,
-            key = pki.server.key_path,
-            ca = pki.ca_path,
-            crl = pki.crl_path,
-        ),
-    )
-    .unwrap();
-    path
+fn status_config(dir: &std::path::Path, top: &str) -> std::path::PathBuf {
+    write_config(dir, &format!("drain_grace_secs = 1\n{top}"), "")
 }
 
 /// alice and bob pair on `id` through the proxy on `port` and relay one message; returns
 /// them, still paired.
 async fn pair_and_relay(port: u16, id: &str) -> (PeerStream, PeerStream) {
-    let pki = test_pki();
-    let url = format!("wss://localhost:{port}/micronets/v1/ws-proxy/{id}");
-    let mut a = ws_proxy::client::connect(&options(&url, Some(&pki.alice)))
-        .await
-        .expect("alice connects");
-    send(&mut a, &hello("a")).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut b = ws_proxy::client::connect(&options(&url, Some(&pki.bob)))
-        .await
-        .expect("bob connects");
-    send(&mut b, &hello("b")).await;
-    assert_eq!(recv_text(&mut a).await, hello("b"));
-    assert_eq!(recv_text(&mut b).await, hello("a"));
+    let (mut a, mut b) = pair_at(&format!(
+        "wss://localhost:{port}/micronets/v1/ws-proxy/{id}"
+    ))
+    .await;
     send(&mut a, "through").await;
     assert_eq!(recv_text(&mut b).await, "through");
     (a, b)
@@ -65,7 +42,7 @@ async fn idle_status_connections_neither_starve_the_tls_port_nor_stay_open() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
-    let config = write_config(
+    let config = status_config(
         dir.path(),
         &format!("max_connections = 64\nstatus_listen = \"127.0.0.1:{status_port}\""),
     );
@@ -139,7 +116,7 @@ async fn status_is_served_on_a_unix_socket_with_its_mode() {
     common::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("status.sock");
-    let config = write_config(
+    let config = status_config(
         dir.path(),
         &format!("status_listen = \"unix:{}\"", socket.display()),
     );
@@ -165,7 +142,7 @@ async fn status_is_served_on_a_unix_socket_with_its_mode() {
 
     // A configured mode.
     let socket = dir.path().join("status2.sock");
-    let config = write_config(
+    let config = status_config(
         dir.path(),
         &format!(
             "status_listen = \"unix:{}\"\nstatus_socket_mode = \"0600\"",

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use ws_proxy::Config;
 use ws_proxy::client::PeerStream;
 
-use crate::harness::{Proxy, closed, hello, send};
+use crate::support::{Proxy, closed, hello, send};
 
 /// When the live peers are checked: past hello (10 s), upgrade (10 s) and two ping rounds.
 const CHECK_AT: Duration = Duration::from_secs(24);
@@ -79,11 +79,10 @@ async fn gone_at(
     start: Instant,
     gone: impl Fn(&ws_proxy::server::Status) -> bool,
 ) -> Duration {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !gone(&proxy.server.status()) {
-        assert!(Instant::now() < deadline, "never gone");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::until("the connection to be gone", Duration::from_secs(40), || {
+        gone(&proxy.server.status())
+    })
+    .await;
     start.elapsed()
 }
 

@@ -1,4 +1,5 @@
-//! A proxy on 127.0.0.1:0 and peers that talk to it.
+//! What the tests share: a proxy on 127.0.0.1:0 and peers that talk to it, the daemon as a
+//! process with its configuration file, and the status listener.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,18 +99,41 @@ impl Proxy {
 
     /// Polls the status until `check` holds.
     pub(crate) async fn wait_for(&self, check: impl Fn(&ws_proxy::server::Status) -> bool) {
-        tokio::time::timeout(WAIT, async {
-            while !check(&self.server.status()) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        testkit::until("the status condition", WAIT, || {
+            check(&self.server.status())
         })
-        .await
-        .expect("status condition in time");
+        .await;
+    }
+
+    /// Serves `/status` and `/metrics` for this proxy on a port of its own; returns the address.
+    pub(crate) async fn serve_status(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(ws_proxy::status::serve(
+            listener,
+            self.server.clone(),
+            common::daemon::Shutdown::new(),
+        ));
+        addr
     }
 
     pub(crate) async fn stop(self) {
         self.spawned.stop(WAIT).await.expect("proxy stops cleanly");
     }
+}
+
+/// The whole response to `GET path` from the HTTP server at `addr` (status line, headers, body).
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    text
 }
 
 /// Client options for `leaf` (no certificate when `None`).
@@ -175,6 +199,23 @@ pub(crate) async fn closed(ws: &mut PeerStream) -> (u16, String) {
     .expect("close in time")
 }
 
+/// alice then bob on `url`, HELLOs exchanged; alice is the waiter.
+pub(crate) async fn pair_at(url: &str) -> (PeerStream, PeerStream) {
+    let pki = test_pki();
+    let mut a = client::connect(&options(url, Some(&pki.alice)))
+        .await
+        .expect("alice connects");
+    send(&mut a, &hello("a")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = client::connect(&options(url, Some(&pki.bob)))
+        .await
+        .expect("bob connects");
+    send(&mut b, &hello("b")).await;
+    assert_eq!(recv_text(&mut a).await, hello("b"));
+    assert_eq!(recv_text(&mut b).await, hello("a"));
+    (a, b)
+}
+
 /// A test config with short timers.
 pub(crate) fn quick() -> Config {
     let mut config = Config::default();
@@ -187,6 +228,42 @@ pub(crate) fn copy_to(dir: &std::path::Path, from: &std::path::Path, name: &str)
     let to = dir.join(name);
     std::fs::copy(from, &to).expect("copy");
     to
+}
+
+/// A daemon configuration file in `dir`: listening on 127.0.0.1:0, `top` (more top-level
+/// keys), `[tls]` with the test server certificate, the test CA and its CRL, `[limits]` with
+/// `limits`.
+pub(crate) fn write_config(dir: &std::path::Path, top: &str, limits: &str) -> PathBuf {
+    let pki = test_pki();
+    write_config_with(
+        dir,
+        &pki.server.cert_path,
+        &pki.server.key_path,
+        top,
+        limits,
+    )
+}
+
+/// As [`write_config`], with the server certificate and key at `cert` and `key`.
+pub(crate) fn write_config_with(
+    dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    top: &str,
+    limits: &str,
+) -> PathBuf {
+    let pki = test_pki();
+    let path = dir.join("ws-proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\n{top}\n[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\ncrls = [{crl:?}]\n[limits]\n{limits}\n",
+            ca = pki.ca_path,
+            crl = pki.crl_path,
+        ),
+    )
+    .unwrap();
+    path
 }
 
 /// The `ws-proxy` binary.
