@@ -204,11 +204,11 @@ fn nonzero_secs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64
 }
 
 fn default_max_handshakes() -> NonZeroUsize {
-    NonZeroUsize::new(crate::admission::DEFAULT_MAX_HANDSHAKES).unwrap_or(NonZeroUsize::MIN)
+    NonZeroUsize::new(crate::limits::DEFAULT_MAX_HANDSHAKES).unwrap_or(NonZeroUsize::MIN)
 }
 
 fn default_max_handshakes_per_address() -> NonZeroUsize {
-    NonZeroUsize::new(crate::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
+    NonZeroUsize::new(crate::limits::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
         .unwrap_or(NonZeroUsize::MIN)
 }
 
@@ -253,8 +253,8 @@ impl TlsSection {
 
     /// The front-door limits of a listener with this section and `max_connections` slots for
     /// authenticated connections; the handshake timeout is the stranger deadline.
-    pub fn admission(&self, max_connections: usize) -> crate::admission::Limits {
-        crate::admission::Limits {
+    pub fn admission(&self, max_connections: usize) -> crate::limits::Limits {
+        crate::limits::Limits {
             max_connections,
             max_handshakes: self.max_handshakes.get(),
             max_handshakes_per_address: self.max_handshakes_per_address.get(),
