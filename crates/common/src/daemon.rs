@@ -43,6 +43,19 @@ pub struct LogArgs {
     pub log_filter: Option<String>,
 }
 
+impl LogArgs {
+    /// These flags, with `file_filter` (the configuration file's `log` key) where no
+    /// `--log` flag gave a filter.
+    #[must_use]
+    pub fn or_file(&self, file_filter: Option<&String>) -> Self {
+        let mut log = self.clone();
+        if log.log_filter.is_none() {
+            log.log_filter = file_filter.cloned();
+        }
+        log
+    }
+}
+
 /// Sets up the global tracing subscriber; call once, first thing in `main`.
 ///
 /// The filter is `filter`, else `RUST_LOG`, else `default_filter`.
@@ -142,6 +155,45 @@ where
             eprintln!("{name}: starting the runtime: {err}");
             std::process::ExitCode::from(exit::SOFTWARE)
         }
+    }
+}
+
+/// A daemon's start-up failure before tracing runs: prints `name: message` on stderr and gives
+/// the exit code, for `main` to return.
+pub fn fail(name: &str, code: u8, message: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("{name}: {message}");
+    std::process::ExitCode::from(code)
+}
+
+/// A daemon's configuration file ([`load_toml`]); on failure `name: error` is printed and the
+/// exit code is 78 ([`exit::CONFIG`]).
+///
+/// # Errors
+/// The exit code for `main` to return.
+pub fn load_config<T: DeserializeOwned + Default>(
+    name: &str,
+    path: Option<&Path>,
+) -> Result<T, std::process::ExitCode> {
+    load_toml(path).map_err(|err| fail(name, exit::CONFIG, err))
+}
+
+/// A configuration that did not validate: prints `name: invalid configuration: error` and gives
+/// exit code 78 ([`exit::CONFIG`]).
+pub fn invalid_config(name: &str, err: impl std::fmt::Display) -> std::process::ExitCode {
+    fail(
+        name,
+        exit::CONFIG,
+        format_args!("invalid configuration: {err}"),
+    )
+}
+
+/// The exit code of a daemon whose drain ended: 0 when every task finished within the grace
+/// period, 70 ([`exit::SOFTWARE`]) when some were still running.
+pub fn drained_exit(drained: bool) -> std::process::ExitCode {
+    if drained {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(exit::SOFTWARE)
     }
 }
 
@@ -539,6 +591,15 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
         })
     }
+
+    /// [`Signals::install`] in a daemon's `main`: on failure `name: signals: error` is printed
+    /// and the exit code is 70 ([`exit::SOFTWARE`]).
+    ///
+    /// # Errors
+    /// The exit code for `main` to return.
+    pub fn install_for(name: &str) -> Result<Self, std::process::ExitCode> {
+        Self::install().map_err(|err| fail(name, exit::SOFTWARE, format_args!("signals: {err}")))
+    }
 }
 
 /// Runs the signal loop of a daemon's `main` until SIGTERM or SIGINT, then drains.
@@ -686,6 +747,42 @@ mod tests {
             ClientAuth::Off
         );
         assert!(parse_toml::<TlsSection>("cert = \"a\"\nclient-ca = \"x\"").is_err());
+    }
+
+    #[test]
+    fn start_up_helpers_keep_the_exit_codes() {
+        use std::process::ExitCode;
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "nope = ").unwrap();
+        #[derive(Debug, Default, serde::Deserialize)]
+        struct File {
+            log: Option<String>,
+        }
+        assert_eq!(
+            load_config::<File>("t", Some(&bad)).unwrap_err(),
+            ExitCode::from(exit::CONFIG)
+        );
+        assert!(load_config::<File>("t", None).unwrap().log.is_none());
+        assert_eq!(invalid_config("t", "x"), ExitCode::from(exit::CONFIG));
+        assert_eq!(drained_exit(true), ExitCode::SUCCESS);
+        assert_eq!(drained_exit(false), ExitCode::from(exit::SOFTWARE));
+        // The flag wins over the file; the file fills in.
+        let flags = LogArgs::default();
+        let file = Some("debug".to_owned());
+        assert_eq!(
+            flags.or_file(file.as_ref()).log_filter.as_deref(),
+            Some("debug")
+        );
+        let flags = LogArgs {
+            log_filter: Some("warn".into()),
+            ..LogArgs::default()
+        };
+        assert_eq!(
+            flags.or_file(file.as_ref()).log_filter.as_deref(),
+            Some("warn")
+        );
+        assert_eq!(flags.or_file(None).log_filter.as_deref(), Some("warn"));
     }
 
     #[test]
