@@ -1,6 +1,6 @@
 # Recipes for the suite; each is a thin wrapper over scripts/ or cargo.
 
-# fmt check, clippy, all tests, systemd unit exposure
+# fmt check, module cycles, clippy, all tests, systemd unit exposure
 test:
     scripts/test
 
@@ -21,3 +21,7 @@ fmt:
 
 lint:
     cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# fail if a crate's module graph has a cycle (`just modules --crate common` for one crate)
+modules *ARGS:
+    scripts/check-modules {{ARGS}}

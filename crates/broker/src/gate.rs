@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use common::admission::{AddressKey, Admission, Limits, Stranger, Warning};
 use common::daemon::{AcceptBackoff, Shutdown};
+use common::tls::{Pem, ServerTlsPem, TlsError};
 use rustls::ServerConfig;
 use subtle::ConstantTimeEq as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -36,7 +37,6 @@ use tracing::{debug, info, warn};
 
 use crate::api::TlsMaterial;
 use crate::client::{Client, ClientError, Endpoint};
-use crate::pemtls::{self, PemTlsError};
 
 /// Longest key line accepted, the `\n` included.
 pub const MAX_KEY_LINE: usize = 2048;
@@ -297,14 +297,36 @@ impl std::fmt::Debug for TlsCheck {
     }
 }
 
+/// The job's server configuration: its certificate and key, client certificates required from
+/// its CA, minus those revoked by `crl_pem` (empty: none).
+fn job_server_config(
+    cert: &str,
+    key: &str,
+    ca: &str,
+    crl_pem: &str,
+) -> Result<ServerConfig, TlsError> {
+    let crls = if crl_pem.trim().is_empty() {
+        Vec::new()
+    } else {
+        vec![Pem::new("job CRL", crl_pem)]
+    };
+    ServerTlsPem::mutual(
+        Pem::new("job certificate", cert),
+        Pem::new("job key", key),
+        Pem::new("job CA certificate", ca),
+        crls,
+    )
+    .config()
+}
+
 impl TlsCheck {
     /// Serves the job's certificate from `tls` and admits client certificates issued by its
     /// CA to `owner`, minus those in `crl_pem` (may be empty).
     ///
     /// # Errors
-    /// [`PemTlsError`] for unusable material.
-    pub fn new(tls: &TlsMaterial, owner: &str, crl_pem: &str) -> Result<Self, PemTlsError> {
-        let config = pemtls::server_config(&tls.cert, &tls.key, &tls.ca, crl_pem)?;
+    /// [`TlsError`] for unusable material.
+    pub fn new(tls: &TlsMaterial, owner: &str, crl_pem: &str) -> Result<Self, TlsError> {
+        let config = job_server_config(&tls.cert, &tls.key, &tls.ca, crl_pem)?;
         Ok(Self {
             owner: owner.to_owned(),
             cert_pem: tls.cert.clone(),
@@ -324,12 +346,12 @@ impl TlsCheck {
     /// configuration stays.
     ///
     /// # Errors
-    /// [`PemTlsError`] for an unusable CRL.
-    pub fn refresh_crl(&self, crl_pem: &str) -> Result<bool, PemTlsError> {
+    /// [`TlsError`] for an unusable CRL.
+    pub fn refresh_crl(&self, crl_pem: &str) -> Result<bool, TlsError> {
         if *self.crl_pem.read().unwrap_or_else(PoisonError::into_inner) == crl_pem {
             return Ok(false);
         }
-        let config = pemtls::server_config(&self.cert_pem, &self.key_pem, &self.ca_pem, crl_pem)?;
+        let config = job_server_config(&self.cert_pem, &self.key_pem, &self.ca_pem, crl_pem)?;
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
         *self.crl_pem.write().unwrap_or_else(PoisonError::into_inner) = crl_pem.to_owned();
         Ok(true)

@@ -20,7 +20,6 @@ pub mod config;
 pub mod gate;
 pub mod identity;
 pub mod peer;
-pub mod pemtls;
 pub mod server;
 pub mod service;
 pub mod store;

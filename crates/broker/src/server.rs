@@ -21,7 +21,6 @@ use axum::routing::{get, post};
 use common::admission::{AcceptError, AddressKey, Admission, PerKey, Pool};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, ServerTls};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tower::ServiceExt as _;
 
 use crate::api::{
@@ -446,19 +445,20 @@ impl Server {
                 }
             },
         );
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(timeout)
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
         // The Unix socket's connections have no age limit: their identity cannot change.
-        common::daemon::drive_http(
-            conn,
-            |c| c.graceful_shutdown(),
+        let http = common::daemon::Http1 {
+            header_timeout: timeout,
+            max_buf_size: Some(64 * 1024),
             max_age,
+            drain: Duration::from_secs(30),
+        };
+        common::daemon::serve_http1(
+            io,
+            service,
+            http,
             &self.shutdown,
-            Duration::from_secs(30),
+            std::future::pending(),
+            std::future::pending(),
         )
         .await;
     }

@@ -777,26 +777,9 @@ async fn revoke(
 }
 
 fn prepare_sqlite_file(path: &std::path::Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let io = |source| StoreError::Io {
+    // The state directory is the broker's alone (0700).
+    common::daemon::create_private_file(path, 0o700).map_err(|source| StoreError::Io {
         path: path.display().to_string(),
         source,
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(io)?;
-        }
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    Ok(())
+    })
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::{AcceptBackoff, Shutdown};
-use common::tls::TlsError;
+use common::tls::{ClientTlsPem, Pem, TlsError};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::process::{Child, Command};
@@ -33,7 +33,6 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use crate::api::{Job, JobSummary, JobType};
-use crate::pemtls::{self, PemTlsError};
 
 /// Deadline for connecting to the target and for writing the magic key.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,7 +76,7 @@ pub enum TunnelError {
     },
     /// The job's certificate material is unusable.
     #[error(transparent)]
-    Tls(#[from] PemTlsError),
+    Tls(#[from] TlsError),
     /// ssh could not be started.
     #[error("running {program}: {source}")]
     Spawn {
@@ -338,12 +337,17 @@ impl Tunnel {
                         job.summary.id
                     ))
                 })?;
-                let config = pemtls::pinned_client_config(
-                    &tls.client_cert,
-                    &tls.client_key,
-                    &tls.ca,
-                    &tls.cert,
-                )?;
+                // Every job's certificate chains to the same CA and names the same hosts, so
+                // only the job's own certificate (from `load`) is accepted.
+                let config = ClientTlsPem {
+                    pinned: Some(Pem::new("job server certificate", &tls.cert)),
+                    ..ClientTlsPem::mutual(
+                        Pem::new("job CA certificate", &tls.ca),
+                        Pem::new("job client certificate", &tls.client_cert),
+                        Pem::new("job client key", &tls.client_key),
+                    )
+                }
+                .config()?;
                 Proof::Tls(Arc::new(config))
             }
         };

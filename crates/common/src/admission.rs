@@ -53,14 +53,12 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+pub use crate::limits::{
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, DEFAULT_MAX_LOCAL_CONNECTIONS,
+    Limits,
+};
 use crate::tls::{PeerIdentity, TlsError};
 
-/// Default size of the stranger (pre-authentication) pool.
-pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
-/// Default number of stranger permits one source address (IPv4 address, IPv6 /64) may hold.
-pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
-/// Default size of a daemon's local (Unix-socket) pool.
-pub const DEFAULT_MAX_LOCAL_CONNECTIONS: usize = 256;
 /// When the stranger pool is full and no key holds more permits than the newcomer's would, a
 /// newcomer evicts the oldest stranger of an equal key only once it has held its permit this
 /// long; if none has, the newcomer is refused. A TLS handshake (or a login) takes
@@ -69,31 +67,6 @@ pub const DEFAULT_MAX_LOCAL_CONNECTIONS: usize = 256;
 pub const EVICT_MIN_AGE: Duration = Duration::from_secs(1);
 /// At most one "limit reached" warning per pool in this interval.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
-
-/// The limits of one front door.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Slots for authenticated connections.
-    pub max_connections: usize,
-    /// Permits for connections that have not authenticated yet.
-    pub max_handshakes: usize,
-    /// Stranger permits one source address may hold.
-    pub max_handshakes_per_address: usize,
-    /// Time from accept to authenticated; a stranger still there after it is closed.
-    pub deadline: Duration,
-}
-
-impl Limits {
-    /// The default stranger budget around `max_connections` and `deadline`.
-    pub fn new(max_connections: usize, deadline: Duration) -> Self {
-        Self {
-            max_connections,
-            max_handshakes: DEFAULT_MAX_HANDSHAKES,
-            max_handshakes_per_address: DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
-            deadline,
-        }
-    }
-}
 
 /// Why a connection was refused a permit or a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -6,7 +6,7 @@
 //! - success is the code the tool's outcome names ([`Outcome`]: `()` is 0, a `u8` is itself, so
 //!   `verify` can answer 1 for "not valid" without it being an error);
 //! - a failure is printed once on stderr, as `name: error` with its causes (`{:#}`), and exits
-//!   with its [`Report::exit_code`]: a sysexits code from [`crate::daemon::exit`], or 1 for a
+//!   with its [`Report::exit_code`]: a sysexits code from [`crate::exit`], or 1 for a
 //!   plain [`anyhow::Error`] (benchmarks, helpers with nothing more precise to say);
 //! - a runtime that cannot be built exits 70 (`EX_SOFTWARE`).
 //!
@@ -17,7 +17,7 @@ use std::fmt;
 use std::future::Future;
 use std::process::ExitCode;
 
-use crate::daemon::exit;
+use crate::exit;
 
 /// Which tokio runtime a tool runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,7 +87,7 @@ impl Outcome for ExitCode {
 
 /// A tool's failure: how it is printed and which exit code it means.
 pub trait Report: fmt::Display {
-    /// The exit code, preferably from [`crate::daemon::exit`].
+    /// The exit code, preferably from [`crate::exit`].
     fn exit_code(&self) -> u8;
 
     /// Whether the message is printed after `name: ` (the default). A tool that relays a

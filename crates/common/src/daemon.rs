@@ -15,27 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
-/// Exit codes from sysexits.h, so scripts and systemd can tell failures apart.
-pub mod exit {
-    /// Bad command line or configuration value.
-    pub const USAGE: u8 = 64;
-    /// Input data was malformed.
-    pub const DATAERR: u8 = 65;
-    /// An input file did not exist or was unreadable.
-    pub const NOINPUT: u8 = 66;
-    /// A service (server, peer) was unavailable.
-    pub const UNAVAILABLE: u8 = 69;
-    /// An internal error.
-    pub const SOFTWARE: u8 = 70;
-    /// An output file could not be created (or exists and overwriting was not allowed).
-    pub const CANTCREAT: u8 = 73;
-    /// An I/O error.
-    pub const IOERR: u8 = 74;
-    /// Permission denied by the server.
-    pub const NOPERM: u8 = 77;
-    /// The configuration file is invalid.
-    pub const CONFIG: u8 = 78;
-}
+pub use crate::exit;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -61,6 +41,19 @@ pub struct LogArgs {
     /// Log filter, e.g. `info`, or `info,<crate>=debug` for one crate (overrides `RUST_LOG`).
     #[arg(long = "log", value_name = "FILTER", global = true)]
     pub log_filter: Option<String>,
+}
+
+impl LogArgs {
+    /// These flags, with `file_filter` (the configuration file's `log` key) where no
+    /// `--log` flag gave a filter.
+    #[must_use]
+    pub fn or_file(&self, file_filter: Option<&String>) -> Self {
+        let mut log = self.clone();
+        if log.log_filter.is_none() {
+            log.log_filter = file_filter.cloned();
+        }
+        log
+    }
 }
 
 /// Sets up the global tracing subscriber; call once, first thing in `main`.
@@ -165,6 +158,45 @@ where
     }
 }
 
+/// A daemon's start-up failure before tracing runs: prints `name: message` on stderr and gives
+/// the exit code, for `main` to return.
+pub fn fail(name: &str, code: u8, message: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("{name}: {message}");
+    std::process::ExitCode::from(code)
+}
+
+/// A daemon's configuration file ([`load_toml`]); on failure `name: error` is printed and the
+/// exit code is 78 ([`exit::CONFIG`]).
+///
+/// # Errors
+/// The exit code for `main` to return.
+pub fn load_config<T: DeserializeOwned + Default>(
+    name: &str,
+    path: Option<&Path>,
+) -> Result<T, std::process::ExitCode> {
+    load_toml(path).map_err(|err| fail(name, exit::CONFIG, err))
+}
+
+/// A configuration that did not validate: prints `name: invalid configuration: error` and gives
+/// exit code 78 ([`exit::CONFIG`]).
+pub fn invalid_config(name: &str, err: impl std::fmt::Display) -> std::process::ExitCode {
+    fail(
+        name,
+        exit::CONFIG,
+        format_args!("invalid configuration: {err}"),
+    )
+}
+
+/// The exit code of a daemon whose drain ended: 0 when every task finished within the grace
+/// period, 70 ([`exit::SOFTWARE`]) when some were still running.
+pub fn drained_exit(drained: bool) -> std::process::ExitCode {
+    if drained {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(exit::SOFTWARE)
+    }
+}
+
 /// Parses a TOML configuration file; without a path the type's defaults are used.
 ///
 /// The target type should carry `#[serde(deny_unknown_fields, default)]` so a misspelt key is
@@ -266,6 +298,33 @@ pub fn write_new_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Makes sure a private file (a daemon's SQLite database) exists before anything opens it:
+/// missing parent directories are created with `dir_mode` (less the umask), then the file with
+/// mode 0600 and nothing in it, so it is never readable by others for a moment. An existing
+/// file is left as it is (never truncated, its mode untouched).
+///
+/// # Errors
+/// A directory or the file cannot be created.
+pub fn create_private_file(path: &Path, dir_mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(parent)?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
 /// Replaces `slot` with `value` when a flag or environment variable was given.
 pub fn overlay<T>(slot: &mut T, value: Option<T>) {
     if let Some(value) = value {
@@ -328,12 +387,66 @@ impl Shutdown {
     }
 }
 
+/// How [`serve_http1`] serves one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http1 {
+    /// Time a request head may take to arrive (hyper's `header_read_timeout`), the first
+    /// one's and every keep-alive one's.
+    pub header_timeout: Duration,
+    /// Largest read buffer, which bounds a request head; `None`: hyper's default.
+    pub max_buf_size: Option<usize>,
+    /// The connection closes after the request in progress at this age; `None`: no limit.
+    pub max_age: Option<Duration>,
+    /// After shutdown, the time the request in progress gets to finish.
+    pub drain: Duration,
+}
+
+/// Serves HTTP/1.1 on one connection with `service` until it ends: the one connection loop of
+/// the daemons' HTTP servers. The connection closes after the request in progress at
+/// [`Http1::max_age`], on shutdown (given [`Http1::drain`] to finish) and when `close_soon`
+/// completes; it is dropped at once when `abort` completes (a login deadline). Pass
+/// [`std::future::pending`] for an end that does not apply.
+pub async fn serve_http1<IO, S, B>(
+    io: IO,
+    service: S,
+    http: Http1,
+    shutdown: &Shutdown,
+    close_soon: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(http.header_timeout);
+    if let Some(size) = http.max_buf_size {
+        builder.max_buf_size(size);
+    }
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(conn);
+    drive_http_until(
+        conn,
+        |c| c.graceful_shutdown(),
+        http.max_age,
+        shutdown,
+        http.drain,
+        close_soon,
+        abort,
+    )
+    .await;
+}
+
 /// Drives one HTTP connection (hyper's, pinned) to its end. At `max_age` (none: no limit) and
 /// on shutdown it is asked to close after the request in progress (`graceful`, since hyper's
 /// connection types share no trait); after shutdown it gets `drain` to finish.
 pub async fn drive_http<C, E>(
-    mut conn: std::pin::Pin<&mut C>,
-    mut graceful: impl FnMut(std::pin::Pin<&mut C>),
+    conn: std::pin::Pin<&mut C>,
+    graceful: impl FnMut(std::pin::Pin<&mut C>),
     max_age: Option<Duration>,
     shutdown: &Shutdown,
     drain: Duration,
@@ -341,9 +454,36 @@ pub async fn drive_http<C, E>(
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    drive_http_until(
+        conn,
+        graceful,
+        max_age,
+        shutdown,
+        drain,
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+}
+
+/// [`drive_http`], also closing after the request in progress when `close_soon` completes and
+/// dropping the connection at once when `abort` does.
+pub async fn drive_http_until<C, E>(
+    mut conn: std::pin::Pin<&mut C>,
+    mut graceful: impl FnMut(std::pin::Pin<&mut C>),
+    max_age: Option<Duration>,
+    shutdown: &Shutdown,
+    drain: Duration,
+    close_soon: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let too_old = tokio::time::sleep(max_age.unwrap_or(Duration::MAX / 4));
-    tokio::pin!(too_old);
-    let mut aged = false;
+    tokio::pin!(too_old, close_soon, abort);
+    // Once asked to close, it is not asked again (and a completed future is not polled again).
+    let mut closing = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -352,11 +492,16 @@ pub async fn drive_http<C, E>(
                 }
                 return;
             }
-            () = &mut too_old, if !aged && max_age.is_some() => {
+            () = &mut too_old, if !closing && max_age.is_some() => {
                 tracing::debug!(?max_age, "closing after the request in progress: max_connection_age reached");
-                aged = true;
+                closing = true;
                 graceful(conn.as_mut());
             }
+            () = &mut close_soon, if !closing => {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+            () = &mut abort => return,
             () = shutdown.triggered() => {
                 graceful(conn.as_mut());
                 let _ = tokio::time::timeout(drain, conn).await;
@@ -445,6 +590,15 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
         })
+    }
+
+    /// [`Signals::install`] in a daemon's `main`: on failure `name: signals: error` is printed
+    /// and the exit code is 70 ([`exit::SOFTWARE`]).
+    ///
+    /// # Errors
+    /// The exit code for `main` to return.
+    pub fn install_for(name: &str) -> Result<Self, std::process::ExitCode> {
+        Self::install().map_err(|err| fail(name, exit::SOFTWARE, format_args!("signals: {err}")))
     }
 }
 
@@ -596,6 +750,42 @@ mod tests {
     }
 
     #[test]
+    fn start_up_helpers_keep_the_exit_codes() {
+        use std::process::ExitCode;
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "nope = ").unwrap();
+        #[derive(Debug, Default, serde::Deserialize)]
+        struct File {
+            log: Option<String>,
+        }
+        assert_eq!(
+            load_config::<File>("t", Some(&bad)).unwrap_err(),
+            ExitCode::from(exit::CONFIG)
+        );
+        assert!(load_config::<File>("t", None).unwrap().log.is_none());
+        assert_eq!(invalid_config("t", "x"), ExitCode::from(exit::CONFIG));
+        assert_eq!(drained_exit(true), ExitCode::SUCCESS);
+        assert_eq!(drained_exit(false), ExitCode::from(exit::SOFTWARE));
+        // The flag wins over the file; the file fills in.
+        let flags = LogArgs::default();
+        let file = Some("debug".to_owned());
+        assert_eq!(
+            flags.or_file(file.as_ref()).log_filter.as_deref(),
+            Some("debug")
+        );
+        let flags = LogArgs {
+            log_filter: Some("warn".into()),
+            ..LogArgs::default()
+        };
+        assert_eq!(
+            flags.or_file(file.as_ref()).log_filter.as_deref(),
+            Some("warn")
+        );
+        assert_eq!(flags.or_file(None).log_filter.as_deref(), Some("warn"));
+    }
+
+    #[test]
     fn private_files_are_new_and_0600() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
@@ -607,6 +797,32 @@ mod tests {
         let err = write_new_private(&path, b"other").unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&path).unwrap(), b"s3cret");
+    }
+
+    #[test]
+    fn private_files_are_created_0600_in_new_directories_and_kept_when_they_exist() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("state/db/store.sqlite");
+        create_private_file(&path, 0o700).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
+        assert_eq!(mode(&dir.path().join("state/db")), 0o700);
+        // An existing file (already written, perhaps chmod-ed by its operator) is kept.
+        std::fs::write(&path, b"rows").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        create_private_file(&path, 0o700).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"rows");
+        assert_eq!(mode(&path), 0o640);
+        // A bare file name needs no directory.
+        let here = dir.path().join("bare.sqlite");
+        create_private_file(&here, 0o700).unwrap();
+        assert_eq!(mode(&here), 0o600);
+        // A parent that is a file is an error, not a panic.
+        let blocked = dir.path().join("bare.sqlite/x.sqlite");
+        assert!(create_private_file(&blocked, 0o700).is_err());
     }
 
     #[test]
@@ -622,6 +838,117 @@ mod tests {
         assert!(!secret_mode_ok(&inside, 0o100440, None));
         assert!(!secret_mode_ok(&inside, 0o100460, Some(creds)));
         assert!(!secret_mode_ok(&inside, 0o100444, Some(creds)));
+    }
+
+    /// One connection served by [`serve_http1`] with a service answering "hi", and the client
+    /// end of it.
+    async fn http1_pair(
+        http: Http1,
+        shutdown: &Shutdown,
+        close_soon: impl Future<Output = ()> + Send + 'static,
+        abort: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::net::TcpStream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("hi")))
+            });
+            serve_http1(server, service, http, &stop, close_soon, abort).await;
+        });
+        client
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n";
+
+    /// Sends a GET and reads one answer (up to its "hi" body).
+    async fn get(client: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        client.write_all(GET).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 512];
+        while !answer.ends_with(b"hi") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// Whether the server closes the connection within `within`.
+    async fn closes(client: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 512];
+        matches!(
+            tokio::time::timeout(within, client.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn serve_http1_keeps_alive_and_ends_every_way_it_should() {
+        use std::future::pending;
+        let http = Http1 {
+            header_timeout: Duration::from_secs(5),
+            max_buf_size: Some(16 * 1024),
+            max_age: None,
+            drain: Duration::from_secs(5),
+        };
+        let long = Duration::from_secs(5);
+        let shutdown = Shutdown::new();
+
+        // Keep-alive: two requests on one connection, then shutdown closes it.
+        let mut client = http1_pair(http, &shutdown, pending(), pending()).await;
+        assert!(get(&mut client).await.starts_with("HTTP/1.1 200"));
+        assert!(get(&mut client).await.starts_with("HTTP/1.1 200"));
+
+        // A silent client meets the header timeout.
+        let quick = Http1 {
+            header_timeout: Duration::from_millis(200),
+            ..http
+        };
+        let mut silent = http1_pair(quick, &shutdown, pending(), pending()).await;
+        assert!(closes(&mut silent, long).await);
+
+        // At its age the connection closes after the request in progress.
+        let aging = Http1 {
+            max_age: Some(Duration::from_millis(200)),
+            ..http
+        };
+        let mut old = http1_pair(aging, &shutdown, pending(), pending()).await;
+        assert!(get(&mut old).await.starts_with("HTTP/1.1 200"));
+        assert!(closes(&mut old, long).await);
+
+        // `close_soon` closes it the same way; `abort` drops it at once.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut tied = http1_pair(
+            http,
+            &shutdown,
+            async move {
+                let _ = rx.await;
+            },
+            pending(),
+        )
+        .await;
+        assert!(get(&mut tied).await.starts_with("HTTP/1.1 200"));
+        tx.send(()).unwrap();
+        assert!(closes(&mut tied, long).await);
+        let mut aborted = http1_pair(
+            http,
+            &shutdown,
+            pending(),
+            tokio::time::sleep(Duration::from_millis(100)),
+        )
+        .await;
+        assert!(closes(&mut aborted, long).await);
+
+        // Shutdown: the idle keep-alive connection closes and every task ends.
+        assert!(shutdown.drain(long).await);
+        assert!(closes(&mut client, long).await);
     }
 
     #[tokio::test]

@@ -14,6 +14,9 @@
 //! - [`io`]: stream adapters ([`io::WriteDeadline`]: a deadline on every write).
 //! - [`cli`]: the start-up path of every command-line tool and benchmark (runtime, `name: error`,
 //!   the exit-code rule).
+//! - [`limits`]: the front door's numbers (default stranger budget, a listener's [`limits::Limits`]),
+//!   named by configuration types without the admission machinery.
+//! - [`exit`]: the sysexits codes every tool and daemon exits with.
 //! - [`daemon`]: tracing set-up, layered TOML configuration, signals, systemd notifications and
 //!   draining.
 //! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
@@ -26,7 +29,9 @@ pub mod beneath;
 pub mod cli;
 pub mod daemon;
 pub mod envelope;
+pub mod exit;
 pub mod io;
+pub mod limits;
 pub mod log;
 pub mod pki;
 pub mod tls;

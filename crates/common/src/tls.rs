@@ -5,7 +5,11 @@
 //!   swaps in the new material only when every file parses and the key matches the certificate,
 //!   so a bad file on SIGHUP keeps the old configuration. Live connections keep the
 //!   configuration they were accepted with.
-//! - [`client_config`] builds a client configuration (CA bundle, optional client certificate).
+//! - [`client_config`] builds a client configuration (CA bundle, optional client certificate,
+//!   optionally one pinned server certificate).
+//! - Both also take the PEM text itself ([`ServerTlsPem::config`], [`ClientTlsPem::config`]):
+//!   the file API reads its files into a [`Pem`] each and calls the bytes API, so there is one
+//!   construction path for material on disk and material held in memory (a broker job's).
 //! - [`accept`] and [`connect`] run a handshake under a deadline and return the verified
 //!   [`PeerIdentity`].
 //! - Client certificates must chain to the CA bundle, must not be revoked by a CRL, and must
@@ -62,10 +66,11 @@ pub enum TlsError {
         /// The cause.
         cause: io::Error,
     },
-    /// A PEM file held no usable item of the expected kind.
+    /// A PEM file (or PEM text held in memory, by its [`Pem`] name) held no usable item of
+    /// the expected kind.
     #[error("{path}: {what}")]
     Pem {
-        /// The file.
+        /// The file, or the name of the text.
         path: PathBuf,
         /// What was wrong.
         what: String,
@@ -204,11 +209,11 @@ fn nonzero_secs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64
 }
 
 fn default_max_handshakes() -> NonZeroUsize {
-    NonZeroUsize::new(crate::admission::DEFAULT_MAX_HANDSHAKES).unwrap_or(NonZeroUsize::MIN)
+    NonZeroUsize::new(crate::limits::DEFAULT_MAX_HANDSHAKES).unwrap_or(NonZeroUsize::MIN)
 }
 
 fn default_max_handshakes_per_address() -> NonZeroUsize {
-    NonZeroUsize::new(crate::admission::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
+    NonZeroUsize::new(crate::limits::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS)
         .unwrap_or(NonZeroUsize::MIN)
 }
 
@@ -253,8 +258,8 @@ impl TlsSection {
 
     /// The front-door limits of a listener with this section and `max_connections` slots for
     /// authenticated connections; the handshake timeout is the stranger deadline.
-    pub fn admission(&self, max_connections: usize) -> crate::admission::Limits {
-        crate::admission::Limits {
+    pub fn admission(&self, max_connections: usize) -> crate::limits::Limits {
+        crate::limits::Limits {
             max_connections,
             max_handshakes: self.max_handshakes.get(),
             max_handshakes_per_address: self.max_handshakes_per_address.get(),
@@ -313,7 +318,7 @@ impl ServerTls {
     /// Any unreadable or invalid file, a key that does not match the certificate, or
     /// `client_auth` other than `off` without a CA bundle.
     pub fn load(files: ServerTlsFiles) -> Result<Self, TlsError> {
-        let current = build_server_config(&files)?;
+        let current = build_server_config(&files.read()?)?;
         Ok(Self {
             files,
             current: RwLock::new(current),
@@ -325,7 +330,7 @@ impl ServerTls {
     /// # Errors
     /// As [`ServerTls::load`]; the running configuration is untouched.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let built = build_server_config(&self.files)?;
+        let built = build_server_config(&self.files.read()?)?;
         let mut current = self
             .current
             .write()
@@ -408,9 +413,170 @@ impl ServerTls {
     }
 }
 
-fn build_server_config(files: &ServerTlsFiles) -> Result<Current, TlsError> {
-    let chain = load_certs(&files.cert)?;
-    let key = load_key(files.key.as_deref().unwrap_or(&files.cert))?;
+impl ServerTlsFiles {
+    /// Reads every file this configuration names (the client CA bundle and CRLs only when
+    /// client certificates are asked for).
+    ///
+    /// # Errors
+    /// [`TlsError::Read`] for an unreadable file.
+    pub fn read(&self) -> Result<ServerTlsPem, TlsError> {
+        let cert = Pem::read(&self.cert)?;
+        let key = self.key.as_deref().map(Pem::read).transpose()?;
+        let (client_ca, crls) = if self.client_auth == ClientAuth::Off {
+            (None, Vec::new())
+        } else {
+            let ca = self.client_ca.as_deref().map(Pem::read).transpose()?;
+            let crls = self
+                .crls
+                .iter()
+                .map(|path| Pem::read(path))
+                .collect::<Result<_, _>>()?;
+            (ca, crls)
+        };
+        Ok(ServerTlsPem {
+            cert,
+            key,
+            client_ca,
+            crls,
+            client_auth: self.client_auth,
+            alpn: self.alpn.clone(),
+        })
+    }
+}
+
+/// PEM text and the name its errors go by: the file it was read from, or what it is when it
+/// is held in memory. Its `Debug` shows the name and the length, never the text (it may be a
+/// private key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pem {
+    origin: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl fmt::Debug for Pem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pem")
+            .field("origin", &self.origin)
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl Pem {
+    /// PEM text held in memory, called `origin` in errors (e.g. "job certificate").
+    pub fn new(origin: impl Into<PathBuf>, text: impl AsRef<[u8]>) -> Self {
+        Self {
+            origin: origin.into(),
+            bytes: text.as_ref().to_vec(),
+        }
+    }
+
+    /// The contents of a PEM file, called by its path in errors.
+    ///
+    /// # Errors
+    /// [`TlsError::Read`].
+    pub fn read(path: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            origin: path.to_owned(),
+            bytes: read(path)?,
+        })
+    }
+
+    /// The file this came from, or its name.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// Every certificate in the text.
+    ///
+    /// # Errors
+    /// Bad PEM, or no certificate at all.
+    pub fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = CertificateDer::pem_slice_iter(&self.bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(&self.origin, &format!("bad certificate PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(pem_error(&self.origin, "no certificate found"));
+        }
+        Ok(certs)
+    }
+
+    /// The first private key in the text (PKCS#8, SEC1 or PKCS#1).
+    ///
+    /// # Errors
+    /// No key.
+    pub fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.bytes)
+            .map_err(|e| pem_error(&self.origin, &format!("no usable private key: {e}")))
+    }
+
+    /// The certificates of a CA bundle as a root store.
+    ///
+    /// # Errors
+    /// No certificate, or a certificate that is not a usable trust anchor.
+    pub fn roots(&self) -> Result<RootCertStore, TlsError> {
+        roots_from(&self.origin, self.certs()?)
+    }
+
+    /// Every CRL in the text.
+    ///
+    /// # Errors
+    /// Bad PEM, or no CRL.
+    pub fn crls(&self) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+        let crls = CertificateRevocationListDer::pem_slice_iter(&self.bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(&self.origin, &format!("bad CRL PEM: {e}")))?;
+        if crls.is_empty() {
+            return Err(pem_error(&self.origin, "no CRL found"));
+        }
+        Ok(crls)
+    }
+}
+
+/// A server's TLS material as PEM text ([`ServerTlsFiles::read`], or held in memory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsPem {
+    /// Certificate chain, leaf first (may hold the key too).
+    pub cert: Pem,
+    /// Private key; `None` means it is in `cert`.
+    pub key: Option<Pem>,
+    /// Trusted client CAs (needed unless `client_auth` is `off`).
+    pub client_ca: Option<Pem>,
+    /// CRLs, each signed by a CA of `client_ca`.
+    pub crls: Vec<Pem>,
+    /// Whether client certificates are required, optional or not asked for.
+    pub client_auth: ClientAuth,
+    /// ALPN protocols, in preference order.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl ServerTlsPem {
+    /// Serving `cert` with `key`, requiring a client certificate that chains to `client_ca`
+    /// and is not revoked by `crls`; no ALPN.
+    pub fn mutual(cert: Pem, key: Pem, client_ca: Pem, crls: Vec<Pem>) -> Self {
+        Self {
+            cert,
+            key: Some(key),
+            client_ca: Some(client_ca),
+            crls,
+            client_auth: ClientAuth::Required,
+            alpn: Vec::new(),
+        }
+    }
+
+    /// Builds the server configuration (the same one [`ServerTls::load`] builds from files).
+    ///
+    /// # Errors
+    /// Invalid PEM, a key that does not match the certificate, an unusable CRL, or
+    /// `client_auth` other than `off` without a CA bundle.
+    pub fn config(&self) -> Result<ServerConfig, TlsError> {
+        build_server_config(self).map(|current| Arc::unwrap_or_clone(current.config))
+    }
+}
+
+fn build_server_config(files: &ServerTlsPem) -> Result<Current, TlsError> {
+    let chain = files.cert.certs()?;
+    let key = files.key.as_ref().unwrap_or(&files.cert).key()?;
     let provider = provider();
     let mut revoked = trust::Revoked::default();
     let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
@@ -422,11 +588,11 @@ fn build_server_config(files: &ServerTlsFiles) -> Result<Current, TlsError> {
                 ));
             }
             (auth, Some(ca)) => {
-                let cas = load_certs(ca)?;
-                let roots = Arc::new(roots_from(ca, cas.iter().cloned())?);
+                let cas = ca.certs()?;
+                let roots = Arc::new(roots_from(&ca.origin, cas.iter().cloned())?);
                 let mut crls = Vec::new();
-                for path in &files.crls {
-                    crls.extend(load_crls(path)?.into_iter().map(|crl| (path.clone(), crl)));
+                for pem in &files.crls {
+                    crls.extend(pem.crls()?.into_iter().map(|crl| (pem.origin.clone(), crl)));
                 }
                 // A CRL that no CA of the bundle signed is refused here: rustls would either
                 // ignore it (revocation silently off) or fail every handshake.
@@ -508,41 +674,122 @@ pub struct ClientTlsFiles {
 /// # Errors
 /// Unreadable or invalid files, or no CA bundle.
 pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
-    let ca = files
-        .ca
-        .as_deref()
-        .ok_or_else(|| TlsError::Invalid("a CA bundle is required to verify the server".into()))?;
-    let roots = Arc::new(load_roots(ca)?);
-    let builder =
-        ClientConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
-    let builder = if files.skip_hostname_check {
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| TlsError::Invalid(format!("server certificate verifier: {e}")))?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
-    } else {
-        builder.with_root_certificates(roots)
-    };
-    let mut config = match &files.cert {
-        Some(cert) => {
-            let chain = load_certs(cert)?;
-            let key = load_key(files.key.as_deref().unwrap_or(cert))?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = files.alpn.clone();
-    Ok(config)
+    if files.ca.is_none() {
+        return Err(no_ca());
+    }
+    files.read()?.config()
 }
 
-/// Verifies the server's chain, validity and signatures like the default verifier, but
-/// accepts any name in the certificate.
-#[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+fn no_ca() -> TlsError {
+    TlsError::Invalid("a CA bundle is required to verify the server".into())
+}
 
-impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+impl ClientTlsFiles {
+    /// Reads every file this configuration names.
+    ///
+    /// # Errors
+    /// [`TlsError::Read`] for an unreadable file.
+    pub fn read(&self) -> Result<ClientTlsPem, TlsError> {
+        let read = |path: &Option<PathBuf>| path.as_deref().map(Pem::read).transpose();
+        Ok(ClientTlsPem {
+            ca: read(&self.ca)?,
+            cert: read(&self.cert)?,
+            key: read(&self.key)?,
+            alpn: self.alpn.clone(),
+            skip_hostname_check: self.skip_hostname_check,
+            pinned: None,
+        })
+    }
+}
+
+/// What a client presents and trusts, as PEM text ([`ClientTlsFiles::read`], or held in
+/// memory).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientTlsPem {
+    /// CA bundle the server must chain to (required).
+    pub ca: Option<Pem>,
+    /// Client certificate chain (may hold the key too).
+    pub cert: Option<Pem>,
+    /// Client key; `None` with `cert` set means the key is in `cert`.
+    pub key: Option<Pem>,
+    /// ALPN protocols to offer.
+    pub alpn: Vec<Vec<u8>>,
+    /// Verify the chain but not the name in the server certificate.
+    pub skip_hostname_check: bool,
+    /// Accept only this server certificate (its first one), and only when it also passes
+    /// every other check. For a server whose CA issues the same names to others (a broker
+    /// job's), where the chain alone would let another server stand in for this one.
+    pub pinned: Option<Pem>,
+}
+
+impl ClientTlsPem {
+    /// Trusting `ca` and presenting `cert` with `key`.
+    pub fn mutual(ca: Pem, cert: Pem, key: Pem) -> Self {
+        Self {
+            ca: Some(ca),
+            cert: Some(cert),
+            key: Some(key),
+            ..Self::default()
+        }
+    }
+
+    /// Builds the client configuration.
+    ///
+    /// # Errors
+    /// Invalid PEM, a key that does not match, or no CA bundle.
+    pub fn config(&self) -> Result<ClientConfig, TlsError> {
+        let ca = self.ca.as_ref().ok_or_else(no_ca)?;
+        let roots = Arc::new(ca.roots()?);
+        let builder =
+            ClientConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
+        let pinned = match &self.pinned {
+            Some(pem) => Some(
+                pem.certs()?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| pem_error(&pem.origin, "no certificate found"))?,
+            ),
+            None => None,
+        };
+        let builder = if self.skip_hostname_check || pinned.is_some() {
+            let chain =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| TlsError::Invalid(format!("server certificate verifier: {e}")))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ServerCheck {
+                    chain,
+                    any_name: self.skip_hostname_check,
+                    pinned,
+                }))
+        } else {
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match &self.cert {
+            Some(cert) => {
+                let chain = cert.certs()?;
+                let key = self.key.as_ref().unwrap_or(cert).key()?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = self.alpn.clone();
+        Ok(config)
+    }
+}
+
+/// Verifies the server's chain, validity and signatures like the default verifier; with
+/// `any_name` it accepts any name in the certificate, with `pinned` only that end-entity
+/// certificate.
+#[derive(Debug)]
+struct ServerCheck {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    any_name: bool,
+    pinned: Option<CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -552,15 +799,28 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let verified = match self.chain.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 NotValidForName | NotValidForNameContext { .. },
-            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            other => other,
+            )) if self.any_name => rustls::client::danger::ServerCertVerified::assertion(),
+            other => other?,
+        };
+        if self
+            .pinned
+            .as_ref()
+            .is_some_and(|pinned| end_entity.as_ref() != pinned.as_ref())
+        {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
         }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -569,7 +829,7 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.chain.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -578,11 +838,11 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.chain.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -732,14 +992,7 @@ fn pem_error(path: &Path, what: &str) -> TlsError {
 /// # Errors
 /// Unreadable file, bad PEM, or no certificate at all.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, &format!("bad certificate PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(pem_error(path, "no certificate found"));
-    }
-    Ok(certs)
+    Pem::read(path)?.certs()
 }
 
 /// Reads the first private key in a PEM file (PKCS#8, SEC1 or PKCS#1).
@@ -747,9 +1000,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// # Errors
 /// Unreadable file or no key.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| pem_error(path, &format!("no usable private key: {e}")))
+    Pem::read(path)?.key()
 }
 
 /// Reads a CA bundle into a root store.
@@ -757,7 +1008,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// # Errors
 /// Unreadable file, no certificate, or a certificate that is not a usable trust anchor.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    roots_from(path, load_certs(path)?)
+    Pem::read(path)?.roots()
 }
 
 fn roots_from(
@@ -778,12 +1029,5 @@ fn roots_from(
 /// # Errors
 /// Unreadable file, bad PEM, or no CRL.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, &format!("bad CRL PEM: {e}")))?;
-    if crls.is_empty() {
-        return Err(pem_error(path, "no CRL found"));
-    }
-    Ok(crls)
+    Pem::read(path)?.crls()
 }

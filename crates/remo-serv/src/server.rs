@@ -19,7 +19,6 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
@@ -329,45 +328,26 @@ async fn serve_connection<IO>(
         let door = Arc::clone(&handlers_door);
         async move { Ok::<_, Infallible>(handle(state, req, peer, &door).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state_header_timeout)
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let too_old = tokio::time::sleep(max_age);
-    tokio::pin!(too_old);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(err) = result {
-                    tracing::debug!(%err, "connection ended with an error");
-                }
-                return;
-            }
-            () = stop.triggered() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-                return;
-            }
-            () = door.door.expired() => {
-                tracing::debug!("no authenticated request in time; closing");
-                return;
-            }
-            // Closed after the request in progress (none: at once).
-            () = &mut too_old, if !closing => {
-                tracing::debug!(?max_age, "closing after the request in progress: max-connection-age reached");
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = door.tie.closing(), if !closing => {
-                tracing::debug!("closing after the request in progress: its session ended, or max-connections-per-user");
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
+    let http = common::daemon::Http1 {
+        header_timeout: state_header_timeout,
+        max_buf_size: Some(64 * 1024),
+        max_age: Some(max_age),
+        // On shutdown the request in progress may finish; the daemon's drain-grace bounds it.
+        drain: Duration::MAX,
+    };
+    // Closed after the request in progress (none: at once) when its session ends or its user
+    // has too many connections; dropped at once without an authenticated request in time.
+    let tie = async {
+        door.tie.closing().await;
+        tracing::debug!(
+            "closing after the request in progress: its session ended, or max-connections-per-user"
+        );
+    };
+    let expired = async {
+        door.door.expired().await;
+        tracing::debug!("no authenticated request in time; closing");
+    };
+    common::daemon::serve_http1(io, service, http, &stop, tie, expired).await;
 }
 
 /// A request of `user` on session `id` (whose end `ended` marks) authenticated: the connection

@@ -24,7 +24,6 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 
 use crate::audit::Record;
@@ -68,22 +67,22 @@ pub async fn serve<S>(
             Ok::<_, Infallible>(handle(&service, cn.as_deref(), req).await)
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_timeout())
-        .keep_alive(true);
     // A client that stops reading its answer is cut off after io_timeout_secs without
     // progress, like the original protocol's writes (hyper times only the request head).
     let io = common::io::WriteDeadline::new(io, limits.io_timeout());
-    let conn = builder.serve_connection(TokioIo::new(io), handler);
-    tokio::pin!(conn);
-    common::daemon::drive_http(
-        conn,
-        |c| c.graceful_shutdown(),
-        Some(max_age),
+    let http = common::daemon::Http1 {
+        header_timeout: limits.request_timeout(),
+        max_buf_size: None,
+        max_age: Some(max_age),
+        drain: limits.drain_grace(),
+    };
+    common::daemon::serve_http1(
+        io,
+        handler,
+        http,
         &shutdown,
-        limits.drain_grace(),
+        std::future::pending(),
+        std::future::pending(),
     )
     .await;
 }

@@ -56,18 +56,9 @@ impl Audit {
     /// # Errors
     /// The file cannot be created or opened, or a migration fails.
     pub async fn open(path: &Path) -> Result<Self, sqlx::Error> {
-        if !path.exists() {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)?;
-        }
+        // Its directory may be shared (signatures.txt is world-readable): created with the
+        // umask's mode, as `create_dir_all` would.
+        common::daemon::create_private_file(path, 0o777)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .journal_mode(SqliteJournalMode::Wal)

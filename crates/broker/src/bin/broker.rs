@@ -85,28 +85,19 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+    let mut file = match daemon::load_config::<FileConfig>("broker", args.config.as_deref()) {
         Ok(file) => file,
-        Err(err) => {
-            eprintln!("broker: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(code) => return code,
     };
     daemon::overlay(&mut file.socket, args.socket.clone());
     daemon::overlay(&mut file.state_dir, args.state_dir.clone());
     daemon::overlay(&mut file.database, args.database.clone());
     daemon::overlay(&mut file.host, args.host.clone());
     daemon::overlay(&mut file.port_range, args.port_range);
-    let mut log = args.log.clone();
-    if log.log_filter.is_none() {
-        log.log_filter.clone_from(&file.log);
-    }
+    let log = args.log.or_file(file.log.as_ref());
     let config = match file.into_config(&hostname()) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("broker: invalid configuration: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(err) => return daemon::invalid_config("broker", err),
     };
     if let Some(ephemeral) = broker::config::ephemeral_range() {
         if config.ports.start() <= ephemeral.end() && ephemeral.start() <= config.ports.end() {
@@ -205,12 +196,9 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
         },
         None => None,
     };
-    let signals = match daemon::Signals::install() {
+    let signals = match daemon::Signals::install_for("broker") {
         Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("broker: signals: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     let c = broker.config();
     tracing::info!(
@@ -258,9 +246,5 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
         tracing::warn!(error = %err, "writing the counted failed verifications failed");
     }
     broker.store().close().await;
-    if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(exit::SOFTWARE)
-    }
+    daemon::drained_exit(drained)
 }

@@ -754,7 +754,14 @@ async fn tls_echo_server(
     std::net::SocketAddr,
     mpsc::UnboundedReceiver<Option<String>>,
 ) {
-    let config = broker::pemtls::server_config(&tls.cert, &tls.key, &tls.ca, "").unwrap();
+    let config = common::tls::ServerTlsPem::mutual(
+        common::tls::Pem::new("certificate", &tls.cert),
+        common::tls::Pem::new("key", &tls.key),
+        common::tls::Pem::new("CA", &tls.ca),
+        Vec::new(),
+    )
+    .config()
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

@@ -453,7 +453,13 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
 
     // Straight to the gate with the owner's certificate: served.
     let owner = Arc::new(
-        broker::pemtls::client_config(&tls.client_cert, &tls.client_key, &tls.ca).unwrap(),
+        common::tls::ClientTlsPem::mutual(
+            common::tls::Pem::new("CA", &tls.ca),
+            common::tls::Pem::new("client certificate", &tls.client_cert),
+            common::tls::Pem::new("client key", &tls.client_key),
+        )
+        .config()
+        .unwrap(),
     );
     until_served(|| tls_get(port, owner.clone())).await;
     // Plain HTTP to the TLS port: nothing from the app.
@@ -484,7 +490,13 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
         assert_ne!(theirs_cert.common_name, ours_cert.common_name);
 
         let stranger = Arc::new(
-            broker::pemtls::client_config(&other.client_cert, &other.client_key, &tls.ca).unwrap(),
+            common::tls::ClientTlsPem::mutual(
+                common::tls::Pem::new("CA", &tls.ca),
+                common::tls::Pem::new("client certificate", &other.client_cert),
+                common::tls::Pem::new("client key", &other.client_key),
+            )
+            .config()
+            .unwrap(),
         );
         assert_refused(
             &tls_get(port, stranger).await,

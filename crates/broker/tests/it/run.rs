@@ -461,7 +461,13 @@ async fn ssl_gate_admits_the_owners_certificate_only() {
 
     // The owner's client certificate from the broker CA: through to the plain app.
     let owner = Arc::new(
-        broker::pemtls::client_config(&tls.client_cert, &tls.client_key, &tls.ca).unwrap(),
+        common::tls::ClientTlsPem::mutual(
+            common::tls::Pem::new("CA", &tls.ca),
+            common::tls::Pem::new("client certificate", &tls.client_cert),
+            common::tls::Pem::new("client key", &tls.client_key),
+        )
+        .config()
+        .unwrap(),
     );
     let answer = until_served(|| {
         let owner = owner.clone();
@@ -479,7 +485,13 @@ async fn ssl_gate_admits_the_owners_certificate_only() {
     // A certificate for the same name from another CA, and none at all: refused.
     let pki = testkit::pki::test_pki();
     let stranger = Arc::new(
-        broker::pemtls::client_config(&pki.alice.cert_pem, &pki.alice.key_pem, &tls.ca).unwrap(),
+        common::tls::ClientTlsPem::mutual(
+            common::tls::Pem::new("CA", &tls.ca),
+            common::tls::Pem::new("client certificate", &pki.alice.cert_pem),
+            common::tls::Pem::new("client key", &pki.alice.key_pem),
+        )
+        .config()
+        .unwrap(),
     );
     let anonymous = Arc::new(
         rustls::ClientConfig::builder_with_provider(common::tls::provider())

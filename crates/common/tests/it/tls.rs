@@ -526,3 +526,110 @@ fn max_connection_age_has_a_default_and_zero_is_refused() {
         .to_string();
     assert!(err.contains("at least 1"), "{err}");
 }
+
+/// A server built from PEM text in memory that greets each client by CN, and closes.
+async fn spawn_pem_greeter(config: rustls::ServerConfig) -> Spawned {
+    testkit::init_tracing();
+    tls::install_default_provider();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    testkit::spawn_tcp(move |listener, shutdown| async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                () = shutdown.triggered() => return Ok(()),
+            };
+            let acceptor = acceptor.clone();
+            shutdown.spawn(async move {
+                if let Ok((mut stream, peer)) = tls::accept(&acceptor, stream, DEADLINE).await {
+                    let who = peer.and_then(|p| p.cn).unwrap_or_default();
+                    let _ = stream.write_all(format!("{who}\n").as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    })
+    .await
+}
+
+/// The greeting a client gets, or the error that kept it from one.
+async fn greeting(
+    addr: std::net::SocketAddr,
+    config: rustls::ClientConfig,
+) -> anyhow::Result<String> {
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = tls::connect(Arc::new(config), "localhost", tcp, DEADLINE).await?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).await?;
+    anyhow::ensure!(!line.is_empty(), "closed without a greeting");
+    Ok(line.trim_end().to_owned())
+}
+
+#[tokio::test]
+async fn pem_text_in_memory_builds_the_same_checks_and_a_pinned_client_accepts_only_its_server() {
+    use tls::{ClientTlsPem, Pem, ServerTlsPem};
+    let pki = test_pki();
+    let server = |leaf: &Leaf| {
+        ServerTlsPem::mutual(
+            Pem::new("server certificate", &leaf.cert_pem),
+            Pem::new("server key", &leaf.key_pem),
+            Pem::new("client CA", &pki.ca_pem),
+            vec![Pem::new("CRL", &pki.crl_pem)],
+        )
+        .config()
+        .unwrap()
+    };
+    let client = |leaf: &Leaf, pinned: Option<&Leaf>| ClientTlsPem {
+        pinned: pinned.map(|p| Pem::new("pinned server certificate", &p.cert_pem)),
+        ..ClientTlsPem::mutual(
+            Pem::new("CA", &pki.ca_pem),
+            Pem::new("client certificate", &leaf.cert_pem),
+            Pem::new("client key", &leaf.key_pem),
+        )
+    };
+    let one = spawn_pem_greeter(server(&pki.server)).await;
+    let two = spawn_pem_greeter(server(&pki.server2)).await;
+
+    // Client certificates chain to the CA and pass the CRL; a revoked one does not.
+    let alice = client(&pki.alice, None).config().unwrap();
+    assert_eq!(greeting(one.addr, alice.clone()).await.unwrap(), "alice");
+    assert_eq!(greeting(two.addr, alice).await.unwrap(), "alice");
+    let revoked = client(&pki.revoked, None).config().unwrap();
+    assert!(greeting(one.addr, revoked).await.is_err());
+
+    // Pinned to the first server: the second, from the same CA and for the same name, is
+    // refused.
+    let pinned = client(&pki.alice, Some(&pki.server)).config().unwrap();
+    assert_eq!(greeting(one.addr, pinned.clone()).await.unwrap(), "alice");
+    assert!(greeting(two.addr, pinned).await.is_err());
+
+    // Errors name the text by what it is.
+    let bad = Pem::new("job key", "not pem")
+        .key()
+        .unwrap_err()
+        .to_string();
+    assert!(bad.starts_with("job key: no usable private key"), "{bad}");
+    let no_crl = ServerTlsPem::mutual(
+        Pem::new("server certificate", &pki.server.cert_pem),
+        Pem::new("server key", &pki.server.key_pem),
+        Pem::new("client CA", &pki.ca_pem),
+        vec![Pem::new("job CRL", "")],
+    )
+    .config()
+    .unwrap_err()
+    .to_string();
+    assert_eq!(no_crl, "job CRL: no CRL found");
+    // Material that does not belong together is refused when built.
+    let mismatched = ServerTlsPem::mutual(
+        Pem::new("server certificate", &pki.server.cert_pem),
+        Pem::new("server key", &pki.alice.key_pem),
+        Pem::new("client CA", &pki.ca_pem),
+        Vec::new(),
+    )
+    .config();
+    assert!(mismatched.is_err());
+    // The key never shows in `Debug`.
+    assert!(!format!("{:?}", Pem::new("k", &pki.alice.key_pem)).contains("PRIVATE"));
+
+    one.stop(DEADLINE).await.unwrap();
+    two.stop(DEADLINE).await.unwrap();
+}

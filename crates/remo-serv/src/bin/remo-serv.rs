@@ -90,12 +90,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut file = match daemon::load_toml::<FileConfig>(args.conf.as_deref()) {
+    let mut file = match daemon::load_config::<FileConfig>("remo-serv", args.conf.as_deref()) {
         Ok(file) => file,
-        Err(err) => {
-            eprintln!("remo-serv: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(code) => return code,
     };
     daemon::overlay(&mut file.port, args.port.map(Some));
     daemon::overlay(&mut file.host, args.interface.map(Some));
@@ -116,10 +113,7 @@ fn main() -> ExitCode {
     };
     let config = match file.into_config() {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("remo-serv: invalid configuration: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(err) => return daemon::invalid_config("remo-serv", err),
     };
     daemon::run_daemon("remo-serv", &log, || {
         run(config, args.print_address, args.check_config)
@@ -181,12 +175,9 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
         }
     };
     // Signals are ours before the address is announced.
-    let signals = match daemon::Signals::install() {
+    let signals = match daemon::Signals::install_for("remo-serv") {
         Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("remo-serv: signals: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(address = %local, https, "listening");
@@ -205,11 +196,7 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
     })
     .await;
     let _ = serving.await;
-    if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(exit::SOFTWARE)
-    }
+    daemon::drained_exit(drained)
 }
 
 fn load_server_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {

@@ -87,27 +87,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+    let mut file = match daemon::load_config::<FileConfig>("secure-talk", args.config.as_deref()) {
         Ok(file) => file,
-        Err(err) => {
-            eprintln!("secure-talk: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(code) => return code,
     };
     daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
     daemon::overlay(&mut file.unix_socket, args.unix_socket.clone().map(Some));
     daemon::overlay(&mut file.state_dir, args.state_dir.clone().map(Some));
     daemon::overlay(&mut file.pipe_program, args.pipe_program.clone().map(Some));
-    let mut log = args.log.clone();
-    if log.log_filter.is_none() {
-        log.log_filter.clone_from(&file.log);
-    }
+    let log = args.log.or_file(file.log.as_ref());
     let config = match file.into_config() {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("secure-talk: invalid configuration: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(err) => return daemon::invalid_config("secure-talk", err),
     };
     daemon::run_daemon("secure-talk", &log, || {
         run(config, args.print_address, args.check_config)
@@ -174,12 +165,9 @@ async fn run(
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
-    let signals = match daemon::Signals::install() {
+    let signals = match daemon::Signals::install_for("secure-talk") {
         Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("secure-talk: signals: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     if let Some(tcp) = &listeners.tcp {
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -212,9 +200,5 @@ async fn run(
     })
     .await;
     let _ = serving.await;
-    if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(exit::SOFTWARE)
-    }
+    daemon::drained_exit(drained)
 }

@@ -104,27 +104,19 @@ fn main() -> ExitCode {
     if let Some(Command::Keygen { out }) = &args.command {
         return keygen(out);
     }
-    let mut file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+    let mut file = match daemon::load_config::<FileConfig>("signing-server", args.config.as_deref())
+    {
         Ok(file) => file,
-        Err(err) => {
-            eprintln!("signing-server: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(code) => return code,
     };
     daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
-    let mut log = args.log.clone();
-    if log.log_filter.is_none() {
-        log.log_filter.clone_from(&file.log);
-    }
+    let log = args.log.or_file(file.log.as_ref());
     let config = match file.into_config() {
         Ok(mut config) => {
             config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             config
         }
-        Err(err) => {
-            eprintln!("signing-server: invalid configuration: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(err) => return daemon::invalid_config("signing-server", err),
     };
     daemon::run_daemon("signing-server", &log, || {
         run(config, args.print_address, args.check_config)
@@ -181,12 +173,9 @@ async fn run(
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
-    let signals = match daemon::Signals::install() {
+    let signals = match daemon::Signals::install_for("signing-server") {
         Ok(signals) => signals,
-        Err(err) => {
-            eprintln!("signing-server: signals: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     let local = listener.local_addr().unwrap_or(listen);
     let identity = tls.server_identity().ok().map(|i| i.to_string());
@@ -214,9 +203,5 @@ async fn run(
     })
     .await;
     let _ = serving.await;
-    if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(exit::SOFTWARE)
-    }
+    daemon::drained_exit(drained)
 }

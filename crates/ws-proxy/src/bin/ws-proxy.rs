@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use common::cli::Flavor;
 use common::daemon::{self, LogArgs, Shutdown, exit};
 use common::tls::{self, ServerTls};
 use tokio::net::TcpListener;
@@ -76,17 +77,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let file = match daemon::load_toml::<FileConfig>(args.config.as_deref()) {
+    let file = match daemon::load_config::<FileConfig>("ws-proxy", args.config.as_deref()) {
         Ok(file) => file,
-        Err(err) => {
-            eprintln!("ws-proxy: {err}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(code) => return code,
     };
-    let mut log = args.log.clone();
-    if log.log_filter.is_none() {
-        log.log_filter.clone_from(&file.log_filter);
-    }
+    let mut log = args.log.or_file(file.log_filter.as_ref());
     if log.log_format == daemon::LogFormat::Auto {
         log.log_format = file.log_format;
     }
@@ -102,28 +97,24 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if deploy.worker_threads > 0 {
-        builder.worker_threads(deploy.worker_threads);
-    }
     if args.check_config {
         return check_config(&config, &deploy);
     }
-    let runtime = match builder.enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("ws-proxy: starting the runtime: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+    let flavor = match deploy.worker_threads {
+        0 => Flavor::MultiThread,
+        workers => Flavor::Workers(workers),
     };
-    match runtime.block_on(run(config, deploy, args.print_address)) {
-        Ok(code) => code,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("ws-proxy: {err:#}");
-            ExitCode::from(exit::UNAVAILABLE)
+    let print_address = args.print_address;
+    daemon::run_daemon_on("ws-proxy", flavor, || async move {
+        match run(config, deploy, print_address).await {
+            Ok(code) => code,
+            Err(err) => {
+                tracing::error!("{err:#}");
+                eprintln!("ws-proxy: {err:#}");
+                ExitCode::from(exit::UNAVAILABLE)
+            }
         }
-    }
+    })
 }
 
 fn configure(
@@ -245,11 +236,7 @@ async fn run(
     )
     .await;
     let _ = accept.await;
-    Ok(if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(exit::SOFTWARE)
-    })
+    Ok(daemon::drained_exit(drained))
 }
 
 #[expect(clippy::print_stdout, reason = "the summary is the command's output")]
