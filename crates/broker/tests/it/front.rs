@@ -337,23 +337,21 @@ async fn a_counted_interval_is_written_when_it_ends() {
         assert!(!client.verify(&job.summary.id, "wrong").await.unwrap());
     }
     // The reaper runs every second here.
-    let mut counts = Vec::new();
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        counts = daemon
-            .broker
-            .store()
-            .audit_rows(100)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|r| r.result == "invalid")
-            .map(|r| r.count)
-            .collect();
-        if counts.len() == 2 {
-            break;
-        }
-    }
+    let counts: Vec<_> =
+        testkit::eventually("two counted rows", Duration::from_secs(4), || async {
+            let counts: Vec<_> = daemon
+                .broker
+                .store()
+                .audit_rows(100)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| r.result == "invalid")
+                .map(|r| r.count)
+                .collect();
+            (counts.len() == 2).then_some(counts)
+        })
+        .await;
     assert_eq!(counts, [1, 9]);
     let row = daemon.broker.store().audit_rows(100).await.unwrap();
     let last = row.iter().rfind(|r| r.result == "invalid").unwrap();

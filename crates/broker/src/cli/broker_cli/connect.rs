@@ -28,7 +28,7 @@ pub(crate) async fn run_connect(
         .map_err(|e| Failure::new(exit::SOFTWARE, format!("signal handler: {e}")))?;
     let job = load_job(conn, ssh, &connect.job).await?;
     if job.summary.status != "active" {
-        tracing::warn!(job = %job.summary.id, status = %job.summary.status, "the job is not active");
+        tracing::warn!(target: "broker_cli", job = %job.summary.id, status = %job.summary.status, "the job is not active");
     }
     let private = private_dir(connect)?;
     let mut forward: Option<SshForward> = None;
@@ -69,7 +69,7 @@ pub(crate) async fn run_connect(
     let announcement = match tunnel.local() {
         Listen::Tcp(local) => {
             if !local.ip().is_loopback() {
-                tracing::warn!(%local, "listening beyond loopback: whoever reaches this port from another host uses the job as you");
+                tracing::warn!(target: "broker_cli", %local, "listening beyond loopback: whoever reaches this port from another host uses the job as you");
             }
             let url = format!("http://{local}/");
             if conn.json {

@@ -163,7 +163,7 @@ async fn start_gate(
     };
     let gate = Gate::spawn(listener, mode, upstream.clone(), shutdown)
         .map_err(|err| Outcome::failed(exit::SOFTWARE, format!("starting the gate: {err}")))?;
-    info!(public = %gate.local_addr(), %upstream, "gate listening");
+    info!(target: "broker_run", public = %gate.local_addr(), %upstream, "gate listening");
     Ok(Front {
         gate,
         upstream,
@@ -274,7 +274,7 @@ pub(super) async fn run_job(
         tokio::select! {
             status = child.wait() => break status,
             signal = signals.recv() => {
-                info!(signal = signal.as_str(), "forwarding to the application");
+                info!(target: "broker_run", signal = signal.as_str(), "forwarding to the application");
                 signal_group(group, signal);
                 let stopping = matches!(signal, Signal::SIGTERM | Signal::SIGINT);
                 if stopping && kill_at.is_none() && !args.stop_timeout.is_zero() {
@@ -285,7 +285,7 @@ pub(super) async fn run_job(
                 heartbeat_over = true;
                 if gone.is_ok() {
                     job_gone = true;
-                    error!(job = %id, "the broker no longer has this job (deleted or expired); stopping the application");
+                    error!(target: "broker_run", job = %id, "the broker no longer has this job (deleted or expired); stopping the application");
                     // Nobody new gets through a gate whose job is gone.
                     gate_shutdown.trigger();
                     signal_group(group, Signal::SIGTERM);
@@ -293,7 +293,7 @@ pub(super) async fn run_job(
                 }
             }
             () = sleep_until(kill_at), if kill_at.is_some() => {
-                warn!("the application did not exit after SIGTERM; killing it");
+                warn!(target: "broker_run", "the application did not exit after SIGTERM; killing it");
                 signal_group(group, Signal::SIGKILL);
                 kill_at = None;
             }
@@ -308,11 +308,11 @@ pub(super) async fn run_job(
     let code = match status {
         Ok(status) => {
             let code = status_code(status);
-            info!(code, "application exited");
+            info!(target: "broker_run", code, "application exited");
             code
         }
         Err(err) => {
-            error!(%err, "waiting for the application");
+            error!(target: "broker_run", %err, "waiting for the application");
             exit::SOFTWARE
         }
     };
@@ -359,32 +359,36 @@ async fn heartbeat(
                         return;
                     }
                     Ok(_) => {}
-                    Err(err) => debug!(job = %id, %err, "liveness check failed; retrying"),
+                    Err(err) => debug!(target: "broker_run", job = %id, %err, "liveness check failed; retrying"),
                 }
                 continue;
             }
         }
         match client.heartbeat(&id).await {
-            Ok(answer) => debug!(job = %id, expires = %answer.expires, "heartbeat"),
+            Ok(answer) => {
+                debug!(target: "broker_run", job = %id, expires = %answer.expires, "heartbeat")
+            }
             Err(err) if err.is_not_found() => {
                 let _ = gone.send(());
                 return;
             }
             Err(err) => {
-                warn!(job = %id, %err, "heartbeat failed; retrying");
+                warn!(target: "broker_run", job = %id, %err, "heartbeat failed; retrying");
                 continue;
             }
         }
         if let Some(tls) = &tls {
             match client.crl_pem().await {
                 Ok(crl) => match tls.refresh_crl(&crl) {
-                    Ok(true) => info!("gate: CRL updated"),
+                    Ok(true) => info!(target: "broker_run", "gate: CRL updated"),
                     Ok(false) => {}
                     Err(err) => {
-                        warn!(%err, "gate: unusable CRL from the broker; keeping the old one")
+                        warn!(target: "broker_run", %err, "gate: unusable CRL from the broker; keeping the old one")
                     }
                 },
-                Err(err) => warn!(%err, "gate: fetching the CRL failed; keeping the old one"),
+                Err(err) => {
+                    warn!(target: "broker_run", %err, "gate: fetching the CRL failed; keeping the old one")
+                }
             }
         }
     }
@@ -398,7 +402,7 @@ fn heartbeat_period(ttl_secs: u64) -> Duration {
 fn signal_group(group: Option<Pid>, signal: Signal) {
     if let Some(group) = group {
         if let Err(err) = killpg(group, signal) {
-            debug!(%err, signal = signal.as_str(), "signalling the application's group");
+            debug!(target: "broker_run", %err, signal = signal.as_str(), "signalling the application's group");
         }
     }
 }

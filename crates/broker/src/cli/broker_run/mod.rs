@@ -79,22 +79,26 @@ pub async fn run(args: Args) -> Result<u8, Failure> {
         )
     })?;
     let id = job.summary.id.clone();
-    info!(job = %id, r#type = %job.summary.job_type, port = job.summary.port, "job registered");
+    info!(target: "broker_run", job = %id, r#type = %job.summary.job_type, port = job.summary.port, "job registered");
 
     let outcome = run_job(&args, listen, &mut client, &job, dir.path(), &mut signals).await;
 
     if outcome.job_gone {
-        debug!(job = %id, "not deleting: the broker no longer has the job");
+        debug!(target: "broker_run", job = %id, "not deleting: the broker no longer has the job");
     } else {
         match client.delete(&id).await {
-            Ok(()) => info!(job = %id, "job deleted"),
-            Err(err) if err.is_not_found() => debug!(job = %id, "job already gone"),
-            Err(err) => warn!(job = %id, %err, "cannot delete the job; it expires with its ttl"),
+            Ok(()) => info!(target: "broker_run", job = %id, "job deleted"),
+            Err(err) if err.is_not_found() => {
+                debug!(target: "broker_run", job = %id, "job already gone")
+            }
+            Err(err) => {
+                warn!(target: "broker_run", job = %id, %err, "cannot delete the job; it expires with its ttl")
+            }
         }
     }
     let dir_path = dir.path().to_owned();
     if let Err(err) = dir.close() {
-        warn!(dir = %dir_path.display(), %err, "cannot remove the private directory");
+        warn!(target: "broker_run", dir = %dir_path.display(), %err, "cannot remove the private directory");
     }
     outcome.result
 }
