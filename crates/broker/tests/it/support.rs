@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::client::Client;
-use broker::config::Config;
+use broker::config::{Config, HttpsSection};
 use broker::server::{Server, bind_unix};
 use broker::service::Broker;
 use common::daemon::Shutdown;
@@ -46,6 +46,19 @@ pub async fn fresh_pg_database() -> String {
     };
     let (base, _) = path.rsplit_once('/').expect("URL has a database part");
     format!("{base}/{name}{query}")
+}
+
+/// An HTTPS API section on 127.0.0.1 (a free port) with `tls`, mapping each certificate
+/// subject to its user.
+pub fn https_on_loopback(tls: common::tls::TlsSection, users: &[(&str, &str)]) -> HttpsSection {
+    HttpsSection {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        tls,
+        users: users
+            .iter()
+            .map(|(subject, user)| ((*subject).to_owned(), (*user).to_owned()))
+            .collect(),
+    }
 }
 
 /// A running broker.

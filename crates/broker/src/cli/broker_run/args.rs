@@ -262,29 +262,20 @@ mod tests {
             message.contains("{socket}") && message.contains("--listen-fd"),
             "{message}"
         );
-        let args = Args::try_parse_from([
-            "broker-run",
-            "--type",
-            "ssh",
-            "--gate",
-            "--listen-fd",
-            "--",
-            "srv",
-        ])
-        .expect("parses");
-        assert_eq!(args.listen_fd, Some(ListenFd::Unix));
-        let args = Args::try_parse_from([
-            "broker-run",
-            "--type",
-            "ssh",
-            "--gate",
-            "--listen-fd",
-            "tcp",
-            "--",
-            "srv",
-        ])
-        .expect("parses");
-        assert_eq!(args.listen_fd, Some(ListenFd::Tcp));
+        let listen_fd = |flags: &[&str]| {
+            let argv = ["broker-run", "--type", "ssh", "--gate"]
+                .iter()
+                .chain(flags);
+            Args::try_parse_from(argv).expect("parses").listen_fd
+        };
+        assert_eq!(
+            listen_fd(&["--listen-fd", "--", "srv"]),
+            Some(ListenFd::Unix)
+        );
+        assert_eq!(
+            listen_fd(&["--listen-fd", "tcp", "--", "srv"]),
+            Some(ListenFd::Tcp)
+        );
         assert!(
             Args::try_parse_from(["broker-run", "--type", "ssh", "--listen-fd", "--", "srv"])
                 .is_err(),
