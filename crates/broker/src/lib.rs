@@ -5,16 +5,18 @@
 //! uid the kernel reports (`SO_PEERCRED`), and optionally over HTTPS, where the caller is the
 //! user its client certificate maps to. Jobs live in a SQL store ([`store`]: SQLite by
 //! default, PostgreSQL by URL). [`client`] is the library `broker-cli`, `broker-run` and the
-//! tests use; [`gate`] fronts an unmodified application; [`tunnel`] is the user's side of it
-//! ([`peer`] tells it which uid owns a TCP peer on this host). [`tally`] counts refusals
-//! (wrong keys, another user's or no such job) per caller and job per interval, so a flood of
-//! them makes a few audit rows with a count, not a row each.
+//! tests use; [`cli`] holds those tools' logic (their binaries only parse arguments). [`gate`]
+//! fronts an unmodified application; [`tunnel`] is the user's side of it ([`peer`] tells it
+//! which uid owns a TCP peer on this host). [`tally`] counts refusals (wrong keys, another
+//! user's or no such job) per caller and job per interval, so a flood of them makes a few
+//! audit rows with a count, not a row each.
 //!
 //! This crate knows nothing of ssh itself except that `broker-cli connect --host` runs the
 //! system's `ssh` binary.
 
 pub mod api;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod gate;

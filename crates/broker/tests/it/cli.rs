@@ -17,9 +17,8 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::Daemon;
+use crate::support::{CLI, Daemon, ours};
 
-const CLI: &str = env!("CARGO_BIN_EXE_broker-cli");
 const STEP: Duration = Duration::from_secs(20);
 const UNKNOWN_JOB: &str = "job_00000000000000000000000000000000";
 
@@ -30,12 +29,7 @@ fn cli_in(daemon: &Daemon, cwd: &Path) -> Command {
 
 /// The CLI on `socket`, with no BROKER_* from outside, in `cwd`.
 fn cli_on(socket: &Path, cwd: &Path) -> Command {
-    let mut command = Command::new(CLI);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BROKER_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = ours(CLI);
     command
         .current_dir(cwd)
         // For `--host` tests: the "remote" broker-cli finds the daemon through this.

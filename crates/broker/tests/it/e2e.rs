@@ -25,10 +25,8 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::{Daemon, curl_as, http_get};
+use crate::support::{CLI, Daemon, accepting, curl_as, http_get, until_served};
 
-const RUN: &str = env!("CARGO_BIN_EXE_broker-run");
-const CLI: &str = env!("CARGO_BIN_EXE_broker-cli");
 /// Deadline of any single wait.
 const STEP: Duration = Duration::from_secs(10);
 /// Budget of a whole test.
@@ -210,26 +208,19 @@ impl Drop for Proc {
 
 /// A command for one of our binaries: nothing BROKER_* (or journald) from outside.
 fn ours(program: &str, rust_log: &str) -> Command {
-    let mut command = Command::new(program);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BROKER_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = crate::support::ours(program);
     command
         .env_remove("JOURNAL_STREAM")
         .env("RUST_LOG", rust_log);
     command
 }
 
-/// broker-run on the daemon's socket, its private files under `runtime_dir`.
+/// broker-run on the daemon's socket ([`crate::support::broker_run`]), logging at `rust_log`.
 fn broker_run(daemon: &Daemon, runtime_dir: &Path, rust_log: &str, args: &[&str]) -> Command {
-    let mut command = ours(RUN, rust_log);
+    let mut command = crate::support::broker_run(daemon, runtime_dir, args);
     command
-        .env("XDG_RUNTIME_DIR", runtime_dir)
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(args);
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", rust_log);
     command
 }
 
@@ -268,7 +259,7 @@ async fn gated_web_app(
     assert!(line.contains("(gate; app on unix:"), "gated: {line}");
     let id = words[2].to_owned();
     let port = words[6].parse().unwrap();
-    wait_accepting(port).await;
+    accepting(port, STEP).await;
     (run, id, port)
 }
 
@@ -284,17 +275,6 @@ fn web_root() -> tempfile::TempDir {
 
 fn temp_dir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
-}
-
-async fn wait_accepting(port: u16) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing accepts on port {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// [`http_get`] over plain TCP to 127.0.0.1:`port`.
@@ -314,27 +294,6 @@ async fn tls_get(port: u16, config: Arc<rustls::ClientConfig>) -> Vec<u8> {
     match common::tls::connect(config, "localhost", tcp, STEP).await {
         Ok(stream) => http_get(stream, b"").await,
         Err(_) => Vec::new(),
-    }
-}
-
-/// Retries until the answer holds [`HELLO`] (the app may still be starting); the answer.
-async fn until_served<F, Fut>(mut attempt: F) -> String
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Vec<u8>>,
-{
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let answer = String::from_utf8_lossy(&attempt().await).into_owned();
-        if answer.contains(HELLO.trim_end()) {
-            assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
-            return answer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never served; last answer {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -405,8 +364,8 @@ async fn ssh_mode_gate_and_connect_end_to_end() {
 
     // Through broker-cli connect: the key line is its business, the user sends plain HTTP.
     let (connect, local) = connect_direct(&daemon, &id, port).await;
-    until_served(|| plain_get(local, b"")).await;
-    until_served(|| plain_get(local, b"")).await;
+    until_served(HELLO, STEP, || plain_get(local, b"")).await;
+    until_served(HELLO, STEP, || plain_get(local, b"")).await;
 
     // Straight to the gate: a wrong key, no key line at all, a plain request: closed without
     // a byte; the right key line opens it (the refusals are about the key).
@@ -421,7 +380,7 @@ async fn ssh_mode_gate_and_connect_end_to_end() {
         assert_refused(&plain_get(port, preamble).await, what);
     }
     let key_line = format!("{secret}\n");
-    until_served(|| plain_get(port, key_line.as_bytes())).await;
+    until_served(HELLO, STEP, || plain_get(port, key_line.as_bytes())).await;
     run.stderr_line(|l| l.contains("gate: wrong key")).await;
 
     // The app goes (SIGTERM to broker-run reaches http.server): the job is deleted, and the
@@ -449,7 +408,7 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
 
     // Through broker-cli connect: mTLS with the owner's certificate is its business.
     let (connect, local) = connect_direct(&daemon, &id, port).await;
-    until_served(|| plain_get(local, b"")).await;
+    until_served(HELLO, STEP, || plain_get(local, b"")).await;
 
     // Straight to the gate with the owner's certificate: served.
     let owner = Arc::new(
@@ -461,7 +420,7 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
         .config()
         .unwrap(),
     );
-    until_served(|| tls_get(port, owner.clone())).await;
+    until_served(HELLO, STEP, || tls_get(port, owner.clone())).await;
     // Plain HTTP to the TLS port: nothing from the app.
     let answer = plain_get(port, b"").await;
     assert!(!answer.starts_with(b"HTTP"), "{answer:?}");
@@ -505,7 +464,7 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
         run.stderr_line(|l| l.contains("not issued to the job owner"))
             .await;
         // The owner's still works, and their job goes again.
-        until_served(|| tls_get(port, owner.clone())).await;
+        until_served(HELLO, STEP, || tls_get(port, owner.clone())).await;
         let (status, body) = curl_as(
             OTHER_UID,
             &daemon.socket,
@@ -582,7 +541,7 @@ async fn a_job_deleted_from_outside_closes_its_gate_to_an_open_tunnel() {
     )
     .await;
     let (connect, local) = connect_direct(&daemon, &id, port).await;
-    until_served(|| plain_get(local, b"")).await;
+    until_served(HELLO, STEP, || plain_get(local, b"")).await;
 
     // Right after a heartbeat: 3 s before broker-run can notice.
     run.fresh_stderr_line(|l| l.contains(" heartbeat job="))
@@ -782,8 +741,8 @@ async fn connect_with_host_through_a_real_sshd() {
 
     // With the host key known: a remote load, then ssh -N -L to the gate, and HTTP through.
     let (mut connect, local) = start_connect(connect_via(&sshd.known_hosts), &id).await;
-    until_served(|| plain_get(local, b"")).await;
-    until_served(|| plain_get(local, b"")).await;
+    until_served(HELLO, STEP, || plain_get(local, b"")).await;
+    until_served(HELLO, STEP, || plain_get(local, b"")).await;
     let forwards = children_named(connect.pid(), "ssh");
     assert_eq!(forwards.len(), 1, "one ssh -N -L child: {forwards:?}");
     let ssh_pid = forwards[0];
@@ -794,19 +753,18 @@ async fn connect_with_host_through_a_real_sshd() {
         "the forward ends in connect's private directory: {cmdline}"
     );
     // Two logins: the remote load and the forward.
-    let deadline = Instant::now() + STEP;
-    while sshd.proc.stderr().matches("Accepted publickey for").count() < 2 {
-        assert!(Instant::now() < deadline, "{}", sshd.proc.stderr());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testkit::until("two ssh logins", STEP, || {
+        sshd.proc.stderr().matches("Accepted publickey for").count() >= 2
+    })
+    .await;
 
     // SIGTERM to connect: it stops its ssh (and reaps it) before it exits.
     assert_eq!(connect.terminate().await, 0, "{}", connect.stderr());
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Path::new(&format!("/proc/{ssh_pid}")).exists() {
-        assert!(Instant::now() < deadline, "ssh {ssh_pid} outlived connect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let proc = format!("/proc/{ssh_pid}");
+    testkit::until("ssh to end with connect", Duration::from_secs(2), || {
+        !Path::new(&proc).exists()
+    })
+    .await;
 
     assert_eq!(run.terminate().await, 128 + 15, "{}", run.stderr());
     assert_job_gone(&daemon, &id).await;

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use broker::api::JobType;
-use broker::config::{Config, HttpsSection};
+use broker::config::Config;
 use broker::server::{Server, bind_unix};
 use broker::service::Broker;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::{Backend, Daemon};
+use crate::support::{Backend, Daemon, https_on_loopback};
 
 /// A uid with no passwd entry, for the attacker's connections.
 const ATTACKER_UID: u32 = 4_242_422;
@@ -163,11 +163,7 @@ for _ in range(30):
 }
 
 fn https_config(config: &mut Config, tls: common::tls::TlsSection) {
-    config.https = Some(HttpsSection {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        tls,
-        users: [("CN=alice".to_owned(), "alice".to_owned())].into(),
-    });
+    config.https = Some(https_on_loopback(tls, &[("CN=alice", "alice")]));
 }
 
 /// Sends whoami on `stream` (kept alive) and reads the answer's first bytes.
@@ -337,23 +333,21 @@ async fn a_counted_interval_is_written_when_it_ends() {
         assert!(!client.verify(&job.summary.id, "wrong").await.unwrap());
     }
     // The reaper runs every second here.
-    let mut counts = Vec::new();
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        counts = daemon
-            .broker
-            .store()
-            .audit_rows(100)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|r| r.result == "invalid")
-            .map(|r| r.count)
-            .collect();
-        if counts.len() == 2 {
-            break;
-        }
-    }
+    let counts: Vec<_> =
+        testkit::eventually("two counted rows", Duration::from_secs(4), || async {
+            let counts: Vec<_> = daemon
+                .broker
+                .store()
+                .audit_rows(100)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| r.result == "invalid")
+                .map(|r| r.count)
+                .collect();
+            (counts.len() == 2).then_some(counts)
+        })
+        .await;
     assert_eq!(counts, [1, 9]);
     let row = daemon.broker.store().audit_rows(100).await.unwrap();
     let last = row.iter().rfind(|r| r.result == "invalid").unwrap();

@@ -4,9 +4,8 @@
 
 use broker::api::JobType;
 use broker::client::{Client, Endpoint};
-use broker::config::HttpsSection;
 
-use crate::support::{Backend, Daemon, curl_as, curl_many_as};
+use crate::support::{Backend, Daemon, curl_as, curl_many_as, https_on_loopback};
 
 /// A uid with no passwd entry: a real, distinct identity the kernel reports.
 const THROWAWAY_UID: u32 = 4_242_421;
@@ -286,25 +285,18 @@ crate::both_stores!(another_uid_cannot_touch_a_job, two_uids);
 async fn another_certificate_cannot_touch_a_job_over_https() {
     let pki = testkit::pki::test_pki();
     let tls = pki.server_tls_section();
+    let bob = format!(
+        "sha256:{}",
+        common::pki::inspect_pem(&pki.bob.cert_pem).unwrap()[0]
+            .sha256_fingerprint
+            .replace(':', "")
+            .to_lowercase()
+    );
     let daemon = Daemon::start_with(Backend::Sqlite, |config| {
-        config.https = Some(HttpsSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
+        config.https = Some(https_on_loopback(
             tls,
-            users: [
-                ("CN=alice".to_owned(), "alice".to_owned()),
-                (
-                    format!(
-                        "sha256:{}",
-                        common::pki::inspect_pem(&pki.bob.cert_pem).unwrap()[0]
-                            .sha256_fingerprint
-                            .replace(':', "")
-                            .to_lowercase()
-                    ),
-                    "bob".to_owned(),
-                ),
-            ]
-            .into(),
-        });
+            &[("CN=alice", "alice"), (bob.as_str(), "bob")],
+        ));
     })
     .await;
     let url = format!("https://localhost:{}", daemon.https.unwrap().port());
@@ -449,19 +441,12 @@ async fn the_daemon_reloads_its_https_certificate_on_sighup() {
     std::fs::copy(&pki.server2.cert_path, &cert).unwrap();
     std::fs::copy(&pki.server2.key_path, &key).unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    let mut seen = None;
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        seen = server_cn(url.clone()).await;
-        if seen.as_deref() == Some("server2") {
-            break;
-        }
-    }
-    assert_eq!(
-        seen.as_deref(),
-        Some("server2"),
-        "SIGHUP reloads the HTTPS certificate"
-    );
+    testkit::eventually(
+        "SIGHUP to reload the HTTPS certificate",
+        std::time::Duration::from_secs(5),
+        || async { (server_cn(url.clone()).await.as_deref() == Some("server2")).then_some(()) },
+    )
+    .await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
         .await
@@ -485,11 +470,7 @@ async fn idle_strangers_do_not_lock_out_https_clients() {
     let deadline = tls.handshake_timeout();
     let daemon = Daemon::start_with(Backend::Sqlite, |config| {
         config.max_connections = 4;
-        config.https = Some(HttpsSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls,
-            users: [("CN=alice".to_owned(), "alice".to_owned())].into(),
-        });
+        config.https = Some(https_on_loopback(tls, &[("CN=alice", "alice")]));
     })
     .await;
     let https = daemon.https.unwrap();

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::client::{Client, ClientError, Endpoint};
-use broker::config::HttpsSection;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::{Backend, Daemon};
+use crate::support::{Backend, Daemon, https_on_loopback};
 
 /// A broker with the HTTPS API (alice mapped), its CRL a file of its own.
 async fn https_daemon(max_age_secs: u64) -> (Daemon, std::path::PathBuf) {
@@ -21,15 +20,10 @@ async fn https_daemon(max_age_secs: u64) -> (Daemon, std::path::PathBuf) {
     tls.crls = vec![crl.clone()];
     tls.max_connection_age_secs = max_age_secs;
     let daemon = Daemon::start_with(Backend::Sqlite, |config| {
-        config.https = Some(HttpsSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
+        config.https = Some(https_on_loopback(
             tls,
-            users: [
-                ("CN=alice".to_owned(), "alice".to_owned()),
-                ("CN=bob".to_owned(), "bob".to_owned()),
-            ]
-            .into(),
-        });
+            &[("CN=alice", "alice"), ("CN=bob", "bob")],
+        ));
     })
     .await;
     (daemon, crl)

@@ -19,27 +19,19 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::{Daemon, SOCKET_WEB_APP, curl_as, http_get};
+use crate::support::{
+    Daemon, RUN, SOCKET_WEB_APP, curl_as, file_holds, http_get, json_file, ours, until_served,
+};
 
-const RUN: &str = env!("CARGO_BIN_EXE_broker-run");
 const STEP: Duration = Duration::from_secs(20);
 const HELLO: &str = "hello from the app\n";
 
-/// broker-run on the daemon's socket, nothing BROKER_* from outside, private files under
-/// `runtime_dir`.
+/// broker-run on the daemon's socket ([`crate::support::broker_run`]), logging at info, its
+/// stderr piped.
 fn broker_run(daemon: &Daemon, runtime_dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(RUN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BROKER_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = crate::support::broker_run(daemon, runtime_dir, args);
     command
-        .env("XDG_RUNTIME_DIR", runtime_dir)
         .env("RUST_LOG", "info")
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -149,26 +141,6 @@ fn runtime_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// Retries `attempt` until its answer contains HELLO (the app may still be starting).
-async fn until_served<F, Fut>(mut attempt: F) -> String
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Vec<u8>>,
-{
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let answer = String::from_utf8_lossy(&attempt().await).into_owned();
-        if answer.contains(HELLO.trim_end()) {
-            return answer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never served; last answer {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// [`http_get`] over plain TCP to 127.0.0.1:`port`.
 async fn plain_get(port: u16, preamble: Vec<u8>) -> Vec<u8> {
     http_get(connect(port).await, &preamble).await
@@ -232,7 +204,10 @@ async fn ssh_gate_admits_the_key_and_closes_on_a_wrong_one() {
 
     // The key line and the request in one write: the bytes after the newline reach the app.
     let line = format!("{secret}\n");
-    let answer = until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    let answer = until_served(HELLO, STEP, || {
+        plain_get(summary.port, line.clone().into_bytes())
+    })
+    .await;
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     // \r\n works too.
     let crlf = format!("{secret}\r\n");
@@ -311,21 +286,6 @@ sys.stdin.read()
 sys.exit(3)
 "#;
 
-/// Waits for the JSON the env app writes.
-async fn read_report(path: &Path) -> Value {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            return serde_json::from_str(&text).unwrap();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the app never wrote {path:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_environment_placeholders_and_files_reach_the_app() {
     let daemon = Daemon::start().await;
@@ -357,7 +317,7 @@ async fn ssh_environment_placeholders_and_files_reach_the_app() {
     let mut run = Running::spawn(command);
     let summary = run.summary().await;
     assert_eq!(summary.app, None);
-    let report = read_report(&out).await;
+    let report = json_file(&out, STEP).await;
     let job = daemon.client().load(&summary.id).await.unwrap();
     assert_eq!(job.summary.ttl_secs, 3600);
     assert_eq!(job.summary.label.as_deref(), Some("env test"));
@@ -439,7 +399,7 @@ async fn ssl_gate_admits_the_owners_certificate_only() {
     let job = daemon.client().load(&summary.id).await.unwrap();
     let tls = job.tls.clone().expect("ssl job has certificates");
 
-    let report = read_report(&out).await;
+    let report = json_file(&out, STEP).await;
     let env = &report["env"];
     assert!(env.get("BROKER_PORT").is_none(), "gate: no port: {env}");
     assert_eq!(
@@ -469,7 +429,7 @@ async fn ssl_gate_admits_the_owners_certificate_only() {
         .config()
         .unwrap(),
     );
-    let answer = until_served(|| {
+    let answer = until_served(HELLO, STEP, || {
         let owner = owner.clone();
         async move {
             let tcp = connect(summary.port).await;
@@ -552,21 +512,6 @@ while True:
     time.sleep(0.1)
 "#;
 
-async fn wait_for_text(path: &Path, text: &str) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let now = std::fs::read_to_string(path).unwrap_or_default();
-        if now.contains(text) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path:?} never held {text:?}: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_are_forwarded_and_the_job_deleted() {
     let daemon = Daemon::start().await;
@@ -586,11 +531,11 @@ async fn signals_are_forwarded_and_the_job_deleted() {
         ],
     ));
     let summary = run.summary().await;
-    wait_for_text(&out, "ready").await;
+    file_holds(&out, "ready", STEP).await;
 
     // SIGHUP: the app gets it, broker-run stays.
     kill(run.pid(), Signal::SIGHUP).unwrap();
-    wait_for_text(&out, "HUP").await;
+    file_holds(&out, "HUP", STEP).await;
     assert!(
         run.child.try_wait().unwrap().is_none(),
         "broker-run survives SIGHUP"
@@ -604,7 +549,7 @@ async fn signals_are_forwarded_and_the_job_deleted() {
     // SIGTERM: the app's handler exits 7, which becomes broker-run's code.
     kill(run.pid(), Signal::SIGTERM).unwrap();
     assert_eq!(run.exit_code(STEP).await, 7, "{}", run.stderr());
-    wait_for_text(&out, "TERM").await;
+    file_holds(&out, "TERM", STEP).await;
     assert_job_gone(&daemon, &summary.id).await;
     assert!(daemon.client().query().await.unwrap().is_empty());
 }
@@ -630,7 +575,7 @@ async fn a_job_deleted_from_outside_stops_the_app_with_69() {
         ],
     ));
     let summary = run.summary().await;
-    wait_for_text(&out, "ready").await;
+    file_holds(&out, "ready", STEP).await;
     // A few heartbeats (every second) keep it alive past its 3 s TTL.
     tokio::time::sleep(Duration::from_secs(4)).await;
     daemon
@@ -647,7 +592,7 @@ async fn a_job_deleted_from_outside_stops_the_app_with_69() {
         "{:?}",
         started.elapsed()
     );
-    wait_for_text(&out, "TERM").await;
+    file_holds(&out, "TERM", STEP).await;
     assert!(
         run.stderr().contains("no longer has this job"),
         "{}",
@@ -709,13 +654,10 @@ async fn an_app_that_ignores_a_forwarded_sigterm_is_killed_after_the_stop_timeou
     ));
     let summary = run.summary().await;
     // Only once the application ignores SIGTERM.
-    for _ in 0..200 {
-        if ready.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready.exists(), "the application started: {}", run.stderr());
+    testkit::until("the application to start", Duration::from_secs(5), || {
+        ready.exists()
+    })
+    .await;
     let started = tokio::time::Instant::now();
     kill(run.pid(), Signal::SIGTERM).unwrap();
     assert_eq!(
@@ -788,7 +730,7 @@ async fn launcher_exit_codes() {
     assert!(private_dirs(xdg.path()).is_empty());
 
     // No broker: 69 with a clear message.
-    let mut command = Command::new(RUN);
+    let mut command = ours(RUN);
     command
         .env("XDG_RUNTIME_DIR", xdg.path())
         .args([
@@ -897,7 +839,10 @@ async fn served_key_line(daemon: &Daemon, summary: &Summary) -> String {
         .secret
         .unwrap();
     let line = format!("{secret}\n");
-    until_served(|| plain_get(summary.port, line.clone().into_bytes())).await;
+    until_served(HELLO, STEP, || {
+        plain_get(summary.port, line.clone().into_bytes())
+    })
+    .await;
     line
 }
 
@@ -1060,7 +1005,7 @@ async fn a_pre_bound_tcp_socket_cannot_be_taken() {
     let summary = run.summary().await;
     let app = summary.app.clone().unwrap();
     assert!(app.contains("partial protection"), "{app}");
-    let seen = read_report(&report).await;
+    let seen = json_file(&report, STEP).await;
     assert_eq!(seen["listen_pid_is_mine"], true, "{seen}");
     assert_eq!(seen["fds"], "1");
     assert_eq!(seen["names"], "broker-gate");
@@ -1102,7 +1047,7 @@ async fn a_pre_bound_unix_socket_is_the_owners_only() {
         &["fd", root, report.to_str().unwrap()],
     );
     let summary = run.summary().await;
-    let seen = read_report(&report).await;
+    let seen = json_file(&report, STEP).await;
     assert_eq!(seen["listen_pid_is_mine"], true, "{seen}");
     assert_eq!(seen["family"], "AF_UNIX");
     let socket = PathBuf::from(seen["address"].as_str().unwrap());

@@ -2,12 +2,12 @@
 //! socket, on SQLite or, when `BROKER_TEST_PG` names a PostgreSQL server, on a fresh
 //! database of its own there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use broker::client::Client;
-use broker::config::Config;
+use broker::config::{Config, HttpsSection};
 use broker::server::{Server, bind_unix};
 use broker::service::Broker;
 use common::daemon::Shutdown;
@@ -46,6 +46,19 @@ pub async fn fresh_pg_database() -> String {
     };
     let (base, _) = path.rsplit_once('/').expect("URL has a database part");
     format!("{base}/{name}{query}")
+}
+
+/// An HTTPS API section on 127.0.0.1 (a free port) with `tls`, mapping each certificate
+/// subject to its user.
+pub fn https_on_loopback(tls: common::tls::TlsSection, users: &[(&str, &str)]) -> HttpsSection {
+    HttpsSection {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        tls,
+        users: users
+            .iter()
+            .map(|(subject, user)| ((*subject).to_owned(), (*user).to_owned()))
+            .collect(),
+    }
 }
 
 /// A running broker.
@@ -138,6 +151,82 @@ impl Daemon {
         self.shutdown.drain(Duration::from_secs(5)).await;
         self.broker.store().close().await;
     }
+}
+
+/// broker-cli, as cargo built it for these tests.
+pub const CLI: &str = env!("CARGO_BIN_EXE_broker-cli");
+/// broker-run, as cargo built it for these tests.
+pub const RUN: &str = env!("CARGO_BIN_EXE_broker-run");
+
+/// A command for one of our binaries with nothing `BROKER_*` from the environment the tests
+/// run in.
+pub fn ours(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("BROKER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// broker-run on the daemon's socket, its private files under `runtime_dir`, with `args`.
+pub fn broker_run(daemon: &Daemon, runtime_dir: &Path, args: &[&str]) -> tokio::process::Command {
+    let mut command = ours(RUN);
+    command
+        .env("XDG_RUNTIME_DIR", runtime_dir)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args);
+    command
+}
+
+/// Retries `attempt` until its answer holds `hello` (the application may still be starting),
+/// for at most `within`; the answer, which must be a 200.
+pub async fn until_served<F, Fut>(hello: &str, within: Duration, mut attempt: F) -> String
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Vec<u8>>,
+{
+    let answer = testkit::eventually("the application's answer", within, || {
+        let answer = attempt();
+        async move {
+            let answer = String::from_utf8_lossy(&answer.await).into_owned();
+            answer.contains(hello.trim_end()).then_some(answer)
+        }
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    answer
+}
+
+/// The JSON a test application wrote to `path` (atomically), once it is there.
+pub async fn json_file(path: &Path, within: Duration) -> serde_json::Value {
+    let text = testkit::eventually(&format!("{path:?}"), within, || async {
+        std::fs::read_to_string(path).ok()
+    })
+    .await;
+    serde_json::from_str(&text).expect("JSON")
+}
+
+/// Waits until the file at `path` holds `text`.
+pub async fn file_holds(path: &Path, text: &str, within: Duration) {
+    let what = format!("{path:?} to hold {text:?}");
+    testkit::until(&what, within, || {
+        std::fs::read_to_string(path).is_ok_and(|now| now.contains(text))
+    })
+    .await;
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub async fn accepting(port: u16, within: Duration) {
+    let what = format!("something accepting on port {port}");
+    testkit::eventually(&what, within, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
 }
 
 /// Path of one of this workspace's binaries (built by cargo for the integration tests).

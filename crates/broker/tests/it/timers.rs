@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use broker::api::{JobType, SaveRequest};
-use broker::config::{FileConfig, HttpsSection};
+use broker::config::FileConfig;
 use testkit::timers::{SLACK, assert_about, closed_at, http_get, sleep_until};
 
-use crate::support::{Backend, Daemon};
+use crate::support::{Backend, Daemon, https_on_loopback};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
@@ -42,11 +42,7 @@ async fn every_timer_at_its_default_cuts_what_it_should_and_nothing_else() {
         // The test daemon reaps every second; this test is about the default.
         config.reap_interval = reap_interval;
         assert_eq!(config.request_timeout, request_timeout);
-        config.https = Some(HttpsSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls,
-            users: [("CN=alice".to_owned(), "alice".to_owned())].into(),
-        });
+        config.https = Some(https_on_loopback(tls, &[("CN=alice", "alice")]));
     })
     .await;
     // The reaper's first pass ran at its start; the next is one interval later.
