@@ -26,6 +26,11 @@ pub type ConnId = u64;
 /// Frames queued for a pipe before it checks in.
 pub const MAX_PENDING_FRAMES: usize = 64;
 
+/// Close code for a connection replaced by a newer one of the same client and channel.
+pub const CLOSE_REPLACED: u16 = 4001;
+/// Close code for a client disconnected by an administrator.
+pub const CLOSE_DISCONNECTED: u16 = 4003;
+
 /// Something to write on a websocket.
 #[derive(Debug)]
 pub enum Out {

@@ -3,6 +3,8 @@
 //!
 //! - [`config`]: the TOML file and its validation;
 //! - [`token`]: HS256 reconnection tokens;
+//! - `state`: what every connection shares (`Shared`, `Peer`); below every handler, it calls
+//!   none of them;
 //! - [`server`]: listeners, the token endpoint and websocket upgrades;
 //! - [`hub`]: clients, channels, pipes and who owns what;
 //! - [`admin`]: the admin channel's methods;
@@ -26,7 +28,8 @@ mod inbound;
 pub mod ipc;
 pub mod pipes;
 pub mod server;
+mod state;
 pub mod token;
 pub mod upload;
 
-pub use channel::{CLOSE_DISCONNECTED, CLOSE_REPLACED};
+pub use hub::{CLOSE_DISCONNECTED, CLOSE_REPLACED};
