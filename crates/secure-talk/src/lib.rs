@@ -13,14 +13,18 @@
 //! - [`upload`]: upload files, spooled to disk and moved beneath the upload directory
 //!   without following symlinks;
 //! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
-//! - [`client`]: the client library behind `secure-talk-cli`.
+//! - [`client`]: the client library behind `secure-talk-cli`;
+//! - [`cli`]: the command-line tools (`secure-talk-cli`, `secure-talk-pipe`,
+//!   `secure-talk-bench`) their thin binaries run.
 //!
 //! Message formats and IPC framing are in `common::envelope::{talk, ipc}`. The library never
-//! reads argv, the environment or signals; the binaries in `src/bin` do.
+//! reads argv, the environment or signals (but for the tools in [`cli`], which handle
+//! SIGINT and SIGTERM while they stream); the binaries in `src/bin` parse them.
 
 pub mod admin;
 mod budget;
 mod channel;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod hub;
