@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::support::{STEP, TestServer, eventually, pki};
+use crate::support::{STEP, TestServer, pki};
 
 const CLI: &str = env!("CARGO_BIN_EXE_secure-talk-cli");
 
@@ -301,7 +301,7 @@ async fn receive_stores_the_output_of_pipes_created_by_another_run() {
     assert_status(&created, 0);
     let id = stdout(&created).trim().to_owned();
     let pipe_dir = out.join(format!("pipe_{id}"));
-    eventually("receive to store the output", STEP, || {
+    testkit::until("receive to store the output", STEP, || {
         std::fs::read_to_string(pipe_dir.join("output.txt")).is_ok_and(|t| t == "hello\n")
             && std::fs::read_to_string(pipe_dir.join("errors.txt"))
                 .is_ok_and(|t| t.contains("oops"))
