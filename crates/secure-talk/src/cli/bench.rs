@@ -80,6 +80,62 @@ struct ClientResult {
     latencies_us: Vec<u32>,
 }
 
+/// One client's requests in flight, oldest first, and what it measured of their round trips
+/// (every client kind shares it).
+struct Window {
+    /// Requests kept in flight.
+    size: usize,
+    sent: std::collections::VecDeque<Instant>,
+    measure_from: Instant,
+    end: Instant,
+    result: ClientResult,
+}
+
+impl Window {
+    fn new(size: usize, measure_from: Instant, end: Instant) -> Self {
+        Self {
+            size,
+            sent: std::collections::VecDeque::with_capacity(size),
+            measure_from,
+            end,
+            result: ClientResult {
+                messages: 0,
+                latencies_us: Vec::with_capacity(1 << 16),
+            },
+        }
+    }
+
+    /// A request went out now.
+    fn sent(&mut self) {
+        self.sent.push_back(Instant::now());
+    }
+
+    /// The reply to the oldest request came now: its round trip counts when it falls in the
+    /// measured span. True once the run is over (send no more; collect what is in flight).
+    ///
+    /// # Errors
+    /// No request was waiting for a reply.
+    fn replied(&mut self) -> anyhow::Result<bool> {
+        let now = Instant::now();
+        let Some(at) = self.sent.pop_front() else {
+            anyhow::bail!("a reply nobody asked for");
+        };
+        if at >= self.measure_from && now <= self.end {
+            self.result.messages += 1;
+            let us = now.duration_since(at).as_micros();
+            self.result
+                .latencies_us
+                .push(u32::try_from(us).unwrap_or(u32::MAX));
+        }
+        Ok(now >= self.end)
+    }
+
+    /// Requests still waiting for their reply.
+    fn in_flight(&self) -> usize {
+        self.sent.len()
+    }
+}
+
 /// Serves the floor (`--floor-serve`) or measures and prints one JSON result line.
 ///
 /// # Errors
@@ -195,44 +251,28 @@ async fn client(
     measure_from: Instant,
     end: Instant,
 ) -> anyhow::Result<ClientResult> {
-    let mut sent = std::collections::VecDeque::with_capacity(window);
-    for _ in 0..window {
+    let mut window = Window::new(window, measure_from, end);
+    for _ in 0..window.size {
         conn.feed_text(message.clone()).await?;
-        sent.push_back(Instant::now());
+        window.sent();
     }
     conn.flush().await?;
-    let mut result = ClientResult {
-        messages: 0,
-        latencies_us: Vec::with_capacity(1 << 16),
-    };
     loop {
         let Some(_reply) = conn.recv_frame().await? else {
             anyhow::bail!("the server closed the connection");
         };
-        let now = Instant::now();
-        let Some(at) = sent.pop_front() else {
-            anyhow::bail!("a reply nobody asked for");
-        };
-        if at >= measure_from && now <= end {
-            result.messages += 1;
-            let us = now.duration_since(at).as_micros();
-            result
-                .latencies_us
-                .push(u32::try_from(us).unwrap_or(u32::MAX));
-        }
-        if now >= end {
+        if window.replied()? {
             // Collect the replies still in flight, then stop.
-            while !sent.is_empty() {
+            for _ in 0..window.in_flight() {
                 if conn.recv_frame().await?.is_none() {
                     break;
                 }
-                sent.pop_front();
             }
             let _ = conn.close().await;
-            return Ok(result);
+            return Ok(window.result);
         }
         conn.send_text(message.clone()).await?;
-        sent.push_back(Instant::now());
+        window.sent();
     }
 }
 
@@ -298,37 +338,22 @@ async fn raw_client(
     end: Instant,
 ) -> anyhow::Result<ClientResult> {
     let size = message.len();
-    let mut sent = std::collections::VecDeque::with_capacity(window);
-    for _ in 0..window {
+    let mut window = Window::new(window, measure_from, end);
+    for _ in 0..window.size {
         stream.write_all(message.as_bytes()).await?;
-        sent.push_back(Instant::now());
+        window.sent();
     }
-    let mut result = ClientResult {
-        messages: 0,
-        latencies_us: Vec::with_capacity(1 << 16),
-    };
     let mut buf = vec![0u8; size];
     loop {
         stream.read_exact(&mut buf).await?;
-        let now = Instant::now();
-        let Some(at) = sent.pop_front() else {
-            anyhow::bail!("a reply nobody asked for");
-        };
-        if at >= measure_from && now <= end {
-            result.messages += 1;
-            let us = now.duration_since(at).as_micros();
-            result
-                .latencies_us
-                .push(u32::try_from(us).unwrap_or(u32::MAX));
-        }
-        if now >= end {
-            while sent.pop_front().is_some() {
+        if window.replied()? {
+            for _ in 0..window.in_flight() {
                 stream.read_exact(&mut buf).await?;
             }
-            return Ok(result);
+            return Ok(window.result);
         }
         stream.write_all(message.as_bytes()).await?;
-        sent.push_back(Instant::now());
+        window.sent();
     }
 }
 
@@ -371,18 +396,14 @@ async fn lean_client(
 ) -> anyhow::Result<ClientResult> {
     let frame = masked_frame(message.as_bytes());
     let mut buf = vec![0u8; reply_len(message.len())];
-    let mut sent = std::collections::VecDeque::with_capacity(window);
-    let mut burst = Vec::with_capacity(frame.len() * window);
-    for _ in 0..window {
+    let mut window = Window::new(window, measure_from, end);
+    let mut burst = Vec::with_capacity(frame.len() * window.size);
+    for _ in 0..window.size {
         burst.extend_from_slice(&frame);
-        sent.push_back(Instant::now());
+        window.sent();
     }
     stream.write_all(&burst).await?;
     stream.flush().await?;
-    let mut result = ClientResult {
-        messages: 0,
-        latencies_us: Vec::with_capacity(1 << 16),
-    };
     loop {
         stream.read_exact(&mut buf).await?;
         if buf.first() != Some(&0x81) {
@@ -391,25 +412,14 @@ async fn lean_client(
                 buf[0]
             );
         }
-        let now = Instant::now();
-        let Some(at) = sent.pop_front() else {
-            anyhow::bail!("a reply nobody asked for");
-        };
-        if at >= measure_from && now <= end {
-            result.messages += 1;
-            let us = now.duration_since(at).as_micros();
-            result
-                .latencies_us
-                .push(u32::try_from(us).unwrap_or(u32::MAX));
-        }
-        if now >= end {
-            while sent.pop_front().is_some() {
+        if window.replied()? {
+            for _ in 0..window.in_flight() {
                 stream.read_exact(&mut buf).await?;
             }
-            return Ok(result);
+            return Ok(window.result);
         }
         stream.write_all(&frame).await?;
         stream.flush().await?;
-        sent.push_back(Instant::now());
+        window.sent();
     }
 }

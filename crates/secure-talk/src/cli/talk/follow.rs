@@ -14,8 +14,8 @@ use common::envelope::talk::{Headers, Message, method};
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::session::{Ctx, Failure, closed, created, lost};
 use super::view::{self, Output};
-use super::{Ctx, Failure, closed, created, lost};
 
 /// How long the data channel must stay quiet after the last `pipe_delete`.
 const QUIET: Duration = Duration::from_millis(300);

@@ -15,8 +15,8 @@ use crate::hub::Channel;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::session::{Ctx, Failure};
 use super::view::{self, Output};
-use super::{Ctx, Failure};
 
 /// Close codes after which reconnecting would be wrong.
 const FINAL_CLOSES: [u16; 2] = [crate::CLOSE_REPLACED, crate::CLOSE_DISCONNECTED];

@@ -26,8 +26,8 @@ use rustyline::{Editor, ExternalPrinter, Helper};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::session::{Ctx, Failure, read_json, reply_code, sync_request};
 use super::view;
-use super::{Ctx, Failure, read_json, sync_request};
 
 const PROMPT: &str = "command> ";
 const HISTORY_FILE: &str = ".secure_talk_history";
@@ -281,7 +281,7 @@ fn show(incoming: &Incoming, state: &Shared, printer: &mut Printer) {
             }
         }
         _ if printer.json => {}
-        method::TEXT => match super::reply_code(message) {
+        method::TEXT => match reply_code(message) {
             code if code >= 400 => printer.err(&format!("error {code}: {text}")),
             _ => printer.out(&text),
         },
@@ -293,7 +293,7 @@ fn show(incoming: &Incoming, state: &Shared, printer: &mut Printer) {
                 .map_or_else(|| "?".into(), |id| id.to_string());
             printer.err(&format!("pipe {id}: {text}"));
         }
-        LIST => match super::reply_code(message) {
+        LIST => match reply_code(message) {
             code if code >= 400 => printer.err(&format!("error {code}: {text}")),
             _ => {
                 let payload = message.payload.clone().unwrap_or(Value::Null);
