@@ -124,6 +124,27 @@ async fn token_echo_and_exit_codes() {
         "{}",
         stderr(&destroy)
     );
+    // The server's text as it is (no `secure-talk-cli:` prefix); with --json its code and
+    // text on stdout first.
+    assert!(
+        !stderr(&destroy).starts_with("secure-talk-cli:"),
+        "{}",
+        stderr(&destroy)
+    );
+    let refused = run(
+        &mut unix(&server, cwd.path()),
+        &["--json", "destroy", "999"],
+    )
+    .await;
+    assert_status(&refused, 1);
+    let line = json_line(&refused);
+    assert_eq!(line["code"], 404, "{line}");
+    assert!(
+        line["payload"]
+            .as_str()
+            .is_some_and(|t| t.contains("has no pipes yet")),
+        "{line}"
+    );
     // Bad JSON: 65, before connecting. Bad usage: 2. No server: 69.
     let property = run(&mut unix(&server, cwd.path()), &["property", "1", "{nope"]).await;
     assert_status(&property, 65);
