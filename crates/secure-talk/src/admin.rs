@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::{ClientId, Out, PipeError, PipeId, PipeLimits, PipeSpec};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::upload::Spool;
 
 /// Name of the model information file in the upload directory.
@@ -46,7 +46,7 @@ pub(crate) struct Ctx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) client: ClientId,
     pub(crate) is_admin: bool,
-    /// Who pays for its pipes ([`crate::server::Peer::key`]).
+    /// Who pays for its pipes ([`crate::state::Peer::key`]).
     pub(crate) party: String,
 }
 
@@ -173,7 +173,7 @@ async fn dispatch(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
         method::CREATE => create(ctx, &body),
         method::PROPERTY => with_pipe(ctx, headers, |pipe| property(ctx, pipe, &body)),
         method::DESTROY => with_pipe(ctx, headers, |pipe| {
-            match destroy(&ctx.shared, Some(ctx.client), pipe) {
+            match ctx.shared.destroy_pipe(Some(ctx.client), pipe) {
                 Ok(()) => vec![text(200, format!("pipe_destroy {pipe}"))],
                 Err(err) => vec![pipe_error(ctx, &err)],
             }
@@ -334,26 +334,6 @@ fn property(ctx: &Ctx, pipe: PipeId, body: &Body) -> Vec<WsMessage> {
     }
 }
 
-/// Stops a pipe owned by `client` (`None`: any pipe): asks it over IPC when it has checked in,
-/// and lets its supervisor escalate to SIGTERM and SIGKILL.
-///
-/// # Errors
-/// No such pipe, or not `client`'s.
-pub(crate) fn destroy(
-    shared: &Shared,
-    client: Option<ClientId>,
-    pipe: PipeId,
-) -> Result<(), PipeError> {
-    let (stop, checked_in) = shared.hub.begin_destroy(client, pipe)?;
-    if checked_in {
-        let _ = shared
-            .hub
-            .send_to_pipe(None, pipe, Frame::new(Kind::Destroy, "destroy"));
-    }
-    stop.cancel();
-    Ok(())
-}
-
 fn list(ctx: &Ctx) -> Vec<WsMessage> {
     let scope = (!ctx.is_admin).then_some(ctx.client);
     let (clients, pipes) = ctx.shared.hub.list(scope);
@@ -388,7 +368,7 @@ fn disconnect(ctx: &Ctx, headers: &Headers, body: &Body) -> Vec<WsMessage> {
     }
     for conn in conns {
         let _ = conn.tx.try_send(Out::Close(
-            crate::channel::CLOSE_DISCONNECTED,
+            crate::hub::CLOSE_DISCONNECTED,
             "disconnected by an administrator".into(),
         ));
     }

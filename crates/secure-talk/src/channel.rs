@@ -22,14 +22,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::admin::{self, Ctx};
-use crate::hub::{Channel, ClientId, Conn, Out};
+use crate::hub::{CLOSE_REPLACED, Channel, ClientId, Conn, Out};
 use crate::inbound::{Inbound, Refusal};
-use crate::server::{Peer, Shared, next_conn};
+use crate::state::{Peer, Shared};
 
-/// Close code for a connection replaced by a newer one of the same client and channel.
-pub const CLOSE_REPLACED: u16 = 4001;
-/// Close code for a client disconnected by an administrator.
-pub const CLOSE_DISCONNECTED: u16 = 4003;
 /// Close code for a client whose certificate was revoked since it connected (policy).
 pub(crate) const CLOSE_REVOKED: u16 = 1008;
 /// Close code at `max_connection_age_secs` (going away: reconnect).
@@ -138,7 +134,7 @@ pub(crate) async fn run<S>(
 {
     let mut ws = Wire::new(io);
     let limits = shared.config.limits.clone();
-    let conn = next_conn(&shared);
+    let conn = shared.next_conn();
     let (tx, mut rx) = mpsc::channel(limits.send_queue);
     let is_admin = shared.config.is_admin(peer.identity.as_ref());
     let identity = peer.identity.as_ref().map(ToString::to_string);
@@ -206,7 +202,7 @@ pub(crate) async fn run<S>(
         }
     }
 
-    let too_old = tokio::time::sleep(crate::server::max_connection_age(&shared.config));
+    let too_old = tokio::time::sleep(shared.max_connection_age());
     tokio::pin!(too_old);
     // Before each command, each data frame out and each ping: a certificate revoked since
     // the handshake ends the connection.

@@ -26,6 +26,11 @@ pub type ConnId = u64;
 /// Frames queued for a pipe before it checks in.
 pub const MAX_PENDING_FRAMES: usize = 64;
 
+/// Close code for a connection replaced by a newer one of the same client and channel.
+pub const CLOSE_REPLACED: u16 = 4001;
+/// Close code for a client disconnected by an administrator.
+pub const CLOSE_DISCONNECTED: u16 = 4003;
+
 /// Something to write on a websocket.
 #[derive(Debug)]
 pub enum Out {
@@ -308,6 +313,20 @@ pub struct Hub {
     state: Mutex<State>,
     /// Woken whenever a data channel attaches.
     pub data_attached: Notify,
+}
+
+impl State {
+    /// Pipe `pipe` when `client` owns it (`None`: any owner).
+    fn owned_pipe(
+        &mut self,
+        client: Option<ClientId>,
+        pipe: PipeId,
+    ) -> Result<&mut Pipe, PipeError> {
+        self.pipes
+            .get_mut(&pipe)
+            .filter(|p| client.is_none_or(|c| p.owner == c))
+            .ok_or(PipeError::NotFound(pipe))
+    }
 }
 
 impl Hub {
@@ -598,11 +617,7 @@ impl Hub {
         frame: Frame,
     ) -> Result<(), PipeError> {
         let mut state = self.lock();
-        let p = state
-            .pipes
-            .get_mut(&pipe)
-            .filter(|p| client.is_none_or(|c| p.owner == c))
-            .ok_or(PipeError::NotFound(pipe))?;
+        let p = state.owned_pipe(client, pipe)?;
         // Counted in bytes as well as frames: a frame larger than the whole room waits for
         // an empty queue and goes alone.
         let want = frame.payload.len().min(p.room_bytes);
@@ -653,11 +668,7 @@ impl Hub {
         pipe: PipeId,
     ) -> Result<(CancellationToken, bool), PipeError> {
         let mut state = self.lock();
-        let p = state
-            .pipes
-            .get_mut(&pipe)
-            .filter(|p| client.is_none_or(|c| p.owner == c))
-            .ok_or(PipeError::NotFound(pipe))?;
+        let p = state.owned_pipe(client, pipe)?;
         p.destroying = true;
         Ok((p.stop.clone(), p.to_pipe.is_some()))
     }
@@ -769,6 +780,14 @@ mod tests {
         (Conn::new(id, tx, 1 << 20), rx)
     }
 
+    /// A hub with `client`'s admin channel attached (connection 1).
+    fn with_admin(client: ClientId) -> (Hub, mpsc::Receiver<Out>) {
+        let hub = Hub::default();
+        let (a, ra) = conn(1);
+        hub.attach(client, Channel::Admin, a, None, 10).unwrap();
+        (hub, ra)
+    }
+
     fn limits(per_client: usize, total: usize) -> PipeLimits {
         PipeLimits {
             per_client,
@@ -815,9 +834,7 @@ mod tests {
 
     #[test]
     fn pipes_ownership_checkin_and_exit() {
-        let hub = Hub::default();
-        let (a, _ra) = conn(1);
-        hub.attach(1, Channel::Admin, a, None, 10).unwrap();
+        let (hub, _ra) = with_admin(1);
         let ids: Vec<_> = hub
             .create_pipes(1, "party", &spec(), 2, &limits(2, 10))
             .unwrap()
@@ -896,9 +913,7 @@ mod tests {
 
     #[test]
     fn orphans_after_owner_leaves() {
-        let hub = Hub::default();
-        let (a, _ra) = conn(1);
-        hub.attach(1, Channel::Admin, a, None, 10).unwrap();
+        let (hub, _ra) = with_admin(1);
         hub.create_pipes(1, "party", &spec(), 1, &limits(4, 4))
             .unwrap();
         assert!(hub.orphans(std::time::Duration::ZERO).is_empty());

@@ -34,7 +34,7 @@ use crate::admin::{self, Ctx};
 use crate::budget::{Charge, Share, Spent};
 use crate::config::Limits;
 use crate::hub::Channel;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::upload::{SPOOL_BUFFER, Spool};
 
 /// Largest message a client may send on `/data` (where its messages are ignored).

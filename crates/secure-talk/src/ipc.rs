@@ -28,7 +28,7 @@ use tracing::Instrument as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Channel, CheckInError, CheckInVia, ClientId, Out, PipeId, ToPipe};
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Frames queued towards one pipe.
 const TO_PIPE_QUEUE: usize = 64;

@@ -3,6 +3,8 @@
 //!
 //! - [`config`]: the TOML file and its validation;
 //! - [`token`]: HS256 reconnection tokens;
+//! - `state`: what every connection shares (`Shared`, `Peer`); below every handler, it calls
+//!   none of them;
 //! - [`server`]: listeners, the token endpoint and websocket upgrades;
 //! - [`hub`]: clients, channels, pipes and who owns what;
 //! - [`admin`]: the admin channel's methods;
@@ -11,14 +13,18 @@
 //! - [`upload`]: upload files, spooled to disk and moved beneath the upload directory
 //!   without following symlinks;
 //! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
-//! - [`client`]: the client library behind `secure-talk-cli`.
+//! - [`client`]: the client library behind `secure-talk-cli`;
+//! - [`cli`]: the command-line tools (`secure-talk-cli`, `secure-talk-pipe`,
+//!   `secure-talk-bench`) their thin binaries run.
 //!
 //! Message formats and IPC framing are in `common::envelope::{talk, ipc}`. The library never
-//! reads argv, the environment or signals; the binaries in `src/bin` do.
+//! reads argv, the environment or signals (but for the tools in [`cli`], which handle
+//! SIGINT and SIGTERM while they stream); the binaries in `src/bin` parse them.
 
 pub mod admin;
 mod budget;
 mod channel;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod hub;
@@ -26,7 +32,8 @@ mod inbound;
 pub mod ipc;
 pub mod pipes;
 pub mod server;
+mod state;
 pub mod token;
 pub mod upload;
 
-pub use channel::{CLOSE_DISCONNECTED, CLOSE_REPLACED};
+pub use hub::{CLOSE_DISCONNECTED, CLOSE_REPLACED};

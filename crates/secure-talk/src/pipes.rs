@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::hub::{NewPipe, Out, PipeId};
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// The descriptor number a pipe inherits its own IPC socket as.
 pub const IPC_FD: i32 = 3;

@@ -6,20 +6,19 @@
 //! - `POST /` and `POST /data`: an empty 200, as the original;
 //! - anything else: 404 (the original never answered).
 //!
-//! [`Server`] holds the shared state; [`Listeners::bind`] opens the sockets (removing a stale
+//! [`Server`] holds the shared state (`state::Shared`) and serves it; [`Listeners::bind`] opens the sockets (removing a stale
 //! socket file left by a crash, refusing one a live server still holds).
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
-use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
+use common::tls::{ServerTls, TlsError};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -32,59 +31,9 @@ use tracing::Instrument as _;
 
 use crate::channel;
 use crate::config::Config;
-use crate::hub::{Channel, Hub};
+use crate::hub::Channel;
+use crate::state::{Peer, Shared};
 use crate::token::Tokens;
-
-/// State every connection shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) tokens: Tokens,
-    pub(crate) hub: Hub,
-    pub(crate) shutdown: Shutdown,
-    pub(crate) tls: Option<Arc<ServerTls>>,
-    pub(crate) next_conn: AtomicU64,
-    /// Upload paths being written (a second writer gets an `error`).
-    pub(crate) uploads: Mutex<std::collections::HashSet<PathBuf>>,
-    /// Serialises read-modify-write of `model_info.json`.
-    pub(crate) model_info_lock: Mutex<()>,
-    /// Bytes of incoming messages held in memory, all connections together and each party's
-    /// share.
-    pub(crate) budget: Arc<crate::budget::Shares>,
-    /// The TCP front door: strangers in the handshake, then `max_connections`.
-    admission: Admission,
-    /// The Unix socket's own pool (`max_local_connections`).
-    local: Arc<Pool>,
-}
-
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone)]
-pub(crate) struct Peer {
-    /// Address, or `unix` for the Unix socket.
-    pub(crate) addr: String,
-    /// Verified certificate identity (TCP with a client certificate).
-    pub(crate) identity: Option<PeerIdentity>,
-    /// Re-checks the certificate against the CRLs loaded now (TCP only).
-    pub(crate) live: Option<LivePeer>,
-}
-
-impl Peer {
-    /// Who pays for this connection's pipes and memory: its certificate (`sha256:` of the
-    /// DER), else its local uid (`unix:uid=N`), else its address without the port. Tokens
-    /// are free (each `GET /` mints a new client id), so limits meant for one party are
-    /// kept by this key, not by client id.
-    pub(crate) fn key(&self) -> String {
-        if let Some(identity) = &self.identity {
-            return format!("sha256:{}", identity.sha256);
-        }
-        match self.addr.rsplit_once(':') {
-            Some((host, port)) if !self.addr.starts_with("unix") && port.parse::<u16>().is_ok() => {
-                host.to_owned()
-            }
-            _ => self.addr.clone(),
-        }
-    }
-}
 
 /// The bound sockets.
 #[derive(Debug)]
@@ -161,39 +110,8 @@ impl Server {
         tls: Option<Arc<ServerTls>>,
         shutdown: Shutdown,
     ) -> Self {
-        let limits = config.tls.as_ref().map_or_else(
-            || {
-                common::admission::Limits::new(
-                    config.limits.max_connections,
-                    common::tls::DEFAULT_HANDSHAKE_TIMEOUT,
-                )
-            },
-            |tls| tls.admission(config.limits.max_connections),
-        );
-        let admission = Admission::new("https", limits);
-        let local = Pool::new(
-            "unix",
-            "max_local_connections",
-            config.limits.max_local_connections,
-        );
-        let budget = crate::budget::Shares::new(
-            crate::budget::Budget::new(config.limits.max_bytes_in_flight),
-            config.limits.max_bytes_in_flight_per_identity,
-        );
         Self {
-            shared: Arc::new(Shared {
-                config,
-                tokens,
-                hub: Hub::default(),
-                shutdown,
-                tls,
-                next_conn: AtomicU64::new(1),
-                uploads: Mutex::new(std::collections::HashSet::new()),
-                model_info_lock: Mutex::new(()),
-                budget,
-                admission,
-                local,
-            }),
+            shared: Arc::new(Shared::new(config, tokens, tls, shutdown)),
         }
     }
 
@@ -356,21 +274,11 @@ where
     common::daemon::drive_http(
         conn,
         |c| c.graceful_shutdown(),
-        Some(max_connection_age(&shared.config)),
+        Some(shared.max_connection_age()),
         &shared.shutdown,
         Duration::from_secs(1),
     )
     .await;
-}
-
-/// `[tls] max_connection_age_secs`, for every connection (the Unix socket's too).
-pub(crate) fn max_connection_age(config: &Config) -> Duration {
-    config
-        .tls
-        .as_ref()
-        .map_or(common::tls::DEFAULT_MAX_CONNECTION_AGE, |t| {
-            t.max_connection_age()
-        })
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
@@ -527,12 +435,7 @@ async fn reap_orphans(shared: Arc<Shared>) {
         }
         for pipe in shared.hub.orphans(after) {
             tracing::info!(pipe_id = pipe, "owner gone too long; destroying the pipe");
-            let _ = crate::admin::destroy(&shared, None, pipe);
+            let _ = shared.destroy_pipe(None, pipe);
         }
     }
-}
-
-/// A connection number.
-pub(crate) fn next_conn(shared: &Shared) -> u64 {
-    shared.next_conn.fetch_add(1, Ordering::Relaxed)
 }

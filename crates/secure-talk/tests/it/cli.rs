@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::support::{STEP, TestServer, eventually, pki};
+use crate::support::{STEP, TestServer, pki};
 
 const CLI: &str = env!("CARGO_BIN_EXE_secure-talk-cli");
 
@@ -123,6 +123,27 @@ async fn token_echo_and_exit_codes() {
         stderr(&destroy).contains("has no pipes yet"),
         "{}",
         stderr(&destroy)
+    );
+    // The server's text as it is (no `secure-talk-cli:` prefix); with --json its code and
+    // text on stdout first.
+    assert!(
+        !stderr(&destroy).starts_with("secure-talk-cli:"),
+        "{}",
+        stderr(&destroy)
+    );
+    let refused = run(
+        &mut unix(&server, cwd.path()),
+        &["--json", "destroy", "999"],
+    )
+    .await;
+    assert_status(&refused, 1);
+    let line = json_line(&refused);
+    assert_eq!(line["code"], 404, "{line}");
+    assert!(
+        line["payload"]
+            .as_str()
+            .is_some_and(|t| t.contains("has no pipes yet")),
+        "{line}"
     );
     // Bad JSON: 65, before connecting. Bad usage: 2. No server: 69.
     let property = run(&mut unix(&server, cwd.path()), &["property", "1", "{nope"]).await;
@@ -301,7 +322,7 @@ async fn receive_stores_the_output_of_pipes_created_by_another_run() {
     assert_status(&created, 0);
     let id = stdout(&created).trim().to_owned();
     let pipe_dir = out.join(format!("pipe_{id}"));
-    eventually("receive to store the output", STEP, || {
+    testkit::until("receive to store the output", STEP, || {
         std::fs::read_to_string(pipe_dir.join("output.txt")).is_ok_and(|t| t == "hello\n")
             && std::fs::read_to_string(pipe_dir.join("errors.txt"))
                 .is_ok_and(|t| t.contains("oops"))

@@ -9,21 +9,12 @@ use std::time::Duration;
 use secure_talk::client::{self, Transport};
 use secure_talk::hub::Channel;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::support::{
-    PIPE, STEP, alive, connect, create_pipe, data_until, options, processes_with_env, recv_message,
-    wait_checked_in,
+    PIPE, STEP, alive, check_config, connect, create_pipe, daemon, daemon_serving, data_until,
+    options, printed_address, processes_with_env, recv_message, wait_checked_in,
 };
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_secure-talk");
-
-fn command() -> Command {
-    let mut command = Command::new(DAEMON);
-    command.env_remove("SECURE_TALK_CONFIG").kill_on_drop(true);
-    command
-}
 
 /// A Unix-socket-only configuration under `dir`, with `extra` top-level keys.
 pub(crate) fn write_config(dir: &Path, extra: &str) -> PathBuf {
@@ -46,26 +37,11 @@ pub(crate) struct Daemon {
 impl Daemon {
     /// Starts the daemon and waits for its `listening on unix:` line.
     pub(crate) async fn start(config: &Path) -> Self {
-        let mut child = command()
-            .arg("-c")
-            .arg(config)
-            .args(["--print-address", "--log", "warn"])
-            .stdout(Stdio::piped())
+        let mut child = daemon_serving(config, &["--log", "warn"])
             .spawn()
             .expect("spawn secure-talk");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let socket = tokio::time::timeout(STEP, async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(path) = line.strip_prefix("listening on unix:") {
-                    return PathBuf::from(path);
-                }
-            }
-            panic!("secure-talk exited before listening");
-        })
-        .await
-        .expect("secure-talk listens in time");
-        // Keep reading stdout so the daemon never blocks on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let stdout = child.stdout.take().expect("stdout");
+        let socket = PathBuf::from(printed_address(stdout, "listening on unix:").await);
         Self { child, socket }
     }
 
@@ -125,12 +101,7 @@ async fn the_daemon_serves_its_unix_socket_and_stops_on_sigterm() {
 async fn check_config_reports_bad_files_with_78() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = write_config(dir.path(), "");
-    let output = command()
-        .args(["--check-config", "-c"])
-        .arg(&good)
-        .output()
-        .await
-        .expect("run");
+    let output = check_config(&good).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("configuration ok"));
     assert!(
@@ -151,21 +122,11 @@ async fn check_config_reports_bad_files_with_78() {
         let sub = dir.path().join(name.replace(' ', "-"));
         std::fs::create_dir(&sub).expect("mkdir");
         let config = write_config(&sub, extra);
-        let output = command()
-            .args(["--check-config", "-c"])
-            .arg(&config)
-            .output()
-            .await
-            .expect("run");
+        let output = check_config(&config).await;
         assert_eq!(output.status.code(), Some(code), "{name}: {output:?}");
         assert!(!output.stderr.is_empty(), "{name}: says why");
     }
-    let output = command()
-        .args(["--check-config", "-c"])
-        .arg(dir.path().join("missing.toml"))
-        .output()
-        .await
-        .expect("run");
+    let output = check_config(&dir.path().join("missing.toml")).await;
     assert_eq!(output.status.code(), Some(78), "{output:?}");
 }
 
@@ -174,7 +135,7 @@ async fn a_token_key_file_makes_tokens_survive_a_restart() {
     crate::support::pki();
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("token.key");
-    let status = command()
+    let status = daemon()
         .arg("gen-token-key")
         .arg(&key)
         .stdout(Stdio::null())
@@ -189,7 +150,7 @@ async fn a_token_key_file_makes_tokens_survive_a_restart() {
     );
     assert!(written.len() >= 32);
     // Never overwritten.
-    let status = command()
+    let status = daemon()
         .arg("gen-token-key")
         .arg(&key)
         .stderr(Stdio::null())
@@ -238,27 +199,13 @@ async fn an_upload_path_cannot_forge_a_log_line() {
     crate::support::pki();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "");
-    let mut child = command()
-        .arg("-c")
-        .arg(&config)
-        .args(["--print-address", "--log", "info", "--log-format", "text"])
-        .stdout(Stdio::piped())
+    let mut child = daemon_serving(&config, &["--log", "info", "--log-format", "text"])
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn secure-talk");
     let log = LogCapture::start("secure-talk", child.stderr.take().expect("stderr"));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let socket = tokio::time::timeout(STEP, async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if let Some(path) = line.strip_prefix("listening on unix:") {
-                return PathBuf::from(path);
-            }
-        }
-        panic!("secure-talk exited before listening");
-    })
-    .await
-    .expect("secure-talk listens in time");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let stdout = child.stdout.take().expect("stdout");
+    let socket = PathBuf::from(printed_address(stdout, "listening on unix:").await);
 
     let opts = options(Transport::Unix(socket), Some(dir.path().join("token")));
     let mut admin = connect(&opts, Channel::Admin).await;

@@ -42,7 +42,7 @@ async fn one_certificate_holds_its_share_of_bytes_in_flight_and_others_still_get
         opened.push(ws);
     }
     let share = Limits::default().max_bytes_in_flight_per_identity;
-    crate::support::eventually("alice's messages are charged", STEP, || {
+    testkit::until("alice's messages are charged", STEP, || {
         server.server.bytes_in_flight() >= share
     })
     .await;
@@ -89,7 +89,7 @@ async fn one_certificate_holds_its_share_of_bytes_in_flight_and_others_still_get
 
     // Alice gets room back as her messages go.
     drop(held);
-    crate::support::eventually("the budget is back to 0", STEP, || {
+    testkit::until("the budget is back to 0", STEP, || {
         server.server.bytes_in_flight() == 0
     })
     .await;
@@ -259,7 +259,7 @@ async fn a_message_must_arrive_within_the_message_timeout_and_an_upload_at_the_m
         assert!(reply.contains("again"), "{reply}");
     }
     // The cut messages gave their bytes back.
-    crate::support::eventually("the budget is back to 0", STEP, || {
+    testkit::until("the budget is back to 0", STEP, || {
         server.server.bytes_in_flight() == 0
     })
     .await;

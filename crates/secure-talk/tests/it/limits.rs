@@ -14,8 +14,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::time::Instant;
 
 use crate::support::{
-    PIPE, STEP, TestServer, connect, create_pipe, data_until, eventually, expect_reply, http, list,
-    options, pki, processes_with_env, recv_message, send, tls_transport,
+    PIPE, STEP, TestServer, check_config, connect, create_pipe, daemon_serving, data_until,
+    expect_reply, http, list, list_until, options, pki, printed_address, processes_with_env,
+    recv_message, send, tls_transport,
 };
 
 #[tokio::test]
@@ -60,18 +61,14 @@ async fn a_second_client_beyond_max_clients_gets_503() {
     // Once the first client leaves, the second gets in.
     admin.close().await.expect("close");
     drop(data);
-    let deadline = tokio::time::Instant::now() + crate::support::STEP;
-    loop {
+    testkit::eventually("the second client to get in", STEP, || async {
         match client::upgrade(&second, Channel::Admin, &token).await {
-            Ok(_) => break,
-            Err(ClientError::Refused { status: 503, .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Ok(_) => Some(()),
+            Err(ClientError::Refused { status: 503, .. }) => None,
             Err(err) => panic!("the second client never got in: {err}"),
         }
-    }
+    })
+    .await;
 }
 
 /// Ping period and idle timeout of the keep-alive tests, in seconds (the smallest the
@@ -175,12 +172,12 @@ async fn a_peer_that_never_answers_pings_is_closed_as_idle() {
     let (_, token) = http(&opts, "GET", "/", None).await;
     let started = Instant::now();
     let mut stream = raw_websocket(&opts, Channel::Admin, &token).await;
-    eventually("the websocket to register", STEP, || {
+    testkit::until("the websocket to register", STEP, || {
         server.server.connected_clients() == 1
     })
     .await;
     // Nothing read, nothing written: the pings go unanswered.
-    eventually("the idle websocket to be dropped", STEP, || {
+    testkit::until("the idle websocket to be dropped", STEP, || {
         server.server.connected_clients() == 0
     })
     .await;
@@ -213,7 +210,7 @@ async fn any_frame_from_the_peer_counts_as_activity() {
     let (_, token) = http(&opts, "GET", "/", None).await;
     let (_unread, mut writer) =
         tokio::io::split(raw_websocket(&opts, Channel::Admin, &token).await);
-    eventually("the websocket to register", STEP, || {
+    testkit::until("the websocket to register", STEP, || {
         server.server.connected_clients() == 1
     })
     .await;
@@ -232,7 +229,7 @@ async fn any_frame_from_the_peer_counts_as_activity() {
     }
     // Silence makes it idle.
     let silent = Instant::now();
-    eventually("the silent websocket to be dropped", STEP, || {
+    testkit::until("the silent websocket to be dropped", STEP, || {
         server.server.connected_clients() == 0
     })
     .await;
@@ -273,18 +270,22 @@ async fn a_silent_peer_is_closed_at_the_idle_timeout_not_at_the_next_ping() {
 
 /// Upgrades `channel`, retrying while the server closes the connection at once (no slot yet).
 async fn upgrade_when_free(options: &ClientOptions, channel: Channel, token: &str) -> Connection {
-    let deadline = Instant::now() + STEP;
-    loop {
+    testkit::eventually(&format!("a {channel:?} websocket"), STEP, || async {
         match client::upgrade(options, channel, token).await {
-            Ok(conn) => return conn,
-            Err(err)
-                if Instant::now() < deadline && !matches!(err, ClientError::Refused { .. }) =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(err) => panic!("no {channel:?} websocket: {err}"),
+            Ok(conn) => Some(conn),
+            Err(err @ ClientError::Refused { .. }) => panic!("no {channel:?} websocket: {err}"),
+            Err(_) => None,
         }
-    }
+    })
+    .await
+}
+
+/// Waits until `options` is served a token again (a pool slot is free).
+async fn served_again(options: &ClientOptions, token: &str, what: &str) {
+    testkit::eventually(what, STEP, || async {
+        client::fetch_token(options, Some(token)).await.ok()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -331,11 +332,7 @@ async fn connections_beyond_max_connections_are_closed_at_once() {
     data.close().await.expect("close");
     let _data = upgrade_when_free(&unix, Channel::Data, &token).await;
     admin.close().await.expect("close");
-    let deadline = Instant::now() + STEP;
-    while let Err(err) = client::fetch_token(&tls, Some(&token)).await {
-        assert!(Instant::now() < deadline, "never served again: {err}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_again(&tls, &token, "TCP to serve again").await;
 }
 
 /// Issue 14: the Unix socket shared `max_connections` with TCP, so remote clients could take
@@ -353,21 +350,13 @@ async fn the_unix_socket_and_tcp_do_not_share_a_pool() {
     // TCP full: local users are still served.
     let admin = upgrade_when_free(&tls, Channel::Admin, &token).await;
     for _ in 0..3 {
-        let deadline = Instant::now() + STEP;
-        while let Err(err) = client::fetch_token(&unix, Some(&token)).await {
-            assert!(Instant::now() < deadline, "unix starved by TCP: {err}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        served_again(&unix, &token, "unix served while TCP is full").await;
     }
     admin.close().await.expect("close");
     // Unix full: TCP clients are still served.
     let data = upgrade_when_free(&unix, Channel::Data, &token).await;
     for _ in 0..3 {
-        let deadline = Instant::now() + STEP;
-        while let Err(err) = client::fetch_token(&tls, Some(&token)).await {
-            assert!(Instant::now() < deadline, "TCP starved by unix: {err}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        served_again(&tls, &token, "TCP served while unix is full").await;
     }
     data.close().await.expect("close");
 }
@@ -429,7 +418,7 @@ async fn strangers_from_several_addresses_do_not_lock_out_clients_with_certifica
         .map(|last| std::net::Ipv4Addr::new(127, 0, 0, last).into())
         .collect();
     let crowd = ReopeningCrowd::start(server.addr, &sources, 8);
-    eventually("the crowd to fill the stranger pool", STEP, || {
+    testkit::until("the crowd to fill the stranger pool", STEP, || {
         server.server.admission().stats().strangers == 64
     })
     .await;
@@ -470,8 +459,6 @@ async fn strangers_from_several_addresses_do_not_lock_out_clients_with_certifica
     assert!(stats.evicted >= 9, "{stats:?}");
 }
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_secure-talk");
-
 /// Waits for a daemon log line containing `wanted`.
 async fn log_line(logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>, wanted: &str) {
     tokio::time::timeout(STEP, async {
@@ -506,28 +493,15 @@ async fn sighup_reloads_the_tls_certificate_and_a_broken_file_keeps_the_old_one(
         ),
     )
     .expect("write the config");
-    let mut child = tokio::process::Command::new(DAEMON)
-        .env_remove("SECURE_TALK_CONFIG")
-        .arg("-c")
-        .arg(&config)
-        .args(["--print-address", "--log", "info"])
-        .stdout(Stdio::piped())
+    let mut child = daemon_serving(&config, &["--log", "info"])
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn secure-talk");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr: std::net::SocketAddr = tokio::time::timeout(STEP, async {
-        while let Some(line) = stdout.next_line().await.expect("read stdout") {
-            if let Some(address) = line.strip_prefix("listening on ") {
-                return address.parse().expect("an address");
-            }
-        }
-        panic!("secure-talk exited before listening");
-    })
-    .await
-    .expect("secure-talk listens in time");
-    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    let stdout = child.stdout.take().expect("stdout");
+    let addr: std::net::SocketAddr = printed_address(stdout, "listening on ")
+        .await
+        .parse()
+        .expect("an address");
     let (log_tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
     tokio::spawn(async move {
@@ -623,19 +597,11 @@ fn fifo_writer(path: &Path) -> std::io::Result<std::fs::File> {
 /// Writes `bytes` to the FIFO once its reader has opened it, then closes it (end of file).
 async fn feed_fifo(path: &Path, bytes: &[u8]) {
     use std::io::Write as _;
-    let deadline = Instant::now() + STEP;
-    loop {
-        match fifo_writer(path) {
-            Ok(mut fifo) => {
-                fifo.write_all(bytes).expect("write to the fifo");
-                return;
-            }
-            Err(err) => {
-                assert!(Instant::now() < deadline, "nobody reads the fifo: {err}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+    let mut fifo = testkit::eventually("a reader of the fifo", STEP, || {
+        std::future::ready(fifo_writer(path).ok())
+    })
+    .await;
+    fifo.write_all(bytes).expect("write to the fifo");
 }
 
 /// Releases a reader still blocked on the FIFO when a test fails, so the server's blocking
@@ -683,7 +649,7 @@ async fn a_second_upload_to_a_name_being_written_gets_409() {
     a.send_binary(&model("m/w.bin", b"first"))
         .await
         .expect("send");
-    eventually("the first upload to be written", STEP, || {
+    testkit::until("the first upload to be written", STEP, || {
         upload_dir.join("m/w.bin").exists()
     })
     .await;
@@ -725,23 +691,18 @@ async fn a_second_upload_to_a_name_being_written_gets_409() {
 
 /// Polls `list` until the caller's data channel is (or is no longer) connected.
 async fn wait_data_connected(admin: &mut Connection, connected: bool) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let list = list(admin).await;
-        let me = list["clients"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["client_id"] == json!(admin.client_id)))
-            .cloned()
-            .unwrap_or_default();
-        if me["data_connected"] == json!(connected) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "data_connected never became {connected}: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let me = admin.client_id;
+    list_until(
+        admin,
+        &format!("data_connected to become {connected}"),
+        |list| {
+            list["clients"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["client_id"] == json!(me)))
+                .is_some_and(|c| c["data_connected"] == json!(connected))
+        },
+    )
+    .await;
 }
 
 /// Bytes a process has written so far (`/proc/PID/io`).
@@ -805,7 +766,7 @@ async fn a_data_channel_that_stops_reading_is_dropped_and_its_pipe_held() {
     // A new data connection gets the output that waited, and the command runs on.
     let mut data = connect(&opts, Channel::Data).await;
     data_until(&mut data, id, "y\n").await;
-    eventually("the command to write again", STEP, || {
+    testkit::until("the command to write again", STEP, || {
         written(command) > still
     })
     .await;
@@ -835,11 +796,11 @@ async fn a_peer_that_never_reads_its_greeting_is_dropped() {
     let (_, token) = http(&opts, "GET", "/", None).await;
     let started = Instant::now();
     let _unread = raw_websocket(&opts, Channel::Admin, &token).await;
-    eventually("the websocket to register", STEP, || {
+    testkit::until("the websocket to register", STEP, || {
         server.server.connected_clients() == 1
     })
     .await;
-    eventually("the stalled websocket to be dropped", STEP, || {
+    testkit::until("the stalled websocket to be dropped", STEP, || {
         server.server.connected_clients() == 0
     })
     .await;
@@ -868,14 +829,7 @@ async fn a_zero_ping_interval_or_idle_timeout_is_a_configuration_error() {
             ),
         )
         .expect("write the config");
-        let output = tokio::process::Command::new(DAEMON)
-            .env_remove("SECURE_TALK_CONFIG")
-            .arg("--check-config")
-            .arg("-c")
-            .arg(&config)
-            .output()
-            .await
-            .expect("run secure-talk");
+        let output = check_config(&config).await;
         assert_eq!(output.status.code(), Some(code), "{key}: {output:?}");
         if code != 0 {
             let stderr = String::from_utf8_lossy(&output.stderr);

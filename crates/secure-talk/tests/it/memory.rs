@@ -130,7 +130,7 @@ async fn unfinished_big_frames_are_cut_off_at_the_channel_cap() {
     }
     assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
     // Nothing stays charged.
-    crate::support::eventually("the budget is back to 0", STEP, || {
+    testkit::until("the budget is back to 0", STEP, || {
         server.server.bytes_in_flight() == 0
     })
     .await;
@@ -153,7 +153,7 @@ async fn the_budget_of_bytes_in_flight_refuses_with_1013_instead_of_growing() {
         admin.get_mut().write_all(&bytes).await.expect("write");
         holders.push(admin);
     }
-    crate::support::eventually("three messages charged", STEP, || {
+    testkit::until("three messages charged", STEP, || {
         server.server.bytes_in_flight() == 192 << 10
     })
     .await;
@@ -164,7 +164,7 @@ async fn the_budget_of_bytes_in_flight_refuses_with_1013_instead_of_growing() {
     assert_eq!(server.server.bytes_in_flight(), 192 << 10);
     // Closing gives the bytes back: the next client gets through.
     drop(holders);
-    crate::support::eventually("the budget is back", STEP, || {
+    testkit::until("the budget is back", STEP, || {
         server.server.bytes_in_flight() == 0
     })
     .await;
@@ -241,7 +241,7 @@ async fn an_upload_is_streamed_in_fragments_and_verified() {
         bytes.extend(vec![0u8; 1 << 20]);
     }
     assert_eq!(close_code_after(&mut admin, &bytes).await, 1009);
-    crate::support::eventually("the temporary file is removed", STEP, || {
+    testkit::until("the temporary file is removed", STEP, || {
         std::fs::read_dir(upload_dir).map_or(0, Iterator::count) == 2
     })
     .await;

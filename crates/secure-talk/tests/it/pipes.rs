@@ -9,8 +9,8 @@ use secure_talk::hub::Channel;
 use serde_json::{Value, json};
 
 use crate::support::{
-    STEP, TestServer, alive, closed, connect, create_pipe, data_until, eventually, expect_reply,
-    list, listed_pid, listed_pipes, recv_message, recv_method, send, wait_checked_in,
+    STEP, TestServer, alive, closed, connect, create_pipe, data_until, expect_reply, list,
+    listed_pid, listed_pipes, recv_message, recv_method, send, wait_checked_in,
 };
 
 #[tokio::test]
@@ -63,7 +63,7 @@ async fn destroy_stops_a_long_running_pipe_and_its_process() {
     wait_checked_in(&mut admin, id).await;
     let pid = listed_pid(&list(&mut admin).await, id);
     assert!(alive(pid));
-    eventually("the pipe to launch sleep", STEP, || {
+    testkit::until("the pipe to launch sleep", STEP, || {
         server.pipe_processes().len() >= 2
     })
     .await;
@@ -82,7 +82,7 @@ async fn destroy_stops_a_long_running_pipe_and_its_process() {
         "{:?}",
         started.elapsed()
     );
-    eventually("the pipe process to go", STEP, || !alive(pid)).await;
+    testkit::until("the pipe process to go", STEP, || !alive(pid)).await;
     server.assert_no_pipe_processes(STEP).await;
     // A second destroy finds nothing.
     send(
@@ -320,7 +320,7 @@ async fn orphan_pipes_are_reaped_after_the_timeout() {
     assert_eq!(listed_pipes(&list(&mut admin).await), vec![id]);
     admin.close().await.expect("close");
     let gone = std::time::Instant::now();
-    eventually("the orphan to be reaped", Duration::from_secs(6), || {
+    testkit::until("the orphan to be reaped", Duration::from_secs(6), || {
         server.server.pipes() == 0
     })
     .await;
@@ -438,7 +438,7 @@ async fn creates_of_a_replaced_admin_connection_keep_the_limit_and_are_reaped() 
     // Her second admin connection attaches (replacing the busy one) and closes.
     let second = connect(&alice, Channel::Admin).await;
     second.close().await.expect("close");
-    eventually("the second connection to detach", STEP, || {
+    testkit::until("the second connection to detach", STEP, || {
         server.server.connected_clients() == 1
     })
     .await;
@@ -471,7 +471,7 @@ async fn creates_of_a_replaced_admin_connection_keep_the_limit_and_are_reaped() 
     assert_eq!(server.server.pipes(), 12);
     // Alice has no registered connection: the reaper stops every one of her pipes, and
     // only hers (Bob is connected).
-    eventually("the orphans to be reaped", Duration::from_secs(6), || {
+    testkit::until("the orphans to be reaped", Duration::from_secs(6), || {
         server.server.pipes() == 6
     })
     .await;

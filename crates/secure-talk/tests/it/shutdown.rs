@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use secure_talk::hub::Channel;
 
-use crate::support::{
-    STEP, TestServer, alive, closed, connect, create_pipe, eventually, wait_checked_in,
-};
+use crate::support::{STEP, TestServer, alive, closed, connect, create_pipe, wait_checked_in};
 
 #[tokio::test]
 async fn shutdown_kills_pipes_that_ignore_sigterm_and_closes_with_1001() {
@@ -18,7 +16,7 @@ async fn shutdown_kills_pipes_that_ignore_sigterm_and_closes_with_1001() {
     let id = create_pipe(&mut admin, r#"sh -c 'trap "" TERM; sleep 60'"#).await;
     wait_checked_in(&mut admin, id).await;
     // The pipe program and the command it launched.
-    eventually("the command to start", STEP, || {
+    testkit::until("the command to start", STEP, || {
         server.pipe_processes().len() >= 2
     })
     .await;
@@ -29,7 +27,7 @@ async fn shutdown_kills_pipes_that_ignore_sigterm_and_closes_with_1001() {
     let grace = Duration::from_secs(server.config.limits.kill_grace_secs);
     let started = Instant::now();
     assert!(server.stop().await, "every task drained");
-    eventually(
+    testkit::until(
         "the pipe processes to die",
         (grace + Duration::from_secs(2)).saturating_sub(started.elapsed()),
         || pids.iter().all(|pid| !alive(*pid)),

@@ -26,6 +26,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// The pipe program the server spawns.
 pub(crate) const PIPE: &str = env!("CARGO_BIN_EXE_secure-talk-pipe");
+/// The daemon binary.
+pub(crate) const DAEMON: &str = env!("CARGO_BIN_EXE_secure-talk");
 /// Bound on one step of a test (a reply, a connection, a process exit).
 pub(crate) const STEP: Duration = Duration::from_secs(8);
 /// Drain grace when a test server stops.
@@ -165,7 +167,7 @@ impl TestServer {
 
     /// Waits until no process of this server's pipes is left.
     pub(crate) async fn assert_no_pipe_processes(&self, within: Duration) {
-        eventually("every pipe process to exit", within, || {
+        testkit::until("every pipe process to exit", within, || {
             self.pipe_processes().is_empty()
         })
         .await;
@@ -358,24 +360,31 @@ pub(crate) fn listed_pid(list: &Value, id: u64) -> i32 {
     i32::try_from(pipe["pid"].as_u64().expect("pid")).expect("pid fits")
 }
 
+/// Polls `list` on `conn` (through [`testkit::eventually`]) until `done` holds for it;
+/// returns that list.
+pub(crate) async fn list_until(
+    conn: &mut Connection,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let conn = &tokio::sync::Mutex::new(conn);
+    let done = &done;
+    testkit::eventually(what, STEP, || async move {
+        let list = list(*conn.lock().await).await;
+        done(&list).then_some(list)
+    })
+    .await
+}
+
 /// Waits until pipe `id` has checked in (polling `list`).
 pub(crate) async fn wait_checked_in(conn: &mut Connection, id: u64) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let list = list(conn).await;
-        let checked = list["pipes"]
+    list_until(conn, &format!("pipe {id} to check in"), |list| {
+        list["pipes"]
             .as_array()
             .and_then(|p| p.iter().find(|p| p["pipe_id"] == json!(id)))
-            .is_some_and(|p| p["checked_in"] == json!(true));
-        if checked {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "pipe {id} never checked in: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .is_some_and(|p| p["checked_in"] == json!(true))
+    })
+    .await;
 }
 
 /// Receives data-channel output of pipe `id` until the text gathered (IPC type 0) contains
@@ -464,16 +473,54 @@ pub(crate) async fn upgrade_status(
     }
 }
 
-/// Polls `done` every 20 ms until it holds; panics after `within`.
-pub(crate) async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The daemon binary, without `SECURE_TALK_CONFIG` from outside, killed when dropped.
+pub(crate) fn daemon() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(DAEMON);
+    command.env_remove("SECURE_TALK_CONFIG").kill_on_drop(true);
+    command
+}
+
+/// The daemon serving `config` with `--print-address` and `flags` (the log options), its
+/// stdout piped for [`printed_address`].
+pub(crate) fn daemon_serving(config: &Path, flags: &[&str]) -> tokio::process::Command {
+    let mut command = daemon();
+    command
+        .arg("-c")
+        .arg(config)
+        .arg("--print-address")
+        .args(flags)
+        .stdout(std::process::Stdio::piped());
+    command
+}
+
+/// `secure-talk --check-config -c CONFIG`, run to its end.
+pub(crate) async fn check_config(config: &Path) -> std::process::Output {
+    daemon()
+        .args(["--check-config", "-c"])
+        .arg(config)
+        .output()
+        .await
+        .expect("run secure-talk")
+}
+
+/// Reads the daemon's stdout until the line that starts with `prefix` (its `--print-address`
+/// line) and returns the rest of it; the stdout is then read on in the background, so the
+/// daemon never blocks on it.
+pub(crate) async fn printed_address(stdout: tokio::process::ChildStdout, prefix: &str) -> String {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let address = tokio::time::timeout(STEP, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(address) = line.strip_prefix(prefix) {
+                return address.to_owned();
+            }
+        }
+        panic!("secure-talk exited before listening");
+    })
+    .await
+    .expect("secure-talk listens in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    address
 }
 
 /// Whether a process exists and is not a zombie.

@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
+use crate::client::Incoming;
 use base64::Engine as _;
 use common::envelope::talk::{Message, method};
-use secure_talk::client::Incoming;
 use serde_json::{Value, json};
 
 /// The payload member of the echo requests used as barriers.

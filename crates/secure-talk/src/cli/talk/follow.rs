@@ -8,14 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::time::Duration;
 
+use crate::client::{ClientError, Incoming};
+use crate::hub::Channel;
 use common::envelope::talk::{Headers, Message, method};
-use secure_talk::client::{ClientError, Incoming};
-use secure_talk::hub::Channel;
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::view::{self, Output};
-use crate::{Ctx, Failure, closed, created, lost};
+use super::session::{Ctx, Failure, closed, created, lost};
+use super::view::{self, Output};
 
 /// How long the data channel must stay quiet after the last `pipe_delete`.
 const QUIET: Duration = Duration::from_millis(300);

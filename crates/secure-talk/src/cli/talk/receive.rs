@@ -10,16 +10,16 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secure_talk::client::{ClientError, Connection, Incoming, Retry};
-use secure_talk::hub::Channel;
+use crate::client::{ClientError, Connection, Incoming, Retry};
+use crate::hub::Channel;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::view::{self, Output};
-use crate::{Ctx, Failure};
+use super::session::{Ctx, Failure};
+use super::view::{self, Output};
 
 /// Close codes after which reconnecting would be wrong.
-const FINAL_CLOSES: [u16; 2] = [secure_talk::CLOSE_REPLACED, secure_talk::CLOSE_DISCONNECTED];
+const FINAL_CLOSES: [u16; 2] = [crate::CLOSE_REPLACED, crate::CLOSE_DISCONNECTED];
 
 /// Receives until a signal; returns the exit status.
 pub(crate) async fn run(ctx: &Ctx, dir: &Path, quiet: bool) -> Result<u8, Failure> {

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc as std_mpsc};
 use std::time::Duration;
 
+use crate::admin::{LIST, SEND};
+use crate::client::{ClientError, Connection, Incoming};
+use crate::hub::Channel;
 use common::envelope::talk::{BinaryMessage, Headers, Message, md5_hex, method};
 use rustyline::completion::{Completer, FilenameCompleter, Pair};
 use rustyline::error::ReadlineError;
@@ -20,14 +23,11 @@ use rustyline::hint::Hinter;
 use rustyline::history::FileHistory;
 use rustyline::validate::Validator;
 use rustyline::{Editor, ExternalPrinter, Helper};
-use secure_talk::admin::{LIST, SEND};
-use secure_talk::client::{ClientError, Connection, Incoming};
-use secure_talk::hub::Channel;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::view;
-use crate::{Ctx, Failure, read_json, sync_request};
+use super::session::{Ctx, Failure, read_json, reply_code, sync_request};
+use super::view;
 
 const PROMPT: &str = "command> ";
 const HISTORY_FILE: &str = ".secure_talk_history";
@@ -281,7 +281,7 @@ fn show(incoming: &Incoming, state: &Shared, printer: &mut Printer) {
             }
         }
         _ if printer.json => {}
-        method::TEXT => match crate::reply_code(message) {
+        method::TEXT => match reply_code(message) {
             code if code >= 400 => printer.err(&format!("error {code}: {text}")),
             _ => printer.out(&text),
         },
@@ -293,7 +293,7 @@ fn show(incoming: &Incoming, state: &Shared, printer: &mut Printer) {
                 .map_or_else(|| "?".into(), |id| id.to_string());
             printer.err(&format!("pipe {id}: {text}"));
         }
-        LIST => match crate::reply_code(message) {
+        LIST => match reply_code(message) {
             code if code >= 400 => printer.err(&format!("error {code}: {text}")),
             _ => {
                 let payload = message.payload.clone().unwrap_or(Value::Null);
