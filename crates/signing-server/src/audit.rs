@@ -71,7 +71,7 @@ impl Audit {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        migrator().run(&pool).await?;
         let (writer, queue) = tokio::sync::mpsc::channel(GROUP * 4);
         tokio::spawn(write_loop(pool.clone(), queue));
         Ok(Self { pool, writer })
@@ -216,4 +216,59 @@ pub fn write_signatures_file(path: &Path, fields: &[&Fields]) -> std::io::Result
         .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// The schema's migrations, embedded in the binary: version, description (the file name's, as
+/// `sqlx migrate` derives it) and SQL. They are listed here rather than read by sqlx's
+/// `migrate!` macro, which would compile a second copy of sqlx (and of SQLite) for the build
+/// host; a test checks this list against the `migrations/` directory, checksums included.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "signatures",
+    include_str!("../migrations/0001_signatures.sql"),
+)];
+
+/// The migrator over [`MIGRATIONS`]; it records the same versions and checksums as
+/// `sqlx::migrate!("./migrations")` would.
+fn migrator() -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|&(version, description, sql)| {
+                let sql = sqlx::SqlStr::from_static(sql);
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql,
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    /// The embedded list is the `migrations/` directory as sqlx reads it: same versions,
+    /// descriptions and checksums, so databases migrated by earlier releases stay valid.
+    #[tokio::test]
+    async fn embedded_migrations_match_the_directory() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let from_disk = sqlx::migrate::Migrator::new(dir).await.unwrap();
+        let embedded = super::migrator();
+        let key = |m: &sqlx::migrate::Migration| {
+            (
+                m.version,
+                m.description.to_string(),
+                m.checksum.to_vec(),
+                m.no_tx,
+            )
+        };
+        let disk: Vec<_> = from_disk.iter().map(key).collect();
+        let ours: Vec<_> = embedded.iter().map(key).collect();
+        assert!(!disk.is_empty());
+        assert_eq!(ours, disk);
+    }
 }
