@@ -12,6 +12,10 @@ demo *ARGS:
 bench *ARGS:
     scripts/bench {{ARGS}}
 
+# fuzz the network parsers, one target after another (`just fuzz ipc 600`: one, 10 min)
+fuzz *ARGS:
+    scripts/fuzz {{ARGS}}
+
 # development PKI in certs/dev (`just pki --force-overwrite` to regenerate)
 pki *ARGS:
     scripts/dev-pki {{ARGS}}

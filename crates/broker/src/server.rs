@@ -124,7 +124,9 @@ impl IntoResponse for BrokerError {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BrokerError> {
+// Public for crates/fuzzing only.
+#[doc(hidden)]
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BrokerError> {
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {

@@ -172,7 +172,9 @@ impl Server {
 ///
 /// # Errors
 /// Not UTF-8, too long, empty, or the connection failed.
-async fn read_path<S: tokio::io::AsyncRead + Unpin>(
+// Public for crates/fuzzing only.
+#[doc(hidden)]
+pub async fn read_path<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
     max: usize,
 ) -> std::io::Result<String> {
