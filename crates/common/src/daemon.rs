@@ -301,26 +301,68 @@ pub fn write_new_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 /// Makes sure a private file (a daemon's SQLite database) exists before anything opens it:
 /// missing parent directories are created with `dir_mode` (less the umask), then the file with
 /// mode 0600 and nothing in it, so it is never readable by others for a moment. An existing
-/// file is left as it is (never truncated, its mode untouched).
+/// file is kept as it is (never truncated, its mode untouched) if it is safe to trust.
+///
+/// What another local user may have planted is refused, since the file is later opened by
+/// name (SQLite, and its `-wal`/`-shm` files beside it): the directory must be this process's
+/// own or root's and writable by nobody else (then nobody else can put or swap a file in it),
+/// and an existing file must be a regular file (not a symbolic link), this process's own, and
+/// writable by nobody else.
 ///
 /// # Errors
-/// A directory or the file cannot be created.
+/// A directory or the file cannot be created, or one of them is not safe to trust
+/// (`PermissionDenied`, naming the path, its owner and its mode).
 pub fn create_private_file(path: &Path, dir_mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+    let euid = rustix::process::geteuid().as_raw();
+    let untrusted = |what: &Path, meta: &std::fs::Metadata, why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing {}: {why} (owner uid {}, mode {:o})",
+                what.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        )
+    };
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(dir_mode)
             .create(parent)?;
     }
-    match std::fs::OpenOptions::new()
+    let dir = parent.unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir)?;
+    if (meta.uid() != euid && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+        return Err(untrusted(
+            dir,
+            &meta,
+            "the directory of a private file must be ours or root's and writable by nobody else",
+        ));
+    }
+    let created = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-    {
+        .open(path);
+    match created {
         Ok(_) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(path)?;
+            if !meta.file_type().is_file() {
+                return Err(untrusted(path, &meta, "not a regular file"));
+            }
+            if meta.uid() != euid || meta.mode() & 0o022 != 0 {
+                return Err(untrusted(
+                    path,
+                    &meta,
+                    "a private file must be ours and writable by nobody else",
+                ));
+            }
+            Ok(())
+        }
         Err(err) => Err(err),
     }
 }
@@ -823,6 +865,36 @@ mod tests {
         // A parent that is a file is an error, not a panic.
         let blocked = dir.path().join("bare.sqlite/x.sqlite");
         assert!(create_private_file(&blocked, 0o700).is_err());
+    }
+
+    /// What another local user could have planted before the first start is refused: a file
+    /// others may write, a symbolic link, a directory others may write.
+    #[test]
+    fn planted_private_files_and_open_directories_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |p: &Path| {
+            let err = create_private_file(p, 0o700).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+            err.to_string()
+        };
+        let planted = dir.path().join("planted.sqlite");
+        std::fs::write(&planted, b"").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(refused(&planted).contains("mode 666"));
+
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"").unwrap();
+        let link = dir.path().join("link.sqlite");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(refused(&link).contains("not a regular file"));
+        assert_eq!(std::fs::metadata(&victim).unwrap().len(), 0);
+
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(refused(&open.join("store.sqlite")).contains("directory"));
+        assert!(!open.join("store.sqlite").exists());
     }
 
     #[test]

@@ -56,9 +56,9 @@ impl Audit {
     /// # Errors
     /// The file cannot be created or opened, or a migration fails.
     pub async fn open(path: &Path) -> Result<Self, sqlx::Error> {
-        // Its directory may be shared (signatures.txt is world-readable): created with the
-        // umask's mode, as `create_dir_all` would.
-        common::daemon::create_private_file(path, 0o777)?;
+        // Its directory may be shared (signatures.txt is world-readable): created 0755, and
+        // like any directory of a private file it must be writable by us (or root) alone.
+        common::daemon::create_private_file(path, 0o755)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .journal_mode(SqliteJournalMode::Wal)
