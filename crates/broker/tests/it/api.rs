@@ -117,21 +117,8 @@ both_stores!(ssl_job_certificates_and_crl, |daemon: Daemon| async move {
 
     // The material works: a TLS handshake with the job's server certificate and the owner's
     // client certificate, both checked against the broker CA.
-    let server_config = common::tls::ServerTlsPem::mutual(
-        common::tls::Pem::new("certificate", &tls.cert),
-        common::tls::Pem::new("key", &tls.key),
-        common::tls::Pem::new("CA", &tls.ca),
-        Vec::new(),
-    )
-    .config()
-    .unwrap();
-    let client_config = common::tls::ClientTlsPem::mutual(
-        common::tls::Pem::new("CA", &tls.ca),
-        common::tls::Pem::new("client certificate", &tls.client_cert),
-        common::tls::Pem::new("client key", &tls.client_key),
-    )
-    .config()
-    .unwrap();
+    let server_config = crate::support::mtls_server(&tls.cert, &tls.key, &tls.ca, &[]);
+    let client_config = crate::support::mtls_client(&tls.ca, &tls.client_cert, &tls.client_key);
     handshake(server_config, client_config)
         .await
         .expect("owner's certificate is accepted");
@@ -145,21 +132,9 @@ both_stores!(ssl_job_certificates_and_crl, |daemon: Daemon| async move {
     let crl = common::pki::inspect_crl_pem(&crl_pem).unwrap();
     assert!(crl.is_revoked(&tls.client_serial));
     assert!(crl.is_revoked(&tls.cert_serial));
-    let server_config = common::tls::ServerTlsPem::mutual(
-        common::tls::Pem::new("certificate", &tls.cert),
-        common::tls::Pem::new("key", &tls.key),
-        common::tls::Pem::new("CA", &tls.ca),
-        vec![common::tls::Pem::new("CRL", &crl_pem)],
-    )
-    .config()
-    .unwrap();
-    let client_config = common::tls::ClientTlsPem::mutual(
-        common::tls::Pem::new("CA", &tls.ca),
-        common::tls::Pem::new("client certificate", &tls.client_cert),
-        common::tls::Pem::new("client key", &tls.client_key),
-    )
-    .config()
-    .unwrap();
+    let server_config =
+        crate::support::mtls_server(&tls.cert, &tls.key, &tls.ca, &[crl_pem.as_str()]);
+    let client_config = crate::support::mtls_client(&tls.ca, &tls.client_cert, &tls.client_key);
     assert!(
         handshake(server_config, client_config).await.is_err(),
         "revoked certificate refused"

@@ -748,14 +748,7 @@ async fn tls_echo_server(
     std::net::SocketAddr,
     mpsc::UnboundedReceiver<Option<String>>,
 ) {
-    let config = common::tls::ServerTlsPem::mutual(
-        common::tls::Pem::new("certificate", &tls.cert),
-        common::tls::Pem::new("key", &tls.key),
-        common::tls::Pem::new("CA", &tls.ca),
-        Vec::new(),
-    )
-    .config()
-    .unwrap();
+    let config = crate::support::mtls_server(&tls.cert, &tls.key, &tls.ca, &[]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

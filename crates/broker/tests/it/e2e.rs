@@ -411,15 +411,11 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
     until_served(HELLO, STEP, || plain_get(local, b"")).await;
 
     // Straight to the gate with the owner's certificate: served.
-    let owner = Arc::new(
-        common::tls::ClientTlsPem::mutual(
-            common::tls::Pem::new("CA", &tls.ca),
-            common::tls::Pem::new("client certificate", &tls.client_cert),
-            common::tls::Pem::new("client key", &tls.client_key),
-        )
-        .config()
-        .unwrap(),
-    );
+    let owner = Arc::new(crate::support::mtls_client(
+        &tls.ca,
+        &tls.client_cert,
+        &tls.client_key,
+    ));
     until_served(HELLO, STEP, || tls_get(port, owner.clone())).await;
     // Plain HTTP to the TLS port: nothing from the app.
     let answer = plain_get(port, b"").await;
@@ -448,15 +444,11 @@ async fn ssl_mode_gate_and_connect_end_to_end_refusing_another_users_certificate
         assert_eq!(theirs_cert.issuer, ours_cert.issuer, "the same broker CA");
         assert_ne!(theirs_cert.common_name, ours_cert.common_name);
 
-        let stranger = Arc::new(
-            common::tls::ClientTlsPem::mutual(
-                common::tls::Pem::new("CA", &tls.ca),
-                common::tls::Pem::new("client certificate", &other.client_cert),
-                common::tls::Pem::new("client key", &other.client_key),
-            )
-            .config()
-            .unwrap(),
-        );
+        let stranger = Arc::new(crate::support::mtls_client(
+            &tls.ca,
+            &other.client_cert,
+            &other.client_key,
+        ));
         assert_refused(
             &tls_get(port, stranger).await,
             "another user's certificate from the broker CA",

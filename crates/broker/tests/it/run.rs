@@ -420,15 +420,11 @@ async fn ssl_gate_admits_the_owners_certificate_only() {
     assert_eq!(argv[2], env["BROKER_CA"]);
 
     // The owner's client certificate from the broker CA: through to the plain app.
-    let owner = Arc::new(
-        common::tls::ClientTlsPem::mutual(
-            common::tls::Pem::new("CA", &tls.ca),
-            common::tls::Pem::new("client certificate", &tls.client_cert),
-            common::tls::Pem::new("client key", &tls.client_key),
-        )
-        .config()
-        .unwrap(),
-    );
+    let owner = Arc::new(crate::support::mtls_client(
+        &tls.ca,
+        &tls.client_cert,
+        &tls.client_key,
+    ));
     let answer = until_served(HELLO, STEP, || {
         let owner = owner.clone();
         async move {
@@ -444,15 +440,11 @@ async fn ssl_gate_admits_the_owners_certificate_only() {
 
     // A certificate for the same name from another CA, and none at all: refused.
     let pki = testkit::pki::test_pki();
-    let stranger = Arc::new(
-        common::tls::ClientTlsPem::mutual(
-            common::tls::Pem::new("CA", &tls.ca),
-            common::tls::Pem::new("client certificate", &pki.alice.cert_pem),
-            common::tls::Pem::new("client key", &pki.alice.key_pem),
-        )
-        .config()
-        .unwrap(),
-    );
+    let stranger = Arc::new(crate::support::mtls_client(
+        &tls.ca,
+        &pki.alice.cert_pem,
+        &pki.alice.key_pem,
+    ));
     let anonymous = Arc::new(
         rustls::ClientConfig::builder_with_provider(common::tls::provider())
             .with_safe_default_protocol_versions()

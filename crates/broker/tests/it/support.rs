@@ -403,3 +403,30 @@ else:
     server = Server(sys.argv[3], Handler)
 server.serve_forever()
 "#;
+
+/// A mutual-TLS client configuration from PEM text: trusting `ca`, presenting `cert`/`key`.
+pub(crate) fn mtls_client(ca: &str, cert: &str, key: &str) -> rustls::ClientConfig {
+    use common::tls::{ClientTlsPem, Pem};
+    ClientTlsPem::mutual(
+        Pem::new("CA", ca),
+        Pem::new("client certificate", cert),
+        Pem::new("client key", key),
+    )
+    .config()
+    .unwrap()
+}
+
+/// A server configuration from PEM text that requires a client certificate from `ca`, with
+/// `crls`.
+pub(crate) fn mtls_server(cert: &str, key: &str, ca: &str, crls: &[&str]) -> rustls::ServerConfig {
+    use common::tls::{Pem, ServerTlsPem};
+    let crls = crls.iter().map(|crl| Pem::new("CRL", crl)).collect();
+    ServerTlsPem::mutual(
+        Pem::new("certificate", cert),
+        Pem::new("key", key),
+        Pem::new("CA", ca),
+        crls,
+    )
+    .config()
+    .unwrap()
+}
