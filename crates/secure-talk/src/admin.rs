@@ -4,12 +4,15 @@
 //! |---|---|---|
 //! | `text` | any payload | the message itself, unchanged |
 //! | `create` | create JSON (text payload or binary upload) | per pipe: `text` 200 `pipe_create <id>`, `pipe_id`, `pipe_info` |
-//! | `property` | `headers.pipe_id`, JSON | `text` 200 `pipe_property <id>`; forwarded as IPC type 4 |
-//! | `destroy` | `headers.pipe_id` | `text` 200 `pipe_destroy <id>`; `pipe_delete` when it has exited |
+//! | `property` | `headers.pipe_id`, JSON | `text` 200 `pipe_property <id>`; forwarded as the dialect says (kmb: type 4; dlafs: type 0 with `command_set_property.pipe_id` set) |
+//! | `destroy` | `headers.pipe_id` (dlafs: the destroy JSON as payload) | `text` 200 `pipe_destroy <id>`; `pipe_delete` when it has exited |
 //! | `send` | `headers.pipe_id`, text | `text` 200 `pipe_send <id>`; forwarded as IPC type 0 |
 //! | `model` | binary upload, `headers.path` | `text` 200; `checkSum` broadcast to every admin connection |
 //! | `list` | - | `list` with `{clients, pipes}`: the caller's, or everything for an admin identity |
 //! | `disconnect` | `headers.client_id` (admin identity only) | `text` 200; the client's sockets close with 4003 |
+//!
+//! A create whose values do not fill the `{create.…}` placeholders of `pipe_args` gets 400 and
+//! spawns nothing (`argv`).
 //!
 //! Errors are `text` replies with code 400 (bad request), 403 (not an admin), 404 (no such
 //! pipe or client, or not the caller's), 413 (too large),
@@ -27,6 +30,8 @@ use serde_json::{Map, Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::argv::Template;
+use crate::dialect::Dialect;
 use crate::hub::{ClientId, Out, PipeError, PipeId, PipeLimits, PipeSpec};
 use crate::state::Shared;
 use crate::upload::Spool;
@@ -173,7 +178,10 @@ async fn dispatch(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
         method::CREATE => create(ctx, &body),
         method::PROPERTY => with_pipe(ctx, headers, |pipe| property(ctx, pipe, &body)),
         method::DESTROY => with_pipe(ctx, headers, |pipe| {
-            match ctx.shared.destroy_pipe(Some(ctx.client), pipe) {
+            match ctx
+                .shared
+                .destroy_pipe(Some(ctx.client), pipe, body.json().as_ref())
+            {
                 Ok(()) => vec![text(200, format!("pipe_destroy {pipe}"))],
                 Err(err) => vec![pipe_error(ctx, &err)],
             }
@@ -223,37 +231,15 @@ fn pipe_error(ctx: &Ctx, err: &PipeError) -> WsMessage {
     }
 }
 
-/// Reads the create JSON: `pipe_num` (default 1), `config`/`Config`, `launch`/`Launch`.
-fn create_spec(create: Value) -> Result<(PipeSpec, usize), String> {
-    let Value::Object(object) = &create else {
+/// Reads the create JSON as the pipe command's dialect does: how many pipes, and what each
+/// gets at check-in.
+fn create_spec(dialect: Dialect, create: Value) -> Result<(PipeSpec, usize), String> {
+    if !create.is_object() {
         return Err("the create payload must be a JSON object".into());
-    };
-    let count = match object.get("pipe_num") {
-        None | Some(Value::Null) => 1,
-        Some(n) => n
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|n| *n >= 1)
-            .ok_or("pipe_num must be a positive integer")?,
-    };
-    let config = match object.get("config").or_else(|| object.get("Config")) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => Some(other.to_string()),
-    };
-    let launch = match object.get("launch").or_else(|| object.get("Launch")) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err("launch must be a string".into()),
-    };
-    Ok((
-        PipeSpec {
-            create,
-            config,
-            launch,
-        },
-        count,
-    ))
+    }
+    let count = dialect.pipe_count(&create)?;
+    let first = dialect.first_frames(&create)?;
+    Ok((PipeSpec { create, first }, count))
 }
 
 fn create(ctx: &Ctx, body: &Body) -> Vec<WsMessage> {
@@ -269,10 +255,21 @@ fn create(ctx: &Ctx, body: &Body) -> Vec<WsMessage> {
             format!("the create request is larger than {max} bytes (max_pipe_spec_bytes)"),
         )];
     }
-    let (spec, count) = match create_spec(create) {
+    let (spec, count) = match create_spec(shared.config.ipc_dialect, create) {
         Ok(found) => found,
         Err(err) => return vec![text(400, err)],
     };
+    // The arguments take values from the request: a missing or unsafe one refuses the whole
+    // create before any pipe is recorded or spawned.
+    let bound = match Template::parse(&shared.config.pipe_args) {
+        Ok(template) => template.bind(&spec.create),
+        Err(err) => return vec![text(500, err.to_string())],
+    };
+    let bound = match bound {
+        Ok(bound) => bound,
+        Err(err) => return vec![text(400, err.to_string())],
+    };
+    let socket = crate::pipes::ipc_socket_arg(shared);
     let limits = &shared.config.limits;
     let pipe_limits = PipeLimits {
         per_client: limits.max_pipes_per_client,
@@ -290,7 +287,8 @@ fn create(ctx: &Ctx, body: &Body) -> Vec<WsMessage> {
     let mut replies = Vec::new();
     for new in created {
         let pipe = new.id;
-        match crate::pipes::spawn(shared, &new) {
+        let args = bound.arguments(pipe, &socket, crate::pipes::IPC_FD);
+        match crate::pipes::spawn(shared, &new, args) {
             Ok(pid) => {
                 shared.hub.set_pid(pipe, pid);
                 tracing::info!(pipe_id = pipe, pid, owner = ctx.client, "pipe created");
@@ -312,7 +310,11 @@ fn property(ctx: &Ctx, pipe: PipeId, body: &Body) -> Vec<WsMessage> {
     let Some(json) = body.json() else {
         return vec![text(400, "json format error")];
     };
-    let payload = json.to_string().into_bytes();
+    let (frame, json) = match ctx.shared.config.ipc_dialect.property(pipe, json) {
+        Ok(found) => found,
+        Err(err) => return vec![text(400, err)],
+    };
+    let payload = frame.payload.clone();
     // The last property is kept with the pipe (and shown by `list`): bounded.
     let max = ctx.shared.config.limits.max_pipe_spec_bytes;
     if payload.len() > max {
@@ -321,11 +323,7 @@ fn property(ctx: &Ctx, pipe: PipeId, body: &Body) -> Vec<WsMessage> {
             format!("the property is larger than {max} bytes (max_pipe_spec_bytes)"),
         )];
     }
-    match ctx
-        .shared
-        .hub
-        .send_to_pipe(Some(ctx.client), pipe, Frame::new(Kind::Property, payload))
-    {
+    match ctx.shared.hub.send_to_pipe(Some(ctx.client), pipe, frame) {
         Ok(()) => {
             ctx.shared.hub.set_property(ctx.client, pipe, json);
             vec![text(200, format!("pipe_property {pipe}"))]
@@ -480,6 +478,23 @@ pub(crate) async fn finish_upload(
     checksum: String,
 ) -> Vec<WsMessage> {
     let shared = &ctx.shared;
+    // A name model_info.json cannot record (its shape) is refused before it is moved in.
+    let checked = {
+        let dir = shared.config.upload_dir.clone();
+        let relative = relative.clone();
+        tokio::task::spawn_blocking(move || check_model_info(&dir, &relative))
+            .await
+            .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
+    };
+    if let Err(err) = checked {
+        tracing::warn!(err = %common::log::Escaped(&err), path = ?relative, "upload refused by model_info.json");
+        let code = if err.kind() == std::io::ErrorKind::InvalidData {
+            400
+        } else {
+            500
+        };
+        return vec![text(code, err.to_string())];
+    }
     let written = match spool.finish(relative.clone()).await {
         Ok(()) => {
             let dir = shared.config.upload_dir.clone();
@@ -515,7 +530,10 @@ pub(crate) async fn finish_upload(
         }
         Err(err) => {
             tracing::error!(%err, path = ?relative, "writing an upload failed");
-            let code = if err.kind() == std::io::ErrorKind::PermissionDenied {
+            let code = if matches!(
+                err.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidData
+            ) {
                 400
             } else {
                 500
@@ -549,26 +567,45 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
     finish_upload(ctx, spool, relative, bytes.len() as u64, checksum).await
 }
 
-/// Records `relative → md5` in `dir/model_info.json` (atomically) and returns its new text.
+/// Reads `dir/model_info.json` (`None`: there is none yet).
+fn read_model_info(dir: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::read(dir.join(MODEL_INFO)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Whether `relative` can be recorded in `dir/model_info.json` as it is now (its shape, see
+/// `model_info`); checked before an upload is moved to its name, so a refusal writes nothing.
+/// Only a regular file is read here: anything else (which may block a reader) is left to
+/// [`update_model_info`], which runs under the lock and is the authority.
+fn check_model_info(dir: &Path, relative: &Path) -> std::io::Result<()> {
+    let regular = std::fs::symlink_metadata(dir.join(MODEL_INFO)).is_ok_and(|m| m.is_file());
+    let found = if regular { read_model_info(dir)? } else { None };
+    let (_, shape) = crate::model_info::parse(found.as_deref()).map_err(invalid)?;
+    crate::model_info::check(shape, &relative.to_string_lossy()).map_err(invalid)
+}
+
+fn invalid(err: crate::model_info::ModelInfoError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, err)
+}
+
+/// Records `relative → md5` in `dir/model_info.json` (atomically, in the shape the file has)
+/// and returns its new text.
 fn update_model_info(dir: &Path, relative: &Path, checksum: &str) -> std::io::Result<String> {
     use std::io::Write as _;
-    let path = dir.join(MODEL_INFO);
-    let mut info: Map<String, Value> = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Map::new(),
-        Err(err) => return Err(err),
-    };
-    info.insert(
-        relative.to_string_lossy().into_owned(),
-        Value::String(checksum.to_owned()),
-    );
-    let text = serde_json::to_string_pretty(&Value::Object(info)).unwrap_or_default();
+    let found = read_model_info(dir)?;
+    let (mut info, shape) = crate::model_info::parse(found.as_deref()).map_err(invalid)?;
+    crate::model_info::record(&mut info, shape, &relative.to_string_lossy(), checksum)
+        .map_err(invalid)?;
+    let text = crate::model_info::render(info, shape);
     let mut tmp = tempfile::Builder::new()
         .prefix(".model_info-")
         .tempfile_in(dir)?;
     tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
-    tmp.persist(&path).map_err(|e| e.error)?;
+    tmp.persist(dir.join(MODEL_INFO)).map_err(|e| e.error)?;
     Ok(text)
 }
 
@@ -613,16 +650,23 @@ mod tests {
 
     #[test]
     fn create_json() {
-        let (spec, n) =
-            create_spec(json!({"pipe_num": 2, "Config": {"a": 1}, "Launch": "x y"})).unwrap();
+        let kmb = Dialect::Kmb;
+        let (spec, n) = create_spec(
+            kmb,
+            json!({"pipe_num": 2, "Config": {"a": 1}, "Launch": "x y"}),
+        )
+        .unwrap();
         assert_eq!(n, 2);
-        assert_eq!(spec.config.as_deref(), Some("{\"a\":1}"));
-        assert_eq!(spec.launch.as_deref(), Some("x y"));
-        let (spec, n) = create_spec(json!({"launch": "echo"})).unwrap();
-        assert_eq!((n, spec.config), (1, None));
-        assert!(create_spec(json!({"pipe_num": 0})).is_err());
-        assert!(create_spec(json!({"launch": 3})).is_err());
-        assert!(create_spec(json!([1])).is_err());
+        let first: Vec<_> = spec.first.iter().map(|f| f.kind.number()).collect();
+        assert_eq!(first, vec![2, 3]);
+        let (spec, n) = create_spec(kmb, json!({"launch": "echo"})).unwrap();
+        assert_eq!((n, spec.first.len()), (1, 1));
+        assert!(create_spec(kmb, json!({"pipe_num": 0})).is_err());
+        assert!(create_spec(kmb, json!({"launch": 3})).is_err());
+        assert!(create_spec(kmb, json!([1])).is_err());
+        let (spec, n) =
+            create_spec(Dialect::Dlafs, json!({"command_create": {"pipe_num": 3}})).unwrap();
+        assert_eq!((n, spec.first.len()), (3, 1));
     }
 
     #[test]

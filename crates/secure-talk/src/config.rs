@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use common::tls::{ClientAuth, PeerIdentity, TlsSection};
 
+use crate::dialect::Dialect;
+
 /// Default TCP listener (the original's port, loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8445";
 /// Default state directory (IPC socket, uploads) when none is configured.
@@ -183,8 +185,10 @@ pub struct FileConfig {
     pub token_lifetime_secs: Option<u64>,
     /// Program spawned per pipe.
     pub pipe_program: Option<String>,
-    /// Its arguments; `{id}`, `{ipc_socket}` and `{ipc_fd}` are replaced.
+    /// Its arguments; `{id}`, `{ipc_socket}`, `{ipc_fd}` and `{create.FIELD}` are replaced.
     pub pipe_args: Option<Vec<String>>,
+    /// The IPC dialect the pipe program speaks (`kmb` or `dlafs`).
+    pub ipc_dialect: Option<Dialect>,
     /// Client-certificate identities that may list everything and disconnect clients.
     pub admin_subjects: Option<Vec<String>>,
     /// Bounds.
@@ -262,8 +266,10 @@ pub struct Config {
     pub token_lifetime: Duration,
     /// Pipe program.
     pub pipe_program: String,
-    /// Pipe argument template.
+    /// Pipe argument template (checked by [`crate::argv::Template::parse`]).
     pub pipe_args: Vec<String>,
+    /// The IPC dialect of the pipe program.
+    pub ipc_dialect: Dialect,
     /// Admin identities.
     pub admin_subjects: Vec<AdminSubject>,
     /// Bounds.
@@ -285,6 +291,7 @@ impl Config {
             token_lifetime: Duration::from_secs(DEFAULT_TOKEN_LIFETIME_SECS),
             pipe_program: DEFAULT_PIPE_PROGRAM.to_owned(),
             pipe_args: DEFAULT_PIPE_ARGS.iter().map(|s| (*s).to_owned()).collect(),
+            ipc_dialect: Dialect::Kmb,
             admin_subjects: Vec::new(),
             limits: Limits::default(),
         }
@@ -403,6 +410,7 @@ impl FileConfig {
         let pipe_args = self
             .pipe_args
             .unwrap_or_else(|| DEFAULT_PIPE_ARGS.iter().map(|s| (*s).to_owned()).collect());
+        crate::argv::Template::parse(&pipe_args).map_err(|e| ConfigError(e.to_string()))?;
         let token_lifetime = Duration::from_secs(
             self.token_lifetime_secs
                 .unwrap_or(DEFAULT_TOKEN_LIFETIME_SECS),
@@ -427,6 +435,7 @@ impl FileConfig {
                 .pipe_program
                 .unwrap_or_else(|| DEFAULT_PIPE_PROGRAM.to_owned()),
             pipe_args,
+            ipc_dialect: self.ipc_dialect.unwrap_or_default(),
             admin_subjects,
             limits,
         })
@@ -492,6 +501,23 @@ mod tests {
         assert!(parse(over).is_ok());
         let zero = "listen = \"\"\nunix_socket = \"s\"\n[limits]\nmessage_timeout_secs = 0";
         assert!(parse(zero).unwrap_err().0.contains("message_timeout_secs"));
+    }
+
+    #[test]
+    fn dialects_and_placeholders() {
+        let base = "listen = \"\"\nunix_socket = \"s\"\n";
+        assert_eq!(parse(base).unwrap().ipc_dialect, Dialect::Kmb);
+        let dlafs = parse(&format!(
+            "{base}ipc_dialect = \"dlafs\"\npipe_args = [\"-i\", \"{{id}}\", \"-l\", \"{{create.command_create.loop_times}}\"]"
+        ))
+        .unwrap();
+        assert_eq!(dlafs.ipc_dialect, Dialect::Dlafs);
+        assert!(parse(&format!("{base}ipc_dialect = \"json\"")).is_err());
+        let err = parse(&format!("{base}pipe_args = [\"-l\", \"{{loop_times}}\"]")).unwrap_err();
+        assert!(
+            err.0.contains("pipe_args") && err.0.contains("{loop_times}"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -129,10 +129,9 @@ impl Client {
 pub struct PipeSpec {
     /// The create JSON as sent.
     pub create: Value,
-    /// Sent as IPC type 2 after check-in.
-    pub config: Option<String>,
-    /// Sent as IPC type 3 after check-in.
-    pub launch: Option<String>,
+    /// Sent right after the check-in, before anything queued (the dialect's
+    /// [`crate::dialect::Dialect::first_frames`]).
+    pub first: Vec<Frame>,
 }
 
 #[derive(Debug)]
@@ -564,7 +563,6 @@ impl Hub {
         via: CheckInVia,
         tx: mpsc::Sender<ToPipe>,
     ) -> Result<Vec<ToPipe>, CheckInError> {
-        use common::envelope::ipc::Kind;
         let mut state = self.lock();
         let p = state
             .pipes
@@ -589,19 +587,7 @@ impl Hub {
         }
         p.to_pipe = Some(tx);
         p.checked_in.cancel();
-        let mut frames = Vec::new();
-        if let Some(config) = &p.spec.config {
-            frames.push(ToPipe::unheld(Frame::new(
-                Kind::Config,
-                config.clone().into_bytes(),
-            )));
-        }
-        if let Some(launch) = &p.spec.launch {
-            frames.push(ToPipe::unheld(Frame::new(
-                Kind::Launch,
-                launch.clone().into_bytes(),
-            )));
-        }
+        let mut frames: Vec<ToPipe> = p.spec.first.iter().cloned().map(ToPipe::unheld).collect();
         frames.append(&mut p.pending);
         Ok(frames)
     }
@@ -800,8 +786,7 @@ mod tests {
     fn spec() -> PipeSpec {
         PipeSpec {
             create: Value::Null,
-            config: Some("{}".into()),
-            launch: Some("true".into()),
+            first: vec![Frame::new(2u32, "{}"), Frame::new(3u32, "true")],
         }
     }
 

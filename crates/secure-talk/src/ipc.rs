@@ -8,16 +8,19 @@
 //! which any process of the same user can join).
 //!
 //! A connection's first byte tells raw frames from JSON lines. Its first frame must be a
-//! check-in (type 1, the pipe id in ASCII decimal), within the check-in timeout. After that the server sends config
-//! (2) and launch (3), then whatever the owner asks (property 4, destroy 5, text 0); what the
-//! pipe sends goes to its owner's data channel, error text (7) to the admin channel too. A
-//! malformed frame ends the connection and the pipe with it.
+//! check-in in the pipe command's dialect (`crate::dialect`: type 1 for kmb, type 0 for dlafs,
+//! the pipe id in ASCII decimal), within the check-in timeout; the other dialect's check-in is
+//! refused like any other frame. After that the server sends what the dialect sends first
+//! (kmb: config 2 and launch 3; dlafs: the create JSON as type 0), then whatever the owner
+//! asks; what the pipe sends goes to its owner's data channel, error text (kmb 7, dlafs 6) to
+//! the admin channel as `pipe_message`. A malformed frame ends the connection and the pipe
+//! with it.
 
 use std::sync::Arc;
 
 use bytes::{Buf as _, BytesMut};
 use common::daemon::AcceptBackoff;
-use common::envelope::ipc::{Frame, IpcError, Kind, Protocol};
+use common::envelope::ipc::{Frame, IpcError, Protocol};
 use common::envelope::talk::{BinaryMessage, Headers, Message};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -120,12 +123,12 @@ async fn connection(
             return;
         }
     };
-    let Some(id) = check_in_id(&frame) else {
-        tracing::warn!(
-            kind = frame.kind.number(),
-            "first ipc frame is not a check-in"
-        );
-        return;
+    let id = match shared.config.ipc_dialect.check_in_id(&frame) {
+        Ok(id) => id,
+        Err(err) => {
+            tracing::warn!(err = %err, "ipc check-in refused");
+            return;
+        }
     };
     let (tx, mut rx) = mpsc::channel::<ToPipe>(TO_PIPE_QUEUE);
     // A pipe may connect before its spawner has recorded its pid: ask again until the
@@ -210,18 +213,6 @@ async fn connection(
     }
 }
 
-/// The pipe id of a check-in frame (type 1, ASCII decimal).
-fn check_in_id(frame: &Frame) -> Option<PipeId> {
-    if frame.kind != Kind::PipeId {
-        return None;
-    }
-    std::str::from_utf8(&frame.payload)
-        .ok()?
-        .trim_matches(|c: char| c.is_ascii_whitespace() || c == '\0')
-        .parse()
-        .ok()
-}
-
 async fn write_frame(
     writer: &mut tokio::net::unix::OwnedWriteHalf,
     protocol: Protocol,
@@ -237,7 +228,8 @@ async fn write_frame(
 /// the pipe) and for the owner's data channel when it is not connected.
 async fn route(shared: &Arc<Shared>, owner: ClientId, id: PipeId, frame: Frame) {
     let kind = frame.kind.number();
-    if frame.kind == Kind::Error {
+    let to = shared.config.ipc_dialect.route(kind);
+    if to.owner {
         if let Some(admin) = shared.hub.conn(owner, Channel::Admin) {
             let text = String::from_utf8_lossy(&frame.payload).into_owned();
             let _ = admin
@@ -245,8 +237,11 @@ async fn route(shared: &Arc<Shared>, owner: ClientId, id: PipeId, frame: Frame) 
                 .try_send(Out::Text(Message::pipe_message(id, text).encode()));
         }
     }
-    let out = match (frame.kind, std::str::from_utf8(&frame.payload)) {
-        (Kind::Binary, _) | (_, Err(_)) => {
+    if !to.data {
+        return;
+    }
+    let out = match (to.binary, std::str::from_utf8(&frame.payload)) {
+        (true, _) | (_, Err(_)) => {
             let headers = Headers {
                 pipe_id: Some(id),
                 kind: Some(kind),
@@ -288,19 +283,5 @@ async fn route(shared: &Arc<Shared>, owner: ClientId, id: PipeId, frame: Frame) 
         if shared.hub.owner(id).is_none() {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn check_in_ids() {
-        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, "12")), Some(12));
-        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, " 7\n")), Some(7));
-        assert_eq!(check_in_id(&Frame::new(Kind::Text, "12")), None);
-        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, "x")), None);
-        assert_eq!(check_in_id(&Frame::new(Kind::PipeId, "-1")), None);
     }
 }

@@ -13,6 +13,9 @@
 //! - [`upload`]: upload files, spooled to disk and moved beneath the upload directory
 //!   without following symlinks;
 //! - [`pipes`], [`ipc`]: pipe processes and the IPC socket they check in on;
+//! - [`argv`], [`dialect`]: the pipe program's argument template and its placeholders, and
+//!   the two IPC dialects (`kmb`, `dlafs`) a pipe command may speak, both sans-IO;
+//! - [`model_info`]: `model_info.json` in our flat shape and the original's nested one;
 //! - [`client`]: the client library behind `secure-talk-cli`;
 //! - [`cli`]: the command-line tools (`secure-talk-cli`, `secure-talk-pipe`,
 //!   `secure-talk-bench`) their thin binaries run.
@@ -22,14 +25,17 @@
 //! SIGINT and SIGTERM while they stream); the binaries in `src/bin` parse them.
 
 pub mod admin;
+pub mod argv;
 mod budget;
 mod channel;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dialect;
 pub mod hub;
 mod inbound;
 pub mod ipc;
+pub mod model_info;
 pub mod pipes;
 pub mod server;
 mod state;

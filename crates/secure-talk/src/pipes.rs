@@ -1,8 +1,9 @@
 //! Pipe processes: spawning one per pipe (no shell), supervising it, and stopping it.
 //!
 //! Each pipe leads its own process group, so signals reach whatever it started. Stopping
-//! escalates: a destroy request first asks the pipe over IPC (type 5), then after the kill
-//! grace sends SIGTERM to the group, then SIGKILL; a pipe that has not checked in, or a server
+//! escalates: a destroy request first asks the pipe over IPC (its dialect's request: kmb type
+//! 5, dlafs the destroy JSON as type 0), then after the kill grace sends SIGTERM to the group,
+//! then SIGKILL; a pipe that has not checked in, or a server
 //! shutdown, starts at SIGTERM. The supervisor holds the child until it is reaped, so a pid is
 //! never signalled after it could have been reused. When the process exits the owner gets
 //! `pipe_delete`.
@@ -49,28 +50,24 @@ const RELAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest line of a pipe's own stdout/stderr copied into the log.
 const MAX_LOG_LINE: usize = 1024;
 
-/// The pipe program's argument list for `id`, placeholders (`{id}`, `{ipc_socket}`,
-/// `{ipc_fd}`) replaced.
-pub fn arguments(template: &[String], id: PipeId, ipc_socket: &str) -> Vec<String> {
-    template
-        .iter()
-        .map(|arg| {
-            arg.replace("{id}", &id.to_string())
-                .replace("{ipc_socket}", ipc_socket)
-                .replace("{ipc_fd}", &IPC_FD.to_string())
-        })
-        .collect()
+/// The IPC socket path as the pipe program's arguments and environment name it.
+pub(crate) fn ipc_socket_arg(shared: &Shared) -> String {
+    shared.config.ipc_socket.to_string_lossy().into_owned()
 }
 
-/// Starts the process of a new pipe, its supervisor and the listener on its own IPC socket;
-/// returns the process id.
+/// Starts the process of a new pipe with `args` (the bound `pipe_args`, see `argv`), its
+/// supervisor and the listener on its own IPC socket; returns the process id.
 ///
 /// # Errors
 /// The socket pair cannot be made or the program cannot be started.
-pub(crate) fn spawn(shared: &Arc<Shared>, pipe: &NewPipe) -> std::io::Result<u32> {
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    pipe: &NewPipe,
+    args: Vec<String>,
+) -> std::io::Result<u32> {
     let id = pipe.id;
     let config = &shared.config;
-    let socket = config.ipc_socket.to_string_lossy().into_owned();
+    let socket = ipc_socket_arg(shared);
     // Blocking on the pipe's side (a status flag of the socket, not of the descriptor, so the
     // daemon's end is made non-blocking on its own); close-on-exec on both, so no other child
     // inherits either end.
@@ -85,7 +82,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, pipe: &NewPipe) -> std::io::Result<u32
     let ours = tokio::net::UnixStream::from_std(ours)?;
     let mut command = Command::new(&config.pipe_program);
     command
-        .args(arguments(&config.pipe_args, id, &socket))
+        .args(args)
         .env("SECURE_TALK_PIPE_ID", id.to_string())
         .env("SECURE_TALK_IPC_SOCKET", &socket)
         .env("SECURE_TALK_IPC_FD", IPC_FD.to_string())
@@ -252,24 +249,5 @@ async fn log_output<R: AsyncRead + Unpin>(mut reader: R, stream: &'static str) {
     }
     if !line.is_empty() {
         tracing::info!(stream, line = ?String::from_utf8_lossy(&line), "pipe output");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders() {
-        let template: Vec<String> = ["-i", "{id}", "-u", "{ipc_socket}", "x{id}y"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        assert_eq!(
-            arguments(&template, 12, "/run/st/ipc.sock"),
-            vec!["-i", "12", "-u", "/run/st/ipc.sock", "x12y"]
-        );
-        let template = vec!["--ipc-fd".to_owned(), "{ipc_fd}".to_owned()];
-        assert_eq!(arguments(&template, 1, "s"), vec!["--ipc-fd", "3"]);
     }
 }

@@ -435,7 +435,7 @@ async fn reap_orphans(shared: Arc<Shared>) {
         }
         for pipe in shared.hub.orphans(after) {
             tracing::info!(pipe_id = pipe, "owner gone too long; destroying the pipe");
-            let _ = shared.destroy_pipe(None, pipe);
+            let _ = shared.destroy_pipe(None, pipe, None);
         }
     }
 }

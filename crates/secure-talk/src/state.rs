@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use common::admission::{Admission, Pool};
 use common::daemon::Shutdown;
-use common::envelope::ipc::{Frame, Kind};
 use common::tls::{LivePeer, PeerIdentity, ServerTls};
 
 use crate::budget::{Budget, Shares};
@@ -107,16 +106,19 @@ impl Shared {
     ///
     /// # Errors
     /// No such pipe, or not `client`'s.
+    ///
+    /// `request` is the owner's `destroy` payload (the dlafs dialect passes it on).
     pub(crate) fn destroy_pipe(
         &self,
         client: Option<ClientId>,
         pipe: PipeId,
+        request: Option<&serde_json::Value>,
     ) -> Result<(), PipeError> {
         let (stop, checked_in) = self.hub.begin_destroy(client, pipe)?;
         if checked_in {
-            let _ = self
-                .hub
-                .send_to_pipe(None, pipe, Frame::new(Kind::Destroy, "destroy"));
+            let owner = self.hub.owner(pipe).unwrap_or_default();
+            let ask = self.config.ipc_dialect.destroy(pipe, owner, request);
+            let _ = self.hub.send_to_pipe(None, pipe, ask);
         }
         stop.cancel();
         Ok(())

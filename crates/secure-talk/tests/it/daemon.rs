@@ -128,6 +128,18 @@ async fn check_config_reports_bad_files_with_78() {
     }
     let output = check_config(&dir.path().join("missing.toml")).await;
     assert_eq!(output.status.code(), Some(78), "{output:?}");
+
+    // An unknown placeholder in pipe_args: 78, naming the key and the placeholder.
+    let sub = dir.path().join("placeholder");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let config = write_config(&sub, "pipe_args = [\"-l\", \"{loop_times}\"]");
+    let output = check_config(&config).await;
+    assert_eq!(output.status.code(), Some(78), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("pipe_args") && stderr.contains("{loop_times}"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@
 //! - `unix`: the Unix-socket listener, its mode, stale and live socket files;
 //! - `echo`: `text` echo and error replies;
 //! - `pipes`: pipes end to end, ownership, admin identities, reconnection, orphans;
-//! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push;
+//! - `uploads`: `model` uploads, traversal, checksums, the `checkSum` push, the original's
+//!   nested `model_info.json`;
 //! - `limits`: per-client pipes and clients, `max_connections`, pings and the idle timeout,
 //!   data-channel backpressure, the upload lock, SIGHUP reloading the TLS certificate;
 //! - `memory`: per-channel message caps, the budget of bytes in flight, streamed uploads and
@@ -14,6 +15,8 @@
 //! - `ipc`: impostor check-ins (another process, a process of the pipe's group, another
 //!   pipe's id on a descriptor), check-in on the descriptor, garbage on the IPC socket;
 //! - `checkin`: the check-in timer at its default, both ways;
+//! - `dialects`: a kmb and a dlafs pipe stand-in end to end, the other dialect's check-in,
+//!   `{create.…}` placeholders;
 //! - `shutdown`: shutdown with pipes that ignore SIGTERM;
 //! - `daemon`: the `secure-talk` binary;
 //! - `pipe_program`: the `secure-talk-pipe` binary against a fake daemon;
@@ -28,6 +31,7 @@
 mod checkin;
 mod cli;
 mod daemon;
+mod dialects;
 mod echo;
 mod inflight;
 mod ipc;

@@ -198,3 +198,104 @@ async fn a_symlink_inside_the_upload_directory_creates_nothing_outside() {
         .expect("send");
     expect_reply(&mut a, 200, "real/new/file").await;
 }
+
+/// A tree migrated from the original: its `model_info.json` has the original's nested shape.
+/// An upload is recorded in that shape (never a mix), the broadcast carries it, and a name
+/// that shape cannot record is refused before anything is written.
+#[tokio::test]
+async fn the_originals_nested_model_info_keeps_its_shape() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upload_dir = dir.path().join("uploads");
+    std::fs::create_dir_all(upload_dir.join("yolov1tiny")).expect("mkdir");
+    let old_md5 = md5_hex(b"old xml");
+    std::fs::write(upload_dir.join("yolov1tiny/yolov1tiny.xml"), b"old xml").expect("model");
+    let original =
+        json!({"yolov1tiny": {"model_file": {"yolov1tiny.xml": old_md5}, "has_model": "Yes"}});
+    std::fs::write(upload_dir.join("model_info.json"), original.to_string()).expect("info");
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    // The connect-time push is the file as it is.
+    let push = a.recv_timeout(STEP).await.expect("recv").expect("a push");
+    let Incoming::Binary(push) = push else {
+        panic!("expected a binary push, got {push:?}");
+    };
+    assert_eq!(push.headers.method.as_deref(), Some(method::CHECK_SUM));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&push.payload).expect("json"),
+        original
+    );
+
+    let bytes = b"new weights".to_vec();
+    let sum = md5_hex(&bytes);
+    a.send_binary(&model("yolov1tiny/yolov1tiny.bin", &bytes))
+        .await
+        .expect("send");
+    expect_reply(&mut a, 200, "yolov1tiny/yolov1tiny.bin").await;
+    let expected = json!({"yolov1tiny": {
+        "model_file": {"yolov1tiny.xml": old_md5, "yolov1tiny.bin": sum},
+        "has_model": "Yes"
+    }});
+    let text = std::fs::read_to_string(upload_dir.join("model_info.json")).expect("info");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("json"),
+        expected
+    );
+    assert!(
+        !text.contains('\n'),
+        "written compact, as the original does: {text}"
+    );
+    let broadcast = recv_method(&mut a, method::CHECK_SUM).await;
+    let payload = broadcast
+        .payload
+        .as_ref()
+        .and_then(Value::as_str)
+        .expect("text");
+    assert_eq!(
+        serde_json::from_str::<Value>(payload).expect("json"),
+        expected
+    );
+
+    // A second model joins in the same shape.
+    a.send_binary(&model("lprnet/lprnet.xml", b"lpr"))
+        .await
+        .expect("send");
+    expect_reply(&mut a, 200, "lprnet/lprnet.xml").await;
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(upload_dir.join("model_info.json")).expect("info"))
+            .expect("json");
+    assert_eq!(
+        info["lprnet"],
+        json!({"model_file": {"lprnet.xml": md5_hex(b"lpr")}, "has_model": "Yes"})
+    );
+
+    // A name without a model directory cannot be recorded in that shape: refused, nothing
+    // written, the file unchanged.
+    a.send_binary(&model("top.bin", b"top"))
+        .await
+        .expect("send");
+    expect_reply(&mut a, 400, "MODEL/FILE").await;
+    assert!(!upload_dir.join("top.bin").exists());
+    let after: Value =
+        serde_json::from_slice(&std::fs::read(upload_dir.join("model_info.json")).expect("info"))
+            .expect("json");
+    assert_eq!(after, info);
+}
+
+/// A `model_info.json` that is neither shape is never rewritten into a mix.
+#[tokio::test]
+async fn a_mixed_model_info_is_not_rewritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upload_dir = dir.path().join("uploads");
+    std::fs::create_dir_all(&upload_dir).expect("mkdir");
+    let mixed = json!({"a.bin": md5_hex(b"a"), "m": {"model_file": {}, "has_model": "No"}});
+    std::fs::write(upload_dir.join("model_info.json"), mixed.to_string()).expect("info");
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    a.send_binary(&model("m/x.bin", b"x")).await.expect("send");
+    expect_reply(&mut a, 400, "neither").await;
+    assert!(!upload_dir.join("m/x.bin").exists());
+    assert_eq!(
+        std::fs::read_to_string(upload_dir.join("model_info.json")).expect("info"),
+        mixed.to_string()
+    );
+}

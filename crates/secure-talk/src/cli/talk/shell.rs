@@ -474,7 +474,8 @@ impl Reader {
         }
     }
 
-    /// Uploads `<dir>/<sub>/<file>` as `<sub>/<file>` when its MD5 differs from the server's.
+    /// Uploads `<dir>/<sub>/<file>` as `<sub>/<file>` when its MD5 differs from the server's
+    /// (its `model_info.json` in either shape).
     fn upload_models(&self, dir: &Path) -> Result<Flow, String> {
         let known = lock(&self.state).model_info.clone().unwrap_or(Value::Null);
         let (mut sent, mut same) = (0, 0);
@@ -492,7 +493,8 @@ impl Reader {
                 let remote = format!("{sub_name}/{file_name}");
                 let bytes = std::fs::read(&file)
                     .map_err(|err| format!("cannot read {}: {err}", file.display()))?;
-                if known.get(&remote).and_then(Value::as_str) == Some(md5_hex(&bytes).as_str()) {
+                if crate::model_info::checksum_of(&known, &remote) == Some(md5_hex(&bytes).as_str())
+                {
                     same += 1;
                     continue;
                 }
