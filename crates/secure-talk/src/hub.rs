@@ -552,7 +552,7 @@ impl Hub {
     }
 
     /// Accepts a pipe's check-in that came `via` the path socket or a pipe's descriptor;
-    /// returns the frames to send it first (config, launch, queued frames).
+    /// returns the frames to send it first (its dialect's first frames, then queued ones).
     ///
     /// # Errors
     /// Unknown id, second check-in, a check-in on another pipe's descriptor, or a process
