@@ -21,13 +21,15 @@ use ws_proxy::{Server, status};
 /// Peers connect with client certificates to wss://HOST:PORT/micronets/v1/ws-proxy/ID; two
 /// peers on the same id are paired by HELLO and every message is relayed between them, in
 /// order. Every setting lives in the TOML file (see deploy/config/ws-proxy.example.toml);
-/// the flags below override it.
+/// the flags below override it. Without a file, --cert and --ca (and --key unless the
+/// certificate file holds the key too) are enough.
 ///
 /// Signals: SIGHUP reloads the certificate, key, CA bundle and CRLs (live pairs stay);
 /// SIGTERM or SIGINT closes every peer with 1001 and drains.
 ///
-/// Exit codes: 0 stopped cleanly, 64 bad flags, 78 bad configuration, 69 cannot bind or
-/// load the TLS material, 70 connections still open after the grace period.
+/// Exit codes: 0 stopped cleanly, 64 bad or missing flags (a bad value on the command line),
+/// 78 bad configuration file (the same mistake in the file), 69 cannot resolve or bind the
+/// listen address or load the TLS material, 70 connections still open after the grace period.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -42,8 +44,8 @@ struct Args {
     /// and ::1 where the host has both).
     #[arg(long, short = 'a', env = "WS_PROXY_LISTEN", value_name = "HOST:PORT")]
     listen: Option<String>,
-    /// Status listener for /status and /metrics, `unix:PATH` or `ADDR:PORT` (overrides
-    /// `status_listen`). A TCP listener is readable by every local user.
+    /// Status listener for /status and /metrics, `unix:PATH` or `ADDR:PORT` with an IP
+    /// address (overrides `status_listen`). A TCP listener is readable by every local user.
     #[arg(
         long,
         env = "WS_PROXY_STATUS_LISTEN",
@@ -53,16 +55,19 @@ struct Args {
     /// URL path prefix in front of meet-up ids (overrides `url_prefix`).
     #[arg(long, value_name = "PATH")]
     url_prefix: Option<String>,
-    /// Server certificate, or the Micronets pkeycert (certificate then key) (overrides `tls.cert`).
+    /// Server certificate, or the Micronets pkeycert (certificate then key) (overrides
+    /// `tls.cert`). Without a `[tls]` section in a file, --ca is needed too.
     #[arg(long, value_name = "PEM")]
     cert: Option<PathBuf>,
-    /// Server key, when not in the certificate file (overrides `tls.key`).
+    /// Server key, when not in the certificate file (overrides `tls.key`; needs --cert or
+    /// a `[tls]` section).
     #[arg(long, value_name = "PEM")]
     key: Option<PathBuf>,
-    /// CA bundle client certificates must chain to (overrides `tls.client_ca`).
+    /// CA bundle client certificates must chain to (overrides `tls.client_ca`; needs --cert
+    /// or a `[tls]` section).
     #[arg(long, value_name = "PEM")]
     ca: Option<PathBuf>,
-    /// CRL file; repeat for several (replaces `tls.crls`).
+    /// CRL file; repeat for several (replaces `tls.crls`; needs --cert or a `[tls]` section).
     #[arg(long, value_name = "PEM")]
     crl: Vec<PathBuf>,
     /// `close` (the original) or `wait`: what happens to a peer whose partner leaves.
@@ -71,8 +76,9 @@ struct Args {
     /// Print `listening on ADDR` on stdout once bound (for scripts that start it on port 0).
     #[arg(long)]
     print_address: bool,
-    /// Check the configuration and the TLS material, print a summary and exit (0: good, 78:
-    /// bad configuration, 69: TLS material unusable). Nothing is bound.
+    /// Check the configuration, the TLS material and that the listen address resolves, print
+    /// a summary and exit (0: good, 64: bad flags, 78: bad configuration file, 69: TLS
+    /// material unusable or the listen name does not resolve). Nothing is bound.
     #[arg(long)]
     check_config: bool,
     #[command(flatten)]
