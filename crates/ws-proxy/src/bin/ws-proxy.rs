@@ -284,9 +284,11 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(" ");
+    // `bind_listen` returns at least one listener; the first names the URL.
+    let first = locals.first().map_or_else(String::new, ToString::to_string);
     tracing::info!(
         listen,
-        url = format!("wss://{}{}<id>", locals[0], config.url_prefix),
+        url = format!("wss://{first}{}<id>", config.url_prefix),
         server = %identity,
         client_auth = ?deploy.tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH),
         rules = !config.rules.is_empty(),
