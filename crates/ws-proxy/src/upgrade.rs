@@ -67,7 +67,8 @@ pub(crate) fn classify(buf: &[u8]) -> Option<Head> {
             if !has("sec-websocket-version", "13") || !key || !path.starts_with('/') {
                 return Some(Head::Bad(400));
             }
-            let path = path.split_once('?').map_or(path, |(path, _)| path);
+            // As tungstenite's URI parser reads it: the path ends at a query or a fragment.
+            let path = path.split(['?', '#']).next().unwrap_or(path);
             Some(Head::Upgrade(path.to_owned()))
         }
     }
@@ -168,6 +169,10 @@ mod tests {
         check(
             "GET /x?q=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
             Some(Head::Upgrade("/x".into())),
+        );
+        check(
+            "GET /a/b#f HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a\r\n\r\n",
+            Some(Head::Upgrade("/a/b".into())),
         );
         // An upgrade tungstenite would drop without an answer gets a 400.
         check(

@@ -258,10 +258,11 @@ async fn idle_strangers_do_not_lock_out_clients_with_certificates() {
     proxy.stop().await;
 }
 
-/// Sends `request` over TLS as `leaf` and returns the whole answer (the proxy closes after a
-/// refusal).
-async fn raw(proxy: &Proxy, leaf: &testkit::Leaf, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+/// A TLS connection to the proxy as `leaf`, handshake done.
+async fn tls_as(
+    proxy: &Proxy,
+    leaf: &testkit::Leaf,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let files = common::tls::ClientTlsFiles {
         ca: Some(test_pki().ca_path.clone()),
         cert: Some(leaf.cert_path.clone()),
@@ -270,13 +271,26 @@ async fn raw(proxy: &Proxy, leaf: &testkit::Leaf, request: &[u8]) -> String {
     };
     let config = std::sync::Arc::new(common::tls::client_config(&files).unwrap());
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let mut tls = common::tls::connect(config, "localhost", tcp, crate::support::WAIT)
+    common::tls::connect(config, "localhost", tcp, crate::support::WAIT)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Sends `request` on `tls` and returns the whole answer (the proxy closes after a refusal).
+async fn exchange(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    request: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     tls.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(crate::support::WAIT, tls.read_to_end(&mut answer)).await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends `request` over TLS as `leaf`; the whole answer.
+async fn raw(proxy: &Proxy, leaf: &testkit::Leaf, request: &[u8]) -> String {
+    exchange(tls_as(proxy, leaf).await, request).await
 }
 
 fn upgrade_request(path: &str) -> Vec<u8> {
@@ -349,6 +363,14 @@ async fn every_refusal_carries_the_same_headers() {
     check(
         429,
         &raw(&proxy, carol, &upgrade_request(&format!("{prefix}/gw/3"))).await,
+    );
+    drop((_one, _two));
+    // 503: the proxy began shutting down between the handshake and the request.
+    let tls = tls_as(&proxy, &pki.alice).await;
+    proxy.shutdown().trigger();
+    check(
+        503,
+        &exchange(tls, &upgrade_request(&format!("{prefix}/gw/4"))).await,
     );
     proxy.stop().await;
 }

@@ -117,6 +117,11 @@ impl Proxy {
         addr
     }
 
+    /// Its shutdown handle (triggering it refuses new upgrades with 503).
+    pub(crate) fn shutdown(&self) -> &common::daemon::Shutdown {
+        &self.spawned.shutdown
+    }
+
     pub(crate) async fn stop(self) {
         self.spawned.stop(WAIT).await.expect("proxy stops cleanly");
     }
