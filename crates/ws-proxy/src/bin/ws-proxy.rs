@@ -73,7 +73,8 @@ struct Args {
     /// `close` (the original) or `wait`: what happens to a peer whose partner leaves.
     #[arg(long, value_name = "MODE")]
     on_partner_leave: Option<String>,
-    /// Print `listening on ADDR` on stdout once bound (for scripts that start it on port 0).
+    /// Print `listening on ADDR` on stdout once bound, one line per address (for scripts that
+    /// start it on port 0).
     #[arg(long)]
     print_address: bool,
     /// Check the configuration, the TLS material and that the listen address resolves, print
