@@ -13,6 +13,7 @@ use common::tls::{ClientAuth, TlsSection};
 use serde::Deserialize;
 
 use crate::auth::{Rule, RuleSpec, Rules};
+use crate::listen::ListenAddr;
 
 /// Default WSS listen address (the deploy example uses 0.0.0.0:5050).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
@@ -456,8 +457,8 @@ impl std::fmt::Display for StatusListen {
 /// Everything `main` needs from the file besides [`Config`]: addresses and TLS files.
 #[derive(Debug, Clone)]
 pub struct Deployment {
-    /// WSS listen address.
-    pub listen: SocketAddr,
+    /// WSS listen address (a host name is resolved at start).
+    pub listen: ListenAddr,
     /// Status listener, if any.
     pub status_listen: Option<StatusListen>,
     /// Mode of the status Unix socket.
@@ -479,7 +480,7 @@ impl Config {
         let tls = file.tls.clone().ok_or_else(|| {
             ConfigError::Invalid("the [tls] section (cert, client_ca) is required".into())
         })?;
-        let listen = parse_addr("listen", &file.listen)?;
+        let listen = parse_listen(&file.listen)?;
         let status_listen = file
             .status_listen
             .as_deref()
@@ -541,6 +542,13 @@ impl Config {
             rules: Rules::new(rules),
         };
         config.validate()?;
+        if tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH) != ClientAuth::Off
+            && tls.client_ca.is_none()
+        {
+            return Err(ConfigError::Invalid(
+                "[tls] client_ca (the CA bundle client certificates must chain to) is required unless client_auth = \"off\"".into(),
+            ));
+        }
         Ok((
             config,
             Deployment {
@@ -559,12 +567,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.url_prefix.starts_with('/') || !self.url_prefix.ends_with('/') {
-            return Err(ConfigError::Invalid(format!(
-                "url_prefix {:?} must start and end with '/'",
-                self.url_prefix
-            )));
-        }
+        check_url_prefix(&self.url_prefix)?;
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "max_connections must be at least 1".into(),
@@ -577,14 +580,34 @@ impl Config {
 /// The client-certificate policy when `[tls]` does not set one.
 pub const DEFAULT_CLIENT_AUTH: ClientAuth = ClientAuth::Required;
 
-fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| ConfigError::Invalid(format!("{key} {value:?} is not an IP address and port")))
+/// `listen`: `HOST:PORT`, an IP address or a host name (resolved at start).
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the value and what is wrong.
+pub fn parse_listen(value: &str) -> Result<ListenAddr, ConfigError> {
+    ListenAddr::parse(value).map_err(|err| ConfigError::Invalid(format!("listen {value:?}: {err}")))
 }
 
-/// `ADDR:PORT` or `unix:PATH` (an absolute path).
-fn parse_status_listen(value: &str) -> Result<StatusListen, ConfigError> {
+/// `url_prefix` starts and ends with `/`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the value.
+pub fn check_url_prefix(prefix: &str) -> Result<(), ConfigError> {
+    if prefix.starts_with('/') && prefix.ends_with('/') {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "url_prefix {prefix:?} must start and end with '/'"
+        )))
+    }
+}
+
+/// `status_listen`: `ADDR:PORT` (an IP address: the status listener is local, and a name is
+/// not resolved for it) or `unix:PATH` (an absolute path).
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the value and what is wrong.
+pub fn parse_status_listen(value: &str) -> Result<StatusListen, ConfigError> {
     match value.strip_prefix("unix:") {
         Some(path) if path.starts_with('/') => Ok(StatusListen::Unix(PathBuf::from(path))),
         Some(_) => Err(ConfigError::Invalid(format!(
@@ -592,7 +615,7 @@ fn parse_status_listen(value: &str) -> Result<StatusListen, ConfigError> {
         ))),
         None => value.parse().map(StatusListen::Tcp).map_err(|_| {
             ConfigError::Invalid(format!(
-                "status_listen {value:?} is neither an IP address and port nor unix:PATH"
+                "status_listen {value:?} is neither an IP address and port (127.0.0.1:5051, [::1]:5051; host names are not resolved here) nor unix:PATH"
             ))
         }),
     }
@@ -709,5 +732,13 @@ mod tests {
         let (config, deploy) = parse(text).unwrap();
         assert_eq!(deploy.listen.to_string(), "0.0.0.0:5050");
         assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn listen_takes_a_host_name_and_client_auth_off_needs_no_ca() {
+        let (_, deploy) =
+            parse("listen = \"localhost:5050\"\n[tls]\ncert = \"s\"\nclient_ca = \"c\"").unwrap();
+        assert_eq!(deploy.listen.to_string(), "localhost:5050");
+        parse("[tls]\ncert = \"s\"\nclient_auth = \"off\"").unwrap();
     }
 }

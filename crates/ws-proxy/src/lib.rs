@@ -7,6 +7,8 @@
 //! the upgrade, authorization rules) are in `docs/ws-proxy.md`.
 //!
 //! - [`config`]: the TOML file and the validated [`Config`].
+//! - [`listen`]: the WSS listen address (`HOST:PORT`, a host name resolved at start and every
+//!   address it resolves to bound).
 //! - [`server`]: the accept loop, TLS, the upgrade, status and reload ([`Server`]).
 //! - `state`: what every connection shares (the table, counters, budget, live connections)
 //!   and the `/status` document drawn from it; it knows no sockets.
@@ -45,6 +47,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod io;
+pub mod listen;
 pub mod metrics;
 mod queue;
 pub mod registry;

@@ -1,5 +1,6 @@
 //! The accept loop: TCP, the TLS handshake with a required client certificate, the HTTP upgrade
-//! (refused with 404, 400, 403 or 409 before it happens), then the relay.
+//! (refused with 404, 400, 403, 409, 429 or 503 before it happens, every refusal written by
+//! `upgrade::refuse`), then the relay.
 //!
 //! [`Server`] is the handle tests and `main` hold: it serves a listener until shutdown, reloads
 //! the TLS material, and reports status and metrics.
@@ -11,7 +12,6 @@ use common::admission::{AcceptError, Admission, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tracing::Instrument as _;
 
@@ -145,13 +145,16 @@ impl Server {
         let deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
         let mut tls = tls;
         let head = tokio::time::timeout_at(deadline, upgrade::read_head(&mut tls)).await;
-        let prefix = match head {
-            Ok(Ok((prefix, Head::Upgrade))) => prefix,
+        let (prefix, path) = match head {
+            Ok(Ok((prefix, Head::Upgrade(path)))) => (prefix, path),
             Ok(Ok((_, refused))) => {
                 let (status, text) = match refused {
-                    Head::Bad(status) => (status, "not an HTTP request head".to_owned()),
+                    Head::Bad(status) => (
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                        "not an HTTP request head or websocket upgrade".to_owned(),
+                    ),
                     _ => (
-                        426,
+                        StatusCode::UPGRADE_REQUIRED,
                         format!(
                             "this is a websocket relay: connect to wss://HOST:PORT{}ID",
                             shared.config.url_prefix
@@ -160,7 +163,7 @@ impl Server {
                 };
                 upgrade::refuse(&mut tls, status, &text).await;
                 shared.metrics.refused(Refusal::upgrade);
-                tracing::info!(peer = ?who, outcome = "refused", status, "not a websocket upgrade");
+                tracing::info!(peer = ?who, outcome = "refused", status = status.as_u16(), "not a websocket upgrade");
                 return None;
             }
             Ok(Err(_)) | Err(_) => {
@@ -173,7 +176,7 @@ impl Server {
             let max = limits.max_connections_per_identity;
             upgrade::refuse(
                 &mut tls,
-                429,
+                StatusCode::TOO_MANY_REQUESTS,
                 &format!(
                     "this certificate already has {max} connections (max_connections_per_identity)"
                 ),
@@ -183,46 +186,32 @@ impl Server {
             tracing::info!(peer = ?who, outcome = "refused", max, "max_connections_per_identity reached");
             return None;
         };
-        let meter = ReadMeter::new(identity_slot.budget.clone());
-        let stream = Metered::new(Rewind::new(prefix, tls), meter.clone());
-
-        let mut decision: Result<String, (Refusal, StatusCode, String)> =
-            Err((Refusal::upgrade, StatusCode::BAD_REQUEST, String::new()));
-        #[expect(clippy::result_large_err, reason = "tungstenite's callback signature")]
-        let callback = |request: &Request, response: Response| {
-            decision = self.admit(request.uri().path(), identity.as_ref());
-            match &decision {
-                Ok(_) => Ok(response),
-                Err((_, status, text)) => {
-                    let mut refusal = ErrorResponse::new(Some(format!("{text}\n")));
-                    *refusal.status_mut() = *status;
-                    Err(refusal)
-                }
-            }
-        };
-        let upgrading = tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
-            callback,
-            Some(limits.websocket()),
-        );
-        let ws = match tokio::time::timeout_at(deadline, upgrading).await {
-            Ok(Ok(ws)) => ws,
-            outcome => {
-                let (reason, text) = match (&decision, outcome) {
-                    (Err((reason, _, text)), _) if *reason != Refusal::upgrade => {
-                        (*reason, text.clone())
-                    }
-                    (_, Err(_)) => (Refusal::upgrade, "upgrade request timed out".to_owned()),
-                    (_, Ok(Err(err))) => (Refusal::upgrade, format!("bad upgrade request: {err}")),
-                    (_, Ok(Ok(_))) => (Refusal::upgrade, String::new()),
-                };
+        // Decided here, not in tungstenite's callback, so the refusal is ours (with headers).
+        let id = match self.admit(&path, identity.as_ref()) {
+            Ok(id) => id,
+            Err((reason, status, text)) => {
+                upgrade::refuse(&mut tls, status, &text).await;
                 shared.metrics.refused(reason);
-                tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, detail = ?text, "upgrade refused");
+                tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
                 return None;
             }
         };
-        let Ok(id) = decision else {
-            return None;
+        let meter = ReadMeter::new(identity_slot.budget.clone());
+        let stream = Metered::new(Rewind::new(prefix, tls), meter.clone());
+        let upgrading =
+            tokio_tungstenite::accept_async_with_config(stream, Some(limits.websocket()));
+        let ws = match tokio::time::timeout_at(deadline, upgrading).await {
+            Ok(Ok(ws)) => ws,
+            outcome => {
+                let text = match outcome {
+                    Err(_) => "upgrade request timed out".to_owned(),
+                    Ok(Err(err)) => format!("bad upgrade request: {err}"),
+                    Ok(Ok(_)) => String::new(),
+                };
+                shared.metrics.refused(Refusal::upgrade);
+                tracing::info!(peer = ?who, outcome = "refused", reason = ?Refusal::upgrade, detail = ?text, "upgrade refused");
+                return None;
+            }
         };
         Some(Admitted {
             ws,

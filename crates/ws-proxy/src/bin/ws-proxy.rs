@@ -1,17 +1,19 @@
 //! The ws-proxy daemon: flags and file -> validated config -> bind -> serve -> drain.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow};
 use clap::Parser;
-use common::cli::Flavor;
-use common::daemon::{self, LogArgs, Shutdown, exit};
-use common::tls::{self, ServerTls};
+use common::cli::{Failure, Flavor, conclude};
+use common::daemon::{self, ConfigError, LogArgs, Shutdown, exit};
+use common::tls::{self, ClientAuth, ServerTls, TlsError, TlsSection};
 use tokio::net::TcpListener;
-use ws_proxy::config::{Config, DEFAULT_CLIENT_AUTH, FileConfig, OnPartnerLeave, StatusListen};
+use ws_proxy::config::{
+    self, Config, DEFAULT_CLIENT_AUTH, Deployment, FileConfig, OnPartnerLeave, StatusListen,
+};
+use ws_proxy::listen::{self, ListenAddr};
 use ws_proxy::{Server, status};
 
 /// The Micronets websocket relay.
@@ -19,13 +21,15 @@ use ws_proxy::{Server, status};
 /// Peers connect with client certificates to wss://HOST:PORT/micronets/v1/ws-proxy/ID; two
 /// peers on the same id are paired by HELLO and every message is relayed between them, in
 /// order. Every setting lives in the TOML file (see deploy/config/ws-proxy.example.toml);
-/// the flags below override it.
+/// the flags below override it. Without a file, --cert and --ca (and --key unless the
+/// certificate file holds the key too) are enough.
 ///
 /// Signals: SIGHUP reloads the certificate, key, CA bundle and CRLs (live pairs stay);
 /// SIGTERM or SIGINT closes every peer with 1001 and drains.
 ///
-/// Exit codes: 0 stopped cleanly, 64 bad flags, 78 bad configuration, 69 cannot bind or
-/// load the TLS material, 70 connections still open after the grace period.
+/// Exit codes: 0 stopped cleanly, 64 bad or missing flags (a bad value on the command line),
+/// 78 bad configuration file (the same mistake in the file), 69 cannot resolve or bind the
+/// listen address or load the TLS material, 70 connections still open after the grace period.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -35,11 +39,13 @@ struct Args {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "WS_PROXY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// WSS listen address (overrides `listen`).
-    #[arg(long, short = 'a', env = "WS_PROXY_LISTEN", value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
-    /// Status listener for /status and /metrics, `unix:PATH` or `ADDR:PORT` (overrides
-    /// `status_listen`). A TCP listener is readable by every local user.
+    /// WSS listen address, an IP address or a host name (overrides `listen`). A name is
+    /// resolved at start and every address it resolves to is bound (`localhost:5050`: 127.0.0.1
+    /// and ::1 where the host has both).
+    #[arg(long, short = 'a', env = "WS_PROXY_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Status listener for /status and /metrics, `unix:PATH` or `ADDR:PORT` with an IP
+    /// address (overrides `status_listen`). A TCP listener is readable by every local user.
     #[arg(
         long,
         env = "WS_PROXY_STATUS_LISTEN",
@@ -49,35 +55,43 @@ struct Args {
     /// URL path prefix in front of meet-up ids (overrides `url_prefix`).
     #[arg(long, value_name = "PATH")]
     url_prefix: Option<String>,
-    /// Server certificate, or the Micronets pkeycert (certificate then key) (overrides `tls.cert`).
+    /// Server certificate, or the Micronets pkeycert (certificate then key) (overrides
+    /// `tls.cert`). Without a `[tls]` section in a file, --ca is needed too.
     #[arg(long, value_name = "PEM")]
     cert: Option<PathBuf>,
-    /// Server key, when not in the certificate file (overrides `tls.key`).
+    /// Server key, when not in the certificate file (overrides `tls.key`; needs --cert or
+    /// a `[tls]` section).
     #[arg(long, value_name = "PEM")]
     key: Option<PathBuf>,
-    /// CA bundle client certificates must chain to (overrides `tls.client_ca`).
+    /// CA bundle client certificates must chain to (overrides `tls.client_ca`; needs --cert
+    /// or a `[tls]` section).
     #[arg(long, value_name = "PEM")]
     ca: Option<PathBuf>,
-    /// CRL file; repeat for several (replaces `tls.crls`).
+    /// CRL file; repeat for several (replaces `tls.crls`; needs --cert or a `[tls]` section).
     #[arg(long, value_name = "PEM")]
     crl: Vec<PathBuf>,
     /// `close` (the original) or `wait`: what happens to a peer whose partner leaves.
     #[arg(long, value_name = "MODE")]
     on_partner_leave: Option<String>,
-    /// Print `listening on ADDR` on stdout once bound (for scripts that start it on port 0).
+    /// Print `listening on ADDR` on stdout once bound, one line per address (for scripts that
+    /// start it on port 0).
     #[arg(long)]
     print_address: bool,
-    /// Check the configuration and the TLS material, print a summary and exit (0: good, 78:
-    /// bad configuration, 69: TLS material unusable). Nothing is bound.
+    /// Check the configuration, the TLS material and that the listen address resolves, print
+    /// a summary and exit (0: good, 64: bad flags, 78: bad configuration file, 69: TLS
+    /// material unusable or the listen name does not resolve). Nothing is bound.
     #[arg(long)]
     check_config: bool,
     #[command(flatten)]
     log: LogArgs,
 }
 
+/// The name errors are printed with.
+const NAME: &str = "ws-proxy";
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let file = match daemon::load_config::<FileConfig>("ws-proxy", args.config.as_deref()) {
+    let file = match daemon::load_config::<FileConfig>(NAME, args.config.as_deref()) {
         Ok(file) => file,
         Err(code) => return code,
     };
@@ -86,60 +100,68 @@ fn main() -> ExitCode {
         log.log_format = file.log_format;
     }
     if let Err(err) = daemon::init_tracing(&log, "info") {
-        eprintln!("ws-proxy: {err:#}");
-        return ExitCode::from(exit::USAGE);
+        return daemon::fail(NAME, exit::USAGE, format_args!("{err:#}"));
     }
+    // Every failure from here on is printed once, by `conclude`, with its exit code.
     let (config, deploy) = match configure(&args, file) {
         Ok(configured) => configured,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("ws-proxy: {err:#}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(failure) => return ExitCode::from(conclude(NAME, Err::<(), _>(failure))),
     };
     if args.check_config {
-        return check_config(&config, &deploy);
+        return common::cli::run(NAME, Flavor::CurrentThread, || check_config(config, deploy));
     }
     let flavor = match deploy.worker_threads {
         0 => Flavor::MultiThread,
         workers => Flavor::Workers(workers),
     };
     let print_address = args.print_address;
-    daemon::run_daemon_on("ws-proxy", flavor, || async move {
-        match run(config, deploy, print_address).await {
-            Ok(code) => code,
-            Err(err) => {
-                tracing::error!("{err:#}");
-                eprintln!("ws-proxy: {err:#}");
-                ExitCode::from(exit::UNAVAILABLE)
-            }
-        }
+    daemon::run_daemon_on(NAME, flavor, || async move {
+        ExitCode::from(conclude(NAME, run(config, deploy, print_address).await))
     })
 }
 
-fn configure(
-    args: &Args,
-    mut file: FileConfig,
-) -> anyhow::Result<(Config, ws_proxy::config::Deployment)> {
-    if let Some(listen) = args.listen {
-        file.listen = listen.to_string();
+/// A bad flag value (exit 64); the same mistake in the file is a configuration error (78).
+fn flag_error(flag: &str, err: ConfigError) -> Failure {
+    let text = match err {
+        ConfigError::Invalid(text) => text,
+        other => other.to_string(),
+    };
+    Failure::usage(anyhow!("{flag}: {text}"))
+}
+
+/// The file with the flags laid over it, validated. Flag values are checked before they
+/// replace the file's, so a bad one exits 64 and a bad file value 78.
+fn configure(args: &Args, mut file: FileConfig) -> Result<(Config, Deployment), Failure> {
+    if let Some(listen) = &args.listen {
+        ListenAddr::parse(listen)
+            .map_err(|err| Failure::usage(anyhow!("--listen {listen:?}: {err}")))?;
+        file.listen.clone_from(listen);
     }
     if let Some(status) = &args.status_listen {
+        config::parse_status_listen(status).map_err(|err| flag_error("--status-listen", err))?;
         file.status_listen = Some(status.clone());
+    }
+    if let Some(prefix) = &args.url_prefix {
+        config::check_url_prefix(prefix).map_err(|err| flag_error("--url-prefix", err))?;
     }
     daemon::overlay(&mut file.url_prefix, args.url_prefix.clone());
     if let Some(mode) = &args.on_partner_leave {
         file.on_partner_leave = match mode.as_str() {
             "close" => OnPartnerLeave::Close,
             "wait" => OnPartnerLeave::Wait,
-            other => anyhow::bail!("--on-partner-leave {other:?}: expected close or wait"),
+            other => {
+                return Err(Failure::usage(anyhow!(
+                    "--on-partner-leave {other:?}: expected close or wait"
+                )));
+            }
         };
     }
-    if let Some(cert) = &args.cert {
-        let tls = file
-            .tls
-            .get_or_insert_with(|| common::tls::TlsSection::new(cert.clone()));
-        tls.cert.clone_from(cert);
+    let tls_in_file = file.tls.is_some();
+    match (&args.cert, file.tls.as_mut()) {
+        (Some(cert), Some(tls)) => tls.cert.clone_from(cert),
+        (Some(cert), None) => file.tls = Some(TlsSection::new(cert.clone())),
+        (None, Some(_)) => {}
+        (None, None) => return Err(no_certificate(args)),
     }
     if let Some(tls) = file.tls.as_mut() {
         if args.key.is_some() {
@@ -151,45 +173,123 @@ fn configure(
         if !args.crl.is_empty() {
             tls.crls.clone_from(&args.crl);
         }
+        let auth = tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH);
+        if !tls_in_file && tls.client_ca.is_none() && auth != ClientAuth::Off {
+            return Err(Failure::usage(anyhow!(
+                "--cert given without --ca: give the CA bundle client certificates must chain to with --ca FILE"
+            )));
+        }
     }
-    Ok(Config::from_file(&file)?)
+    Config::from_file(&file).map_err(|err| Failure::new(exit::CONFIG, err))
 }
 
-async fn run(
-    config: Config,
-    deploy: ws_proxy::config::Deployment,
-    print_address: bool,
-) -> anyhow::Result<ExitCode> {
+/// Neither the flags nor the file name a certificate: which flags are missing.
+fn no_certificate(args: &Args) -> Failure {
+    let given: Vec<&str> = [
+        ("--key", args.key.is_some()),
+        ("--ca", args.ca.is_some()),
+        ("--crl", !args.crl.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
+    if !given.is_empty() {
+        return Failure::usage(anyhow!(
+            "{} given without --cert: give the server certificate with --cert FILE too",
+            given.join(" and ")
+        ));
+    }
+    match &args.config {
+        None => Failure::usage(anyhow!(
+            "no TLS material: give --cert FILE (and --key FILE unless the certificate file holds the key) and --ca FILE, or a configuration file (-c FILE) whose [tls] section sets cert and client_ca"
+        )),
+        Some(path) => Failure::new(
+            exit::CONFIG,
+            anyhow!(
+                "{}: no [tls] section: set cert and client_ca there, or give --cert and --ca",
+                path.display()
+            ),
+        ),
+    }
+}
+
+/// The TLS material of `tls`; a certificate file without a key says where the key goes.
+fn load_tls(tls: &TlsSection) -> Result<ServerTls, Failure> {
+    ServerTls::load(tls.files(DEFAULT_CLIENT_AUTH, Vec::new())).map_err(|err| {
+        let hint = match &err {
+            TlsError::Pem { path, what }
+                if tls.key.is_none() && *path == tls.cert && what.contains("private key") =>
+            {
+                "; give the key with --key FILE (tls.key), or a pkeycert file holding the certificate then the key"
+            }
+            _ => "",
+        };
+        Failure::new(
+            exit::UNAVAILABLE,
+            anyhow!("loading the TLS material: {err}{hint}"),
+        )
+    })
+}
+
+/// Binds every address the listen address resolves to: one that fails while another binds
+/// is a warning, none bound an error (69).
+async fn bind_listen(listen: &ListenAddr) -> Result<Vec<TcpListener>, Failure> {
+    let unavailable =
+        |err: std::io::Error| Failure::new(exit::UNAVAILABLE, anyhow!("listen {listen}: {err}"));
+    let addrs = listen.resolve().await.map_err(unavailable)?;
+    let bound = listen::bind_each(&addrs).await.map_err(unavailable)?;
+    for (addr, err) in &bound.failed {
+        tracing::warn!(%listen, %addr, %err, "cannot bind one of the listen addresses; serving on the others");
+    }
+    Ok(bound.listeners)
+}
+
+async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<u8, Failure> {
+    let unavailable = |err: anyhow::Error| Failure::new(exit::UNAVAILABLE, err);
     tls::install_default_provider();
-    raise_fd_limit(config.max_connections + config.limits.max_status_connections);
-    let files = deploy.tls.files(DEFAULT_CLIENT_AUTH, Vec::new());
-    let server_tls = Arc::new(ServerTls::load(files).context("loading the TLS material")?);
-    let identity = server_tls.server_identity()?;
-    let listener = TcpListener::bind(deploy.listen)
-        .await
-        .with_context(|| format!("binding {}", deploy.listen))?;
-    let local = listener.local_addr()?;
+    let server_tls = Arc::new(load_tls(&deploy.tls)?);
+    raise_fd_limit(fds_needed(&config));
+    let identity = server_tls
+        .server_identity()
+        .map_err(|e| unavailable(e.into()))?;
+    let listeners = bind_listen(&deploy.listen).await?;
+    let locals = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| unavailable(e.into()))?;
     // Signals are ours before anything is announced (the address line, READY=1).
-    let signals = daemon::Signals::install().context("installing signal handlers")?;
+    let signals = daemon::Signals::install()
+        .context("installing signal handlers")
+        .map_err(unavailable)?;
     let status_listener: Option<status::Listener> = match &deploy.status_listen {
         Some(StatusListen::Tcp(addr)) => Some(
             TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding the status listener {addr}"))?
+                .with_context(|| format!("binding the status listener {addr}"))
+                .map_err(unavailable)?
                 .into(),
         ),
         Some(StatusListen::Unix(path)) => Some(
             status::bind_unix(path, deploy.status_socket_mode)
-                .with_context(|| format!("binding the status socket {}", path.display()))?
+                .with_context(|| format!("binding the status socket {}", path.display()))
+                .map_err(unavailable)?
                 .into(),
         ),
         None => None,
     };
     let shutdown = Shutdown::new();
     let server = Server::new(config.clone(), server_tls, shutdown.clone());
+    let listen = locals
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    // `bind_listen` returns at least one listener; the first names the URL.
+    let first = locals.first().map_or_else(String::new, ToString::to_string);
     tracing::info!(
-        listen = %local,
-        url = format!("wss://{local}{}<id>", config.url_prefix),
+        listen,
+        url = format!("wss://{first}{}<id>", config.url_prefix),
         server = %identity,
         client_auth = ?deploy.tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH),
         rules = !config.rules.is_empty(),
@@ -199,7 +299,7 @@ async fn run(
     if let Some(listener) = status_listener {
         match &listener {
             status::Listener::Tcp(tcp) => {
-                let addr = tcp.local_addr()?;
+                let addr = tcp.local_addr().map_err(|e| unavailable(e.into()))?;
                 tracing::warn!(%addr, "the status listener is on TCP: every local user can read identities and addresses; prefer status_listen = \"unix:PATH\"");
                 tracing::info!(%addr, "status listener: /status, /metrics");
             }
@@ -214,13 +314,18 @@ async fn run(
         tokio::spawn(status::serve(listener, server.clone(), shutdown.clone()));
     }
     if print_address {
-        #[expect(clippy::print_stdout, reason = "the one line scripts read")]
-        {
+        #[expect(clippy::print_stdout, reason = "the lines scripts read")]
+        for local in &locals {
             println!("listening on {local}");
         }
     }
-    let serving = server.clone();
-    let accept = tokio::spawn(async move { serving.serve(listener).await });
+    let accepts: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let serving = server.clone();
+            tokio::spawn(async move { serving.serve(listener).await })
+        })
+        .collect();
     let reloading = server.clone();
     let drained = daemon::supervise(
         signals,
@@ -235,48 +340,85 @@ async fn run(
         },
     )
     .await;
-    let _ = accept.await;
-    Ok(daemon::drained_exit(drained))
+    for accept in accepts {
+        let _ = accept.await;
+    }
+    Ok(if drained { 0 } else { exit::SOFTWARE })
 }
 
 #[expect(clippy::print_stdout, reason = "the summary is the command's output")]
-fn check_config(config: &Config, deploy: &ws_proxy::config::Deployment) -> ExitCode {
+async fn check_config(config: Config, deploy: Deployment) -> Result<(), Failure> {
     tls::install_default_provider();
-    let files = deploy.tls.files(DEFAULT_CLIENT_AUTH, Vec::new());
-    let identity = ServerTls::load(files)
-        .map_err(anyhow::Error::from)
-        .and_then(|server| Ok(server.server_identity()?));
-    match identity {
-        Ok(identity) => {
-            println!(
-                "configuration ok: listen {}, url wss://HOST:PORT{}ID, server {identity}, {} authorization rule set, on_partner_leave {:?}",
-                deploy.listen,
-                config.url_prefix,
-                if config.rules.is_empty() { "no" } else { "an" },
-                config.on_partner_leave,
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("ws-proxy: TLS material: {err:#}");
-            ExitCode::from(exit::UNAVAILABLE)
-        }
-    }
+    let identity = load_tls(&deploy.tls)?
+        .server_identity()
+        .map_err(|err| Failure::new(exit::UNAVAILABLE, anyhow!("TLS material: {err}")))?;
+    let addrs = deploy.listen.resolve().await.map_err(|err| {
+        Failure::new(
+            exit::UNAVAILABLE,
+            anyhow!("listen {}: {err}", deploy.listen),
+        )
+    })?;
+    let addrs = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!(
+        "configuration ok: listen {} ({addrs}), url wss://HOST:PORT{}ID, server {identity}, {} authorization rule set, on_partner_leave {:?}",
+        deploy.listen,
+        config.url_prefix,
+        if config.rules.is_empty() { "no" } else { "an" },
+        config.on_partner_leave,
+    );
+    Ok(())
 }
 
-/// Two descriptors per connection at most; ask for the hard limit when the soft one is short.
-fn raise_fd_limit(max_connections: usize) {
-    let wanted = u64::try_from(max_connections)
+/// Descriptors the daemon may need: one per connection (authenticated, in the handshake,
+/// on the status listener) and a margin for listeners, the runtime and files being read.
+fn fds_needed(config: &Config) -> u64 {
+    let limits = &config.limits;
+    let connections = config
+        .max_connections
+        .saturating_add(limits.max_handshakes)
+        .saturating_add(limits.max_status_connections);
+    u64::try_from(connections)
         .unwrap_or(u64::MAX)
-        .saturating_mul(2)
-        + 64;
-    match rlimit::increase_nofile_limit(wanted) {
-        Ok(got) if got < wanted => tracing::warn!(
-            limit = got,
-            wanted,
-            "the open-file limit is below what max_connections needs"
-        ),
-        Ok(_) => {}
-        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+        .saturating_add(FD_MARGIN)
+}
+
+/// Descriptors beyond the connections: listeners, epoll, signal pipes, TLS files on reload.
+const FD_MARGIN: u64 = 64;
+
+/// Raises the soft open-file limit to the hard limit (as servers commonly do), logs the limit
+/// reached, and warns only when that is still below `needed`.
+fn raise_fd_limit(needed: u64) {
+    use rlimit::Resource;
+    let (soft, hard) = match Resource::NOFILE.get() {
+        Ok(limits) => limits,
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let limit = if soft < hard {
+        match Resource::NOFILE.set(hard, hard) {
+            Ok(()) => hard,
+            // An unlimited hard limit is above what the kernel takes (nr_open): ask for what
+            // is needed instead.
+            Err(err) => rlimit::increase_nofile_limit(needed).unwrap_or_else(|_| {
+                tracing::warn!(%err, soft, hard, "cannot raise the open-file limit");
+                soft
+            }),
+        }
+    } else {
+        soft
+    };
+    tracing::info!(limit, needed, "open-file limit");
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what max_connections needs (one per connection, tls.max_handshakes, max_status_connections and 64); raise LimitNOFILE or lower max_connections"
+        );
     }
 }

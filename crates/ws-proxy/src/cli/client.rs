@@ -51,8 +51,9 @@ pub enum Role {
     Connect {
         #[command(flatten)]
         peer: PeerArgs,
-        /// Where the HTTP front end listens.
-        #[arg(long, default_value = "127.0.0.1:5001", value_name = "ADDR:PORT")]
+        /// Where the HTTP front end listens: an IP address and port (a host name is not
+        /// resolved here).
+        #[arg(long, default_value = "127.0.0.1:5001", value_name = "ADDR:PORT", value_parser = ip_and_port)]
         http_listen: SocketAddr,
     },
     /// Gateway side: answer REST:REQUESTs from an upstream HTTP service.
@@ -146,6 +147,15 @@ fn session_options(peer: &PeerArgs, default_class: &str) -> Result<SessionOption
         ),
         reconnect: !peer.once,
         max_backoff: Duration::from_secs(peer.max_backoff.max(1)),
+    })
+}
+
+/// `--http-listen`: an IP address and port, with a clear word when it is a host name.
+fn ip_and_port(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!(
+            "{value:?} is not an IP address and port (127.0.0.1:5001, [::1]:5001); host names are not resolved here"
+        )
     })
 }
 
@@ -272,6 +282,23 @@ mod tests {
         assert_eq!(peer.peer_id, "12345678");
         assert_eq!(peer.request_timeout, 30);
         assert!(!peer.once);
+    }
+
+    #[test]
+    fn http_listen_takes_an_ip_address_and_says_so_for_a_name() {
+        let args = [
+            "ws-proxy-client",
+            "connect",
+            "wss://h/x",
+            "--pkeycert",
+            "c.pem",
+            "--ca",
+            "ca.pem",
+            "--http-listen",
+            "localhost:5001",
+        ];
+        let err = Cli::try_parse_from(args).unwrap_err().to_string();
+        assert!(err.contains("host names are not resolved here"), "{err}");
     }
 
     #[test]

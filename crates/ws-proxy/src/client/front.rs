@@ -7,7 +7,7 @@
 //! gives 504, no partner 503, a lost connection 502. Request headers travel as the original test
 //! client sends them (all but Content-Length; Content-Type and Content-Encoding only when there
 //! is no body, since the body carries them as `dataFormat`); response headers may use `value`
-//! or `val`.
+//! or `val`. The answer to a HEAD keeps the Content-Length the gateway side carried over.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use common::envelope::micronets::{self, BodyError, Message, RestRequest, RestResponse};
 use tokio::sync::{mpsc, oneshot};
@@ -141,6 +141,7 @@ fn plain(status: StatusCode, text: impl Into<String>) -> Response {
 async fn relay(State(front): State<Front>, request: Request) -> Response {
     let state = &front.state;
     let (parts, body) = request.into_parts();
+    let head = parts.method == Method::HEAD;
     let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
         Ok(body) => body,
         Err(_) => {
@@ -212,7 +213,7 @@ async fn relay(State(front): State<Front>, request: Request) -> Response {
         );
     }
     match tokio::time::timeout(state.request_timeout, rx).await {
-        Ok(Ok(response)) => to_http(&response),
+        Ok(Ok(response)) => to_http(&response, head),
         Ok(Err(_)) => plain(
             StatusCode::BAD_GATEWAY,
             "the connection to the peer was lost before it answered",
@@ -230,8 +231,9 @@ async fn relay(State(front): State<Front>, request: Request) -> Response {
     }
 }
 
-/// Turns a REST:RESPONSE into an HTTP response.
-pub fn to_http(response: &RestResponse) -> Response {
+/// Turns a REST:RESPONSE into an HTTP response; `head`: the answer to a HEAD request, whose
+/// Content-Length (the upstream's, carried in the headers) is kept, since no body says it.
+pub fn to_http(response: &RestResponse, head: bool) -> Response {
     let Ok(status) = StatusCode::from_u16(response.status_code) else {
         return plain(
             StatusCode::BAD_GATEWAY,
@@ -255,10 +257,14 @@ pub fn to_http(response: &RestResponse) -> Response {
             tracing::debug!(name = ?pair.name, "unusable response header dropped");
             continue;
         };
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-        {
+        if name == header::CONTENT_LENGTH {
+            // Any other body's length is its own, counted by the HTTP server.
+            if head && body.is_none() && value.to_str().is_ok_and(|v| v.parse::<u64>().is_ok()) {
+                headers.insert(name, value);
+            }
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
             continue;
         }
         headers.append(name, value);

@@ -5,7 +5,8 @@
 //! loopback); the request's `path` (with its query) is appended to the base path and
 //! `queryStrings` are added to the query. Bodies follow `dataFormat` both ways; an upstream
 //! body that is not UTF-8 text travels as `application/octet-stream` (base64) with the
-//! upstream's Content-Type kept in the headers. At most 64 requests run at once; each has a
+//! upstream's Content-Type kept in the headers. An answer without a body (HEAD) keeps the
+//! upstream's Content-Length header. At most 64 requests run at once; each has a
 //! deadline (504) and a body limit (502).
 
 use std::sync::Arc;
@@ -223,8 +224,10 @@ impl Gateway {
         let mut headers = Vec::new();
         for (name, value) in &parts.headers {
             let name = name.as_str();
+            // A body's length travels with it; without one (HEAD, 304) the upstream's
+            // Content-Length is the only place the length is said, so it is kept.
             let skip = HOP_BY_HOP.contains(&name)
-                || name == "content-length"
+                || (name == "content-length" && !body.is_empty())
                 || (name == "content-type" && !keep_content_type && !body.is_empty());
             if !skip {
                 headers.push(NameValue::new(

@@ -137,11 +137,13 @@ async fn curl_through_client_proxy_and_gateway_to_a_local_service() {
     let (status, body) = curl(&[&format!("{base}/hello")]).await;
     assert_eq!((status, body.as_slice()), (200, b"hello world".as_slice()));
 
-    // HEAD has no body, yet keeps the upstream's Content-Type.
+    // HEAD has no body, yet keeps the upstream's Content-Type and Content-Length (the length
+    // of the body a GET would get; it was 0).
     let (status, head) = curl(&["-I", &format!("{base}/hello")]).await;
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert_eq!(status, 200);
     assert!(head.contains("content-type: text/plain"), "{head}");
+    assert!(head.contains("content-length: 11\r\n"), "{head}");
 
     let (status, body) = curl(&[
         "-X",

@@ -14,6 +14,7 @@ mod process;
 mod refusals;
 mod relay;
 mod revocation;
+mod startup;
 mod status;
 mod support;
 mod timers;

@@ -257,3 +257,120 @@ async fn idle_strangers_do_not_lock_out_clients_with_certificates() {
     drop(alice);
     proxy.stop().await;
 }
+
+/// A TLS connection to the proxy as `leaf`, handshake done.
+async fn tls_as(
+    proxy: &Proxy,
+    leaf: &testkit::Leaf,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let files = common::tls::ClientTlsFiles {
+        ca: Some(test_pki().ca_path.clone()),
+        cert: Some(leaf.cert_path.clone()),
+        key: Some(leaf.key_path.clone()),
+        ..common::tls::ClientTlsFiles::default()
+    };
+    let config = std::sync::Arc::new(common::tls::client_config(&files).unwrap());
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    common::tls::connect(config, "localhost", tcp, crate::support::WAIT)
+        .await
+        .unwrap()
+}
+
+/// Sends `request` on `tls` and returns the whole answer (the proxy closes after a refusal).
+async fn exchange(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    request: &[u8],
+) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tls.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(crate::support::WAIT, tls.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends `request` over TLS as `leaf`; the whole answer.
+async fn raw(proxy: &Proxy, leaf: &testkit::Leaf, request: &[u8]) -> String {
+    exchange(tls_as(proxy, leaf).await, request).await
+}
+
+fn upgrade_request(path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Issue 18: the 404, 400, 403 and 409 answers came from tungstenite with no headers at all.
+/// Every refusal now has the 426's headers: Date, Content-Type, a Content-Length that is the
+/// body's, and `Connection: close`.
+#[tokio::test]
+async fn every_refusal_carries_the_same_headers() {
+    let spec = |cn: &str, ids: &[&str]| {
+        Rule::compile(&RuleSpec {
+            cn: Some(cn.to_owned()),
+            ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            ..RuleSpec::default()
+        })
+        .unwrap()
+    };
+    let mut config = quick();
+    config.limits.max_connections_per_identity = 2;
+    config.rules = Rules::new(vec![
+        spec("alice", &["**"]),
+        spec("bob", &["**"]),
+        spec("carol", &["gw/**", "full"]),
+    ]);
+    let proxy = Proxy::start(config).await;
+    let pki = test_pki();
+    let carol = &pki.chained_client;
+    let (_a, _b) = proxy.pair("full").await;
+    let prefix = "/micronets/v1/ws-proxy";
+    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(16 * 1024));
+    let cases: Vec<(u16, Vec<u8>)> = vec![
+        (404, upgrade_request("/other/gw/1")),
+        (400, upgrade_request(&format!("{prefix}/"))),
+        (403, upgrade_request(&format!("{prefix}/elsewhere"))),
+        (409, upgrade_request(&format!("{prefix}/full"))),
+        (
+            426,
+            format!("GET {prefix}/gw/1 HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
+        ),
+        (400, b"\x16\x03\x01 not http\r\n\r\n".to_vec()),
+        (431, huge.into_bytes()),
+    ];
+    let check = |status: u16, answer: &str| {
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("\r\nconnection: close"), "{head}");
+        assert!(
+            lower.contains("\r\ncontent-type: text/plain; charset=utf-8"),
+            "{head}"
+        );
+        assert!(lower.contains("\r\ndate: "), "{head}");
+        assert!(
+            lower.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(!body.trim().is_empty(), "{answer}");
+    };
+    for (status, request) in cases {
+        check(status, &raw(&proxy, carol, &request).await);
+    }
+    // 429: carol already has max_connections_per_identity (2) connections.
+    let _one = proxy.connect(carol, "gw/1").await;
+    let _two = proxy.connect(carol, "gw/2").await;
+    check(
+        429,
+        &raw(&proxy, carol, &upgrade_request(&format!("{prefix}/gw/3"))).await,
+    );
+    drop((_one, _two));
+    // 503: the proxy began shutting down between the handshake and the request.
+    let tls = tls_as(&proxy, &pki.alice).await;
+    proxy.shutdown().trigger();
+    check(
+        503,
+        &exchange(tls, &upgrade_request(&format!("{prefix}/gw/4"))).await,
+    );
+    proxy.stop().await;
+}

@@ -46,7 +46,7 @@ async fn idle_status_connections_neither_starve_the_tls_port_nor_stay_open() {
         dir.path(),
         &format!("max_connections = 64\nstatus_listen = \"127.0.0.1:{status_port}\""),
     );
-    let (mut child, port) = spawn_daemon_with_nofile(256, &config, &[], Stdio::null()).await;
+    let (mut child, port) = spawn_daemon_with_nofile((256, 256), &config, &[], Stdio::null()).await;
 
     let mut idle = Vec::new();
     for _ in 0..300 {

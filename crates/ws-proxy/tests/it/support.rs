@@ -117,6 +117,11 @@ impl Proxy {
         addr
     }
 
+    /// Its shutdown handle (triggering it refuses new upgrades with 503).
+    pub(crate) fn shutdown(&self) -> &common::daemon::Shutdown {
+        &self.spawned.shutdown
+    }
+
     pub(crate) async fn stop(self) {
         self.spawned.stop(WAIT).await.expect("proxy stops cleanly");
     }
@@ -279,18 +284,16 @@ pub(crate) async fn spawn_daemon(
     spawn_command(tokio::process::Command::new(DAEMON), config, args, stderr).await
 }
 
-/// As [`spawn_daemon`], with at most `nofile` open files (through `prlimit`), as on a host
-/// with a small descriptor limit.
+/// As [`spawn_daemon`], started with a soft and a hard open-file limit (through `prlimit`),
+/// as on a host with a small descriptor limit.
 pub(crate) async fn spawn_daemon_with_nofile(
-    nofile: u32,
+    (soft, hard): (u32, u32),
     config: &std::path::Path,
     args: &[&str],
     stderr: std::process::Stdio,
 ) -> (tokio::process::Child, u16) {
     let mut command = tokio::process::Command::new("prlimit");
-    command
-        .arg(format!("--nofile={nofile}:{nofile}"))
-        .arg(DAEMON);
+    command.arg(format!("--nofile={soft}:{hard}")).arg(DAEMON);
     spawn_command(command, config, args, stderr).await
 }
 
