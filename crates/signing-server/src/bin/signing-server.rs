@@ -111,7 +111,10 @@ fn main() -> ExitCode {
     };
     daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
     let log = args.log.or_file(file.log.as_ref());
-    let config = match file.into_config() {
+    let config = match file
+        .into_config()
+        .and_then(|config| config.check_roots().map(|()| config))
+    {
         Ok(mut config) => {
             config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             config
