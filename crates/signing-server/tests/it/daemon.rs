@@ -80,6 +80,25 @@ fn check_config_accepts_a_good_file_and_refuses_an_open_key() {
     assert_eq!(check().status.code(), Some(78));
 }
 
+#[test]
+fn without_a_configuration_file_it_says_none_was_given() {
+    for args in [&[][..], &["--check-config"]] {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("SIGNING_SERVER_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("signing-server: no configuration file given: use -c FILE"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("[tls]"), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn a_root_that_is_not_a_directory_is_refused_at_check_and_at_start() {
     let dir = tempfile::tempdir().unwrap();
