@@ -538,7 +538,7 @@ impl Broker {
         match self.store.heartbeat(id, &caller.user, unix_now()).await? {
             Some(expires) => Ok(rfc3339(expires)),
             None => {
-                let result = self.miss_reason(caller, id).await?;
+                let result = self.miss_reason(caller, id, "heartbeat").await?;
                 self.audit_repeatable(caller, "heartbeat", Some(id), result)
                     .await?;
                 Err(BrokerError::NotFound)
@@ -571,7 +571,7 @@ impl Broker {
                 Ok(())
             }
             None => {
-                let result = self.miss_reason(caller, id).await?;
+                let result = self.miss_reason(caller, id, "delete").await?;
                 self.audit_repeatable(caller, "delete", Some(id), result)
                     .await?;
                 Err(BrokerError::NotFound)
@@ -580,11 +580,16 @@ impl Broker {
     }
 
     /// Why `caller` found no job `id`, for the audit trail (the answer is 404 either way).
-    async fn miss_reason(&self, caller: &Caller, id: &str) -> Result<&'static str, BrokerError> {
+    async fn miss_reason(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: &'static str,
+    ) -> Result<&'static str, BrokerError> {
         Ok(match self.store.job(id).await? {
             None => "not_found",
             Some(row) if row.owner != caller.user => {
-                tracing::warn!(user = ?caller.user, via = caller.via, job = id, "refused: not the owner");
+                tracing::warn!(user = ?caller.user, via = caller.via, job = id, action, "refused: not the owner");
                 "refused_not_owner"
             }
             Some(_) => "expired",

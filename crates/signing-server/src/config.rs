@@ -217,6 +217,27 @@ pub struct Config {
 }
 
 impl Config {
+    /// Checks that every rule's roots can be opened as directories now, as each request opens
+    /// them (`open(O_RDONLY | O_DIRECTORY)`, symlinks followed): a missing root would
+    /// otherwise be found only by the first request under it.
+    ///
+    /// # Errors
+    /// The first rule whose root is missing, not a directory or not readable, with its path.
+    pub fn check_roots(&self) -> Result<(), ConfigError> {
+        for rule in &self.clients {
+            for root in &rule.roots {
+                if let Err(err) = std::fs::read_dir(root) {
+                    return Err(ConfigError(format!(
+                        "client {:?}: root {} cannot be opened as a directory: {err}",
+                        rule.cn,
+                        root.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The rule for a certificate CN (first match; `*` matches any).
     pub fn rule_for(&self, cn: Option<&str>) -> Option<&ClientRule> {
         self.clients
@@ -361,6 +382,29 @@ mod tests {
         assert!(parse(&format!("{BASE}bogus = 1\n")).is_err());
         let command = parse(&format!("{BASE}[[keys]]\ntype = \"command\"\nname = \"aix\"\nprogram = \"/usr/sbin/create_pkgsign\"\nargs = [\"-a\", \"infile={{file}}\", \"{{output}}\"]\nkeyid = \"k1\"\n")).unwrap();
         assert_eq!(command.keys.len(), 2);
+    }
+
+    #[test]
+    fn roots_must_be_directories_the_server_can_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let with_root = |root: &std::path::Path| {
+            parse(&format!(
+                "{BASE}[[clients]]\ncn = \"alice\"\nkey = \"release\"\nroots = [{root:?}]\n"
+            ))
+            .unwrap()
+        };
+        assert!(with_root(dir.path()).check_roots().is_ok());
+        let missing = dir.path().join("missing");
+        let err = with_root(&missing).check_roots().unwrap_err().0;
+        assert!(err.contains("client \"alice\""), "{err}");
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        assert!(err.contains("No such file or directory"), "{err}");
+        let err = with_root(&file).check_roots().unwrap_err().0;
+        assert!(err.contains("Not a directory"), "{err}");
+        // Uploads only: nothing to open.
+        assert!(parse(BASE).unwrap().check_roots().is_ok());
     }
 
     #[test]

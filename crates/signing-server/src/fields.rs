@@ -21,7 +21,8 @@ pub struct Fields {
     pub keyid: String,
     /// When it was signed (RFC 3339 UTC for the built-in signer).
     pub timestamp: String,
-    /// Base64 signature, padded.
+    /// Base64 signature, as the signer made it (Ed448: 152 characters, no `=`; a command's
+    /// line: kept whole, padding included).
     pub signature: String,
 }
 

@@ -689,6 +689,13 @@ async fn launcher_exit_codes() {
     ] {
         let mut run = Running::spawn(broker_run(&daemon, xdg.path(), args));
         assert_eq!(run.exit_code(STEP).await, 64, "{args:?}: {}", run.stderr());
+        if args.iter().any(|arg| arg.contains('{')) {
+            assert!(
+                run.stderr().contains("is not available for an ss"),
+                "{args:?}: {}",
+                run.stderr()
+            );
+        }
     }
     assert!(daemon.client().query().await.unwrap().is_empty());
 
@@ -739,7 +746,11 @@ async fn launcher_exit_codes() {
         .kill_on_drop(true);
     let mut run = Running::spawn(command);
     assert_eq!(run.exit_code(STEP).await, 69);
-    assert!(run.stderr().contains("cannot register"), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("cannot register an ssh job"),
+        "{}",
+        run.stderr()
+    );
 
     // The app's own code passes through; --help teaches and exits 0.
     let mut run = Running::spawn(broker_run(

@@ -65,6 +65,9 @@ enum Command {
     },
 }
 
+/// What a run without `-c` prints.
+const NO_CONFIG_FILE: &str = "no configuration file given: use -c FILE (or set SIGNING_SERVER_CONFIG=FILE); deploy/config/signing-server.example.toml documents every key";
+
 fn keygen(out: &std::path::Path) -> ExitCode {
     let key = Ed448Key::generate();
     let public = out.with_file_name(format!(
@@ -104,14 +107,21 @@ fn main() -> ExitCode {
     if let Some(Command::Keygen { out }) = &args.command {
         return keygen(out);
     }
-    let mut file = match daemon::load_config::<FileConfig>("signing-server", args.config.as_deref())
-    {
+    // Every key the server needs (TLS, signing keys, rules) is in the file: without one, say
+    // so rather than name the first section the defaults lack.
+    let Some(path) = args.config.as_deref() else {
+        return daemon::fail("signing-server", exit::CONFIG, NO_CONFIG_FILE);
+    };
+    let mut file = match daemon::load_config::<FileConfig>("signing-server", Some(path)) {
         Ok(file) => file,
         Err(code) => return code,
     };
     daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
     let log = args.log.or_file(file.log.as_ref());
-    let config = match file.into_config() {
+    let config = match file
+        .into_config()
+        .and_then(|config| config.check_roots().map(|()| config))
+    {
         Ok(mut config) => {
             config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             config

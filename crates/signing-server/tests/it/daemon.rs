@@ -80,6 +80,74 @@ fn check_config_accepts_a_good_file_and_refuses_an_open_key() {
     assert_eq!(check().status.code(), Some(78));
 }
 
+#[test]
+fn without_a_configuration_file_it_says_none_was_given() {
+    for args in [&[][..], &["--check-config"]] {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("SIGNING_SERVER_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("signing-server: no configuration file given: use -c FILE"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("[tls]"), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_root_that_is_not_a_directory_is_refused_at_check_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = setup(dir.path());
+    let pkgs = dir.path().join("pkgs");
+    // A daemon that starts anyway is killed at the deadline and fails the test.
+    let run = |extra: &'static [&'static str]| {
+        let child = tokio::process::Command::new(BIN)
+            .arg("-c")
+            .arg(&config)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        async move {
+            tokio::time::timeout(STEP, child.wait_with_output())
+                .await
+                .expect("the daemon exits at once")
+                .unwrap()
+        }
+    };
+    std::fs::remove_dir(&pkgs).unwrap();
+    for extra in [&["--check-config"][..], &[]] {
+        let out = run(extra).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{extra:?}: {stderr}");
+        let expected = format!(
+            "invalid configuration: client \"alice\": root {} cannot be opened as a directory",
+            pkgs.display()
+        );
+        assert!(stderr.contains(&expected), "{extra:?}: {stderr}");
+        assert!(!dir.path().join("state").exists(), "nothing was opened");
+    }
+    // A file where the root should be: the same.
+    std::fs::write(&pkgs, b"not a directory").unwrap();
+    let out = run(&["--check-config"]).await;
+    assert_eq!(out.status.code(), Some(78));
+    std::fs::remove_file(&pkgs).unwrap();
+    std::fs::create_dir(&pkgs).unwrap();
+    let out = run(&["--check-config"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn the_daemon_serves_a_toml_configuration_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

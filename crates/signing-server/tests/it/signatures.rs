@@ -60,7 +60,11 @@ async fn signatures_verify_with_the_library_and_with_openssl() {
     let openssl = have_openssl();
     let scratch = tempfile::tempdir().unwrap();
     for (name, content) in &contents {
-        let signature = base64_decode(files[name]["signature"].as_str().unwrap());
+        let text = files[name]["signature"].as_str().unwrap();
+        // As docs/signing-server.md says: 152 characters, never a padding `=`.
+        assert_eq!(text.len(), 152, "{name}: {text}");
+        assert!(!text.contains('='), "{name}: {text}");
+        let signature = base64_decode(text);
         assert_eq!(signature.len(), 114, "{name}");
         assert!(
             verify_stream(&key, &signature, &content[..]).unwrap(),

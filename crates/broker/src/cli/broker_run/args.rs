@@ -207,7 +207,7 @@ pub(super) fn check_placeholders(job_type: JobType, app: &[OsString]) -> Result<
         for name in foreign_placeholders(job_type) {
             if arg.contains(&format!("{{{name}}}")) {
                 return Err(format!(
-                    "{{{name}}} is not available for a {job_type} job (in argument {arg:?})"
+                    "{{{name}}} is not available for an {job_type} job (in argument {arg:?})"
                 ));
             }
         }
@@ -226,6 +226,17 @@ mod tests {
         assert!(check_placeholders(JobType::Ssh, &app("--cert={cert}")).is_err());
         assert!(check_placeholders(JobType::Ssl, &app("{secret_file}")).is_err());
         assert!(check_placeholders(JobType::Ssl, &app("{cert} {key} {ca}")).is_ok());
+        assert_eq!(
+            check_placeholders(JobType::Ssh, &app("{cert}")),
+            Err("{cert} is not available for an ssh job (in argument \"{cert}\")".to_owned())
+        );
+        assert_eq!(
+            check_placeholders(JobType::Ssl, &app("{secret_file}")),
+            Err(
+                "{secret_file} is not available for an ssl job (in argument \"{secret_file}\")"
+                    .to_owned()
+            )
+        );
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub async fn run(args: Args) -> Result<u8, Failure> {
         Failure::new(
             save_exit_code(&err),
             format!(
-                "cannot register a {} job with the broker at {}: {err}",
+                "cannot register an {} job with the broker at {}: {err}",
                 args.job_type,
                 args.socket.display()
             ),
