@@ -44,13 +44,77 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     let shutdown = shared.shutdown.clone();
     while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
         let shared = shared.clone();
-        let cred = stream.peer_cred().ok();
-        let pid = cred
+        let connector = Connector::of(&stream);
+        let span = tracing::info_span!("ipc", peer_pid = connector.pid);
+        // Not tracked by the drain: the pipe supervisors are, and they end these connections.
+        tokio::spawn(connection(shared, stream, Via::Path(connector), None).instrument(span));
+    }
+}
+
+/// The process that connected to the path socket, named by a pidfd as well as by its pid.
+///
+/// A pid alone is no proof: once its process exits the kernel hands the number to a later
+/// one. A process could connect, pass the socket to a child and exit, wait for a freshly
+/// spawned pipe to be given its old pid, and check in as that pipe. A pidfd names one process
+/// and no later holder of its pid, so a check-in counts only while the connector itself still
+/// runs, and then no other process can have its pid.
+pub(crate) struct Connector {
+    pid: Option<u32>,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Connector {
+    /// Names the peer of an accepted connection. Since Linux 6.5 the kernel hands out a pidfd
+    /// of the very process that called `connect` (`SO_PEERPIDFD`); before that, a pidfd is
+    /// opened for the peer's pid at accept, which names whoever holds that pid now, a few
+    /// microseconds after the connect.
+    pub(crate) fn of(stream: &UnixStream) -> Self {
+        let pid = stream
+            .peer_cred()
+            .ok()
             .and_then(|c| c.pid())
             .and_then(|p| u32::try_from(p).ok());
-        let span = tracing::info_span!("ipc", peer_pid = pid);
-        // Not tracked by the drain: the pipe supervisors are, and they end these connections.
-        tokio::spawn(connection(shared, stream, CheckInVia::Path(pid), None).instrument(span));
+        let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd)
+            .ok()
+            .or_else(|| {
+                let raw = rustix::process::Pid::from_raw(i32::try_from(pid?).ok()?)?;
+                rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()).ok()
+            });
+        Self { pid, pidfd }
+    }
+
+    /// The connector's pid while it still runs; `None` once it has exited (its pid may now
+    /// be another process's) or when it could not be named at all.
+    pub(crate) fn live_pid(&self) -> Option<u32> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let pidfd = self.pidfd.as_ref()?;
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // A pidfd polls readable once its process has exited.
+        match rustix::event::poll(&mut fds, Some(&now)) {
+            Ok(0) => self.pid,
+            _ => None,
+        }
+    }
+}
+
+/// How a connection may check in: on a pipe's own descriptor, or on the path socket as the
+/// process that connected.
+enum Via {
+    Descriptor(PipeId),
+    Path(Connector),
+}
+
+impl Via {
+    /// What the hub checks now: a path connector counts only while it runs.
+    fn now(&self) -> CheckInVia {
+        match self {
+            Via::Descriptor(id) => CheckInVia::Descriptor(*id),
+            Via::Path(connector) => CheckInVia::Path(connector.live_pid()),
+        }
     }
 }
 
@@ -63,7 +127,7 @@ pub(crate) async fn on_descriptor(
     stream: UnixStream,
     checked_in: CancellationToken,
 ) {
-    connection(shared, stream, CheckInVia::Descriptor(id), Some(checked_in)).await;
+    connection(shared, stream, Via::Descriptor(id), Some(checked_in)).await;
 }
 
 /// One pipe connection, from its check-in to its end. `elsewhere`, for a pipe's descriptor,
@@ -72,7 +136,7 @@ pub(crate) async fn on_descriptor(
 async fn connection(
     shared: Arc<Shared>,
     stream: UnixStream,
-    via: CheckInVia,
+    via: Via,
     elsewhere: Option<CancellationToken>,
 ) {
     let max = shared.config.limits.max_ipc_frame_bytes;
@@ -106,7 +170,7 @@ async fn connection(
             return;
         }
     };
-    let descriptor = matches!(via, CheckInVia::Descriptor(_));
+    let descriptor = matches!(via, Via::Descriptor(_));
     let (protocol, frame) = match checkin {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return,
@@ -135,7 +199,7 @@ async fn connection(
     // check-in deadline.
     let started = tokio::time::Instant::now();
     let first = loop {
-        match shared.hub.check_in(id, via, tx.clone()) {
+        match shared.hub.check_in(id, via.now(), tx.clone()) {
             Ok(first) => break first,
             Err(CheckInError::Starting(_))
                 if started.elapsed() < shared.config.limits.pipe_checkin_timeout() =>
@@ -143,6 +207,16 @@ async fn connection(
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             Err(err) => {
+                if let Via::Path(connector) = &via {
+                    if connector.pid.is_some() && connector.live_pid().is_none() {
+                        tracing::warn!(
+                            pipe_id = id,
+                            "ipc check-in refused: the process that connected has exited, \
+                             so its pid proves nothing"
+                        );
+                        return;
+                    }
+                }
                 tracing::warn!(err = %common::log::Escaped(&err), "ipc check-in refused");
                 return;
             }
@@ -283,5 +357,67 @@ async fn route(shared: &Arc<Shared>, owner: ClientId, id: PipeId, frame: Frame) 
         if shared.hub.owner(id).is_none() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small program that connects to `path`; with `hand_over`, it forks, the child keeps
+    /// the socket and the connector itself exits, as the attacker's did.
+    fn connect_from_python(path: &std::path::Path, hand_over: bool) -> std::process::Child {
+        let script = "import os, socket, sys, time\n\
+                      s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+                      s.connect(sys.argv[1])\n\
+                      if sys.argv[2] == '1' and os.fork() != 0:\n    os._exit(0)\n\
+                      time.sleep(5)\n";
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(path)
+            .arg(if hand_over { "1" } else { "0" })
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs")
+    }
+
+    /// The pid-reuse attack: the connector passed its socket on and exited. Its pid (which
+    /// the kernel reports for the socket and which a freshly spawned pipe could be given next)
+    /// must no longer count, though the socket is still open in another process.
+    #[tokio::test]
+    async fn a_connector_that_has_exited_is_not_a_live_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ipc.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+
+        let mut handed = connect_from_python(&path, true);
+        let (stream, _) = listener.accept().await.expect("accept");
+        let connector = Connector::of(&stream);
+        assert_eq!(
+            connector.pid,
+            Some(handed.id()),
+            "the kernel names the connector"
+        );
+        assert!(
+            handed.wait().expect("wait").success(),
+            "the connector exits"
+        );
+        // The socket is still held (by the connector's child), yet the connector is gone.
+        assert_eq!(connector.live_pid(), None);
+
+        let mut stays = connect_from_python(&path, false);
+        let (stream, _) = listener.accept().await.expect("accept");
+        let connector = Connector::of(&stream);
+        assert_eq!(connector.live_pid(), Some(stays.id()));
+        stays.kill().expect("kill");
+        stays.wait().expect("wait");
+        testkit::until(
+            "the killed connector no longer counts",
+            std::time::Duration::from_secs(5),
+            || connector.live_pid().is_none(),
+        )
+        .await;
+        drop(stream);
     }
 }
