@@ -64,7 +64,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tls::install_default_provider();
-    let Args { log, command } = Args::parse();
+    let Args { log, command } = common::cli::parse(Args::try_parse);
     common::daemon::run_daemon("mtls-echo", &log, || async move {
         let result = run(command)
             .await

@@ -76,7 +76,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     let file = match daemon::load_config::<FileConfig>("ws-proxy", args.config.as_deref()) {
         Ok(file) => file,
         Err(code) => return code,

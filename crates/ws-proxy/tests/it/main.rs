@@ -17,3 +17,4 @@ mod revocation;
 mod status;
 mod support;
 mod timers;
+mod usage;

@@ -12,8 +12,8 @@ use super::args::Conn;
 
 /// Exit status: a signature did not verify, or the server refused a file or a request.
 pub(crate) const REJECTED: u8 = 1;
-/// Exit status: bad flags (clap's own).
-pub(crate) const USAGE: u8 = 2;
+/// Exit status: bad usage (64, as for bad flags).
+pub(crate) const USAGE: u8 = exit::USAGE;
 /// Exit status: the server's answer made no sense.
 pub(crate) const PROTOCOL: u8 = 76;
 
