@@ -139,7 +139,7 @@ mod tests {
     fn failures_exit_with_the_codes_the_help_lists() {
         let code = |failure: Failure| failure.exit_code();
         assert_eq!(code(Failure::Rejected(String::new())), 1);
-        assert_eq!(code(Failure::Usage(String::new())), 2);
+        assert_eq!(code(Failure::Usage(String::new())), 64);
         assert_eq!(code(Failure::Input(String::new())), 65);
         assert_eq!(code(Failure::Connect(String::new())), 69);
         assert_eq!(code(Failure::Io(String::new())), 74);
