@@ -687,10 +687,8 @@ async fn ssl(
     let (tls, identity) = match common::tls::accept(&acceptor, stream, left).await {
         Ok(accepted) => accepted,
         // A port probe (or `connect --host`'s readiness check) closes before its ClientHello.
-        Err(common::tls::TlsError::Handshake(err))
-            if err.kind() == std::io::ErrorKind::UnexpectedEof =>
-        {
-            debug!(%peer, "gate: closed before the tls handshake");
+        Err(common::tls::TlsError::Closed) => {
+            debug!(%peer, "gate: closed probe: closed before the tls handshake finished");
             return;
         }
         Err(err) => {

@@ -31,7 +31,8 @@ leaves B.pkeycert.pem (certificate chain then key, mode 0600) and, when the issu
 intermediate, B.chain.pem (leaf then intermediates). Keys are unencrypted PKCS#8.
 
 Exit status: 0 success, 64 usage error, 66 an input file is missing or unreadable,
-73 an output file exists and --force-overwrite was not given, 1 anything else.";
+73 an output file exists and --force-overwrite was not given, 141 stdout was closed early
+(`certgen inspect ... | head -1`), 1 anything else.";
 
 /// Make and inspect the X.509 certificates, keys and CRLs the daemons use.
 ///

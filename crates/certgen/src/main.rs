@@ -26,23 +26,13 @@ use common::cli::Failure;
 
 use crate::cli::{Cli, Command};
 
-/// Usage error (BSD sysexits EX_USAGE).
-const EXIT_USAGE: u8 = 64;
 /// An input file is missing or unreadable (EX_NOINPUT).
 const EXIT_NO_INPUT: u8 = 66;
 /// An output file exists or cannot be created (EX_CANTCREAT).
 const EXIT_CANT_CREATE: u8 = 73;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            // --help and --version also arrive here, on stdout and meaning success.
-            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
-            let _ = err.print();
-            return ExitCode::from(code);
-        }
-    };
+    let cli = common::cli::parse(Cli::try_parse);
     let result = run(&cli).map_err(|err| Failure::new(exit_code(&err), err));
     ExitCode::from(common::cli::conclude("certgen", result))
 }

@@ -504,9 +504,17 @@ impl fmt::Debug for Stranger {
 impl Stranger {
     /// Logs a failed handshake: every one at debug, and at most one info line per
     /// [`WARN_INTERVAL`] with how many failed, so strangers cannot flood the log (and push
-    /// the daemon's real lines out of journald's rate limit).
+    /// the daemon's real lines out of journald's rate limit). A closed probe (a port probe:
+    /// the peer closed before the handshake finished) is not a failure: one debug line.
     fn failed(&self, err: &TlsError) {
         let inner = &self.admission.inner;
+        if matches!(err, TlsError::Closed) {
+            tracing::debug!(
+                listener = inner.name,
+                "closed probe: closed before the tls handshake finished"
+            );
+            return;
+        }
         tracing::debug!(listener = inner.name, err = %crate::log::Escaped(err), "tls handshake failed");
         if let Some(failed) = inner.warn_failed.note(Instant::now()) {
             tracing::info!(

@@ -2,22 +2,104 @@
 //! the tool's `run` function on it, print its failure as `name: error` and turn the outcome into
 //! the process's exit code.
 //!
-//! The exit-code rule lives here and nowhere else:
+//! The exit-code rule lives here and nowhere else (`docs/ARCHITECTURE.md`, "Exit codes"):
+//! - the command line is parsed by [`parse`], the first call of every binary's `main`
+//!   (daemons too): `--help` and `--version` print on stdout and exit 0; a usage error prints
+//!   clap's own message on stderr and exits 64 (`EX_USAGE`), not clap's 2;
 //! - success is the code the tool's outcome names ([`Outcome`]: `()` is 0, a `u8` is itself, so
 //!   `verify` can answer 1 for "not valid" without it being an error);
 //! - a failure is printed once on stderr, as `name: error` with its causes (`{:#}`), and exits
 //!   with its [`Report::exit_code`]: a sysexits code from [`crate::exit`], or 1 for a
 //!   plain [`anyhow::Error`] (benchmarks, helpers with nothing more precise to say);
-//! - a runtime that cannot be built exits 70 (`EX_SOFTWARE`).
+//! - a runtime that cannot be built exits 70 (`EX_SOFTWARE`);
+//! - a closed stdout (the reader of a pipe went away, as `head` does) ends the tool quietly
+//!   with 141 ([`exit::PIPE`], what a shell reports for a process killed by SIGPIPE): a
+//!   `println!` that fails with EPIPE, or any failure while stdout is closed, prints nothing.
+//!   SIGPIPE itself stays ignored (Rust's default), so a write to a socket whose peer left is
+//!   an error the tool reports, never a silent death.
 //!
 //! Daemons go through [`crate::daemon::run_daemon`], which shares [`Flavor`] and the runtime
 //! builder with this module.
 
 use std::fmt;
 use std::future::Future;
+use std::io::Write as _;
+use std::os::fd::AsFd as _;
 use std::process::ExitCode;
+use std::sync::Once;
+
+use clap::error::ErrorKind;
 
 use crate::exit;
+
+/// Parses the command line: the first call of every binary's `main`, as
+/// `let args = common::cli::parse(Args::try_parse);` (or a closure around
+/// `Args::try_parse_from`).
+///
+/// `--help` and `--version` print on stdout and exit 0; any other error prints clap's message
+/// on stderr and exits 64 ([`exit::USAGE`]). It first installs the closed-stdout rule of this
+/// module (a `println!` that fails with EPIPE exits 141 quietly instead of panicking), so every
+/// binary has it from its first line.
+pub fn parse<T>(parse: impl FnOnce() -> Result<T, clap::Error>) -> T {
+    exit_quietly_on_closed_stdout();
+    match parse() {
+        Ok(args) => args,
+        Err(err) => {
+            let code = usage(&err);
+            let _ = std::io::stdout().flush();
+            std::process::exit(i32::from(code));
+        }
+    }
+}
+
+/// Prints a clap error where clap would (help and version on stdout, the rest on stderr) and
+/// returns its exit code: 0 for `--help` and `--version`, 64 ([`exit::USAGE`]) for the rest.
+pub fn usage(err: &clap::Error) -> u8 {
+    let _ = err.print();
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+        _ => exit::USAGE,
+    }
+}
+
+/// Whether stdout is a pipe or socket whose reader has gone (poll reports an error or a hang
+/// up on it): what a `head` at the other end leaves behind.
+#[must_use]
+pub fn stdout_closed() -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let stdout = std::io::stdout();
+    let fd = stdout.as_fd();
+    let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&now)), Ok(1))
+        && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
+}
+
+/// Makes the panic of a `println!` on a closed stdout (std's "failed printing to stdout")
+/// exit with [`exit::PIPE`] and no message, in whichever thread it happens; every other
+/// panic goes to the previous hook. Installed once by [`parse`].
+fn exit_quietly_on_closed_stdout() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied());
+            if message.is_some_and(|m| m.starts_with("failed printing to stdout"))
+                && stdout_closed()
+            {
+                std::process::exit(i32::from(exit::PIPE));
+            }
+            previous(info);
+        }));
+    });
+}
 
 /// Which tokio runtime a tool runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -180,10 +262,14 @@ where
     ExitCode::from(conclude(name, result))
 }
 
-/// The exit code of a finished tool, its failure printed on stderr.
+/// The exit code of a finished tool, its failure printed on stderr; a failure while stdout is
+/// closed ([`stdout_closed`]) prints nothing and exits 141 ([`exit::PIPE`]).
 pub fn conclude<T: Outcome, E: Report>(name: &str, result: Result<T, E>) -> u8 {
     match result {
         Ok(outcome) => outcome.exit_code(),
+        // The reader went away: nothing more was asked for, as with a process that SIGPIPE
+        // killed. The tool's write error (or whatever failed after) is not news to anyone.
+        Err(_) if stdout_closed() => exit::PIPE,
         Err(failure) => {
             if failure.prefixed() {
                 eprintln!("{name}: {failure:#}");

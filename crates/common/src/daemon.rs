@@ -39,6 +39,8 @@ pub struct LogArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
     pub log_format: LogFormat,
     /// Log filter, e.g. `info`, or `info,<crate>=debug` for one crate (overrides `RUST_LOG`).
+    /// rustls's SNI warnings (a client naming an IP address) are errors-only unless the filter
+    /// names `rustls`.
     #[arg(long = "log", value_name = "FILTER", global = true)]
     pub log_filter: Option<String>,
 }
@@ -56,18 +58,40 @@ impl LogArgs {
     }
 }
 
+/// rustls warns "Illegal SNI extension: ignoring IP address presented as hostname" for every
+/// client that dials an IP address and names it in SNI (curl, Python, `openssl s_client` do;
+/// RFC 6066 forbids it, rustls ignores it): expected input, not a warning. The module that
+/// logs it (and its other SNI complaints, which strangers can repeat at will) is lowered to
+/// errors unless the filter names a `rustls` target itself.
+const QUIET_RUSTLS_SNI: &str = "rustls::msgs::handshake=error";
+
+/// `filter` with [`QUIET_RUSTLS_SNI`] added, unless one of its directives names rustls.
+fn quiet_rustls_sni(filter: &str) -> String {
+    let names_rustls = filter
+        .split(',')
+        .any(|directive| directive.trim().starts_with("rustls"));
+    match filter.trim() {
+        _ if names_rustls => filter.to_owned(),
+        "" => QUIET_RUSTLS_SNI.to_owned(),
+        _ => format!("{filter},{QUIET_RUSTLS_SNI}"),
+    }
+}
+
 /// Sets up the global tracing subscriber; call once, first thing in `main`.
 ///
-/// The filter is `filter`, else `RUST_LOG`, else `default_filter`.
+/// The filter is `filter`, else `RUST_LOG`, else `default_filter`; whichever it is, rustls's
+/// SNI warnings are lowered to errors unless it names a `rustls` target
+/// ([`QUIET_RUSTLS_SNI`]).
 ///
 /// # Errors
 /// An invalid filter directive.
 pub fn init_tracing(args: &LogArgs, default_filter: &str) -> anyhow::Result<()> {
     let filter = match &args.log_filter {
-        Some(filter) => EnvFilter::try_new(filter)?,
-        None => {
-            EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default_filter))?
-        }
+        Some(filter) => EnvFilter::try_new(quiet_rustls_sni(filter))?,
+        None => std::env::var(EnvFilter::DEFAULT_ENV)
+            .ok()
+            .and_then(|env| EnvFilter::try_new(quiet_rustls_sni(&env)).ok())
+            .map_or_else(|| EnvFilter::try_new(quiet_rustls_sni(default_filter)), Ok)?,
     };
     let format = match args.log_format {
         LogFormat::Auto if std::env::var_os("JOURNAL_STREAM").is_some() => LogFormat::Journal,
@@ -647,7 +671,9 @@ impl Signals {
 /// Runs the signal loop of a daemon's `main` until SIGTERM or SIGINT, then drains.
 ///
 /// Sends `READY=1` first; on SIGHUP calls `reload` between `RELOADING=1` and `READY=1` and logs
-/// the outcome (a failed reload keeps the old state, which `reload` must guarantee). On a stop
+/// the outcome (a failed reload keeps the old state, which `reload` must guarantee). What was
+/// reloaded is logged by what reloaded it ([`crate::tls::ServerTls::reload`] names its files);
+/// this line says only that the reload is over and that the configuration file was not read. On a stop
 /// signal it sends `STOPPING=1`, triggers `shutdown` and waits up to `grace` for its tasks.
 /// Returns whether the drain finished in time.
 pub async fn supervise<R>(
@@ -679,7 +705,8 @@ where
             _ = hup.recv() => {
                 systemd::reloading();
                 match reload() {
-                    Ok(()) => tracing::info!("reloaded certificates and configuration"),
+                    // What was reloaded is logged where it was (`ServerTls::reload`).
+                    Ok(()) => tracing::info!("reload done; the configuration file is read only at start"),
                     Err(err) => tracing::error!(err = format!("{err:#}"), "reload failed; keeping the previous material"),
                 }
                 systemd::ready(ready_status);
@@ -754,6 +781,23 @@ mod tests {
     struct Sample {
         port: u16,
         name: String,
+    }
+
+    #[test]
+    fn rustls_sni_warnings_are_quiet_unless_the_filter_names_rustls() {
+        for (filter, expected) in [
+            ("info", "info,rustls::msgs::handshake=error"),
+            (
+                "warn,broker=debug",
+                "warn,broker=debug,rustls::msgs::handshake=error",
+            ),
+            ("", "rustls::msgs::handshake=error"),
+            ("info,rustls=warn", "info,rustls=warn"),
+            ("info,rustls::msgs=trace", "info,rustls::msgs=trace"),
+        ] {
+            assert_eq!(quiet_rustls_sni(filter), expected, "{filter:?}");
+            assert!(EnvFilter::try_new(quiet_rustls_sni(filter)).is_ok());
+        }
     }
 
     #[test]

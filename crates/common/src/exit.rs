@@ -21,3 +21,7 @@ pub const IOERR: u8 = 74;
 pub const NOPERM: u8 = 77;
 /// The configuration file is invalid.
 pub const CONFIG: u8 = 78;
+/// Not sysexits: stdout was closed by its reader (EPIPE), the tool stopped quietly. 128 + 13,
+/// what a shell reports for a process killed by SIGPIPE, so `set -o pipefail` scripts see the
+/// same code as for any other program.
+pub const PIPE: u8 = 141;

@@ -103,6 +103,10 @@ pub enum TlsError {
     /// The handshake failed.
     #[error("tls handshake: {0}")]
     Handshake(io::Error),
+    /// The peer closed the connection before the handshake finished, without a TLS alert:
+    /// a port probe (a health check, `nc -z`, a scanner), not a failed handshake.
+    #[error("closed probe: the peer closed the connection before the tls handshake finished")]
+    Closed,
     /// The stranger pool was full and this connection, still in its handshake, was the
     /// oldest one of the busiest source address (or, between equals, of at least
     /// `common::admission::EVICT_MIN_AGE`): closed for a newcomer.
@@ -325,7 +329,9 @@ impl ServerTls {
         })
     }
 
-    /// Rebuilds the configuration from disk; on error the previous one stays in use.
+    /// Rebuilds the configuration from disk; on error the previous one stays in use. A
+    /// success is logged at info with the files it read, so every daemon says the same about
+    /// what a reload reloaded.
     ///
     /// # Errors
     /// As [`ServerTls::load`]; the running configuration is untouched.
@@ -336,6 +342,14 @@ impl ServerTls {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *current = built;
+        drop(current);
+        tracing::info!(
+            cert = ?self.files.cert,
+            key = ?self.files.key,
+            client_ca = ?self.files.client_ca,
+            crls = self.files.crls.len(),
+            "reloaded certificates: the server certificate and key, the client CA bundle and the CRLs"
+        );
         Ok(())
     }
 
@@ -849,7 +863,8 @@ impl rustls::client::danger::ServerCertVerifier for ServerCheck {
 /// Runs a server handshake under `deadline` and returns the stream and the verified peer.
 ///
 /// # Errors
-/// [`TlsError::HandshakeTimeout`] or [`TlsError::Handshake`].
+/// [`TlsError::HandshakeTimeout`], [`TlsError::Closed`] (the peer closed before the handshake
+/// finished: a port probe) or [`TlsError::Handshake`].
 pub async fn accept<IO>(
     acceptor: &TlsAcceptor,
     io: IO,
@@ -861,7 +876,15 @@ where
     let stream = tokio::time::timeout(deadline, acceptor.accept(io))
         .await
         .map_err(|_| TlsError::HandshakeTimeout(deadline))?
-        .map_err(TlsError::Handshake)?;
+        .map_err(|err| {
+            // tokio-rustls's end of input before the handshake finished; a peer that gave up
+            // with an alert, or sent garbage, is a rustls error (InvalidData) instead.
+            if err.kind() == io::ErrorKind::UnexpectedEof {
+                TlsError::Closed
+            } else {
+                TlsError::Handshake(err)
+            }
+        })?;
     let peer = peer_identity(stream.get_ref().1);
     Ok((stream, peer))
 }

@@ -12,6 +12,8 @@
 //!   process.
 //! - [`timers`]: timer tests at the defaults: when a connection was cut, and whether that was
 //!   about at its default.
+//! - [`usage`]: the command-line rules of every binary: a bad flag exits 64 with clap's
+//!   message, `--help` exits 0, a closed stdout exits 141 quietly.
 //!
 //! Nothing here is used by a shipped binary.
 
@@ -21,6 +23,7 @@ pub mod logs;
 pub mod pki;
 pub mod poll;
 pub mod timers;
+pub mod usage;
 
 pub use daemon::{Spawned, init_tracing, spawn_tcp};
 pub use pki::{Attr, Leaf, TestPki, test_pki};

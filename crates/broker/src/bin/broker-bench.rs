@@ -7,6 +7,6 @@ use clap::Parser;
 use common::cli::Flavor;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     common::cli::run("broker-bench", Flavor::Workers(2), || run(args))
 }

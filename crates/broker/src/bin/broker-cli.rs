@@ -9,6 +9,7 @@ use common::cli::Flavor;
 
 fn main() -> ExitCode {
     // The original's -q, -l JOB, -s TYPE, -v JOB become subcommands first.
-    let args = Args::parse_from(rewrite_aliases(std::env::args_os().collect()));
+    let args =
+        common::cli::parse(|| Args::try_parse_from(rewrite_aliases(std::env::args_os().collect())));
     common::cli::run("broker-cli", Flavor::MultiThread, || run(args))
 }

@@ -24,7 +24,7 @@ use common::tls::{ClientAuth, ServerTls};
 /// Signals: SIGHUP reloads the HTTPS certificate, key, client CA and CRLs; SIGTERM or SIGINT
 /// stops accepting and lets running requests finish (drain_grace_secs).
 ///
-/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration
+/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration
 /// (including a port range overlapping the kernel's ephemeral range), 69 cannot open the
 /// store or the CA, load the HTTPS material or bind, 70 requests still running after the
 /// grace period.
@@ -84,7 +84,7 @@ fn hostname() -> String {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     let mut file = match daemon::load_config::<FileConfig>("broker", args.config.as_deref()) {
         Ok(file) => file,
         Err(code) => return code,

@@ -204,9 +204,9 @@ async fn original_short_flags_work() {
     assert_eq!(code(&out), 64, "{}", stderr(&out));
     assert!(stderr(&out).contains("stdin"), "{}", stderr(&out));
     assert!(!stderr(&out).contains(&secret));
-    // A bad type is clap's usage error.
+    // A bad type is clap's usage error: 64, as every bad flag (common::cli::parse).
     let out = run(cli(&daemon), &["-s", "tls"], None).await;
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
     daemon.stop().await;
 }
 

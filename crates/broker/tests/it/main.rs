@@ -13,3 +13,4 @@ mod logs;
 mod revocation;
 mod run;
 mod timers;
+mod usage;

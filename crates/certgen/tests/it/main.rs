@@ -6,6 +6,7 @@
 mod crl;
 mod dev_pki;
 mod issue;
+mod usage;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,4 +1,5 @@
-//! A line-echo server and client over mutual TLS, built only from `common::tls`.
+//! A line-echo server and client over mutual TLS, built only from `common` (`tls`,
+//! `admission`, `daemon`).
 //!
 //! `scripts/demo` uses it to show a TLS round trip between two endpoints with mutual
 //! authentication: `serve` prints `listening on ADDR` and echoes one line per connection;
@@ -13,11 +14,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use common::admission::{Admission, Limits};
 use common::cli::Failure;
 use common::daemon::{Shutdown, exit};
 use common::tls::{self, ClientAuth, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Authenticated connections served at once.
+const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Parser)]
 struct Args {
@@ -64,7 +69,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tls::install_default_provider();
-    let Args { log, command } = Args::parse();
+    let Args { log, command } = common::cli::parse(Args::try_parse);
     common::daemon::run_daemon("mtls-echo", &log, || async move {
         let result = run(command)
             .await
@@ -140,23 +145,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// Accepts through the front door every daemon uses (`common::admission`), which also logs
+/// failed handshakes and closed probes the way every daemon does.
 async fn serve(listener: TcpListener, server: Arc<ServerTls>, shutdown: Shutdown) {
+    let door = Admission::new(
+        "mtls-echo",
+        Limits::new(MAX_CONNECTIONS, tls::DEFAULT_HANDSHAKE_TIMEOUT),
+    );
     let mut backoff = common::daemon::AcceptBackoff::default();
     while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
+        let Ok(stranger) = door.stranger(peer) else {
+            continue;
+        };
         let acceptor = server.acceptor();
         shutdown.spawn(async move {
-            match tls::accept(&acceptor, stream, tls::DEFAULT_HANDSHAKE_TIMEOUT).await {
-                Ok((stream, identity)) => {
-                    let who = identity.map(|id| id.to_string()).unwrap_or_default();
-                    let (read, mut write) = tokio::io::split(stream);
-                    let mut line = String::new();
-                    if BufReader::new(read).read_line(&mut line).await.is_ok() {
-                        let reply = format!("{} (client {who})\n", line.trim_end());
-                        let _ = write.write_all(reply.as_bytes()).await;
-                        let _ = write.shutdown().await;
-                    }
-                }
-                Err(err) => tracing::info!(%peer, %err, "refused"),
+            let Ok((stream, identity, _slot)) = stranger.accept_tls(&acceptor, stream).await else {
+                return;
+            };
+            let who = identity.map(|id| id.to_string()).unwrap_or_default();
+            let (read, mut write) = tokio::io::split(stream);
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_ok() {
+                let reply = format!("{} (client {who})\n", line.trim_end());
+                let _ = write.write_all(reply.as_bytes()).await;
+                let _ = write.shutdown().await;
             }
         });
     }

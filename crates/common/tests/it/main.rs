@@ -4,3 +4,4 @@
 mod admission;
 mod daemon;
 mod tls;
+mod usage;

@@ -267,6 +267,39 @@ async fn silent_client_hits_the_handshake_deadline() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// A peer that closes before the handshake finished is a probe (`TlsError::Closed`), whether it
+/// sent nothing or half a ClientHello; bytes that are not TLS are a failed handshake.
+#[tokio::test]
+async fn a_peer_that_closes_early_is_a_closed_probe_and_garbage_is_a_failed_handshake() {
+    tls::install_default_provider();
+    let pki = test_pki();
+    let files = server_files(
+        &pki.server.cert_path,
+        &pki.server.key_path,
+        ClientAuth::Required,
+        false,
+    );
+    let acceptor = ServerTls::load(files).unwrap().acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    for (sent, closed) in [
+        (&b""[..], true),
+        (&[0x16, 3, 1, 0, 200, 1][..], true),
+        (&b"GET / HTTP/1.1\r\n\r\n"[..], false),
+    ] {
+        let mut peer = TcpStream::connect(addr).await.unwrap();
+        peer.write_all(sent).await.unwrap();
+        peer.shutdown().await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let err = tls::accept(&acceptor, stream, DEADLINE).await.unwrap_err();
+        assert_eq!(
+            matches!(err, tls::TlsError::Closed),
+            closed,
+            "{sent:?}: {err:?}"
+        );
+    }
+}
+
 #[test]
 fn pkeycert_file_holds_both_certificate_and_key() {
     let pki = test_pki();

@@ -7,6 +7,6 @@ use common::cli::Flavor;
 use remo_serv::cli::admin::{self, Args};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     common::cli::run("remo-admin", Flavor::CurrentThread, || admin::run(args))
 }

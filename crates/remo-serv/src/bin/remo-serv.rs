@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 /// Signals: SIGHUP reloads the HTTPS certificate and key; SIGTERM or SIGINT stops accepting,
 /// lets running requests finish (drain-grace) and terminates interactive commands.
 ///
-/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration, 66 key file unreadable,
+/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration, 66 key file unreadable,
 /// 69 cannot bind, open the user database or load TLS, 70 requests still running after the
 /// grace period.
 #[derive(Debug, Parser)]
@@ -89,7 +89,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     let mut file = match daemon::load_config::<FileConfig>("remo-serv", args.conf.as_deref()) {
         Ok(file) => file,
         Err(code) => return code,

@@ -18,7 +18,7 @@ use crate::users::{UserError, Users, admin_db_path};
 /// private key, PBES2-encrypted when a passphrase is given) and PREFIX.pem (the public key);
 /// `useradd` stores a public key PEM in the SQLite user database.
 ///
-/// Exit codes: 0 done, 2 bad flags, 65 bad key file, 66 missing input, 73 output exists,
+/// Exit codes: 0 done, 64 bad flags, 65 bad key file, 66 missing input, 73 output exists,
 /// 69 database unavailable, 1 the user exists or does not.
 #[derive(Debug, Parser)]
 #[command(

@@ -19,7 +19,7 @@ use crate::keys::{KeyError, PrivateKey, PublicKey};
 /// --passphrase-file, else REMO_PASSPHRASE, else a prompt.
 ///
 /// Exit codes: `exec` exits with the remote command's status; otherwise 0 done,
-/// 2 bad flags, 64 no user name, 66 remote file (or local key file) missing, 65 request
+/// 64 bad flags or no user name, 66 remote file (or local key file) missing, 65 request
 /// refused as invalid (4xx),
 /// 69 server unreachable or failing (5xx), 74 local I/O error (a missing local file for
 /// `put` too), 76 protocol error,

@@ -15,6 +15,7 @@
 //! - `original`: our client against the original server's framing and upload limits;
 //! - `python`: the independent Python client;
 //! - `timers`: every timer whose default fits a test, at that default, both ways;
+//! - `usage`: bad flags exit 64, and a closed stdout ends `remo-admin` quietly;
 //! - `unverified`: limits on unverified work: body deadlines and budget, login rate and
 //!   per-user cap, no takeover by cookie, one run per token, equal cost for unknown users.
 
@@ -34,3 +35,4 @@ mod protocol;
 mod python;
 mod timers;
 mod unverified;
+mod usage;

@@ -8,7 +8,7 @@ use common::cli::Flavor;
 use secure_talk::cli::bench::{self, Args};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     common::cli::run("secure-talk-bench", Flavor::MultiThread, || {
         bench::run(args)
     })

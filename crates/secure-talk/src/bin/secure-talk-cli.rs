@@ -9,6 +9,6 @@ use common::cli::Flavor;
 use secure_talk::cli::talk::{self, Args};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     common::cli::run("secure-talk-cli", Flavor::Workers(2), || talk::run(args))
 }

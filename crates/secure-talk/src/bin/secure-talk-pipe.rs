@@ -12,7 +12,7 @@ use tracing::Instrument as _;
 const NAME: &str = "secure-talk-pipe";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     // First, before this process opens any descriptor of its own: the number is then still
     // the inherited one (see `take_inherited_socket`).
     let inherited = args.ipc_fd.map(|fd| (fd, pipe::take_inherited_socket(fd)));

@@ -74,7 +74,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     if let Some(Command::GenTokenKey { path }) = &args.command {
         return match Tokens::write_key_file(path) {
             Ok(()) => {

@@ -145,11 +145,11 @@ async fn token_echo_and_exit_codes() {
             .is_some_and(|t| t.contains("has no pipes yet")),
         "{line}"
     );
-    // Bad JSON: 65, before connecting. Bad usage: 2. No server: 69.
+    // Bad JSON: 65, before connecting. Bad flags: 64 (common::cli::parse). No server: 69.
     let property = run(&mut unix(&server, cwd.path()), &["property", "1", "{nope"]).await;
     assert_status(&property, 65);
     let usage = run(&mut unix(&server, cwd.path()), &["create", "--pipes", "0"]).await;
-    assert_status(&usage, 2);
+    assert_status(&usage, 64);
     let nowhere = run(
         &mut cli(cwd.path()),
         &[

@@ -21,7 +21,8 @@
 //! - `daemon`: the `secure-talk` binary;
 //! - `pipe_program`: the `secure-talk-pipe` binary against a fake daemon;
 //! - `python`: the independent Python client;
-//! - `timers`: every timer at its default value, both ways.
+//! - `timers`: every timer at its default value, both ways;
+//! - `usage`: bad flags exit 64 in every binary.
 
 #![allow(
     clippy::unwrap_used,
@@ -47,3 +48,4 @@ mod tls;
 mod tokens;
 mod unix;
 mod uploads;
+mod usage;

@@ -7,6 +7,6 @@ use common::cli::Flavor;
 use signing_server::cli::bench::{self, Args};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     common::cli::run("signing-bench", Flavor::MultiThread, || bench::run(args))
 }

@@ -7,6 +7,6 @@ use common::cli::Flavor;
 use signing_server::cli::client::{self, Args};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     common::cli::run("signing-client", Flavor::Workers(2), || client::run(args))
 }

@@ -27,7 +27,7 @@ use signing_server::service::Service;
 /// Signals: SIGHUP reloads the TLS certificate, key, client CA and CRLs; SIGTERM or SIGINT
 /// stops accepting and lets running requests finish (drain_grace_secs).
 ///
-/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration,
+/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration,
 /// 66 a signing key cannot be loaded (missing, not Ed448, or readable by others), 69 cannot
 /// bind, open the audit database or load TLS, 70 requests still running after the grace
 /// period, 73 keygen cannot create its files.
@@ -103,7 +103,7 @@ fn keygen(out: &std::path::Path) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     if let Some(Command::Keygen { out }) = &args.command {
         return keygen(out);
     }

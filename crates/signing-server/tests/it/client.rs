@@ -246,9 +246,9 @@ async fn refusals_and_failures_have_their_exit_codes() {
     let run = client(&server, As::Home(empty.path()), cwd, &["pkgs"]).await;
     assert_eq!(run.code, 65, "{run:?}");
     assert!(run.stderr.contains("signing-ca.crt"), "{run:?}");
-    // A subcommand after the flags would be sent as a path.
+    // A subcommand after the flags would be sent as a path: a usage error (64).
     let run = client(&server, alice, cwd, &["--json", "keys"]).await;
-    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.code, 64, "{run:?}");
     // Nothing answers on this port.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port().to_string();

@@ -18,7 +18,8 @@
 //!   (413) uploads;
 //! - `revocation`: a certificate revoked after the handshake on a live connection, and
 //!   `max_connection_age_secs`;
-//! - `timers`: every timer whose default fits a test, at that default, both ways.
+//! - `timers`: every timer whose default fits a test, at that default, both ways;
+//! - `usage`: bad flags exit 64 in every binary.
 
 #![allow(
     clippy::unwrap_used,
@@ -39,3 +40,4 @@ mod signatures;
 mod support;
 mod timers;
 mod upload;
+mod usage;

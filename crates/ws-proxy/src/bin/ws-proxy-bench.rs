@@ -8,7 +8,7 @@ use common::cli::Flavor;
 use ws_proxy::cli::bench::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = common::cli::parse(Cli::try_parse);
     // 0 threads: a current-thread runtime, the leanest for a single core.
     let flavor = Flavor::from_threads(cli.threads());
     common::cli::run("ws-proxy-bench", flavor, || {

@@ -8,7 +8,7 @@ use common::cli::Flavor;
 use ws_proxy::cli::client::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = common::cli::parse(Cli::try_parse);
     common::cli::run("ws-proxy-client", Flavor::Workers(2), || {
         ws_proxy::cli::client::run(cli)
     })

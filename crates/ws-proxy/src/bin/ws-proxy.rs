@@ -90,7 +90,7 @@ struct Args {
 const NAME: &str = "ws-proxy";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = common::cli::parse(Args::try_parse);
     let file = match daemon::load_config::<FileConfig>(NAME, args.config.as_deref()) {
         Ok(file) => file,
         Err(code) => return code,

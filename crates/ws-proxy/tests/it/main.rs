@@ -18,3 +18,4 @@ mod startup;
 mod status;
 mod support;
 mod timers;
+mod usage;

@@ -48,8 +48,7 @@ print them only with --json or --show-secret (a screenshot of a terminal should 
 Exit codes:
   0   done (verify: the secret matches; connect: ended by Ctrl-C or SIGTERM)
   1   verify: the secret does not match
-  2   bad flags (clap)
-  64  bad usage: not a job id, a secret on the command line, conflicting options
+  64  bad flags or usage: not a job id, a secret on the command line, conflicting options
   65  no such job (or not yours)
   66  a local input file (secret, certificate, key) cannot be read
   69  the broker, ssh or the tunnel target cannot be reached, or cannot do it now

@@ -27,7 +27,7 @@ Examples:
 Exit codes:
   0   done (verify: the signature is good)
   1   the signature is bad, or the server refused a file or the request
-  2   bad usage
+  64  bad usage
   65  bad input: a local file is missing, bad base64, a bad key or credential file
   69  cannot connect, TLS failure (certificate not trusted either way), timeout
   74  a local file cannot be read

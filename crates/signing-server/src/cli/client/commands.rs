@@ -358,10 +358,10 @@ mod tests {
             cwd.join("sub/a.bff").to_str().unwrap()
         );
         assert_eq!(server_path(None).unwrap(), cwd.to_str().unwrap());
-        // A subcommand after a global flag lands here as a path: a usage error (2).
+        // A subcommand after a global flag lands here as a path: a usage error (64).
         let keys = server_path(Some(Path::new("keys"))).unwrap_err();
         assert!(matches!(keys, Failure::Usage(_)), "{keys}");
-        assert_eq!(keys.exit_code(), 2);
+        assert_eq!(keys.exit_code(), common::daemon::exit::USAGE);
         assert!(server_path(Some(Path::new("./keys"))).is_ok());
         // The newline ends the path on the wire.
         let broken = server_path(Some(Path::new("/p/a\nb"))).unwrap_err();

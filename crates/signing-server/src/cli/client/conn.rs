@@ -12,8 +12,8 @@ use super::args::Conn;
 
 /// Exit status: a signature did not verify, or the server refused a file or a request.
 pub(crate) const REJECTED: u8 = 1;
-/// Exit status: bad flags (clap's own).
-pub(crate) const USAGE: u8 = 2;
+/// Exit status: bad usage (64, as for bad flags).
+pub(crate) const USAGE: u8 = exit::USAGE;
 /// Exit status: the server's answer made no sense.
 pub(crate) const PROTOCOL: u8 = 76;
 
@@ -139,7 +139,7 @@ mod tests {
     fn failures_exit_with_the_codes_the_help_lists() {
         let code = |failure: Failure| failure.exit_code();
         assert_eq!(code(Failure::Rejected(String::new())), 1);
-        assert_eq!(code(Failure::Usage(String::new())), 2);
+        assert_eq!(code(Failure::Usage(String::new())), 64);
         assert_eq!(code(Failure::Input(String::new())), 65);
         assert_eq!(code(Failure::Connect(String::new())), 69);
         assert_eq!(code(Failure::Io(String::new())), 74);
