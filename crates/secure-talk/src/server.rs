@@ -207,6 +207,8 @@ async fn tcp_connection(shared: Arc<Shared>, tcp: TcpStream, addr: String, stran
             };
             http(shared, stream, peer, slot).await;
         }
+        // A closed probe was logged where it was accepted.
+        Err(AcceptError::Tls(common::tls::TlsError::Closed)) => {}
         Err(AcceptError::Tls(err)) => {
             tracing::debug!(outcome = "refused", %err, "tls handshake failed");
         }

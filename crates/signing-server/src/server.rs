@@ -93,6 +93,8 @@ impl Server {
         // verified) is done, and held until the connection ends.
         let (stream, identity, _slot) = match stranger.accept_tls(&self.tls.acceptor(), tcp).await {
             Ok(accepted) => accepted,
+            // A closed probe was logged where it was accepted.
+            Err(AcceptError::Tls(common::tls::TlsError::Closed)) => return,
             Err(AcceptError::Tls(err)) => {
                 tracing::debug!(outcome = "refused", %err, "tls handshake failed");
                 return;

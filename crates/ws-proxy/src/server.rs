@@ -128,7 +128,10 @@ impl Server {
                     _ => Refusal::tls,
                 };
                 shared.metrics.refused(reason);
-                tracing::debug!(outcome = "refused", %err, "tls handshake failed");
+                // A closed probe was logged where it was accepted.
+                if !matches!(err, TlsError::Closed) {
+                    tracing::debug!(outcome = "refused", %err, "tls handshake failed");
+                }
                 return None;
             }
             Err(AcceptError::Refused(refused)) => {

@@ -28,7 +28,7 @@ use secure_talk::token::Tokens;
 /// closes websockets (1001), stops pipes (SIGTERM, then SIGKILL after kill_grace_secs) and
 /// removes the socket files.
 ///
-/// Exit codes: 0 stopped cleanly, 2 bad flags, 64 bad log filter, 78 bad configuration,
+/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration,
 /// 66 token key file unusable, 69 cannot bind or load TLS, 70 tasks still running after the
 /// drain grace, 73 gen-token-key cannot create the file.
 #[derive(Debug, Parser)]

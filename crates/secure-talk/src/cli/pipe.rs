@@ -44,8 +44,8 @@ const OUTPUT_IDLE_AFTER_EXIT: Duration = Duration::from_millis(300);
 const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// The longest we wait for queued frames to reach the daemon before exiting.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bad command line (clap's own code for usage errors).
-pub const EXIT_USAGE: u8 = 2;
+/// Bad command line (a bad log filter; clap's own errors exit with the same code).
+pub const EXIT_USAGE: u8 = common::exit::USAGE;
 /// The daemon broke the IPC protocol.
 const EXIT_PROTOCOL: u8 = 76;
 /// The launched program exists but could not be started (as in shells).
@@ -94,7 +94,7 @@ const EXIT_NOT_FOUND: u8 = 127;
 /// daemon can signal both at once. Logs go to stderr.
 ///
 /// Exit codes: the command's exit status (128+S for signal S) once it ended by itself;
-/// 0 after destroy or when the daemon closed the connection; 2 bad flags; 65 empty or
+/// 0 after destroy or when the daemon closed the connection; 64 bad flags or log filter; 65 empty or
 /// unparsable launch line; 69 cannot connect to the socket; 76 protocol error from the
 /// daemon; 126 the command could not be started, 127 it was not found.
 #[derive(Debug, Parser)]

@@ -250,7 +250,7 @@ async fn tls_with_and_without_a_client_certificate() {
     assert!(stderr(&refused).contains("--cert"), "{}", stderr(&refused));
     // TLS without --ca is a usage error.
     let no_ca = run(&mut cli(cwd.path()), &["echo", "x"]).await;
-    assert_status(&no_ca, 2);
+    assert_status(&no_ca, 64);
     assert!(stderr(&no_ca).contains("--ca"), "{}", stderr(&no_ca));
 }
 

@@ -17,8 +17,8 @@ use crate::hub::Channel;
 
 /// Exit status: the server refused the request (a reply with code 400 or more).
 pub(crate) const REFUSED: u8 = 1;
-/// Exit status: bad usage (clap uses it too).
-pub(crate) const USAGE: u8 = 2;
+/// Exit status: bad usage (clap's own errors exit with the same code).
+pub(crate) const USAGE: u8 = common::exit::USAGE;
 
 /// Why a run failed; each kind has its exit status.
 #[derive(Debug)]
