@@ -182,6 +182,17 @@ where
     }
 }
 
+/// Prints one line on stdout for whoever started the daemon (`--print-address`'s "listening
+/// on ..."). A reader that has gone (`| head -1` that already exited, a closed descriptor) must
+/// not stop a daemon that is serving: the line is then dropped, noted at debug.
+pub fn announce(line: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(err) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        tracing::debug!(%err, "stdout is gone; the announcement is dropped");
+    }
+}
+
 /// A daemon's start-up failure before tracing runs: prints `name: message` on stderr and gives
 /// the exit code, for `main` to return.
 pub fn fail(name: &str, code: u8, message: impl std::fmt::Display) -> std::process::ExitCode {

@@ -209,7 +209,7 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
         "listening"
     );
     if print_address {
-        println!("listening on unix:{}", socket.display());
+        common::daemon::announce(format_args!("listening on unix:{}", socket.display()));
     }
     let shutdown = Shutdown::new();
     let server = Server::new(
@@ -226,7 +226,7 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
         tracing::info!(address = ?local, identity, "https API listening");
         if print_address {
             if let Some(local) = local {
-                println!("listening on https://{local}");
+                common::daemon::announce(format_args!("listening on https://{local}"));
             }
         }
         tokio::spawn(server.clone().serve_https(listener));

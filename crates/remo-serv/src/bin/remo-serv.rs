@@ -182,7 +182,7 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(address = %local, https, "listening");
     if print_address {
-        println!("listening on {local}");
+        common::daemon::announce(format_args!("listening on {local}"));
     }
     let shutdown = Shutdown::new();
     let serving = {

@@ -177,13 +177,13 @@ async fn run(
             .map(|i| i.to_string());
         tracing::info!(%address, identity, client_auth = ?config.client_auth, "listening on tcp (https, wss)");
         if print_address {
-            println!("listening on {address}");
+            common::daemon::announce(format_args!("listening on {address}"));
         }
     }
     if let Some((_, path)) = &listeners.unix {
         tracing::info!(path = %path.display(), mode = format!("{:o}", config.unix_socket_mode), "listening on the unix socket (http, ws)");
         if print_address {
-            println!("listening on unix:{}", path.display());
+            common::daemon::announce(format_args!("listening on unix:{}", path.display()));
         }
     }
     tracing::info!(path = %listeners.ipc.1.display(), program = config.pipe_program, "ipc socket ready");

@@ -199,7 +199,7 @@ async fn run(
     }
     tracing::info!(address = %local, identity, "listening");
     if print_address {
-        println!("listening on {local}");
+        common::daemon::announce(format_args!("listening on {local}"));
     }
     let shutdown = Shutdown::new();
     let server = Server::new(service, tls, shutdown.clone());

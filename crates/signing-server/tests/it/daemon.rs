@@ -197,3 +197,51 @@ async fn the_daemon_serves_a_toml_configuration_and_stops_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     drain.await.unwrap();
 }
+
+/// `--print-address | head -c0`: the reader is gone before the daemon prints its address. The
+/// line is dropped; the daemon keeps serving (it died with a "failed printing to stdout" panic)
+/// and still stops cleanly on SIGTERM.
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = setup(dir.path());
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("-c")
+        .arg(&config)
+        .arg("--print-address")
+        .args(["--log", "info"])
+        .stdout(testkit::usage::closed_stdout())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // The address is printed right after the "listening" log line.
+    tokio::time::timeout(STEP, async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("listening") {
+                return;
+            }
+        }
+        panic!("the daemon ended before it was ready");
+    })
+    .await
+    .expect("the daemon gets ready");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the daemon still runs");
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+        .await
+        .expect("the daemon stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    drain.await.unwrap();
+}

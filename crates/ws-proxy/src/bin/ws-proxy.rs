@@ -314,9 +314,8 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         tokio::spawn(status::serve(listener, server.clone(), shutdown.clone()));
     }
     if print_address {
-        #[expect(clippy::print_stdout, reason = "the lines scripts read")]
         for local in &locals {
-            println!("listening on {local}");
+            common::daemon::announce(format_args!("listening on {local}"));
         }
     }
     let accepts: Vec<_> = listeners
