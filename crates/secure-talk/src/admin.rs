@@ -7,7 +7,7 @@
 //! | `property` | `headers.pipe_id`, JSON | `text` 200 `pipe_property <id>`; forwarded as the dialect says (kmb: type 4; dlafs: type 0 with `command_set_property.pipe_id` set) |
 //! | `destroy` | `headers.pipe_id` (dlafs: the destroy JSON as payload) | `text` 200 `pipe_destroy <id>`; `pipe_delete` when it has exited |
 //! | `send` | `headers.pipe_id`, text | `text` 200 `pipe_send <id>`; forwarded as IPC type 0 |
-//! | `model` | binary upload, `headers.path` | `text` 200; `checkSum` broadcast to every admin connection |
+//! | `model` | binary upload, `headers.path` | `text` 200; `checkSum` broadcast to every admin connection (coalesced: the latest, one shared copy) |
 //! | `list` | - | `list` with `{clients, pipes}`: the caller's, or everything for an admin identity |
 //! | `disconnect` | `headers.client_id` (admin identity only) | `text` 200; the client's sockets close with 4003 |
 //!
@@ -16,7 +16,8 @@
 //!
 //! Errors are `text` replies with code 400 (bad request), 403 (not an admin), 404 (no such
 //! pipe or client, or not the caller's), 413 (too large),
-//! 422 (checksum mismatch), 500 (the pipe program cannot start) or 503 (a limit); a second
+//! 422 (checksum mismatch), 500 (the pipe program cannot start, an upload
+//! cannot be written, `model_info.json` is not a regular file) or 503 (a limit); a second
 //! upload to a path being written gets the original's `error` method, with code 409.
 
 use std::path::{Component, Path, PathBuf};
@@ -26,6 +27,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use common::envelope::ipc::{Frame, Kind};
 use common::envelope::talk::{BinaryMessage, Headers, Limits, Message, md5_hex, method};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use serde_json::{Map, Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -478,22 +481,20 @@ pub(crate) async fn finish_upload(
     checksum: String,
 ) -> Vec<WsMessage> {
     let shared = &ctx.shared;
-    // A name model_info.json cannot record (its shape) is refused before it is moved in.
+    let max = shared.config.limits.max_model_info_bytes;
+    // A name model_info.json cannot record (its shape, its size, the file itself) is refused
+    // before it is moved in.
     let checked = {
         let dir = shared.config.upload_dir.clone();
         let relative = relative.clone();
-        tokio::task::spawn_blocking(move || check_model_info(&dir, &relative))
+        let checksum = checksum.clone();
+        tokio::task::spawn_blocking(move || check_model_info(&dir, &relative, &checksum, max))
             .await
             .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
     };
     if let Err(err) = checked {
         tracing::warn!(err = %common::log::Escaped(&err), path = ?relative, "upload refused by model_info.json");
-        let code = if err.kind() == std::io::ErrorKind::InvalidData {
-            400
-        } else {
-            500
-        };
-        return vec![text(code, err.to_string())];
+        return vec![text(info_code(&err), err.to_string())];
     }
     let written = match spool.finish(relative.clone()).await {
         Ok(()) => {
@@ -506,7 +507,7 @@ pub(crate) async fn finish_upload(
                     .model_info_lock
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                update_model_info(&dir, &relative, &checksum)
+                update_model_info(&dir, &relative, &checksum, max)
             })
             .await
             .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
@@ -516,10 +517,10 @@ pub(crate) async fn finish_upload(
     match written {
         Ok(info) => {
             tracing::info!(path = ?relative, size, md5 = checksum, client_id = ctx.client, "model uploaded");
+            // One copy for every admin connection; each writes the latest it has not sent
+            // (an unsent older one is replaced, never queued behind it).
             let broadcast = Message::check_sum(Value::String(info)).encode();
-            for admin in shared.hub.admin_conns() {
-                let _ = admin.tx.try_send(Out::Text(broadcast.clone()));
-            }
+            shared.model_info.send_replace(Some(Bytes::from(broadcast)));
             vec![text(
                 200,
                 format!(
@@ -529,20 +530,27 @@ pub(crate) async fn finish_upload(
             )]
         }
         Err(err) => {
-            tracing::error!(%err, path = ?relative, "writing an upload failed");
-            let code = if matches!(
-                err.kind(),
-                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidData
-            ) {
+            tracing::error!(err = %common::log::Escaped(&err), path = ?relative, "writing an upload failed");
+            let code = if err.kind() == std::io::ErrorKind::PermissionDenied {
                 400
             } else {
-                500
+                info_code(&err)
             };
             vec![text(
                 code,
                 format!("cannot write {}: {err}", relative.display()),
             )]
         }
+    }
+}
+
+/// The reply code for a refusal of `model_info.json`: 400 for a shape it cannot record, 413
+/// past `max_model_info_bytes`, 500 otherwise (the file is not one the daemon reads).
+fn info_code(err: &std::io::Error) -> i64 {
+    match err.kind() {
+        std::io::ErrorKind::InvalidData => 400,
+        std::io::ErrorKind::FileTooLarge => 413,
+        _ => 500,
     }
 }
 
@@ -567,56 +575,144 @@ async fn model(ctx: &Ctx, headers: &Headers, body: Body) -> Vec<WsMessage> {
     finish_upload(ctx, spool, relative, bytes.len() as u64, checksum).await
 }
 
-/// Reads `dir/model_info.json` (`None`: there is none yet).
-fn read_model_info(dir: &Path) -> std::io::Result<Option<Vec<u8>>> {
-    match std::fs::read(dir.join(MODEL_INFO)) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(err),
-    }
+/// How `model_info.json` is opened: never through a symlink, never blocking on a FIFO,
+/// never becoming the controlling terminal.
+const INFO_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY)
+    .union(OFlags::CLOEXEC);
+
+/// `model_info.json` is not something the daemon reads (a 500: the operator's to fix).
+fn not_readable(what: &str) -> std::io::Error {
+    std::io::Error::other(format!(
+        "{MODEL_INFO} {what}; it is not read: the operator must replace it with a regular file or remove it"
+    ))
 }
 
-/// Whether `relative` can be recorded in `dir/model_info.json` as it is now (its shape, see
-/// `model_info`); checked before an upload is moved to its name, so a refusal writes nothing.
-/// Only a regular file is read here: anything else (which may block a reader) is left to
-/// [`update_model_info`], which runs under the lock and is the authority.
-fn check_model_info(dir: &Path, relative: &Path) -> std::io::Result<()> {
-    let regular = std::fs::symlink_metadata(dir.join(MODEL_INFO)).is_ok_and(|m| m.is_file());
-    let found = if regular { read_model_info(dir)? } else { None };
-    let (_, shape) = crate::model_info::parse(found.as_deref()).map_err(invalid)?;
-    crate::model_info::check(shape, &relative.to_string_lossy()).map_err(invalid)
+/// `model_info.json` is (`is`: "is", or "would be" after an upload) past its bound (413).
+fn too_large(is: &str, max: usize) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::FileTooLarge,
+        format!("{MODEL_INFO} {is} larger than max_model_info_bytes ({max} bytes)"),
+    )
+}
+
+/// Reads `dir/model_info.json` (`None`: there is none yet), at most `max` bytes: opened
+/// beneath the upload directory's descriptor without following a symlink and without
+/// blocking (`O_NOFOLLOW | O_NONBLOCK`, `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), then
+/// `fstat`ed: anything but a regular file of at most `max` bytes is an error, never followed
+/// and never waited on.
+fn read_model_info(dir: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let root = match rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(root) => root,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(errno) => return Err(errno.into()),
+    };
+    let opened = rustix::io::retry_on_intr(|| {
+        rustix::fs::openat2(
+            &root,
+            MODEL_INFO,
+            INFO_FLAGS,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+    });
+    let fd = match opened {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP | Errno::XDEV) => return Err(not_readable("is a symlink")),
+        Err(errno) => return Err(errno.into()),
+    };
+    let stat = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(not_readable("is not a regular file"));
+    }
+    if usize::try_from(stat.st_size).map_or(true, |size| size > max) {
+        return Err(too_large("is", max));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        return Err(too_large("is", max));
+    }
+    Ok(Some(bytes))
+}
+
+/// The text of `dir/model_info.json` with `relative → checksum` recorded (in the shape the
+/// file has), at most `max` bytes.
+fn recorded(dir: &Path, relative: &Path, checksum: &str, max: usize) -> std::io::Result<String> {
+    let found = read_model_info(dir, max)?;
+    let (mut info, shape) = crate::model_info::parse(found.as_deref()).map_err(invalid)?;
+    crate::model_info::record(&mut info, shape, &relative.to_string_lossy(), checksum)
+        .map_err(invalid)?;
+    let text = crate::model_info::render(info, shape);
+    if text.len() > max {
+        return Err(too_large("would be", max));
+    }
+    Ok(text)
+}
+
+/// Whether `relative → checksum` can be recorded in `dir/model_info.json` as it is now (its
+/// shape, see `model_info`, and `max_model_info_bytes`); checked before an upload is moved to
+/// its name, so a refusal writes nothing. [`update_model_info`], under the lock, is the
+/// authority.
+fn check_model_info(
+    dir: &Path,
+    relative: &Path,
+    checksum: &str,
+    max: usize,
+) -> std::io::Result<()> {
+    recorded(dir, relative, checksum, max).map(drop)
 }
 
 fn invalid(err: crate::model_info::ModelInfoError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, err)
 }
 
-/// Records `relative → md5` in `dir/model_info.json` (atomically, in the shape the file has)
-/// and returns its new text.
-fn update_model_info(dir: &Path, relative: &Path, checksum: &str) -> std::io::Result<String> {
+/// Records `relative → md5` in `dir/model_info.json` (atomically, in the shape the file has,
+/// at most `max` bytes) and returns its new text.
+fn update_model_info(
+    dir: &Path,
+    relative: &Path,
+    checksum: &str,
+    max: usize,
+) -> std::io::Result<String> {
     use std::io::Write as _;
-    let found = read_model_info(dir)?;
-    let (mut info, shape) = crate::model_info::parse(found.as_deref()).map_err(invalid)?;
-    crate::model_info::record(&mut info, shape, &relative.to_string_lossy(), checksum)
-        .map_err(invalid)?;
-    let text = crate::model_info::render(info, shape);
+    let text = recorded(dir, relative, checksum, max)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".model_info-")
         .tempfile_in(dir)?;
     tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
+    // A rename replaces whatever has the name (a symlink is replaced, never written through).
     tmp.persist(dir.join(MODEL_INFO)).map_err(|e| e.error)?;
     Ok(text)
 }
 
-/// The connect-time push: `model_info.json` as one binary `checkSum` message, when it exists.
-/// The path header names the file, not where it lives on the server.
+/// The connect-time push: `model_info.json` as one binary `checkSum` message, when it exists
+/// and is readable (see [`read_model_info`]; otherwise the refusal is logged and nothing is
+/// pushed). The path header names the file, not where it lives on the server.
 pub(crate) async fn model_info_push(shared: &Shared) -> Option<Vec<u8>> {
-    let path = shared.config.upload_dir.join(MODEL_INFO);
-    let bytes = tokio::fs::read(&path).await.ok()?;
-    if bytes.len() > shared.config.limits.max_upload_bytes {
-        return None;
-    }
+    let dir = shared.config.upload_dir.clone();
+    let max = shared.config.limits.max_model_info_bytes;
+    let read = tokio::task::spawn_blocking(move || read_model_info(&dir, max))
+        .await
+        .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
+    let bytes = match read {
+        Ok(bytes) => bytes?,
+        Err(err) => {
+            tracing::warn!(err = %common::log::Escaped(&err), "model_info.json not pushed");
+            return None;
+        }
+    };
     let headers = Headers::method(method::CHECK_SUM).with_path(MODEL_INFO);
     Some(BinaryMessage::new(headers, bytes).encode())
 }
@@ -676,6 +772,7 @@ mod tests {
             dir.path(),
             Path::new("m/a.bin"),
             "900150983cd24fb0d6963f7d28e17f72",
+            1 << 20,
         )
         .unwrap();
         assert!(info.contains("m/a.bin"));

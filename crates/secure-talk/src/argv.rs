@@ -9,7 +9,8 @@
 //!
 //! A placeholder is `{` + a name of `[A-Za-z0-9_.]` + `}`; other braces are literal text. An
 //! unknown name is refused when the configuration is read ([`Template::parse`]). A `create`
-//! value must be a JSON number, or a string of 1 to [`MAX_VALUE_LEN`] characters from
+//! value must be a non-negative integer that fits in 64 bits (written as plain decimal: a
+//! float, a negative number, an exponent or a larger integer is refused), or a string of 1 to [`MAX_VALUE_LEN`] characters from
 //! `[A-Za-z0-9._-]` that does not start with `-` (it would read as an option) or `.` (a path
 //! step such as `..`). Anything else, a missing member included, refuses the create before
 //! any process is spawned ([`Template::bind`]): an argument is never empty or made up. The
@@ -57,9 +58,9 @@ pub enum BindError {
     /// The member is absent (or `null`).
     #[error("the create request has no {0} (pipe_args placeholder {{create.{0}}})")]
     Missing(String),
-    /// The member is not a number or a safe string.
+    /// The member is not a non-negative 64-bit integer or a safe string.
     #[error(
-        "create.{0} must be a number or a string of 1 to 128 characters from [A-Za-z0-9._-] not starting with - or . (pipe_args placeholder {{create.{0}}})"
+        "create.{0} must be an integer from 0 to 18446744073709551615 (no sign, fraction or exponent) or a string of 1 to 128 characters from [A-Za-z0-9._-] not starting with - or . (pipe_args placeholder {{create.{0}}})"
     )]
     Unsafe(String),
 }
@@ -174,7 +175,12 @@ fn create_value(create: &Value, path: &[String]) -> Result<String, BindError> {
     }
     match value {
         Value::Null => Err(BindError::Missing(dotted())),
-        Value::Number(n) => Ok(n.to_string()),
+        // Only what reads back as the number itself: a larger integer would be rounded to a
+        // float (`1.8446744073709552e+19`), a negative one would read as an option.
+        Value::Number(n) => n
+            .as_u64()
+            .map(|n| n.to_string())
+            .ok_or_else(|| BindError::Unsafe(dotted())),
         Value::String(s) if safe(s) => Ok(s.clone()),
         _ => Err(BindError::Unsafe(dotted())),
     }
@@ -262,8 +268,37 @@ mod tests {
             t.bind(&create).unwrap().arguments(0, "s", 3),
             vec!["-l", "100", "m=yolo_v1.tiny-2"]
         );
-        let number = json!({"command_create": {"loop_times": -1.5}, "model": "m"});
-        assert_eq!(t.bind(&number).unwrap().arguments(0, "s", 3)[1], "-1.5");
+        let largest = json!({"command_create": {"loop_times": u64::MAX}, "model": "m"});
+        assert_eq!(
+            t.bind(&largest).unwrap().arguments(0, "s", 3)[1],
+            "18446744073709551615"
+        );
+        let zero = json!({"command_create": {"loop_times": 0}, "model": "m"});
+        assert_eq!(t.bind(&zero).unwrap().arguments(0, "s", 3)[1], "0");
+    }
+
+    #[test]
+    fn numbers_other_than_plain_u64_are_refused() {
+        let t = template(&["-l", "{create.n}"]).unwrap();
+        // As a client writes them: parsed from the request's text.
+        for bad in [
+            "18446744073709551616",
+            "-1",
+            "-0",
+            "-9223372036854775808",
+            "-1.5",
+            "1.5",
+            "1.0",
+            "1e3",
+            "1E3",
+            "0e0",
+        ] {
+            let create: Value =
+                serde_json::from_str(&format!("{{\"n\": {bad}}}")).expect("valid JSON");
+            let err = t.bind(&create).unwrap_err();
+            assert_eq!(err, BindError::Unsafe("n".into()), "{bad}");
+            assert!(err.to_string().contains("integer from 0"), "{err}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! One websocket, admin or data, from registration to close.
 //!
 //! The task reads frames, answers them in place (replies are written in batches: everything
-//! already received is handled before one flush), writes what the hub queues for it, pings
+//! already received is handled before one flush), writes what the hub queues for it (and,
+//! on `/`, the latest `checkSum` broadcast it has not written: one shared copy), pings
 //! the peer and closes it when idle, replaced, disconnected or when the server stops.
 //!
 //! Frames are read with the streaming decoder of `common::envelope::ws`, never a whole
@@ -14,14 +15,15 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use common::envelope::ws::{self, Decoder, Event, ProtocolError};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::admin::{self, Ctx};
+use crate::budget::Charge;
 use crate::hub::{CLOSE_REPLACED, Channel, ClientId, Conn, Out};
 use crate::inbound::{Inbound, Refusal};
 use crate::state::{Peer, Shared};
@@ -165,6 +167,8 @@ pub(crate) async fn run<S>(
             return;
         }
     };
+    // Admin connections hear of every upload from here on (the latest only: see `next_info`).
+    let mut info = (channel == Channel::Admin).then(|| shared.model_info.subscribe());
     tracing::info!(conn, peer = %peer.addr, identity, admin = is_admin, "connected");
     let ctx = Ctx {
         shared: shared.clone(),
@@ -174,6 +178,7 @@ pub(crate) async fn run<S>(
     };
     // A peer that stops reading cannot hold this task: every write has the idle deadline.
     let write_limit = limits.idle_timeout();
+    let share = shared.budget.of(peer.key());
     if channel == Channel::Admin {
         let mut greeting = Vec::new();
         if !pipes.is_empty() {
@@ -181,8 +186,18 @@ pub(crate) async fn run<S>(
                 common::envelope::talk::Message::pipe_ids(&pipes).encode(),
             ));
         }
+        // The push is held until it is written: charged to the party's share of the bytes
+        // in flight, and left out when that is spent.
+        let mut charge = Charge::new(&share);
         if let Some(push) = admin::model_info_push(&shared).await {
-            greeting.push(WsMessage::binary(push));
+            if charge.cover(push.len()).is_ok() {
+                greeting.push(WsMessage::binary(push));
+            } else {
+                tracing::warn!(
+                    conn,
+                    "model_info.json not pushed: the budget of bytes in flight is spent"
+                );
+            }
         }
         let mut delivered = true;
         for message in &greeting {
@@ -213,7 +228,7 @@ pub(crate) async fn run<S>(
         }
         _ => false,
     };
-    let mut inbound = Inbound::new(channel, shared.budget.of(peer.key()));
+    let mut inbound = Inbound::new(channel, share);
     // Idle is counted from the peer's last frame (pongs included), to the second: not
     // checked only at ping ticks, which closed a peer up to a ping period late.
     let idle = tokio::time::sleep(limits.idle_timeout());
@@ -317,6 +332,15 @@ pub(crate) async fn run<S>(
                     break "write failed or stalled";
                 }
             }
+            latest = next_info(&mut info) => {
+                if revoked() {
+                    close(&mut ws, CLOSE_REVOKED, "client certificate revoked").await;
+                    break "certificate revoked";
+                }
+                if !within(write_limit, ws.send(ws::OP_TEXT, &latest)).await {
+                    break "write failed or stalled";
+                }
+            }
             () = &mut idle => {
                 close(&mut ws, 1001, "idle timeout").await;
                 break "idle";
@@ -334,6 +358,20 @@ pub(crate) async fn run<S>(
     drop(inbound);
     shared.hub.detach(client, channel, conn);
     tracing::info!(conn, reason, "disconnected");
+}
+
+/// The latest `checkSum` broadcast this admin connection has not written (an older one it
+/// had not written yet is skipped: one copy, shared, per connection at most); never on
+/// `/data`.
+async fn next_info(info: &mut Option<watch::Receiver<Option<Bytes>>>) -> Bytes {
+    if let Some(info) = info {
+        while info.changed().await.is_ok() {
+            if let Some(latest) = info.borrow_and_update().clone() {
+                return latest;
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 /// Handles one event; `Err` with the reason when the connection must end (already closed).

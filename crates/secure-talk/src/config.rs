@@ -49,6 +49,10 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Largest `model` upload payload in bytes (streamed to disk, not held in memory).
     pub max_upload_bytes: usize,
+    /// Largest `model_info.json`, in bytes: an upload that would make it larger is refused
+    /// (413) and the file is left as it was; a larger file found on disk is neither pushed
+    /// nor rewritten.
+    pub max_model_info_bytes: usize,
     /// Largest IPC frame from a pipe, header included, in bytes.
     pub max_ipc_frame_bytes: usize,
     /// Largest HTTP request head in bytes.
@@ -103,6 +107,7 @@ impl Default for Limits {
             max_pipe_spec_bytes: 16 << 10,
             max_message_bytes: 1 << 20,
             max_upload_bytes: 256 << 20,
+            max_model_info_bytes: 1 << 20,
             max_ipc_frame_bytes: 16 << 20,
             max_header_bytes: 16 << 10,
             request_timeout_secs: 30,
@@ -361,6 +366,7 @@ impl FileConfig {
             ("max_clients", limits.max_clients),
             ("max_message_bytes", limits.max_message_bytes),
             ("max_ipc_frame_bytes", limits.max_ipc_frame_bytes),
+            ("max_model_info_bytes", limits.max_model_info_bytes),
             ("max_header_bytes", limits.max_header_bytes),
             ("send_queue", limits.send_queue),
             ("send_queue_bytes", limits.send_queue_bytes),

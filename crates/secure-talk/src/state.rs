@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     pub(crate) uploads: Mutex<HashSet<PathBuf>>,
     /// Serialises read-modify-write of `model_info.json`.
     pub(crate) model_info_lock: Mutex<()>,
+    /// The latest `checkSum` broadcast (a text message), one copy shared by every admin
+    /// connection; each connection writes the latest it has not written yet.
+    pub(crate) model_info: tokio::sync::watch::Sender<Option<bytes::Bytes>>,
     /// Bytes of incoming messages held in memory, all connections together and each party's
     /// share.
     pub(crate) budget: Arc<Shares>,
@@ -80,6 +83,7 @@ impl Shared {
             next_conn: AtomicU64::new(1),
             uploads: Mutex::new(HashSet::new()),
             model_info_lock: Mutex::new(()),
+            model_info: tokio::sync::watch::Sender::new(None),
             budget,
             admission,
             local,

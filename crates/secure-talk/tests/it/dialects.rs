@@ -378,6 +378,20 @@ async fn create_placeholders_are_validated_and_nothing_is_spawned_for_a_refusal(
         .await;
         expect_reply(&mut admin, 400, wanted).await;
     }
+    // Numbers: only plain non-negative integers of 64 bits, as the client wrote them (a larger
+    // one became `1.8446744073709552e+19` on argv, a negative one a leading `-`).
+    for number in ["18446744073709551616", "-1", "-0", "2.5", "1.0", "1e3"] {
+        let request = format!(
+            r#"{{"headers":{{"method":"create"}},"payload":{{"command_create":{{"loop_times":{number}}},"model":"m"}}}}"#
+        );
+        admin.send_text(&request).await.expect("send");
+        expect_reply(
+            &mut admin,
+            400,
+            "create.command_create.loop_times must be an integer from 0 to 18446744073709551615",
+        )
+        .await;
+    }
     let listed = list(&mut admin).await;
     assert_eq!(listed["pipes"], json!([]), "{listed}");
     assert!(server.pipe_processes().is_empty(), "nothing was spawned");

@@ -2,7 +2,6 @@
 //! timeout, the write deadline and data-channel backpressure, the upload lock, and SIGHUP
 //! reloading the TLS certificate of the real daemon.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -584,75 +583,27 @@ fn model(path: &str, bytes: &[u8]) -> BinaryMessage {
     )
 }
 
-/// Opens a FIFO for writing without blocking (fails while nobody reads it).
-fn fifo_writer(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let nonblock = i32::try_from(rustix::fs::OFlags::NONBLOCK.bits()).expect("a flag");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nonblock)
-        .open(path)
-}
-
-/// Writes `bytes` to the FIFO once its reader has opened it, then closes it (end of file).
-async fn feed_fifo(path: &Path, bytes: &[u8]) {
-    use std::io::Write as _;
-    let mut fifo = testkit::eventually("a reader of the fifo", STEP, || {
-        std::future::ready(fifo_writer(path).ok())
-    })
-    .await;
-    fifo.write_all(bytes).expect("write to the fifo");
-}
-
-/// Releases a reader still blocked on the FIFO when a test fails, so the server's blocking
-/// thread ends.
-struct ReleaseFifo(PathBuf);
-
-impl Drop for ReleaseFifo {
-    fn drop(&mut self) {
-        use std::os::unix::fs::FileTypeExt as _;
-        if std::fs::symlink_metadata(&self.0).is_ok_and(|m| m.file_type().is_fifo()) {
-            drop(fifo_writer(&self.0));
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_second_upload_to_a_name_being_written_gets_409() {
     let server = TestServer::start().await;
-    // Both admin connections first: a new admin connection reads model_info.json (the push).
-    let mut a = connect(&server.alice("a"), Channel::Admin).await;
-    let mut b = connect(&server.bob("b"), Channel::Admin).await;
-    // An echo on each proves its greeting (which reads model_info.json) is behind it: a
-    // greeting still to come would block on the FIFO below.
-    for conn in [&mut a, &mut b] {
-        send(
-            conn,
-            json!({"headers": {"method": "text"}, "payload": "ready"}),
-        )
-        .await;
-        recv_message(conn, "the echo", |m| m.method() == method::TEXT).await;
-    }
-    // model_info.json as a FIFO holds the first writer inside its write (the file written,
-    // the record being updated) until the test feeds it.
     let upload_dir = server.config.upload_dir.clone();
-    std::fs::create_dir_all(&upload_dir).expect("the upload directory");
-    let info = upload_dir.join("model_info.json");
-    rustix::fs::mkfifoat(
-        rustix::fs::CWD,
-        &info,
-        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-    )
-    .expect("mkfifo");
-    let _release = ReleaseFifo(info.clone());
-
-    a.send_binary(&model("m/w.bin", b"first"))
-        .await
-        .expect("send");
-    testkit::until("the first upload to be written", STEP, || {
-        upload_dir.join("m/w.bin").exists()
+    // The first writer: an upload of m/w.bin whose message has begun and not ended (its name
+    // is held from its headers on, while its payload streams to a temporary file).
+    let mut first = crate::memory::raw_ws(&server.alice("a"), "/").await;
+    let mut bytes = crate::memory::frame_header(false, 0x2, 64 << 10);
+    bytes.extend_from_slice(b"{\"method\":\"model\",\"path\":\"m/w.bin\"}\x01");
+    bytes.extend_from_slice(&[7u8; 1024]);
+    first.get_mut().write_all(&bytes).await.expect("write");
+    first.get_mut().flush().await.expect("flush");
+    testkit::until("the first upload to begin", STEP, || {
+        std::fs::read_dir(&upload_dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+        })
     })
     .await;
+    let mut b = connect(&server.bob("b"), Channel::Admin).await;
     // The same name, however spelt, while the first write runs: the original's `error`, 409.
     for name in ["m/w.bin", "./m/w.bin", "m//w.bin"] {
         b.send_binary(&model(name, b"second")).await.expect("send");
@@ -665,18 +616,27 @@ async fn a_second_upload_to_a_name_being_written_gets_409() {
             )))
         );
     }
-    // Another name is not refused: it waits for model_info.json behind the first.
+    // Another name is not refused.
     b.send_binary(&model("m/other.bin", b"other"))
         .await
         .expect("send");
-    feed_fifo(&info, b"{}").await;
-    expect_reply(&mut a, 200, "model m/w.bin saved").await;
     expect_reply(&mut b, 200, "model m/other.bin saved").await;
-    // The name is free again.
-    b.send_binary(&model("m/w.bin", b"second"))
-        .await
-        .expect("send");
-    expect_reply(&mut b, 200, "model m/w.bin saved").await;
+    // The first writer goes away with its upload unfinished: the name is free again.
+    drop(first);
+    let info = upload_dir.join("model_info.json");
+    let options = server.bob("c");
+    testkit::eventually("the name to be free", STEP, || async {
+        let mut c = connect(&options, Channel::Admin).await;
+        c.send_binary(&model("m/w.bin", b"second"))
+            .await
+            .expect("send");
+        let reply = recv_message(&mut c, "a reply", |m| {
+            m.method() == method::ERROR || (m.method() == method::TEXT && m.headers.code.is_some())
+        })
+        .await;
+        (reply.headers.code == Some(200)).then_some(())
+    })
+    .await;
     assert_eq!(
         std::fs::read(upload_dir.join("m/w.bin")).expect("read"),
         b"second"

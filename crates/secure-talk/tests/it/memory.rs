@@ -319,6 +319,63 @@ async fn the_daemon_does_not_grow_with_unfinished_big_messages() {
     assert_eq!(daemon.terminate().await, 0);
 }
 
+#[tokio::test]
+async fn checksum_broadcasts_to_admins_that_do_not_read_are_coalesced() {
+    // The real binary at its default limits. model_info.json is near its bound (1 MiB), four
+    // admin connections never read, and another controller uploads 64 files: each upload is
+    // broadcast to every admin connection as a copy of the whole file. Each connection holds
+    // only the latest broadcast it has not written, one copy shared by all.
+    crate::support::pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = crate::daemon::Daemon::start(&crate::daemon::write_config(dir.path(), "")).await;
+    let pid = daemon.child.id().expect("running");
+    let options = daemon.options(dir.path().join("token"));
+    let upload_dir = dir.path().join("state/uploads");
+    std::fs::create_dir_all(&upload_dir).expect("mkdir");
+    let entries: serde_json::Map<String, serde_json::Value> = (0..14000)
+        .map(|i| (format!("models/m{i:05}/weights.bin"), md5_hex(&[1]).into()))
+        .collect();
+    let text = serde_json::to_string_pretty(&entries).expect("json");
+    assert!(
+        text.len() > 700 << 10 && text.len() < 1 << 20,
+        "{}",
+        text.len()
+    );
+    std::fs::write(upload_dir.join("model_info.json"), &text).expect("write");
+    let mut uploader = connect(&options, Channel::Admin).await;
+    let upload = |i: usize| {
+        BinaryMessage::new(
+            Headers::method(method::MODEL).with_path(format!("n/{i}.bin")),
+            vec![1u8],
+        )
+    };
+    uploader.send_binary(&upload(0)).await.expect("send");
+    expect_reply(&mut uploader, 200, "n/0.bin").await;
+    // Admin connections that never read (their greeting push stalls, then the broadcasts).
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(raw_ws(&options, "/").await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    for i in 1..=64 {
+        uploader.send_binary(&upload(i)).await.expect("send");
+        expect_reply(&mut uploader, 200, &format!("n/{i}.bin")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "VmRSS {before} KiB -> {after} KiB (+{grown} KiB): 64 broadcasts of {} KiB to 4 admins that do not read",
+        text.len() >> 10
+    );
+    // Queued copies (one per connection and upload) took 4 x 64 x ~1 MiB.
+    assert!(grown < 32 << 10, "the daemon grew by {grown} KiB");
+    // (The uploader stopped reading too: its last broadcast may still be being written.)
+    drop((silent, uploader));
+    assert_eq!(daemon.terminate().await, 0);
+}
+
 /// A pipe that checks in on the path socket, then writes `argv[3]` text frames of 8 MiB as
 /// fast as the daemon reads them.
 const FLOOD_PIPE: &str = r#"

@@ -299,3 +299,152 @@ async fn a_mixed_model_info_is_not_rewritten() {
         mixed.to_string()
     );
 }
+
+/// The first thing an admin connection receives after an echo request: the echo, not a push.
+async fn echo_comes_first(conn: &mut secure_talk::client::Connection) {
+    conn.send_text(r#"{"headers":{"method":"text"},"payload":"ping"}"#)
+        .await
+        .expect("send");
+    let first = conn
+        .recv_timeout(STEP)
+        .await
+        .expect("the connection answers in time")
+        .expect("a message");
+    let Incoming::Message(echo) = first else {
+        panic!("expected the echo, got {first:?}");
+    };
+    assert_eq!(echo.method(), method::TEXT);
+    assert_eq!(echo.payload, Some(json!("ping")));
+}
+
+/// A FIFO planted at `model_info.json` (by anyone who can write the upload directory) is
+/// never opened to be read and waited on: admin connections get no push and carry on, an
+/// upload is refused with 500 before anything is moved in, and the FIFO is left as it is.
+/// (The connect-time push and the upload's update blocked on it for ever, a blocking thread
+/// each.)
+#[tokio::test]
+async fn a_fifo_at_model_info_json_blocks_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upload_dir = dir.path().join("uploads");
+    std::fs::create_dir_all(&upload_dir).expect("mkdir");
+    let info = upload_dir.join("model_info.json");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &info,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut conns = Vec::new();
+    for i in 0..4 {
+        let mut a = connect(&server.alice(&format!("a{i}")), Channel::Admin).await;
+        echo_comes_first(&mut a).await;
+        conns.push(a);
+    }
+    let a = &mut conns[0];
+    a.send_binary(&model("m/x.bin", b"x")).await.expect("send");
+    expect_reply(a, 500, "model_info.json is not a regular file").await;
+    assert!(!upload_dir.join("m").exists());
+    let kind = std::fs::symlink_metadata(&info)
+        .expect("still there")
+        .file_type();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&kind));
+    // Once the operator removes it, uploads work again.
+    std::fs::remove_file(&info).expect("remove");
+    a.send_binary(&model("m/x.bin", b"x")).await.expect("send");
+    expect_reply(a, 200, "m/x.bin").await;
+}
+
+/// A symlink at `model_info.json` is never followed: its target (a file outside, or one
+/// inside the upload directory) is not pushed to controllers, an upload is refused with 500
+/// and the link and its target are left as they are. (The target was read through and pushed
+/// to every admin connection.)
+#[tokio::test]
+async fn a_symlink_at_model_info_json_is_not_followed() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let secret = outside.path().join("secret.json");
+    let secret_text = r#"{"SECRET/key": "hunter2"}"#;
+    std::fs::write(&secret, secret_text).expect("write");
+    for target in [secret.clone(), std::path::PathBuf::from("inside.json")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upload_dir = dir.path().join("uploads");
+        std::fs::create_dir_all(&upload_dir).expect("mkdir");
+        std::fs::write(upload_dir.join("inside.json"), secret_text).expect("write");
+        let info = upload_dir.join("model_info.json");
+        std::os::unix::fs::symlink(&target, &info).expect("symlink");
+        let server = TestServer::start_in(dir, |_| {}).await;
+        let mut a = connect(&server.alice("a"), Channel::Admin).await;
+        echo_comes_first(&mut a).await;
+        a.send_binary(&model("m/x.bin", b"x")).await.expect("send");
+        expect_reply(&mut a, 500, "model_info.json is a symlink").await;
+        assert!(!upload_dir.join("m").exists(), "{target:?}");
+        assert_eq!(std::fs::read_link(&info).expect("still a link"), target);
+        assert_eq!(std::fs::read_to_string(&secret).expect("read"), secret_text);
+    }
+}
+
+/// `model_info.json` has a byte bound, `max_model_info_bytes`: an upload that would take it
+/// past it is refused with 413 before anything is moved in and the file is unchanged; a file
+/// already larger is neither pushed nor rewritten. (It grew without bound, and every admin
+/// connection was sent a copy of it after each upload.)
+#[tokio::test]
+async fn model_info_json_is_bounded_in_bytes() {
+    const MAX: usize = 4096;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upload_dir = dir.path().join("uploads");
+    std::fs::create_dir_all(&upload_dir).expect("mkdir");
+    let info = upload_dir.join("model_info.json");
+    let server = TestServer::start_in(dir, |c| c.limits.max_model_info_bytes = MAX).await;
+    assert_eq!(
+        secure_talk::config::Limits::default().max_model_info_bytes,
+        1 << 20
+    );
+    let mut a = connect(&server.alice("a"), Channel::Admin).await;
+    // Long names fill it up to the bound, then the next one is refused.
+    let mut accepted = 0;
+    let refused = loop {
+        let name = format!("m{accepted:03}/{}.bin", "n".repeat(200));
+        a.send_binary(&model(&name, b"x")).await.expect("send");
+        let reply = recv_method(&mut a, method::TEXT).await;
+        if reply.headers.code == Some(200) {
+            accepted += 1;
+            assert!(accepted < 100, "never refused");
+            continue;
+        }
+        break (reply, name);
+    };
+    let (reply, name) = refused;
+    assert_eq!(reply.headers.code, Some(413), "{reply:?}");
+    let text = reply
+        .payload
+        .as_ref()
+        .and_then(Value::as_str)
+        .expect("text");
+    assert!(text.contains("max_model_info_bytes (4096 bytes)"), "{text}");
+    let before = std::fs::read(&info).expect("info");
+    assert!(
+        before.len() <= MAX && before.len() > MAX - 300,
+        "{}",
+        before.len()
+    );
+    assert!(
+        !upload_dir
+            .join(name.split('/').next().expect("dir"))
+            .exists()
+    );
+    let recorded: Value = serde_json::from_slice(&before).expect("json");
+    assert_eq!(
+        recorded.as_object().map(serde_json::Map::len),
+        Some(accepted)
+    );
+    // A file already past the bound (the operator's) is not pushed, and not rewritten.
+    let big = json!({"big.bin": "x".repeat(MAX)}).to_string();
+    std::fs::write(&info, &big).expect("write");
+    let mut b = connect(&server.alice("b"), Channel::Admin).await;
+    echo_comes_first(&mut b).await;
+    b.send_binary(&model("s.bin", b"x")).await.expect("send");
+    expect_reply(&mut b, 413, "max_model_info_bytes").await;
+    assert_eq!(std::fs::read_to_string(&info).expect("info"), big);
+}
