@@ -436,16 +436,6 @@ impl Hub {
             .collect()
     }
 
-    /// Every admin connection (for broadcasts).
-    pub fn admin_conns(&self) -> Vec<Conn> {
-        let state = self.lock();
-        state
-            .clients
-            .values()
-            .filter_map(|c| c.admin.clone())
-            .collect()
-    }
-
     /// Number of clients with a live connection.
     pub fn connected_clients(&self) -> usize {
         self.lock()
