@@ -7,6 +7,7 @@
 )]
 
 mod e2e;
+mod heads;
 mod interop;
 mod logs;
 mod memory;
