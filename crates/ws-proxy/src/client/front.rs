@@ -7,7 +7,8 @@
 //! gives 504, no partner 503, a lost connection 502. Request headers travel as the original test
 //! client sends them (all but Content-Length; Content-Type and Content-Encoding only when there
 //! is no body, since the body carries them as `dataFormat`); response headers may use `value`
-//! or `val`. The answer to a HEAD keeps the Content-Length the gateway side carried over.
+//! or `val`. The answer to a HEAD keeps the Content-Length the gateway side carried over when
+//! it is one valid length and there is no Transfer-Encoding, else it has none.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -232,7 +233,8 @@ async fn relay(State(front): State<Front>, request: Request) -> Response {
 }
 
 /// Turns a REST:RESPONSE into an HTTP response; `head`: the answer to a HEAD request, whose
-/// Content-Length (the upstream's, carried in the headers) is kept, since no body says it.
+/// Content-Length (the upstream's, carried in the headers) is kept when it is what a GET's
+/// framing would give (see `framed_length`), since no body says it.
 pub fn to_http(response: &RestResponse, head: bool) -> Response {
     let Ok(status) = StatusCode::from_u16(response.status_code) else {
         return plain(
@@ -243,6 +245,20 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
     let body = match response.body_bytes() {
         Ok(body) => body,
         Err(err) => return plain(StatusCode::BAD_GATEWAY, format!("the peer's answer: {err}")),
+    };
+    // Without a body, a HEAD's length is what a GET's framing would give: one valid
+    // Content-Length and no Transfer-Encoding, else none (a GET's answer here always has
+    // a body whose length is its own, so it never fails on them).
+    let head_length = if head && body.is_none() {
+        let framing = response
+            .headers
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|pair| (pair.name.as_str(), pair.value.as_str()));
+        super::framed_length(framing).ok().flatten()
+    } else {
+        None
     };
     let mut http = Response::new(Body::from(
         body.clone().map(Bytes::from).unwrap_or_default(),
@@ -257,17 +273,17 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
             tracing::debug!(name = ?pair.name, "unusable response header dropped");
             continue;
         };
-        if name == header::CONTENT_LENGTH {
-            // Any other body's length is its own, counted by the HTTP server.
-            if head && body.is_none() && value.to_str().is_ok_and(|v| v.parse::<u64>().is_ok()) {
-                headers.insert(name, value);
-            }
-            continue;
-        }
-        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+        // A body's length is its own, counted by the HTTP server; a HEAD's is set below.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
             continue;
         }
         headers.append(name, value);
+    }
+    if let Some(length) = head_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     if body.is_some() && !headers.contains_key(header::CONTENT_TYPE) {
         if let Some(Ok(value)) = response.data_format.as_deref().map(HeaderValue::from_str) {

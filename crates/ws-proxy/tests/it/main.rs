@@ -7,6 +7,7 @@
 )]
 
 mod e2e;
+mod framing;
 mod heads;
 mod interop;
 mod logs;
