@@ -8,6 +8,7 @@
 
 mod e2e;
 mod framing;
+mod front;
 mod heads;
 mod interop;
 mod logs;
