@@ -3,9 +3,9 @@
 //! written by `upgrade::refuse`), then the relay.
 //!
 //! While it sends its upgrade request a connection holds its `max_connections` slot and its
-//! identity's slot (taken right after the handshake), or, without a certificate or when it is
-//! to be refused anyway, a stranger permit again: no client fills `max_connections` by sending
-//! its request slowly.
+//! identity's slot (taken right after the handshake), or, without a certificate, a stranger
+//! permit again; one the rules refuse, or over its identity's cap, is refused right after the
+//! handshake: no client fills `max_connections` by sending its request slowly.
 //!
 //! [`Server`] is the handle tests and `main` hold: it serves a listener until shutdown, reloads
 //! the TLS material, and reports status and metrics.
@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::admission::{AcceptError, Admission, Slot, Stranger};
+use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,9 +34,13 @@ use crate::upgrade::{self, Head, HeadError, Rewind};
 enum Door {
     /// Its `max_connections` slot and its identity's slot: a certificate the rules admit.
     Counted(Slot, IdentitySlot),
-    /// A stranger permit: no certificate, or one to be refused once the head is read.
+    /// A stranger permit: no certificate.
     Stranger(Stranger),
 }
+
+/// How long a connection refused right after its handshake (403, 429) may take to send its
+/// request head before the answer is written and the connection closed.
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The 429 for an identity that has `max` connections already.
 fn per_identity_refusal(max: usize) -> (Refusal, StatusCode, String) {
@@ -67,6 +71,9 @@ pub struct Server {
     shared: Arc<Shared>,
     tls: Arc<ServerTls>,
     admission: Admission,
+    /// Connections refused right after their handshake, waiting [`REFUSAL_LINGER`] at most
+    /// for their request head before the answer.
+    refusing: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -83,10 +90,12 @@ impl Server {
     pub fn new(config: Config, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
         let limits = config.limits.admission(config.max_connections);
         let admission = Admission::new("wss", limits);
+        let refusing = Pool::new("wss-refusals", "tls.max_handshakes", limits.max_handshakes);
         Self {
             shared: Arc::new(Shared::new(config, shutdown)),
             tls,
             admission,
+            refusing,
         }
     }
 
@@ -165,42 +174,94 @@ impl Server {
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
         let live = self.tls.live_peer(tls.get_ref().1);
-        let mut tls = tls;
 
-        // Who the connection counts against while it sends its request head: a certificate
-        // the rules admit takes its per-identity slot now, keeping its max_connections slot;
-        // any other connection goes back to the stranger pool (max_handshakes, per address)
-        // and gives its max_connections slot back until its upgrade is done. A refusal known
-        // now is answered once the head has been read.
+        // Who the connection counts against while it sends its request head, decided as
+        // soon as the handshake has named the client: a certificate the rules admit takes its
+        // per-identity slot now, keeping its max_connections slot; one no rule admits, or
+        // over its cap, is refused now (it holds neither); without a certificate the
+        // connection goes back to the stranger pool (max_handshakes, per address) and gives
+        // its max_connections slot back until its upgrade request is complete.
         let rules = &shared.config.rules;
-        let mut early = None;
-        let mut identity_slot = None;
-        if !rules.admits(identity.as_ref()) {
-            early = Some((
+        let early = if !rules.admits(identity.as_ref()) {
+            Some((
                 Refusal::forbidden,
                 StatusCode::FORBIDDEN,
                 "this certificate may not join any meet-up id".to_owned(),
-            ));
+            ))
         } else if identity.is_some() {
-            identity_slot = shared.identity_slot(identity.as_ref(), addr);
-            if identity_slot.is_none() {
-                early = Some(per_identity_refusal(limits.max_connections_per_identity));
+            match shared.identity_slot(identity.as_ref(), addr) {
+                Some(identity_slot) => {
+                    return self
+                        .upgrade(
+                            tls,
+                            identity,
+                            live,
+                            who,
+                            Door::Counted(slot, identity_slot),
+                            addr,
+                        )
+                        .await;
+                }
+                None => Some(per_identity_refusal(limits.max_connections_per_identity)),
+            }
+        } else {
+            None
+        };
+        drop(slot);
+        if let Some(refusal) = early {
+            self.refuse_soon(tls, &who, refusal).await;
+            return None;
+        }
+        match self.admission.stranger(addr) {
+            Ok(stranger) => {
+                self.upgrade(tls, identity, live, who, Door::Stranger(stranger), addr)
+                    .await
+            }
+            Err(refused) => {
+                shared.metrics.refused(Refusal::from(refused));
+                None
             }
         }
-        let door = match identity_slot {
-            Some(identity_slot) => Door::Counted(slot, identity_slot),
-            None => match self.admission.stranger(addr) {
-                Ok(stranger) => {
-                    drop(slot);
-                    Door::Stranger(stranger)
-                }
-                Err(refused) => {
-                    shared.metrics.refused(Refusal::from(refused));
-                    return None;
-                }
-            },
-        };
+    }
 
+    /// Answers a refusal decided right after the handshake. The connection holds no slot nor
+    /// stranger permit meanwhile, only one of a small pool of its own (`tls.max_handshakes`;
+    /// with none free it is closed at once): it gets [`REFUSAL_LINGER`] to send its request
+    /// head, so that the answer is not lost to a reset by a request still arriving.
+    async fn refuse_soon(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        who: &str,
+        (reason, status, text): (Refusal, StatusCode, String),
+    ) {
+        let shared = &self.shared;
+        shared.metrics.refused(reason);
+        let Ok(_lane) = self.refusing.try_admit() else {
+            tracing::debug!(peer = ?who, outcome = "refused", status = status.as_u16(), "refusal pool full: closed without an answer");
+            return;
+        };
+        let head =
+            tokio::time::timeout(REFUSAL_LINGER, upgrade::read_head(&mut tls, &shared.budget))
+                .await;
+        let head_request =
+            matches!(&head, Ok(Ok((prefix, _, _))) if upgrade::is_head_request(prefix));
+        drop(head);
+        upgrade::refuse(&mut tls, status, &text, head_request).await;
+        tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
+    }
+
+    /// The HTTP upgrade of a connection that holds `door` while it sends its request head.
+    async fn upgrade(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        identity: Option<PeerIdentity>,
+        live: LivePeer,
+        who: String,
+        door: Door,
+        addr: SocketAddr,
+    ) -> Option<Admitted> {
+        let shared = &self.shared;
+        let limits = &shared.config.limits;
         // The whole upgrade, our look at the head included, has one deadline (a stranger's
         // is also its own).
         let mut deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
@@ -244,9 +305,8 @@ impl Server {
             }
         };
         let head_request = upgrade::is_head_request(&prefix);
-        let admitted = match (early, head) {
-            (Some(early), _) => Err(early),
-            (None, Head::Upgrade(path)) => {
+        let admitted = match head {
+            Head::Upgrade(path) => {
                 self.promote(door, identity.as_ref(), addr)
                     .and_then(|(slot, identity_slot)| {
                         // Decided here, not in tungstenite's callback, so the refusal is ours.
@@ -254,12 +314,12 @@ impl Server {
                         Ok((id, slot, identity_slot))
                     })
             }
-            (None, Head::Bad(status, text)) => Err((
+            Head::Bad(status, text) => Err((
                 Refusal::upgrade,
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
                 text.to_owned(),
             )),
-            (None, Head::NotUpgrade) => Err((
+            Head::NotUpgrade => Err((
                 Refusal::upgrade,
                 StatusCode::UPGRADE_REQUIRED,
                 format!(

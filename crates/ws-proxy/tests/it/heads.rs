@@ -1,8 +1,8 @@
 //! Connections still sending their upgrade request (issue 18, attack pass F1 and F2): they
 //! count against their identity's `max_connections_per_identity` from the end of the TLS
-//! handshake, those without a certificate (or that will be refused) wait in the stranger pool
-//! instead of taking `max_connections` slots, and the bytes of their heads are charged to the
-//! budget.
+//! handshake, those the rules or the cap refuse are refused right then, those without a
+//! certificate wait in the stranger pool instead of taking `max_connections` slots, and the
+//! bytes of their heads are charged to the budget.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -96,21 +96,33 @@ async fn bob_gets_in(
     bob
 }
 
+/// Reads the answer the proxy sends without being asked further, up to its close.
+async fn answer(mut tls: TlsStream<TcpStream>) -> String {
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// F1: alice (cap 3) held every one of the 6 slots by sending two request lines on each;
-/// bob was closed after his handshake. Now her fourth and later connections wait in the
-/// stranger pool and get 429 when their request is complete.
+/// bob, from the same address, was closed after his handshake. Now her fourth and later
+/// connections are refused with 429 right after the handshake (given a second to send their
+/// request), holding no slot meanwhile.
 #[tokio::test]
 async fn unfinished_heads_count_against_the_identity_cap() {
+    let pki = test_pki();
     let mut config = quick();
     config.max_connections = 6;
     config.limits.max_connections_per_identity = 3;
     let proxy = Proxy::start(config).await;
-    let mut held = holders(&proxy, Some(&test_pki().alice), 6).await;
-    admission_is(&proxy, 3, 3).await;
-    let _bob = bob_gets_in(&proxy, "victim").await;
-    let answer = finish(held.pop().unwrap()).await;
-    assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
-    assert!(answer.contains("max_connections_per_identity"), "{answer}");
+    let mut held = holders(&proxy, Some(&pki.alice), 6).await;
+    let over = held.split_off(3);
+    let _bob = proxy.connect(&pki.bob, "victim").await;
+    admission_is(&proxy, 0, 4).await;
+    for tls in over {
+        let answer = answer(tls).await;
+        assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
+        assert!(answer.contains("max_connections_per_identity"), "{answer}");
+    }
     // One of her counted connections finishes its request and is upgraded.
     let answer = finish(held.remove(0)).await;
     assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
@@ -148,7 +160,7 @@ async fn heads_without_a_certificate_are_read_in_the_stranger_pool() {
 }
 
 /// F1 with rules: a certificate no rule matches held 100 slots, since its 403 waited for a
-/// complete request. Now it sends its head as a stranger and gets the 403 at its end.
+/// complete request. Now it is refused right after its handshake, holding no slot.
 #[tokio::test]
 async fn a_certificate_no_rule_admits_holds_no_slot() {
     let pki = test_pki();
@@ -163,13 +175,14 @@ async fn a_certificate_no_rule_admits_holds_no_slot() {
         .unwrap(),
     ]);
     let proxy = Proxy::start(config).await;
-    let mut held = holders(&proxy, Some(&pki.alice), 6).await;
-    admission_is(&proxy, 6, 0).await;
-    let _bob = bob_gets_in(&proxy, "victim").await;
-    let answer = finish(held.pop().unwrap()).await;
-    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
-    assert!(answer.contains("may not join any meet-up id"), "{answer}");
-    drop(held);
+    let held = holders(&proxy, Some(&pki.alice), 6).await;
+    let _bob = proxy.connect(&pki.bob, "victim").await;
+    admission_is(&proxy, 0, 1).await;
+    for tls in held {
+        let answer = answer(tls).await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert!(answer.contains("may not join any meet-up id"), "{answer}");
+    }
     proxy.stop().await;
 }
 
