@@ -188,6 +188,15 @@ impl Rules {
         self.rules.is_empty()
     }
 
+    /// Whether some rule could let `peer` (`None`: no certificate) join some id: known right
+    /// after the TLS handshake, so a peer no rule matches is refused before its request.
+    pub fn admits(&self, peer: Option<&PeerIdentity>) -> bool {
+        if self.rules.is_empty() {
+            return true;
+        }
+        peer.is_some_and(|peer| self.rules.iter().any(|rule| rule.matches_identity(peer)))
+    }
+
     /// Whether `peer` (`None`: no certificate) may join `id`.
     pub fn allows(&self, peer: Option<&PeerIdentity>, id: &str) -> bool {
         if self.rules.is_empty() {
@@ -265,6 +274,13 @@ mod tests {
         other.sha256 = "cd".repeat(32);
         check(&other, "pinned", false);
         assert!(!set.allows(None, "gw/gw-17"));
+        // Who could join some id is known from the certificate alone.
+        assert!(set.admits(Some(&gw)) && set.admits(Some(&other)));
+        let mut nobody = peer("nobody", "Home", &[]);
+        nobody.sha256 = "cd".repeat(32);
+        assert!(!set.admits(Some(&nobody)));
+        assert!(!set.admits(None));
+        assert!(Rules::default().admits(None));
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! and what draws on them.
 //!
 //! Every byte the proxy holds for a peer beyond its fixed per-connection cost is charged here:
-//! a stored HELLO, a HELLO queued for a partner, a waiting peer's queue, the relay queue towards
-//! a peer, and the bytes of a message still being read ([`ReadMeter`], which counts what the
-//! socket delivers to tungstenite). A charge that does not fit is refused, never waited for:
-//! the connection that asked is closed with 1013 "try again later", so the total stays under
+//! the buffer of a request head being read (`crate::upgrade::read_head`), a stored HELLO, a
+//! HELLO queued for a partner, a waiting peer's queue, the relay queue towards a peer, and the
+//! bytes of a message still being read ([`ReadMeter`], which counts what the socket delivers
+//! to tungstenite). A charge that does not fit is refused, never waited for: the connection
+//! that asked is closed with 1013 "try again later" (a request head: HTTP 503), so the total
+//! stays under
 //! `max_buffered_bytes` whatever the peers do. The meter also enforces the small cap on what a
 //! connection may send before its HELLO, below tungstenite, whose message limit cannot change
 //! once the websocket exists.
@@ -98,6 +100,17 @@ impl Budget {
 pub(crate) struct Charge {
     budget: Arc<Budget>,
     bytes: usize,
+}
+
+impl Charge {
+    /// Takes `more` bytes into this charge, or nothing (and `false`) if they do not fit.
+    pub(crate) fn grow(&mut self, more: usize) -> bool {
+        let taken = self.budget.take(more);
+        if taken {
+            self.bytes += more;
+        }
+        taken
+    }
 }
 
 impl Drop for Charge {

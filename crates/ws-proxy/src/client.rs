@@ -24,6 +24,46 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use url::Url;
 
+/// The length a response's framing headers give its body, read as a GET's answer would be
+/// (as the HTTP client library reads it): a Transfer-Encoding, or no Content-Length, gives no
+/// length (`None`); Content-Length values (repeated, or in a list) that are all the same
+/// number give it; any other Content-Length is an error, a 502 for a GET, and so for a HEAD.
+/// The answer to a HEAD carries exactly this: one valid Content-Length or none.
+///
+/// # Errors
+/// The Content-Length values are not numbers, or differ.
+pub(crate) fn framed_length<N, V>(
+    headers: impl IntoIterator<Item = (N, V)>,
+) -> Result<Option<u64>, String>
+where
+    N: AsRef<str>,
+    V: AsRef<str>,
+{
+    let mut chunked = false;
+    let mut length = None;
+    for (name, value) in headers {
+        let name = name.as_ref();
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            for part in value.as_ref().split(',') {
+                let part = part.trim();
+                let n = part
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| part.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| format!("invalid Content-Length {part:?}"))?;
+                if length.is_some_and(|seen| seen != n) {
+                    return Err("conflicting Content-Length values".to_owned());
+                }
+                length = Some(n);
+            }
+        }
+    }
+    Ok(if chunked { None } else { length })
+}
+
 /// A connected peer's websocket.
 pub type PeerStream = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 

@@ -1,6 +1,11 @@
 //! The accept loop: TCP, the TLS handshake with a required client certificate, the HTTP upgrade
-//! (refused with 404, 400, 403, 409, 429 or 503 before it happens, every refusal written by
-//! `upgrade::refuse`), then the relay.
+//! (refused with 400, 403, 404, 409, 426, 429, 431 or 503 before it happens, every refusal
+//! written by `upgrade::refuse`), then the relay.
+//!
+//! While it sends its upgrade request a connection holds its `max_connections` slot and its
+//! identity's slot (taken right after the handshake), or, without a certificate, a stranger
+//! permit again; one the rules refuse, or over its identity's cap, is refused right after the
+//! handshake: no client fills `max_connections` by sending its request slowly.
 //!
 //! [`Server`] is the handle tests and `main` hold: it serves a listener until shutdown, reloads
 //! the TLS material, and reports status and metrics.
@@ -8,7 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::admission::{AcceptError, Admission, Stranger};
+use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,7 +28,28 @@ pub use crate::state::{
     Counters, DEFAULT_STATUS_PAGE, MAX_STATUS_PAGE, MeetupStatus, PeerState, PeerStatus, Status,
 };
 use crate::state::{IdentitySlot, Shared};
-use crate::upgrade::{self, Head, Rewind};
+use crate::upgrade::{self, Head, HeadError, Rewind};
+
+/// What a connection holds while it sends its request head.
+enum Door {
+    /// Its `max_connections` slot and its identity's slot: a certificate the rules admit.
+    Counted(Slot, IdentitySlot),
+    /// A stranger permit: no certificate.
+    Stranger(Stranger),
+}
+
+/// How long a connection refused right after its handshake (403, 429) may take to send its
+/// request head before the answer is written and the connection closed.
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The 429 for an identity that has `max` connections already.
+fn per_identity_refusal(max: usize) -> (Refusal, StatusCode, String) {
+    (
+        Refusal::per_identity,
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("this certificate already has {max} connections (max_connections_per_identity)"),
+    )
+}
 
 /// What a connection that passed the handshake and the upgrade holds.
 struct Admitted {
@@ -34,7 +60,7 @@ struct Admitted {
     /// The identity as logged.
     who: String,
     meter: Arc<ReadMeter>,
-    _slot: common::admission::Slot,
+    _slot: Slot,
     /// Counts against the identity's limits while the connection lives.
     identity_slot: IdentitySlot,
 }
@@ -45,6 +71,9 @@ pub struct Server {
     shared: Arc<Shared>,
     tls: Arc<ServerTls>,
     admission: Admission,
+    /// Connections refused right after their handshake, waiting [`REFUSAL_LINGER`] at most
+    /// for their request head before the answer.
+    refusing: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -61,10 +90,12 @@ impl Server {
     pub fn new(config: Config, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
         let limits = config.limits.admission(config.max_connections);
         let admission = Admission::new("wss", limits);
+        let refusing = Pool::new("wss-refusals", "tls.max_handshakes", limits.max_handshakes);
         Self {
             shared: Arc::new(Shared::new(config, shutdown)),
             tls,
             admission,
+            refusing,
         }
     }
 
@@ -144,56 +175,163 @@ impl Server {
             .map_or_else(|| "-".to_owned(), ToString::to_string);
         let live = self.tls.live_peer(tls.get_ref().1);
 
-        // The whole upgrade, our look at the head included, has one deadline.
-        let deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
-        let mut tls = tls;
-        let head = tokio::time::timeout_at(deadline, upgrade::read_head(&mut tls)).await;
-        let (prefix, path) = match head {
-            Ok(Ok((prefix, Head::Upgrade(path)))) => (prefix, path),
-            Ok(Ok((_, refused))) => {
-                let (status, text) = match refused {
-                    Head::Bad(status) => (
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-                        "not an HTTP request head or websocket upgrade".to_owned(),
-                    ),
-                    _ => (
-                        StatusCode::UPGRADE_REQUIRED,
-                        format!(
-                            "this is a websocket relay: connect to wss://HOST:PORT{}ID",
-                            shared.config.url_prefix
-                        ),
-                    ),
-                };
-                upgrade::refuse(&mut tls, status, &text).await;
+        // Who the connection counts against while it sends its request head, decided as
+        // soon as the handshake has named the client: a certificate the rules admit takes its
+        // per-identity slot now, keeping its max_connections slot; one no rule admits, or
+        // over its cap, is refused now (it holds neither); without a certificate the
+        // connection goes back to the stranger pool (max_handshakes, per address) and gives
+        // its max_connections slot back until its upgrade request is complete.
+        let rules = &shared.config.rules;
+        let early = if !rules.admits(identity.as_ref()) {
+            Some((
+                Refusal::forbidden,
+                StatusCode::FORBIDDEN,
+                "this certificate may not join any meet-up id".to_owned(),
+            ))
+        } else if identity.is_some() {
+            match shared.identity_slot(identity.as_ref(), addr) {
+                Some(identity_slot) => {
+                    return self
+                        .upgrade(
+                            tls,
+                            identity,
+                            live,
+                            who,
+                            Door::Counted(slot, identity_slot),
+                            addr,
+                        )
+                        .await;
+                }
+                None => Some(per_identity_refusal(limits.max_connections_per_identity)),
+            }
+        } else {
+            None
+        };
+        drop(slot);
+        if let Some(refusal) = early {
+            self.refuse_soon(tls, &who, refusal).await;
+            return None;
+        }
+        match self.admission.stranger(addr) {
+            Ok(stranger) => {
+                self.upgrade(tls, identity, live, who, Door::Stranger(stranger), addr)
+                    .await
+            }
+            Err(refused) => {
+                shared.metrics.refused(Refusal::from(refused));
+                None
+            }
+        }
+    }
+
+    /// Answers a refusal decided right after the handshake. The connection holds no slot nor
+    /// stranger permit meanwhile, only one of a small pool of its own (`tls.max_handshakes`;
+    /// with none free it is closed at once): it gets [`REFUSAL_LINGER`] to send its request
+    /// head, so that the answer is not lost to a reset by a request still arriving.
+    async fn refuse_soon(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        who: &str,
+        (reason, status, text): (Refusal, StatusCode, String),
+    ) {
+        let shared = &self.shared;
+        shared.metrics.refused(reason);
+        let Ok(_lane) = self.refusing.try_admit() else {
+            tracing::debug!(peer = ?who, outcome = "refused", status = status.as_u16(), "refusal pool full: closed without an answer");
+            return;
+        };
+        let head =
+            tokio::time::timeout(REFUSAL_LINGER, upgrade::read_head(&mut tls, &shared.budget))
+                .await;
+        let head_request =
+            matches!(&head, Ok(Ok((prefix, _, _))) if upgrade::is_head_request(prefix));
+        drop(head);
+        upgrade::refuse(&mut tls, status, &text, head_request).await;
+        tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
+    }
+
+    /// The HTTP upgrade of a connection that holds `door` while it sends its request head.
+    async fn upgrade(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        identity: Option<PeerIdentity>,
+        live: LivePeer,
+        who: String,
+        door: Door,
+        addr: SocketAddr,
+    ) -> Option<Admitted> {
+        let shared = &self.shared;
+        let limits = &shared.config.limits;
+        // The whole upgrade, our look at the head included, has one deadline (a stranger's
+        // is also its own).
+        let mut deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
+        let (budget, evicted) = match &door {
+            Door::Counted(_, identity_slot) => (identity_slot.budget.clone(), None),
+            Door::Stranger(stranger) => {
+                deadline = deadline.min(stranger.deadline());
+                (shared.budget.clone(), Some(stranger.evicted()))
+            }
+        };
+        let reading = tokio::time::timeout_at(deadline, upgrade::read_head(&mut tls, &budget));
+        let head = match evicted {
+            None => reading.await,
+            Some(evicted) => tokio::select! {
+                head = reading => head,
+                () = evicted => {
+                    shared.metrics.refused(Refusal::evicted);
+                    tracing::debug!(peer = ?who, outcome = "refused", "evicted while sending its request head");
+                    return None;
+                }
+            },
+        };
+        let (prefix, head, charge) = match head {
+            Ok(Ok(read)) => read,
+            Ok(Err(HeadError::Budget)) => {
+                upgrade::refuse(
+                    &mut tls,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the proxy is out of buffer space; try again later",
+                    false,
+                )
+                .await;
                 shared.metrics.refused(Refusal::upgrade);
-                tracing::info!(peer = ?who, outcome = "refused", status = status.as_u16(), "not a websocket upgrade");
+                tracing::info!(peer = ?who, outcome = "refused", "no buffer space for the request head");
                 return None;
             }
-            Ok(Err(_)) | Err(_) => {
+            Ok(Err(HeadError::Closed)) | Err(_) => {
                 shared.metrics.refused(Refusal::upgrade);
                 tracing::info!(peer = ?who, outcome = "refused", "no upgrade request in time");
                 return None;
             }
         };
-        let Some(identity_slot) = shared.identity_slot(identity.as_ref(), addr) else {
-            let max = limits.max_connections_per_identity;
-            upgrade::refuse(
-                &mut tls,
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "this certificate already has {max} connections (max_connections_per_identity)"
+        let head_request = upgrade::is_head_request(&prefix);
+        let admitted = match head {
+            Head::Upgrade(path) => {
+                self.promote(door, identity.as_ref(), addr)
+                    .and_then(|(slot, identity_slot)| {
+                        // Decided here, not in tungstenite's callback, so the refusal is ours.
+                        let id = self.admit(&path, identity.as_ref())?;
+                        Ok((id, slot, identity_slot))
+                    })
+            }
+            Head::Bad(status, text) => Err((
+                Refusal::upgrade,
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                text.to_owned(),
+            )),
+            Head::NotUpgrade => Err((
+                Refusal::upgrade,
+                StatusCode::UPGRADE_REQUIRED,
+                format!(
+                    "this is a websocket relay: connect to wss://HOST:PORT{}ID",
+                    shared.config.url_prefix
                 ),
-            )
-            .await;
-            shared.metrics.refused(Refusal::per_identity);
-            tracing::info!(peer = ?who, outcome = "refused", max, "max_connections_per_identity reached");
-            return None;
+            )),
         };
-        // Decided here, not in tungstenite's callback, so the refusal is ours (with headers).
-        let id = match self.admit(&path, identity.as_ref()) {
-            Ok(id) => id,
+        let (id, slot, identity_slot) = match admitted {
+            Ok(admitted) => admitted,
             Err((reason, status, text)) => {
-                upgrade::refuse(&mut tls, status, &text).await;
+                upgrade::refuse(&mut tls, status, &text, head_request).await;
                 shared.metrics.refused(reason);
                 tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
                 return None;
@@ -203,7 +341,10 @@ impl Server {
         let stream = Metered::new(Rewind::new(prefix, tls), meter.clone());
         let upgrading =
             tokio_tungstenite::accept_async_with_config(stream, Some(limits.websocket()));
-        let ws = match tokio::time::timeout_at(deadline, upgrading).await {
+        let upgraded = tokio::time::timeout_at(deadline, upgrading).await;
+        // Tungstenite has read the head (and freed it) by now.
+        drop(charge);
+        let ws = match upgraded {
             Ok(Ok(ws)) => ws,
             outcome => {
                 let text = match outcome {
@@ -259,6 +400,35 @@ impl Server {
         )
         .await;
         drop(identity_slot);
+    }
+
+    /// The slots a connection holds once its upgrade request is complete: those it holds
+    /// already, or, out of the stranger pool, its identity's (without a certificate: its
+    /// address's) and one of `max_connections`.
+    fn promote(
+        &self,
+        door: Door,
+        identity: Option<&PeerIdentity>,
+        addr: SocketAddr,
+    ) -> Result<(Slot, IdentitySlot), (Refusal, StatusCode, String)> {
+        let stranger = match door {
+            Door::Counted(slot, identity_slot) => return Ok((slot, identity_slot)),
+            Door::Stranger(stranger) => stranger,
+        };
+        let limits = &self.shared.config.limits;
+        let identity_slot = self
+            .shared
+            .identity_slot(identity, addr)
+            .ok_or_else(|| per_identity_refusal(limits.max_connections_per_identity))?;
+        let slot = stranger.authenticated().map_err(|refused| {
+            (
+                Refusal::from(refused),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the proxy has all the connections it takes (max_connections); try again later"
+                    .to_owned(),
+            )
+        })?;
+        Ok((slot, identity_slot))
     }
 
     /// Decides on an upgrade request: the meet-up id, or why not.

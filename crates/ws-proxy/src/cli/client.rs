@@ -6,7 +6,7 @@
 //! each, send JSON envelopes typed on stdin, and reconnect with back-off after any close.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use common::tls::{self, ClientTlsFiles};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
 
-use crate::client::front::Front;
+use crate::client::front::{self, Front, FrontLimits, FrontListener};
 use crate::client::gateway::Gateway;
 use crate::client::{ClientError, ConnectOptions, Session, SessionOptions};
 
@@ -52,9 +52,15 @@ pub enum Role {
         #[command(flatten)]
         peer: PeerArgs,
         /// Where the HTTP front end listens: an IP address and port (a host name is not
-        /// resolved here).
-        #[arg(long, default_value = "127.0.0.1:5001", value_name = "ADDR:PORT", value_parser = ip_and_port)]
-        http_listen: SocketAddr,
+        /// resolved here), or unix:PATH, a socket in a directory only its owner may enter
+        /// (made 0700 if missing; `curl --unix-socket PATH`). Whoever reaches the front end
+        /// acts with this client's certificate: a TCP port, even on 127.0.0.1, lets every
+        /// local user do so.
+        #[arg(long, default_value = "127.0.0.1:5001", value_name = "ADDR:PORT|unix:PATH", value_parser = http_listen)]
+        http_listen: HttpListen,
+        /// Connections the HTTP front end serves at once; one more is closed at once.
+        #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        http_max_connections: u32,
     },
     /// Gateway side: answer REST:REQUESTs from an upstream HTTP service.
     #[command(
@@ -150,31 +156,124 @@ fn session_options(peer: &PeerArgs, default_class: &str) -> Result<SessionOption
     })
 }
 
-/// `--http-listen`: an IP address and port, with a clear word when it is a host name.
-fn ip_and_port(value: &str) -> Result<SocketAddr, String> {
-    value.parse().map_err(|_| {
+/// Where `connect` serves HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpListen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+/// `--http-listen`: an IP address and port (with a clear word when it is a host name), or
+/// `unix:PATH`.
+fn http_listen(value: &str) -> Result<HttpListen, String> {
+    if let Some(path) = value.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(
+                "unix: needs a socket path (unix:/run/user/1000/ws-proxy/http.sock)".into(),
+            );
+        }
+        return Ok(HttpListen::Unix(PathBuf::from(path)));
+    }
+    value.parse().map(HttpListen::Tcp).map_err(|_| {
         format!(
-            "{value:?} is not an IP address and port (127.0.0.1:5001, [::1]:5001); host names are not resolved here"
+            "{value:?} is not an IP address and port (127.0.0.1:5001, [::1]:5001) or unix:PATH; host names are not resolved here"
         )
     })
+}
+
+/// Binds the front end's Unix socket at `path` (mode 0600) in a directory only its owner may
+/// enter: made with mode 0700 when missing; an existing one must give group and others no
+/// access and belong to whoever owns the socket (us).
+///
+/// # Errors
+/// A message for exit 64 (the directory is open to others) or 69 (binding failed).
+fn bind_front_socket(path: &Path) -> Result<tokio::net::UnixListener, Failure> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|err| {
+                fail(
+                    exit::UNAVAILABLE,
+                    format!("creating {}: {err}", dir.display()),
+                )
+            })?;
+    }
+    let meta = std::fs::metadata(dir)
+        .map_err(|err| fail(exit::UNAVAILABLE, format!("{}: {err}", dir.display())))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(fail(
+            exit::USAGE,
+            format!(
+                "{} has mode {mode:o}: the HTTP front end's socket must be in a directory only its owner may enter (0700), since whoever reaches it acts with this certificate",
+                dir.display()
+            ),
+        ));
+    }
+    let listener = common::daemon::bind_unix(path, 0o600).map_err(|err| {
+        fail(
+            exit::UNAVAILABLE,
+            format!("binding {}: {err}", path.display()),
+        )
+    })?;
+    let ours = std::fs::symlink_metadata(path).map(|socket| socket.uid());
+    if ours.ok() != Some(meta.uid()) {
+        let _ = std::fs::remove_file(path);
+        return Err(fail(
+            exit::USAGE,
+            format!(
+                "{} belongs to another user: use a directory of your own",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(listener)
 }
 
 #[allow(clippy::print_stdout, reason = "a CLI: received messages go to stdout")]
 async fn serve(role: Role) -> Result<(), Failure> {
     match role {
-        Role::Connect { peer, http_listen } => {
+        Role::Connect {
+            peer,
+            http_listen,
+            http_max_connections,
+        } => {
             let options = session_options(&peer, "micronets-ws-test-client")?;
-            let (front, outgoing) =
-                Front::new(Duration::from_secs(peer.request_timeout), peer.max_body);
-            let listener = tokio::net::TcpListener::bind(http_listen)
-                .await
-                .map_err(|err| fail(exit::UNAVAILABLE, format!("binding {http_listen}: {err}")))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|err| fail(exit::UNAVAILABLE, err))?;
-            tracing::info!(%addr, "HTTP front end listening");
+            let request_timeout = Duration::from_secs(peer.request_timeout);
+            let (front, outgoing) = Front::new(request_timeout, peer.max_body);
+            let listener = match &http_listen {
+                HttpListen::Tcp(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|err| fail(exit::UNAVAILABLE, format!("binding {addr}: {err}")))?;
+                    let addr = listener
+                        .local_addr()
+                        .map_err(|err| fail(exit::UNAVAILABLE, err))?;
+                    tracing::info!(%addr, "HTTP front end listening (every local user can reach a TCP port and act with this certificate)");
+                    FrontListener::Tcp(listener)
+                }
+                HttpListen::Unix(path) => {
+                    let listener = bind_front_socket(path)?;
+                    tracing::info!(path = %path.display(), "HTTP front end listening");
+                    FrontListener::Unix(listener)
+                }
+            };
+            let mut limits = FrontLimits::for_request_timeout(request_timeout);
+            limits.max_connections = usize::try_from(http_max_connections).unwrap_or(usize::MAX);
             let router = front.router();
-            let http = async move { axum::serve(listener, router).await };
+            let http = async move {
+                front::serve(listener, router, limits, common::daemon::Shutdown::new()).await;
+                Ok(())
+            };
             let stdin = stdin_lines(front.sender());
             let printer = front.clone();
             let session = Session::run(options, outgoing, move |event| {
@@ -274,10 +373,19 @@ mod tests {
             "--ca",
             "ca.pem",
         ]);
-        let Role::Connect { peer, http_listen } = cli.role else {
+        let Role::Connect {
+            peer,
+            http_listen,
+            http_max_connections,
+        } = cli.role
+        else {
             panic!("not connect");
         };
-        assert_eq!(http_listen, SocketAddr::from(([127, 0, 0, 1], 5001)));
+        assert_eq!(
+            http_listen,
+            HttpListen::Tcp(SocketAddr::from(([127, 0, 0, 1], 5001)))
+        );
+        assert_eq!(http_max_connections, 64);
         assert_eq!(peer.cert, PathBuf::from("c.pem"));
         assert_eq!(peer.peer_id, "12345678");
         assert_eq!(peer.request_timeout, 30);
@@ -323,5 +431,35 @@ mod tests {
             .err()
             .map(|failure| failure.code());
         assert_eq!(code, Some(exit::NOINPUT));
+    }
+
+    #[test]
+    fn http_listen_takes_a_unix_socket() {
+        assert_eq!(
+            http_listen("unix:/run/x/http.sock"),
+            Ok(HttpListen::Unix(PathBuf::from("/run/x/http.sock")))
+        );
+        assert!(http_listen("unix:").is_err());
+    }
+
+    /// Attack pass F5: the front end's socket goes in a directory only its owner may enter.
+    #[tokio::test]
+    async fn the_front_socket_needs_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // Missing: made 0700.
+        let private = dir.path().join("private");
+        let _listener = bind_front_socket(&private.join("http.sock")).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // Open to others: refused (64).
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let code = bind_front_socket(&open.join("http.sock"))
+            .err()
+            .map(|failure| failure.code());
+        assert_eq!(code, Some(exit::USAGE));
+        assert!(!open.join("http.sock").exists());
     }
 }

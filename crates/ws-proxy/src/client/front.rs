@@ -7,7 +7,16 @@
 //! gives 504, no partner 503, a lost connection 502. Request headers travel as the original test
 //! client sends them (all but Content-Length; Content-Type and Content-Encoding only when there
 //! is no body, since the body carries them as `dataFormat`); response headers may use `value`
-//! or `val`. The answer to a HEAD keeps the Content-Length the gateway side carried over.
+//! or `val`. The answer to a HEAD keeps the Content-Length the gateway side carried over when
+//! it is one valid length and there is no Transfer-Encoding, else it has none.
+//!
+//! Whoever reaches the front end acts with this client's certificate, so [`serve`] bounds
+//! what one local client can hold: at most [`FrontLimits::max_connections`] connections (one
+//! more is closed at once), a request head within [`FrontLimits::header_timeout`], a body
+//! within the request timeout (else 408; a declared length over the body limit gets 413
+//! before any of it is read), and no connection older than [`FrontLimits::max_age`]. A Unix
+//! socket in a directory only the owner may enter keeps other local users out; a TCP port,
+//! even on 127.0.0.1, does not.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -19,8 +28,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use common::admission::Pool;
+use common::daemon::{AcceptBackoff, Http1, Shutdown};
 use common::envelope::micronets::{self, BodyError, Message, RestRequest, RestResponse};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
+use tower::ServiceExt as _;
 
 use super::SessionEvent;
 
@@ -142,12 +156,32 @@ async fn relay(State(front): State<Front>, request: Request) -> Response {
     let state = &front.state;
     let (parts, body) = request.into_parts();
     let head = parts.method == Method::HEAD;
-    let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
-        Ok(body) => body,
+    let too_large = || {
+        plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {} bytes", state.max_body_bytes),
+        )
+    };
+    // A declared length over the limit is refused before any of the body is read.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
+        return too_large();
+    }
+    let reading = axum::body::to_bytes(body, state.max_body_bytes);
+    let body = match tokio::time::timeout(state.request_timeout, reading).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return too_large(),
         Err(_) => {
             return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {} bytes", state.max_body_bytes),
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} s",
+                    state.request_timeout.as_secs_f64()
+                ),
             );
         }
     };
@@ -232,7 +266,8 @@ async fn relay(State(front): State<Front>, request: Request) -> Response {
 }
 
 /// Turns a REST:RESPONSE into an HTTP response; `head`: the answer to a HEAD request, whose
-/// Content-Length (the upstream's, carried in the headers) is kept, since no body says it.
+/// Content-Length (the upstream's, carried in the headers) is kept when it is what a GET's
+/// framing would give (see `framed_length`), since no body says it.
 pub fn to_http(response: &RestResponse, head: bool) -> Response {
     let Ok(status) = StatusCode::from_u16(response.status_code) else {
         return plain(
@@ -243,6 +278,20 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
     let body = match response.body_bytes() {
         Ok(body) => body,
         Err(err) => return plain(StatusCode::BAD_GATEWAY, format!("the peer's answer: {err}")),
+    };
+    // Without a body, a HEAD's length is what a GET's framing would give: one valid
+    // Content-Length and no Transfer-Encoding, else none (a GET's answer here always has
+    // a body whose length is its own, so it never fails on them).
+    let head_length = if head && body.is_none() {
+        let framing = response
+            .headers
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|pair| (pair.name.as_str(), pair.value.as_str()));
+        super::framed_length(framing).ok().flatten()
+    } else {
+        None
     };
     let mut http = Response::new(Body::from(
         body.clone().map(Bytes::from).unwrap_or_default(),
@@ -257,17 +306,17 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
             tracing::debug!(name = ?pair.name, "unusable response header dropped");
             continue;
         };
-        if name == header::CONTENT_LENGTH {
-            // Any other body's length is its own, counted by the HTTP server.
-            if head && body.is_none() && value.to_str().is_ok_and(|v| v.parse::<u64>().is_ok()) {
-                headers.insert(name, value);
-            }
-            continue;
-        }
-        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+        // A body's length is its own, counted by the HTTP server; a HEAD's is set below.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
             continue;
         }
         headers.append(name, value);
+    }
+    if let Some(length) = head_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     if body.is_some() && !headers.contains_key(header::CONTENT_TYPE) {
         if let Some(Ok(value)) = response.data_format.as_deref().map(HeaderValue::from_str) {
@@ -275,4 +324,108 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
         }
     }
     http
+}
+
+/// What one local client may hold of the HTTP front end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrontLimits {
+    /// Connections at once; one more is closed at once.
+    pub max_connections: usize,
+    /// Time a request head may take to arrive (each keep-alive one's too).
+    pub header_timeout: Duration,
+    /// A connection closes after the request in progress at this age, and is dropped one
+    /// header timeout later whatever it is doing.
+    pub max_age: Duration,
+}
+
+impl FrontLimits {
+    /// The limits for a front end whose requests wait up to `request_timeout` for the
+    /// partner: 64 connections, 10 s for a head, and an age of two request timeouts (the
+    /// body's deadline and the answer's) plus the head's.
+    pub fn for_request_timeout(request_timeout: Duration) -> Self {
+        let header_timeout = Duration::from_secs(10);
+        Self {
+            max_connections: 64,
+            header_timeout,
+            max_age: request_timeout
+                .saturating_mul(2)
+                .saturating_add(header_timeout),
+        }
+    }
+}
+
+/// Where the HTTP front end listens.
+#[derive(Debug)]
+pub enum FrontListener {
+    /// A TCP port: every local user can reach it.
+    Tcp(TcpListener),
+    /// A Unix socket: its directory decides who can.
+    Unix(UnixListener),
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown`.
+pub async fn serve(
+    listener: FrontListener,
+    router: Router,
+    limits: FrontLimits,
+    shutdown: Shutdown,
+) {
+    let pool = Pool::new(
+        "http-front",
+        "--http-max-connections",
+        limits.max_connections,
+    );
+    let mut backoff = AcceptBackoff::default();
+    match listener {
+        FrontListener::Tcp(listener) => {
+            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
+                admit(&pool, &router, limits, &shutdown, stream);
+            }
+        }
+        FrontListener::Unix(listener) => {
+            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
+                admit(&pool, &router, limits, &shutdown, stream);
+            }
+        }
+    }
+}
+
+fn admit<S>(pool: &Pool, router: &Router, limits: FrontLimits, shutdown: &Shutdown, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Refusals are counted and logged (rate-limited) by the pool.
+    let Ok(slot) = pool.try_admit() else {
+        return;
+    };
+    let router = router.clone();
+    let stopping = shutdown.clone();
+    shutdown.spawn(async move {
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                router.clone().oneshot(request.map(Body::new))
+            });
+        let http = Http1 {
+            header_timeout: limits.header_timeout,
+            max_buf_size: Some(64 * 1024),
+            max_age: Some(limits.max_age),
+            drain: Duration::from_secs(1),
+        };
+        let served = common::daemon::serve_http1(
+            stream,
+            service,
+            http,
+            &stopping,
+            std::future::pending(),
+            std::future::pending(),
+        );
+        let hard = limits.max_age.saturating_add(limits.header_timeout);
+        if tokio::time::timeout(hard, served).await.is_err() {
+            tracing::debug!(
+                ?hard,
+                "HTTP front end connection dropped at its maximum age"
+            );
+        }
+        drop(slot);
+    });
 }

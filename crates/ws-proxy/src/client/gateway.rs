@@ -5,8 +5,9 @@
 //! loopback); the request's `path` (with its query) is appended to the base path and
 //! `queryStrings` are added to the query. Bodies follow `dataFormat` both ways; an upstream
 //! body that is not UTF-8 text travels as `application/octet-stream` (base64) with the
-//! upstream's Content-Type kept in the headers. An answer without a body (HEAD) keeps the
-//! upstream's Content-Length header. At most 64 requests run at once; each has a
+//! upstream's Content-Type kept in the headers. An answer without a body (HEAD) carries the
+//! length the upstream's framing would give a GET: one valid Content-Length, none with a
+//! Transfer-Encoding or without a Content-Length, and 502 for conflicting or invalid ones. At most 64 requests run at once; each has a
 //! deadline (504) and a body limit (502).
 
 use std::sync::Arc;
@@ -222,12 +223,25 @@ impl Gateway {
             };
         }
         let mut headers = Vec::new();
+        // A body's length travels with it; without one (HEAD, 304) the length a GET's framing
+        // would give is the only place it is said: one valid Content-Length, or none.
+        if body.is_empty() {
+            let framing = parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())));
+            match super::framed_length(framing) {
+                Ok(Some(length)) => {
+                    headers.push(NameValue::new("content-length", length.to_string()))
+                }
+                Ok(None) => {}
+                Err(text) => return fail(502, "Bad Gateway", format!("upstream: {text}")),
+            }
+        }
         for (name, value) in &parts.headers {
             let name = name.as_str();
-            // A body's length travels with it; without one (HEAD, 304) the upstream's
-            // Content-Length is the only place the length is said, so it is kept.
             let skip = HOP_BY_HOP.contains(&name)
-                || (name == "content-length" && !body.is_empty())
+                || name == "content-length"
                 || (name == "content-type" && !keep_content_type && !body.is_empty());
             if !skip {
                 headers.push(NameValue::new(

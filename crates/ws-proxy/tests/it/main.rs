@@ -7,6 +7,9 @@
 )]
 
 mod e2e;
+mod framing;
+mod front;
+mod heads;
 mod interop;
 mod logs;
 mod memory;

@@ -374,3 +374,70 @@ async fn every_refusal_carries_the_same_headers() {
     );
     proxy.stop().await;
 }
+
+/// Attack pass F3: requests the websocket library refused by closing the connection got no
+/// answer (HTTP/1.0, a malformed key, bytes after the head), two versions were accepted, a
+/// HEAD got a body and the 431 said the head was not HTTP. Each now gets its answer.
+#[tokio::test]
+async fn malformed_upgrades_get_an_http_answer() {
+    let proxy = Proxy::start(quick()).await;
+    let alice = &test_pki().alice;
+    let good = String::from_utf8(upgrade_request("/micronets/v1/ws-proxy/x")).unwrap();
+    let with = |from: &str, to: &str| good.replacen(from, to, 1).into_bytes();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("HTTP/1.0", with("HTTP/1.1", "HTTP/1.0"), 400, "HTTP/1.1"),
+        (
+            "key x",
+            with("dGhlIHNhbXBsZSBub25jZQ==", "x"),
+            400,
+            "Sec-WebSocket-Key",
+        ),
+        (
+            "two versions",
+            with("\r\n\r\n", "\r\nSec-WebSocket-Version: 12\r\n\r\n"),
+            400,
+            "Sec-WebSocket-Version",
+        ),
+        (
+            "a body",
+            format!("{good}hello").into_bytes(),
+            400,
+            "bytes after the upgrade request",
+        ),
+        (
+            "a HELLO frame with the request",
+            [good.as_bytes(), b"\x81\x85abcd\x29\x07\x0f\x08\x0e"].concat(),
+            400,
+            "bytes after the upgrade request",
+        ),
+        (
+            "65 header lines",
+            format!("GET / HTTP/1.1\r\n{}\r\n", "X: a\r\n".repeat(65)).into_bytes(),
+            431,
+            "64 header lines",
+        ),
+    ];
+    for (what, request, status, says) in cases {
+        let answer = raw(&proxy, alice, &request).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {answer:?}"
+        );
+        assert!(answer.contains(says), "{what}: {answer}");
+    }
+    // A HEAD gets the 426's headers and no body.
+    let answer = raw(
+        &proxy,
+        alice,
+        b"HEAD /micronets/v1/ws-proxy/x HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 426 "), "{answer}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: "),
+        "{head}"
+    );
+    assert_eq!(body, "", "{answer}");
+    proxy.stop().await;
+}
