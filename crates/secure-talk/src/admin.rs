@@ -402,7 +402,9 @@ pub fn sanitize_upload_path(name: &str) -> Option<PathBuf> {
         }
     }
     let depth = clean.components().count();
-    (depth > 0 && depth <= 8 && clean != Path::new(MODEL_INFO)).then_some(clean)
+    // Not model_info.json, nor anything beneath a directory of that name, which would take
+    // the place of the file every client's upload records into.
+    (depth > 0 && depth <= 8 && !clean.starts_with(MODEL_INFO)).then_some(clean)
 }
 
 /// Holds an upload path while it is written (a second writer gets an `error`); released on
@@ -723,7 +725,14 @@ mod tests {
 
     #[test]
     fn upload_names() {
-        for good in ["a.bin", "m1/weights.bin", "./a/b", "a/b/c/d/e/f/g/h"] {
+        for good in [
+            "a.bin",
+            "m1/weights.bin",
+            "./a/b",
+            "a/b/c/d/e/f/g/h",
+            "model_info.json.bak",
+            "m/model_info.json",
+        ] {
             assert!(sanitize_upload_path(good).is_some(), "{good}");
         }
         for bad in [
@@ -737,6 +746,8 @@ mod tests {
             "a\\b",
             "a\0b",
             "model_info.json",
+            "model_info.json/x.bin",
+            "./model_info.json/a",
             "a/b/c/d/e/f/g/h/i",
             ".",
         ] {

@@ -119,6 +119,9 @@ async fn traversal_bad_checksums_and_missing_paths_are_refused() {
         ".hidden",
         "a/.git/config",
         "model_info.json",
+        // As a directory it would stand where model_info.json belongs, for every client.
+        "model_info.json/x.bin",
+        "./model_info.json/a/b",
         "a\\..\\x",
         "",
     ];
@@ -139,6 +142,7 @@ async fn traversal_bad_checksums_and_missing_paths_are_refused() {
     a.send_binary(&wrong).await.expect("send");
     expect_reply(&mut a, 422, "checksum").await;
 
+    assert!(!server.config.upload_dir.join("model_info.json").exists());
     assert!(
         files(&server.config.upload_dir).is_empty(),
         "{:?}",
