@@ -53,10 +53,12 @@ pub fn parse<T>(parse: impl FnOnce() -> Result<T, clap::Error>) -> T {
 }
 
 /// Prints a clap error where clap would (help and version on stdout, the rest on stderr) and
-/// returns its exit code: 0 for `--help` and `--version`, 64 ([`exit::USAGE`]) for the rest.
+/// returns its exit code: 0 for `--help` and `--version` ([`exit::PIPE`] when stdout's reader
+/// was gone before they were written), 64 ([`exit::USAGE`]) for the rest.
 pub fn usage(err: &clap::Error) -> u8 {
-    let _ = err.print();
+    let printed = err.print();
     match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion if printed.is_err() => exit::PIPE,
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
         _ => exit::USAGE,
     }

@@ -6,9 +6,10 @@ use std::process::{Command, Output, Stdio};
 
 use common::exit;
 
-/// Runs each binary with an unknown flag and with `--help`, and asserts the rule: 64 and
-/// clap's message (on stderr only) for the first, 0 and the help (on stdout only) for the
-/// second.
+/// Runs each binary with an unknown flag, with `--help` and with `--version`, and asserts the
+/// rule: 64 and clap's message (on stderr only) for the first, 0 and the help (on stdout only)
+/// for the second, 0 for the third, and 141 with nothing on stderr for both of the last two
+/// when stdout's reader is gone.
 pub fn assert_flag_rules(binaries: &[&str]) {
     for bin in binaries {
         let bad = run(Command::new(bin).arg("--no-such-flag"));
@@ -34,6 +35,17 @@ pub fn assert_flag_rules(binaries: &[&str]) {
             "{bin} --help: {help:?}"
         );
         assert!(help.stderr.is_empty(), "{bin} --help wrote to stderr");
+
+        let version = run(Command::new(bin).arg("--version"));
+        assert_eq!(
+            version.status.code(),
+            Some(0),
+            "{bin} --version: {version:?}"
+        );
+        // Help and version to a reader that has gone: 141, like any other output.
+        for flag in ["--help", "--version"] {
+            assert_quiet_on_closed_stdout(Command::new(bin).arg(flag));
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Parser)]
+#[command(name = "mtls-echo", version)]
 struct Args {
     #[command(flatten)]
     log: common::daemon::LogArgs,

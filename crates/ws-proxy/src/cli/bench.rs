@@ -21,6 +21,7 @@ use crate::client::{self, ConnectOptions, PeerStream};
 
 /// Load generator for ws-proxy.
 #[derive(Debug, Parser)]
+#[command(name = "ws-proxy-bench", version)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
