@@ -48,6 +48,7 @@ pub mod client;
 pub mod config;
 mod io;
 pub mod listen;
+pub mod local_http;
 pub mod metrics;
 mod queue;
 pub mod registry;

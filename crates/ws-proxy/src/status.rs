@@ -12,21 +12,18 @@
 //! none lives longer than `status_connection_timeout_secs`.
 
 use std::path::Path;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use common::admission::{Pool, Slot};
-use common::daemon::{AcceptBackoff, Shutdown};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
-use tower::ServiceExt as _;
+use common::admission::Pool;
+use common::daemon::Shutdown;
+use tokio::net::UnixListener;
 
 use crate::config::Limits;
+use crate::local_http;
 use crate::server::Server;
 use crate::state::{DEFAULT_STATUS_PAGE, MAX_STATUS_PAGE};
 
@@ -69,33 +66,9 @@ async fn metrics(State(server): State<Server>) -> impl IntoResponse {
     )
 }
 
-/// A bound status listener.
-#[derive(Debug)]
-pub enum Listener {
-    /// TCP: every local user (and more, off loopback) can connect.
-    Tcp(TcpListener),
-    /// A Unix socket: its mode and directory decide who can connect.
-    Unix(UnixListener),
-}
-
-impl From<TcpListener> for Listener {
-    fn from(listener: TcpListener) -> Self {
-        Self::Tcp(listener)
-    }
-}
-
-impl From<UnixListener> for Listener {
-    fn from(listener: UnixListener) -> Self {
-        Self::Unix(listener)
-    }
-}
-
-/// The status listener's own limits (from `[limits]`).
-#[derive(Debug, Clone, Copy)]
-struct StatusLimits {
-    header_timeout: Duration,
-    connection_timeout: Duration,
-}
+/// A bound status listener: TCP (every local user, and more off loopback, can connect) or a
+/// Unix socket (its mode and directory decide who can).
+pub use crate::local_http::Listener;
 
 /// Serves the status router on `listener` until `shutdown` is triggered, with the status
 /// limits of the server's configuration. Connections are tracked by `shutdown`.
@@ -106,79 +79,13 @@ pub async fn serve(listener: impl Into<Listener>, server: Server, shutdown: Shut
         "max_status_connections",
         limits.max_status_connections,
     );
-    let timeouts = StatusLimits {
+    let limits = local_http::Limits {
         header_timeout: limits.status_header_timeout,
-        connection_timeout: limits.status_connection_timeout,
+        max_age: limits.status_connection_timeout,
+        max_buf_size: 16 * 1024,
+        what: "status (status_connection_timeout_secs passed)",
     };
-    let router = router(server);
-    let mut backoff = AcceptBackoff::default();
-    match listener.into() {
-        Listener::Tcp(listener) => {
-            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-                admit(&pool, &router, timeouts, &shutdown, stream);
-            }
-        }
-        Listener::Unix(listener) => {
-            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-                admit(&pool, &router, timeouts, &shutdown, stream);
-            }
-        }
-    }
-}
-
-/// Serves `stream` if the pool has a slot; otherwise drops it at once (its descriptor with it).
-fn admit<S>(pool: &Pool, router: &Router, limits: StatusLimits, shutdown: &Shutdown, stream: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    // Refusals are counted and logged (rate-limited) by the pool.
-    let Ok(slot) = pool.try_admit() else {
-        return;
-    };
-    let router = router.clone();
-    let stopping = shutdown.clone();
-    shutdown.spawn(connection(stream, router, limits, stopping, slot));
-}
-
-/// One status connection: the request head within `header_timeout`, keep-alive asked to end
-/// at `connection_timeout`, and the connection dropped whatever it is doing one
-/// `header_timeout` later (a client that does not read its answer).
-async fn connection<S>(
-    stream: S,
-    router: Router,
-    limits: StatusLimits,
-    shutdown: Shutdown,
-    slot: Slot,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service =
-        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            router.clone().oneshot(request.map(axum::body::Body::new))
-        });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let driven = common::daemon::drive_http(
-        conn,
-        |c| c.graceful_shutdown(),
-        Some(limits.connection_timeout),
-        &shutdown,
-        Duration::from_secs(1),
-    );
-    let hard = limits
-        .connection_timeout
-        .saturating_add(limits.header_timeout);
-    if tokio::time::timeout(hard, driven).await.is_err() {
-        tracing::debug!(
-            ?hard,
-            "status connection dropped: status_connection_timeout_secs passed"
-        );
-    }
-    drop(slot);
+    local_http::serve(listener.into(), router(server), pool, limits, shutdown).await;
 }
 
 /// Binds the status Unix socket at `path` with `mode`. A stale socket file (nobody accepting)

@@ -29,14 +29,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use common::admission::Pool;
-use common::daemon::{AcceptBackoff, Http1, Shutdown};
+use common::daemon::Shutdown;
 use common::envelope::micronets::{self, BodyError, Message, RestRequest, RestResponse};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
-use tower::ServiceExt as _;
 
 use super::SessionEvent;
+use crate::local_http;
 
 /// Headers that describe the body, which travels as `dataFormat`/`messageBody` instead.
 const BODY_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::CONTENT_ENCODING];
@@ -354,14 +352,9 @@ impl FrontLimits {
     }
 }
 
-/// Where the HTTP front end listens.
-#[derive(Debug)]
-pub enum FrontListener {
-    /// A TCP port: every local user can reach it.
-    Tcp(TcpListener),
-    /// A Unix socket: its directory decides who can.
-    Unix(UnixListener),
-}
+/// Where the HTTP front end listens: a TCP port (every local user can reach it) or a Unix
+/// socket (its directory decides who can).
+pub use crate::local_http::Listener as FrontListener;
 
 /// Serves `router` on `listener` within `limits` until `shutdown`.
 pub async fn serve(
@@ -375,57 +368,11 @@ pub async fn serve(
         "--http-max-connections",
         limits.max_connections,
     );
-    let mut backoff = AcceptBackoff::default();
-    match listener {
-        FrontListener::Tcp(listener) => {
-            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-                admit(&pool, &router, limits, &shutdown, stream);
-            }
-        }
-        FrontListener::Unix(listener) => {
-            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-                admit(&pool, &router, limits, &shutdown, stream);
-            }
-        }
-    }
-}
-
-fn admit<S>(pool: &Pool, router: &Router, limits: FrontLimits, shutdown: &Shutdown, stream: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    // Refusals are counted and logged (rate-limited) by the pool.
-    let Ok(slot) = pool.try_admit() else {
-        return;
+    let limits = local_http::Limits {
+        header_timeout: limits.header_timeout,
+        max_age: limits.max_age,
+        max_buf_size: 64 * 1024,
+        what: "HTTP front end",
     };
-    let router = router.clone();
-    let stopping = shutdown.clone();
-    shutdown.spawn(async move {
-        let service =
-            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                router.clone().oneshot(request.map(Body::new))
-            });
-        let http = Http1 {
-            header_timeout: limits.header_timeout,
-            max_buf_size: Some(64 * 1024),
-            max_age: Some(limits.max_age),
-            drain: Duration::from_secs(1),
-        };
-        let served = common::daemon::serve_http1(
-            stream,
-            service,
-            http,
-            &stopping,
-            std::future::pending(),
-            std::future::pending(),
-        );
-        let hard = limits.max_age.saturating_add(limits.header_timeout);
-        if tokio::time::timeout(hard, served).await.is_err() {
-            tracing::debug!(
-                ?hard,
-                "HTTP front end connection dropped at its maximum age"
-            );
-        }
-        drop(slot);
-    });
+    local_http::serve(listener, router, pool, limits, shutdown).await;
 }
