@@ -124,7 +124,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     }
 }
 
-/// Runs a connection of `client` on `channel` until it ends.
+/// After shutdown, the longest a connection gets to end: its close frame (1 s) and the peer's
+/// answer (1 s). A connection stuck in a write to a peer that does not read sees the shutdown
+/// only when the write ends (up to `idle_timeout_secs`), and would hold the drain past its
+/// grace; it is dropped here instead.
+const CLOSE_AT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs a connection of `client` on `channel` until it ends, or until [`CLOSE_AT_SHUTDOWN`]
+/// after shutdown.
 pub(crate) async fn run<S>(
     shared: Arc<Shared>,
     io: S,
@@ -132,6 +139,25 @@ pub(crate) async fn run<S>(
     channel: Channel,
     peer: Peer,
 ) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let stopping = shared.shutdown.clone();
+    let cut = async {
+        stopping.triggered().await;
+        tokio::time::sleep(CLOSE_AT_SHUTDOWN).await;
+    };
+    tokio::select! {
+        () = serve(shared, io, client, channel, peer) => {}
+        () = cut => tracing::info!(
+            reason = "server stopping",
+            "disconnected: a write to the peer was still pending"
+        ),
+    }
+}
+
+/// One connection of `client` on `channel`, from its greeting to its end.
+async fn serve<S>(shared: Arc<Shared>, io: S, client: ClientId, channel: Channel, peer: Peer)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut ws = Wire::new(io);

@@ -569,3 +569,39 @@ async fn one_identity_cannot_take_every_pipe_through_many_client_ids() {
     .expect("send");
     expect_reply(&mut bob, 413, "max_pipe_spec_bytes").await;
 }
+
+/// SIGTERM while an admin connection's write is stuck on a peer that never reads (the
+/// broadcasts of a model_info.json near its bound fill the socket): the connection is dropped
+/// two seconds into the drain and the daemon exits 0 within its grace, instead of waiting for
+/// the write until `idle_timeout_secs` and exiting 70 with the task still running.
+#[tokio::test]
+async fn a_write_stuck_on_a_peer_that_does_not_read_does_not_hold_the_drain() {
+    crate::support::pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = crate::daemon::Daemon::start(&crate::daemon::write_config(dir.path(), "")).await;
+    let options = daemon.options(dir.path().join("token"));
+    let upload_dir = dir.path().join("state/uploads");
+    std::fs::create_dir_all(&upload_dir).expect("mkdir");
+    let entries: serde_json::Map<String, serde_json::Value> = (0..14000)
+        .map(|i| (format!("models/m{i:05}/weights.bin"), md5_hex(&[1]).into()))
+        .collect();
+    let text = serde_json::to_string_pretty(&entries).expect("json");
+    std::fs::write(upload_dir.join("model_info.json"), &text).expect("write");
+    let silent = raw_ws(&options, "/").await;
+    let mut uploader = connect(&options, Channel::Admin).await;
+    for i in 0..8 {
+        let upload = BinaryMessage::new(
+            Headers::method(method::MODEL).with_path(format!("n/{i}.bin")),
+            vec![1u8],
+        );
+        uploader.send_binary(&upload).await.expect("send");
+        expect_reply(&mut uploader, 200, &format!("n/{i}.bin")).await;
+    }
+    drop(uploader);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = std::time::Instant::now();
+    assert_eq!(daemon.terminate().await, 0, "the drain ended in time");
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    drop(silent);
+}
