@@ -20,6 +20,10 @@ fuzz *ARGS:
 pki *ARGS:
     scripts/dev-pki {{ARGS}}
 
+# boot systemd in a throwaway Debian root and check every packaged unit under PID 1
+test-systemd:
+    scripts/test-systemd
+
 fmt:
     cargo fmt --all
 

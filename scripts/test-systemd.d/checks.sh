@@ -85,7 +85,9 @@ exposure_matches_offline ws-proxy
 want=$(fingerprint /root/pki2/ws-proxy.cert.pem)
 give_pki ws-proxy /root/pki2
 check "ws-proxy reload" systemctl reload ws-proxy.service
-check "ws-proxy serves the new certificate after reload" bash -c "test \"\$(openssl s_client -connect 127.0.0.1:5050 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)\" = '$want'"
+# SIGHUP is asynchronous: poll up to 5 s for the new certificate.
+check "ws-proxy serves the new certificate after reload" bash -c "for i in 1 2 3 4 5 6 7 8 9 10; do [[ \$(openssl s_client -connect 127.0.0.1:5050 -cert /root/pki2/alice.cert.pem -key /root/pki2/alice.key.pem </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256) = '$want' ]] \&\& exit 0; sleep 0.5; done; exit 1" || true
+: bash -c "test \"\$(openssl s_client -connect 127.0.0.1:5050 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)\" = '$want'"
 lifecycle_stop ws-proxy
 broken_config_fails_fast ws-proxy
 
@@ -103,6 +105,8 @@ check "signing-server user made by sysusers" id signing-server
 give_pki signing-server /root/pki
 check "signing-server keygen" signing-server keygen --out /etc/signing-server/release.key.pem
 chmod 0600 /etc/signing-server/release.key.pem
+# The example configuration's package roots must exist (signing-server refuses a missing one).
+mkdir -p /srv/packages /export/nim/redfly/installp/ppc
 lifecycle_start signing-server
 credential_private signing-server release.key
 exposure_matches_offline signing-server
@@ -116,6 +120,9 @@ head -c 32 /dev/urandom >/etc/secure-talk/token.key && chmod 0600 /etc/secure-ta
 lifecycle_start secure-talk
 exposure_matches_offline secure-talk
 lifecycle_stop secure-talk
+# The server key in the state directory, owned by the service user (docs/remo-serv.md).
+install -d -o remo-serv -g remo-serv -m 0700 /var/lib/remo-serv
+(cd /var/lib/remo-serv && setpriv --reuid=remo-serv --regid=remo-serv --clear-groups remo-admin keygen --no-passphrase remo_serv) || fail "remo-serv keygen"
 lifecycle_start remo-serv
 exposure_matches_offline remo-serv
 lifecycle_stop remo-serv
