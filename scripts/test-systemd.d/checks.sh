@@ -86,7 +86,7 @@ want=$(fingerprint /root/pki2/ws-proxy.cert.pem)
 give_pki ws-proxy /root/pki2
 check "ws-proxy reload" systemctl reload ws-proxy.service
 # SIGHUP is asynchronous: poll up to 5 s for the new certificate.
-check "ws-proxy serves the new certificate after reload" bash -c "for i in 1 2 3 4 5 6 7 8 9 10; do [[ \$(openssl s_client -connect 127.0.0.1:5050 -cert /root/pki2/alice.cert.pem -key /root/pki2/alice.key.pem </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256) = '$want' ]] \&\& exit 0; sleep 0.5; done; exit 1" || true
+check "ws-proxy serves the new certificate after reload" bash -c "for i in 1 2 3 4 5 6 7 8 9 10; do [[ \$(openssl s_client -connect 127.0.0.1:5050 -cert /root/pki2/alice.cert.pem -key /root/pki2/alice.key.pem </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256) = '$want' ]] && exit 0; sleep 0.5; done; exit 1" || true
 : bash -c "test \"\$(openssl s_client -connect 127.0.0.1:5050 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256)\" = '$want'"
 lifecycle_stop ws-proxy
 broken_config_fails_fast ws-proxy
