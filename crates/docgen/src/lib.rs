@@ -15,6 +15,15 @@ use clap_complete::Shell;
 /// Every packaged binary by name, with its command line.
 pub fn binaries() -> Vec<(&'static str, clap::Command)> {
     vec![
+        ("ws-proxy", ws_proxy::cli::daemon::Args::command()),
+        ("remo-serv", remo_serv::cli::daemon::Args::command()),
+        ("secure-talk", secure_talk::cli::daemon::Args::command()),
+        (
+            "signing-server",
+            signing_server::cli::daemon::Args::command(),
+        ),
+        ("broker", broker::cli::daemon::Args::command()),
+        ("certgen", certgen::cli::Cli::command()),
         ("ws-proxy-client", ws_proxy::cli::client::Cli::command()),
         ("remo", remo_serv::cli::remo::Args::command()),
         ("remo-admin", remo_serv::cli::admin::Args::command()),

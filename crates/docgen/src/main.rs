@@ -1,6 +1,11 @@
 //! `docgen OUT_DIR`: writes every packaged binary's man page and completions under OUT_DIR
 //! (see the library); `scripts/package` runs it before cargo-deb.
 
+#![expect(
+    clippy::print_stdout,
+    reason = "docgen is a command line tool; its one line of output is its interface"
+)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
