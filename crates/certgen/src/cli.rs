@@ -41,13 +41,13 @@ Exit status: 0 success, 64 usage error, 66 an input file is missing or unreadabl
 /// client/server key usages, CRLs, inspection and a one-shot development PKI.
 #[derive(Debug, Parser)]
 #[command(name = "certgen", version, after_help = AFTER_HELP, max_term_width = 100)]
-pub(crate) struct Cli {
+pub struct Cli {
     #[command(subcommand)]
-    pub(crate) command: Command,
+    pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub(crate) enum Command {
+pub enum Command {
     /// Make a self-signed root CA.
     Root(RootArgs),
     /// Make an intermediate CA signed by another CA.
@@ -65,64 +65,64 @@ pub(crate) enum Command {
 
 /// Flags shared by every command that writes a certificate.
 #[derive(Debug, Args)]
-pub(crate) struct CertArgs {
+pub struct CertArgs {
     /// Output path prefix B: writes B.cert.pem, B.cert.der, B.key.pem, ...
     #[arg(long, value_name = "B")]
-    pub(crate) cert_basename: Option<PathBuf>,
+    pub cert_basename: Option<PathBuf>,
     /// Subject organisation (O) [default: <basename>-RootCA, -IntermediateCA or -Leaf].
     #[arg(long, value_name = "O")]
-    pub(crate) subject_org_name: Option<String>,
+    pub subject_org_name: Option<String>,
     /// Subject organisational unit (OU).
     #[arg(long, value_name = "OU")]
-    pub(crate) ou: Option<String>,
+    pub ou: Option<String>,
     /// Subject common name (CN) [default: for leaves the first DNS --san; otherwise, and
     /// for CAs, the file name of --cert-basename].
     #[arg(long, value_name = "NAME")]
-    pub(crate) cn: Option<String>,
+    pub cn: Option<String>,
     /// Validity in days from now [default: 500, as in the original scripts].
     #[arg(long, value_name = "N", conflicts_with = "not_after")]
-    pub(crate) expiration_in_days: Option<u32>,
+    pub expiration_in_days: Option<u32>,
     /// Validity from now as a number with unit h, d or y (e.g. 12h, 90d, 10y).
     #[arg(long, value_name = "LIFETIME")]
-    pub(crate) not_after: Option<Lifetime>,
+    pub not_after: Option<Lifetime>,
     /// Key algorithm for the new key.
     #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
-    pub(crate) key_type: KeyTypeArg,
+    pub key_type: KeyTypeArg,
     /// Replace existing output files instead of refusing (exit 73).
     #[arg(long)]
-    pub(crate) force_overwrite: bool,
+    pub force_overwrite: bool,
 }
 
 /// The issuing CA's files.
 #[derive(Debug, Args)]
-pub(crate) struct IssuerArgs {
+pub struct IssuerArgs {
     /// The issuing CA certificate (PEM; may be followed by its own chain).
     #[arg(long, value_name = "FILE")]
-    pub(crate) ca_certfile: PathBuf,
+    pub ca_certfile: PathBuf,
     /// The issuing CA private key: PKCS#8 PEM, or the SEC1 `EC PRIVATE KEY` (P-256) and PKCS#1
     /// `RSA PRIVATE KEY` that openssl and the original Micronets scripts write.
     #[arg(long, value_name = "FILE")]
-    pub(crate) ca_keyfile: PathBuf,
+    pub ca_keyfile: PathBuf,
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct RootArgs {
+pub struct RootArgs {
     #[command(flatten)]
-    pub(crate) cert: CertArgs,
+    pub cert: CertArgs,
     /// Limit how many intermediates may follow (basicConstraints pathlen) [default: none].
     #[arg(long, value_name = "N")]
-    pub(crate) path_len: Option<u8>,
+    pub path_len: Option<u8>,
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct IntermediateArgs {
+pub struct IntermediateArgs {
     #[command(flatten)]
-    pub(crate) cert: CertArgs,
+    pub cert: CertArgs,
     #[command(flatten)]
-    pub(crate) issuer: IssuerArgs,
+    pub issuer: IssuerArgs,
     /// basicConstraints pathlen: 0 means it may only sign leaves.
     #[arg(long, value_name = "N", default_value_t = 0)]
-    pub(crate) path_len: u8,
+    pub path_len: u8,
 }
 
 #[derive(Debug, Args)]
@@ -130,74 +130,74 @@ pub(crate) struct IntermediateArgs {
     after_help = "Without --server or --client the certificate gets both extended key \
 usages (serverAuth and clientAuth), like a daemon that also dials its peers."
 )]
-pub(crate) struct LeafArgs {
+pub struct LeafArgs {
     #[command(flatten)]
-    pub(crate) cert: CertArgs,
+    pub cert: CertArgs,
     #[command(flatten)]
-    pub(crate) issuer: IssuerArgs,
+    pub issuer: IssuerArgs,
     /// Subject alternative name, repeatable or comma separated; IP addresses are detected.
     #[arg(long, value_name = "NAME|IP", value_delimiter = ',')]
-    pub(crate) san: Vec<String>,
+    pub san: Vec<String>,
     /// Server certificate (extended key usage serverAuth).
     #[arg(long)]
-    pub(crate) server: bool,
+    pub server: bool,
     /// Client certificate (extended key usage clientAuth).
     #[arg(long)]
-    pub(crate) client: bool,
+    pub client: bool,
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct CrlArgs {
+pub struct CrlArgs {
     #[command(flatten)]
-    pub(crate) issuer: IssuerArgs,
+    pub issuer: IssuerArgs,
     /// Serial number to revoke, in hex (as `certgen inspect` prints it); repeatable.
     #[arg(long, value_name = "SERIAL")]
-    pub(crate) revoke: Vec<String>,
+    pub revoke: Vec<String>,
     /// Certificate file whose serial number to revoke; repeatable.
     #[arg(long, value_name = "FILE")]
-    pub(crate) revoke_cert: Vec<PathBuf>,
+    pub revoke_cert: Vec<PathBuf>,
     /// Keep every entry of an earlier CRL (usually the file being replaced).
     #[arg(long, value_name = "FILE")]
-    pub(crate) merge: Option<PathBuf>,
+    pub merge: Option<PathBuf>,
     /// How long until the next CRL is due (nextUpdate).
     #[arg(long, value_name = "LIFETIME", default_value = "30d")]
-    pub(crate) next_update: Lifetime,
+    pub next_update: Lifetime,
     /// Where to write the CRL (PEM).
     #[arg(long, value_name = "FILE")]
-    pub(crate) out: PathBuf,
+    pub out: PathBuf,
     /// Replace an existing output file instead of refusing (exit 73).
     #[arg(long)]
-    pub(crate) force_overwrite: bool,
+    pub force_overwrite: bool,
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct InspectArgs {
+pub struct InspectArgs {
     /// Certificate, chain or CRL, PEM or DER.
-    pub(crate) file: PathBuf,
+    pub file: PathBuf,
     /// Print JSON: one object for a single certificate or CRL, an array for a chain.
     #[arg(long)]
-    pub(crate) json: bool,
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct DevPkiArgs {
+pub struct DevPkiArgs {
     /// Directory to write into (created if missing).
     #[arg(long, value_name = "DIR", default_value = "certs/dev")]
-    pub(crate) out: PathBuf,
+    pub out: PathBuf,
     /// Key algorithm for every key.
     #[arg(long, value_enum, default_value_t = KeyTypeArg::P256)]
-    pub(crate) key_type: KeyTypeArg,
+    pub key_type: KeyTypeArg,
     /// Lifetime of the leaf certificates (the CAs get ten years).
     #[arg(long, value_name = "LIFETIME", default_value = "825d")]
-    pub(crate) not_after: Lifetime,
+    pub not_after: Lifetime,
     /// Replace existing files (regenerates everything) instead of refusing (exit 73).
     #[arg(long)]
-    pub(crate) force_overwrite: bool,
+    pub force_overwrite: bool,
 }
 
 /// Key algorithms as spelled on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum KeyTypeArg {
+pub enum KeyTypeArg {
     /// Ed25519.
     Ed25519,
     /// ECDSA P-256 with SHA-256.

@@ -7,7 +7,7 @@ use time::Duration;
 
 /// A certificate or CRL lifetime parsed from the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Lifetime(pub(crate) Duration);
+pub struct Lifetime(pub Duration);
 
 impl FromStr for Lifetime {
     type Err = String;

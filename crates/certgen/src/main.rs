@@ -10,16 +10,16 @@
     reason = "certgen is a command line tool; stdout is its interface"
 )]
 
-mod cli;
 mod crl;
 mod dev_pki;
 mod files;
 mod inspect;
 mod issue;
-mod lifetime;
 mod report;
 
 use std::process::ExitCode;
+
+use certgen::cli;
 
 use clap::Parser as _;
 use common::cli::Failure;

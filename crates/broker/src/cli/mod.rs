@@ -11,4 +11,5 @@
 pub mod bench;
 pub mod broker_cli;
 pub mod broker_run;
+pub mod daemon;
 pub mod failure;

@@ -4,4 +4,5 @@
 
 pub mod admin;
 pub mod bench;
+pub mod daemon;
 pub mod remo;

@@ -10,5 +10,6 @@
 //! `common::envelope::ipc`) and know nothing of its state.
 
 pub mod bench;
+pub mod daemon;
 pub mod pipe;
 pub mod talk;

@@ -331,17 +331,12 @@ async fn checksum_broadcasts_to_admins_that_do_not_read_are_coalesced() {
     let pid = daemon.child.id().expect("running");
     let options = daemon.options(dir.path().join("token"));
     let upload_dir = dir.path().join("state/uploads");
-    std::fs::create_dir_all(&upload_dir).expect("mkdir");
-    let entries: serde_json::Map<String, serde_json::Value> = (0..14000)
-        .map(|i| (format!("models/m{i:05}/weights.bin"), md5_hex(&[1]).into()))
-        .collect();
-    let text = serde_json::to_string_pretty(&entries).expect("json");
+    let text = model_info_near_its_bound(&upload_dir);
     assert!(
         text.len() > 700 << 10 && text.len() < 1 << 20,
         "{}",
         text.len()
     );
-    std::fs::write(upload_dir.join("model_info.json"), &text).expect("write");
     let mut uploader = connect(&options, Channel::Admin).await;
     let upload = |i: usize| {
         BinaryMessage::new(
@@ -581,12 +576,7 @@ async fn a_write_stuck_on_a_peer_that_does_not_read_does_not_hold_the_drain() {
     let daemon = crate::daemon::Daemon::start(&crate::daemon::write_config(dir.path(), "")).await;
     let options = daemon.options(dir.path().join("token"));
     let upload_dir = dir.path().join("state/uploads");
-    std::fs::create_dir_all(&upload_dir).expect("mkdir");
-    let entries: serde_json::Map<String, serde_json::Value> = (0..14000)
-        .map(|i| (format!("models/m{i:05}/weights.bin"), md5_hex(&[1]).into()))
-        .collect();
-    let text = serde_json::to_string_pretty(&entries).expect("json");
-    std::fs::write(upload_dir.join("model_info.json"), &text).expect("write");
+    model_info_near_its_bound(&upload_dir);
     let silent = raw_ws(&options, "/").await;
     let mut uploader = connect(&options, Channel::Admin).await;
     for i in 0..8 {
@@ -604,4 +594,16 @@ async fn a_write_stuck_on_a_peer_that_does_not_read_does_not_hold_the_drain() {
     let took = stopping.elapsed();
     assert!(took < Duration::from_secs(3), "took {took:?}");
     drop(silent);
+}
+
+/// Writes `upload_dir/model_info.json` (flat, 14,000 entries: between 700 KiB and the 1 MiB
+/// bound) and returns its text; every upload is then broadcast as a copy of nearly 1 MiB.
+fn model_info_near_its_bound(upload_dir: &std::path::Path) -> String {
+    std::fs::create_dir_all(upload_dir).expect("mkdir");
+    let entries: serde_json::Map<String, serde_json::Value> = (0..14000)
+        .map(|i| (format!("models/m{i:05}/weights.bin"), md5_hex(&[1]).into()))
+        .collect();
+    let text = serde_json::to_string_pretty(&entries).expect("json");
+    std::fs::write(upload_dir.join("model_info.json"), &text).expect("write");
+    text
 }

@@ -6,64 +6,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
-use common::daemon::{self, LogArgs, Shutdown, exit};
+use clap::Parser;
+use common::daemon::{self, Shutdown, exit};
 use common::tls::{ClientAuth, ServerTls};
 use signing_server::config::FileConfig;
 use signing_server::ed448::Ed448Key;
 use signing_server::server::{ALPN_HTTP, Server};
 use signing_server::service::Service;
 
-/// TLS package-signing service.
-///
-/// Clients connect with TLS on port 6000 and present a certificate; its subject CN selects a
-/// [[clients]] rule (the key it signs with, the directories it may have signed by path). A
-/// client that offers no ALPN speaks the original protocol (send a path, get the listing, a
-/// JSON object of per-file signature fields and a "Signatures written to" line); one that
-/// offers http/1.1 gets the JSON API (POST /v1/sign, /v1/sign-path, /v1/verify; GET /v1/keys).
-///
-/// Every signature is recorded in an append-only SQLite audit table and in signatures.txt.
-///
-/// Signals: SIGHUP reloads the TLS certificate, key, client CA and CRLs; SIGTERM or SIGINT
-/// stops accepting and lets running requests finish (drain_grace_secs).
-///
-/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration,
-/// 66 a signing key cannot be loaded (missing, not Ed448, or readable by others), 69 cannot
-/// bind, open the audit database or load TLS, 70 requests still running after the grace
-/// period, 73 keygen cannot create its files.
-#[derive(Debug, Parser)]
-#[command(
-    version,
-    after_help = "Examples:\n  signing-server -c /etc/signing-server/signing-server.toml\n  signing-server keygen --out /etc/signing-server/release.key.pem"
-)]
-struct Args {
-    /// TOML configuration file (deploy/config/signing-server.example.toml documents every key).
-    #[arg(long, short = 'c', env = "SIGNING_SERVER_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Listen address [default: 127.0.0.1:6000].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    #[command(flatten)]
-    log: LogArgs,
-    /// Print `listening on ADDR` on stdout once bound (for scripts using port 0).
-    #[arg(long)]
-    print_address: bool,
-    /// Check the configuration, the keys, the audit database and the TLS material, then exit.
-    #[arg(long)]
-    check_config: bool,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Make an Ed448 key pair: OUT (PKCS#8 PEM, mode 0600) and OUT.pub (public PEM).
-    Keygen {
-        /// Private key file to create (never overwritten).
-        #[arg(long, value_name = "PEM")]
-        out: PathBuf,
-    },
-}
+use signing_server::cli::daemon::{Args, Command};
 
 /// What a run without `-c` prints.
 const NO_CONFIG_FILE: &str = "no configuration file given: use -c FILE (or set SIGNING_SERVER_CONFIG=FILE); deploy/config/signing-server.example.toml documents every key";
