@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use testkit::logs::LogCapture;
 use testkit::metrics::{assert_listener_bounded, assert_process_metrics, scrape, value};
 use testkit::test_pki;
 use tokio::io::AsyncBufReadExt as _;
@@ -12,17 +13,21 @@ use ws_proxy::client::{self, ClientError};
 use crate::support::{DAEMON, WAIT, closed, options, pair_at, write_config};
 
 /// Starts the daemon on `config` with `--print-address`; returns it (killed when dropped),
-/// its WSS port and its metrics address, read from the `listening on` and `metrics on` lines.
-async fn spawn_with_metrics(config: &std::path::Path) -> (tokio::process::Child, u16, SocketAddr) {
+/// its log, its WSS port and its metrics address, read from the `listening on` and
+/// `metrics on` lines.
+async fn spawn_with_metrics(
+    config: &std::path::Path,
+) -> (tokio::process::Child, LogCapture, u16, SocketAddr) {
     let mut child = tokio::process::Command::new(DAEMON)
         .arg("--config")
         .arg(config)
         .arg("--print-address")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let log = LogCapture::start("ws-proxy", child.stderr.take().unwrap());
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut port = None;
     loop {
@@ -34,16 +39,37 @@ async fn spawn_with_metrics(config: &std::path::Path) -> (tokio::process::Child,
         if let Some(addr) = line.strip_prefix("listening on ") {
             port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
         } else if let Some(addr) = line.strip_prefix("metrics on ") {
-            return (child, port.expect("listening first"), addr.parse().unwrap());
+            return (
+                child,
+                log,
+                port.expect("listening first"),
+                addr.parse().unwrap(),
+            );
         }
     }
+}
+
+/// The warning for a metrics listener off loopback.
+const OFF_LOOPBACK: &str = "the metrics listener is not on loopback";
+
+#[tokio::test]
+async fn a_metrics_listener_off_loopback_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "metrics_listen = \"0.0.0.0:0\"", "");
+    let (_daemon, log, _port, metrics) = spawn_with_metrics(&config).await;
+    log.wait_for(OFF_LOOPBACK, WAIT).await;
+    // It serves all the same.
+    let local = SocketAddr::from(([127, 0, 0, 1], metrics.port()));
+    assert!(scrape(local).await.contains("ws_proxy_connections_open"));
 }
 
 #[tokio::test]
 async fn counters_move_as_clients_connect_fail_are_refused_and_pair() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "metrics_listen = \"127.0.0.1:0\"", "");
-    let (_daemon, port, metrics) = spawn_with_metrics(&config).await;
+    let (_daemon, log, port, metrics) = spawn_with_metrics(&config).await;
+    log.wait_for("metrics listener: /metrics", WAIT).await;
+    assert!(!String::from_utf8_lossy(&log.bytes()).contains(OFF_LOOPBACK));
     assert!(
         metrics.ip().is_loopback() && metrics.port() != 0,
         "{metrics}"
@@ -134,7 +160,7 @@ async fn counters_move_as_clients_connect_fail_are_refused_and_pair() {
 async fn the_metrics_listener_is_bounded_and_serves_metrics_only() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "metrics_listen = \"127.0.0.1:0\"", "");
-    let (_daemon, _port, metrics) = spawn_with_metrics(&config).await;
+    let (_daemon, _log, _port, metrics) = spawn_with_metrics(&config).await;
     // /status shows meet-up ids: the metrics listener does not serve it.
     assert_listener_bounded(metrics).await;
 }
