@@ -55,16 +55,22 @@ pub async fn serve<S>(
         let cn = cn.clone();
         let live = live.clone();
         async move {
+            let started = tokio::time::Instant::now();
+            let route = crate::metrics::route(req.method(), req.uri().path());
             // Before each request: a certificate revoked since the handshake acts no more.
-            if let Err(err) = live.check() {
+            let answer = if let Err(err) = live.check() {
                 tracing::warn!(outcome = "refused", identity = ?cn, %err, "request refused");
                 let mut answer = refused(&Refusal::new(403, err.to_string()));
                 answer
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return Ok::<_, Infallible>(answer);
-            }
-            Ok::<_, Infallible>(handle(&service, cn.as_deref(), req).await)
+                answer
+            } else {
+                handle(&service, cn.as_deref(), req).await
+            };
+            let status = answer.status().as_u16();
+            service.metrics.answered(route, status, started.elapsed());
+            Ok::<_, Infallible>(answer)
         }
     });
     // A client that stops reading its answer is cut off after io_timeout_secs without

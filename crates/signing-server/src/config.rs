@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::metrics::MetricsListen;
 use common::tls::TlsSection;
 
 /// Default listener: the original's port, loopback only.
@@ -169,6 +170,9 @@ pub struct ClientRule {
 pub struct FileConfig {
     /// Listen address.
     pub listen: Option<String>,
+    /// Metrics listener (`/metrics` for Prometheus): `127.0.0.1:PORT`, `[::1]:PORT` or
+    /// `unix:/abs/path`; absent: off.
+    pub metrics_listen: Option<MetricsListen>,
     /// TLS material.
     pub tls: Option<TlsSection>,
     /// Directory for signatures.txt, the audit database and upload spool files.
@@ -197,6 +201,8 @@ pub struct ConfigError(pub String);
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
+    /// Metrics listener, if any.
+    pub metrics_listen: Option<MetricsListen>,
     /// TLS material.
     pub tls: TlsSection,
     /// State directory.
@@ -325,6 +331,7 @@ impl FileConfig {
         }
         Ok(Config {
             listen,
+            metrics_listen: self.metrics_listen,
             tls,
             signatures_file: under(
                 self.signatures_file

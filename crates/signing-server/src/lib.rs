@@ -12,6 +12,8 @@
 //! - [`audit`]: the append-only audit table and `signatures.txt`;
 //! - [`server`], [`api`]: the listener, the original protocol and the JSON API;
 //! - [`config`]: the TOML file;
+//! - [`metrics`]: the Prometheus families (shared ones, signatures by key, audit commit
+//!   latency);
 //! - [`cli`]: the command-line tools' logic (`signing-client`, `signing-bench`).
 //!
 //! The library never reads argv, the environment or signals; the binaries in `src/bin` do.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod ed448;
 pub mod fields;
 pub mod listing;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod signer;

@@ -20,9 +20,11 @@ use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::fields::python_json;
+use crate::metrics::PATH_ROUTE;
 use crate::service::{PathReport, Service};
 
 /// ALPN of the JSON API.
@@ -74,15 +76,26 @@ impl Server {
     /// handle.
     pub async fn serve(&self, listener: TcpListener) {
         let mut backoff = AcceptBackoff::default();
+        let metrics = &self.service.metrics.shared;
         while let Some((tcp, addr)) = backoff.next(&self.shutdown, || listener.accept()).await {
-            // Refusals are counted and logged (rate-limited) by the admission.
-            let Ok(stranger) = self.admission.stranger(addr) else {
-                continue;
+            // Counted in connections_open until the connection task ends.
+            let open = metrics.connection();
+            // Refusals are logged (rate-limited) by the admission.
+            let stranger = match self.admission.stranger(addr) {
+                Ok(stranger) => stranger,
+                Err(refused) => {
+                    metrics.refused(refused);
+                    continue;
+                }
             };
             let server = self.clone();
             let span = tracing::info_span!("conn", peer = %addr);
             self.shutdown.spawn(
-                async move { server.connection(tcp, addr, stranger).await }.instrument(span),
+                async move {
+                    server.connection(tcp, addr, stranger).await;
+                    drop(open);
+                }
+                .instrument(span),
             );
         }
     }
@@ -91,15 +104,21 @@ impl Server {
         let _ = tcp.set_nodelay(true);
         // The slot in max_connections is taken only once the handshake (client certificate
         // verified) is done, and held until the connection ends.
+        let metrics = &self.service.metrics.shared;
         let (stream, identity, _slot) = match stranger.accept_tls(&self.tls.acceptor(), tcp).await {
             Ok(accepted) => accepted,
-            // A closed probe was logged where it was accepted.
-            Err(AcceptError::Tls(common::tls::TlsError::Closed)) => return,
             Err(AcceptError::Tls(err)) => {
-                tracing::debug!(outcome = "refused", %err, "tls handshake failed");
+                metrics.tls_failure(&err);
+                // A closed probe was logged where it was accepted.
+                if !matches!(err, TlsError::Closed) {
+                    tracing::debug!(outcome = "refused", %err, "tls handshake failed");
+                }
                 return;
             }
-            Err(AcceptError::Refused(_)) => return,
+            Err(AcceptError::Refused(refused)) => {
+                metrics.refused(refused);
+                return;
+            }
         };
         let http = stream.get_ref().1.alpn_protocol() == Some(ALPN_HTTP);
         let live = self.tls.live_peer(stream.get_ref().1);
@@ -125,6 +144,9 @@ impl Server {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let limits = &self.service.config.limits;
+        let metrics = &self.service.metrics;
+        let started = Instant::now();
+        let answered = |status: u16| metrics.answered(PATH_ROUTE, status, started.elapsed());
         let cn = identity.as_ref().and_then(|i| i.cn.clone());
         let path = match tokio::time::timeout(
             limits.request_timeout(),
@@ -134,16 +156,19 @@ impl Server {
         {
             Ok(Ok(path)) => path,
             Ok(Err(err)) => {
+                answered(400);
                 let _ = write_message(&mut stream, format!("Refused: {err}\n").as_bytes()).await;
                 return;
             }
             Err(_) => {
+                answered(408);
                 tracing::info!(outcome = "refused", "no path in time");
                 return;
             }
         };
         // The certificate may have been revoked since the handshake.
         if let Err(err) = live.check() {
+            answered(403);
             tracing::warn!(outcome = "refused", identity = ?cn, %err, "path refused");
             let io = limits.io_timeout();
             let refusal = format!("Refused: {err}\n");
@@ -152,8 +177,12 @@ impl Server {
             return;
         }
         let messages = match self.service.sign_path(cn.as_deref(), &path).await {
-            Ok(report) => legacy_messages(&report),
+            Ok(report) => {
+                answered(200);
+                legacy_messages(&report)
+            }
             Err(refusal) => {
+                answered(refusal.status);
                 tracing::info!(outcome = "refused", identity = cn, path, reason = %common::log::Escaped(&refusal), "path refused");
                 vec![format!("Refused: {refusal}\n").into_bytes()]
             }

@@ -97,6 +97,8 @@ pub struct Service {
     signers: Vec<Signer>,
     /// Audit database.
     pub audit: Audit,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     sign_slots: Arc<Semaphore>,
     shares: Shares,
     signatures_lock: Mutex<()>,
@@ -156,6 +158,7 @@ impl Service {
             signatures_lock: Mutex::new(()),
             spool,
             pass_hook: HookCell::default(),
+            metrics: crate::metrics::Metrics::default(),
         }))
     }
 
@@ -363,7 +366,10 @@ impl Service {
         if records.is_empty() {
             return Ok(());
         }
-        self.audit.record(records).await.map_err(|e| {
+        let started = std::time::Instant::now();
+        let committed = self.audit.record(records).await;
+        self.metrics.audit_committed(started.elapsed());
+        committed.map_err(|e| {
             tracing::error!(err = %e, "audit write failed");
             Refusal::new(
                 500,
@@ -378,6 +384,7 @@ impl Service {
             }
         }
         for r in records {
+            self.metrics.signed(&r.key_name, 1);
             tracing::info!(
                 identity = ?r.identity,
                 source = r.source,

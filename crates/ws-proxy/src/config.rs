@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::daemon::{ConfigError, LogFormat};
+use common::metrics::MetricsListen;
 use common::tls::{ClientAuth, TlsSection};
 use serde::Deserialize;
 
@@ -100,6 +101,9 @@ pub struct FileConfig {
     pub status_listen: Option<String>,
     /// Octal mode of the status Unix socket (default `0660`).
     pub status_socket_mode: Option<String>,
+    /// Metrics listener (`/metrics` only, for Prometheus): `127.0.0.1:PORT`, `[::1]:PORT` or
+    /// `unix:/abs/path`; absent: off.
+    pub metrics_listen: Option<MetricsListen>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directives.
@@ -127,6 +131,7 @@ impl Default for FileConfig {
             url_prefix: DEFAULT_URL_PREFIX.to_owned(),
             status_listen: None,
             status_socket_mode: None,
+            metrics_listen: None,
             log_format: LogFormat::Auto,
             log_filter: None,
             drain_grace_secs: DEFAULT_DRAIN_GRACE.as_secs(),
@@ -463,6 +468,8 @@ pub struct Deployment {
     pub status_listen: Option<StatusListen>,
     /// Mode of the status Unix socket.
     pub status_socket_mode: u32,
+    /// Metrics listener, if any.
+    pub metrics_listen: Option<MetricsListen>,
     /// TLS section.
     pub tls: TlsSection,
     /// Drain grace period.
@@ -555,6 +562,7 @@ impl Config {
                 listen,
                 status_listen,
                 status_socket_mode,
+                metrics_listen: file.metrics_listen.clone(),
                 tls,
                 drain_grace: secs(file.drain_grace_secs),
                 worker_threads: file.worker_threads,

@@ -1,117 +1,27 @@
-//! The small plain-HTTP server behind ws-proxy's local listeners: the status listener
-//! (`/status`, `/metrics`) and `ws-proxy-client connect`'s front end.
-//!
-//! Whoever can reach such a listener must not be able to take what the rest of the process
-//! needs: the listener has a pool of its own (one connection more is closed at once), a
-//! request head must arrive within `header_timeout`, keep-alive ends at `max_age`, and a
-//! connection is dropped one `header_timeout` after that whatever it is doing (a client that
-//! does not read its answer).
+//! ws-proxy's local listeners (the status listener and `ws-proxy-client connect`'s front end)
+//! serve an axum router on `common::local_http`: a pool of their own, a deadline on every
+//! request head and a maximum age (see there).
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::Router;
 use common::admission::Pool;
-use common::daemon::{AcceptBackoff, Http1, Shutdown};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use common::daemon::Shutdown;
+pub use common::local_http::{Limits, Listener};
 use tower::ServiceExt as _;
-
-/// A bound local listener.
-#[derive(Debug)]
-pub enum Listener {
-    /// TCP: every local user (and more, off loopback) can connect.
-    Tcp(TcpListener),
-    /// A Unix socket: its mode and directory decide who can connect.
-    Unix(UnixListener),
-}
-
-impl From<TcpListener> for Listener {
-    fn from(listener: TcpListener) -> Self {
-        Self::Tcp(listener)
-    }
-}
-
-impl From<UnixListener> for Listener {
-    fn from(listener: UnixListener) -> Self {
-        Self::Unix(listener)
-    }
-}
-
-/// A local listener's per-connection limits.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    /// Time a request head may take to arrive.
-    pub(crate) header_timeout: Duration,
-    /// Keep-alive ends after the request in progress at this age.
-    pub(crate) max_age: Duration,
-    /// Largest read buffer, which bounds a request head.
-    pub(crate) max_buf_size: usize,
-    /// What the log calls a connection dropped at its hard deadline.
-    pub(crate) what: &'static str,
-}
 
 /// Serves `router` on `listener` until `shutdown` is triggered, each connection holding a
 /// slot of `pool`. Connections are tracked by `shutdown`.
 pub(crate) async fn serve(
     listener: Listener,
     router: Router,
-    pool: std::sync::Arc<Pool>,
+    pool: Arc<Pool>,
     limits: Limits,
     shutdown: Shutdown,
 ) {
-    let mut backoff = AcceptBackoff::default();
-    match listener {
-        Listener::Tcp(listener) => {
-            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-                admit(&pool, &router, limits, &shutdown, stream);
-            }
-        }
-        Listener::Unix(listener) => {
-            while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
-                admit(&pool, &router, limits, &shutdown, stream);
-            }
-        }
-    }
-}
-
-/// Serves `stream` if the pool has a slot; otherwise drops it at once (its descriptor with it).
-fn admit<S>(pool: &Pool, router: &Router, limits: Limits, shutdown: &Shutdown, stream: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    // Refusals are counted and logged (rate-limited) by the pool.
-    let Ok(slot) = pool.try_admit() else {
-        return;
-    };
-    let router = router.clone();
-    let stopping = shutdown.clone();
-    shutdown.spawn(async move {
-        let service =
-            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                router.clone().oneshot(request.map(axum::body::Body::new))
-            });
-        let http = Http1 {
-            header_timeout: limits.header_timeout,
-            max_buf_size: Some(limits.max_buf_size),
-            max_age: Some(limits.max_age),
-            drain: Duration::from_secs(1),
-        };
-        let served = common::daemon::serve_http1(
-            stream,
-            service,
-            http,
-            &stopping,
-            std::future::pending(),
-            std::future::pending(),
-        );
-        let hard = limits.max_age.saturating_add(limits.header_timeout);
-        if tokio::time::timeout(hard, served).await.is_err() {
-            tracing::debug!(
-                ?hard,
-                what = limits.what,
-                "connection dropped at its maximum age"
-            );
-        }
-        drop(slot);
-    });
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+    common::local_http::serve(listener, service, pool, limits, shutdown).await;
 }

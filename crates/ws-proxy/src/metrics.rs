@@ -1,13 +1,15 @@
-//! Counters and gauges, exported in the Prometheus text format on `/metrics`.
+//! Counters and gauges, exported in the OpenMetrics text format on `/metrics` (of the status
+//! listener and of the metrics listener, `metrics_listen`), through `common::metrics`.
 //!
 //! Message and byte counters are updated by the connection tasks; gauges are read from the
 //! meet-up table and the connection list when scraped, so they can never drift.
 
+use common::metrics::{Families, Reason, Registry};
+use common::tls::TlsError;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 
 /// Why a connection was refused before or during the upgrade.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue, serde::Serialize)]
@@ -90,6 +92,31 @@ impl From<common::admission::Refused> for Refusal {
     }
 }
 
+impl Refusal {
+    /// The `reason` of `ws_proxy_refusals_total` (the shared vocabulary of
+    /// `common::metrics::Reason` where it has a word for it); `None` for a failed TLS
+    /// handshake, which `ws_proxy_tls_handshake_failures_total` counts instead.
+    fn shared(self) -> Option<Reason> {
+        Some(match self {
+            Self::tls | Self::tls_timeout => return None,
+            Self::forbidden => Reason::AUTHORIZATION,
+            Self::max_connections => Reason::MAX_CONNECTIONS,
+            Self::max_handshakes => Reason::MAX_HANDSHAKES,
+            Self::max_handshakes_per_address => Reason::MAX_HANDSHAKES_PER_ADDRESS,
+            Self::shutting_down => Reason::SHUTTING_DOWN,
+            Self::upgrade | Self::bad_id => Reason::BAD_REQUEST,
+            Self::evicted => Reason::new("evicted"),
+            Self::not_found => Reason::new("not_found"),
+            Self::full => Reason::new("meetup_full"),
+            Self::per_identity => Reason::new("max_connections_per_identity"),
+        })
+    }
+}
+
+/// The route of `ws_proxy_requests_total` and `ws_proxy_request_duration_seconds`: the HTTP
+/// upgrade request, answered 101 or refused with its status.
+pub const UPGRADE_ROUTE: &str = "upgrade";
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabel {
     reason: Refusal,
@@ -100,11 +127,14 @@ struct EndingLabel {
     reason: Ending,
 }
 
-/// Every metric the proxy exports.
-#[derive(Debug, Default)]
+/// Every metric the proxy exports: the families every daemon shares ([`Families`]) and the
+/// proxy's own, in one registry.
+#[derive(Debug)]
 pub struct Metrics {
-    /// Connections accepted at TCP level.
-    pub accepted: Counter,
+    registry: Registry,
+    /// The shared families: connections open and accepted, TLS handshake failures, refusals,
+    /// upgrade requests and their latency.
+    pub shared: Families,
     /// Connections upgraded to websocket.
     pub upgraded: Counter,
     /// Valid HELLOs.
@@ -129,10 +159,85 @@ pub struct Metrics {
     pub buffered: Gauge,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::new("ws_proxy");
+        let shared = Families::new(&mut r);
+        Self {
+            upgraded: r.register(
+                "connections_upgraded",
+                "connections upgraded to websocket",
+                Counter::default(),
+            ),
+            hellos: r.register("hellos", "valid HELLO messages", Counter::default()),
+            pairs: r.register("pairs", "pairs formed", Counter::default()),
+            messages: r.register(
+                "messages_relayed",
+                "messages forwarded to a partner",
+                Counter::default(),
+            ),
+            bytes: r.register(
+                "bytes_relayed",
+                "payload bytes forwarded to a partner",
+                Counter::default(),
+            ),
+            reloads: r.register(
+                "reloads",
+                "successful certificate reloads",
+                Counter::default(),
+            ),
+            refused: r.register(
+                "connections_refused",
+                "connections refused, by reason",
+                Family::default(),
+            ),
+            ended: r.register(
+                "connections_ended",
+                "websocket connections ended, by reason",
+                Family::default(),
+            ),
+            connections: r.register("connections", "live connections", Gauge::default()),
+            waiting: r.register(
+                "meetups_waiting",
+                "meet-up ids with one waiting peer",
+                Gauge::default(),
+            ),
+            paired: r.register(
+                "meetups_paired",
+                "meet-up ids with a pair",
+                Gauge::default(),
+            ),
+            buffered: r.register(
+                "buffered_bytes",
+                "bytes held for peers (HELLOs, queues, messages being read)",
+                Gauge::default(),
+            ),
+            shared,
+            registry: r,
+        }
+    }
+}
+
 impl Metrics {
-    /// Counts a refusal.
+    /// Counts a refusal (in `ws_proxy_connections_refused` and, but for a failed TLS
+    /// handshake, `ws_proxy_refusals_total`).
     pub fn refused(&self, reason: Refusal) {
         self.refused.get_or_create(&RefusalLabel { reason }).inc();
+        if let Some(shared) = reason.shared() {
+            self.shared.refused(shared);
+        }
+    }
+
+    /// Counts a failed TLS handshake (in `ws_proxy_connections_refused` as `tls`,
+    /// `tls_timeout` or `evicted`, and in `ws_proxy_tls_handshake_failures_total`).
+    pub fn tls_failed(&self, err: &TlsError) {
+        let reason = match err {
+            TlsError::HandshakeTimeout(_) => Refusal::tls_timeout,
+            TlsError::Evicted => Refusal::evicted,
+            _ => Refusal::tls,
+        };
+        self.refused.get_or_create(&RefusalLabel { reason }).inc();
+        self.shared.tls_failure(err);
     }
 
     /// Counts a connection's end.
@@ -150,66 +255,9 @@ impl Metrics {
         self.ended.get_or_create(&EndingLabel { reason }).get()
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The exposition of every metric (OpenMetrics text, `common::metrics::CONTENT_TYPE`);
+    /// the gauges are as last set (`Server::metrics` sets them).
     pub fn encode(&self) -> String {
-        let mut registry = Registry::with_prefix("ws_proxy");
-        let counters = [
-            (
-                "connections_accepted",
-                "TCP connections accepted",
-                &self.accepted,
-            ),
-            (
-                "connections_upgraded",
-                "connections upgraded to websocket",
-                &self.upgraded,
-            ),
-            ("hellos", "valid HELLO messages", &self.hellos),
-            ("pairs", "pairs formed", &self.pairs),
-            (
-                "messages_relayed",
-                "messages forwarded to a partner",
-                &self.messages,
-            ),
-            (
-                "bytes_relayed",
-                "payload bytes forwarded to a partner",
-                &self.bytes,
-            ),
-            ("reloads", "successful certificate reloads", &self.reloads),
-        ];
-        for (name, help, counter) in counters {
-            registry.register(name, help, counter.clone());
-        }
-        registry.register(
-            "connections_refused",
-            "connections refused, by reason",
-            self.refused.clone(),
-        );
-        registry.register(
-            "connections_ended",
-            "websocket connections ended, by reason",
-            self.ended.clone(),
-        );
-        registry.register("connections", "live connections", self.connections.clone());
-        registry.register(
-            "meetups_waiting",
-            "meet-up ids with one waiting peer",
-            self.waiting.clone(),
-        );
-        registry.register(
-            "meetups_paired",
-            "meet-up ids with a pair",
-            self.paired.clone(),
-        );
-        registry.register(
-            "buffered_bytes",
-            "bytes held for peers (HELLOs, queues, messages being read)",
-            self.buffered.clone(),
-        );
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
-        text
+        self.registry.encode()
     }
 }

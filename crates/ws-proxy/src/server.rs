@@ -17,12 +17,13 @@ use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tracing::Instrument as _;
 
 use crate::budget::{Metered, ReadMeter};
 use crate::config::Config;
-use crate::metrics::{Metrics, Refusal};
+use crate::metrics::{Metrics, Refusal, UPGRADE_ROUTE};
 use crate::relay;
 pub use crate::state::{
     Counters, DEFAULT_STATUS_PAGE, MAX_STATUS_PAGE, MeetupStatus, PeerState, PeerStatus, Status,
@@ -118,7 +119,8 @@ impl Server {
         let mut backoff = AcceptBackoff::default();
         let shutdown = self.shared.shutdown.clone();
         while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
-            self.shared.metrics.accepted.inc();
+            // Counted in connections_open until the connection task ends.
+            let open = self.shared.metrics.shared.connection();
             // Refusals are logged (rate-limited) by the admission, counted here.
             let stranger = match self.admission.stranger(addr) {
                 Ok(stranger) => stranger,
@@ -130,7 +132,11 @@ impl Server {
             let server = self.clone();
             let span = tracing::info_span!("conn", %addr);
             shutdown.spawn(
-                async move { server.connection(tcp, addr, stranger).await }.instrument(span),
+                async move {
+                    server.connection(tcp, addr, stranger).await;
+                    drop(open);
+                }
+                .instrument(span),
             );
         }
         Ok(())
@@ -153,12 +159,7 @@ impl Server {
         let (tls, identity, slot) = match stranger.accept_tls(&acceptor, tcp).await {
             Ok(accepted) => accepted,
             Err(AcceptError::Tls(err)) => {
-                let reason = match err {
-                    TlsError::HandshakeTimeout(_) => Refusal::tls_timeout,
-                    TlsError::Evicted => Refusal::evicted,
-                    _ => Refusal::tls,
-                };
-                shared.metrics.refused(reason);
+                shared.metrics.tls_failed(&err);
                 // A closed probe was logged where it was accepted.
                 if !matches!(err, TlsError::Closed) {
                     tracing::debug!(outcome = "refused", %err, "tls handshake failed");
@@ -235,6 +236,7 @@ impl Server {
         (reason, status, text): (Refusal, StatusCode, String),
     ) {
         let shared = &self.shared;
+        let started = Instant::now();
         shared.metrics.refused(reason);
         let Ok(_lane) = self.refusing.try_admit() else {
             tracing::debug!(peer = ?who, outcome = "refused", status = status.as_u16(), "refusal pool full: closed without an answer");
@@ -247,6 +249,10 @@ impl Server {
             matches!(&head, Ok(Ok((prefix, _, _))) if upgrade::is_head_request(prefix));
         drop(head);
         upgrade::refuse(&mut tls, status, &text, head_request).await;
+        shared
+            .metrics
+            .shared
+            .request(UPGRADE_ROUTE, status.as_u16(), started.elapsed());
         tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
     }
 
@@ -262,6 +268,7 @@ impl Server {
     ) -> Option<Admitted> {
         let shared = &self.shared;
         let limits = &shared.config.limits;
+        let request = shared.metrics.shared.start(UPGRADE_ROUTE);
         // The whole upgrade, our look at the head included, has one deadline (a stranger's
         // is also its own).
         let mut deadline = tokio::time::Instant::now() + limits.upgrade_timeout;
@@ -294,6 +301,7 @@ impl Server {
                     false,
                 )
                 .await;
+                request.done(StatusCode::SERVICE_UNAVAILABLE.as_u16());
                 shared.metrics.refused(Refusal::upgrade);
                 tracing::info!(peer = ?who, outcome = "refused", "no buffer space for the request head");
                 return None;
@@ -332,6 +340,7 @@ impl Server {
             Ok(admitted) => admitted,
             Err((reason, status, text)) => {
                 upgrade::refuse(&mut tls, status, &text, head_request).await;
+                request.done(status.as_u16());
                 shared.metrics.refused(reason);
                 tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
                 return None;
@@ -345,7 +354,10 @@ impl Server {
         // Tungstenite has read the head (and freed it) by now.
         drop(charge);
         let ws = match upgraded {
-            Ok(Ok(ws)) => ws,
+            Ok(Ok(ws)) => {
+                request.done(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+                ws
+            }
             outcome => {
                 let text = match outcome {
                     Err(_) => "upgrade request timed out".to_owned(),

@@ -181,7 +181,7 @@ impl Shared {
             buffered_bytes: self.budget.used(),
             max_buffered_bytes: self.budget.limit(),
             counters: Counters {
-                accepted: m.accepted.get(),
+                accepted: m.shared.accepted(),
                 upgraded: m.upgraded.get(),
                 hellos: m.hellos.get(),
                 pairs: m.pairs.get(),

@@ -58,10 +58,7 @@ async fn status(State(server): State<Server>, Query(page): Query<Page>) -> impl 
 
 async fn metrics(State(server): State<Server>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, common::metrics::CONTENT_TYPE)],
         server.metrics().encode(),
     )
 }

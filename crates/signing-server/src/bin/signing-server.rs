@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use common::daemon::{self, Shutdown, exit};
+use common::metrics::MetricsListener;
 use common::tls::{ClientAuth, ServerTls};
 use signing_server::config::FileConfig;
 use signing_server::ed448::Ed448Key;
@@ -101,6 +102,7 @@ async fn run(
         }
     };
     let listen = config.listen;
+    let metrics_listen = config.metrics_listen.clone();
     let grace = config.limits.drain_grace();
     let service = match Service::open(config).await {
         Ok(service) => service,
@@ -134,6 +136,16 @@ async fn run(
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    let metrics_listener = match &metrics_listen {
+        Some(addr) => match MetricsListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                eprintln!("signing-server: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        },
+        None => None,
+    };
     let signals = match daemon::Signals::install_for("signing-server") {
         Ok(signals) => signals,
         Err(code) => return code,
@@ -149,10 +161,19 @@ async fn run(
         );
     }
     tracing::info!(address = %local, identity, "listening");
+    let shutdown = Shutdown::new();
+    let metrics_addr = metrics_listener.as_ref().map(|m| m.addr().clone());
+    if let Some(listener) = metrics_listener {
+        let scraping = service.clone();
+        let scrape = Arc::new(move || scraping.metrics.encode());
+        tokio::spawn(listener.serve(scrape, shutdown.clone()));
+    }
     if print_address {
         common::daemon::announce(format_args!("listening on {local}"));
+        if let Some(addr) = metrics_addr {
+            common::daemon::announce(format_args!("metrics on {addr}"));
+        }
     }
-    let shutdown = Shutdown::new();
     let server = Server::new(service, tls, shutdown.clone());
     let serving = {
         let server = server.clone();

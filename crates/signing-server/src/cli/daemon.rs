@@ -36,7 +36,8 @@ pub struct Args {
     pub listen: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
-    /// Print `listening on ADDR` on stdout once bound (for scripts using port 0).
+    /// Print `listening on ADDR` on stdout once bound, then `metrics on ADDR` when
+    /// `metrics_listen` is set (for scripts using port 0).
     #[arg(long)]
     pub print_address: bool,
     /// Check the configuration, the keys, the audit database and the TLS material, then exit.

@@ -34,6 +34,7 @@ mod hardening;
 mod legacy;
 mod limits;
 mod logs;
+mod metrics;
 mod refusals;
 mod revocation;
 mod signatures;

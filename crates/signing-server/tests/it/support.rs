@@ -587,6 +587,9 @@ pub(crate) struct Daemon {
     child: tokio::process::Child,
     /// The address it printed.
     pub(crate) addr: SocketAddr,
+    /// The metrics address it printed (`metrics on ADDR`), when started with
+    /// [`Daemon::start_with_metrics`].
+    pub(crate) metrics: Option<SocketAddr>,
     log: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
@@ -594,6 +597,16 @@ impl Daemon {
     /// Starts `signing-server -c config --print-address` and waits (up to [`STEP`]) for its
     /// address.
     pub(crate) async fn start(config: &Path) -> Self {
+        Self::spawn(config, false).await
+    }
+
+    /// [`Daemon::start`] for a configuration with `metrics_listen`: also waits for its
+    /// `metrics on ADDR` line.
+    pub(crate) async fn start_with_metrics(config: &Path) -> Self {
+        Self::spawn(config, true).await
+    }
+
+    async fn spawn(config: &Path, metrics: bool) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         let mut child = tokio::process::Command::new(SERVER_BIN)
             .arg("-c")
@@ -613,18 +626,30 @@ impl Daemon {
             }
         });
         let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(STEP, async {
+        let (addr, metrics) = tokio::time::timeout(STEP, async {
+            let mut addr = None;
             while let Some(line) = stdout.next_line().await.unwrap() {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    return addr.parse::<SocketAddr>().unwrap();
+                if let Some(text) = line.strip_prefix("listening on ") {
+                    addr = Some(text.parse::<SocketAddr>().unwrap());
+                    if !metrics {
+                        return (addr.unwrap(), None);
+                    }
+                } else if let Some(text) = line.strip_prefix("metrics on ") {
+                    let address = addr.expect("`listening on` comes first");
+                    return (address, Some(text.parse::<SocketAddr>().unwrap()));
                 }
             }
-            panic!("the daemon exited without printing its address");
+            panic!("the daemon exited without printing its addresses");
         })
         .await
         .expect("the daemon prints its address");
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-        Self { child, addr, log }
+        Self {
+            child,
+            addr,
+            metrics,
+            log,
+        }
     }
 
     /// Sends `signal` to the daemon.

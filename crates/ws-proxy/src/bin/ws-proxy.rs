@@ -7,6 +7,7 @@ use anyhow::{Context as _, anyhow};
 use clap::Parser;
 use common::cli::{Failure, Flavor, conclude};
 use common::daemon::{self, ConfigError, Shutdown, exit};
+use common::metrics::MetricsListener;
 use common::tls::{self, ClientAuth, ServerTls, TlsError, TlsSection};
 use tokio::net::TcpListener;
 use ws_proxy::config::{
@@ -209,6 +210,14 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         ),
         None => None,
     };
+    let metrics_listener = match &deploy.metrics_listen {
+        Some(listen) => Some(
+            MetricsListener::bind(listen)
+                .await
+                .map_err(|e| unavailable(e.into()))?,
+        ),
+        None => None,
+    };
     let shutdown = Shutdown::new();
     let server = Server::new(config.clone(), server_tls, shutdown.clone());
     let listen = locals
@@ -244,9 +253,18 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         }
         tokio::spawn(status::serve(listener, server.clone(), shutdown.clone()));
     }
+    let metrics_addr = metrics_listener.as_ref().map(|m| m.addr().clone());
+    if let Some(listener) = metrics_listener {
+        let scraping = server.clone();
+        let scrape = Arc::new(move || scraping.metrics().encode());
+        tokio::spawn(listener.serve(scrape, shutdown.clone()));
+    }
     if print_address {
         for local in &locals {
             common::daemon::announce(format_args!("listening on {local}"));
+        }
+        if let Some(addr) = metrics_addr {
+            common::daemon::announce(format_args!("metrics on {addr}"));
         }
     }
     let accepts: Vec<_> = listeners

@@ -63,8 +63,8 @@ pub struct Args {
     /// `close` (the original) or `wait`: what happens to a peer whose partner leaves.
     #[arg(long, value_name = "MODE")]
     pub on_partner_leave: Option<String>,
-    /// Print `listening on ADDR` on stdout once bound, one line per address (for scripts that
-    /// start it on port 0).
+    /// Print `listening on ADDR` on stdout once bound, one line per address, then
+    /// `metrics on ADDR` when `metrics_listen` is set (for scripts that start it on port 0).
     #[arg(long)]
     pub print_address: bool,
     /// Check the configuration, the TLS material and that the listen address resolves, print

@@ -13,6 +13,7 @@ mod heads;
 mod interop;
 mod logs;
 mod memory;
+mod metrics;
 mod process;
 mod refusals;
 mod relay;
