@@ -19,6 +19,10 @@
 //! - [`exit`]: the sysexits codes every tool and daemon exits with.
 //! - [`daemon`]: tracing set-up, layered TOML configuration, signals, systemd notifications and
 //!   draining.
+//! - [`metrics`]: Prometheus metrics: a registry with the families every daemon shares and the
+//!   process metrics, and the `metrics_listen` listener that serves `GET /metrics`.
+//! - [`local_http`]: the small plain-HTTP server behind every local listener (metrics, ws-proxy's
+//!   status and front end): a pool of its own and deadlines on every connection.
 //! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
 //!   that keeps every `text` and `journal` log event on one line.
 //!
@@ -32,6 +36,8 @@ pub mod envelope;
 pub mod exit;
 pub mod io;
 pub mod limits;
+pub mod local_http;
 pub mod log;
+pub mod metrics;
 pub mod pki;
 pub mod tls;

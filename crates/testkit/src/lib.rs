@@ -1,5 +1,7 @@
 //! Dev-only helpers for tests across the workspace.
 //!
+//! - [`metrics`]: scraping a metrics listener, finding a series, and the checks every metrics
+//!   listener must pass (pool, head deadline, 404/405).
 //! - [`pki`]: the process-wide test PKI ([`test_pki`]): CAs, server and client certificates,
 //!   an expired and a revoked client, a CRL, all as PEM strings and files.
 //! - [`daemon`]: start a server on 127.0.0.1:0 with a shutdown handle ([`spawn_tcp`]); test
@@ -20,6 +22,7 @@
 pub mod daemon;
 pub mod front;
 pub mod logs;
+pub mod metrics;
 pub mod pki;
 pub mod poll;
 pub mod timers;

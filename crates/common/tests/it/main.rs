@@ -3,5 +3,6 @@
 
 mod admission;
 mod daemon;
+mod metrics;
 mod tls;
 mod usage;
