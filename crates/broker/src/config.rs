@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::metrics::MetricsListen;
 use common::pki::San;
 use common::tls::TlsSection;
 
@@ -102,6 +103,9 @@ pub struct FileConfig {
     /// `no_port`) of one caller, action and job within this many seconds share audit rows:
     /// the first is written at once, the rest as one row with their count.
     pub audit_interval_secs: u64,
+    /// The local metrics listener (`GET /metrics`, Prometheus): `127.0.0.1:PORT`,
+    /// `[::1]:PORT` or `unix:/abs/path`; off when absent. Off loopback is a warning.
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 impl Default for FileConfig {
@@ -132,6 +136,7 @@ impl Default for FileConfig {
             max_local_connections_per_uid: None,
             max_connections_per_address: None,
             audit_interval_secs: DEFAULT_AUDIT_INTERVAL_SECS,
+            metrics_listen: None,
         }
     }
 }
@@ -200,6 +205,8 @@ pub struct Config {
     pub max_connections_per_address: usize,
     /// See [`FileConfig::audit_interval_secs`].
     pub audit_interval: Duration,
+    /// See [`FileConfig::metrics_listen`].
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 impl FileConfig {
@@ -305,6 +312,7 @@ impl FileConfig {
             max_local_connections_per_uid,
             max_connections_per_address,
             audit_interval: Duration::from_secs(self.audit_interval_secs.max(1)),
+            metrics_listen: self.metrics_listen,
         })
     }
 }

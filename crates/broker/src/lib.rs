@@ -9,7 +9,8 @@
 //! fronts an unmodified application; [`tunnel`] is the user's side of it ([`peer`] tells it
 //! which uid owns a TCP peer on this host). [`tally`] counts refusals (wrong keys, another
 //! user's or no such job) per caller and job per interval, so a flood of them makes a few
-//! audit rows with a count, not a row each.
+//! audit rows with a count, not a row each. [`metrics`] holds the Prometheus families the
+//! daemon serves on `metrics_listen` (below `service` and `server`, which record into them).
 //!
 //! This crate knows nothing of ssh itself except that `broker-cli connect --host` runs the
 //! system's `ssh` binary.
@@ -21,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod gate;
 pub mod identity;
+pub mod metrics;
 pub mod peer;
 pub mod server;
 pub mod service;

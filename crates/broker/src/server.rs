@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use common::admission::{AcceptError, AddressKey, Admission, PerKey, Pool};
 use common::daemon::{AcceptBackoff, Shutdown};
+use common::metrics::{OpenConnection, Reason};
 use common::tls::{LivePeer, ServerTls};
 use tower::ServiceExt as _;
 
@@ -56,6 +57,7 @@ impl FromRequestParts<Arc<Broker>> for Caller {
                 .map_err(IntoResponse::into_response),
             Some(Identity::Https(Ok(caller))) => Ok(caller.clone()),
             Some(Identity::Https(Err(why))) => {
+                broker.metrics().shared.refused(Reason::AUTHORIZATION);
                 Err(BrokerError::Forbidden(why.clone()).into_response())
             }
             None => {
@@ -148,6 +150,7 @@ async fn whoami(State(broker): Shared, caller: Caller) -> axum::Json<WhoAmI> {
 async fn save(State(broker): Shared, caller: Caller, body: Bytes) -> Result<Response, BrokerError> {
     let request: SaveRequest = parse_json(&body)?;
     let job = broker.save(&caller, request).await?;
+    broker.metrics().job_saved(job.summary.job_type);
     tracing::info!(user = ?caller.user, via = caller.via, job = %job.summary.id, r#type = %job.summary.job_type, port = job.summary.port, "job saved");
     Ok((StatusCode::CREATED, axum::Json(job)).into_response())
 }
@@ -299,6 +302,11 @@ impl Server {
         }
     }
 
+    /// The families every daemon shares, which the listeners record into.
+    fn metrics(&self) -> &common::metrics::Families {
+        &self.broker.metrics().shared
+    }
+
     /// The broker behind this server.
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
@@ -332,6 +340,7 @@ impl Server {
             let Some((stream, _)) = backoff.next(&self.shutdown, || listener.accept()).await else {
                 return;
             };
+            let open = self.metrics().connection();
             let uid = match stream.peer_cred() {
                 Ok(cred) => cred.uid(),
                 Err(err) => {
@@ -342,6 +351,8 @@ impl Server {
             // One uid never holds more than its share of the pool, however slowly it sends.
             let Some(share) = self.per_uid.try_admit(uid) else {
                 drop(permit);
+                self.metrics()
+                    .refused(Reason::new("max_local_connections_per_uid"));
                 let _ = stream.try_write(TOO_MANY_LOCAL);
                 continue;
             };
@@ -349,7 +360,7 @@ impl Server {
             self.shutdown.spawn(async move {
                 this.serve_connection(stream, Identity::Unix(uid), None)
                     .await;
-                drop((share, permit));
+                drop((share, permit, open));
             });
         }
     }
@@ -376,10 +387,15 @@ impl Server {
             let Some((tcp, peer)) = backoff.next(&self.shutdown, || listener.accept()).await else {
                 return;
             };
+            let open = self.metrics().connection();
             // A stranger until its certificate is verified; refusals are counted and logged
             // (rate-limited) by the admission.
-            let Ok(stranger) = self.admission.stranger(peer) else {
-                continue;
+            let stranger = match self.admission.stranger(peer) {
+                Ok(stranger) => stranger,
+                Err(refused) => {
+                    self.metrics().refused(refused);
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
@@ -387,10 +403,12 @@ impl Server {
             let tls = tls.clone();
             let users = users.clone();
             self.shutdown.spawn(async move {
+                let _open: OpenConnection = open;
                 match stranger.accept_tls(&acceptor, tcp).await {
                     Ok((stream, identity, _slot)) => {
                         // One address never holds more than its share of the slots.
                         let Some(_share) = this.per_address.try_admit(AddressKey::of(peer.ip())) else {
+                            this.metrics().refused(Reason::new("max_connections_per_address"));
                             return;
                         };
                         let live = tls.live_peer(stream.get_ref().1);
@@ -404,8 +422,11 @@ impl Server {
                         };
                         this.serve_connection(stream, identity, Some((live, max_age))).await;
                     }
-                    Err(AcceptError::Tls(err)) => tracing::debug!(%peer, %err, "https: handshake refused"),
-                    Err(AcceptError::Refused(_)) => {}
+                    Err(AcceptError::Tls(err)) => {
+                        this.metrics().tls_failure(&err);
+                        tracing::debug!(%peer, %err, "https: handshake refused");
+                    }
+                    Err(AcceptError::Refused(refused)) => this.metrics().refused(refused),
                 }
             });
         }
@@ -425,8 +446,14 @@ impl Server {
         let router = self.router.clone();
         let (live, max_age) = tls.unzip();
         let timeout = self.broker.config().request_timeout;
+        let metrics = self.metrics().clone();
         let service = hyper::service::service_fn(
             move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let timer = metrics.start(crate::metrics::route(
+                    request.method(),
+                    request.uri().path(),
+                ));
+                let metrics = metrics.clone();
                 // A certificate revoked since the handshake acts for nobody (403).
                 let identity = match live.as_ref().map(LivePeer::check) {
                     Some(Err(err)) => {
@@ -440,10 +467,17 @@ impl Server {
                 async move {
                     // The head came within the header timeout; the body has a deadline of
                     // its own, so a byte every few seconds cannot hold the connection.
-                    match read_body(request, timeout).await {
+                    let answer = match read_body(request, timeout).await {
                         Ok(request) => router.oneshot(request).await,
                         Err(answer) => Ok(answer),
+                    };
+                    if let Ok(answer) = &answer {
+                        if answer.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                            metrics.refused(Reason::LIMITS);
+                        }
+                        timer.done(answer.status().as_u16());
                     }
+                    answer
                 }
             },
         );

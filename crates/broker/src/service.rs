@@ -13,8 +13,10 @@ use crate::api::{Job, JobSummary, JobType, SaveRequest, TlsMaterial, valid_job_i
 use crate::ca::BrokerCa;
 use crate::config::Config;
 use crate::identity::{Caller, UserNames};
+use crate::metrics::{Metrics, Verify};
 use crate::store::{AuditRecord, JobRow, Store};
 use crate::tally::{self, Tally};
+use common::metrics::Reason;
 
 /// Bytes of an ssh-mode secret (4096 bits, as the original).
 pub const SECRET_BYTES: usize = 512;
@@ -73,6 +75,8 @@ pub struct Broker {
     failures: Mutex<HashMap<String, (Instant, u32)>>,
     /// Refusals counted per caller and job per `audit_interval`.
     tally: Mutex<Tally>,
+    /// What `/metrics` exports.
+    metrics: Arc<Metrics>,
 }
 
 /// Unix seconds now.
@@ -139,6 +143,7 @@ impl Broker {
             names: UserNames::default(),
             failures: Mutex::new(HashMap::new()),
             tally: Mutex::new(Tally::new(config.audit_interval)),
+            metrics: Arc::new(Metrics::new()),
             config: Arc::new(config),
         })
     }
@@ -146,6 +151,11 @@ impl Broker {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The metrics the API records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The store (tests read the audit table through it).
@@ -228,6 +238,7 @@ impl Broker {
             .count_live(&caller.user, now, i64::from(self.config.max_jobs_per_user))
             .await?;
         if live >= i64::from(self.config.max_jobs_per_user) {
+            self.metrics.shared.refused(Reason::LIMITS);
             return Err(BrokerError::TooMany(format!(
                 "{} holds {live} jobs, the most this broker allows; delete some first",
                 caller.user
@@ -353,6 +364,7 @@ impl Broker {
             Some(row) if result == "ok" => Ok(row),
             _ => {
                 if result == "refused_not_owner" {
+                    self.metrics.shared.refused(Reason::AUTHORIZATION);
                     tracing::warn!(user = ?caller.user, via = caller.via, job = id, action, "refused: not the owner");
                 }
                 self.audit_repeatable(caller, action, Some(id), result)
@@ -396,6 +408,8 @@ impl Broker {
         let limit = self.config.max_failed_verifies_per_minute;
         if !valid && limit > 0 {
             if self.rate_limited(id, limit) {
+                self.metrics.verified(Verify::rate_limited);
+                self.metrics.shared.refused(Reason::RATE_LIMIT);
                 self.audit_repeatable(caller, "verify", Some(id), "rate_limited")
                     .await?;
                 return Err(BrokerError::TooMany(
@@ -405,12 +419,14 @@ impl Broker {
             self.record_failure(id);
         }
         if !valid {
+            self.metrics.verified(Verify::invalid);
             // Strangers at the owner's gate decide how often this happens: counted per job
             // per interval, not a row each.
             self.audit_repeatable(caller, "verify", Some(id), "invalid")
                 .await?;
             return Ok(false);
         }
+        self.metrics.verified(Verify::valid);
         self.audit_repeatable(caller, "verify", Some(id), "valid")
             .await?;
         Ok(true)
@@ -615,6 +631,7 @@ impl Broker {
         for job in &reaped {
             tracing::info!(job = %job.id, owner = ?job.owner, port = job.port, "expired job reaped");
         }
+        self.metrics.reaped(reaped.len());
         {
             let mut failures = self
                 .failures

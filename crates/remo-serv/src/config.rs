@@ -3,6 +3,7 @@
 //! Every key is documented in `deploy/config/remo-serv.example.toml`. Keys are hyphenated like
 //! the original's (`user-service`, `key-file`), so an original TOML file loads unchanged.
 
+use common::metrics::MetricsListen;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -117,6 +118,11 @@ pub struct FileConfig {
     pub unverified_bytes: Option<u64>,
     /// Bytes of unverified bodies held at once for one session.
     pub unverified_bytes_per_session: Option<u64>,
+    /// The local metrics listener (`GET /metrics`): `127.0.0.1:PORT`, `[::1]:PORT` or
+    /// `unix:/abs/path`; off when absent. Hyphenated like every key of this file; the other
+    /// daemons' spelling, `metrics_listen`, is accepted too.
+    #[serde(alias = "metrics_listen")]
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 /// Validated configuration of the daemon.
@@ -181,6 +187,8 @@ pub struct Config {
     /// Unverified-body bytes per session (`None`: [`DEFAULT_UNVERIFIED_TOKENS_PER_SESSION`]
     /// first tokens).
     pub unverified_bytes_per_session: Option<usize>,
+    /// See [`FileConfig::metrics_listen`].
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 impl Default for Config {
@@ -215,6 +223,7 @@ impl Default for Config {
             unverified_body_timeout: Duration::from_secs(DEFAULT_UNVERIFIED_BODY_TIMEOUT_SECS),
             unverified_bytes: None,
             unverified_bytes_per_session: None,
+            metrics_listen: None,
         }
     }
 }
@@ -402,6 +411,7 @@ impl FileConfig {
                 .map(|v| positive("unverified-bytes-per-session", Some(v), 0))
                 .transpose()?
                 .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
+            metrics_listen: self.metrics_listen,
         }
         .checked()
     }
@@ -481,6 +491,27 @@ mod tests {
                 8 * defaults.max_first_token(),
                 2 * defaults.max_first_token()
             )
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_takes_either_spelling() {
+        let config = FileConfig::default().into_config().unwrap();
+        assert_eq!(config.metrics_listen, None);
+        for text in [
+            "\"metrics-listen\" = \"127.0.0.1:9102\"",
+            "metrics_listen = \"127.0.0.1:9102\"",
+        ] {
+            let file: FileConfig = common::daemon::parse_toml(text).unwrap();
+            assert_eq!(
+                file.into_config().unwrap().metrics_listen,
+                Some(MetricsListen::Tcp("127.0.0.1:9102".parse().unwrap())),
+                "{text}"
+            );
+        }
+        assert!(
+            common::daemon::parse_toml::<FileConfig>("\"metrics-listen\" = \"localhost:1\"")
+                .is_err()
         );
     }
 

@@ -234,6 +234,8 @@ pub struct Interactive {
     stream: Option<UnixStream>,
     pid: Option<u32>,
     grace: Duration,
+    /// Counts it in `remo_serv_commands_running` until it is dropped.
+    running: Option<crate::metrics::Running>,
 }
 
 /// What an interactive read saw.
@@ -271,9 +273,15 @@ impl Interactive {
             stream: Some(UnixStream::from_std(ours)?),
             pid,
             grace,
+            running: None,
         };
         this.write(input).await?;
         Ok(this)
+    }
+
+    /// Counts the command in `remo_serv_commands_running` for as long as it is kept.
+    pub fn count_as(&mut self, running: crate::metrics::Running) {
+        self.running = Some(running);
     }
 
     /// Writes `input` to the command (nothing when empty).

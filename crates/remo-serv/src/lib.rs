@@ -14,6 +14,7 @@
 //! - [`exec`], [`files`], [`pipeline`]: commands, file access and parallel encryption;
 //! - [`client`]: the client library behind `remo`;
 //! - [`config`]: the TOML file and its validation;
+//! - [`metrics`]: the Prometheus families the daemon serves on `metrics_listen`;
 //! - [`cli`]: the command-line tools' logic (`remo`, `remo-admin`, `remo-bench`).
 //!
 //! The library never reads argv, the environment or signals; the binaries in `src/bin` do.
@@ -26,6 +27,7 @@ pub mod exec;
 pub mod files;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod pipeline;
 pub mod proto;
 pub mod server;

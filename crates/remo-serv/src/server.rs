@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::admission::{Admission, Pending};
 use common::daemon::{AcceptBackoff, Shutdown};
+use common::metrics::{Families, OpenConnection, Reason, TlsFailure};
 use common::tls::ServerTls;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -30,6 +31,7 @@ use crate::exec::{self, CmdLimits, ExecError, Interactive};
 use crate::files::{FileError, Roots};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::limits::{Budget, LoginRate, OverBudget};
+use crate::metrics::{self, Metrics};
 use crate::proto::{self, AuthRequest, Cipher, Magic, TokenHeader};
 use crate::session::{self, Login, Sessions, WINDOW_CHUNKED, WINDOW_SINGLE};
 use crate::users::Users;
@@ -73,6 +75,8 @@ struct State {
     /// The public key (PEM) an unknown user's login is verified against, so that it costs
     /// what a known user's does.
     dummy_pem: Vec<u8>,
+    /// What `/metrics` exports.
+    metrics: Metrics,
 }
 
 /// A server X448 key pair for one login, with the server's signature over the public half.
@@ -192,6 +196,7 @@ impl Server {
                 login_rate,
                 login_rate_warning: common::admission::Warning::default(),
                 dummy_pem,
+                metrics: Metrics::new(),
             }),
             tls: tls.map(Arc::new),
         })
@@ -211,6 +216,11 @@ impl Server {
     /// The front door (pools and their counters).
     pub fn admission(&self) -> &Admission {
         &self.state.admission
+    }
+
+    /// The exposition of every metric (OpenMetrics text), as `/metrics` serves it.
+    pub fn encode_metrics(&self) -> String {
+        self.state.metrics.encode(self.state.sessions.len())
     }
 
     /// Logged-in sessions right now.
@@ -243,11 +253,16 @@ impl Server {
         };
         let mut backoff = AcceptBackoff::default();
         while let Some((stream, peer)) = backoff.next(&shutdown, || listener.accept()).await {
+            let open = self.state.metrics.shared.connection();
             // A stranger until a request authenticates; refusals are counted and logged
             // (rate-limited) by the admission.
-            let Ok(stranger) = self.state.admission.stranger(peer) else {
-                drop(stream);
-                continue;
+            let stranger = match self.state.admission.stranger(peer) {
+                Ok(stranger) => stranger,
+                Err(refused) => {
+                    self.state.metrics.shared.refused(refused);
+                    drop(stream);
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let state = Arc::clone(&self.state);
@@ -256,6 +271,7 @@ impl Server {
             let span = tracing::info_span!("conn", %peer);
             shutdown.spawn(
                 async move {
+                    let _open: OpenConnection = open;
                     let door = Arc::new(Conn {
                         door: stranger.pending(),
                         tie: Tie::new(&state.user_conns),
@@ -273,6 +289,7 @@ impl Server {
                                 accepted = common::tls::accept(&acceptor, stream, left) => accepted,
                                 () = door.door.expired() => {
                                     tracing::debug!("evicted before the TLS handshake finished");
+                                    state.metrics.shared.tls_failed(TlsFailure::evicted);
                                     return;
                                 }
                             };
@@ -280,7 +297,10 @@ impl Server {
                                 Ok((stream, _)) => {
                                     serve_connection(state, stream, peer, stop, door).await
                                 }
-                                Err(err) => tracing::debug!(%err, "TLS handshake failed"),
+                                Err(err) => {
+                                    state.metrics.shared.tls_failure(&err);
+                                    tracing::debug!(%err, "TLS handshake failed");
+                                }
                             }
                         }
                     }
@@ -323,10 +343,19 @@ async fn serve_connection<IO>(
     let state_header_timeout = state.config.header_timeout;
     let max_age = state.config.max_connection_age;
     let handlers_door = Arc::clone(&door);
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let state = Arc::clone(&state);
         let door = Arc::clone(&handlers_door);
-        async move { Ok::<_, Infallible>(handle(state, req, peer, &door).await) }
+        let timer = state.metrics.shared.start(metrics::route(req.uri().path()));
+        async move {
+            let metrics = state.metrics.shared.clone();
+            let response = handle(state, req, peer, &door).await;
+            if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                metrics.refused(Reason::LIMITS);
+            }
+            timer.done(response.status().as_u16());
+            Ok::<_, Infallible>(response)
+        }
     });
     let http = common::daemon::Http1 {
         header_timeout: state_header_timeout,
@@ -355,12 +384,14 @@ async fn serve_connection<IO>(
 /// against the user's share (their oldest connection closed beyond it). `Some(503)` (closing
 /// the connection) when the slot pool is full.
 fn promote(
+    metrics: &Families,
     conn: &Conn,
     id: &str,
     user: &str,
     ended: &tokio_util::sync::CancellationToken,
 ) -> Option<Response<Body>> {
-    if conn.door.authenticated().is_err() {
+    if let Err(refused) = conn.door.authenticated() {
+        metrics.refused(refused);
         let mut response = plain(
             StatusCode::SERVICE_UNAVAILABLE,
             id,
@@ -429,7 +460,10 @@ async fn handle(
     match login {
         None if path == "/info" => plain_streamed(StatusCode::OK, &id, info_text()),
         None if path.starts_with("/info") => plain(StatusCode::NOT_FOUND, &id, ""),
-        None => plain(StatusCode::FORBIDDEN, &id, ""),
+        None => {
+            state.metrics.shared.refused(Reason::AUTHORIZATION);
+            plain(StatusCode::FORBIDDEN, &id, "")
+        }
         Some(login) => authenticated(&state, req, id, login, path, door).await,
     }
 }
@@ -443,7 +477,15 @@ fn declared_length<B>(req: &Request<B>) -> Option<u64> {
 }
 
 /// The plain answer refusing an unverified body (too slow, over a budget, cut short).
-fn unverified_refusal(id: &str, err: &BodyError, incomplete: &'static str) -> Response<Body> {
+fn unverified_refusal(
+    metrics: &Families,
+    id: &str,
+    err: &BodyError,
+    incomplete: &'static str,
+) -> Response<Body> {
+    if matches!(err, BodyError::OverBudget(_)) {
+        metrics.refused(Reason::LIMITS);
+    }
     match err {
         BodyError::TooLarge => plain(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -489,7 +531,7 @@ async fn auth(
         }
         Err(err) => {
             tracing::info!(%peer, err = %common::log::Clipped(&err), "login refused: body");
-            return unverified_refusal(id, &err, "incomplete auth body\n");
+            return unverified_refusal(&state.metrics.shared, id, &err, "incomplete auth body\n");
         }
     };
     drop(reader);
@@ -508,6 +550,8 @@ async fn auth(
         if let Some(refused) = state.login_rate_warning.note(tokio::time::Instant::now()) {
             tracing::warn!(%peer, refused, "login refused: too many attempts from this address");
         }
+        state.metrics.login(metrics::Login::rate_limited);
+        state.metrics.shared.refused(Reason::RATE_LIMIT);
         // As the original answers a refused login.
         return plain(StatusCode::FORBIDDEN, id, "");
     }
@@ -515,6 +559,7 @@ async fn auth(
         Ok(request) => request,
         Err(err) => {
             tracing::info!(%peer, err = %common::log::Clipped(&err), "login refused: malformed request");
+            state.metrics.login(metrics::Login::malformed);
             return plain(StatusCode::BAD_REQUEST, id, "");
         }
     };
@@ -525,6 +570,7 @@ async fn auth(
         Ok(None) => (state.dummy_pem.clone(), false),
         Err(err) => {
             tracing::error!(%err, "user database lookup failed");
+            state.metrics.login(metrics::Login::unavailable);
             return plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 id,
@@ -536,7 +582,10 @@ async fn auth(
         Ok(public) => (public, true),
         Err(_) => match PublicKey::from_pem(&state.dummy_pem) {
             Ok(public) => (public, false),
-            Err(_) => return plain(StatusCode::FORBIDDEN, id, ""),
+            Err(_) => {
+                state.metrics.login(metrics::Login::refused);
+                return plain(StatusCode::FORBIDDEN, id, "");
+            }
         },
     };
     // The signature check and the key agreement are independent: run them side by side on
@@ -554,6 +603,11 @@ async fn auth(
     let agree = tokio::task::spawn_blocking(move || proto::x448_shared(&secret, &peer_key));
     let (verified, shared) = (verify.await, agree.await);
     state.ephemerals.refill(&state.server_key);
+    if !(known && usable && matches!(verified, Ok(true))) {
+        // One outcome for the three: the metrics say no more than the answer does.
+        state.metrics.login(metrics::Login::refused);
+        state.metrics.shared.refused(Reason::AUTHORIZATION);
+    }
     if !known {
         tracing::warn!(%peer, user = %common::log::Clipped(&user), "login refused: unknown user");
         return plain(StatusCode::FORBIDDEN, id, "");
@@ -568,18 +622,22 @@ async fn auth(
     }
     let Ok(Ok(shared)) = shared else {
         tracing::info!(%peer, "login refused: bad X448 key");
+        state.metrics.login(metrics::Login::malformed);
         return plain(StatusCode::BAD_REQUEST, id, "");
     };
     let cipher = Cipher::new(&proto::session_key(&shared));
     // Every login is a new session under a new id; the cookie's session is left alone.
     let Ok((id, ended)) = state.sessions.login(cipher, &user, Instant::now()) else {
         tracing::warn!(user = %common::log::Clipped(&user), "login refused: session table full");
+        state.metrics.login(metrics::Login::unavailable);
+        state.metrics.shared.refused(Reason::new("max_sessions"));
         return plain(StatusCode::SERVICE_UNAVAILABLE, id, "too many sessions\n");
     };
-    if let Some(refused) = promote(door, &id, &user, &ended) {
+    if let Some(refused) = promote(&state.metrics.shared, door, &id, &user, &ended) {
         // The login stands (the session is the user's); this connection is closed.
         return refused;
     }
+    state.metrics.login(metrics::Login::ok);
     tracing::info!(%peer, user = %common::log::Clipped(&user), "logged in");
     let text = proto::auth_response(&ephemeral.public, &ephemeral.signature);
     answer(StatusCode::OK, full(text), cookie_value(&id))
@@ -739,7 +797,7 @@ async fn authenticated(
                 Mode::Single => "Incomplete request body\n",
                 Mode::Chunked => "Invalid encoding\n",
             };
-            return unverified_refusal(&id, &err, incomplete);
+            return unverified_refusal(&state.metrics.shared, &id, &err, incomplete);
         }
     };
     if first.len() < proto::HEADER_LEN {
@@ -789,7 +847,7 @@ async fn authenticated(
     // The first token verified under the session key: the request is authentic.
     reader.verified();
     drop(first);
-    if let Some(refused) = promote(door, &id, &login.user, &login.ended) {
+    if let Some(refused) = promote(&state.metrics.shared, door, &id, &login.user, &login.ended) {
         return refused;
     }
     let body = if mode == Mode::Chunked && !header.is_last() {
@@ -1092,6 +1150,7 @@ async fn cmd(
         max_output: usize::try_from(state.config.max_output).unwrap_or(usize::MAX),
     };
     let started = Instant::now();
+    let _running = state.metrics.running(metrics::Kind::cmd);
     match exec::run(argv, stdin, state.roots.workdir(), limits).await {
         Ok((output, exit)) => {
             tracing::info!(
@@ -1125,10 +1184,12 @@ async fn icm(
     // A new interactive command replaces (and terminates) the previous one.
     drop(state.sessions.take_interactive(id));
     let workdir = state.roots.workdir();
-    let process = match Interactive::start(argv, input, workdir, state.config.kill_grace).await {
+    let mut process = match Interactive::start(argv, input, workdir, state.config.kill_grace).await
+    {
         Ok(process) => process,
         Err(err) => return exec_error(out, user, line, &err),
     };
+    process.count_as(state.metrics.running(metrics::Kind::interactive));
     tracing::info!(user = %common::log::Clipped(&user), command = %common::log::Clipped(&line), pid = process.pid(), "interactive command started");
     answer_output(state, id, process, out)
         .await

@@ -1,6 +1,7 @@
 //! Configuration: the TOML file (every key documented in
 //! `deploy/config/secure-talk.example.toml`), validated once into [`Config`].
 
+use common::metrics::MetricsListen;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,6 +201,9 @@ pub struct FileConfig {
     pub limits: Option<Limits>,
     /// Log filter.
     pub log: Option<String>,
+    /// The local metrics listener (`GET /metrics`): `127.0.0.1:PORT`, `[::1]:PORT` or
+    /// `unix:/abs/path`; off when absent. Off loopback is a warning.
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 /// Errors in the configuration.
@@ -279,6 +283,8 @@ pub struct Config {
     pub admin_subjects: Vec<AdminSubject>,
     /// Bounds.
     pub limits: Limits,
+    /// See [`FileConfig::metrics_listen`].
+    pub metrics_listen: Option<MetricsListen>,
 }
 
 impl Config {
@@ -299,6 +305,7 @@ impl Config {
             ipc_dialect: Dialect::Kmb,
             admin_subjects: Vec::new(),
             limits: Limits::default(),
+            metrics_listen: None,
         }
     }
 
@@ -444,6 +451,7 @@ impl FileConfig {
             ipc_dialect: self.ipc_dialect.unwrap_or_default(),
             admin_subjects,
             limits,
+            metrics_listen: self.metrics_listen,
         })
     }
 }

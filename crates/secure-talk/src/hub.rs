@@ -711,6 +711,15 @@ impl Hub {
             .collect()
     }
 
+    /// Clients with an admin channel, clients with a data channel, and pipes, now (what
+    /// `/metrics` reports).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let state = self.lock();
+        let admin = state.clients.values().filter(|c| c.admin.is_some()).count();
+        let data = state.clients.values().filter(|c| c.data.is_some()).count();
+        (admin, data, state.pipes.len())
+    }
+
     /// Clients and pipes, all of them or only `client`'s.
     pub fn list(&self, client: Option<ClientId>) -> (Vec<ClientView>, Vec<PipeView>) {
         let state = self.lock();

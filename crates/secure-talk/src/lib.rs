@@ -17,6 +17,8 @@
 //!   the two IPC dialects (`kmb`, `dlafs`) a pipe command may speak, both sans-IO;
 //! - [`model_info`]: `model_info.json` in our flat shape and the original's nested one;
 //! - [`client`]: the client library behind `secure-talk-cli`;
+//! - [`metrics`]: the Prometheus families the daemon serves on `metrics_listen` (below
+//!   `state`; gauges set from the hub when scraped);
 //! - [`cli`]: the command-line tools (`secure-talk-cli`, `secure-talk-pipe`,
 //!   `secure-talk-bench`) their thin binaries run.
 //!
@@ -35,6 +37,7 @@ pub mod dialect;
 pub mod hub;
 mod inbound;
 pub mod ipc;
+pub mod metrics;
 pub mod model_info;
 pub mod pipes;
 pub mod server;

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::hub::{NewPipe, Out, PipeId};
+use crate::metrics::ExitReason;
 use crate::state::Shared;
 
 /// The descriptor number a pipe inherits its own IPC socket as.
@@ -154,6 +155,8 @@ async fn supervise(
     let checkin_by = Instant::now() + limits.pipe_checkin_timeout();
     let mut phase = Phase::Running;
     let mut deadline = checkin_by;
+    // Why it is ending, for `secure_talk_pipe_exits_total`: the first cause wins.
+    let mut reason = ExitReason::exited;
     let status: std::io::Result<ExitStatus> = loop {
         // Recomputed each turn; the check-in wakes this loop (below), so the timer is
         // disarmed as soon as the pipe has checked in, not only when something else happens.
@@ -162,6 +165,11 @@ async fn supervise(
             status = child.wait() => break status,
             () = checked_in.cancelled(), if waiting_checkin => {}
             () = stop.cancelled(), if phase == Phase::Running => {
+                reason = if shared.shutdown.is_triggered() {
+                    ExitReason::shutdown
+                } else {
+                    ExitReason::stopped
+                };
                 if shared.hub.checked_in(id) {
                     phase = Phase::Asked;
                     deadline = Instant::now() + grace;
@@ -172,6 +180,9 @@ async fn supervise(
                 }
             }
             () = shared.shutdown.triggered(), if matches!(phase, Phase::Running | Phase::Asked) => {
+                if phase == Phase::Running {
+                    reason = ExitReason::shutdown;
+                }
                 signal_group(pid, Signal::TERM);
                 phase = Phase::Terminated;
                 deadline = Instant::now() + grace;
@@ -180,6 +191,7 @@ async fn supervise(
                 match phase {
                     Phase::Running => {
                         tracing::warn!(timeout_secs = limits.pipe_checkin_timeout_secs, "pipe did not check in; stopping it");
+                        reason = ExitReason::checkin_timeout;
                         signal_group(pid, Signal::TERM);
                         phase = Phase::Terminated;
                         deadline = Instant::now() + grace;
@@ -208,6 +220,9 @@ async fn supervise(
             let _ = tokio::time::timeout(RELAY_GRACE, relayed.cancelled()).await;
         }
     }
+    shared
+        .metrics
+        .pipe_exited(reason, crate::metrics::ExitStatus::of(&status));
     match &status {
         Ok(status) => tracing::info!(%status, "pipe exited"),
         Err(err) => tracing::warn!(%err, "waiting for the pipe failed"),

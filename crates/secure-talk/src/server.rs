@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
 use common::daemon::{AcceptBackoff, Shutdown};
+use common::metrics::{OpenConnection, Reason};
 use common::tls::{ServerTls, TlsError};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -170,6 +171,11 @@ impl Server {
         self.shared.budget.total().used()
     }
 
+    /// The exposition of every metric (OpenMetrics text), as `/metrics` serves it.
+    pub fn encode_metrics(&self) -> String {
+        self.shared.metrics.encode(self.shared.hub.counts())
+    }
+
     /// Pipes alive.
     pub fn pipes(&self) -> usize {
         self.shared.hub.list(None).1.len()
@@ -180,17 +186,29 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
+        let open = shared.metrics.shared.connection();
         // Refusals are counted and logged (rate-limited) by the admission.
-        let Ok(stranger) = shared.admission.stranger(addr) else {
-            continue;
+        let stranger = match shared.admission.stranger(addr) {
+            Ok(stranger) => stranger,
+            Err(refused) => {
+                shared.metrics.shared.refused(refused);
+                continue;
+            }
         };
         let shared = shared.clone();
         let span = tracing::info_span!("conn", peer = %addr);
-        shutdown.spawn(tcp_connection(shared, tcp, addr.to_string(), stranger).instrument(span));
+        shutdown
+            .spawn(tcp_connection(shared, tcp, addr.to_string(), stranger, open).instrument(span));
     }
 }
 
-async fn tcp_connection(shared: Arc<Shared>, tcp: TcpStream, addr: String, stranger: Stranger) {
+async fn tcp_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    addr: String,
+    stranger: Stranger,
+    open: OpenConnection,
+) {
     let _ = tcp.set_nodelay(true);
     let Some(tls) = &shared.tls else {
         return;
@@ -205,14 +223,26 @@ async fn tcp_connection(shared: Arc<Shared>, tcp: TcpStream, addr: String, stran
                 identity,
                 live,
             };
-            http(shared, stream, peer, slot).await;
+            http(
+                shared,
+                stream,
+                peer,
+                Held {
+                    _slot: slot,
+                    _open: open,
+                },
+            )
+            .await;
         }
         // A closed probe was logged where it was accepted.
-        Err(AcceptError::Tls(common::tls::TlsError::Closed)) => {}
+        Err(AcceptError::Tls(err @ common::tls::TlsError::Closed)) => {
+            shared.metrics.shared.tls_failure(&err);
+        }
         Err(AcceptError::Tls(err)) => {
+            shared.metrics.shared.tls_failure(&err);
             tracing::debug!(outcome = "refused", %err, "tls handshake failed");
         }
-        Err(AcceptError::Refused(_)) => {}
+        Err(AcceptError::Refused(refused)) => shared.metrics.shared.refused(refused),
     }
 }
 
@@ -220,8 +250,13 @@ async fn serve_unix(shared: Arc<Shared>, listener: UnixListener) {
     let mut backoff = AcceptBackoff::default();
     let shutdown = shared.shutdown.clone();
     while let Some((stream, _)) = backoff.next(&shutdown, || listener.accept()).await {
+        let open = shared.metrics.shared.connection();
         // Local users have their own pool: remote strangers never starve them, nor they them.
         let Ok(slot) = shared.local.try_admit() else {
+            shared
+                .metrics
+                .shared
+                .refused(Reason::new("max_local_connections"));
             continue;
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
@@ -231,12 +266,24 @@ async fn serve_unix(shared: Arc<Shared>, listener: UnixListener) {
             live: None,
         };
         let span = tracing::info_span!("conn", peer = %peer.addr);
-        shutdown.spawn(http(shared.clone(), stream, peer, slot).instrument(span));
+        let held = Held {
+            _slot: slot,
+            _open: open,
+        };
+        shutdown.spawn(http(shared.clone(), stream, peer, held).instrument(span));
     }
 }
 
+/// What a connection holds until it closes (an upgraded one: until its websocket ends): its
+/// slot of a pool and its place in `connections_open`.
+#[derive(Debug)]
+struct Held {
+    _slot: Slot,
+    _open: OpenConnection,
+}
+
 /// Serves HTTP/1.1 on one connection until it closes, upgrades or the server stops.
-async fn http<S>(shared: Arc<Shared>, io: S, peer: Peer, slot: Slot)
+async fn http<S>(shared: Arc<Shared>, io: S, peer: Peer, slot: Held)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -247,8 +294,15 @@ where
         hyper::service::service_fn(move |req| {
             // A certificate revoked since the handshake gets no token and no upgrade on this
             // connection (the websocket checks again on every frame).
+            let upgrade = header_has_token(&req, header::UPGRADE, "websocket");
+            let timer = shared.metrics.shared.start(crate::metrics::route(
+                req.method(),
+                req.uri().path(),
+                upgrade,
+            ));
             let answer = match peer.live.as_ref().map(common::tls::LivePeer::check) {
                 Some(Err(err)) => {
+                    shared.metrics.shared.refused(Reason::AUTHORIZATION);
                     tracing::warn!(outcome = "refused", identity = ?peer.identity.as_ref().map(ToString::to_string), err = %common::log::Escaped(&err), "request refused");
                     let mut answer = plain(StatusCode::FORBIDDEN, "revoked by a current CRL");
                     answer
@@ -258,6 +312,7 @@ where
                 }
                 _ => handle(&shared, &peer, &slot, req),
             };
+            timer.done(answer.status().as_u16());
             async move { Ok::<_, Infallible>(answer) }
         })
     };
@@ -304,7 +359,7 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
 fn handle(
     shared: &Arc<Shared>,
     peer: &Peer,
-    slot: &Arc<Slot>,
+    slot: &Arc<Held>,
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let channel = match req.uri().path() {
@@ -333,6 +388,7 @@ fn handle(
                 ?channel,
                 "upgrade without a valid token"
             );
+            shared.metrics.shared.refused(Reason::AUTHORIZATION);
             return plain(
                 StatusCode::UNAUTHORIZED,
                 "a valid token header is required: GET / first",
@@ -366,6 +422,7 @@ fn handle(
             .would_admit(client, shared.config.limits.max_clients)
         {
             tracing::warn!(client_id = client, "refused: max_clients reached");
+            shared.metrics.shared.refused(Reason::new("max_clients"));
             return plain(StatusCode::SERVICE_UNAVAILABLE, "too many clients");
         }
         let on_upgrade = hyper::upgrade::on(&mut req);

@@ -3,7 +3,7 @@
 //!
 //! This module sits below every handler: `server` (listeners, HTTP), `channel`, `inbound`,
 //! `admin`, `pipes` and `ipc` depend on it, and it depends on none of them (only on `config`,
-//! `hub`, `token` and `budget`), so the module graph stays a tree, as mini-redis keeps its
+//! `hub`, `token`, `budget` and `metrics`), so the module graph stays a tree, as mini-redis keeps its
 //! `Db` apart from its `server`. What several handlers do to the shared state alone (stop a
 //! pipe, number a connection) lives here too.
 
@@ -20,6 +20,7 @@ use common::tls::{LivePeer, PeerIdentity, ServerTls};
 use crate::budget::{Budget, Shares};
 use crate::config::Config;
 use crate::hub::{ClientId, Hub, PipeError, PipeId};
+use crate::metrics::Metrics;
 use crate::token::Tokens;
 
 /// State every connection shares.
@@ -45,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) admission: Admission,
     /// The Unix socket's own pool (`max_local_connections`).
     pub(crate) local: Arc<Pool>,
+    /// What `/metrics` exports.
+    pub(crate) metrics: Metrics,
 }
 
 impl Shared {
@@ -87,6 +90,7 @@ impl Shared {
             budget,
             admission,
             local,
+            metrics: Metrics::new(),
         }
     }
 

@@ -10,6 +10,7 @@ use broker::server::{Server, bind_unix};
 use broker::service::Broker;
 use clap::Parser;
 use common::daemon::{self, Shutdown, exit};
+use common::metrics::MetricsListener;
 use common::tls::{ClientAuth, ServerTls};
 
 use broker::cli::daemon::Args;
@@ -93,6 +94,7 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
         None => None,
     };
     let socket = config.socket.clone();
+    let metrics_listen = config.metrics_listen.clone();
     let socket_mode = config.socket_mode;
     let grace = config.drain_grace;
     let database = broker::service::redact_url(&config.database);
@@ -134,6 +136,16 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
         },
         None => None,
     };
+    let metrics = match &metrics_listen {
+        Some(listen) => match MetricsListener::bind(listen).await {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                eprintln!("broker: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        },
+        None => None,
+    };
     let signals = match daemon::Signals::install_for("broker") {
         Ok(signals) => signals,
         Err(code) => return code,
@@ -168,6 +180,13 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
             }
         }
         tokio::spawn(server.clone().serve_https(listener));
+    }
+    if let Some(listener) = metrics {
+        if print_address {
+            common::daemon::announce(format_args!("metrics on {}", listener.addr()));
+        }
+        let metrics = broker.metrics().clone();
+        tokio::spawn(listener.serve(Arc::new(move || metrics.encode()), shutdown.clone()));
     }
     let serving = tokio::spawn(server.clone().serve_unix(unix));
     let reaper = tokio::spawn(broker.clone().run_reaper(shutdown.clone()));

@@ -10,6 +10,7 @@ mod e2e;
 mod front;
 mod isolation;
 mod logs;
+mod metrics;
 mod revocation;
 mod run;
 mod timers;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use common::daemon::{self, LogArgs, Shutdown, exit};
+use common::metrics::MetricsListener;
 use common::tls::{ClientAuth, ServerTls, ServerTlsFiles};
 use remo_serv::config::FileConfig;
 use remo_serv::keys::PrivateKey;
@@ -83,6 +84,7 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
         },
     };
     let listen = config.listen;
+    let metrics_listen = config.metrics_listen.clone();
     let grace = config.drain_grace;
     let https = tls.is_some();
     let server = match Server::new(config, key, users, tls) {
@@ -103,6 +105,16 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    let metrics = match &metrics_listen {
+        Some(listen) => match MetricsListener::bind(listen).await {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                eprintln!("remo-serv: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        },
+        None => None,
+    };
     // Signals are ours before the address is announced.
     let signals = match daemon::Signals::install_for("remo-serv") {
         Ok(signals) => signals,
@@ -114,6 +126,16 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
         common::daemon::announce(format_args!("listening on {local}"));
     }
     let shutdown = Shutdown::new();
+    if let Some(listener) = metrics {
+        if print_address {
+            common::daemon::announce(format_args!("metrics on {}", listener.addr()));
+        }
+        let scraped = server.clone();
+        tokio::spawn(listener.serve(
+            std::sync::Arc::new(move || scraped.encode_metrics()),
+            shutdown.clone(),
+        ));
+    }
     let serving = {
         let server = server.clone();
         let shutdown = shutdown.clone();

@@ -29,6 +29,7 @@ mod files;
 mod front;
 mod harness;
 mod interactive;
+mod metrics;
 mod original;
 mod process;
 mod protocol;

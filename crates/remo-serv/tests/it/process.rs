@@ -22,10 +22,12 @@ const REMO: &str = env!("CARGO_BIN_EXE_remo");
 const ADMIN: &str = env!("CARGO_BIN_EXE_remo-admin");
 
 /// A running daemon; killed when dropped.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The lines it prints after its address.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Daemon {
@@ -75,6 +77,19 @@ impl Daemon {
             child,
             addr,
             stderr,
+            lines: rx,
+        }
+    }
+
+    /// The rest of the first line printed after the address that starts with `prefix`.
+    pub(crate) fn printed(&self, prefix: &str) -> String {
+        loop {
+            let line = self.lines.recv_timeout(WAIT).unwrap_or_else(|_| {
+                panic!("remo-serv printed no {prefix:?} line: {}", self.stderr())
+            });
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_owned();
+            }
         }
     }
 
@@ -136,13 +151,13 @@ impl Drop for Daemon {
 /// Key files, a user database and a served directory in a temporary directory:
 /// `alice_key.pem`, `alice.pem`, `remo_serv_key.pem`, `remo_serv.pem`, `users.sqlite`,
 /// `served/`.
-struct Deployment {
+pub(crate) struct Deployment {
     dir: tempfile::TempDir,
-    keys: Keys,
+    pub(crate) keys: Keys,
 }
 
 impl Deployment {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let keys = Keys::generate();
         keys.write(dir.path());
@@ -154,7 +169,7 @@ impl Deployment {
         Self { dir, keys }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -163,7 +178,7 @@ impl Deployment {
     }
 
     /// The daemon with this deployment's files and `extra` flags, logging warnings.
-    fn start(&self, extra: &[&str]) -> Daemon {
+    pub(crate) fn start(&self, extra: &[&str]) -> Daemon {
         self.start_logging("warn", extra)
     }
 
@@ -188,7 +203,7 @@ impl Deployment {
         Daemon::spawn(self.dir.path(), &args)
     }
 
-    fn client_config(&self, url: &str) -> ClientConfig {
+    pub(crate) fn client_config(&self, url: &str) -> ClientConfig {
         ClientConfig {
             url: url.parse().unwrap(),
             user: USER.into(),

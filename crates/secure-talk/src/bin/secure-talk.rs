@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use common::daemon::{self, Shutdown, exit};
+use common::metrics::MetricsListener;
 use common::tls::{ClientAuth, ServerTls};
 use secure_talk::config::FileConfig;
 use secure_talk::server::{Listeners, Server};
@@ -106,6 +107,16 @@ async fn run(
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    let metrics = match &config.metrics_listen {
+        Some(listen) => match MetricsListener::bind(listen).await {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                eprintln!("secure-talk: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        },
+        None => None,
+    };
     let signals = match daemon::Signals::install_for("secure-talk") {
         Ok(signals) => signals,
         Err(code) => return code,
@@ -131,6 +142,13 @@ async fn run(
     let grace = config.limits.drain_grace();
     let shutdown = Shutdown::new();
     let server = Server::new(config, tokens, tls, shutdown.clone());
+    if let Some(listener) = metrics {
+        if print_address {
+            common::daemon::announce(format_args!("metrics on {}", listener.addr()));
+        }
+        let scraped = server.clone();
+        tokio::spawn(listener.serve(Arc::new(move || scraped.encode_metrics()), shutdown.clone()));
+    }
     let serving = {
         let server = server.clone();
         tokio::spawn(async move { server.run(listeners).await })

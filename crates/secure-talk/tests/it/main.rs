@@ -38,6 +38,7 @@ mod inflight;
 mod ipc;
 mod limits;
 mod memory;
+mod metrics;
 mod pipe_program;
 mod pipes;
 mod python;
