@@ -118,12 +118,25 @@ broken_config_fails_fast() { # a broken configuration: start fails fast, own err
     systemctl reset-failed "$u" 2>/dev/null
 }
 
+metrics_on() { # metrics_on NAME KEY PORT: turn on the metrics listener (off in the example)
+    sed -i "1i $2 = \"127.0.0.1:$3\"" "/etc/$1/$1.toml"
+}
+metrics_scraped() { # metrics_scraped NAME PORT PREFIX: /metrics answers inside the unit's sandbox
+    local body accepted
+    body=$(curl -sf --max-time 5 "http://127.0.0.1:$2/metrics")
+    check "$1 /metrics has the process metrics" grep -q '^process_resident_memory_bytes [1-9]' <<<"$body"
+    check "$1 /metrics has open fds" grep -q '^process_open_fds [1-9]' <<<"$body"
+    accepted=$(grep "^$3_connections_accepted_total" <<<"$body" | awk '{n += $NF} END {print n + 0}')
+    check "$1 /metrics counted the round trip's connections ($accepted)" test "$accepted" -gt 0
+}
+
 # ---- ws-proxy: a curl through two paired peers to a local HTTP service -------------------
 # (docs/ws-proxy.md, "Walkthrough: curl through the relay")
 installed_by_package ws-proxy
 give_tls ws-proxy $pki/ws-proxy.cert.pem $pki/ws-proxy.key.pem \
     /etc/ws-proxy/ws-proxy.cert.pem /etc/ws-proxy/tls.key /etc/ws-proxy/ca.cert.pem
 sed -i '1i status_listen = "unix:/run/ws-proxy/status.sock"' /etc/ws-proxy/ws-proxy.toml
+metrics_on ws-proxy metrics_listen 9101
 lifecycle_start ws-proxy
 check_eq "ws-proxy /run/ws-proxy mode" "750 ws-proxy:ws-proxy" "$(mode_owner /run/ws-proxy)"
 check_eq "ws-proxy status socket mode" "660 ws-proxy:ws-proxy" "$(mode_owner /run/ws-proxy/status.sock)"
@@ -150,6 +163,7 @@ through_relay() { # the front end answers 503 until the peers are paired
 check "ws-proxy curl through two paired peers to a local HTTP service" through_relay
 check "ws-proxy status shows the pair" bash -c \
     "curl -s --unix-socket /run/ws-proxy/status.sock http://localhost/status | grep -q paired"
+metrics_scraped ws-proxy 9101 ws_proxy
 reload_takes_new_key ws-proxy 5050 /etc/ws-proxy/ws-proxy.cert.pem /etc/ws-proxy/tls.key
 kill $gateway $connect $httpd 2>/dev/null
 wait $gateway $connect $httpd 2>/dev/null
@@ -173,6 +187,7 @@ client_ca = "/etc/broker/clients-ca.crt"
 [https.users]
 "CN=alice" = "alice"
 TOML
+metrics_on broker metrics_listen 9105
 lifecycle_start broker
 check_eq "broker state dir mode" "700 broker:broker" "$(mode_owner /var/lib/broker)"
 check_eq "broker database mode" "600 broker:broker" "$(mode_owner /var/lib/broker/broker.db)"
@@ -188,6 +203,7 @@ check "broker load as bob refused (65, not his job)" bash -c "cd /tmp && setpriv
 check "broker verify as bob refused (65, not his job)" bash -c "cd /tmp && setpriv --reuid=bob --regid=bob --init-groups broker-cli verify $job </tmp/secret; test \$? = 65"
 check "broker HTTPS whoami as alice's certificate" bash -c \
     "curl -s --cacert $pki/ca.cert.pem --cert $pki/alice.cert.pem --key $pki/alice.key.pem https://127.0.0.1:7443/v1/whoami | grep -q '\"user\":\"alice\"'"
+metrics_scraped broker 9105 broker
 reload_takes_new_key broker 7443 /etc/broker/https.crt /etc/broker/https.key
 check "broker HTTPS request after reload" bash -c \
     "curl -s --cacert $pki/ca.cert.pem --cert $pki/alice.cert.pem --key $pki/alice.key.pem https://127.0.0.1:7443/v1/whoami | grep -q '\"user\":\"alice\"'"
@@ -204,6 +220,7 @@ check "signing-server keygen" signing-server keygen --out /etc/signing-server/re
 check_eq "signing-server release key mode" "600 root:root" "$(mode_owner /etc/signing-server/release.key.pem)"
 # The example configuration's package roots must exist (signing-server refuses a missing one).
 mkdir -p /srv/packages /export/nim/redfly/installp/ppc
+metrics_on signing-server metrics_listen 9104
 lifecycle_start signing-server
 check_eq "signing-server state dir mode" "700 signing-server:signing-server" "$(mode_owner /var/lib/signing-server)"
 check_eq "signing-server audit database mode" "600 signing-server:signing-server" "$(mode_owner /var/lib/signing-server/audit.sqlite)"
@@ -216,6 +233,7 @@ echo "$signature" | base64 -d >/root/sig.bin 2>/dev/null
 check "signing-server signature verified by openssl against the public key" \
     openssl pkeyutl -verify -rawin -pubin -inkey /etc/signing-server/release.key.pem.pub \
     -sigfile /root/sig.bin -in /root/bos.rte.demo.7.3.0.0.bff
+metrics_scraped signing-server 9104 signing_server
 reload_takes_new_key signing-server 6000 /etc/signing-server/signing-server.cert.pem /etc/signing-server/tls.key
 check "signing-client keys after reload" bash -c "signing-client keys $tls | grep -q release"
 exposure_matches_offline signing-server
@@ -229,6 +247,7 @@ give_tls secure-talk $pki/secure-talk.cert.pem $pki/secure-talk.key.pem \
     /etc/secure-talk/secure-talk.cert.pem /etc/secure-talk/tls.key /etc/secure-talk/ca.cert.pem
 check "secure-talk gen-token-key" secure-talk gen-token-key /etc/secure-talk/token.key
 check_eq "secure-talk token key mode" "600 root:root" "$(mode_owner /etc/secure-talk/token.key)"
+metrics_on secure-talk metrics_listen 9103
 lifecycle_start secure-talk
 check_eq "secure-talk state dir mode" "700 secure-talk:secure-talk" "$(mode_owner /var/lib/secure-talk)"
 check_eq "secure-talk /run/secure-talk mode" "750 secure-talk:secure-talk" "$(mode_owner /run/secure-talk)"
@@ -238,6 +257,7 @@ check_eq "secure-talk IPC directory mode" "700 secure-talk:secure-talk" "$(mode_
 credential_private secure-talk token.key
 st="--host 127.0.0.1 --ca $pki/ca.cert.pem --cert $pki/alice.cert.pem --key $pki/alice.key.pem --token-file /root/st-token"
 check "secure-talk-cli echo" bash -c "secure-talk-cli $st echo 'hello secure-talk' | grep -q 'hello secure-talk'"
+metrics_scraped secure-talk 9103 secure_talk
 reload_takes_new_key secure-talk 8445 /etc/secure-talk/secure-talk.cert.pem /etc/secure-talk/tls.key
 check "secure-talk-cli echo after reload" bash -c "secure-talk-cli $st echo again | grep -q again"
 exposure_matches_offline secure-talk
@@ -259,6 +279,7 @@ cat >>/etc/remo-serv/remo-serv.toml <<'TOML'
 "tls-cert" = "/etc/remo-serv/server.crt"
 "tls-key" = "/etc/remo-serv/server.key"
 TOML
+metrics_on remo-serv metrics-listen 9102
 lifecycle_start remo-serv
 check_eq "remo-serv state dir mode" "700 remo-serv:remo-serv" "$(mode_owner /var/lib/remo-serv)"
 check_eq "remo-serv server key mode" "600 remo-serv:remo-serv" "$(mode_owner /var/lib/remo-serv/remo_serv_key.pem)"
@@ -266,6 +287,7 @@ check_eq "remo-serv user database mode" "600 remo-serv:remo-serv" "$(mode_owner 
 remo=(remo -u alice -k /root/remo/alice_key.pem -s /var/lib/remo-serv/remo_serv.pem --ca /root/remo/ca.pem https://127.0.0.1:8080)
 check "remo login and exec (HTTPS)" bash -c "${remo[*]} exec -- echo hello remo | grep -q 'hello remo'"
 check "remo exec runs as remo-serv" bash -c "test \"\$(${remo[*]} exec -- id -un)\" = remo-serv"
+metrics_scraped remo-serv 9102 remo_serv
 reload_takes_new_key remo-serv 8080 /etc/remo-serv/server.crt /etc/remo-serv/server.key
 check "remo exec after reload" bash -c "${remo[*]} exec -- echo again | grep -q again"
 exposure_matches_offline remo-serv
