@@ -294,6 +294,26 @@ exposure_matches_offline remo-serv
 lifecycle_stop remo-serv
 broken_config_fails_fast remo-serv
 
+# ---- what the install gives an operator: man pages, completions, systemctl cat --------------
+for d in ws-proxy broker signing-server secure-talk remo-serv; do
+    check "$d systemctl cat shows the packaged unit" bash -c \
+        "systemctl cat $d.service | grep -qx '# /usr/lib/systemd/system/$d.service'"
+done
+completes() { # completes BINARY: bash completion of "BINARY --" offers --help
+    bash -c 'source /usr/share/bash-completion/bash_completion
+        _completion_loader "$1"
+        COMP_WORDS=("$1" --); COMP_CWORD=1; COMP_LINE="$1 --"; COMP_POINT=${#COMP_LINE}
+        "$(complete -p "$1" | grep -o -- "-F [^ ]*" | cut -c4-)" "$1" -- "$1"
+        printf "%s\n" "${COMPREPLY[@]}"' _ "$1" | grep -qx -- --help
+}
+for b in ws-proxy ws-proxy-client remo-serv remo remo-admin secure-talk secure-talk-cli \
+    secure-talk-pipe signing-server signing-client broker broker-cli broker-run certgen; do
+    check "man $b" bash -c "man -P cat $b 2>/dev/null | grep -q '^NAME'"
+    check "$b <TAB> (bash completion)" completes "$b"
+    check "$b zsh and fish completions" test -e "/usr/share/zsh/vendor-completions/_$b" \
+        -a -e "/usr/share/fish/vendor_completions.d/$b.fish"
+done
+
 # ---- the packages under PID 1: dpkg -r stops a running service, dpkg -P removes /etc -------
 for d in ws-proxy broker signing-server secure-talk remo-serv; do
     systemctl start "$d.service" >/dev/null 2>&1
