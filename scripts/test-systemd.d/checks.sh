@@ -296,8 +296,11 @@ broken_config_fails_fast remo-serv
 
 # ---- what the install gives an operator: man pages, completions, systemctl cat --------------
 for d in ws-proxy broker signing-server secure-talk remo-serv; do
+    # (/lib is /usr/lib on Debian 12, and systemd names the first of its search paths)
     check "$d systemctl cat shows the packaged unit" bash -c \
-        "systemctl cat $d.service | grep -qx '# /usr/lib/systemd/system/$d.service'"
+        "systemctl cat $d.service | grep -Eqx '# (/usr)?/lib/systemd/system/$d.service'"
+    check "$d systemctl cat: ExecStart in /usr/bin" bash -c \
+        "systemctl cat $d.service | grep -q '^ExecStart=/usr/bin/$d '"
 done
 completes() { # completes BINARY: bash completion of "BINARY --" offers --help
     bash -c 'source /usr/share/bash-completion/bash_completion
