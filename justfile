@@ -1,6 +1,6 @@
 # Recipes for the suite; each is a thin wrapper over scripts/ or cargo.
 
-# fmt check, module cycles, clippy, all tests, systemd unit exposure
+# fmt check, module cycles, clippy, all tests, unit exposure, promtool, packages under a real systemd
 test:
     scripts/test
 
@@ -21,8 +21,20 @@ pki *ARGS:
     scripts/dev-pki {{ARGS}}
 
 # boot systemd in a throwaway Debian root and check every packaged unit under PID 1
-test-systemd:
-    scripts/test-systemd
+test-systemd *ARGS:
+    scripts/test-systemd {{ARGS}}
+
+# the six Debian packages into target/debian/ (`just package ws-proxy`: one)
+package *ARGS:
+    scripts/package {{ARGS}}
+
+# score every unit with systemd-analyze security, dry-run the sysusers files
+units:
+    scripts/check-units
+
+# promtool on deploy/prometheus/ (scrape configuration, alert rules and their tests)
+prometheus:
+    scripts/check-prometheus
 
 fmt:
     cargo fmt --all
