@@ -45,10 +45,10 @@ served_fingerprint() { # served_fingerprint PORT: the certificate the daemon ser
         </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256 2>/dev/null
 }
 # Hand a daemon its TLS material the way its page says: certificate and CA 0644 in /etc/NAME,
-# the key root:NAME 0640 (read from disk, so a reload takes a new key; not LoadCredential=).
+# the key NAME:root 0600 (read from disk, so a reload takes a new key; not LoadCredential=).
 give_tls() { # give_tls NAME CERT KEY CERT-PATH KEY-PATH CA-PATH
     install -m 0644 "$2" "$4"
-    install -o root -g "$1" -m 0640 "$3" "$5"
+    install -o "$1" -g root -m 0600 "$3" "$5"
     install -m 0644 $pki/ca.cert.pem "$6"
 }
 
@@ -84,7 +84,7 @@ reload_takes_new_key() { # reload_takes_new_key NAME PORT CERT-PATH KEY-PATH: re
     want=$(fingerprint "$pki/$1-renewed.cert.pem")
     check "$1 serves its certificate before the renewal" test -n "$before" -a "$before" != "$want"
     install -m 0644 "$pki/$1-renewed.cert.pem" "$3"
-    install -o root -g "$1" -m 0640 "$pki/$1-renewed.key.pem" "$4"
+    install -o "$1" -g root -m 0600 "$pki/$1-renewed.key.pem" "$4"
     check "$1 reload" systemctl reload "$1.service"
     # SIGHUP is asynchronous: poll up to 5 s for the renewed certificate.
     local got= i
@@ -95,6 +95,23 @@ reload_takes_new_key() { # reload_takes_new_key NAME PORT CERT-PATH KEY-PATH: re
     done
     check_eq "$1 serves the renewed certificate (new key) after reload" "$want" "$got"
     check "$1 still active after reload" systemctl is-active "$1.service"
+    # The TLS key is the service user's alone; a key its group may read is warned about.
+    local warning="TLS private key can be read by its group or by others"
+    check_eq "$1 TLS key mode" "600 $1:root" "$(mode_owner "$4")"
+    check "$1 no key-mode warning for an owner-only key" bash -c "! journalctl -u $1.service --no-pager | grep -q '$warning'"
+    chmod 0640 "$4"
+    systemctl reload "$1.service"
+    check "$1 warns about a TLS key its group may read" eventually journalctl_has "$1" "$warning"
+    chmod 0600 "$4"
+}
+journalctl_has() { journalctl -u "$1.service" --no-pager | grep -q "$2"; }
+eventually() { # eventually COMMAND...: true within 5 s
+    local i
+    for i in $(seq 20); do
+        "$@" && return 0
+        sleep 0.25
+    done
+    return 1
 }
 credential_private() { # credential_private NAME CRED: readable by the service user, not by nobody
     local file=/run/credentials/$1.service/$2 user

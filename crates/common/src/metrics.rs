@@ -128,8 +128,9 @@ pub enum TlsFailure {
     timeout,
     /// Closed to make room in the full stranger pool.
     evicted,
-    /// Closed by the peer before the handshake finished without an alert: a port probe (a
-    /// health check, `nc -z`); alerts should leave it out.
+    /// Closed by the peer before the handshake finished without an alert, within
+    /// [`crate::tls::PROBE_WINDOW`] (1 s) of its start: a port probe (a health check, `nc -z`);
+    /// alerts should leave it out. A later close is `io`.
     probe,
     /// The connection failed underneath (reset, broken pipe).
     io,

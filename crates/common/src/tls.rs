@@ -103,8 +103,9 @@ pub enum TlsError {
     /// The handshake failed.
     #[error("tls handshake: {0}")]
     Handshake(io::Error),
-    /// The peer closed the connection before the handshake finished, without a TLS alert:
-    /// a port probe (a health check, `nc -z`, a scanner), not a failed handshake.
+    /// The peer closed the connection before the handshake finished, without a TLS alert and
+    /// within [`PROBE_WINDOW`] of its start: a port probe (a health check, `nc -z`, a scanner),
+    /// not a failed handshake.
     #[error("closed probe: the peer closed the connection before the tls handshake finished")]
     Closed,
     /// The stranger pool was full and this connection, still in its handshake, was the
@@ -436,6 +437,7 @@ impl ServerTlsFiles {
     pub fn read(&self) -> Result<ServerTlsPem, TlsError> {
         let cert = Pem::read(&self.cert)?;
         let key = self.key.as_deref().map(Pem::read).transpose()?;
+        warn_if_key_shared(self.key.as_deref().unwrap_or(&self.cert));
         let (client_ca, crls) = if self.client_auth == ClientAuth::Off {
             (None, Vec::new())
         } else {
@@ -860,11 +862,16 @@ impl rustls::client::danger::ServerCertVerifier for ServerCheck {
     }
 }
 
+/// A peer that closes before the handshake finished within this time of its start, without an
+/// alert, is a port probe ([`TlsError::Closed`]); one that closes later has held a handshake
+/// slot and is a failed handshake.
+pub const PROBE_WINDOW: Duration = Duration::from_secs(1);
+
 /// Runs a server handshake under `deadline` and returns the stream and the verified peer.
 ///
 /// # Errors
 /// [`TlsError::HandshakeTimeout`], [`TlsError::Closed`] (the peer closed before the handshake
-/// finished: a port probe) or [`TlsError::Handshake`].
+/// finished, within [`PROBE_WINDOW`]: a port probe) or [`TlsError::Handshake`].
 pub async fn accept<IO>(
     acceptor: &TlsAcceptor,
     io: IO,
@@ -873,13 +880,16 @@ pub async fn accept<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    let started = tokio::time::Instant::now();
     let stream = tokio::time::timeout(deadline, acceptor.accept(io))
         .await
         .map_err(|_| TlsError::HandshakeTimeout(deadline))?
         .map_err(|err| {
             // tokio-rustls's end of input before the handshake finished; a peer that gave up
-            // with an alert, or sent garbage, is a rustls error (InvalidData) instead.
-            if err.kind() == io::ErrorKind::UnexpectedEof {
+            // with an alert, or sent garbage, is a rustls error (InvalidData) instead. Only a
+            // quick close is a probe: a peer that held its handshake slot for longer and then
+            // closed is a failed handshake (`io`), which alerts count.
+            if err.kind() == io::ErrorKind::UnexpectedEof && started.elapsed() < PROBE_WINDOW {
                 TlsError::Closed
             } else {
                 TlsError::Handshake(err)
@@ -996,6 +1006,34 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
+/// Logs a warning when the file holding the server's private key can be read by its group or
+/// by others. Not refused: a deployment may share a key with certificate tooling through a
+/// group on purpose; but the supported layout is owner-only (docs: the key belongs to the
+/// service's user, mode 0600), and a group that grants anything else (a status socket, say)
+/// would grant the key too.
+fn warn_if_key_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode();
+    if let Some(warning) = key_mode_warning(path, mode, std::env::var_os("CREDENTIALS_DIRECTORY")) {
+        tracing::warn!(path = %path.display(), mode = %format!("{:04o}", mode & 0o7777), "{warning}");
+    }
+}
+
+/// The warning for a private key file with permission bits `mode`, if it deserves one.
+fn key_mode_warning(
+    path: &Path,
+    mode: u32,
+    credentials: Option<std::ffi::OsString>,
+) -> Option<&'static str> {
+    let credentials = credentials.map(std::path::PathBuf::from);
+    (!crate::daemon::secret_mode_ok(path, mode, credentials.as_deref())).then_some(
+        "the TLS private key can be read by its group or by others: make it 0600, owned by the service's user",
+    )
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
@@ -1053,4 +1091,24 @@ fn roots_from(
 /// Unreadable file, bad PEM, or no CRL.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     Pem::read(path)?.crls()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_readable_beyond_its_owner_is_warned_about_except_systemds_credential_acl() {
+        let key = Path::new("/etc/ws-proxy/tls.key");
+        assert!(key_mode_warning(key, 0o100_600, None).is_none());
+        assert!(key_mode_warning(key, 0o100_400, None).is_none());
+        assert!(key_mode_warning(key, 0o100_640, None).is_some());
+        assert!(key_mode_warning(key, 0o100_604, None).is_some());
+        assert!(key_mode_warning(key, 0o100_644, None).is_some());
+        // systemd shows its ACL mask as group read inside $CREDENTIALS_DIRECTORY.
+        let dir = std::ffi::OsString::from("/run/credentials/ws-proxy.service");
+        let credential = Path::new("/run/credentials/ws-proxy.service/tls.key");
+        assert!(key_mode_warning(credential, 0o100_440, Some(dir.clone())).is_none());
+        assert!(key_mode_warning(credential, 0o100_444, Some(dir)).is_some());
+    }
 }

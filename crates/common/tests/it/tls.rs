@@ -300,6 +300,37 @@ async fn a_peer_that_closes_early_is_a_closed_probe_and_garbage_is_a_failed_hand
     }
 }
 
+/// A stranger that holds its handshake slot and closes later is not a probe (attack finding
+/// F4 of issue 19: such peers hid from the handshake-failure alert, which leaves probes out).
+#[tokio::test]
+async fn a_peer_that_holds_its_handshake_and_then_closes_is_a_failed_handshake() {
+    tls::install_default_provider();
+    let pki = test_pki();
+    let files = server_files(
+        &pki.server.cert_path,
+        &pki.server.key_path,
+        ClientAuth::Required,
+        false,
+    );
+    let acceptor = ServerTls::load(files).unwrap().acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = tokio::spawn(async move {
+        let mut peer = TcpStream::connect(addr).await.unwrap();
+        peer.write_all(&[0x16, 3, 1, 0, 200, 1]).await.unwrap();
+        tokio::time::sleep(tls::PROBE_WINDOW + Duration::from_millis(300)).await;
+        peer.shutdown().await.unwrap();
+    });
+    let (stream, _) = listener.accept().await.unwrap();
+    let err = tls::accept(&acceptor, stream, DEADLINE).await.unwrap_err();
+    peer.await.unwrap();
+    assert!(matches!(err, tls::TlsError::Handshake(_)), "{err:?}");
+    assert_eq!(
+        common::metrics::TlsFailure::of(&err),
+        common::metrics::TlsFailure::io
+    );
+}
+
 #[test]
 fn pkeycert_file_holds_both_certificate_and_key() {
     let pki = test_pki();
