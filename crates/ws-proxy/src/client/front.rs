@@ -28,9 +28,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use common::admission::Pool;
 use common::daemon::Shutdown;
 use common::envelope::micronets::{self, BodyError, Message, RestRequest, RestResponse};
+use common::local_http::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SessionEvent;
