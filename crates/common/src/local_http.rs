@@ -502,4 +502,99 @@ mod tests {
         assert!(!c.evict.is_cancelled() && !e.evict.is_cancelled());
         assert_eq!((pool.refused(), pool.evicted()), (2, 3));
     }
+
+    /// A body whose one frame comes when `go` fires: an answer in progress until then.
+    struct Later {
+        go: Option<tokio::sync::oneshot::Receiver<()>>,
+    }
+
+    impl Body for Later {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Self::Error>>> {
+            let Some(go) = self.go.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(go).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => {
+                    self.go = None;
+                    Poll::Ready(Some(Ok(Frame::data(bytes::Bytes::from_static(b"done")))))
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_mid_answer_is_not_evicted() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+        let go_rx = Arc::new(Mutex::new(Some(go_rx)));
+        let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
+            let go = go_rx.lock().unwrap().take();
+            std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(Later {
+                go,
+            })))
+        });
+        let pool = Pool::new("test", "limit", 1);
+        let limits = Limits {
+            header_timeout: Duration::from_secs(10),
+            max_age: Duration::from_secs(60),
+            max_buf_size: 16 * 1024,
+            what: "test",
+        };
+        let shutdown = Shutdown::new();
+        tokio::spawn(serve(
+            Listener::Tcp(listener),
+            service,
+            pool.clone(),
+            limits,
+            shutdown.clone(),
+        ));
+        let mut answering = tokio::net::TcpStream::connect(addr).await.unwrap();
+        answering
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The head of the answer arrives; its body waits for `go`.
+        let mut buf = [0u8; 1024];
+        let n = answering.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(EVICT_MIN_AGE + Duration::from_millis(100)).await;
+        // Old enough, but answering: the newcomer is closed at once instead.
+        let mut newcomer = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(2), newcomer.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+        assert_eq!((pool.refused(), pool.evicted()), (1, 0));
+        // The answer finishes on the connection that kept its slot.
+        go_tx.send(()).unwrap();
+        let mut rest = Vec::new();
+        while !rest.windows(4).any(|w| w == b"done") {
+            let n = answering.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "closed mid-answer");
+            rest.extend_from_slice(&buf[..n]);
+        }
+        // Answered, it is idle on keep-alive: evictable now.
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let n = third.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        assert_eq!(pool.evicted(), 1);
+        let end = tokio::time::timeout(Duration::from_secs(2), answering.read(&mut buf)).await;
+        assert!(matches!(end, Ok(Ok(0) | Err(_))), "{end:?}");
+        shutdown.trigger();
+    }
 }
