@@ -261,18 +261,7 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, toml::de::Error>
     toml::from_str(text)
 }
 
-/// Whether the permission bits `mode` of the secret file at `path` are private: no bit for
-/// group or others, except that inside `credentials` (systemd's `$CREDENTIALS_DIRECTORY`)
-/// group read is allowed, because systemd grants the service user access there with an ACL
-/// and `stat` reports the ACL mask in the group bits.
-pub fn secret_mode_ok(path: &Path, mode: u32, credentials: Option<&Path>) -> bool {
-    let forbidden = if credentials.is_some_and(|dir| path.starts_with(dir)) {
-        0o037
-    } else {
-        0o077
-    };
-    mode & forbidden == 0
-}
+pub use crate::secret::secret_mode_ok;
 
 /// Binds a Unix socket at `path` with `mode`. A stale socket file (nobody accepting on it) is
 /// replaced; a live one, or a path that is not a socket, is an error, so two daemons never

@@ -40,4 +40,5 @@ pub mod local_http;
 pub mod log;
 pub mod metrics;
 pub mod pki;
+pub mod secret;
 pub mod tls;

@@ -197,6 +197,9 @@ impl Reason {
     pub const BAD_REQUEST: Self = Self("bad_request");
     /// The daemon is shutting down.
     pub const SHUTTING_DOWN: Self = Self("shutting_down");
+    /// The metrics listener's pool was full: a connection was closed at once, or an idle one
+    /// was evicted to make room ([`listen::MetricsListener::serve`]).
+    pub const METRICS_POOL: Self = Self("metrics_pool");
 
     /// A daemon's own reason.
     #[must_use]

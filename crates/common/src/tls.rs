@@ -1029,7 +1029,7 @@ fn key_mode_warning(
     credentials: Option<std::ffi::OsString>,
 ) -> Option<&'static str> {
     let credentials = credentials.map(std::path::PathBuf::from);
-    (!crate::daemon::secret_mode_ok(path, mode, credentials.as_deref())).then_some(
+    (!crate::secret::secret_mode_ok(path, mode, credentials.as_deref())).then_some(
         "the TLS private key can be read by its group or by others: make it 0600, owned by the service's user",
     )
 }

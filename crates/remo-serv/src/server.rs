@@ -223,6 +223,11 @@ impl Server {
         self.state.metrics.encode(self.state.sessions.len())
     }
 
+    /// The shared families (the metrics listener counts its pool's refusals there).
+    pub fn metric_families(&self) -> common::metrics::Families {
+        self.state.metrics.shared.clone()
+    }
+
     /// Logged-in sessions right now.
     pub fn sessions(&self) -> usize {
         self.state.sessions.len()

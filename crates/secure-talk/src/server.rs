@@ -176,6 +176,11 @@ impl Server {
         self.shared.metrics.encode(self.shared.hub.counts())
     }
 
+    /// The shared families (the metrics listener counts its pool's refusals there).
+    pub fn metric_families(&self) -> common::metrics::Families {
+        self.shared.metrics.shared.clone()
+    }
+
     /// Pipes alive.
     pub fn pipes(&self) -> usize {
         self.shared.hub.list(None).1.len()

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::admission::EVICT_MIN_AGE;
 use common::metrics::listen::{HEADER_TIMEOUT, MAX_CONNECTIONS};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -92,9 +93,12 @@ pub fn assert_process_metrics(exposition: &str) {
 }
 
 /// Asserts what every metrics listener does: 404 for another path, 405 for another method,
-/// a connection beyond its pool of [`MAX_CONNECTIONS`] closed at once, a connection that does
-/// not finish its request head closed at [`HEADER_TIMEOUT`] (the default, tested as it is),
-/// and scrapes again once they are gone. Takes about [`HEADER_TIMEOUT`].
+/// a pool of [`MAX_CONNECTIONS`] of its own (one more is closed at once while every holder is
+/// younger than [`EVICT_MIN_AGE`]; once they are older, a scrape evicts the oldest holder
+/// that is not being answered and is answered itself, F3), both counted in
+/// `<daemon>_refusals_total{reason="metrics_pool"}`, a connection that does not finish its
+/// request head closed at [`HEADER_TIMEOUT`] (the default, tested as it is), and scrapes again
+/// once they are gone. Takes about [`HEADER_TIMEOUT`].
 ///
 /// # Panics
 /// The listener does otherwise.
@@ -107,6 +111,14 @@ pub async fn assert_listener_bounded(addr: SocketAddr) {
         head.to_ascii_lowercase().contains("allow: get, head"),
         "{head}"
     );
+    let counted = |text: &str| {
+        text.lines()
+            .filter_map(|line| line.rsplit_once(' '))
+            .find(|(series, _)| series.ends_with("_refusals_total{reason=\"metrics_pool\"}"))
+            .and_then(|(_, value)| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = counted(&scrape(addr).await);
 
     // The pool filled with slow heads: each has sent part of its request head.
     let start = Instant::now();
@@ -117,7 +129,7 @@ pub async fn assert_listener_bounded(addr: SocketAddr) {
         slow.push(stream);
     }
     // The listener admits in accept order: this one comes after the eight and finds the
-    // pool full, so it is closed at once.
+    // pool full of connections younger than EVICT_MIN_AGE, so it is closed at once.
     let mut extra = TcpStream::connect(addr).await.expect("connect");
     let mut buf = [0u8; 64];
     let closed = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await;
@@ -125,9 +137,21 @@ pub async fn assert_listener_bounded(addr: SocketAddr) {
         matches!(closed, Ok(Ok(0) | Err(_))),
         "a connection over the pool was not closed at once: {closed:?}"
     );
+    // Once they are EVICT_MIN_AGE old, a scrape evicts the oldest (the first) and is
+    // answered; the refusal and the eviction are counted.
+    crate::timers::sleep_until(start, EVICT_MIN_AGE).await;
+    let text = scrape(addr).await;
+    let after = counted(&text);
+    assert!(after >= before + 2.0, "{before} -> {after}\n{text}");
+    let mut slow = slow.into_iter();
+    let evicted = slow.next().expect("eight slow heads");
+    let end = crate::timers::closed_at(evicted, start, Duration::from_secs(2))
+        .await
+        .expect("the oldest slow head was not evicted");
+    assert!(end < HEADER_TIMEOUT / 2, "evicted after {end:?}");
 
-    // The slow heads are cut at the header deadline, at its default.
-    let ends = futures_util::future::join_all(slow.into_iter().map(|stream| {
+    // The other slow heads are cut at the header deadline, at its default.
+    let ends = futures_util::future::join_all(slow.map(|stream| {
         crate::timers::closed_at(stream, start, HEADER_TIMEOUT + Duration::from_secs(10))
     }))
     .await;

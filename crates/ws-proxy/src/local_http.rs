@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use axum::Router;
-use common::admission::Pool;
 use common::daemon::Shutdown;
+use common::local_http::Pool;
 pub use common::local_http::{Limits, Listener};
 use tower::ServiceExt as _;
 

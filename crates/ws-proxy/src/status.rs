@@ -18,8 +18,8 @@ use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use common::admission::Pool;
 use common::daemon::Shutdown;
+use common::local_http::Pool;
 use tokio::net::UnixListener;
 
 use crate::config::Limits;

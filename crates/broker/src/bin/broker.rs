@@ -186,7 +186,12 @@ async fn run(config: Config, print_address: bool, check_only: bool) -> ExitCode 
             common::daemon::announce(format_args!("metrics on {}", listener.addr()));
         }
         let metrics = broker.metrics().clone();
-        tokio::spawn(listener.serve(Arc::new(move || metrics.encode()), shutdown.clone()));
+        let families = metrics.shared.clone();
+        tokio::spawn(listener.serve(
+            Arc::new(move || metrics.encode()),
+            families,
+            shutdown.clone(),
+        ));
     }
     let serving = tokio::spawn(server.clone().serve_unix(unix));
     let reaper = tokio::spawn(broker.clone().run_reaper(shutdown.clone()));

@@ -7,10 +7,14 @@
 //! [`SOCKET_MODE`] whose directory decides who may connect. Host names are not resolved.
 //!
 //! Whoever can reach it must not be able to take what the daemon's port needs (invariant 3 of
-//! SECURITY.md): the listener has a pool of [`MAX_CONNECTIONS`] connections of its own (one
-//! more is closed at once), a request head must arrive within [`HEADER_TIMEOUT`], and no
-//! connection lives longer than [`CONNECTION_TIMEOUT`] (plus one [`HEADER_TIMEOUT`] for a
-//! client that does not read its answer).
+//! SECURITY.md), nor keep Prometheus out: the listener has a pool of [`MAX_CONNECTIONS`]
+//! connections of its own, in which a newcomer evicts a connection that is not answering (idle
+//! on keep-alive or still sending its head) once it is [`crate::admission::EVICT_MIN_AGE`] old
+//! (see [`crate::local_http`]; with none to evict, the newcomer is closed at once), a request
+//! head must arrive within [`HEADER_TIMEOUT`], and no connection lives longer than
+//! [`CONNECTION_TIMEOUT`] (plus one [`HEADER_TIMEOUT`] for a client that does not read its
+//! answer). Refusals and evictions are counted in the daemon's
+//! `<daemon>_refusals_total{reason="metrics_pool"}` ([`super::Reason::METRICS_POOL`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,11 +26,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, header};
 
-use crate::admission::Pool;
 use crate::daemon::Shutdown;
-use crate::local_http::{self, Listener};
+use crate::local_http::{self, Listener, Pool};
 
-/// Connections the metrics listener serves at once; one more is closed at once.
+/// Connections the metrics listener serves at once; one more evicts an idle one at least
+/// [`crate::admission::EVICT_MIN_AGE`] old, or is closed at once.
 pub const MAX_CONNECTIONS: usize = 8;
 /// Time a metrics connection has to send each request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,11 +152,14 @@ impl MetricsListener {
         &self.addr
     }
 
-    /// Serves `GET /metrics` with what `scrape` writes until `shutdown` is triggered;
-    /// connections are tracked by `shutdown`.
-    pub async fn serve(self, scrape: Scrape, shutdown: Shutdown) {
+    /// Serves `GET /metrics` with what `scrape` writes until `shutdown` is triggered, counting
+    /// the connections its pool refuses or evicts in `families` (`<daemon>_refusals_total`
+    /// with [`super::Reason::METRICS_POOL`]); connections are tracked by `shutdown`.
+    pub async fn serve(self, scrape: Scrape, families: super::Families, shutdown: Shutdown) {
         tracing::info!(addr = %self.addr, "metrics listener: /metrics");
-        let pool = Pool::new("metrics", "metrics listener", MAX_CONNECTIONS);
+        let pool = Pool::observed("metrics", "metrics listener", MAX_CONNECTIONS, move |_| {
+            families.refused(super::Reason::METRICS_POOL);
+        });
         let limits = local_http::Limits {
             header_timeout: HEADER_TIMEOUT,
             max_age: CONNECTION_TIMEOUT,

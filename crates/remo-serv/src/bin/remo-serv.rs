@@ -133,6 +133,7 @@ async fn run(config: remo_serv::config::Config, print_address: bool, check_only:
         let scraped = server.clone();
         tokio::spawn(listener.serve(
             std::sync::Arc::new(move || scraped.encode_metrics()),
+            server.metric_families(),
             shutdown.clone(),
         ));
     }

@@ -147,7 +147,12 @@ async fn run(
             common::daemon::announce(format_args!("metrics on {}", listener.addr()));
         }
         let scraped = server.clone();
-        tokio::spawn(listener.serve(Arc::new(move || scraped.encode_metrics()), shutdown.clone()));
+        let families = server.metric_families();
+        tokio::spawn(listener.serve(
+            Arc::new(move || scraped.encode_metrics()),
+            families,
+            shutdown.clone(),
+        ));
     }
     let serving = {
         let server = server.clone();

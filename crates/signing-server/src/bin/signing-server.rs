@@ -165,8 +165,9 @@ async fn run(
     let metrics_addr = metrics_listener.as_ref().map(|m| m.addr().clone());
     if let Some(listener) = metrics_listener {
         let scraping = service.clone();
+        let families = service.metrics.shared.clone();
         let scrape = Arc::new(move || scraping.metrics.encode());
-        tokio::spawn(listener.serve(scrape, shutdown.clone()));
+        tokio::spawn(listener.serve(scrape, families, shutdown.clone()));
     }
     if print_address {
         common::daemon::announce(format_args!("listening on {local}"));

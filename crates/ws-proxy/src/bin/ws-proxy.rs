@@ -256,8 +256,9 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
     let metrics_addr = metrics_listener.as_ref().map(|m| m.addr().clone());
     if let Some(listener) = metrics_listener {
         let scraping = server.clone();
+        let families = server.metrics().shared.clone();
         let scrape = Arc::new(move || scraping.metrics().encode());
-        tokio::spawn(listener.serve(scrape, shutdown.clone()));
+        tokio::spawn(listener.serve(scrape, families, shutdown.clone()));
     }
     if print_address {
         for local in &locals {

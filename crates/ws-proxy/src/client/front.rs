@@ -28,9 +28,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use common::admission::Pool;
 use common::daemon::Shutdown;
 use common::envelope::micronets::{self, BodyError, Message, RestRequest, RestResponse};
+use common::local_http::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SessionEvent;
@@ -327,7 +327,8 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
 /// What one local client may hold of the HTTP front end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrontLimits {
-    /// Connections at once; one more is closed at once.
+    /// Connections at once; one more evicts the oldest not being answered once it is 1 s old,
+    /// or is closed at once.
     pub max_connections: usize,
     /// Time a request head may take to arrive (each keep-alive one's too).
     pub header_timeout: Duration,
