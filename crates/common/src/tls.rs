@@ -437,7 +437,6 @@ impl ServerTlsFiles {
     pub fn read(&self) -> Result<ServerTlsPem, TlsError> {
         let cert = Pem::read(&self.cert)?;
         let key = self.key.as_deref().map(Pem::read).transpose()?;
-        warn_if_key_shared(self.key.as_deref().unwrap_or(&self.cert));
         let (client_ca, crls) = if self.client_auth == ClientAuth::Off {
             (None, Vec::new())
         } else {
@@ -592,7 +591,10 @@ impl ServerTlsPem {
 
 fn build_server_config(files: &ServerTlsPem) -> Result<Current, TlsError> {
     let chain = files.cert.certs()?;
-    let key = files.key.as_ref().unwrap_or(&files.cert).key()?;
+    let key_file = files.key.as_ref().unwrap_or(&files.cert);
+    let key = key_file.key()?;
+    // Only a file that does hold the key is checked (a certificate file without one is not).
+    warn_if_key_shared(key_file.origin());
     let provider = provider();
     let mut revoked = trust::Revoked::default();
     let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
