@@ -66,7 +66,7 @@ pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
 /// tungstenite's write buffer target per connection.
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// Connections the status listener serves at once; one more evicts the oldest connection not
-/// being answered once it is 1 s old, or is closed at once (`common::local_http`).
+/// being answered (the oldest, at any age), or is closed at once (`common::local_http`).
 pub const DEFAULT_MAX_STATUS_CONNECTIONS: usize = 16;
 /// Time a status connection has to send a request head (each one, on keep-alive).
 pub const DEFAULT_STATUS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -270,7 +270,7 @@ pub struct Limits {
     /// Of those, from one source address (`[tls] max_handshakes_per_address`).
     pub max_handshakes_per_address: usize,
     /// Connections the status listener serves at once (a pool of its own, apart from
-    /// `max_connections`); one more evicts an idle one of 1 s or more, or is closed at once.
+    /// `max_connections`); one more evicts the oldest idle one, at any age, or is closed at once.
     pub max_status_connections: usize,
     /// Time a status connection has to send each request head.
     pub status_header_timeout: Duration,

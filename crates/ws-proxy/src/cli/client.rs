@@ -58,7 +58,7 @@ pub enum Role {
         /// local user do so.
         #[arg(long, default_value = "127.0.0.1:5001", value_name = "ADDR:PORT|unix:PATH", value_parser = http_listen)]
         http_listen: HttpListen,
-        /// Connections the HTTP front end serves at once; one more evicts the oldest connection not being answered once it is 1 s old, or is closed at once.
+        /// Connections the HTTP front end serves at once; one more evicts the oldest connection not being answered (at any age), or is closed at once.
         #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         http_max_connections: u32,
     },

@@ -327,7 +327,7 @@ pub fn to_http(response: &RestResponse, head: bool) -> Response {
 /// What one local client may hold of the HTTP front end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrontLimits {
-    /// Connections at once; one more evicts the oldest not being answered once it is 1 s old,
+    /// Connections at once; one more evicts the oldest not being answered (at any age),
     /// or is closed at once.
     pub max_connections: usize,
     /// Time a request head may take to arrive (each keep-alive one's too).
