@@ -244,8 +244,12 @@ async fn reload_swaps_certificate_keeps_live_connections_and_survives_bad_files(
     server.stop(DEADLINE).await.unwrap();
 }
 
-#[tokio::test]
-async fn silent_client_hits_the_handshake_deadline() {
+/// The test PKI's server, asking for client certificates, and a listener for raw peers.
+async fn handshake_listener() -> (
+    tokio_rustls::TlsAcceptor,
+    tokio::net::TcpListener,
+    std::net::SocketAddr,
+) {
     tls::install_default_provider();
     let pki = test_pki();
     let files = server_files(
@@ -257,6 +261,12 @@ async fn silent_client_hits_the_handshake_deadline() {
     let acceptor = ServerTls::load(files).unwrap().acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    (acceptor, listener, addr)
+}
+
+#[tokio::test]
+async fn silent_client_hits_the_handshake_deadline() {
+    let (acceptor, listener, addr) = handshake_listener().await;
     let _silent = TcpStream::connect(addr).await.unwrap();
     let (stream, _) = listener.accept().await.unwrap();
     let started = std::time::Instant::now();
@@ -271,17 +281,7 @@ async fn silent_client_hits_the_handshake_deadline() {
 /// sent nothing or half a ClientHello; bytes that are not TLS are a failed handshake.
 #[tokio::test]
 async fn a_peer_that_closes_early_is_a_closed_probe_and_garbage_is_a_failed_handshake() {
-    tls::install_default_provider();
-    let pki = test_pki();
-    let files = server_files(
-        &pki.server.cert_path,
-        &pki.server.key_path,
-        ClientAuth::Required,
-        false,
-    );
-    let acceptor = ServerTls::load(files).unwrap().acceptor();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (acceptor, listener, addr) = handshake_listener().await;
     for (sent, closed) in [
         (&b""[..], true),
         (&[0x16, 3, 1, 0, 200, 1][..], true),
@@ -304,17 +304,7 @@ async fn a_peer_that_closes_early_is_a_closed_probe_and_garbage_is_a_failed_hand
 /// F4 of issue 19: such peers hid from the handshake-failure alert, which leaves probes out).
 #[tokio::test]
 async fn a_peer_that_holds_its_handshake_and_then_closes_is_a_failed_handshake() {
-    tls::install_default_provider();
-    let pki = test_pki();
-    let files = server_files(
-        &pki.server.cert_path,
-        &pki.server.key_path,
-        ClientAuth::Required,
-        false,
-    );
-    let acceptor = ServerTls::load(files).unwrap().acceptor();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (acceptor, listener, addr) = handshake_listener().await;
     let peer = tokio::spawn(async move {
         let mut peer = TcpStream::connect(addr).await.unwrap();
         peer.write_all(&[0x16, 3, 1, 0, 200, 1]).await.unwrap();
