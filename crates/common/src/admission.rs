@@ -395,6 +395,17 @@ impl Admission {
         self.stranger_at(peer, Instant::now())
     }
 
+    /// A main-pool slot for a connection that is authenticated already and never was a
+    /// stranger here: one from a trusted front (a load balancer that verified the client
+    /// and forwards its identity), admitted by its source address before this call.
+    ///
+    /// # Errors
+    /// [`Refused::Connections`] when the main pool is full (counted, and logged at most once
+    /// per [`WARN_INTERVAL`]).
+    pub fn authenticated(&self) -> Result<Slot, Refused> {
+        self.inner.main.try_admit()
+    }
+
     /// [`Admission::stranger`] at `now` (tests pass their own clock).
     fn stranger_at(&self, peer: SocketAddr, now: Instant) -> Result<Stranger, Refused> {
         let inner = &self.inner;

@@ -14,6 +14,7 @@ use common::tls::{ClientAuth, TlsSection};
 use serde::Deserialize;
 
 use crate::auth::{Rule, RuleSpec, Rules};
+use crate::front::{Net, Peers};
 use crate::listen::ListenAddr;
 
 /// Default WSS listen address (the deploy example uses 0.0.0.0:5050).
@@ -93,8 +94,9 @@ pub enum OnPartnerLeave {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
-    /// WSS listen address.
-    pub listen: String,
+    /// WSS listen address; absent: [`DEFAULT_LISTEN`] when `[tls]` is set (without `[tls]`
+    /// there is no WSS listener, and `listen` is an error).
+    pub listen: Option<String>,
     /// URL path prefix.
     pub url_prefix: String,
     /// Plain-HTTP status listener (`/status`, `/metrics`): `ADDR:PORT` or `unix:PATH`;
@@ -117,8 +119,10 @@ pub struct FileConfig {
     pub worker_threads: usize,
     /// `close` or `wait`.
     pub on_partner_leave: OnPartnerLeave,
-    /// TLS material; required.
+    /// TLS material: the WSS listener. Required unless `[front]` is set (front only).
     pub tls: Option<TlsSection>,
+    /// The front listener (plain HTTP from a trusted front such as HAProxy); absent: off.
+    pub front: Option<FileFront>,
     /// Limits and timers.
     pub limits: FileLimits,
     /// Authorization rules; none means any valid certificate may join any id.
@@ -128,7 +132,7 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         Self {
-            listen: DEFAULT_LISTEN.to_owned(),
+            listen: None,
             url_prefix: DEFAULT_URL_PREFIX.to_owned(),
             status_listen: None,
             status_socket_mode: None,
@@ -140,10 +144,24 @@ impl Default for FileConfig {
             worker_threads: 0,
             on_partner_leave: OnPartnerLeave::Close,
             tls: None,
+            front: None,
             limits: FileLimits::default(),
             authorize: Vec::new(),
         }
     }
+}
+
+/// The `[front]` table: a plain-HTTP listener for a trusted front that terminated mutual
+/// TLS and forwards the client certificate and address in request headers (docs/ws-proxy.md,
+/// "Scaling out").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFront {
+    /// Listen address, `HOST:PORT` as `listen`.
+    pub listen: String,
+    /// The front's source addresses: IP addresses or CIDR blocks; required, not empty.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// The `[limits]` table.
@@ -428,6 +446,9 @@ pub struct Config {
     pub limits: Limits,
     /// Authorization rules.
     pub rules: Rules,
+    /// The front's addresses, when the front listener is on: only they may connect to it,
+    /// and the identity they forward is believed.
+    pub front: Option<Peers>,
 }
 
 impl Default for Config {
@@ -438,6 +459,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             limits: Limits::default(),
             rules: Rules::default(),
+            front: None,
         }
     }
 }
@@ -463,16 +485,18 @@ impl std::fmt::Display for StatusListen {
 /// Everything `main` needs from the file besides [`Config`]: addresses and TLS files.
 #[derive(Debug, Clone)]
 pub struct Deployment {
-    /// WSS listen address (a host name is resolved at start).
-    pub listen: ListenAddr,
+    /// WSS listen address (a host name is resolved at start); `None`: front only.
+    pub listen: Option<ListenAddr>,
+    /// Front listener address, if any.
+    pub front_listen: Option<ListenAddr>,
     /// Status listener, if any.
     pub status_listen: Option<StatusListen>,
     /// Mode of the status Unix socket.
     pub status_socket_mode: u32,
     /// Metrics listener, if any.
     pub metrics_listen: Option<MetricsListen>,
-    /// TLS section.
-    pub tls: TlsSection,
+    /// TLS section; `None`: front only.
+    pub tls: Option<TlsSection>,
     /// Drain grace period.
     pub drain_grace: Duration,
     /// Runtime worker threads; 0 means one per CPU.
@@ -483,12 +507,51 @@ impl Config {
     /// Validates a parsed file into the server configuration and the deployment settings.
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] for a missing `[tls]`, a bad address, prefix, limit or rule.
+    /// [`ConfigError::Invalid`] for neither `[tls]` nor `[front]`, a bad address, prefix,
+    /// limit or rule, a `[front]` without peers.
     pub fn from_file(file: &FileConfig) -> Result<(Self, Deployment), ConfigError> {
-        let tls = file.tls.clone().ok_or_else(|| {
-            ConfigError::Invalid("the [tls] section (cert, client_ca) is required".into())
-        })?;
-        let listen = parse_listen(&file.listen)?;
+        let (front, front_listen) = match &file.front {
+            None => (None, None),
+            Some(section) => {
+                let listen = ListenAddr::parse(&section.listen).map_err(|err| {
+                    ConfigError::Invalid(format!("[front] listen {:?}: {err}", section.listen))
+                })?;
+                let nets = section
+                    .peers
+                    .iter()
+                    .map(|peer| {
+                        Net::parse(peer).map_err(|err| {
+                            ConfigError::Invalid(format!("[front] peers: {peer:?}: {err}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let peers = Peers::new(nets).ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "[front] peers is required and not empty: the addresses the front (HAProxy) connects from".into(),
+                    )
+                })?;
+                (Some(peers), Some(listen))
+            }
+        };
+        let listen = match (&file.tls, &file.listen) {
+            (Some(_), listen) => Some(parse_listen(listen.as_deref().unwrap_or(DEFAULT_LISTEN))?),
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "listen is the WSS listener, which needs the [tls] section (cert, client_ca); without [tls] only [front] listens".into(),
+                ));
+            }
+            (None, None) if front.is_some() => None,
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "the [tls] section (cert, client_ca) is required, or a [front] section for an instance behind a front".into(),
+                ));
+            }
+        };
+        let tls_or_default = file
+            .tls
+            .clone()
+            .unwrap_or_else(|| TlsSection::new(PathBuf::new()));
+        let tls = &tls_or_default;
         let status_listen = file
             .status_listen
             .as_deref()
@@ -548,9 +611,11 @@ impl Config {
             max_connections: file.max_connections,
             limits,
             rules: Rules::new(rules),
+            front,
         };
         config.validate()?;
-        if tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH) != ClientAuth::Off
+        if file.tls.is_some()
+            && tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH) != ClientAuth::Off
             && tls.client_ca.is_none()
         {
             return Err(ConfigError::Invalid(
@@ -561,10 +626,11 @@ impl Config {
             config,
             Deployment {
                 listen,
+                front_listen,
                 status_listen,
                 status_socket_mode,
                 metrics_listen: file.metrics_listen.clone(),
-                tls,
+                tls: file.tls.clone(),
                 drain_grace: secs(file.drain_grace_secs),
                 worker_threads: file.worker_threads,
             },
@@ -642,7 +708,9 @@ mod tests {
     #[test]
     fn defaults_keep_the_original_protocol_constants() {
         let (config, deploy) = parse("[tls]\ncert = \"s.pem\"\nclient_ca = \"ca.pem\"").unwrap();
-        assert_eq!(deploy.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(deploy.listen.unwrap().to_string(), DEFAULT_LISTEN);
+        assert_eq!(deploy.front_listen, None);
+        assert_eq!(config.front, None);
         assert_eq!(deploy.status_listen, None);
         assert_eq!(config.url_prefix, "/micronets/v1/ws-proxy/");
         assert_eq!(config.limits.max_message_bytes, 1 << 20);
@@ -739,7 +807,7 @@ mod tests {
     fn every_key_of_the_deploy_example_parses() {
         let text = include_str!("../../../deploy/config/ws-proxy.example.toml");
         let (config, deploy) = parse(text).unwrap();
-        assert_eq!(deploy.listen.to_string(), "0.0.0.0:5050");
+        assert_eq!(deploy.listen.unwrap().to_string(), "0.0.0.0:5050");
         assert_eq!(config.limits, Limits::default());
     }
 
@@ -747,7 +815,65 @@ mod tests {
     fn listen_takes_a_host_name_and_client_auth_off_needs_no_ca() {
         let (_, deploy) =
             parse("listen = \"localhost:5050\"\n[tls]\ncert = \"s\"\nclient_ca = \"c\"").unwrap();
-        assert_eq!(deploy.listen.to_string(), "localhost:5050");
+        assert_eq!(deploy.listen.unwrap().to_string(), "localhost:5050");
         parse("[tls]\ncert = \"s\"\nclient_auth = \"off\"").unwrap();
+    }
+
+    #[test]
+    fn the_front_listener_needs_peers_and_may_run_alone() {
+        // Front only: no [tls], no WSS listener.
+        let (config, deploy) =
+            parse("[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"10.0.0.5\", \"10.0.0.0/24\", \"::1\"]")
+                .unwrap();
+        assert_eq!(deploy.listen, None);
+        assert!(deploy.tls.is_none());
+        assert_eq!(deploy.front_listen.unwrap().to_string(), "127.0.0.1:7001");
+        let peers = config.front.unwrap();
+        assert_eq!(peers.to_string(), "10.0.0.5 10.0.0.0/24 ::1");
+        assert!(peers.contains("10.0.0.77".parse().unwrap()));
+        assert!(!peers.contains("10.0.1.1".parse().unwrap()));
+        // Both listeners.
+        let (config, deploy) = parse(
+            "listen = \"0.0.0.0:5050\"\n[front]\nlisten = \"[::1]:7001\"\npeers = [\"::1\"]\n[tls]\ncert = \"s\"\nclient_ca = \"c\"",
+        )
+        .unwrap();
+        assert_eq!(deploy.listen.unwrap().to_string(), "0.0.0.0:5050");
+        assert!(deploy.front_listen.is_some() && config.front.is_some());
+        let cases = [
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"",
+                "[front] peers is required",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = []",
+                "[front] peers is required",
+            ),
+            ("[front]\npeers = [\"10.0.0.5\"]", "listen"),
+            (
+                "[front]\nlisten = \"nowhere\"\npeers = [\"10.0.0.5\"]",
+                "[front] listen",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"10.0.0.5/24\"]",
+                "host bits",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"gateway\"]",
+                "\"gateway\"",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"10.0.0.5\"]\nport = 3",
+                "unknown field",
+            ),
+            (
+                "listen = \"127.0.0.1:5050\"\n[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"10.0.0.5\"]",
+                "needs the [tls] section",
+            ),
+            ("", "or a [front] section"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 }

@@ -9,7 +9,10 @@
 //! - [`config`]: the TOML file and the validated [`Config`].
 //! - [`listen`]: the WSS listen address (`HOST:PORT`, a host name resolved at start and every
 //!   address it resolves to bound).
-//! - [`server`]: the accept loop, TLS, the upgrade, status and reload ([`Server`]).
+//! - [`server`]: the accept loops (TLS, and the front listener), the upgrade, status and
+//!   reload ([`Server`]).
+//! - [`front`]: front mode: the client identity and address a trusted front (HAProxy) forwards
+//!   in request headers, and the front's addresses (no sockets).
 //! - `state`: what every connection shares (the table, counters, budget, live connections)
 //!   and the `/status` document drawn from it; it knows no sockets.
 //! - `relay`: one connection's life: HELLO, waiting, relaying, keepalive, close.
@@ -46,6 +49,7 @@ mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod front;
 mod io;
 pub mod listen;
 pub mod local_http;

@@ -43,6 +43,8 @@ pub enum Refusal {
     shutting_down,
     /// The certificate (or, without one, the address) has `max_connections_per_identity`.
     per_identity,
+    /// A connection to the front listener from an address not in `[front] peers`.
+    not_front,
 }
 
 /// Why a connection ended.
@@ -109,6 +111,7 @@ impl Refusal {
             Self::not_found => Reason::new("not_found"),
             Self::full => Reason::new("meetup_full"),
             Self::per_identity => Reason::new("max_connections_per_identity"),
+            Self::not_front => Reason::new("not_front"),
         })
     }
 }
@@ -116,6 +119,8 @@ impl Refusal {
 /// The route of `ws_proxy_requests_total` and `ws_proxy_request_duration_seconds`: the HTTP
 /// upgrade request, answered 101 or refused with its status.
 pub const UPGRADE_ROUTE: &str = "upgrade";
+/// The route of the front's health check on the front listener (`GET /healthz`).
+pub const HEALTH_ROUTE: &str = "health";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabel {

@@ -19,10 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, sleep_until};
-use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::budget::{Budget, Charge, Metered, Overrun, ReadMeter};
 use crate::config::{OnPartnerLeave, QUEUE_OVERHEAD};
+use crate::io::Conn;
 use crate::metrics::Ending;
 use crate::queue::{Ctrl, Handle, Held, Out, Refused};
 use crate::registry::Join;
@@ -38,7 +37,7 @@ use crate::state::{ConnInfo, PeerState, Shared};
 use crate::upgrade::Rewind;
 
 /// The websocket stream of an accepted connection.
-pub(crate) type Ws = WebSocketStream<Metered<Rewind<TlsStream<TcpStream>>>>;
+pub(crate) type Ws = WebSocketStream<Metered<Rewind<Conn>>>;
 
 /// The reason sent to a survivor whose partner left (the original's text).
 pub const PARTNER_LEFT_REASON: &str = "the peer websocket disconnected";
@@ -143,7 +142,7 @@ pub(crate) async fn run(
                 break Stop::gone(Ending::write_failed);
             }
             Ok(()) = trust.changed() => {
-                if let Err(err) = info.live.check() {
+                if let Err(err) = info.check() {
                     tracing::warn!(conn = info.conn, %id, %err, "closing: certificate no longer valid");
                     break Stop::close(Ending::revoked, CloseCode::Policy, "client certificate revoked");
                 }
@@ -219,7 +218,7 @@ pub(crate) async fn run(
                 }
                 // Relaying is the privileged action: the peer is checked against the CRLs
                 // loaded now (a hash lookup).
-                if let Err(err) = info.live.check() {
+                if let Err(err) = info.check() {
                     tracing::warn!(conn = info.conn, %id, %err, "closing: certificate no longer valid");
                     break Stop::close(Ending::revoked, CloseCode::Policy, "client certificate revoked");
                 }

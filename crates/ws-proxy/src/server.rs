@@ -7,14 +7,23 @@
 //! permit again; one the rules refuse, or over its identity's cap, is refused right after the
 //! handshake: no client fills `max_connections` by sending its request slowly.
 //!
+//! The front listener (`[front]`, [`Server::serve_front`]) takes plain TCP from the front's
+//! addresses only (any other is closed before a byte is read), reads the request head, takes
+//! the client's identity and address from the headers the front set (`crate::front`) and
+//! from there goes the same way as a TLS connection: the same rules, refusals, limits and
+//! relay. Its connections hold a `max_connections` slot from accept: the front has finished
+//! the TLS handshake and read the request head before it connects, so nothing waits here
+//! for a stranger.
+//!
 //! [`Server`] is the handle tests and `main` hold: it serves a listener until shutdown, reloads
 //! the TLS material, and reports status and metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::admission::{AcceptError, Admission, Pool, Slot, Stranger};
+use common::admission::{AcceptError, Admission, Pool, Slot, Stranger, Warning};
 use common::daemon::{AcceptBackoff, Shutdown};
+use common::metrics::RequestTimer;
 use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -23,7 +32,9 @@ use tracing::Instrument as _;
 
 use crate::budget::{Metered, ReadMeter};
 use crate::config::Config;
-use crate::metrics::{Metrics, Refusal, UPGRADE_ROUTE};
+use crate::front::{self, Peers};
+use crate::io::Conn;
+use crate::metrics::{HEALTH_ROUTE, Metrics, Refusal, UPGRADE_ROUTE};
 use crate::relay;
 pub use crate::state::{
     Counters, DEFAULT_STATUS_PAGE, MAX_STATUS_PAGE, MeetupStatus, PeerState, PeerStatus, Status,
@@ -56,7 +67,9 @@ fn per_identity_refusal(max: usize) -> (Refusal, StatusCode, String) {
 struct Admitted {
     ws: relay::Ws,
     identity: Option<PeerIdentity>,
-    live: LivePeer,
+    live: Option<LivePeer>,
+    /// The client's address: the TCP peer's, or the one the front forwarded.
+    addr: SocketAddr,
     id: String,
     /// The identity as logged.
     who: String,
@@ -70,11 +83,14 @@ struct Admitted {
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
-    tls: Arc<ServerTls>,
+    /// `None`: front only, no WSS listener.
+    tls: Option<Arc<ServerTls>>,
     admission: Admission,
     /// Connections refused right after their handshake, waiting [`REFUSAL_LINGER`] at most
     /// for their request head before the answer.
     refusing: Arc<Pool>,
+    /// Rate-limits the log line for connections to the front listener from other addresses.
+    not_front: Arc<Warning>,
 }
 
 impl std::fmt::Debug for Server {
@@ -89,6 +105,16 @@ impl Server {
     /// A server with a validated configuration and loaded TLS material; `shutdown` ends
     /// [`Server::serve`] and closes every connection with 1001.
     pub fn new(config: Config, tls: Arc<ServerTls>, shutdown: Shutdown) -> Self {
+        Self::build(config, Some(tls), shutdown)
+    }
+
+    /// A server without TLS material, for the front listener only ([`Server::serve_front`]);
+    /// `config.front` names the front's addresses.
+    pub fn front_only(config: Config, shutdown: Shutdown) -> Self {
+        Self::build(config, None, shutdown)
+    }
+
+    fn build(config: Config, tls: Option<Arc<ServerTls>>, shutdown: Shutdown) -> Self {
         let limits = config.limits.admission(config.max_connections);
         let admission = Admission::new("wss", limits);
         let refusing = Pool::new("wss-refusals", "tls.max_handshakes", limits.max_handshakes);
@@ -97,6 +123,7 @@ impl Server {
             tls,
             admission,
             refusing,
+            not_front: Arc::new(Warning::default()),
         }
     }
 
@@ -114,8 +141,12 @@ impl Server {
     /// so [`Shutdown::drain`] waits for them.
     ///
     /// # Errors
-    /// None today; accept errors are logged and retried with back-off.
+    /// A server made with [`Server::front_only`] (no TLS material); accept errors are logged
+    /// and retried with back-off.
     pub async fn serve(&self, listener: TcpListener) -> anyhow::Result<()> {
+        let Some(tls) = self.tls.clone() else {
+            anyhow::bail!("no TLS material: this instance serves the front listener only");
+        };
         let mut backoff = AcceptBackoff::default();
         let shutdown = self.shared.shutdown.clone();
         while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
@@ -130,10 +161,12 @@ impl Server {
                 }
             };
             let server = self.clone();
+            let tls = tls.clone();
             let span = tracing::info_span!("conn", %addr);
             shutdown.spawn(
                 async move {
-                    server.connection(tcp, addr, stranger).await;
+                    let admitted = Box::pin(server.handshake(&tls, tcp, addr, stranger)).await;
+                    server.connection(admitted).await;
                     drop(open);
                 }
                 .instrument(span),
@@ -142,10 +175,204 @@ impl Server {
         Ok(())
     }
 
+    /// Accepts connections from the front (`config.front`) until shutdown. One from any other
+    /// address is closed before a byte is read (refusal `not_front`, logged at most once per
+    /// 10 s with the count).
+    ///
+    /// # Errors
+    /// The configuration has no front peers.
+    pub async fn serve_front(&self, listener: TcpListener) -> anyhow::Result<()> {
+        let Some(peers) = self.shared.config.front.clone() else {
+            anyhow::bail!("no [front] peers configured");
+        };
+        let mut backoff = AcceptBackoff::default();
+        let shutdown = self.shared.shutdown.clone();
+        while let Some((tcp, addr)) = backoff.next(&shutdown, || listener.accept()).await {
+            let open = self.shared.metrics.shared.connection();
+            let Some(slot) = self.front_door(&peers, addr) else {
+                drop(tcp);
+                continue;
+            };
+            let server = self.clone();
+            let span = tracing::info_span!("front", front = %addr, client = tracing::field::Empty);
+            shutdown.spawn(
+                async move {
+                    let admitted = Box::pin(server.front_upgrade(tcp, slot)).await;
+                    server.connection(admitted).await;
+                    drop(open);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(())
+    }
+
+    /// A `max_connections` slot for a connection from `addr` to the front listener; `None`
+    /// (counted, logged rate-limited) for an address not in `peers` or no slot free.
+    fn front_door(&self, peers: &Peers, addr: SocketAddr) -> Option<Slot> {
+        if !peers.contains(addr.ip()) {
+            self.shared.metrics.refused(Refusal::not_front);
+            if let Some(refused) = self.not_front.note(Instant::now()) {
+                tracing::warn!(peer = ?addr, refused, "refusing connections to the front listener from addresses not in [front] peers");
+            }
+            return None;
+        }
+        match self.admission.authenticated() {
+            Ok(slot) => Some(slot),
+            Err(refused) => {
+                self.shared.metrics.refused(Refusal::from(refused));
+                None
+            }
+        }
+    }
+
+    /// A connection from the front: its request head (under `upgrade_timeout` and the head
+    /// cap), the health check, or the client's forwarded identity and address, then the same
+    /// decisions as for a TLS client. `None` when refused (already answered, logged, counted).
+    async fn front_upgrade(&self, tcp: TcpStream, slot: Slot) -> Option<Admitted> {
+        let shared = &self.shared;
+        let _ = tcp.set_nodelay(true);
+        let mut stream = Conn::Plain(tcp);
+        let request = shared.metrics.shared.start(UPGRADE_ROUTE);
+        let deadline = Instant::now() + shared.config.limits.upgrade_timeout;
+        let head =
+            tokio::time::timeout_at(deadline, upgrade::read_head(&mut stream, &shared.budget))
+                .await;
+        let (prefix, head, charge) = match head {
+            Ok(Ok(read)) => read,
+            Ok(Err(HeadError::Budget)) => {
+                self.refuse(
+                    &mut stream,
+                    request,
+                    "-",
+                    (
+                        Refusal::upgrade,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the proxy is out of buffer space; try again later".into(),
+                    ),
+                    false,
+                )
+                .await;
+                return None;
+            }
+            Ok(Err(HeadError::Closed)) | Err(_) => {
+                shared.metrics.refused(Refusal::upgrade);
+                tracing::info!(outcome = "refused", "no request from the front in time");
+                return None;
+            }
+        };
+        let head_request = upgrade::is_head_request(&prefix);
+        if head == Head::NotUpgrade && front::is_health_check(&prefix) {
+            drop(request);
+            self.health(&mut stream, head_request).await;
+            return None;
+        }
+        if let Head::Bad(status, text) = head {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            self.refuse(
+                &mut stream,
+                request,
+                "-",
+                (Refusal::upgrade, status, text.to_owned()),
+                head_request,
+            )
+            .await;
+            return None;
+        }
+        let forwarded = match front::forwarded(&prefix) {
+            Ok(forwarded) => forwarded,
+            Err(err) => {
+                self.refuse(
+                    &mut stream,
+                    request,
+                    "-",
+                    (Refusal::upgrade, StatusCode::BAD_REQUEST, err.to_string()),
+                    head_request,
+                )
+                .await;
+                return None;
+            }
+        };
+        let addr = SocketAddr::new(forwarded.addr, 0);
+        tracing::Span::current().record("client", tracing::field::display(forwarded.addr));
+        let identity = forwarded.identity;
+        let who = identity
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        // As right after a TLS handshake: a certificate no rule admits is refused, and the
+        // identity (without a certificate: the client's address) takes its slot.
+        let early = if self.shared.config.rules.admits(identity.as_ref()) {
+            shared
+                .identity_slot(identity.as_ref(), addr)
+                .ok_or_else(|| {
+                    per_identity_refusal(shared.config.limits.max_connections_per_identity)
+                })
+        } else {
+            Err((
+                Refusal::forbidden,
+                StatusCode::FORBIDDEN,
+                "this certificate may not join any meet-up id".to_owned(),
+            ))
+        };
+        let identity_slot = match early {
+            Ok(identity_slot) => identity_slot,
+            Err(refusal) => {
+                self.refuse(&mut stream, request, &who, refusal, head_request)
+                    .await;
+                return None;
+            }
+        };
+        let read = (prefix, head, charge);
+        self.answer(
+            stream,
+            read,
+            identity,
+            None,
+            who,
+            Door::Counted(slot, identity_slot),
+            addr,
+            deadline,
+            request,
+        )
+        .await
+    }
+
+    /// The front's health check: 200 while the instance takes connections, 503 once it
+    /// drains (by then the listener is closed too, so the next check cannot connect).
+    async fn health(&self, stream: &mut Conn, head_request: bool) {
+        let started = Instant::now();
+        let (status, text) = if self.shared.shutdown.is_triggered() {
+            (StatusCode::SERVICE_UNAVAILABLE, "draining")
+        } else {
+            (StatusCode::OK, "ok")
+        };
+        upgrade::refuse(stream, status, text, head_request).await;
+        self.shared
+            .metrics
+            .shared
+            .request(HEALTH_ROUTE, status.as_u16(), started.elapsed());
+    }
+
+    /// Writes a refusal decided once the request head is in, counts and logs it.
+    async fn refuse(
+        &self,
+        stream: &mut Conn,
+        request: RequestTimer,
+        who: &str,
+        (reason, status, text): (Refusal, StatusCode, String),
+        head_request: bool,
+    ) {
+        upgrade::refuse(stream, status, &text, head_request).await;
+        request.done(status.as_u16());
+        self.shared.metrics.refused(reason);
+        tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
+    }
+
     /// TLS, then the HTTP upgrade: the websocket, the peer's identity, the meet-up id and the
     /// identity as logged; `None` when refused (already logged and counted).
     async fn handshake(
         &self,
+        server_tls: &Arc<ServerTls>,
         tcp: TcpStream,
         addr: SocketAddr,
         stranger: Stranger,
@@ -154,7 +381,7 @@ impl Server {
         let limits = &shared.config.limits;
         // Small messages in both directions: latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
-        let acceptor = self.tls.acceptor();
+        let acceptor = server_tls.acceptor();
         // A max_connections slot is taken once the client certificate is verified, not before.
         let (tls, identity, slot) = match stranger.accept_tls(&acceptor, tcp).await {
             Ok(accepted) => accepted,
@@ -174,7 +401,7 @@ impl Server {
         let who = identity
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
-        let live = self.tls.live_peer(tls.get_ref().1);
+        let live = Some(server_tls.live_peer(tls.get_ref().1));
 
         // Who the connection counts against while it sends its request head, decided as
         // soon as the handshake has named the client: a certificate the rules admit takes its
@@ -259,13 +486,14 @@ impl Server {
     /// The HTTP upgrade of a connection that holds `door` while it sends its request head.
     async fn upgrade(
         &self,
-        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
         identity: Option<PeerIdentity>,
-        live: LivePeer,
+        live: Option<LivePeer>,
         who: String,
         door: Door,
         addr: SocketAddr,
     ) -> Option<Admitted> {
+        let mut tls = Conn::Tls(tls);
         let shared = &self.shared;
         let limits = &shared.config.limits;
         let request = shared.metrics.shared.start(UPGRADE_ROUTE);
@@ -312,6 +540,40 @@ impl Server {
                 return None;
             }
         };
+        self.answer(
+            tls,
+            (prefix, head, charge),
+            identity,
+            live,
+            who,
+            door,
+            addr,
+            deadline,
+            request,
+        )
+        .await
+    }
+
+    /// The answer to a complete request head, for a TLS client or one from the front: a
+    /// refusal, or the websocket.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one connection's state, passed on once"
+    )]
+    async fn answer(
+        &self,
+        mut tls: Conn,
+        (prefix, head, charge): (bytes::Bytes, Head, crate::budget::Charge),
+        identity: Option<PeerIdentity>,
+        live: Option<LivePeer>,
+        who: String,
+        door: Door,
+        addr: SocketAddr,
+        deadline: Instant,
+        request: RequestTimer,
+    ) -> Option<Admitted> {
+        let shared = &self.shared;
+        let limits = &shared.config.limits;
         let head_request = upgrade::is_head_request(&prefix);
         let admitted = match head {
             Head::Upgrade(path) => {
@@ -338,11 +600,9 @@ impl Server {
         };
         let (id, slot, identity_slot) = match admitted {
             Ok(admitted) => admitted,
-            Err((reason, status, text)) => {
-                upgrade::refuse(&mut tls, status, &text, head_request).await;
-                request.done(status.as_u16());
-                shared.metrics.refused(reason);
-                tracing::info!(peer = ?who, outcome = "refused", reason = ?reason, status = status.as_u16(), detail = ?text, "upgrade refused");
+            Err(refusal) => {
+                self.refuse(&mut tls, request, &who, refusal, head_request)
+                    .await;
                 return None;
             }
         };
@@ -373,6 +633,7 @@ impl Server {
             ws,
             identity,
             live,
+            addr,
             id,
             who,
             meter,
@@ -381,16 +642,17 @@ impl Server {
         })
     }
 
-    async fn connection(&self, tcp: TcpStream, addr: SocketAddr, stranger: Stranger) {
-        // The handshake's state (TLS, HTTP parsing) is boxed and freed once it is done, so the
-        // long-lived task keeps only what the relay needs.
-        let Some(admitted) = Box::pin(self.handshake(tcp, addr, stranger)).await else {
+    /// The relay of an admitted connection. The handshake's state (TLS, HTTP parsing) was
+    /// boxed and is freed by now, so the long-lived task keeps only what the relay needs.
+    async fn connection(&self, admitted: Option<Admitted>) {
+        let Some(admitted) = admitted else {
             return;
         };
         let Admitted {
             ws,
             identity,
             live,
+            addr,
             id,
             who,
             meter,
@@ -497,15 +759,19 @@ impl Server {
     /// # Errors
     /// The new material does not load; the old stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        self.tls.reload()?;
+        // Front only: no certificate here (the front has it, and its CRLs).
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        tls.reload()?;
         self.shared.metrics.reloads.inc();
         self.shared.trust.send_modify(|generation| *generation += 1);
         Ok(())
     }
 
-    /// The TLS material in use.
-    pub fn tls(&self) -> &Arc<ServerTls> {
-        &self.tls
+    /// The TLS material in use; `None` for a front-only server.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
     }
 
     /// Counters and gauges.

@@ -89,7 +89,7 @@ impl Shared {
     pub(crate) fn list(
         &self,
         addr: SocketAddr,
-        live: LivePeer,
+        live: Option<LivePeer>,
         identity: Option<&PeerIdentity>,
         id: &str,
     ) -> (Arc<ConnInfo>, Listed<'_>) {
@@ -285,8 +285,9 @@ pub(crate) struct ConnInfo {
     pub(crate) conn: ConnId,
     addr: SocketAddr,
     identity: Option<PeerIdentity>,
-    /// Re-checks the peer's certificate against the CRLs loaded now.
-    pub(crate) live: LivePeer,
+    /// Re-checks the peer's certificate against the CRLs loaded now; `None` for a peer
+    /// whose certificate the front verified (the front checks CRLs at its handshake).
+    live: Option<LivePeer>,
     id: String,
     since: SystemTime,
     state: AtomicU8,
@@ -297,6 +298,12 @@ pub(crate) struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// Whether the peer may still act: its certificate is not revoked by the CRLs loaded now
+    /// (a peer from the front always may: see `live`).
+    pub(crate) fn check(&self) -> Result<(), common::tls::TlsError> {
+        self.live.as_ref().map_or(Ok(()), LivePeer::check)
+    }
+
     pub(crate) fn set_state(&self, state: PeerState) {
         self.state.store(state as u8, Ordering::Relaxed);
     }

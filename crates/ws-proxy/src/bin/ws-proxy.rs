@@ -67,7 +67,7 @@ fn configure(args: &Args, mut file: FileConfig) -> Result<(Config, Deployment), 
     if let Some(listen) = &args.listen {
         ListenAddr::parse(listen)
             .map_err(|err| Failure::usage(anyhow!("--listen {listen:?}: {err}")))?;
-        file.listen.clone_from(listen);
+        file.listen = Some(listen.clone());
     }
     if let Some(status) = &args.status_listen {
         config::parse_status_listen(status).map_err(|err| flag_error("--status-listen", err))?;
@@ -93,6 +93,8 @@ fn configure(args: &Args, mut file: FileConfig) -> Result<(Config, Deployment), 
         (Some(cert), Some(tls)) => tls.cert.clone_from(cert),
         (Some(cert), None) => file.tls = Some(TlsSection::new(cert.clone())),
         (None, Some(_)) => {}
+        // Front only: the front holds the certificate.
+        (None, None) if file.front.is_some() => {}
         (None, None) => return Err(no_certificate(args)),
     }
     if let Some(tls) = file.tls.as_mut() {
@@ -163,11 +165,11 @@ fn load_tls(tls: &TlsSection) -> Result<ServerTls, Failure> {
     })
 }
 
-/// Binds every address the listen address resolves to: one that fails while another binds
-/// is a warning, none bound an error (69).
-async fn bind_listen(listen: &ListenAddr) -> Result<Vec<TcpListener>, Failure> {
+/// Binds every address the listen address (of the key `key`) resolves to: one that fails
+/// while another binds is a warning, none bound an error (69).
+async fn bind_listen(key: &str, listen: &ListenAddr) -> Result<Vec<TcpListener>, Failure> {
     let unavailable =
-        |err: std::io::Error| Failure::new(exit::UNAVAILABLE, anyhow!("listen {listen}: {err}"));
+        |err: std::io::Error| Failure::new(exit::UNAVAILABLE, anyhow!("{key} {listen}: {err}"));
     let addrs = listen.resolve().await.map_err(unavailable)?;
     let bound = listen::bind_each(&addrs).await.map_err(unavailable)?;
     for (addr, err) in &bound.failed {
@@ -179,17 +181,33 @@ async fn bind_listen(listen: &ListenAddr) -> Result<Vec<TcpListener>, Failure> {
 async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<u8, Failure> {
     let unavailable = |err: anyhow::Error| Failure::new(exit::UNAVAILABLE, err);
     tls::install_default_provider();
-    let server_tls = Arc::new(load_tls(&deploy.tls)?);
+    let server_tls = match &deploy.tls {
+        Some(tls) => Some(Arc::new(load_tls(tls)?)),
+        None => None,
+    };
     raise_fd_limit(fds_needed(&config));
     let identity = server_tls
-        .server_identity()
+        .as_ref()
+        .map(|tls| tls.server_identity())
+        .transpose()
         .map_err(|e| unavailable(e.into()))?;
-    let listeners = bind_listen(&deploy.listen).await?;
-    let locals = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| unavailable(e.into()))?;
+    let listeners = match &deploy.listen {
+        Some(listen) => bind_listen("listen", listen).await?,
+        None => Vec::new(),
+    };
+    let front_listeners = match &deploy.front_listen {
+        Some(listen) => bind_listen("[front] listen", listen).await?,
+        None => Vec::new(),
+    };
+    let local_addrs = |listeners: &[TcpListener]| {
+        listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| unavailable(e.into()))
+    };
+    let locals = local_addrs(&listeners)?;
+    let front_locals = local_addrs(&front_listeners)?;
     // Signals are ours before anything is announced (the address line, READY=1).
     let signals = daemon::Signals::install()
         .context("installing signal handlers")
@@ -219,23 +237,39 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         None => None,
     };
     let shutdown = Shutdown::new();
-    let server = Server::new(config.clone(), server_tls, shutdown.clone());
-    let listen = locals
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" ");
-    // `bind_listen` returns at least one listener; the first names the URL.
-    let first = locals.first().map_or_else(String::new, ToString::to_string);
-    tracing::info!(
-        listen,
-        url = format!("wss://{first}{}<id>", config.url_prefix),
-        server = %identity,
-        client_auth = ?deploy.tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH),
-        rules = !config.rules.is_empty(),
-        on_partner_leave = ?config.on_partner_leave,
-        "serving"
-    );
+    let server = match server_tls {
+        Some(server_tls) => Server::new(config.clone(), server_tls, shutdown.clone()),
+        None => Server::front_only(config.clone(), shutdown.clone()),
+    };
+    let joined = |addrs: &[std::net::SocketAddr]| {
+        addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if let (Some(identity), Some(tls)) = (&identity, &deploy.tls) {
+        // `bind_listen` returns at least one listener; the first names the URL.
+        let first = locals.first().map_or_else(String::new, ToString::to_string);
+        tracing::info!(
+            listen = joined(&locals),
+            url = format!("wss://{first}{}<id>", config.url_prefix),
+            server = %identity,
+            client_auth = ?tls.client_auth.unwrap_or(DEFAULT_CLIENT_AUTH),
+            rules = !config.rules.is_empty(),
+            on_partner_leave = ?config.on_partner_leave,
+            "serving"
+        );
+    }
+    if let Some(peers) = &config.front {
+        tracing::info!(
+            front_listen = joined(&front_locals),
+            %peers,
+            rules = !config.rules.is_empty(),
+            on_partner_leave = ?config.on_partner_leave,
+            "serving the front: plain HTTP, client identity from the X-Client-Cert header of these peers only"
+        );
+    }
     if let Some(listener) = status_listener {
         match &listener {
             status::Listener::Tcp(tcp) => {
@@ -264,17 +298,24 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         for local in &locals {
             common::daemon::announce(format_args!("listening on {local}"));
         }
+        for local in &front_locals {
+            common::daemon::announce(format_args!("front listening on {local}"));
+        }
         if let Some(addr) = metrics_addr {
             common::daemon::announce(format_args!("metrics on {addr}"));
         }
     }
-    let accepts: Vec<_> = listeners
+    let mut accepts: Vec<_> = listeners
         .into_iter()
         .map(|listener| {
             let serving = server.clone();
             tokio::spawn(async move { serving.serve(listener).await })
         })
         .collect();
+    accepts.extend(front_listeners.into_iter().map(|listener| {
+        let serving = server.clone();
+        tokio::spawn(async move { serving.serve_front(listener).await })
+    }));
     let reloading = server.clone();
     let drained = daemon::supervise(
         signals,
@@ -284,7 +325,9 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         move || {
             // common::tls logs what was reloaded; the new certificate must still name us.
             reloading.reload()?;
-            reloading.tls().server_identity()?;
+            if let Some(tls) = reloading.tls() {
+                tls.server_identity()?;
+            }
             Ok(())
         },
     )
@@ -298,24 +341,36 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
 #[expect(clippy::print_stdout, reason = "the summary is the command's output")]
 async fn check_config(config: Config, deploy: Deployment) -> Result<(), Failure> {
     tls::install_default_provider();
-    let identity = load_tls(&deploy.tls)?
-        .server_identity()
-        .map_err(|err| Failure::new(exit::UNAVAILABLE, anyhow!("TLS material: {err}")))?;
-    let addrs = deploy.listen.resolve().await.map_err(|err| {
-        Failure::new(
-            exit::UNAVAILABLE,
-            anyhow!("listen {}: {err}", deploy.listen),
-        )
-    })?;
-    let addrs = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let resolve = |key: &'static str, listen: ListenAddr| async move {
+        let addrs = listen
+            .resolve()
+            .await
+            .map_err(|err| Failure::new(exit::UNAVAILABLE, anyhow!("{key} {listen}: {err}")))?;
+        let addrs = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok::<_, Failure>(format!("{key} {listen} ({addrs})"))
+    };
+    let mut parts = Vec::new();
+    if let (Some(tls), Some(listen)) = (&deploy.tls, &deploy.listen) {
+        let identity = load_tls(tls)?
+            .server_identity()
+            .map_err(|err| Failure::new(exit::UNAVAILABLE, anyhow!("TLS material: {err}")))?;
+        parts.push(resolve("listen", listen.clone()).await?);
+        parts.push(format!(
+            "url wss://HOST:PORT{}ID, server {identity}",
+            config.url_prefix
+        ));
+    }
+    if let (Some(listen), Some(peers)) = (&deploy.front_listen, &config.front) {
+        parts.push(resolve("front listen", listen.clone()).await?);
+        parts.push(format!("front peers {peers}"));
+    }
     println!(
-        "configuration ok: listen {} ({addrs}), url wss://HOST:PORT{}ID, server {identity}, {} authorization rule set, on_partner_leave {:?}",
-        deploy.listen,
-        config.url_prefix,
+        "configuration ok: {}, {} authorization rule set, on_partner_leave {:?}",
+        parts.join(", "),
         if config.rules.is_empty() { "no" } else { "an" },
         config.on_partner_leave,
     );

@@ -62,7 +62,7 @@ async fn a_revoked_peer_cannot_relay_even_before_its_connection_is_told() {
     std::fs::write(&crl, pki.crl_revoking(&[&pki.alice.serial_hex])).unwrap();
     // Swap the TLS material only, without telling the connections: the per-message check
     // alone must stop alice.
-    proxy.server.tls().reload().unwrap();
+    proxy.server.tls().unwrap().reload().unwrap();
     send(&mut alice, "after").await;
     let (code, reason) = closed(&mut alice).await;
     assert_eq!(code, 1008, "{reason}");
