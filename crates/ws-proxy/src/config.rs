@@ -812,6 +812,29 @@ mod tests {
     }
 
     #[test]
+    fn the_front_examples_parse() {
+        // The commented [front] section of the main example, switched on.
+        let text = include_str!("../../../deploy/config/ws-proxy.example.toml")
+            .replace("# [front]\n", "[front]\n")
+            .replace(
+                "# listen = \"10.0.0.11:7001\"",
+                "listen = \"10.0.0.11:7001\"",
+            )
+            .replace("# peers = [\"10.0.0.5\"]", "peers = [\"10.0.0.5\"]");
+        let (config, deploy) = parse(&text).unwrap();
+        assert_eq!(deploy.front_listen.unwrap().to_string(), "10.0.0.11:7001");
+        assert_eq!(config.front.unwrap().to_string(), "10.0.0.5");
+        assert!(deploy.listen.is_some());
+        // The instance behind HAProxy: front only.
+        let text = include_str!("../../../deploy/config/ws-proxy.front.example.toml");
+        let (config, deploy) = parse(text).unwrap();
+        assert!(deploy.listen.is_none() && deploy.tls.is_none());
+        assert_eq!(deploy.front_listen.unwrap().to_string(), "10.0.0.11:7001");
+        assert_eq!(config.front.unwrap().to_string(), "10.0.0.5");
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
     fn listen_takes_a_host_name_and_client_auth_off_needs_no_ca() {
         let (_, deploy) =
             parse("listen = \"localhost:5050\"\n[tls]\ncert = \"s\"\nclient_ca = \"c\"").unwrap();

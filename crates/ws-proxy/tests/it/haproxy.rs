@@ -182,7 +182,11 @@ fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketAddr]) -> St
     let pki = test_pki();
     // HAProxy's certificate file holds the certificate and then its key.
     let pem = dir.join("haproxy.pem");
-    std::fs::write(&pem, format!("{}{}", pki.server.cert_pem, pki.server.key_pem)).unwrap();
+    std::fs::write(
+        &pem,
+        format!("{}{}", pki.server.cert_pem, pki.server.key_pem),
+    )
+    .unwrap();
     let dropped = ["log /dev/log", "chroot ", "user ", "group ", "daemon"];
     let mut text: String = SHIPPED
         .lines()
@@ -219,7 +223,11 @@ fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketAddr]) -> St
         ));
     }
     for (from, to) in substitutions {
-        assert_eq!(text.matches(&from).count(), 1, "{from:?} in the shipped file");
+        assert_eq!(
+            text.matches(&from).count(),
+            1,
+            "{from:?} in the shipped file"
+        );
         text = text.replace(&from, &to);
     }
     text
@@ -238,7 +246,9 @@ fn free_port() -> u16 {
 async fn unix_get(path: &Path, target: &str) -> String {
     let mut stream = UnixStream::connect(path).await.unwrap();
     stream
-        .write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut text = String::new();
@@ -298,7 +308,9 @@ async fn through_haproxy(
         ..ClientTlsFiles::default()
     };
     let config = Arc::new(tls::client_config(&files).unwrap());
-    let tcp = TcpStream::connect(("127.0.0.1", cluster.port)).await.unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", cluster.port))
+        .await
+        .unwrap();
     let mut stream = tls::connect(config, "localhost", tcp, WAIT).await.unwrap();
     (status_line(&mut stream, request).await, Keep(stream))
 }
@@ -326,7 +338,11 @@ async fn meet(mut ws: PeerStream, id: &str, side: &str, other: &str, count: usiz
         send(&mut ws, &format!("{id} {side} {n}")).await;
     }
     for n in 0..count {
-        assert_eq!(recv_text(&mut ws).await, format!("{id} {other} {n}"), "in order");
+        assert_eq!(
+            recv_text(&mut ws).await,
+            format!("{id} {other} {n}"),
+            "in order"
+        );
     }
     ws
 }
@@ -353,7 +369,9 @@ async fn meet_all(
                 } else {
                     (&pki.bob, "b", "a")
                 };
-                let ws = dial(port, leaf, &id).await.expect("connects through haproxy");
+                let ws = dial(port, leaf, &id)
+                    .await
+                    .expect("connects through haproxy");
                 (id.clone(), first, meet(ws, &id, side, other, count).await)
             })
         })
@@ -434,7 +452,9 @@ async fn a_killed_instance_closes_only_its_pairs_which_meet_again_elsewhere() {
     }
     // Once HAProxy has marked it down, the closed pairs' peers reconnect and meet again on
     // the other instances; nothing else moved.
-    cluster.wait_server(&format!("ws{}", victim + 1), "DOWN").await;
+    cluster
+        .wait_server(&format!("ws{}", victim + 1), "DOWN")
+        .await;
     let doomed_ids: Vec<String> = doomed.iter().cloned().collect();
     let again = meet_all(cluster.port, &doomed_ids, 2).await;
     assert_eq!(again.len(), doomed.len());
@@ -499,7 +519,8 @@ async fn rules_apply_to_the_forwarded_identity_and_forged_headers_are_replaced()
         cert_header(&pki.bob)
     );
     for id in ["gw/bob", "gw/alice2", "other"] {
-        let (answer, _) = through_haproxy(&cluster, &pki.alice, &upgrade_request(id, &forged)).await;
+        let (answer, _) =
+            through_haproxy(&cluster, &pki.alice, &upgrade_request(id, &forged)).await;
         assert_eq!(answer, "HTTP/1.1 403 Forbidden", "{id}");
     }
     // ...and her own id is hers, from her real address.
@@ -530,9 +551,15 @@ async fn the_front_listener_takes_only_the_front() {
     );
     // From 127.0.0.2, not a front address: closed before a byte is read, no answer.
     let mut stranger = tcp_from([127, 0, 0, 2], instance.front).await;
-    assert_eq!(status_line(&mut stranger, &upgrade_request("gw/x", &forged)).await, "");
+    assert_eq!(
+        status_line(&mut stranger, &upgrade_request("gw/x", &forged)).await,
+        ""
+    );
     assert!(
-        instance.metrics().await.contains("ws_proxy_refusals_total{reason=\"not_front\"} 1"),
+        instance
+            .metrics()
+            .await
+            .contains("ws_proxy_refusals_total{reason=\"not_front\"} 1"),
         "{}",
         instance.metrics().await
     );
@@ -547,10 +574,17 @@ async fn the_front_listener_takes_only_the_front() {
     assert_eq!(peer["address"], "203.0.113.9:0");
     // The health check HAProxy sends: 200, not a refusal.
     let mut front = tcp_from([127, 0, 0, 1], instance.front).await;
-    let answer = status_line(&mut front, "GET /healthz HTTP/1.1\r\nHost: ws-proxy\r\n\r\n").await;
+    let answer = status_line(
+        &mut front,
+        "GET /healthz HTTP/1.1\r\nHost: ws-proxy\r\n\r\n",
+    )
+    .await;
     assert_eq!(answer, "HTTP/1.1 200 OK");
     let metrics = instance.metrics().await;
-    assert!(metrics.contains("route=\"health\",status=\"200\""), "{metrics}");
+    assert!(
+        metrics.contains("route=\"health\",status=\"200\""),
+        "{metrics}"
+    );
     assert!(!metrics.contains("reason=\"bad_request\""), "{metrics}");
     // Without the address header, or with a broken certificate: 400.
     for headers in [
