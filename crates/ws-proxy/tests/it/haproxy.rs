@@ -84,6 +84,11 @@ impl Cluster {
     /// Three instances with `extra` in their configuration (e.g. `[[authorize]]` rules),
     /// then HAProxy in front of them, once it has every instance up.
     async fn start(extra: &str) -> Self {
+        Self::start_with(extra, 1).await
+    }
+
+    /// As [`Cluster::start`], the instances waiting `close_secs` for a peer's close frame.
+    async fn start_with(extra: &str, close_secs: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut instances = Vec::new();
         for i in 0..3 {
@@ -92,7 +97,7 @@ impl Cluster {
             std::fs::write(
                 &config,
                 format!(
-                    "status_listen = \"unix:{}\"\n{extra}\n[front]\nlisten = \"127.0.0.1:0\"\npeers = [\"127.0.0.1\"]\n[limits]\nclose_timeout_secs = 1\n",
+                    "status_listen = \"unix:{}\"\n{extra}\n[front]\nlisten = \"127.0.0.1:0\"\npeers = [\"127.0.0.1\"]\n[limits]\nclose_timeout_secs = {close_secs}\n",
                     status.display()
                 ),
             )
@@ -595,4 +600,42 @@ async fn the_front_listener_takes_only_the_front() {
         let answer = status_line(&mut front, &upgrade_request("gw/y", &headers)).await;
         assert_eq!(answer, "HTTP/1.1 400 Bad Request", "{headers:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_fails_its_health_check_while_it_drains() {
+    if !haproxy_present() {
+        return;
+    }
+    // Peers that do not read keep the drain going for the 5 s close timeout.
+    let mut cluster = Cluster::start_with("", 5).await;
+    let pki = test_pki();
+    let mut a = cluster.dial(&pki.alice, "gw/drain").await.unwrap();
+    send(&mut a, &hello("a")).await;
+    let placement = cluster.placement().await;
+    let victim = placement["gw/drain"];
+    let pid = cluster.instances[victim].child.id().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    // The listener closes at once, so HAProxy's checks fail while the instance still drains.
+    cluster
+        .wait_server(&format!("ws{}", victim + 1), "DOWN")
+        .await;
+    assert!(
+        cluster.instances[victim]
+            .child
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "still draining"
+    );
+    assert_eq!(
+        closed(&mut a).await,
+        (1001, "server shutting down".to_owned())
+    );
 }
