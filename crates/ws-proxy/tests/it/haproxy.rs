@@ -327,6 +327,16 @@ impl<T> Drop for Keep<T> {
     fn drop(&mut self) {}
 }
 
+async fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
 /// A TCP connection to `to` from the local address `from`.
 async fn tcp_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
@@ -532,11 +542,16 @@ async fn rules_apply_to_the_forwarded_identity_and_forged_headers_are_replaced()
     let (answer, _open) =
         through_haproxy(&cluster, &pki.alice, &upgrade_request("gw/alice", &forged)).await;
     assert_eq!(answer, "HTTP/1.1 101 Switching Protocols");
-    let mut waiting = Vec::new();
-    for instance in &cluster.instances {
-        let status = instance.status().await;
-        waiting.extend(status["awaiting_hello"].as_array().unwrap().iter().cloned());
-    }
+    // Listed right after the 101 is written.
+    let waiting = testkit::eventually("alice is listed", WAIT, || async {
+        let mut waiting = Vec::new();
+        for instance in &cluster.instances {
+            let status = instance.status().await;
+            waiting.extend(status["awaiting_hello"].as_array().unwrap().iter().cloned());
+        }
+        (!waiting.is_empty()).then_some(waiting)
+    })
+    .await;
     assert_eq!(waiting.len(), 1, "{waiting:?}");
     assert_eq!(waiting[0]["identity"]["cn"], "alice");
     assert_eq!(waiting[0]["address"], "127.0.0.1:0");
@@ -573,8 +588,12 @@ async fn the_front_listener_takes_only_the_front() {
     let mut front = tcp_from([127, 0, 0, 1], instance.front).await;
     let answer = status_line(&mut front, &upgrade_request("gw/x", &forged)).await;
     assert_eq!(answer, "HTTP/1.1 101 Switching Protocols");
-    let status = instance.status().await;
-    let peer = &status["awaiting_hello"][0];
+    let peer = testkit::eventually("bob is listed", WAIT, || async {
+        let status = instance.status().await;
+        let peer = &status["awaiting_hello"][0];
+        (!peer.is_null()).then(|| peer.clone())
+    })
+    .await;
     assert_eq!(peer["identity"]["cn"], "bob");
     assert_eq!(peer["address"], "203.0.113.9:0");
     // The health check HAProxy sends: 200, not a refusal.
@@ -591,6 +610,15 @@ async fn the_front_listener_takes_only_the_front() {
         "{metrics}"
     );
     assert!(!metrics.contains("reason=\"bad_request\""), "{metrics}");
+    // SIGHUP on a front-only instance reloads nothing and it serves on.
+    signal(instance.child.id().unwrap(), "HUP").await;
+    let mut front = tcp_from([127, 0, 0, 1], instance.front).await;
+    let answer = status_line(
+        &mut front,
+        "GET /healthz HTTP/1.1\r\nHost: ws-proxy\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer, "HTTP/1.1 200 OK");
     // Without the address header, or with a broken certificate: 400.
     for headers in [
         String::new(),
@@ -612,16 +640,11 @@ async fn a_draining_instance_fails_its_health_check_while_it_drains() {
     let pki = test_pki();
     let mut a = cluster.dial(&pki.alice, "gw/drain").await.unwrap();
     send(&mut a, &hello("a")).await;
-    let placement = cluster.placement().await;
-    let victim = placement["gw/drain"];
-    let pid = cluster.instances[victim].child.id().unwrap();
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    let victim = testkit::eventually("gw/drain is listed", WAIT, || async {
+        cluster.placement().await.get("gw/drain").copied()
+    })
+    .await;
+    signal(cluster.instances[victim].child.id().unwrap(), "TERM").await;
     // The listener closes at once, so HAProxy's checks fail while the instance still drains.
     cluster
         .wait_server(&format!("ws{}", victim + 1), "DOWN")
@@ -638,4 +661,37 @@ async fn a_draining_instance_fails_its_health_check_while_it_drains() {
         closed(&mut a).await,
         (1001, "server shutting down".to_owned())
     );
+}
+
+/// Needs no HAProxy: an instance with both listeners, the front's requests made by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_listeners_share_the_per_identity_limits() {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = crate::support::write_config(
+        dir.path(),
+        &format!("[front]\nlisten = \"{front}\"\npeers = [\"127.0.0.1\"]"),
+        "max_connections_per_identity = 1",
+    );
+    let (_child, port) = spawn_daemon(&config, &[], std::process::Stdio::null()).await;
+    let url = format!("wss://localhost:{port}{PREFIX}gw/a");
+    let _alice = client::connect(&options(&url, Some(&pki.alice)))
+        .await
+        .unwrap();
+    // alice's one connection is taken over TLS: through the front, 429; bob's is free.
+    let mut tcp = tcp_from([127, 0, 0, 1], front).await;
+    let alice = format!(
+        "X-Client-Cert: {}\r\nX-Client-Addr: 192.0.2.1\r\n",
+        cert_header(&pki.alice)
+    );
+    let answer = status_line(&mut tcp, &upgrade_request("gw/a", &alice)).await;
+    assert_eq!(answer, "HTTP/1.1 429 Too Many Requests");
+    let mut tcp = tcp_from([127, 0, 0, 1], front).await;
+    let bob = format!(
+        "X-Client-Cert: {}\r\nX-Client-Addr: 192.0.2.1\r\n",
+        cert_header(&pki.bob)
+    );
+    let answer = status_line(&mut tcp, &upgrade_request("gw/a", &bob)).await;
+    assert_eq!(answer, "HTTP/1.1 101 Switching Protocols");
 }
