@@ -695,3 +695,32 @@ async fn both_listeners_share_the_per_identity_limits() {
     let answer = status_line(&mut tcp, &upgrade_request("gw/a", &bob)).await;
     assert_eq!(answer, "HTTP/1.1 101 Switching Protocols");
 }
+
+/// Needs no HAProxy: `[front]` without peers exits 78; front only is a valid configuration.
+#[tokio::test]
+async fn a_front_listener_without_peers_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("ws-proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new(crate::support::DAEMON)
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .output()
+            .unwrap()
+    };
+    for text in [
+        "[front]\nlisten = \"127.0.0.1:0\"\n",
+        "[front]\nlisten = \"127.0.0.1:0\"\npeers = []\n",
+    ] {
+        let out = check(text);
+        assert_eq!(out.status.code(), Some(78), "{text:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("[front] peers is required"), "{stderr}");
+    }
+    let out = check("[front]\nlisten = \"127.0.0.1:0\"\npeers = [\"127.0.0.1\"]\n");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("front peers 127.0.0.1"), "{stdout}");
+}
