@@ -562,7 +562,7 @@ impl Server {
     )]
     async fn answer(
         &self,
-        mut tls: Conn,
+        mut stream: Conn,
         (prefix, head, charge): (bytes::Bytes, Head, crate::budget::Charge),
         identity: Option<PeerIdentity>,
         live: Option<LivePeer>,
@@ -601,13 +601,13 @@ impl Server {
         let (id, slot, identity_slot) = match admitted {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                self.refuse(&mut tls, request, &who, refusal, head_request)
+                self.refuse(&mut stream, request, &who, refusal, head_request)
                     .await;
                 return None;
             }
         };
         let meter = ReadMeter::new(identity_slot.budget.clone());
-        let stream = Metered::new(Rewind::new(prefix, tls), meter.clone());
+        let stream = Metered::new(Rewind::new(prefix, stream), meter.clone());
         let upgrading =
             tokio_tungstenite::accept_async_with_config(stream, Some(limits.websocket()));
         let upgraded = tokio::time::timeout_at(deadline, upgrading).await;
