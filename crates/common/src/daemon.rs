@@ -357,15 +357,10 @@ pub fn create_private_file(path: &Path, dir_mode: u32) -> std::io::Result<()> {
             .mode(dir_mode)
             .create(parent)?;
     }
-    let dir = parent.unwrap_or(Path::new("."));
-    let meta = std::fs::metadata(dir)?;
-    if (meta.uid() != euid && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
-        return Err(untrusted(
-            dir,
-            &meta,
-            "the directory of a private file must be ours or root's and writable by nobody else",
-        ));
-    }
+    check_trusted_dir(
+        parent.unwrap_or(Path::new(".")),
+        "the directory of a private file must be ours or root's and writable by nobody else",
+    )?;
     let created = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -389,6 +384,31 @@ pub fn create_private_file(path: &Path, dir_mode: u32) -> std::io::Result<()> {
         }
         Err(err) => Err(err),
     }
+}
+
+/// Checks that nobody but this process's user (or root) can put, remove or swap a file in
+/// `dir`: it belongs to us or to root, and neither its group nor others may write to it.
+/// Used before a private file or a socket whose path is trusted is made in it.
+///
+/// # Errors
+/// `PermissionDenied` naming the directory, its owner and mode, and `why`; or the directory
+/// cannot be read.
+pub fn check_trusted_dir(dir: &Path, why: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let euid = rustix::process::geteuid().as_raw();
+    let meta = std::fs::metadata(dir)?;
+    if (meta.uid() != euid && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing {}: {why} (owner uid {}, mode {:o})",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Replaces `slot` with `value` when a flag or environment variable was given.

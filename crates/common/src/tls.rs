@@ -371,13 +371,7 @@ impl ServerTls {
     /// # Errors
     /// [`TlsError::PeerRefused`] when a certificate of the chain is revoked by a current CRL.
     pub fn check(&self, peer: &PeerCert) -> Result<(), TlsError> {
-        match peer.revoked_in(&self.current().revoked) {
-            None => Ok(()),
-            Some(0) => Err(TlsError::PeerRefused("revoked by a current CRL".into())),
-            Some(_) => Err(TlsError::PeerRefused(
-                "its issuing CA is revoked by a current CRL".into(),
-            )),
-        }
+        check_revoked(peer, &self.current().revoked)
     }
 
     /// Checks a peer's leaf certificate (subject rule and current CRLs).
@@ -399,7 +393,7 @@ impl ServerTls {
                     .map_err(|e| e.to_string())
             });
         LivePeer {
-            tls: self.clone(),
+            source: Source::Server(self.clone()),
             cert,
         }
     }
@@ -608,13 +602,8 @@ fn build_server_config(files: &ServerTlsPem) -> Result<Current, TlsError> {
             (auth, Some(ca)) => {
                 let cas = ca.certs()?;
                 let roots = Arc::new(roots_from(&ca.origin, cas.iter().cloned())?);
-                let mut crls = Vec::new();
-                for pem in &files.crls {
-                    crls.extend(pem.crls()?.into_iter().map(|crl| (pem.origin.clone(), crl)));
-                }
-                // A CRL that no CA of the bundle signed is refused here: rustls would either
-                // ignore it (revocation silently off) or fail every handshake.
-                revoked = trust::check_crls(&cas, &crls, x509_parser::time::ASN1Time::now())?;
+                let (crls, found) = verified_crls(&cas, &files.crls)?;
+                revoked = found;
                 // CRLs we hold are enforced; an issuer without a CRL is not an error, so an
                 // intermediate CA without a published CRL does not lock its clients out.
                 let mut builder =
@@ -638,11 +627,139 @@ fn build_server_config(files: &ServerTlsPem) -> Result<Current, TlsError> {
     })
 }
 
+/// Every CRL of `crls`, each verified against the CA bundle `cas` (a CRL that no CA of the
+/// bundle signed is refused: rustls would either ignore it, revocation silently off, or fail
+/// every handshake), and what they revoke.
+fn verified_crls(
+    cas: &[CertificateDer<'static>],
+    crls: &[Pem],
+) -> Result<
+    (
+        Vec<(PathBuf, CertificateRevocationListDer<'static>)>,
+        trust::Revoked,
+    ),
+    TlsError,
+> {
+    let mut all = Vec::new();
+    for pem in crls {
+        all.extend(pem.crls()?.into_iter().map(|crl| (pem.origin.clone(), crl)));
+    }
+    let revoked = trust::check_crls(cas, &all, x509_parser::time::ASN1Time::now())?;
+    Ok((all, revoked))
+}
+
+/// Whether `peer`'s chain is clear of `revoked`.
+fn check_revoked(peer: &PeerCert, revoked: &trust::Revoked) -> Result<(), TlsError> {
+    match peer.revoked_in(revoked) {
+        None => Ok(()),
+        Some(0) => Err(TlsError::PeerRefused("revoked by a current CRL".into())),
+        Some(_) => Err(TlsError::PeerRefused(
+            "its issuing CA is revoked by a current CRL".into(),
+        )),
+    }
+}
+
+/// Revocation without a TLS server: a CA bundle and CRLs, each CRL verified against the
+/// bundle as [`ServerTls`] does, reloaded on demand ([`Crls::reload`]: a bad file keeps the
+/// loaded set). For certificates whose handshake someone else ran (a front such as HAProxy
+/// forwards them): [`Crls::live_peer`] gives the same [`LivePeer`] a TLS connection has.
+pub struct Crls {
+    client_ca: PathBuf,
+    crls: Vec<PathBuf>,
+    revoked: RwLock<Arc<trust::Revoked>>,
+}
+
+impl fmt::Debug for Crls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Crls")
+            .field("client_ca", &self.client_ca)
+            .field("crls", &self.crls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Crls {
+    /// Loads the CA bundle and the CRLs, verifying each CRL against the bundle.
+    ///
+    /// # Errors
+    /// An unreadable file, a bundle without certificates, a CRL that does not parse or that
+    /// no CA of the bundle signed.
+    pub fn load(client_ca: PathBuf, crls: Vec<PathBuf>) -> Result<Self, TlsError> {
+        let revoked = Self::read(&client_ca, &crls)?;
+        Ok(Self {
+            client_ca,
+            crls,
+            revoked: RwLock::new(Arc::new(revoked)),
+        })
+    }
+
+    fn read(client_ca: &Path, crls: &[PathBuf]) -> Result<trust::Revoked, TlsError> {
+        let cas = Pem::read(client_ca)?.certs()?;
+        let crls = crls
+            .iter()
+            .map(|path| Pem::read(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(verified_crls(&cas, &crls)?.1)
+    }
+
+    /// Reads the files again; on error the loaded set stays in use. A success is logged.
+    ///
+    /// # Errors
+    /// As [`Crls::load`].
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let revoked = Arc::new(Self::read(&self.client_ca, &self.crls)?);
+        *self
+            .revoked
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = revoked;
+        tracing::info!(
+            client_ca = ?self.client_ca,
+            crls = self.crls.len(),
+            "reloaded the CRLs (and the CA bundle they are verified against)"
+        );
+        Ok(())
+    }
+
+    fn revoked(&self) -> Arc<trust::Revoked> {
+        self.revoked
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Checks a certificate chain (leaf first) against the CRLs loaded now.
+    ///
+    /// # Errors
+    /// [`TlsError::PeerRefused`] when a certificate of the chain is revoked.
+    pub fn check(&self, peer: &PeerCert) -> Result<(), TlsError> {
+        check_revoked(peer, &self.revoked())
+    }
+
+    /// The handle a connection keeps to re-check its peer's certificate `leaf` (forwarded,
+    /// its chain verified by the front) before each privileged action.
+    pub fn live_peer(self: &Arc<Self>, leaf: &CertificateDer<'_>) -> LivePeer {
+        let cert = PeerCert::new(std::slice::from_ref(leaf))
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        LivePeer {
+            source: Source::Crls(self.clone()),
+            cert: Some(cert),
+        }
+    }
+}
+
+/// Where a [`LivePeer`] finds the CRLs loaded now.
+#[derive(Clone)]
+enum Source {
+    Server(Arc<ServerTls>),
+    Crls(Arc<Crls>),
+}
+
 /// A connection's handle on its peer, to re-check it against the CRLs loaded now before each
-/// privileged action (see [`ServerTls::live_peer`]). Cheap to clone.
+/// privileged action (see [`ServerTls::live_peer`], [`Crls::live_peer`]). Cheap to clone.
 #[derive(Clone)]
 pub struct LivePeer {
-    tls: Arc<ServerTls>,
+    source: Source,
     /// `None`: no client certificate; `Some(Err)`: a certificate that does not pass.
     cert: Option<Result<Arc<PeerCert>, String>>,
 }
@@ -665,7 +782,10 @@ impl LivePeer {
     pub fn check(&self) -> Result<(), TlsError> {
         match &self.cert {
             None => Ok(()),
-            Some(Ok(cert)) => self.tls.check(cert),
+            Some(Ok(cert)) => match &self.source {
+                Source::Server(tls) => tls.check(cert),
+                Source::Crls(crls) => crls.check(cert),
+            },
             Some(Err(why)) => Err(TlsError::PeerRefused(why.clone())),
         }
     }

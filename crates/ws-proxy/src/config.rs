@@ -14,7 +14,7 @@ use common::tls::{ClientAuth, TlsSection};
 use serde::Deserialize;
 
 use crate::auth::{Rule, RuleSpec, Rules};
-use crate::front::{Net, Peers};
+use crate::front::{Net, PeerUsers, Peers};
 use crate::listen::ListenAddr;
 
 /// Default WSS listen address (the deploy example uses 0.0.0.0:5050).
@@ -157,11 +157,179 @@ impl Default for FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileFront {
-    /// Listen address, `HOST:PORT` as `listen`.
+    /// Listen address, `HOST:PORT` as `listen`, or `unix:/abs/path` (a socket of mode 0660).
     pub listen: String,
-    /// The front's source addresses: IP addresses or CIDR blocks; required, not empty.
+    /// The front's source addresses: IP addresses or CIDR blocks; required, not empty, for a
+    /// TCP listener; refused with a Unix one.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The users (names or uids) the front runs as: required, not empty, for a Unix
+    /// listener; refused with a TCP one.
+    #[serde(default)]
+    pub peer_users: Vec<String>,
+    /// The group the Unix socket is given to (e.g. "haproxy"); absent: the daemon's group.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// The CA bundle the forwarded certificates chain to; needed with `crls`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// CRL files (as `[tls] crls`), each verified against `client_ca`: forwarded certificates
+    /// they revoke are refused, and live ones closed when a reload revokes them.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+}
+
+/// Mode of the front listener's Unix socket: the daemon's user and the socket's group.
+pub const FRONT_SOCKET_MODE: u32 = 0o660;
+
+/// `[front] listen`: TCP (`HOST:PORT`) or a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontListen {
+    /// `HOST:PORT`, the peers by address.
+    Tcp(ListenAddr),
+    /// `unix:/abs/path`, the peers by user.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for FrontListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Who may connect to the front listener: by address (TCP) or by user (Unix socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontPeers {
+    /// `[front] peers`.
+    Addresses(Peers),
+    /// `[front] peer_users`, resolved to uids.
+    Users(PeerUsers),
+}
+
+impl std::fmt::Display for FrontPeers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addresses(peers) => write!(f, "{peers}"),
+            Self::Users(users) => write!(f, "users {users}"),
+        }
+    }
+}
+
+/// A user name or uid of `peer_users`, resolved now.
+fn resolve_user(text: &str) -> Result<u32, String> {
+    if let Ok(uid) = text.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(text) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        Ok(None) => Err("no such user".into()),
+        Err(err) => Err(format!("looking it up: {err}")),
+    }
+}
+
+/// A group name or gid of `socket_group`, resolved now.
+fn resolve_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err("no such group".into()),
+        Err(err) => Err(format!("looking it up: {err}")),
+    }
+}
+
+/// What `[front]` parses to: the listener, who may connect, the socket's group, and the
+/// CRL files (CA bundle, CRLs).
+type ParsedFront = (
+    FrontListen,
+    FrontPeers,
+    Option<(String, u32)>,
+    Option<(PathBuf, Vec<PathBuf>)>,
+);
+
+impl FileFront {
+    fn parse(&self) -> Result<ParsedFront, ConfigError> {
+        let invalid = |text: String| ConfigError::Invalid(text);
+        let listen = match self.listen.strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') => FrontListen::Unix(PathBuf::from(path)),
+            Some(_) => {
+                return Err(invalid(format!(
+                    "[front] listen {:?}: the socket path must be absolute (unix:/run/ws-proxy/front.sock)",
+                    self.listen
+                )));
+            }
+            None => FrontListen::Tcp(
+                ListenAddr::parse(&self.listen)
+                    .map_err(|err| invalid(format!("[front] listen {:?}: {err}", self.listen)))?,
+            ),
+        };
+        let peers = match &listen {
+            FrontListen::Tcp(_) => {
+                if !self.peer_users.is_empty() || self.socket_group.is_some() {
+                    return Err(invalid(
+                        "[front] peer_users and socket_group are for a Unix-socket listen (unix:PATH); a TCP listener takes peers".into(),
+                    ));
+                }
+                let nets = self
+                    .peers
+                    .iter()
+                    .map(|peer| {
+                        Net::parse(peer)
+                            .map_err(|err| invalid(format!("[front] peers: {peer:?}: {err}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                FrontPeers::Addresses(Peers::new(nets).ok_or_else(|| {
+                    invalid(
+                        "[front] peers is required and not empty: the addresses the front (HAProxy) connects from".into(),
+                    )
+                })?)
+            }
+            FrontListen::Unix(_) => {
+                if !self.peers.is_empty() {
+                    return Err(invalid(
+                        "[front] peers is for a TCP listen; a Unix-socket listener takes peer_users (the users the front runs as)".into(),
+                    ));
+                }
+                let users = self
+                    .peer_users
+                    .iter()
+                    .map(|user| {
+                        resolve_user(user)
+                            .map(|uid| (user.clone(), uid))
+                            .map_err(|err| invalid(format!("[front] peer_users: {user:?}: {err}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                FrontPeers::Users(PeerUsers::new(users).ok_or_else(|| {
+                    invalid(
+                        "[front] peer_users is required and not empty with a Unix-socket listen: the users the front (HAProxy) runs as".into(),
+                    )
+                })?)
+            }
+        };
+        let group = self
+            .socket_group
+            .as_ref()
+            .map(|group| {
+                resolve_group(group)
+                    .map(|gid| (group.clone(), gid))
+                    .map_err(|err| invalid(format!("[front] socket_group: {group:?}: {err}")))
+            })
+            .transpose()?;
+        let crls = match (&self.client_ca, self.crls.is_empty()) {
+            (_, true) => None,
+            (Some(ca), false) => Some((ca.clone(), self.crls.clone())),
+            (None, false) => {
+                return Err(invalid(
+                    "[front] crls needs [front] client_ca: the CA bundle the CRLs are verified against".into(),
+                ));
+            }
+        };
+        Ok((listen, peers, group, crls))
+    }
 }
 
 /// The `[limits]` table.
@@ -446,9 +614,9 @@ pub struct Config {
     pub limits: Limits,
     /// Authorization rules.
     pub rules: Rules,
-    /// The front's addresses, when the front listener is on: only they may connect to it,
-    /// and the identity they forward is believed.
-    pub front: Option<Peers>,
+    /// Who the front is, when the front listener is on: only its addresses (TCP) or users
+    /// (Unix socket) may connect to it, and the identity they forward is believed.
+    pub front: Option<FrontPeers>,
 }
 
 impl Default for Config {
@@ -488,7 +656,11 @@ pub struct Deployment {
     /// WSS listen address (a host name is resolved at start); `None`: front only.
     pub listen: Option<ListenAddr>,
     /// Front listener address, if any.
-    pub front_listen: Option<ListenAddr>,
+    pub front_listen: Option<FrontListen>,
+    /// The group (name, gid) the front's Unix socket is given to.
+    pub front_socket_group: Option<(String, u32)>,
+    /// `[front] client_ca` and `crls`, when forwarded certificates are checked here too.
+    pub front_crls: Option<(PathBuf, Vec<PathBuf>)>,
     /// Status listener, if any.
     pub status_listen: Option<StatusListen>,
     /// Mode of the status Unix socket.
@@ -510,27 +682,11 @@ impl Config {
     /// [`ConfigError::Invalid`] for neither `[tls]` nor `[front]`, a bad address, prefix,
     /// limit or rule, a `[front]` without peers.
     pub fn from_file(file: &FileConfig) -> Result<(Self, Deployment), ConfigError> {
-        let (front, front_listen) = match &file.front {
-            None => (None, None),
+        let (front, front_listen, front_socket_group, front_crls) = match &file.front {
+            None => (None, None, None, None),
             Some(section) => {
-                let listen = ListenAddr::parse(&section.listen).map_err(|err| {
-                    ConfigError::Invalid(format!("[front] listen {:?}: {err}", section.listen))
-                })?;
-                let nets = section
-                    .peers
-                    .iter()
-                    .map(|peer| {
-                        Net::parse(peer).map_err(|err| {
-                            ConfigError::Invalid(format!("[front] peers: {peer:?}: {err}"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let peers = Peers::new(nets).ok_or_else(|| {
-                    ConfigError::Invalid(
-                        "[front] peers is required and not empty: the addresses the front (HAProxy) connects from".into(),
-                    )
-                })?;
-                (Some(peers), Some(listen))
+                let (listen, peers, group, crls) = section.parse()?;
+                (Some(peers), Some(listen), group, crls)
             }
         };
         let listen = match (&file.tls, &file.listen) {
@@ -627,6 +783,8 @@ impl Config {
             Deployment {
                 listen,
                 front_listen,
+                front_socket_group,
+                front_crls,
                 status_listen,
                 status_socket_mode,
                 metrics_listen: file.metrics_listen.clone(),
@@ -843,6 +1001,76 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_front_listener_takes_peer_users_and_crls_need_the_bundle() {
+        let (config, deploy) = parse(
+            "[front]\nlisten = \"unix:/run/ws-proxy/front.sock\"\npeer_users = [\"root\", \"4242\"]\nsocket_group = \"0\"\nclient_ca = \"ca.pem\"\ncrls = [\"crl.pem\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            deploy.front_listen,
+            Some(FrontListen::Unix(PathBuf::from("/run/ws-proxy/front.sock")))
+        );
+        let Some(FrontPeers::Users(users)) = &config.front else {
+            panic!("peers by user");
+        };
+        assert!(users.contains(0) && users.contains(4242) && !users.contains(1));
+        assert_eq!(users.to_string(), "root(0) 4242");
+        assert_eq!(deploy.front_socket_group, Some(("0".to_owned(), 0)));
+        assert_eq!(
+            deploy.front_crls,
+            Some((PathBuf::from("ca.pem"), vec![PathBuf::from("crl.pem")]))
+        );
+        // A TCP listener with CRLs.
+        let (_, deploy) = parse(
+            "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"127.0.0.1\"]\nclient_ca = \"ca.pem\"\ncrls = [\"a.pem\", \"b.pem\"]",
+        )
+        .unwrap();
+        assert_eq!(deploy.front_crls.unwrap().1.len(), 2);
+        let cases = [
+            (
+                "[front]\nlisten = \"unix:/run/f.sock\"",
+                "[front] peer_users is required",
+            ),
+            (
+                "[front]\nlisten = \"unix:/run/f.sock\"\npeer_users = []",
+                "[front] peer_users is required",
+            ),
+            (
+                "[front]\nlisten = \"unix:/run/f.sock\"\npeers = [\"127.0.0.1\"]\npeer_users = [\"root\"]",
+                "[front] peers is for a TCP listen",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"127.0.0.1\"]\npeer_users = [\"root\"]",
+                "peer_users and socket_group are for a Unix-socket listen",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"127.0.0.1\"]\nsocket_group = \"root\"",
+                "peer_users and socket_group are for a Unix-socket listen",
+            ),
+            (
+                "[front]\nlisten = \"unix:front.sock\"\npeer_users = [\"root\"]",
+                "must be absolute",
+            ),
+            (
+                "[front]\nlisten = \"unix:/run/f.sock\"\npeer_users = [\"no-such-user-here\"]",
+                "no such user",
+            ),
+            (
+                "[front]\nlisten = \"unix:/run/f.sock\"\npeer_users = [\"root\"]\nsocket_group = \"no-such-group-here\"",
+                "no such group",
+            ),
+            (
+                "[front]\nlisten = \"127.0.0.1:7001\"\npeers = [\"127.0.0.1\"]\ncrls = [\"crl.pem\"]",
+                "[front] crls needs [front] client_ca",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
     fn the_front_listener_needs_peers_and_may_run_alone() {
         // Front only: no [tls], no WSS listener.
         let (config, deploy) =
@@ -851,7 +1079,9 @@ mod tests {
         assert_eq!(deploy.listen, None);
         assert!(deploy.tls.is_none());
         assert_eq!(deploy.front_listen.unwrap().to_string(), "127.0.0.1:7001");
-        let peers = config.front.unwrap();
+        let Some(FrontPeers::Addresses(peers)) = config.front else {
+            panic!("peers by address");
+        };
         assert_eq!(peers.to_string(), "10.0.0.5 10.0.0.0/24 ::1");
         assert!(peers.contains("10.0.0.77".parse().unwrap()));
         assert!(!peers.contains("10.0.1.1".parse().unwrap()));

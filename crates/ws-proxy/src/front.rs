@@ -5,7 +5,9 @@
 //! verified the client certificate's chain and CRLs; this module only reads who it names
 //! (with the same [`PeerIdentity::from_der`] the TLS path uses), so every rule, limit and
 //! `/status` entry works as with direct TLS. It does not know sockets: `crate::server` checks
-//! [`Peers`] before reading a byte and answers what this module refuses.
+//! [`Peers`] (a TCP listener) or [`PeerUsers`] (a Unix socket) before reading a byte and
+//! answers what this module refuses. The forwarded certificate is also kept ([`Forwarded::cert`])
+//! for an instance that checks it against CRLs of its own (`[front] crls`).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -30,6 +32,9 @@ pub struct Forwarded {
     /// The identity of its verified certificate; `None`: it sent none (as a TLS peer
     /// without a client certificate).
     pub identity: Option<PeerIdentity>,
+    /// The certificate itself (DER), to check against the instance's own CRLs
+    /// (`[front] crls`); `Some` exactly when `identity` is.
+    pub cert: Option<Vec<u8>>,
     /// Its address, for logs, `/status` and per-address limits.
     pub addr: IpAddr,
 }
@@ -91,11 +96,18 @@ pub fn forwarded(head: &[u8]) -> Result<Forwarded, ForwardError> {
     };
     let addr = one(ADDR_HEADER)?.ok_or(ForwardError::NoAddress)?;
     let addr = parse_addr(addr).ok_or(ForwardError::BadAddress)?;
-    let identity = match one(CERT_HEADER)? {
-        None => None,
-        Some(value) => identity(value)?,
+    let (identity, cert) = match one(CERT_HEADER)? {
+        None => (None, None),
+        Some(value) => match certificate(value)? {
+            None => (None, None),
+            Some((identity, der)) => (Some(identity), Some(der)),
+        },
     };
-    Ok(Forwarded { identity, addr })
+    Ok(Forwarded {
+        identity,
+        cert,
+        addr,
+    })
 }
 
 /// The identity in a certificate header value; `None` for an empty value.
@@ -103,6 +115,12 @@ pub fn forwarded(head: &[u8]) -> Result<Forwarded, ForwardError> {
 /// # Errors
 /// Oversized, not base64 (a PEM text included), not a DER certificate, an ambiguous subject.
 pub fn identity(value: &[u8]) -> Result<Option<PeerIdentity>, ForwardError> {
+    certificate(value).map(|cert| cert.map(|(identity, _)| identity))
+}
+
+/// The identity in a certificate header value and the certificate's DER; `None` for an
+/// empty value.
+fn certificate(value: &[u8]) -> Result<Option<(PeerIdentity, Vec<u8>)>, ForwardError> {
     let value = value.trim_ascii();
     if value.is_empty() {
         return Ok(None);
@@ -113,9 +131,8 @@ pub fn identity(value: &[u8]) -> Result<Option<PeerIdentity>, ForwardError> {
     let der = base64::engine::general_purpose::STANDARD
         .decode(value)
         .map_err(|_| ForwardError::CertNotBase64)?;
-    PeerIdentity::from_der(&der)
-        .map(Some)
-        .ok_or(ForwardError::CertNotDer)
+    let identity = PeerIdentity::from_der(&der).ok_or(ForwardError::CertNotDer)?;
+    Ok(Some((identity, der)))
 }
 
 /// An IP address as HAProxy's `%[src]` writes it (IPv4-mapped IPv6 as IPv4).
@@ -236,6 +253,39 @@ impl fmt::Display for Peers {
                 f.write_str(" ")?;
             }
             write!(f, "{net}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `[front] peer_users` of a Unix-socket front listener: the uids (resolved from names at
+/// start) whose connections are the front; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerUsers(Vec<(String, u32)>);
+
+impl PeerUsers {
+    /// The users as written with their uids, or `None` when there are none.
+    pub fn new(users: Vec<(String, u32)>) -> Option<Self> {
+        (!users.is_empty()).then_some(Self(users))
+    }
+
+    /// Whether a connection whose peer credentials carry `uid` is the front.
+    pub fn contains(&self, uid: u32) -> bool {
+        self.0.iter().any(|(_, u)| *u == uid)
+    }
+}
+
+impl fmt::Display for PeerUsers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (name, uid)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            if name == &uid.to_string() {
+                write!(f, "{uid}")?;
+            } else {
+                write!(f, "{name}({uid})")?;
+            }
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! What the stream wrappers under tungstenite share: they look at what is read
 //! ([`crate::budget::Metered`] counts it, [`crate::upgrade::Rewind`] replays a prefix) and pass
-//! every write through untouched; [`Conn`] is the stream under them, TLS or plain.
+//! every write through untouched; [`Conn`] is the stream under them, TLS or plain (TCP or Unix).
 
 /// `impl AsyncWrite for $wrapper<S>`: every call goes to the wrapper's `inner` stream.
 macro_rules! write_through {
@@ -57,6 +57,8 @@ pub(crate) enum Conn {
     Tls(tokio_rustls::server::TlsStream<tokio::net::TcpStream>),
     /// From the front listener.
     Plain(tokio::net::TcpStream),
+    /// From the front listener on a Unix socket.
+    Unix(tokio::net::UnixStream),
 }
 
 /// Calls `$call` on the stream inside, whichever it is.
@@ -65,6 +67,7 @@ macro_rules! each {
         match $self.get_mut() {
             Conn::Tls($stream) => $call,
             Conn::Plain($stream) => $call,
+            Conn::Unix($stream) => $call,
         }
     };
 }
@@ -100,6 +103,7 @@ impl tokio::io::AsyncWrite for Conn {
         match self {
             Self::Tls(s) => s.is_write_vectored(),
             Self::Plain(s) => s.is_write_vectored(),
+            Self::Unix(s) => s.is_write_vectored(),
         }
     }
 

@@ -43,8 +43,11 @@ pub enum Refusal {
     shutting_down,
     /// The certificate (or, without one, the address) has `max_connections_per_identity`.
     per_identity,
-    /// A connection to the front listener from an address not in `[front] peers`.
+    /// A connection to the front listener from an address not in `[front] peers` (a user
+    /// not in `[front] peer_users`).
     not_front,
+    /// A certificate forwarded by the front that `[front] crls` revoke.
+    revoked,
 }
 
 /// Why a connection ended.
@@ -112,6 +115,7 @@ impl Refusal {
             Self::full => Reason::new("meetup_full"),
             Self::per_identity => Reason::new("max_connections_per_identity"),
             Self::not_front => Reason::new("not_front"),
+            Self::revoked => Reason::new("revoked"),
         })
     }
 }

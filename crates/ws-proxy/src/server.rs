@@ -24,15 +24,15 @@ use std::sync::Arc;
 use common::admission::{AcceptError, Admission, Pool, Slot, Stranger, Warning};
 use common::daemon::{AcceptBackoff, Shutdown};
 use common::metrics::RequestTimer;
-use common::tls::{LivePeer, PeerIdentity, ServerTls, TlsError};
-use tokio::net::{TcpListener, TcpStream};
+use common::tls::{Crls, LivePeer, PeerIdentity, ServerTls, TlsError};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tracing::Instrument as _;
 
 use crate::budget::{Metered, ReadMeter};
-use crate::config::Config;
-use crate::front::{self, Peers};
+use crate::config::{Config, FrontPeers};
+use crate::front::{self, PeerUsers, Peers};
 use crate::io::Conn;
 use crate::metrics::{HEALTH_ROUTE, Metrics, Refusal, UPGRADE_ROUTE};
 use crate::relay;
@@ -91,6 +91,8 @@ pub struct Server {
     refusing: Arc<Pool>,
     /// Rate-limits the log line for connections to the front listener from other addresses.
     not_front: Arc<Warning>,
+    /// `[front] crls`: forwarded certificates are checked against them too.
+    front_crls: Option<Arc<Crls>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -124,7 +126,16 @@ impl Server {
             admission,
             refusing,
             not_front: Arc::new(Warning::default()),
+            front_crls: None,
         }
+    }
+
+    /// The same server, checking the certificates the front forwards against `crls` too: at
+    /// the upgrade, and on every reload for live connections (`[front] crls`).
+    #[must_use]
+    pub fn with_front_crls(mut self, crls: Arc<Crls>) -> Self {
+        self.front_crls = Some(crls);
+        self
     }
 
     /// The configuration it serves with.
@@ -175,14 +186,14 @@ impl Server {
         Ok(())
     }
 
-    /// Accepts connections from the front (`config.front`) until shutdown. One from any other
-    /// address is closed before a byte is read (refusal `not_front`, logged at most once per
-    /// 10 s with the count).
+    /// Accepts connections from the front (`config.front` addresses) until shutdown. One from
+    /// any other address is closed before a byte is read (refusal `not_front`, logged at most
+    /// once per 10 s with the count).
     ///
     /// # Errors
-    /// The configuration has no front peers.
+    /// The configuration has no front peers by address.
     pub async fn serve_front(&self, listener: TcpListener) -> anyhow::Result<()> {
-        let Some(peers) = self.shared.config.front.clone() else {
+        let Some(FrontPeers::Addresses(peers)) = self.shared.config.front.clone() else {
             anyhow::bail!("no [front] peers configured");
         };
         let mut backoff = AcceptBackoff::default();
@@ -193,11 +204,12 @@ impl Server {
                 drop(tcp);
                 continue;
             };
+            let _ = tcp.set_nodelay(true);
             let server = self.clone();
             let span = tracing::info_span!("front", front = %addr, client = tracing::field::Empty);
             shutdown.spawn(
                 async move {
-                    let admitted = Box::pin(server.front_upgrade(tcp, slot)).await;
+                    let admitted = Box::pin(server.front_upgrade(Conn::Plain(tcp), slot)).await;
                     server.connection(admitted).await;
                     drop(open);
                 }
@@ -207,16 +219,70 @@ impl Server {
         Ok(())
     }
 
+    /// Accepts connections from the front on a Unix socket (`config.front` users) until
+    /// shutdown. One whose peer credentials (SO_PEERCRED) name another uid is closed before a
+    /// byte is read (refusal `not_front`, logged as for [`Server::serve_front`]).
+    ///
+    /// # Errors
+    /// The configuration has no front peers by user.
+    pub async fn serve_front_unix(&self, listener: UnixListener) -> anyhow::Result<()> {
+        let Some(FrontPeers::Users(users)) = self.shared.config.front.clone() else {
+            anyhow::bail!("no [front] peer_users configured");
+        };
+        let mut backoff = AcceptBackoff::default();
+        let shutdown = self.shared.shutdown.clone();
+        while let Some((unix, _)) = backoff.next(&shutdown, || listener.accept()).await {
+            let open = self.shared.metrics.shared.connection();
+            let uid = unix.peer_cred().ok().map(|cred| cred.uid());
+            let Some(slot) = self.front_user_door(&users, uid) else {
+                drop(unix);
+                continue;
+            };
+            let server = self.clone();
+            let span =
+                tracing::info_span!("front", front_uid = uid, client = tracing::field::Empty);
+            shutdown.spawn(
+                async move {
+                    let admitted = Box::pin(server.front_upgrade(Conn::Unix(unix), slot)).await;
+                    server.connection(admitted).await;
+                    drop(open);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(())
+    }
+
+    /// As [`Server::front_door`], for a Unix-socket connection from `uid` (`None`: its
+    /// credentials could not be read).
+    fn front_user_door(&self, users: &PeerUsers, uid: Option<u32>) -> Option<Slot> {
+        if !uid.is_some_and(|uid| users.contains(uid)) {
+            self.not_front(format_args!("{uid:?}"));
+            return None;
+        }
+        self.front_slot()
+    }
+
+    /// Counts and logs (rate-limited) a connection to the front listener that is not the front.
+    fn not_front(&self, peer: std::fmt::Arguments<'_>) {
+        self.shared.metrics.refused(Refusal::not_front);
+        if let Some(refused) = self.not_front.note(Instant::now()) {
+            tracing::warn!(%peer, refused, "refusing connections to the front listener from addresses or users not in [front] peers / peer_users");
+        }
+    }
+
     /// A `max_connections` slot for a connection from `addr` to the front listener; `None`
     /// (counted, logged rate-limited) for an address not in `peers` or no slot free.
     fn front_door(&self, peers: &Peers, addr: SocketAddr) -> Option<Slot> {
         if !peers.contains(addr.ip()) {
-            self.shared.metrics.refused(Refusal::not_front);
-            if let Some(refused) = self.not_front.note(Instant::now()) {
-                tracing::warn!(peer = ?addr, refused, "refusing connections to the front listener from addresses not in [front] peers");
-            }
+            self.not_front(format_args!("{addr}"));
             return None;
         }
+        self.front_slot()
+    }
+
+    /// A `max_connections` slot for a front connection; `None` (counted) when none is free.
+    fn front_slot(&self) -> Option<Slot> {
         match self.admission.authenticated() {
             Ok(slot) => Some(slot),
             Err(refused) => {
@@ -229,10 +295,8 @@ impl Server {
     /// A connection from the front: its request head (under `upgrade_timeout` and the head
     /// cap), the health check, or the client's forwarded identity and address, then the same
     /// decisions as for a TLS client. `None` when refused (already answered, logged, counted).
-    async fn front_upgrade(&self, tcp: TcpStream, slot: Slot) -> Option<Admitted> {
+    async fn front_upgrade(&self, mut stream: Conn, slot: Slot) -> Option<Admitted> {
         let shared = &self.shared;
-        let _ = tcp.set_nodelay(true);
-        let mut stream = Conn::Plain(tcp);
         let request = shared.metrics.shared.start(UPGRADE_ROUTE);
         let deadline = Instant::now() + shared.config.limits.upgrade_timeout;
         let head =
@@ -299,6 +363,26 @@ impl Server {
         let who = identity
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
+        // With [front] crls, the certificate is checked here as well as at the front, and
+        // kept for the checks before each message and at every reload.
+        let live = match (&self.front_crls, &forwarded.cert) {
+            (Some(crls), Some(der)) => {
+                let live = crls.live_peer(&rustls::pki_types::CertificateDer::from(der.as_slice()));
+                if let Err(err) = live.check() {
+                    tracing::info!(peer = ?who, %err, "forwarded certificate refused");
+                    let refusal = (
+                        Refusal::revoked,
+                        StatusCode::FORBIDDEN,
+                        "client certificate revoked".to_owned(),
+                    );
+                    self.refuse(&mut stream, request, &who, refusal, head_request)
+                        .await;
+                    return None;
+                }
+                Some(live)
+            }
+            _ => None,
+        };
         // As right after a TLS handshake: a certificate no rule admits is refused, and the
         // identity (without a certificate: the client's address) takes its slot.
         let early = if self.shared.config.rules.admits(identity.as_ref()) {
@@ -327,7 +411,7 @@ impl Server {
             stream,
             read,
             identity,
-            None,
+            live,
             who,
             Door::Counted(slot, identity_slot),
             addr,
@@ -753,20 +837,22 @@ impl Server {
         Ok(id.to_owned())
     }
 
-    /// Rebuilds the TLS configuration from disk for new connections; live connections
-    /// re-check their peer against the new CRLs (a revoked one is closed with 1008).
+    /// Rebuilds the TLS configuration from disk for new connections, and reloads `[front]
+    /// crls`; live connections re-check their peer against the new CRLs (a revoked one is
+    /// closed with 1008). A front-only instance without `[front] crls` has nothing to reload.
     ///
     /// # Errors
-    /// The new material does not load; the old stays in use.
+    /// The new material does not load; the old stays in use. When one of the two loads and
+    /// the other does not, the one that loaded is in use (and live peers re-checked).
     pub fn reload(&self) -> Result<(), TlsError> {
-        // Front only: no certificate here (the front has it, and its CRLs).
-        let Some(tls) = &self.tls else {
-            return Ok(());
-        };
-        tls.reload()?;
-        self.shared.metrics.reloads.inc();
-        self.shared.trust.send_modify(|generation| *generation += 1);
-        Ok(())
+        let tls = self.tls.as_ref().map(|tls| tls.reload());
+        let front = self.front_crls.as_ref().map(|crls| crls.reload());
+        let results = [tls, front].into_iter().flatten().collect::<Vec<_>>();
+        if results.iter().any(Result::is_ok) {
+            self.shared.metrics.reloads.inc();
+            self.shared.trust.send_modify(|generation| *generation += 1);
+        }
+        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }
 
     /// The TLS material in use; `None` for a front-only server.

@@ -11,7 +11,8 @@ use common::metrics::MetricsListener;
 use common::tls::{self, ClientAuth, ServerTls, TlsError, TlsSection};
 use tokio::net::TcpListener;
 use ws_proxy::config::{
-    self, Config, DEFAULT_CLIENT_AUTH, Deployment, FileConfig, OnPartnerLeave, StatusListen,
+    self, Config, DEFAULT_CLIENT_AUTH, Deployment, FileConfig, FrontListen, OnPartnerLeave,
+    StatusListen,
 };
 use ws_proxy::listen::{self, ListenAddr};
 use ws_proxy::{Server, status};
@@ -165,6 +166,40 @@ fn load_tls(tls: &TlsSection) -> Result<ServerTls, Failure> {
     })
 }
 
+/// Binds the front listener's Unix socket (mode 0660) in a directory nobody else may write
+/// to (ours or root's, not group- or world-writable: who could swap the socket could stand
+/// in for the instance), given to `[front] socket_group` when set.
+fn bind_front_socket(
+    path: &std::path::Path,
+    deploy: &Deployment,
+) -> Result<tokio::net::UnixListener, Failure> {
+    let unavailable = |err: std::io::Error| {
+        Failure::new(
+            exit::UNAVAILABLE,
+            anyhow!("[front] listen unix:{}: {err}", path.display()),
+        )
+    };
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("/"));
+    daemon::check_trusted_dir(
+        dir,
+        "the front socket's directory must be ours or root's and writable by nobody else",
+    )
+    .map_err(|err| {
+        Failure::new(
+            exit::CONFIG,
+            anyhow!("[front] listen unix:{}: {err}", path.display()),
+        )
+    })?;
+    let listener = daemon::bind_unix(path, config::FRONT_SOCKET_MODE).map_err(unavailable)?;
+    if let Some((_, gid)) = &deploy.front_socket_group {
+        std::os::unix::fs::chown(path, None, Some(*gid)).map_err(unavailable)?;
+    }
+    Ok(listener)
+}
+
 /// Binds every address the listen address (of the key `key`) resolves to: one that fails
 /// while another binds is a warning, none bound an error (69).
 async fn bind_listen(key: &str, listen: &ListenAddr) -> Result<Vec<TcpListener>, Failure> {
@@ -196,8 +231,23 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         None => Vec::new(),
     };
     let front_listeners = match &deploy.front_listen {
-        Some(listen) => bind_listen("[front] listen", listen).await?,
-        None => Vec::new(),
+        Some(FrontListen::Tcp(listen)) => bind_listen("[front] listen", listen).await?,
+        _ => Vec::new(),
+    };
+    let front_socket = match &deploy.front_listen {
+        Some(FrontListen::Unix(path)) => Some(bind_front_socket(path, &deploy)?),
+        _ => None,
+    };
+    let front_crls = match &deploy.front_crls {
+        Some((ca, crls)) => Some(Arc::new(
+            tls::Crls::load(ca.clone(), crls.clone()).map_err(|err| {
+                Failure::new(
+                    exit::UNAVAILABLE,
+                    anyhow!("loading [front] client_ca and crls: {err}"),
+                )
+            })?,
+        )),
+        None => None,
     };
     let local_addrs = |listeners: &[TcpListener]| {
         listeners
@@ -237,10 +287,13 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         None => None,
     };
     let shutdown = Shutdown::new();
-    let server = match server_tls {
+    let mut server = match server_tls {
         Some(server_tls) => Server::new(config.clone(), server_tls, shutdown.clone()),
         None => Server::front_only(config.clone(), shutdown.clone()),
     };
+    if let Some(crls) = front_crls {
+        server = server.with_front_crls(crls);
+    }
     let joined = |addrs: &[std::net::SocketAddr]| {
         addrs
             .iter()
@@ -262,8 +315,13 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         );
     }
     if let Some(peers) = &config.front {
+        let front_listen = match &deploy.front_listen {
+            Some(FrontListen::Unix(path)) => format!("unix:{}", path.display()),
+            _ => joined(&front_locals),
+        };
         tracing::info!(
-            front_listen = joined(&front_locals),
+            front_listen,
+            front_crls = deploy.front_crls.is_some(),
             %peers,
             rules = !config.rules.is_empty(),
             on_partner_leave = ?config.on_partner_leave,
@@ -316,6 +374,12 @@ async fn run(config: Config, deploy: Deployment, print_address: bool) -> Result<
         let serving = server.clone();
         tokio::spawn(async move { serving.serve_front(listener).await })
     }));
+    if let Some(listener) = front_socket {
+        let serving = server.clone();
+        accepts.push(tokio::spawn(async move {
+            serving.serve_front_unix(listener).await
+        }));
+    }
     let reloading = server.clone();
     let drained = daemon::supervise(
         signals,
@@ -364,9 +428,25 @@ async fn check_config(config: Config, deploy: Deployment) -> Result<(), Failure>
             config.url_prefix
         ));
     }
-    if let (Some(listen), Some(peers)) = (&deploy.front_listen, &config.front) {
-        parts.push(resolve("front listen", listen.clone()).await?);
-        parts.push(format!("front peers {peers}"));
+    match (&deploy.front_listen, &config.front) {
+        (Some(FrontListen::Tcp(listen)), Some(peers)) => {
+            parts.push(resolve("front listen", listen.clone()).await?);
+            parts.push(format!("front peers {peers}"));
+        }
+        (Some(FrontListen::Unix(path)), Some(peers)) => {
+            parts.push(format!("front listen unix:{}", path.display()));
+            parts.push(format!("front peers {peers}"));
+        }
+        _ => {}
+    }
+    if let Some((ca, crls)) = &deploy.front_crls {
+        tls::Crls::load(ca.clone(), crls.clone()).map_err(|err| {
+            Failure::new(
+                exit::UNAVAILABLE,
+                anyhow!("loading [front] client_ca and crls: {err}"),
+            )
+        })?;
+        parts.push(format!("front crls {}", crls.len()));
     }
     println!(
         "configuration ok: {}, {} authorization rule set, on_partner_leave {:?}",

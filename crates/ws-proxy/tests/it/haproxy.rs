@@ -262,13 +262,13 @@ async fn unix_get(path: &Path, target: &str) -> String {
 }
 
 /// The DER certificate of `leaf` in base64, as HAProxy forwards it.
-fn cert_header(leaf: &Leaf) -> String {
+pub(crate) fn cert_header(leaf: &Leaf) -> String {
     let der = Pem::new("leaf", &leaf.cert_pem).certs().unwrap().remove(0);
     base64::engine::general_purpose::STANDARD.encode(der.as_ref())
 }
 
 /// An upgrade request for `id` with `headers` (each ending in CRLF).
-fn upgrade_request(id: &str, headers: &str) -> String {
+pub(crate) fn upgrade_request(id: &str, headers: &str) -> String {
     format!(
         "GET {PREFIX}{id} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n"
     )
@@ -276,7 +276,7 @@ fn upgrade_request(id: &str, headers: &str) -> String {
 
 /// Sends `request` on `stream` and returns the status line of the answer ("" if the
 /// connection closed without one).
-async fn status_line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+pub(crate) async fn status_line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     request: &str,
 ) -> String {

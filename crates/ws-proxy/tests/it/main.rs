@@ -9,6 +9,7 @@
 mod e2e;
 mod framing;
 mod front;
+mod front_trust;
 mod haproxy;
 mod heads;
 mod interop;
