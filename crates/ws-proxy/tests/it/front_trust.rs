@@ -188,3 +188,128 @@ async fn front_crls_are_verified_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("[front] client_ca and crls"), "{stderr}");
 }
+
+/// A front-only instance on a Unix socket in `dir` (made 0755: others may enter, not
+/// write), peer_users root, the socket given to nogroup (so that nobody may connect and be
+/// refused by its uid, not by the socket's mode); metrics on TCP for the printed port.
+async fn unix_instance(dir: &Path) -> (tokio::process::Child, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.join("front.sock");
+    let config = dir.join("ws-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_listen = \"127.0.0.1:0\"\n[front]\nlisten = \"unix:{}\"\npeer_users = [\"root\"]\nsocket_group = \"nogroup\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let (child, _) = spawn_daemon(&config, &[], std::process::Stdio::null()).await;
+    (child, socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_front_listener_serves_haproxy_and_refuses_other_users() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, socket) = unix_instance(dir.path()).await;
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534, "socket_group nogroup");
+    // From uid nobody (in the socket's group): closed before a byte is read, no answer.
+    let out = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "nobody",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code}", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://ws-proxy/healthz")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000", "{out:?}");
+    // From root, a peer user: the health check answers.
+    let mut unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    assert_eq!(
+        status_line(&mut unix, "GET /healthz HTTP/1.1\r\nHost: ws-proxy\r\n\r\n").await,
+        "HTTP/1.1 200 OK"
+    );
+
+    // Through HAProxy (running as root, a peer user), the shipped file with its one
+    // server on the socket: a pair meets and relays.
+    if !crate::haproxy::haproxy_present() {
+        return;
+    }
+    let port = crate::haproxy::free_port();
+    let admin = dir.path().join("admin.sock");
+    let placeholders: Vec<SocketAddr> = (1..=3)
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+        .collect();
+    let cfg = crate::haproxy::haproxy_cfg(dir.path(), port, &admin, &placeholders)
+        .replace(
+            "server ws1 127.0.0.1:1",
+            &format!("server ws1 {}", socket.display()),
+        )
+        .lines()
+        .filter(|l| !l.contains("server ws2 127.0.0.1:2") && !l.contains("server ws3 127.0.0.1:3"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>();
+    let cfg_path = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let _haproxy = tokio::process::Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy starts");
+    let pki = test_pki();
+    let mut alice = testkit::eventually("haproxy serves", WAIT, || async {
+        crate::haproxy::dial(port, &pki.alice, "gw/unix").await.ok()
+    })
+    .await;
+    crate::support::send(&mut alice, &hello("a")).await;
+    let mut bob = crate::haproxy::dial(port, &pki.bob, "gw/unix")
+        .await
+        .unwrap();
+    crate::support::send(&mut bob, &hello("b")).await;
+    assert_eq!(crate::support::recv_text(&mut alice).await, hello("b"));
+    assert_eq!(crate::support::recv_text(&mut bob).await, hello("a"));
+    crate::support::send(&mut alice, "over the socket").await;
+    assert_eq!(crate::support::recv_text(&mut bob).await, "over the socket");
+}
+
+#[tokio::test]
+async fn a_front_socket_in_a_directory_others_may_write_exits_78() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = dir.path().join("ws-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[front]\nlisten = \"unix:{}\"\npeer_users = [\"root\"]\n",
+            dir.path().join("front.sock").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(DAEMON)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("writable by nobody else"), "{stderr}");
+    assert!(!dir.path().join("front.sock").exists());
+}

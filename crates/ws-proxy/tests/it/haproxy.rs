@@ -26,7 +26,7 @@ const SHIPPED: &str = include_str!("../../../../deploy/haproxy/ws-proxy.cfg");
 const PREFIX: &str = "/micronets/v1/ws-proxy/";
 
 /// Whether to run: `haproxy` is installed, or the test fails when it must be.
-fn haproxy_present() -> bool {
+pub(crate) fn haproxy_present() -> bool {
     let present = std::process::Command::new("haproxy")
         .arg("-v")
         .stdout(std::process::Stdio::null())
@@ -174,7 +174,7 @@ impl Cluster {
 }
 
 /// Connects `leaf` to `id` through HAProxy on `port`.
-async fn dial(port: u16, leaf: &Leaf, id: &str) -> Result<PeerStream, ClientError> {
+pub(crate) async fn dial(port: u16, leaf: &Leaf, id: &str) -> Result<PeerStream, ClientError> {
     let url = format!("wss://localhost:{port}{PREFIX}{id}");
     client::connect(&options(&url, Some(leaf))).await
 }
@@ -183,7 +183,7 @@ async fn dial(port: u16, leaf: &Leaf, id: &str) -> Result<PeerStream, ClientErro
 /// non-root process cannot use (chroot, user, syslog, daemon) left out, and addresses,
 /// certificate paths, the admin socket and a short check interval substituted. Every
 /// substitution must match, so the test fails if the shipped file changes shape.
-fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketAddr]) -> String {
+pub(crate) fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketAddr]) -> String {
     let pki = test_pki();
     // HAProxy's certificate file holds the certificate and then its key.
     let pem = dir.join("haproxy.pem");
@@ -239,7 +239,7 @@ fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketAddr]) -> St
 }
 
 /// A port free now on 127.0.0.1 (HAProxy binds it a moment later).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
