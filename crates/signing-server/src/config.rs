@@ -293,10 +293,11 @@ pub fn check_instance(name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The host name (the default instance name), from the kernel.
+/// The host name (the default instance name): uname(2)'s node name, which the unit's
+/// `ProcSubset=pid` leaves readable where it hides `/proc/sys/kernel/hostname`.
 fn host_name() -> Option<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    Some(name.trim().to_owned())
+    let name = rustix::system::uname().nodename().to_str().ok()?.to_owned();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Configuration errors.

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 ///
 /// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration,
 /// 66 a signing key cannot be loaded (missing, not Ed448, or readable by others), 69 cannot
-/// bind, open the audit database or load TLS, 70 requests still running after the grace
+/// bind, open (or migrate) the audit database or load TLS, 70 requests still running after the grace
 /// period, 73 keygen cannot create its files.
 #[derive(Debug, Parser)]
 #[command(
