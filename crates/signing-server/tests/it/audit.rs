@@ -467,3 +467,44 @@ async fn on_postgres_an_owner_migrates_and_the_service_role_only_checks_the_vers
     assert!(run(&owner_url, "--migrate").status.success());
     let _ = pki();
 }
+
+/// The SQLite store as before PostgreSQL came: created 0600, WAL, `synchronous = FULL`, and a
+/// planted file (a symbolic link) refused.
+#[tokio::test]
+async fn the_sqlite_file_is_private_durable_and_never_a_planted_link() {
+    use sqlx::Row as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = TestServer::start(Options::default()).await;
+    let file = server.state.join("audit.sqlite");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut conn = server.service.audit.pool().acquire().await.unwrap();
+    let journal: String = sqlx::query("PRAGMA journal_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(journal, "wal");
+    let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(synchronous, 2, "FULL");
+    drop(conn);
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("elsewhere.sqlite");
+    std::fs::write(&target, b"").unwrap();
+    let link = dir.path().join("audit.sqlite");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let database = signing_server::config::Database::Sqlite(link);
+    let err = signing_server::audit::Audit::open(&database, "test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("refusing") || err.contains("symbolic"),
+        "{err}"
+    );
+}
