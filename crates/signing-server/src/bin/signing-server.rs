@@ -72,10 +72,15 @@ fn main() -> ExitCode {
     daemon::overlay(&mut file.database, args.database.clone().map(Some));
     daemon::overlay(&mut file.instance, args.instance.clone().map(Some));
     let log = args.log.or_file(file.log.as_ref());
-    let config = match file
-        .into_config()
-        .and_then(|config| config.check_roots().map(|()| config))
-    {
+    // `--migrate` needs only `database` to be usable: an owner may run it on a host without
+    // the package roots.
+    let check_roots = !args.migrate;
+    let config = match file.into_config().and_then(|config| {
+        if check_roots {
+            config.check_roots()?;
+        }
+        Ok(config)
+    }) {
         Ok(mut config) => {
             config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             config

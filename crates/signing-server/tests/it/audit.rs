@@ -442,6 +442,8 @@ async fn on_postgres_an_owner_migrates_and_the_service_role_only_checks_the_vers
         "{stderr}"
     );
 
+    // The owner's host need not have the package roots.
+    std::fs::remove_dir(dir.path().join("pkgs")).unwrap();
     let out = run(&owner_url, "--migrate");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -452,6 +454,7 @@ async fn on_postgres_an_owner_migrates_and_the_service_role_only_checks_the_vers
     assert!(stdout.contains("schema version 2"), "{stdout}");
     assert!(!stdout.contains("s3cret-pw"), "{stdout}");
     grant_service(&owner_url, &service_role).await;
+    std::fs::create_dir(dir.path().join("pkgs")).unwrap();
 
     let out = run(&service_url, "--check-config");
     let stdout = String::from_utf8_lossy(&out.stdout);
