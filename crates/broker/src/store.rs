@@ -784,11 +784,9 @@ fn prepare_sqlite_file(path: &std::path::Path) -> Result<(), StoreError> {
     })
 }
 
-/// The schema's migrations, embedded in the binary: version, description (the file name's, as
-/// `sqlx migrate` derives it) and SQL. They are listed here rather than read by sqlx's
-/// `migrate!` macro, which would compile a second copy of sqlx (and of SQLite) for the build
-/// host; a test checks this list against the `migrations/` directory, checksums included.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+/// The schema's migrations, embedded in the binary (`common::migrate`); a test checks this list
+/// against the `migrations/` directory, checksums included.
+const MIGRATIONS: &[common::migrate::Embedded] = &[
     (1, "jobs", include_str!("../migrations/0001_jobs.sql")),
     (
         2,
@@ -797,25 +795,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// The migrator over [`MIGRATIONS`]; it records the same versions and checksums as
-/// `sqlx::migrate!("./migrations")` would.
+/// The migrator over [`MIGRATIONS`].
 fn migrator() -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
-    Migrator::with_migrations(
-        MIGRATIONS
-            .iter()
-            .map(|&(version, description, sql)| {
-                let sql = sqlx::SqlStr::from_static(sql);
-                Migration::new(
-                    version,
-                    description.into(),
-                    MigrationType::Simple,
-                    sql,
-                    false,
-                )
-            })
-            .collect(),
-    )
+    common::migrate::migrator(MIGRATIONS)
 }
 
 #[cfg(test)]
@@ -825,19 +807,8 @@ mod tests {
     #[tokio::test]
     async fn embedded_migrations_match_the_directory() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-        let from_disk = sqlx::migrate::Migrator::new(dir).await.unwrap();
-        let embedded = super::migrator();
-        let key = |m: &sqlx::migrate::Migration| {
-            (
-                m.version,
-                m.description.to_string(),
-                m.checksum.to_vec(),
-                m.no_tx,
-            )
-        };
-        let disk: Vec<_> = from_disk.iter().map(key).collect();
-        let ours: Vec<_> = embedded.iter().map(key).collect();
-        assert!(!disk.is_empty());
-        assert_eq!(ours, disk);
+        common::migrate::check_against_directory(super::MIGRATIONS, &dir)
+            .await
+            .unwrap();
     }
 }

@@ -23,6 +23,8 @@
 //!   process metrics, and the `metrics_listen` listener that serves `GET /metrics`.
 //! - [`local_http`]: the small plain-HTTP server behind every local listener (metrics, ws-proxy's
 //!   status and front end): a pool of its own and deadlines on every connection.
+//! - `migrate` (feature `migrate`): sqlx migrations embedded in a binary, with the check
+//!   that they are the `migrations/` directory as sqlx reads it.
 //! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
 //!   that keeps every `text` and `journal` log event on one line.
 //!
@@ -39,6 +41,8 @@ pub mod limits;
 pub mod local_http;
 pub mod log;
 pub mod metrics;
+#[cfg(feature = "migrate")]
+pub mod migrate;
 pub mod pki;
 pub mod secret;
 pub mod tls;

@@ -1,18 +1,36 @@
-//! The audit trail: an append-only SQLite table of every signature, and the original's
-//! `signatures.txt`.
+//! The audit trail: an append-only table of every signature, in SQLite or PostgreSQL, and the
+//! original's `signatures.txt`.
 //!
-//! The database file is created 0600 and runs in WAL mode with full fsync. One writer task
-//! commits: it takes every request waiting at that moment into one transaction (group
-//! commit), so concurrent requests share an fsync; a request's signatures are recorded
-//! together or not at all, and none is handed out before its row is on disk. `signatures.txt`
-//! holds the signature lines of the last request (the original truncated it per
-//! connection), replaced atomically so a reader never sees half a file.
+//! The store goes through sqlx's `Any` driver, as the broker's does: the same statements for
+//! both (`$n` placeholders), one migration list with the same versions for both, each version
+//! a SQL file per backend (`migrations/` for SQLite, `migrations-postgres/` for PostgreSQL):
+//! the tables are the same, the append-only triggers are each dialect's own. A SQLite file is
+//! created 0600 and runs in WAL mode with full fsync; PostgreSQL keeps its own durability
+//! (`synchronous_commit` as the server sets it, on by default).
+//!
+//! One writer task commits, on one connection: it takes every request waiting at that moment
+//! into one transaction (group commit), written as multi-row `INSERT`s, so concurrent requests
+//! share an fsync and a round trip; a request's signatures are recorded together or not at
+//! all, and none is handed out before its row is committed. Every row carries the instance
+//! name, so several instances can share one PostgreSQL trail.
+//!
+//! Migrations: SQLite's are run at start (the daemon owns its file). On PostgreSQL the daemon
+//! first reads which migrations the database has; when it is current, it runs no DDL at all
+//! (the service role needs none); when not, it tries to migrate, and a role without the
+//! privilege gets an error naming `signing-server --migrate`, which an owner runs with the
+//! owner's URL.
+//!
+//! `signatures.txt` holds the signature lines of the last request (the original truncated it
+//! per connection), replaced atomically so a reader never sees half a file.
 
 use std::path::Path;
-use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Row as _};
 
+use crate::config::Database;
 use crate::fields::{Fields, HEADER, line};
 
 /// One audit row.
@@ -34,6 +52,50 @@ pub struct Record {
     pub fields: Fields,
 }
 
+/// A row read back: the columns tools and tests look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The row's id (order of commit within one database).
+    pub id: i64,
+    /// The instance that made the signature (`''` for rows from before instances).
+    pub instance: String,
+    /// Client identity.
+    pub identity: String,
+    /// `path` or `upload`.
+    pub source: String,
+    /// Path or upload name.
+    pub name: String,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+    /// Key id.
+    pub keyid: String,
+    /// The signature.
+    pub signature: String,
+}
+
+/// Errors opening or migrating the audit store.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The database failed.
+    #[error("{0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The PostgreSQL schema is not at this release's version, and this role cannot migrate it.
+    #[error(
+        "the schema is not at this release's version {expected} ({cause}); \
+         an owner of the database runs `signing-server --migrate` with the owner's URL \
+         (SIGNING_SERVER_DATABASE=postgres://OWNER@...)"
+    )]
+    Schema {
+        /// The newest migration this release knows.
+        expected: i64,
+        /// Why migrating failed.
+        cause: String,
+    },
+}
+
 /// A request's rows and where to say they are committed.
 type Pending = (
     Vec<Record>,
@@ -42,39 +104,56 @@ type Pending = (
 
 /// Most requests committed in one transaction.
 const GROUP: usize = 256;
+/// Most rows in one `INSERT` (15 columns: 3,750 parameters, below SQLite's 32,766).
+const ROWS_PER_INSERT: usize = 250;
+/// Columns of one row.
+const COLUMNS: usize = 15;
 
 /// The audit database.
 #[derive(Debug, Clone)]
 pub struct Audit {
-    pool: SqlitePool,
+    pool: AnyPool,
     writer: tokio::sync::mpsc::Sender<Pending>,
 }
 
 impl Audit {
-    /// Opens (creating 0600 when missing) and migrates the database.
+    /// Opens the store and brings its schema to this release's version: a SQLite file is
+    /// created 0600 when missing and migrated; a PostgreSQL database is migrated only when it
+    /// is behind (see the module's documentation).
     ///
     /// # Errors
-    /// The file cannot be created or opened, or a migration fails.
-    pub async fn open(path: &Path) -> Result<Self, sqlx::Error> {
-        // Its directory may be shared (signatures.txt is world-readable): created 0755, and
-        // like any directory of a private file it must be writable by us (or root) alone.
-        common::daemon::create_private_file(path, 0o755)?;
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        // No ping before each use: a local file does not drop connections, and the ping is a
-        // round trip to the database thread on every request.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
-        migrator().run(&pool).await?;
+    /// The file cannot be created or opened, the server cannot be reached, or the schema
+    /// cannot be brought to this version.
+    pub async fn open(database: &Database, instance: &str) -> Result<Self, AuditError> {
+        let pool = connect(database).await?;
+        match database {
+            Database::Sqlite(_) => migrator(database).run(&pool).await?,
+            Database::Postgres(_) => {
+                if !is_current(&pool, database).await {
+                    migrator(database)
+                        .run(&pool)
+                        .await
+                        .map_err(|e| AuditError::Schema {
+                            expected: latest(database),
+                            cause: e.to_string(),
+                        })?;
+                }
+            }
+        }
         let (writer, queue) = tokio::sync::mpsc::channel(GROUP * 4);
-        tokio::spawn(write_loop(pool.clone(), queue));
+        tokio::spawn(write_loop(pool.clone(), Arc::from(instance), queue));
         Ok(Self { pool, writer })
+    }
+
+    /// Runs every pending migration (`signing-server --migrate`); the schema's version after.
+    ///
+    /// # Errors
+    /// The database cannot be reached or a migration fails.
+    pub async fn migrate(database: &Database) -> Result<i64, AuditError> {
+        let pool = connect(database).await?;
+        migrator(database).run(&pool).await?;
+        pool.close().await;
+        Ok(latest(database))
     }
 
     /// Records a request's signatures; returns once they are committed.
@@ -100,23 +179,118 @@ impl Audit {
     pub async fn rows(
         &self,
     ) -> Result<Vec<(String, String, String, String, String, String)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT identity, source, name, sha256, keyid, signature FROM signatures ORDER BY id",
+        Ok(self
+            .trail()
+            .await?
+            .into_iter()
+            .map(|r| (r.identity, r.source, r.name, r.sha256, r.keyid, r.signature))
+            .collect())
+    }
+
+    /// Every row, in id order.
+    ///
+    /// # Errors
+    /// The query fails.
+    pub async fn trail(&self) -> Result<Vec<Row>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, instance, identity, source, name, sha256, keyid, signature \
+             FROM signatures ORDER BY id",
         )
         .fetch_all(&self.pool)
-        .await
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Row {
+                    id: row.try_get(0)?,
+                    instance: row.try_get(1)?,
+                    identity: row.try_get(2)?,
+                    source: row.try_get(3)?,
+                    name: row.try_get(4)?,
+                    sha256: row.try_get(5)?,
+                    keyid: row.try_get(6)?,
+                    signature: row.try_get(7)?,
+                })
+            })
+            .collect()
     }
 
     /// The pool, for tools.
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 }
 
+/// Connects: a SQLite file (created 0600 when missing, WAL, full fsync) or PostgreSQL.
+async fn connect(database: &Database) -> Result<AnyPool, AuditError> {
+    sqlx::any::install_default_drivers();
+    let (options, sqlite) = match database {
+        Database::Sqlite(path) => {
+            // Its directory may be shared (signatures.txt is world-readable): created 0755,
+            // and like any directory of a private file it must be writable by us (or root)
+            // alone.
+            common::daemon::create_private_file(path, 0o755).map_err(sqlx::Error::Io)?;
+            let file = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+            let url = sqlx::ConnectOptions::to_url_lossy(&file);
+            (
+                <AnyConnectOptions as sqlx::ConnectOptions>::from_url(&url)?,
+                true,
+            )
+        }
+        Database::Postgres(url) => (url.parse::<AnyConnectOptions>()?, false),
+    };
+    // No ping before each use: a local file does not drop connections, and on a LAN the ping
+    // is a round trip on every request.
+    let pool = AnyPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                if sqlite {
+                    sqlx::raw_sql(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 10000;",
+                    )
+                    .execute(conn)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Whether every migration of this release is recorded as applied, with its checksum, and no
+/// other (read-only: the service role may lack every other privilege).
+async fn is_current(pool: &AnyPool, database: &Database) -> bool {
+    let Ok(rows) = sqlx::query("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+    else {
+        return false;
+    };
+    let mut applied: Vec<(i64, Vec<u8>)> = rows
+        .iter()
+        .filter_map(|row| Some((row.try_get(0).ok()?, row.try_get(1).ok()?)))
+        .collect();
+    applied.sort();
+    let ours: Vec<(i64, Vec<u8>)> = migrator(database)
+        .iter()
+        .map(|m| (m.version, m.checksum.to_vec()))
+        .collect();
+    applied == ours
+}
+
 /// Commits waiting requests, as many as are queued (up to [`GROUP`]) per transaction.
-async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pending>) {
+async fn write_loop(
+    pool: AnyPool,
+    instance: Arc<str>,
+    mut queue: tokio::sync::mpsc::Receiver<Pending>,
+) {
     // The writer keeps one connection: no pool acquire and release per commit.
-    let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
+    let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP {
@@ -130,7 +304,10 @@ async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pen
             None => pool.acquire().await.map(|c| conn.insert(c)),
         };
         let result = match result {
-            Ok(c) => insert(c, batch.iter().flat_map(|(records, _)| records)).await,
+            Ok(c) => {
+                let records: Vec<&Record> = batch.iter().flat_map(|(records, _)| records).collect();
+                insert(c, &instance, &records).await
+            }
             Err(err) => Err(err),
         }
         .map_err(|e| e.to_string());
@@ -145,48 +322,78 @@ async fn write_loop(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Pen
 }
 
 async fn insert(
-    conn: &mut sqlx::SqliteConnection,
-    records: impl Iterator<Item = &Record>,
+    conn: &mut sqlx::AnyConnection,
+    instance: &str,
+    records: &[&Record],
 ) -> Result<(), sqlx::Error> {
     use sqlx::Connection as _;
-    let records: Vec<&Record> = records.collect();
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    if let [only] = records[..] {
-        // One statement is its own transaction: one round trip to the database thread
-        // instead of three.
-        insert_query(&now, only).execute(&mut *conn).await?;
-        return Ok(());
+    if records.len() <= ROWS_PER_INSERT {
+        // One statement is its own transaction: one round trip instead of three.
+        return insert_query(&now, instance, records)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ());
     }
     let mut tx = conn.begin().await?;
-    for r in records {
-        insert_query(&now, r).execute(&mut *tx).await?;
+    for chunk in records.chunks(ROWS_PER_INSERT) {
+        insert_query(&now, instance, chunk)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await
 }
 
+/// `INSERT INTO signatures (...) VALUES ($1, ...), ...` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO signatures (signed_at, instance, identity, source, name, sha256, size, \
+         key_name, keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..COLUMNS {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * COLUMNS + col + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 fn insert_query<'q>(
     now: &'q str,
-    r: &'q Record,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    sqlx::query(
-        "INSERT INTO signatures (signed_at, identity, source, name, sha256, size, key_name, keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(now)
-    .bind(&r.identity)
-    .bind(r.source)
-    .bind(&r.name)
-    .bind(&r.sha256)
-    .bind(i64::try_from(r.size).unwrap_or(i64::MAX))
-    .bind(&r.key_name)
-    .bind(&r.fields.keyid)
-    .bind(&r.fields.package)
-    .bind(&r.fields.fileset)
-    .bind(&r.fields.vrmf)
-    .bind(&r.fields.ftype)
-    .bind(&r.fields.timestamp)
-    .bind(&r.fields.signature)
+    instance: &'q str,
+    records: &[&'q Record],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_sql(records.len())));
+    for r in records {
+        query = query
+            .bind(now)
+            .bind(instance)
+            .bind(r.identity.as_str())
+            .bind(r.source)
+            .bind(r.name.as_str())
+            .bind(r.sha256.as_str())
+            .bind(i64::try_from(r.size).unwrap_or(i64::MAX))
+            .bind(r.key_name.as_str())
+            .bind(r.fields.keyid.as_str())
+            .bind(r.fields.package.as_str())
+            .bind(r.fields.fileset.as_str())
+            .bind(r.fields.vrmf.as_str())
+            .bind(r.fields.ftype.as_str())
+            .bind(r.fields.timestamp.as_str())
+            .bind(r.fields.signature.as_str());
+    }
+    query
 }
 
 /// Replaces `path` with the header and a line per signature, atomically.
@@ -218,57 +425,100 @@ pub fn write_signatures_file(path: &Path, fields: &[&Fields]) -> std::io::Result
     Ok(())
 }
 
-/// The schema's migrations, embedded in the binary: version, description (the file name's, as
-/// `sqlx migrate` derives it) and SQL. They are listed here rather than read by sqlx's
-/// `migrate!` macro, which would compile a second copy of sqlx (and of SQLite) for the build
-/// host; a test checks this list against the `migrations/` directory, checksums included.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "signatures",
-    include_str!("../migrations/0001_signatures.sql"),
-)];
+/// The SQLite schema's migrations, embedded in the binary (`common::migrate`).
+const SQLITE_MIGRATIONS: &[common::migrate::Embedded] = &[
+    (
+        1,
+        "signatures",
+        include_str!("../migrations/0001_signatures.sql"),
+    ),
+    (
+        2,
+        "instance",
+        include_str!("../migrations/0002_instance.sql"),
+    ),
+];
 
-/// The migrator over [`MIGRATIONS`]; it records the same versions and checksums as
-/// `sqlx::migrate!("./migrations")` would.
-fn migrator() -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
-    Migrator::with_migrations(
-        MIGRATIONS
-            .iter()
-            .map(|&(version, description, sql)| {
-                let sql = sqlx::SqlStr::from_static(sql);
-                Migration::new(
-                    version,
-                    description.into(),
-                    MigrationType::Simple,
-                    sql,
-                    false,
-                )
-            })
-            .collect(),
-    )
+/// PostgreSQL's: the same versions and descriptions, each in PostgreSQL's dialect.
+const POSTGRES_MIGRATIONS: &[common::migrate::Embedded] = &[
+    (
+        1,
+        "signatures",
+        include_str!("../migrations-postgres/0001_signatures.sql"),
+    ),
+    (
+        2,
+        "instance",
+        include_str!("../migrations-postgres/0002_instance.sql"),
+    ),
+];
+
+fn migrations(database: &Database) -> &'static [common::migrate::Embedded] {
+    match database {
+        Database::Sqlite(_) => SQLITE_MIGRATIONS,
+        Database::Postgres(_) => POSTGRES_MIGRATIONS,
+    }
+}
+
+/// The migrator for the database's backend.
+fn migrator(database: &Database) -> sqlx::migrate::Migrator {
+    common::migrate::migrator(migrations(database))
+}
+
+/// The newest version this release knows.
+fn latest(database: &Database) -> i64 {
+    migrations(database).last().map_or(0, |m| m.0)
 }
 
 #[cfg(test)]
 mod tests {
-    /// The embedded list is the `migrations/` directory as sqlx reads it: same versions,
-    /// descriptions and checksums, so databases migrated by earlier releases stay valid.
+    use super::*;
+
+    /// SHA-384 of `migrations/0001_signatures.sql` as released before issue 20.
+    const FIRST_CHECKSUM: &str = "746474989a7bdfbeac30513ac93e3ac536f91e3fd9be5802fd4e143f768dc8f5a48b3b5aaeccd716b47cbb6de0de7272";
+
+    /// Each embedded list is its directory as sqlx reads it: same versions, descriptions and
+    /// checksums, so databases migrated by earlier releases stay valid; and both backends
+    /// have the same versions and descriptions.
     #[tokio::test]
-    async fn embedded_migrations_match_the_directory() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-        let from_disk = sqlx::migrate::Migrator::new(dir).await.unwrap();
-        let embedded = super::migrator();
-        let key = |m: &sqlx::migrate::Migration| {
-            (
-                m.version,
-                m.description.to_string(),
-                m.checksum.to_vec(),
-                m.no_tx,
-            )
+    async fn embedded_migrations_match_the_directories() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        common::migrate::check_against_directory(SQLITE_MIGRATIONS, &root.join("migrations"))
+            .await
+            .unwrap();
+        common::migrate::check_against_directory(
+            POSTGRES_MIGRATIONS,
+            &root.join("migrations-postgres"),
+        )
+        .await
+        .unwrap();
+        let names = |list: &[common::migrate::Embedded]| -> Vec<(i64, &str)> {
+            list.iter().map(|m| (m.0, m.1)).collect()
         };
-        let disk: Vec<_> = from_disk.iter().map(key).collect();
-        let ours: Vec<_> = embedded.iter().map(key).collect();
-        assert!(!disk.is_empty());
-        assert_eq!(ours, disk);
+        assert_eq!(names(SQLITE_MIGRATIONS), names(POSTGRES_MIGRATIONS));
+    }
+
+    /// Version 1's checksum is the one earlier releases recorded: existing databases stay
+    /// valid.
+    #[test]
+    fn the_first_migration_is_unchanged() {
+        let first = migrator(&Database::Sqlite("x".into()));
+        let first = first.iter().next().unwrap();
+        assert_eq!(
+            hex::encode(&first.checksum[..]),
+            FIRST_CHECKSUM,
+            "migrations/0001_signatures.sql must never change"
+        );
+    }
+
+    #[test]
+    fn insert_statements_number_every_parameter() {
+        assert!(
+            insert_sql(1)
+                .ends_with("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
+        );
+        assert!(insert_sql(2).ends_with(
+            "($16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"
+        ));
     }
 }

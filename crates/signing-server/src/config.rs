@@ -179,8 +179,10 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// The signatures file (relative to state_dir).
     pub signatures_file: Option<PathBuf>,
-    /// The audit database (relative to state_dir).
-    pub database: Option<PathBuf>,
+    /// The audit database: a SQLite file (relative to state_dir) or a `postgres://` URL.
+    pub database: Option<String>,
+    /// This instance's name, written on every audit row (default: the host name).
+    pub instance: Option<String>,
     /// Signing keys.
     pub keys: Vec<KeySpec>,
     /// Identity rules, first match wins.
@@ -189,6 +191,113 @@ pub struct FileConfig {
     pub limits: Option<Limits>,
     /// Log filter.
     pub log: Option<String>,
+}
+
+/// Longest instance name.
+pub const MAX_INSTANCE_LEN: usize = 64;
+
+/// Where the audit trail lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file, created 0600 when missing.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://user:password@host:port/db?...`), shared by instances.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `postgres://` or `postgresql://` URL, or else a SQLite file under `state_dir` (when
+    /// relative).
+    ///
+    /// # Errors
+    /// A PostgreSQL URL that does not parse (the message masks its password).
+    pub fn parse(text: &str, state_dir: &std::path::Path) -> Result<Self, ConfigError> {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            url::Url::parse(text)
+                .map_err(|e| ConfigError(format!("database {}: {e}", masked_url(text))))?;
+            return Ok(Self::Postgres(text.to_owned()));
+        }
+        if text.is_empty() {
+            return Err(ConfigError("database must not be empty".into()));
+        }
+        let path = PathBuf::from(text);
+        Ok(Self::Sqlite(if path.is_absolute() {
+            path
+        } else {
+            state_dir.join(path)
+        }))
+    }
+}
+
+/// Shows the path, or the URL with its password as `***`.
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => f.write_str(&masked_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Self::Postgres(_) => f.debug_tuple("Postgres").field(&self.to_string()).finish(),
+        }
+    }
+}
+
+/// `url` with its password (in the user part or a `password=` parameter) replaced by `***`;
+/// an unparsable URL is shown as `postgres://***`.
+pub fn masked_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "postgres://***".into();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k.eq_ignore_ascii_case("password") {
+                "***".into()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    if !pairs.is_empty() {
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// Checks an instance name: 1 to [`MAX_INSTANCE_LEN`] ASCII letters, digits, `.`, `-`, `_`.
+///
+/// # Errors
+/// Any other name.
+pub fn check_instance(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_INSTANCE_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "instance {name:?}: 1 to {MAX_INSTANCE_LEN} letters, digits, '.', '-' or '_'"
+        )))
+    }
+}
+
+/// The host name (the default instance name): uname(2)'s node name, which the unit's
+/// `ProcSubset=pid` leaves readable where it hides `/proc/sys/kernel/hostname`.
+fn host_name() -> Option<String> {
+    let name = rustix::system::uname().nodename().to_str().ok()?.to_owned();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Configuration errors.
@@ -210,7 +319,9 @@ pub struct Config {
     /// signatures.txt.
     pub signatures_file: PathBuf,
     /// Audit database.
-    pub database: PathBuf,
+    pub database: Database,
+    /// This instance's name, written on every audit row.
+    pub instance: String,
     /// Keys.
     pub keys: Vec<KeySpec>,
     /// Identity rules.
@@ -300,6 +411,19 @@ impl FileConfig {
                 )));
             }
         }
+        let defaulted = self.instance.is_none();
+        let instance = match self.instance {
+            Some(name) => name,
+            None => host_name()
+                .ok_or_else(|| ConfigError("the host name cannot be read: set instance".into()))?,
+        };
+        check_instance(&instance).map_err(|ConfigError(e)| {
+            ConfigError(if defaulted {
+                format!("{e} (the host name; set instance to another name)")
+            } else {
+                e
+            })
+        })?;
         let limits = self.limits.unwrap_or_default();
         for (name, value) in [
             ("io_timeout_secs", limits.io_timeout_secs),
@@ -337,10 +461,11 @@ impl FileConfig {
                 self.signatures_file
                     .unwrap_or_else(|| PathBuf::from("signatures.txt")),
             ),
-            database: under(
-                self.database
-                    .unwrap_or_else(|| PathBuf::from("audit.sqlite")),
-            ),
+            database: Database::parse(
+                self.database.as_deref().unwrap_or("audit.sqlite"),
+                &state_dir,
+            )?,
+            instance,
             state_dir: state_dir.clone(),
             keys: self.keys,
             clients: self.clients,
@@ -389,6 +514,70 @@ mod tests {
         assert!(parse(&format!("{BASE}bogus = 1\n")).is_err());
         let command = parse(&format!("{BASE}[[keys]]\ntype = \"command\"\nname = \"aix\"\nprogram = \"/usr/sbin/create_pkgsign\"\nargs = [\"-a\", \"infile={{file}}\", \"{{output}}\"]\nkeyid = \"k1\"\n")).unwrap();
         assert_eq!(command.keys.len(), 2);
+    }
+
+    #[test]
+    fn database_is_a_sqlite_file_or_a_postgres_url_whose_password_is_masked() {
+        let config = parse(&format!("state_dir = \"/var/lib/s\"\n{BASE}")).unwrap();
+        assert_eq!(
+            config.database,
+            Database::Sqlite("/var/lib/s/audit.sqlite".into())
+        );
+        let config = parse(&format!("database = \"/srv/a.db\"\n{BASE}")).unwrap();
+        assert_eq!(config.database, Database::Sqlite("/srv/a.db".into()));
+        let url = "postgres://svc:pa55word@db.example:5432/audit?sslmode=verify-full";
+        let config = parse(&format!("database = {url:?}\n{BASE}")).unwrap();
+        assert_eq!(config.database, Database::Postgres(url.into()));
+        for shown in [
+            config.database.to_string(),
+            format!("{:?}", config.database),
+            format!("{config:?}"),
+        ] {
+            assert!(!shown.contains("pa55word"), "{shown}");
+        }
+        assert_eq!(
+            config.database.to_string(),
+            "postgres://svc:***@db.example:5432/audit?sslmode=verify-full"
+        );
+        assert_eq!(
+            masked_url("postgresql://svc@h/db?password=pa55word&host=/run"),
+            "postgresql://svc@h/db?password=***&host=%2Frun"
+        );
+        let err = parse(&format!(
+            "database = \"postgres://svc:pa55word@[bad/db\"\n{BASE}"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(!err.contains("pa55word"), "{err}");
+        assert!(parse(&format!("database = \"\"\n{BASE}")).is_err());
+    }
+
+    #[test]
+    fn instance_is_a_short_printable_name_defaulting_to_the_host_name() {
+        let config = parse(BASE).unwrap();
+        assert_eq!(Some(config.instance.clone()), host_name());
+        assert!(check_instance(&config.instance).is_ok());
+        let config = parse(&format!("instance = \"east-1.dc_2\"\n{BASE}")).unwrap();
+        assert_eq!(config.instance, "east-1.dc_2");
+        for bad in [
+            "",
+            "a b",
+            "a\\nb",
+            "café",
+            &"x".repeat(MAX_INSTANCE_LEN + 1),
+        ] {
+            let err = parse(&format!("instance = \"{bad}\"\n{BASE}"))
+                .unwrap_err()
+                .0;
+            assert!(err.contains("instance"), "{bad:?}: {err}");
+        }
+        assert!(
+            parse(&format!(
+                "instance = \"{}\"\n{BASE}",
+                "x".repeat(MAX_INSTANCE_LEN)
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -141,9 +141,9 @@ impl Service {
                 .with_context(|| format!("key {:?}", spec.name()))?,
             );
         }
-        let audit = Audit::open(&config.database)
+        let audit = Audit::open(&config.database, &config.instance)
             .await
-            .with_context(|| format!("audit database {}", config.database.display()))?;
+            .with_context(|| format!("audit database {}", config.database))?;
         let spool = Spool::new(
             spool,
             config.limits.max_spool_bytes,

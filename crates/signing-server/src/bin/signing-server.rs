@@ -69,20 +69,47 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     daemon::overlay(&mut file.listen, args.listen.clone().map(Some));
+    daemon::overlay(&mut file.database, args.database.clone().map(Some));
+    daemon::overlay(&mut file.instance, args.instance.clone().map(Some));
     let log = args.log.or_file(file.log.as_ref());
-    let config = match file
-        .into_config()
-        .and_then(|config| config.check_roots().map(|()| config))
-    {
+    // `--migrate` needs only `database` to be usable: an owner may run it on a host without
+    // the package roots.
+    let check_roots = !args.migrate;
+    let config = match file.into_config().and_then(|config| {
+        if check_roots {
+            config.check_roots()?;
+        }
+        Ok(config)
+    }) {
         Ok(mut config) => {
             config.credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             config
         }
         Err(err) => return daemon::invalid_config("signing-server", err),
     };
+    if args.migrate {
+        return daemon::run_daemon("signing-server", &log, || migrate(config));
+    }
     daemon::run_daemon("signing-server", &log, || {
         run(config, args.print_address, args.check_config)
     })
+}
+
+/// `--migrate`: the schema to this release's version, nothing else.
+async fn migrate(config: signing_server::config::Config) -> ExitCode {
+    match signing_server::audit::Audit::migrate(&config.database).await {
+        Ok(version) => {
+            println!(
+                "audit database {} is at schema version {version}",
+                config.database
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("signing-server: audit database {}: {err}", config.database);
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+    }
 }
 
 async fn run(
@@ -123,9 +150,11 @@ async fn run(
             .map(|s| format!("{} ({}, keyid {})", s.name(), s.algorithm(), s.keyid()))
             .collect();
         println!(
-            "configuration ok: listen {listen}, keys: {}, client rules: {}",
+            "configuration ok: listen {listen}, keys: {}, client rules: {}, audit database {} (instance {})",
             keys.join(", "),
-            service.config.clients.len()
+            service.config.clients.len(),
+            service.config.database,
+            service.config.instance
         );
         return ExitCode::SUCCESS;
     }

@@ -13,14 +13,15 @@ use std::path::PathBuf;
 /// JSON object of per-file signature fields and a "Signatures written to" line); one that
 /// offers http/1.1 gets the JSON API (POST /v1/sign, /v1/sign-path, /v1/verify; GET /v1/keys).
 ///
-/// Every signature is recorded in an append-only SQLite audit table and in signatures.txt.
+/// Every signature is recorded in an append-only audit table (SQLite, or PostgreSQL shared by
+/// several instances) and in signatures.txt.
 ///
 /// Signals: SIGHUP reloads the TLS certificate, key, client CA and CRLs; SIGTERM or SIGINT
 /// stops accepting and lets running requests finish (drain_grace_secs).
 ///
 /// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration,
 /// 66 a signing key cannot be loaded (missing, not Ed448, or readable by others), 69 cannot
-/// bind, open the audit database or load TLS, 70 requests still running after the grace
+/// bind, open (or migrate) the audit database or load TLS, 70 requests still running after the grace
 /// period, 73 keygen cannot create its files.
 #[derive(Debug, Parser)]
 #[command(
@@ -40,9 +41,27 @@ pub struct Args {
     /// `metrics_listen` is set (for scripts using port 0).
     #[arg(long)]
     pub print_address: bool,
-    /// Check the configuration, the keys, the audit database and the TLS material, then exit.
+    /// Check the configuration, the keys, the audit database (connected and migrated) and the
+    /// TLS material, then exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Audit database, overriding the file's `database`: a SQLite file or a postgres:// URL.
+    /// Prefer the environment variable for a URL with a password (a command line is visible
+    /// to every local user).
+    #[arg(
+        long,
+        env = "SIGNING_SERVER_DATABASE",
+        value_name = "PATH|URL",
+        hide_env_values = true
+    )]
+    pub database: Option<String>,
+    /// This instance's name on every audit row, overriding the file's `instance`.
+    #[arg(long, env = "SIGNING_SERVER_INSTANCE", value_name = "NAME")]
+    pub instance: Option<String>,
+    /// Bring the audit database's schema to this release's version, then exit (run by the
+    /// database's owner role: SIGNING_SERVER_DATABASE=postgres://OWNER@HOST/DB).
+    #[arg(long)]
+    pub migrate: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::support::{Answer, STEP, daemon_setup, legacy, pki};
+use crate::both_stores;
+use crate::support::{Answer, Backend, STEP, daemon_setup, fresh_pg_database, legacy, pki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_signing-server");
 
@@ -148,55 +149,64 @@ async fn a_root_that_is_not_a_directory_is_refused_at_check_and_at_start() {
     );
 }
 
-#[tokio::test]
-async fn the_daemon_serves_a_toml_configuration_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _) = setup(dir.path());
-    let pkgs = dir.path().join("pkgs");
-    std::fs::write(pkgs.join("bos.rte.7.3.0.0.bff"), b"bos").unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("-c")
-        .arg(&config)
-        .arg("--print-address")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(STEP, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                return addr.parse::<std::net::SocketAddr>().unwrap();
-            }
+both_stores!(
+    the_daemon_serves_a_toml_configuration_and_stops_on_sigterm,
+    |backend| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _) = setup(dir.path());
+        let pkgs = dir.path().join("pkgs");
+        std::fs::write(pkgs.join("bos.rte.7.3.0.0.bff"), b"bos").unwrap();
+        let mut command = tokio::process::Command::new(BIN);
+        if backend == Backend::Postgres {
+            command.env("SIGNING_SERVER_DATABASE", fresh_pg_database().await.1);
         }
-        panic!("the daemon exited without printing its address");
-    })
-    .await
-    .expect("the daemon prints its address");
-    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
-    let answer = legacy(addr, Some(&pki().alice), pkgs.to_str().unwrap())
+        let mut child = command
+            .arg("-c")
+            .arg(&config)
+            .arg("--print-address")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(STEP, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return addr.parse::<std::net::SocketAddr>().unwrap();
+                }
+            }
+            panic!("the daemon exited without printing its address");
+        })
         .await
-        .unwrap();
-    let answer = Answer::parse(&String::from_utf8(answer).unwrap());
-    assert!(answer.files()["bos.rte.7.3.0.0.bff"]["signature"].is_string());
-    assert!(dir.path().join("state/audit.sqlite").exists());
-    assert!(dir.path().join("state/signatures.txt").exists());
+        .expect("the daemon prints its address");
+        let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
-        .await
-        .expect("the daemon stops after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    drain.await.unwrap();
-}
+        let answer = legacy(addr, Some(&pki().alice), pkgs.to_str().unwrap())
+            .await
+            .unwrap();
+        let answer = Answer::parse(&String::from_utf8(answer).unwrap());
+        assert!(answer.files()["bos.rte.7.3.0.0.bff"]["signature"].is_string());
+        assert_eq!(
+            dir.path().join("state/audit.sqlite").exists(),
+            backend == Backend::Sqlite
+        );
+        assert!(dir.path().join("state/signatures.txt").exists());
+
+        let pid = child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+            .await
+            .expect("the daemon stops after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+        drain.await.unwrap();
+    }
+);
 
 /// `--print-address | head -c0`: the reader is gone before the daemon prints its address. The
 /// line is dropped; the daemon keeps serving (it died with a "failed printing to stdout" panic)

@@ -6,7 +6,10 @@
 //! - `legacy`: the original protocol byte for byte, the Python client, single files, the
 //!   file limit, concurrent and silent clients;
 //! - `refusals`: certificates, roots, symlinks, shell metacharacters;
-//! - `signatures`: verification with the library and with `openssl pkeyutl`; the audit table;
+//! - `signatures`: verification with the library and with `openssl pkeyutl`;
+//! - `audit`: the audit trail on SQLite and PostgreSQL (`<name>::sqlite`, `<name>::postgres`):
+//!   append-only, nothing handed out before its row commits, two instances into one PostgreSQL,
+//!   migrations;
 //! - `api`: the HTTPS JSON API;
 //! - `upload`: a 2 GiB upload with bounded memory;
 //! - `command`: the external `create_pkgsign`-compatible signer;
@@ -27,6 +30,7 @@
 )]
 
 mod api;
+mod audit;
 mod client;
 mod command;
 mod daemon;

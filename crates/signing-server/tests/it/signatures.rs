@@ -1,11 +1,11 @@
-//! Signatures verify with the library's streaming verifier and with `openssl pkeyutl`; every
-//! signature is in the append-only audit table.
+//! Signatures verify with the library's streaming verifier and with `openssl pkeyutl` (the
+//! audit table's tests are in `audit`).
 
 use std::path::Path;
 
 use signing_server::ed448::{parse_public_pem, verify_stream};
 
-use crate::support::{Answer, Options, TestServer, base64_decode, full, sha256_hex};
+use crate::support::{Answer, Options, TestServer, base64_decode};
 
 /// Whether `openssl pkeyutl -verify -rawin` accepts `signature` over `file` with `public`.
 pub(crate) fn openssl_verifies(dir: &Path, public: &str, signature: &[u8], file: &Path) -> bool {
@@ -105,64 +105,4 @@ async fn signatures_verify_with_the_library_and_with_openssl() {
             }
         }
     }
-}
-
-#[tokio::test]
-async fn every_signature_is_in_the_append_only_audit_table() {
-    let server = TestServer::start(Options::default()).await;
-    let file = server.pkgs.join("one.bin");
-    std::fs::write(&file, b"signed by path").unwrap();
-    let answer = Answer::parse(&server.alice_legacy(file.to_str().unwrap()).await);
-    let by_path = answer.files()["one.bin"]["signature"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let reply = server
-        .alice(
-            "POST",
-            "/v1/sign?name=up.bin",
-            full(&b"signed by upload"[..]),
-        )
-        .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let by_upload = reply.json()["signature"].as_str().unwrap().to_owned();
-
-    let rows = server.service.audit.rows().await.unwrap();
-    let keyid = server.keyid.clone();
-    assert_eq!(
-        rows,
-        [
-            (
-                "alice".to_owned(),
-                "path".to_owned(),
-                file.to_str().unwrap().to_owned(),
-                sha256_hex(b"signed by path"),
-                keyid.clone(),
-                by_path,
-            ),
-            (
-                "alice".to_owned(),
-                "upload".to_owned(),
-                "up.bin".to_owned(),
-                sha256_hex(b"signed by upload"),
-                keyid,
-                by_upload,
-            ),
-        ]
-    );
-
-    let pool = server.service.audit.pool();
-    for statement in [
-        "UPDATE signatures SET identity = 'mallory'",
-        "UPDATE signatures SET signature = 'forged' WHERE source = 'upload'",
-        "DELETE FROM signatures",
-        "DELETE FROM signatures WHERE id = 1",
-    ] {
-        let err = sqlx::query(statement).execute(pool).await.unwrap_err();
-        assert!(
-            err.to_string().contains("append-only"),
-            "{statement}: {err}"
-        );
-    }
-    assert_eq!(server.service.audit.rows().await.unwrap(), rows);
 }

@@ -67,6 +67,107 @@ pub(crate) struct Options {
     /// `[tls] max_handshakes_per_address`: 32, above the default, as every test client comes
     /// from 127.0.0.1 and some tests connect 20 at once.
     pub(crate) max_handshakes_per_address: usize,
+    /// The audit store: SQLite in the state directory by default.
+    pub(crate) backend: Backend,
+    /// `database` as configured, when set (overrides `backend`).
+    pub(crate) database: Option<String>,
+    /// `instance`; `None`: "test".
+    pub(crate) instance: Option<String>,
+}
+
+/// Which audit store a test server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// `audit.sqlite` in the state directory.
+    Sqlite,
+    /// A fresh database of its own on the test PostgreSQL server ([`pg_url`]).
+    Postgres,
+}
+
+/// The test PostgreSQL server's URL (`TEST_PG_URL`, set by scripts/with-postgres), when there
+/// is one.
+pub(crate) fn pg_url() -> Option<String> {
+    std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// Whether a PostgreSQL test may run: `false` (with a note) when there is no server, a failure
+/// when `TEST_REQUIRE_PG` is set (scripts/test sets it).
+pub(crate) fn pg_available() -> bool {
+    if pg_url().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("TEST_REQUIRE_PG").is_none(),
+        "TEST_REQUIRE_PG is set but TEST_PG_URL is not"
+    );
+    eprintln!(
+        "skipped: set TEST_PG_URL=postgres://... (scripts/with-postgres) to run on PostgreSQL"
+    );
+    false
+}
+
+/// `url` with its database replaced by `name`.
+pub(crate) fn with_database(url: &str, name: &str) -> String {
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let (base, _) = path.rsplit_once('/').expect("URL has a database part");
+    format!("{base}/{name}{query}")
+}
+
+/// `url` connecting as `user` instead (trust authentication on the test cluster).
+pub(crate) fn as_user(url: &str, user: &str) -> String {
+    let mut parsed = url::Url::parse(url).unwrap();
+    parsed.set_username(user).unwrap();
+    parsed.to_string()
+}
+
+/// Runs `sql` (several statements allowed) on the test server as its superuser, in `database`
+/// (`None`: the server's default database).
+pub(crate) async fn pg_admin(database: Option<&str>, sql: &str) {
+    use sqlx::Connection as _;
+    let admin = pg_url().expect("TEST_PG_URL is set");
+    let url = database.map_or(admin.clone(), |db| with_database(&admin, db));
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    conn.close().await.unwrap();
+}
+
+/// Makes a fresh database on the test PostgreSQL server: its name and URL (as the superuser).
+pub(crate) async fn fresh_pg_database() -> (String, String) {
+    let name = format!("signing_t_{}", hex::encode(rand::random::<[u8; 8]>()));
+    pg_admin(None, &format!("CREATE DATABASE {name}")).await;
+    let url = with_database(&pg_url().expect("TEST_PG_URL is set"), &name);
+    (name, url)
+}
+
+/// Runs the same async test body (`|backend| async move { ... }`) on SQLite and on PostgreSQL:
+/// defines `<name>::sqlite` and `<name>::postgres`; the latter is skipped without a server
+/// ([`pg_available`]).
+#[macro_export]
+macro_rules! both_stores {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                ($body)($crate::support::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::support::pg_available() {
+                    ($body)($crate::support::Backend::Postgres).await;
+                }
+            }
+        }
+    };
 }
 
 impl Default for Options {
@@ -79,6 +180,9 @@ impl Default for Options {
             anyone_signs_pkgs: false,
             tls: None,
             max_handshakes_per_address: 32,
+            backend: Backend::Sqlite,
+            database: None,
+            instance: None,
         }
     }
 }
@@ -155,10 +259,17 @@ impl TestServer {
         let mut section = options.tls.unwrap_or_else(|| tls_section(pki));
         section.client_auth = options.client_auth;
         section.max_handshakes_per_address = options.max_handshakes_per_address.try_into().unwrap();
+        let database = match (options.database, options.backend) {
+            (Some(database), _) => Some(database),
+            (None, Backend::Sqlite) => None,
+            (None, Backend::Postgres) => Some(fresh_pg_database().await.1),
+        };
         let config = FileConfig {
             listen: Some("127.0.0.1:0".into()),
             tls: Some(section),
             state_dir: Some(state.clone()),
+            database,
+            instance: Some(options.instance.unwrap_or_else(|| "test".into())),
             keys,
             clients,
             limits: Some(options.limits),

@@ -1,0 +1,513 @@
+//! The audit trail on both stores (SQLite, PostgreSQL): append-only, no signature before its
+//! row is committed, a request's rows together or not at all, several instances into one
+//! PostgreSQL, the schema migrations and who may run them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::both_stores;
+use crate::support::{
+    Backend, Options, TestServer, as_user, daemon_setup, fresh_pg_database, full, pg_admin,
+    pg_available, pki, sha256_hex,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_signing-server");
+
+/// Runs `sql` on the server's own audit pool (the superuser on PostgreSQL, the file's owner on
+/// SQLite); the database's error text when it fails.
+async fn try_sql(server: &TestServer, sql: &str) -> Result<(), String> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(server.service.audit.pool())
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+both_stores!(
+    every_signature_is_in_the_append_only_audit_table,
+    |backend| async move {
+        let server = TestServer::start(Options {
+            backend,
+            ..Options::default()
+        })
+        .await;
+        let file = server.pkgs.join("one.bin");
+        std::fs::write(&file, b"signed by path").unwrap();
+        let answer =
+            crate::support::Answer::parse(&server.alice_legacy(file.to_str().unwrap()).await);
+        let by_path = answer.files()["one.bin"]["signature"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let reply = server
+            .alice(
+                "POST",
+                "/v1/sign?name=up.bin",
+                full(&b"signed by upload"[..]),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let by_upload = reply.json()["signature"].as_str().unwrap().to_owned();
+
+        let rows = server.service.audit.rows().await.unwrap();
+        let keyid = server.keyid.clone();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "alice".to_owned(),
+                    "path".to_owned(),
+                    file.to_str().unwrap().to_owned(),
+                    sha256_hex(b"signed by path"),
+                    keyid.clone(),
+                    by_path,
+                ),
+                (
+                    "alice".to_owned(),
+                    "upload".to_owned(),
+                    "up.bin".to_owned(),
+                    sha256_hex(b"signed by upload"),
+                    keyid,
+                    by_upload,
+                ),
+            ]
+        );
+        let trail = server.service.audit.trail().await.unwrap();
+        assert!(trail.iter().all(|r| r.instance == "test"), "{trail:?}");
+
+        let mut statements = vec![
+            "UPDATE signatures SET identity = 'mallory'",
+            "UPDATE signatures SET signature = 'forged' WHERE source = 'upload'",
+            "DELETE FROM signatures",
+            "DELETE FROM signatures WHERE id = 1",
+        ];
+        if backend == Backend::Postgres {
+            statements.push("TRUNCATE signatures");
+        }
+        for statement in statements {
+            let err = try_sql(&server, statement).await.unwrap_err();
+            assert!(err.contains("append-only"), "{statement}: {err}");
+        }
+        assert_eq!(server.service.audit.rows().await.unwrap(), rows);
+    }
+);
+
+both_stores!(
+    a_request_whose_rows_are_refused_gets_no_signature_and_leaves_no_row,
+    |backend| async move {
+        let server = TestServer::start(Options {
+            backend,
+            ..Options::default()
+        })
+        .await;
+        // The second of three files of one request is refused by the database.
+        let trigger = match backend {
+            Backend::Sqlite => {
+                "CREATE TRIGGER poison BEFORE INSERT ON signatures WHEN NEW.name LIKE '%poison%' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned row'); END;"
+            }
+            Backend::Postgres => {
+                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.name LIKE '%poison%' THEN RAISE EXCEPTION 'poisoned row'; END IF; \
+                 RETURN NEW; END; $$; \
+                 CREATE TRIGGER poison BEFORE INSERT ON signatures FOR EACH ROW \
+                 EXECUTE FUNCTION poison();"
+            }
+        };
+        try_sql(&server, trigger).await.unwrap();
+        for name in ["a.bin", "b-poison.bin", "c.bin"] {
+            std::fs::write(server.pkgs.join(name), name.as_bytes()).unwrap();
+        }
+        let text = server.alice_legacy(server.pkgs.to_str().unwrap()).await;
+        assert!(!text.contains("\"signature\""), "{text}");
+        assert!(text.contains("audit"), "{text}");
+        let reply = server
+            .alice("POST", "/v1/sign?name=poison.bin", full(&b"x"[..]))
+            .await;
+        assert_eq!(reply.status, 500, "{}", reply.text());
+        assert!(!reply.text().contains("\"signature\""), "{}", reply.text());
+        assert!(server.service.audit.rows().await.unwrap().is_empty());
+        // The writer goes on: the next request is recorded.
+        let reply = server
+            .alice("POST", "/v1/sign?name=fine.bin", full(&b"x"[..]))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(server.service.audit.rows().await.unwrap().len(), 1);
+    }
+);
+
+/// A database with an owner role (runs the migrations) and a service role with only what the
+/// docs grant: its name, and the owner's and service's URLs.
+async fn owner_and_service() -> (String, String, String) {
+    let (name, admin_url) = fresh_pg_database().await;
+    let owner = format!("{name}_owner");
+    let service = format!("{name}_svc");
+    pg_admin(
+        None,
+        &format!(
+            "CREATE ROLE {owner} LOGIN; CREATE ROLE {service} LOGIN; \
+             ALTER DATABASE {name} OWNER TO {owner}; \
+             REVOKE ALL ON DATABASE {name} FROM PUBLIC; \
+             GRANT CONNECT ON DATABASE {name} TO {service};"
+        ),
+    )
+    .await;
+    (
+        name,
+        as_user(&admin_url, &owner),
+        as_user(&admin_url, &service),
+    )
+}
+
+/// The grants of docs/signing-server.md, "Several instances", run by the owner.
+async fn grant_service(owner_url: &str, service_role: &str) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(owner_url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT SELECT, INSERT ON signatures TO {service_role}; \
+         GRANT USAGE ON SEQUENCE signatures_id_seq TO {service_role}; \
+         GRANT SELECT ON _sqlx_migrations TO {service_role};"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
+/// Runs `sql` as the role of `url`: the error text, if any.
+async fn sql_as(url: &str, sql: &str) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_owner_hits_the_triggers_and_the_service_role_lacks_the_privilege() {
+    if !pg_available() {
+        return;
+    }
+    let (name, owner_url, service_url) = owner_and_service().await;
+    let service_role = format!("{name}_svc");
+    let database = signing_server::config::Database::Postgres(owner_url.clone());
+    assert_eq!(
+        signing_server::audit::Audit::migrate(&database)
+            .await
+            .unwrap(),
+        2
+    );
+    grant_service(&owner_url, &service_role).await;
+    let server = TestServer::start(Options {
+        database: Some(service_url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let reply = server
+        .alice("POST", "/v1/sign?name=a.bin", full(&b"a"[..]))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for statement in [
+        "UPDATE signatures SET identity = 'mallory'",
+        "DELETE FROM signatures",
+        "TRUNCATE signatures",
+    ] {
+        let err = sql_as(&owner_url, statement).await.unwrap_err();
+        assert!(
+            err.contains("the audit table is append-only"),
+            "owner: {statement}: {err}"
+        );
+        let err = sql_as(&service_url, statement).await.unwrap_err();
+        assert!(
+            err.contains("permission denied"),
+            "service: {statement}: {err}"
+        );
+    }
+    // Nor may the service role undo the triggers or the schema.
+    for statement in [
+        "DROP TRIGGER signatures_no_update_or_delete ON signatures",
+        "ALTER TABLE signatures DISABLE TRIGGER ALL",
+        "DROP TABLE signatures",
+    ] {
+        let err = sql_as(&service_url, statement).await.unwrap_err();
+        assert!(err.contains("must be owner"), "service: {statement}: {err}");
+    }
+    assert_eq!(server.service.audit.rows().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_no_signature_is_handed_out_when_the_insert_is_refused() {
+    if !pg_available() {
+        return;
+    }
+    let (name, owner_url, service_url) = owner_and_service().await;
+    let service_role = format!("{name}_svc");
+    let database = signing_server::config::Database::Postgres(owner_url.clone());
+    signing_server::audit::Audit::migrate(&database)
+        .await
+        .unwrap();
+    grant_service(&owner_url, &service_role).await;
+    let server = TestServer::start(Options {
+        database: Some(service_url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let reply = server
+        .alice("POST", "/v1/sign?name=before.bin", full(&b"a"[..]))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    sql_as(
+        &owner_url,
+        &format!("REVOKE INSERT ON signatures FROM {service_role}"),
+    )
+    .await
+    .unwrap();
+    std::fs::write(server.pkgs.join("x.bin"), b"x").unwrap();
+    std::fs::write(server.pkgs.join("y.bin"), b"y").unwrap();
+    let text = server.alice_legacy(server.pkgs.to_str().unwrap()).await;
+    assert!(!text.contains("\"signature\""), "{text}");
+    let reply = server
+        .alice("POST", "/v1/sign?name=after.bin", full(&b"b"[..]))
+        .await;
+    assert_eq!(reply.status, 500, "{}", reply.text());
+    assert!(!reply.text().contains("\"signature\""), "{}", reply.text());
+    let rows = server.service.audit.rows().await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].2, "before.bin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_sign_concurrently_into_one_postgres_trail() {
+    if !pg_available() {
+        return;
+    }
+    let (_, url) = fresh_pg_database().await;
+    let mut servers = Vec::new();
+    for instance in ["east", "west"] {
+        servers.push(Arc::new(
+            TestServer::start(Options {
+                database: Some(url.clone()),
+                instance: Some(instance.into()),
+                ..Options::default()
+            })
+            .await,
+        ));
+    }
+    const CLIENTS: usize = 8;
+    const EACH: usize = 12;
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let servers = servers.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for n in 0..EACH {
+                let (instance, server) = if (client + n) % 2 == 0 {
+                    ("east", &servers[0])
+                } else {
+                    ("west", &servers[1])
+                };
+                let name = format!("c{client}-{n}.bin");
+                let reply = server
+                    .alice(
+                        "POST",
+                        &format!("/v1/sign?name={name}"),
+                        full(name.clone().into_bytes()),
+                    )
+                    .await;
+                assert_eq!(reply.status, 200, "{}", reply.text());
+                let signature = reply.json()["signature"].as_str().unwrap().to_owned();
+                got.push((signature, instance, name));
+            }
+            got
+        }));
+    }
+    let mut handed_out = Vec::new();
+    for task in tasks {
+        handed_out.extend(task.await.unwrap());
+    }
+    assert_eq!(handed_out.len(), CLIENTS * EACH);
+    let trail = servers[0].service.audit.trail().await.unwrap();
+    assert_eq!(trail.len(), handed_out.len());
+    let mut by_signature: HashMap<&str, Vec<&signing_server::audit::Row>> = HashMap::new();
+    for row in &trail {
+        by_signature.entry(&row.signature).or_default().push(row);
+    }
+    for (signature, instance, name) in &handed_out {
+        let rows = &by_signature[signature.as_str()];
+        assert_eq!(rows.len(), 1, "{signature}");
+        assert_eq!(rows[0].instance, *instance);
+        assert_eq!(rows[0].name, *name);
+    }
+    for instance in ["east", "west"] {
+        assert_eq!(
+            trail.iter().filter(|r| r.instance == instance).count(),
+            CLIENTS * EACH / 2
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sqlite_database_from_before_instances_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old.sqlite");
+    common::daemon::create_private_file(&file, 0o755).unwrap();
+    {
+        // What the release before issue 20 made: migration 1 only, and a row.
+        use sqlx::ConnectOptions as _;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&file)
+            .connect()
+            .await
+            .unwrap();
+        const OLD: &[common::migrate::Embedded] = &[(
+            1,
+            "signatures",
+            include_str!("../../migrations/0001_signatures.sql"),
+        )];
+        common::migrate::migrator(OLD).run(&mut conn).await.unwrap();
+        sqlx::query(
+            "INSERT INTO signatures (signed_at, identity, source, name, sha256, size, key_name, \
+             keyid, package, fileset, vrmf, ftype, timestamp, signature) VALUES \
+             ('2026-01-01T00:00:00Z', 'alice', 'upload', 'old.bin', 'aa', 1, 'release', 'k', \
+             'p', 'f', 'v', 'I', 't', 'old-signature')",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let server = TestServer::start(Options {
+        database: Some(file.to_str().unwrap().to_owned()),
+        ..Options::default()
+    })
+    .await;
+    let reply = server
+        .alice("POST", "/v1/sign?name=new.bin", full(&b"new"[..]))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let trail = server.service.audit.trail().await.unwrap();
+    assert_eq!(trail.len(), 2, "{trail:?}");
+    assert_eq!(
+        (
+            trail[0].instance.as_str(),
+            trail[0].name.as_str(),
+            trail[0].signature.as_str()
+        ),
+        ("", "old.bin", "old-signature")
+    );
+    assert_eq!(
+        (trail[1].instance.as_str(), trail[1].name.as_str()),
+        ("test", "new.bin")
+    );
+    // Still append-only after the migration.
+    let err = try_sql(&server, "UPDATE signatures SET instance = 'x'")
+        .await
+        .unwrap_err();
+    assert!(err.contains("append-only"), "{err}");
+}
+
+/// The service role cannot migrate: the daemon refuses to start on an old schema and names
+/// `--migrate`; the owner runs it; then the service role starts without running any DDL. The
+/// URL's password never reaches the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_an_owner_migrates_and_the_service_role_only_checks_the_version() {
+    if !pg_available() {
+        return;
+    }
+    let (name, owner_url, service_url) = owner_and_service().await;
+    let service_role = format!("{name}_svc");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = daemon_setup(dir.path(), "");
+    let with_password = |url: &str| {
+        let mut parsed = url::Url::parse(url).unwrap();
+        parsed.set_password(Some("s3cret-pw")).unwrap();
+        parsed.to_string()
+    };
+    let run = |url: &str, flag: &str| {
+        std::process::Command::new(BIN)
+            .arg(flag)
+            .arg("-c")
+            .arg(&config)
+            .env("SIGNING_SERVER_DATABASE", with_password(url))
+            .env("SIGNING_SERVER_INSTANCE", "east-1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&service_url, "--check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("signing-server --migrate"), "{stderr}");
+    assert!(
+        !stderr.contains("s3cret-pw") && stderr.contains("***"),
+        "{stderr}"
+    );
+
+    // The owner's host need not have the package roots.
+    std::fs::remove_dir(dir.path().join("pkgs")).unwrap();
+    let out = run(&owner_url, "--migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("schema version 2"), "{stdout}");
+    assert!(!stdout.contains("s3cret-pw"), "{stdout}");
+    grant_service(&owner_url, &service_role).await;
+    std::fs::create_dir(dir.path().join("pkgs")).unwrap();
+
+    let out = run(&service_url, "--check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration ok"), "{stdout}");
+    assert!(stdout.contains("(instance east-1)"), "{stdout}");
+    assert!(!stdout.contains("s3cret-pw"), "{stdout}");
+    // Migrating again is a no-op.
+    assert!(run(&owner_url, "--migrate").status.success());
+    let _ = pki();
+}
+
+/// The SQLite store as before PostgreSQL came: created 0600, WAL, `synchronous = FULL`, and a
+/// planted file (a symbolic link) refused.
+#[tokio::test]
+async fn the_sqlite_file_is_private_durable_and_never_a_planted_link() {
+    use sqlx::Row as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = TestServer::start(Options::default()).await;
+    let file = server.state.join("audit.sqlite");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut conn = server.service.audit.pool().acquire().await.unwrap();
+    let journal: String = sqlx::query("PRAGMA journal_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(journal, "wal");
+    let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(synchronous, 2, "FULL");
+    drop(conn);
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("elsewhere.sqlite");
+    std::fs::write(&target, b"").unwrap();
+    let link = dir.path().join("audit.sqlite");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let database = signing_server::config::Database::Sqlite(link);
+    let err = signing_server::audit::Audit::open(&database, "test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("refusing") || err.contains("symbolic"),
+        "{err}"
+    );
+}
