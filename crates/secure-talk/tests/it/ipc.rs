@@ -99,13 +99,17 @@ print(len(answer))
 
 #[tokio::test]
 async fn a_process_that_joins_the_pipes_process_group_cannot_check_in_for_it() {
-    // The victim starts late, so its id is free when the hostile process claims it.
-    let server = TestServer::start_with(|c| {
+    // The victim starts only once the hostile process has finished (the test then creates
+    // `gate`), so its id is free when the hostile process claims it however slow the machine.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = dir.path().join("gate");
+    let wait = format!(
+        "while [ ! -e '{}' ]; do sleep 0.05; done; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}",
+        gate.display()
+    );
+    let server = TestServer::start_in(dir, |c| {
         c.pipe_program = "sh".into();
-        c.pipe_args = vec![
-            "-c".into(),
-            format!("sleep 1.5; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}"),
-        ];
+        c.pipe_args = vec!["-c".into(), wait];
     })
     .await;
     let opts = server.alice("victim");
@@ -139,6 +143,7 @@ async fn a_process_that_joins_the_pipes_process_group_cannot_check_in_for_it() {
     let listed = list(&mut admin).await;
     assert_eq!(listed["pipes"][0]["checked_in"], json!(false), "{listed}");
     // The real pipe still checks in, and its owner gets its output.
+    std::fs::write(&gate, b"").expect("open the gate");
     assert_eq!(data_until(&mut data, id, "real\n").await, "real\n");
 }
 
