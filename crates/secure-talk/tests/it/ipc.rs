@@ -42,17 +42,31 @@ fn header(len: u32, kind: u32) -> Vec<u8> {
     [len.to_be_bytes(), kind.to_be_bytes()].concat()
 }
 
+/// A server directory and the path of a gate file in it, not yet there.
+fn gated() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = dir.path().join("gate");
+    (dir, gate)
+}
+
+/// Pipes that wait for `gate` to exist before they exec the real pipe program (same pid).
+fn gate_pipe(config: &mut secure_talk::config::Config, gate: &std::path::Path) {
+    config.pipe_program = "sh".into();
+    config.pipe_args = vec![
+        "-c".into(),
+        format!(
+            "while [ ! -e '{}' ]; do sleep 0.05; done; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}",
+            gate.display()
+        ),
+    ];
+}
+
 #[tokio::test]
 async fn a_process_that_is_not_the_pipe_cannot_check_in_for_it() {
-    // The pipe program starts late, so its id is free when the impostor tries.
-    let server = TestServer::start_with(|c| {
-        c.pipe_program = "sh".into();
-        c.pipe_args = vec![
-            "-c".into(),
-            format!("sleep 1.5; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}"),
-        ];
-    })
-    .await;
+    // The pipe program starts only once the impostor is done (the test opens the gate), so
+    // its id is free when the impostor tries.
+    let (dir, gate) = gated();
+    let server = TestServer::start_in(dir, |c| gate_pipe(c, &gate)).await;
     let socket = server.config.ipc_socket.clone();
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -75,6 +89,7 @@ async fn a_process_that_is_not_the_pipe_cannot_check_in_for_it() {
     let listed = list(&mut admin).await;
     assert_eq!(listed["pipes"][0]["checked_in"], json!(false), "{listed}");
     // The real pipe checks in and runs its command.
+    std::fs::write(&gate, b"").expect("open the gate");
     assert_eq!(data_until(&mut data, id, "real\n").await, "real\n");
 }
 
@@ -99,19 +114,10 @@ print(len(answer))
 
 #[tokio::test]
 async fn a_process_that_joins_the_pipes_process_group_cannot_check_in_for_it() {
-    // The victim starts only once the hostile process has finished (the test then creates
-    // `gate`), so its id is free when the hostile process claims it however slow the machine.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gate = dir.path().join("gate");
-    let wait = format!(
-        "while [ ! -e '{}' ]; do sleep 0.05; done; exec '{PIPE}' -i {{id}} -u {{ipc_socket}}",
-        gate.display()
-    );
-    let server = TestServer::start_in(dir, |c| {
-        c.pipe_program = "sh".into();
-        c.pipe_args = vec!["-c".into(), wait];
-    })
-    .await;
+    // The victim starts only once the hostile process has finished (the test opens the
+    // gate), so its id is free when the hostile process claims it, however slow the machine.
+    let (dir, gate) = gated();
+    let server = TestServer::start_in(dir, |c| gate_pipe(c, &gate)).await;
     let opts = server.alice("victim");
     let mut data = connect(&opts, Channel::Data).await;
     let mut admin = connect(&opts, Channel::Admin).await;
