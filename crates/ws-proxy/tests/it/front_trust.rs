@@ -253,15 +253,21 @@ async fn a_unix_front_listener_serves_haproxy_and_refuses_other_users() {
     let placeholders: Vec<SocketAddr> = (1..=3)
         .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
         .collect();
-    let cfg = crate::haproxy::haproxy_cfg(dir.path(), port, &admin, &placeholders)
-        .replace(
-            "server ws1 127.0.0.1:1",
-            &format!("server ws1 {}", socket.display()),
-        )
-        .lines()
-        .filter(|l| !l.contains("server ws2 127.0.0.1:2") && !l.contains("server ws3 127.0.0.1:3"))
-        .map(|l| format!("{l}\n"))
-        .collect::<String>();
+    let cfg = crate::haproxy::haproxy_cfg(
+        dir.path(),
+        port,
+        &admin,
+        &placeholders,
+        crate::haproxy::Caps::Raised,
+    )
+    .replace(
+        "server ws1 127.0.0.1:1",
+        &format!("server ws1 {}", socket.display()),
+    )
+    .lines()
+    .filter(|l| !l.contains("server ws2 127.0.0.1:2") && !l.contains("server ws3 127.0.0.1:3"))
+    .map(|l| format!("{l}\n"))
+    .collect::<String>();
     let cfg_path = dir.path().join("haproxy.cfg");
     std::fs::write(&cfg_path, cfg).unwrap();
     let _haproxy = tokio::process::Command::new("haproxy")
