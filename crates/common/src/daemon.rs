@@ -411,6 +411,52 @@ pub fn check_trusted_dir(dir: &Path, why: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Checks every directory above `dir`, up to `/`: who may write to one of them may rename
+/// the path below it away and put a directory of their own in its place (then a socket or
+/// file made in `dir` is theirs to stand in for). Each belongs to us or to root, and neither
+/// its group nor others may write to it unless its sticky bit is set (as `/tmp`: there only
+/// an entry's owner may rename it, and the entry below is checked in turn). Both the path as
+/// given (made absolute; a symbolic link on it must be ours or root's too) and its canonical
+/// form are checked. `dir` itself is [`check_trusted_dir`]'s.
+///
+/// # Errors
+/// `PermissionDenied` naming the first directory (or link) that fails, its owner and mode,
+/// and `why`; or a directory cannot be read.
+pub fn check_trusted_ancestors(dir: &Path, why: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let euid = rustix::process::geteuid().as_raw();
+    let refuse = |path: &Path, meta: &std::fs::Metadata| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing {}: {why} (owner uid {}, mode {:o})",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        )
+    };
+    let ours = |meta: &std::fs::Metadata| meta.uid() == euid || meta.uid() == 0;
+    let absolute = std::path::absolute(dir)?;
+    let canonical = std::fs::canonicalize(dir)?;
+    for path in absolute
+        .ancestors()
+        .skip(1)
+        .chain(canonical.ancestors().skip(1))
+    {
+        let link = std::fs::symlink_metadata(path)?;
+        if link.file_type().is_symlink() && !ours(&link) {
+            return Err(refuse(path, &link));
+        }
+        let meta = std::fs::metadata(path)?;
+        let open = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
+        if !ours(&meta) || open {
+            return Err(refuse(path, &meta));
+        }
+    }
+    Ok(())
+}
+
 /// Replaces `slot` with `value` when a flag or environment variable was given.
 pub fn overlay<T>(slot: &mut T, value: Option<T>) {
     if let Some(value) = value {

@@ -131,8 +131,34 @@ fn certificate(value: &[u8]) -> Result<Option<(PeerIdentity, Vec<u8>)>, ForwardE
     let der = base64::engine::general_purpose::STANDARD
         .decode(value)
         .map_err(|_| ForwardError::CertNotBase64)?;
+    // Exactly one certificate: bytes after it (a second certificate, junk) would change
+    // the fingerprint but not the name, a new identity for per-identity limits.
+    if der_len(&der) != Some(der.len()) {
+        return Err(ForwardError::CertNotDer);
+    }
     let identity = PeerIdentity::from_der(&der).ok_or(ForwardError::CertNotDer)?;
     Ok(Some((identity, der)))
+}
+
+/// The length of the DER SEQUENCE `der` starts with, its header included; `None` when it
+/// does not start with one (definite length, at most 4 length bytes).
+fn der_len(der: &[u8]) -> Option<usize> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let count = usize::from(first & 0x7f);
+    if count == 0 || count > 4 || rest.len() < count {
+        return None;
+    }
+    let len = rest[..count]
+        .iter()
+        .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+    len.checked_add(2 + count)
 }
 
 /// An IP address as HAProxy's `%[src]` writes it (IPv4-mapped IPv6 as IPv4).
@@ -346,6 +372,17 @@ mod tests {
         let pem_line = pki.alice.cert_pem.lines().collect::<Vec<_>>().join(" ");
         let big = "A".repeat(MAX_CERT_HEADER_BYTES + 4);
         let not_cert = base64::engine::general_purpose::STANDARD.encode(b"hello, world");
+        let der = |leaf: &testkit::Leaf| {
+            common::tls::Pem::new("leaf", &leaf.cert_pem)
+                .certs()
+                .unwrap()
+                .remove(0)
+                .as_ref()
+                .to_vec()
+        };
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let alice_junk = b64(&[der(&pki.alice), b"junk".to_vec()].concat());
+        let alice_bob = b64(&[der(&pki.alice), der(&pki.bob)].concat());
         let cases: Vec<(String, ForwardError)> = vec![
             (String::new(), ForwardError::NoAddress),
             (
@@ -389,6 +426,16 @@ mod tests {
                     "X-Client-Addr: 1.2.3.4\r\nX-Client-Cert: {}\r\n",
                     &alice[..alice.len() - 8]
                 ),
+                ForwardError::CertNotDer,
+            ),
+            // One certificate and anything after it: each tail would be a new fingerprint
+            // under the same name.
+            (
+                format!("X-Client-Addr: 1.2.3.4\r\nX-Client-Cert: {alice_junk}\r\n"),
+                ForwardError::CertNotDer,
+            ),
+            (
+                format!("X-Client-Addr: 1.2.3.4\r\nX-Client-Cert: {alice_bob}\r\n"),
                 ForwardError::CertNotDer,
             ),
         ];

@@ -168,7 +168,8 @@ fn load_tls(tls: &TlsSection) -> Result<ServerTls, Failure> {
 
 /// Binds the front listener's Unix socket (mode 0660) in a directory nobody else may write
 /// to (ours or root's, not group- or world-writable: who could swap the socket could stand
-/// in for the instance), given to `[front] socket_group` when set.
+/// in for the instance), below directories nobody else may write to either (who could
+/// rename one could swap the whole path), given to `[front] socket_group` when set.
 fn bind_front_socket(
     path: &std::path::Path,
     deploy: &Deployment,
@@ -187,6 +188,12 @@ fn bind_front_socket(
         dir,
         "the front socket's directory must be ours or root's and writable by nobody else",
     )
+    .and_then(|()| {
+        daemon::check_trusted_ancestors(
+            dir,
+            "every directory above the front socket's must be ours or root's and writable by nobody else (unless sticky, as /tmp)",
+        )
+    })
     .map_err(|err| {
         Failure::new(
             exit::CONFIG,

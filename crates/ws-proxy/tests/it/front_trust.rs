@@ -253,15 +253,21 @@ async fn a_unix_front_listener_serves_haproxy_and_refuses_other_users() {
     let placeholders: Vec<SocketAddr> = (1..=3)
         .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
         .collect();
-    let cfg = crate::haproxy::haproxy_cfg(dir.path(), port, &admin, &placeholders)
-        .replace(
-            "server ws1 127.0.0.1:1",
-            &format!("server ws1 {}", socket.display()),
-        )
-        .lines()
-        .filter(|l| !l.contains("server ws2 127.0.0.1:2") && !l.contains("server ws3 127.0.0.1:3"))
-        .map(|l| format!("{l}\n"))
-        .collect::<String>();
+    let cfg = crate::haproxy::haproxy_cfg(
+        dir.path(),
+        port,
+        &admin,
+        &placeholders,
+        crate::haproxy::Caps::Raised,
+    )
+    .replace(
+        "server ws1 127.0.0.1:1",
+        &format!("server ws1 {}", socket.display()),
+    )
+    .lines()
+    .filter(|l| !l.contains("server ws2 127.0.0.1:2") && !l.contains("server ws3 127.0.0.1:3"))
+    .map(|l| format!("{l}\n"))
+    .collect::<String>();
     let cfg_path = dir.path().join("haproxy.cfg");
     std::fs::write(&cfg_path, cfg).unwrap();
     let _haproxy = tokio::process::Command::new("haproxy")
@@ -312,4 +318,48 @@ async fn a_front_socket_in_a_directory_others_may_write_exits_78() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("writable by nobody else"), "{stderr}");
     assert!(!dir.path().join("front.sock").exists());
+}
+
+/// The attacker's layout: the socket's directory is root's 0755, but the one above it is
+/// `nobody`'s, who could rename it away and plant a socket of their own at the path.
+#[tokio::test]
+async fn a_front_socket_below_a_directory_another_user_owns_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("u");
+    let run = theirs.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    // nobody: uid and gid 65534.
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let config = dir.path().join("ws-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[front]\nlisten = \"unix:{}\"\npeer_users = [\"root\"]\n",
+            run.join("front.sock").display()
+        ),
+    )
+    .unwrap();
+    // Before the check the daemon served on; it must exit at once.
+    let child = tokio::process::Command::new(DAEMON)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(crate::support::WAIT, child.wait_with_output())
+        .await
+        .expect("exits at start")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "refusing {}: every directory above",
+            theirs.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("owner uid 65534"), "{stderr}");
+    assert!(!run.join("front.sock").exists());
 }

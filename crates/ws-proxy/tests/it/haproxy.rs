@@ -89,6 +89,11 @@ impl Cluster {
 
     /// As [`Cluster::start`], the instances waiting `close_secs` for a peer's close frame.
     async fn start_with(extra: &str, close_secs: u64) -> Self {
+        Self::start_caps(extra, close_secs, Caps::Raised).await
+    }
+
+    /// As [`Cluster::start_with`], HAProxy's per-address caps as `caps` says.
+    async fn start_caps(extra: &str, close_secs: u64, caps: Caps) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut instances = Vec::new();
         for i in 0..3 {
@@ -113,7 +118,7 @@ impl Cluster {
         let admin = dir.path().join("admin.sock");
         let cfg = dir.path().join("haproxy.cfg");
         let fronts: Vec<SocketAddr> = instances.iter().map(|i| i.front).collect();
-        std::fs::write(&cfg, haproxy_cfg(dir.path(), port, &admin, &fronts)).unwrap();
+        std::fs::write(&cfg, haproxy_cfg(dir.path(), port, &admin, &fronts, caps)).unwrap();
         let haproxy = Command::new("haproxy")
             .arg("-db")
             .arg("-f")
@@ -179,11 +184,27 @@ pub(crate) async fn dial(port: u16, leaf: &Leaf, id: &str) -> Result<PeerStream,
     client::connect(&options(&url, Some(leaf))).await
 }
 
+/// HAProxy's per-address caps on strangers in a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caps {
+    /// As shipped (20 unauthenticated connections at once, 200 new ones in 10 s).
+    Shipped,
+    /// Out of the way: the load tests open hundreds of connections at once from 127.0.0.1.
+    Raised,
+}
+
 /// The shipped configuration for this test: the same file, with the global lines a
 /// non-root process cannot use (chroot, user, syslog, daemon) left out, and addresses,
-/// certificate paths, the admin socket and a short check interval substituted. Every
-/// substitution must match, so the test fails if the shipped file changes shape.
-pub(crate) fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketAddr]) -> String {
+/// certificate paths, the admin socket and a short check interval substituted (and the
+/// per-address caps raised, unless `caps` is [`Caps::Shipped`]). Every substitution must
+/// match, so the test fails if the shipped file changes shape.
+pub(crate) fn haproxy_cfg(
+    dir: &Path,
+    port: u16,
+    admin: &Path,
+    fronts: &[SocketAddr],
+    caps: Caps,
+) -> String {
     let pki = test_pki();
     // HAProxy's certificate file holds the certificate and then its key.
     let pem = dir.join("haproxy.pem");
@@ -226,6 +247,15 @@ pub(crate) fn haproxy_cfg(dir: &Path, port: u16, admin: &Path, fronts: &[SocketA
             format!("server ws{n} 10.0.0.1{n}:7001", n = i + 1),
             format!("server ws{} {front}", i + 1),
         ));
+    }
+    if caps == Caps::Raised {
+        for cap in [
+            "sc0_conn_cur,sub(sess.authenticated) gt ",
+            "sc0_conn_rate gt ",
+        ] {
+            let shipped = if cap.contains("rate") { "200" } else { "20" };
+            substitutions.push((format!("{cap}{shipped} }}"), format!("{cap}100000 }}")));
+        }
     }
     for (from, to) in substitutions {
         assert_eq!(
@@ -661,6 +691,134 @@ async fn a_draining_instance_fails_its_health_check_while_it_drains() {
         closed(&mut a).await,
         (1001, "server shutting down".to_owned())
     );
+}
+
+/// Whether HAProxy has closed `stream`, or refused it (`None`), without waiting: no data
+/// and not closed is open.
+fn is_closed(stream: &Option<TcpStream>) -> bool {
+    let mut buf = [0; 64];
+    !stream.as_ref().is_some_and(|stream| {
+        matches!(stream.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    })
+}
+
+/// A TCP connection to `to` from the local address `from`, sent `first`; `None` if it was
+/// reset while connecting.
+async fn try_tcp_from(from: [u8; 4], to: SocketAddr, first: &[u8]) -> Option<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    let mut stream = socket.connect(to).await.ok()?;
+    let _ = stream.write_all(first).await;
+    Some(stream)
+}
+
+/// SECURITY.md invariant 3 at HAProxy, with the shipped caps and handshake deadline: one
+/// address opening idle connections (a stranger, no TLS) holds at most 20, each at most
+/// 10 s, while clients from other addresses connect and relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_holds_at_most_its_cap_and_clients_still_connect() {
+    if !haproxy_present() {
+        return;
+    }
+    let cluster = Cluster::start_caps("", 1, Caps::Shipped).await;
+    let pki = test_pki();
+    let haproxy = SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        // The first byte of a ClientHello, then nothing.
+        idle.push(try_tcp_from([127, 0, 0, 3], haproxy, &[0x16]).await);
+    }
+    // Beyond 20, each is closed at accept; 20 are held.
+    testkit::eventually("10 of 30 closed at accept", WAIT, || async {
+        (idle.iter().filter(|s| is_closed(s)).count() == 10).then_some(())
+    })
+    .await;
+    // Which 20 depends on the order HAProxy accepted them in.
+    let held: Vec<Option<TcpStream>> = idle.into_iter().filter(|s| !is_closed(s)).collect();
+    assert_eq!(held.len(), 20, "20 held");
+    // Meanwhile clients from another address get in and relay.
+    let (a, b) = tokio::join!(
+        cluster.dial(&pki.alice, "gw/held"),
+        cluster.dial(&pki.bob, "gw/held")
+    );
+    let (a, b) = (a.expect("alice connects"), b.expect("bob connects"));
+    tokio::join!(
+        meet(a, "gw/held", "a", "b", 3),
+        meet(b, "gw/held", "b", "a", 3)
+    );
+    assert!(held.iter().all(|s| !is_closed(s)), "still held");
+    // The handshake deadline (`timeout client`, 10 s) is a total one: they all die by then.
+    testkit::eventually(
+        "the held ones closed at the handshake deadline",
+        std::time::Duration::from_secs(15),
+        || async { held.iter().all(is_closed).then_some(()) },
+    )
+    .await;
+    let lived = opened.elapsed();
+    assert!(
+        lived >= std::time::Duration::from_secs(9) && lived < std::time::Duration::from_secs(13),
+        "{lived:?}"
+    );
+    // The address's budget is free again.
+    let again = try_tcp_from([127, 0, 0, 3], haproxy, &[0x16]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!is_closed(&again));
+}
+
+/// `openssl s_client` to HAProxy on `port` as `leaf` with `version` (`-tls1_2`, `-tls1_3`),
+/// saving the session in `save` or resuming the one in `resume`: whether the handshake
+/// reused a session.
+fn openssl_reused(port: u16, leaf: &Leaf, version: &str, session: (&str, &Path)) -> bool {
+    let pki = test_pki();
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            version,
+        ])
+        .arg("-CAfile")
+        .arg(&pki.ca_path)
+        .arg("-cert")
+        .arg(&leaf.cert_path)
+        .arg("-key")
+        .arg(&leaf.key_path)
+        .arg(session.0)
+        .arg(session.1)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verdict = text
+        .lines()
+        .find(|l| l.starts_with("New, ") || l.starts_with("Reused, "))
+        .unwrap_or_else(|| panic!("no handshake: {text}"));
+    verdict.starts_with("Reused, ")
+}
+
+/// No TLS session is resumed: a client revoked through the runtime API cannot come back on
+/// a session it had before (every connection is a full handshake against the current CRL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_tls_session_is_resumed() {
+    if !haproxy_present() {
+        return;
+    }
+    let cluster = Cluster::start("").await;
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    for version in ["-tls1_2", "-tls1_3"] {
+        let session = dir.path().join(format!("session{version}"));
+        let port = cluster.port;
+        let first = openssl_reused(port, &pki.alice, version, ("-sess_out", &session));
+        assert!(!first, "{version}: the first is new");
+        if !session.exists() {
+            // Nothing to resume with (no ticket, no session id was sent).
+            continue;
+        }
+        let second = openssl_reused(port, &pki.alice, version, ("-sess_in", &session));
+        assert!(!second, "{version}: the session was resumed");
+    }
 }
 
 /// Needs no HAProxy: an instance with both listeners, the front's requests made by hand.
