@@ -417,7 +417,8 @@ pub fn check_trusted_dir(dir: &Path, why: &str) -> std::io::Result<()> {
 /// its group nor others may write to it unless its sticky bit is set (as `/tmp`: there only
 /// an entry's owner may rename it, and the entry below is checked in turn). Both the path as
 /// given (made absolute; a symbolic link on it must be ours or root's too) and its canonical
-/// form are checked. `dir` itself is [`check_trusted_dir`]'s.
+/// form are checked, `dir` included: a stranger's symbolic link as `dir` itself, in a sticky
+/// directory, is one its owner may point elsewhere at any time.
 ///
 /// # Errors
 /// `PermissionDenied` naming the first directory (or link) that fails, its owner and mode,
@@ -439,11 +440,7 @@ pub fn check_trusted_ancestors(dir: &Path, why: &str) -> std::io::Result<()> {
     let ours = |meta: &std::fs::Metadata| meta.uid() == euid || meta.uid() == 0;
     let absolute = std::path::absolute(dir)?;
     let canonical = std::fs::canonicalize(dir)?;
-    for path in absolute
-        .ancestors()
-        .skip(1)
-        .chain(canonical.ancestors().skip(1))
-    {
+    for path in absolute.ancestors().chain(canonical.ancestors()) {
         let link = std::fs::symlink_metadata(path)?;
         if link.file_type().is_symlink() && !ours(&link) {
             return Err(refuse(path, &link));
@@ -840,6 +837,33 @@ impl AcceptBackoff {
 
 #[cfg(test)]
 mod tests {
+
+    /// Second attack pass on the front socket: a stranger's symbolic link in a sticky
+    /// directory, naming a directory of root's, as the socket's directory itself. Its owner
+    /// may delete it (the sticky bit lets an entry's owner do that) and point it elsewhere.
+    #[test]
+    fn a_strangers_link_as_the_directory_itself_is_refused() {
+        if rustix::process::geteuid().as_raw() != 0 {
+            eprintln!("skipped: needs root to give a link to another user");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let sticky = root.path().join("st");
+        let target = root.path().join("run");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = sticky.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        // Ours (root's), the link is accepted: the directories around it are root's.
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_trusted_ancestors(&link, "test").expect("root's link");
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let err = check_trusted_ancestors(&link, "test").expect_err("a stranger's link");
+        assert!(err.to_string().contains("link"), "{err}");
+    }
     use super::*;
 
     #[derive(Debug, Default, serde::Deserialize, PartialEq)]
