@@ -191,6 +191,8 @@ pub(crate) enum Caps {
     Shipped,
     /// Out of the way: the load tests open hundreds of connections at once from 127.0.0.1.
     Raised,
+    /// A rate cap of 5 new connections a second (the concurrent cap as shipped).
+    FiveASecond,
 }
 
 /// The shipped configuration for this test: the same file, with the global lines a
@@ -248,13 +250,20 @@ pub(crate) fn haproxy_cfg(
             format!("server ws{} {front}", i + 1),
         ));
     }
-    if caps == Caps::Raised {
-        for cap in [
-            "sc0_conn_cur,sub(sess.authenticated) gt ",
-            "sc0_conn_rate gt ",
-        ] {
-            let shipped = if cap.contains("rate") { "200" } else { "20" };
-            substitutions.push((format!("{cap}{shipped} }}"), format!("{cap}100000 }}")));
+    const CONCURRENT: &str = "src,table_conn_cur(ws_proxy),sub(sess.authenticated) ge ";
+    const RATE: &str = "src,table_conn_rate(ws_proxy) ge ";
+    match caps {
+        Caps::Shipped => {}
+        Caps::Raised => {
+            substitutions.push((
+                format!("{CONCURRENT}20 }}"),
+                format!("{CONCURRENT}100000 }}"),
+            ));
+            substitutions.push((format!("{RATE}200 }}"), format!("{RATE}100000 }}")));
+        }
+        Caps::FiveASecond => {
+            substitutions.push((format!("{RATE}200 }}"), format!("{RATE}5 }}")));
+            substitutions.push(("conn_rate(10s)".to_owned(), "conn_rate(1s)".to_owned()));
         }
     }
     for (from, to) in substitutions {
@@ -764,6 +773,36 @@ async fn a_stranger_holds_at_most_its_cap_and_clients_still_connect() {
     let again = try_tcp_from([127, 0, 0, 3], haproxy, &[0x16]).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!is_closed(&again));
+}
+
+/// Second attack pass: refused attempts counted against an address's rate, so a stranger
+/// connecting and closing in a loop from an address it shares with clients (a NAT) shut
+/// the address out for as long as it kept on. Now only connections let in count: at a cap
+/// of 5 a second, an address trying 10 times a second for 3 s gets about 15 in, not 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_attempts_do_not_count_against_the_rate() {
+    if !haproxy_present() {
+        return;
+    }
+    let cluster = Cluster::start_caps("", 1, Caps::FiveASecond).await;
+    let haproxy = SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let started = std::time::Instant::now();
+    let (mut let_in, mut refused) = (0, 0);
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        let stream = try_tcp_from([127, 0, 0, 5], haproxy, &[0x16]).await;
+        // A refused connection is closed at accept; one let in waits for its handshake.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if is_closed(&stream) {
+            refused += 1;
+        } else {
+            let_in += 1;
+        }
+    }
+    assert!(refused > 0, "the cap refused some ({let_in} let in)");
+    assert!(
+        let_in >= 9,
+        "{let_in} let in, {refused} refused: the refused attempts counted"
+    );
 }
 
 /// `openssl s_client` to HAProxy on `port` as `leaf` with `version` (`-tls1_2`, `-tls1_3`),
