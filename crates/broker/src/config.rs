@@ -287,6 +287,9 @@ impl FileConfig {
         } else {
             self.database
         };
+        if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            common::pgurl::check(&database).map_err(|e| format!("database: {e}"))?;
+        }
         Ok(Config {
             socket: self.socket,
             socket_mode,
@@ -413,6 +416,29 @@ mod tests {
             },
             "sqlite_synchronous",
         );
+        // A PostgreSQL URL follows common::pgurl's rule: TCP only with verify-full.
+        for url in [
+            "postgres://broker:pw@db.example.org/broker",
+            "postgres://broker@db.example.org/broker?sslmode=require",
+            "postgresql:///broker?host=/tmp",
+        ] {
+            let err = FileConfig {
+                database: url.into(),
+                ..FileConfig::default()
+            }
+            .into_config("h")
+            .unwrap_err();
+            assert!(err.starts_with("database: "), "{url}: {err}");
+            assert!(err.contains("host=/run/postgresql"), "{url}: {err}");
+            assert!(!err.contains("pw"), "{url}: {err}");
+        }
+        let ok = FileConfig {
+            database: "postgres://broker@db.example.org/broker?sslmode=verify-full".into(),
+            ..FileConfig::default()
+        }
+        .into_config("h")
+        .unwrap();
+        assert!(ok.database.ends_with("verify-full"));
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! - [`local_http`]: the small plain-HTTP server behind every local listener (metrics, ws-proxy's
 //!   status and front end): a pool of its own and deadlines on every connection.
 //! - `migrate` (feature `migrate`): sqlx migrations embedded in a binary, with the check
-//!   that they are the `migrations/` directory as sqlx reads it.
+//!   that they are the `migrations/` directory as sqlx reads it; `pgurl` (same feature): the
+//!   rule a `postgres://` URL must meet (TCP with `sslmode=verify-full`, or a Unix socket in a
+//!   directory not everyone can write).
 //! - [`log`]: client-controlled log fields escaped ([`log::Escaped`]) and the field formatter
 //!   that keeps every `text` and `journal` log event on one line.
 //!
@@ -43,6 +45,8 @@ pub mod log;
 pub mod metrics;
 #[cfg(feature = "migrate")]
 pub mod migrate;
+#[cfg(feature = "migrate")]
+pub mod pgurl;
 pub mod pki;
 pub mod secret;
 pub mod tls;

@@ -82,6 +82,21 @@ pub enum AuditError {
     /// A migration failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The service's PostgreSQL role could undo the trail (see [`Audit::privileges`]), and
+    /// the configuration does not allow it.
+    #[error(
+        "the role {role} {reasons}, so it could rewrite or disable the append-only trail: \
+         run the daemon as a service role with only the grants of docs/signing-server.md \
+         (GRANT SELECT, INSERT ON signatures; GRANT USAGE ON SEQUENCE signatures_id_seq; \
+         GRANT SELECT ON _sqlx_migrations), or set allow_privileged_role = true on a test \
+         database"
+    )]
+    Privileged {
+        /// The role (`current_user`).
+        role: String,
+        /// What it may do, e.g. "is a superuser, may UPDATE".
+        reasons: String,
+    },
     /// The PostgreSQL schema is not at this release's version, and this role cannot migrate it.
     #[error(
         "the schema is not at this release's version {expected} ({cause}); \
@@ -114,6 +129,26 @@ const COLUMNS: usize = 15;
 pub struct Audit {
     pool: AnyPool,
     writer: tokio::sync::mpsc::Sender<Pending>,
+    timeout: Duration,
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Longest wait for a request's rows to be committed ([`Audit::record`]); the writer also
+    /// gives up a transaction after it and starts the next on a fresh connection.
+    pub timeout: Duration,
+    /// Start even when the PostgreSQL role could undo the trail (a test database only).
+    pub allow_privileged_role: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            allow_privileged_role: false,
+        }
+    }
 }
 
 impl Audit {
@@ -121,10 +156,18 @@ impl Audit {
     /// created 0600 when missing and migrated; a PostgreSQL database is migrated only when it
     /// is behind (see the module's documentation).
     ///
+    /// On PostgreSQL the role must not be able to undo the trail (a superuser, a member of the
+    /// table's owner, or UPDATE, DELETE or TRUNCATE on it), unless
+    /// `options.allow_privileged_role` (then a warning is logged).
+    ///
     /// # Errors
-    /// The file cannot be created or opened, the server cannot be reached, or the schema
-    /// cannot be brought to this version.
-    pub async fn open(database: &Database, instance: &str) -> Result<Self, AuditError> {
+    /// The file cannot be created or opened, the server cannot be reached, the schema
+    /// cannot be brought to this version, or the role is privileged ([`AuditError::Privileged`]).
+    pub async fn open(
+        database: &Database,
+        instance: &str,
+        options: OpenOptions,
+    ) -> Result<Self, AuditError> {
         let pool = connect(database).await?;
         match database {
             Database::Sqlite(_) => migrator(database).run(&pool).await?,
@@ -138,11 +181,33 @@ impl Audit {
                             cause: e.to_string(),
                         })?;
                 }
+                let (role, reasons) = privileges(&pool).await?;
+                if !reasons.is_empty() {
+                    let reasons = reasons.join(", ");
+                    if !options.allow_privileged_role {
+                        return Err(AuditError::Privileged { role, reasons });
+                    }
+                    tracing::warn!(
+                        role,
+                        reasons,
+                        "allow_privileged_role: the audit role could rewrite or disable the \
+                         append-only trail (use it on a test database only)"
+                    );
+                }
             }
         }
         let (writer, queue) = tokio::sync::mpsc::channel(GROUP * 4);
-        tokio::spawn(write_loop(pool.clone(), Arc::from(instance), queue));
-        Ok(Self { pool, writer })
+        tokio::spawn(write_loop(
+            pool.clone(),
+            Arc::from(instance),
+            queue,
+            options.timeout,
+        ));
+        Ok(Self {
+            pool,
+            writer,
+            timeout: options.timeout,
+        })
     }
 
     /// Runs every pending migration (`signing-server --migrate`); the schema's version after.
@@ -156,19 +221,30 @@ impl Audit {
         Ok(latest(database))
     }
 
-    /// Records a request's signatures; returns once they are committed.
+    /// Records a request's signatures; returns once they are committed, or fails after the
+    /// timeout of [`OpenOptions`] (the rows may then still be committed later: the trail can
+    /// hold a row for a signature never handed out, never the reverse).
     ///
     /// # Errors
-    /// The database refuses the rows, or the writer has stopped.
+    /// The database refuses the rows, does not commit them in time, or the writer has stopped.
     pub async fn record(&self, records: &[Record]) -> Result<(), sqlx::Error> {
-        let (ack, done) = tokio::sync::oneshot::channel();
-        self.writer
-            .send((records.to_vec(), ack))
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        done.await
-            .map_err(|_| sqlx::Error::PoolClosed)?
-            .map_err(sqlx::Error::Protocol)
+        let waited = tokio::time::timeout(self.timeout, async {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            self.writer
+                .send((records.to_vec(), ack))
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            done.await
+                .map_err(|_| sqlx::Error::PoolClosed)?
+                .map_err(sqlx::Error::Protocol)
+        })
+        .await;
+        waited.unwrap_or_else(|_| {
+            Err(sqlx::Error::Protocol(format!(
+                "not committed within {:?}",
+                self.timeout
+            )))
+        })
     }
 
     /// Rows as `(identity, source, name, sha256, keyid, signature)`, oldest first (for tests and
@@ -283,11 +359,44 @@ async fn is_current(pool: &AnyPool, database: &Database) -> bool {
     applied == ours
 }
 
-/// Commits waiting requests, as many as are queued (up to [`GROUP`]) per transaction.
+/// What the role could do to undo the trail: `current_user` and the reasons (empty when it is
+/// a plain service role).
+async fn privileges(pool: &AnyPool) -> Result<(String, Vec<&'static str>), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT current_user::text, \
+         (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+         pg_has_role(c.relowner, 'MEMBER'), \
+         has_table_privilege(c.oid, 'UPDATE'), \
+         has_table_privilege(c.oid, 'DELETE'), \
+         has_table_privilege(c.oid, 'TRUNCATE') \
+         FROM pg_class c WHERE c.oid = 'signatures'::regclass",
+    )
+    .fetch_one(pool)
+    .await?;
+    let role: String = row.try_get(0)?;
+    let mut reasons = Vec::new();
+    for (index, reason) in [
+        (1, "is a superuser"),
+        (2, "owns the signatures table (or is a member of its owner)"),
+        (3, "may UPDATE"),
+        (4, "may DELETE"),
+        (5, "may TRUNCATE"),
+    ] {
+        if row.try_get::<Option<bool>, _>(index)?.unwrap_or(false) {
+            reasons.push(reason);
+        }
+    }
+    Ok((role, reasons))
+}
+
+/// Commits waiting requests, as many as are queued (up to [`GROUP`]) per transaction; gives a
+/// transaction up after `timeout` (its requests fail; the connection is closed, and the next
+/// batch starts on a fresh one).
 async fn write_loop(
     pool: AnyPool,
     instance: Arc<str>,
     mut queue: tokio::sync::mpsc::Receiver<Pending>,
+    timeout: Duration,
 ) {
     // The writer keeps one connection: no pool acquire and release per commit.
     let mut conn: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
@@ -299,21 +408,25 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let result = match &mut conn {
-            Some(conn) => Ok(conn),
-            None => pool.acquire().await.map(|c| conn.insert(c)),
+        let records: Vec<&Record> = batch.iter().flat_map(|(records, _)| records).collect();
+        let attempt = async {
+            let c = match &mut conn {
+                Some(conn) => conn,
+                None => conn.insert(pool.acquire().await?),
+            };
+            insert(c, &instance, &records).await
         };
-        let result = match result {
-            Ok(c) => {
-                let records: Vec<&Record> = batch.iter().flat_map(|(records, _)| records).collect();
-                insert(c, &instance, &records).await
-            }
-            Err(err) => Err(err),
-        }
-        .map_err(|e| e.to_string());
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(done) => done.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("not committed within {timeout:?}")),
+        };
+        drop(records);
         if result.is_err() {
-            // Start the next batch on a fresh connection.
-            conn = None;
+            // Start the next batch on a fresh connection; one cut off mid-statement is closed,
+            // not returned to the pool.
+            if let Some(c) = conn.take() {
+                drop(c.detach());
+            }
         }
         for (_, ack) in batch {
             let _ = ack.send(result.clone());

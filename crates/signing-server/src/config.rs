@@ -59,6 +59,9 @@ pub struct Limits {
     pub max_spool_bytes: u64,
     /// Free space the spool always leaves on its file system (for the audit database).
     pub spool_reserve_bytes: u64,
+    /// Seconds a request waits for its audit rows to be committed; then it is refused and no
+    /// signature leaves (the rows may still be committed later).
+    pub audit_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -81,6 +84,7 @@ impl Default for Limits {
             max_verify_bytes_without_rule: 16 << 20,
             max_spool_bytes: 64 << 30,
             spool_reserve_bytes: 512 << 20,
+            audit_timeout_secs: 10,
         }
     }
 }
@@ -105,6 +109,10 @@ impl Limits {
     /// Deadline of one signature.
     pub fn sign_timeout(&self) -> Duration {
         Duration::from_secs(self.sign_timeout_secs)
+    }
+    /// Deadline of an audit commit.
+    pub fn audit_timeout(&self) -> Duration {
+        Duration::from_secs(self.audit_timeout_secs)
     }
     /// How long a body may have taken once `received` bytes have arrived: the first
     /// `io_timeout_secs`, plus the time those bytes need at `min_upload_bytes_per_sec`.
@@ -183,6 +191,9 @@ pub struct FileConfig {
     pub database: Option<String>,
     /// This instance's name, written on every audit row (default: the host name).
     pub instance: Option<String>,
+    /// Start on PostgreSQL even when the role could undo the trail (superuser, owner, or
+    /// UPDATE, DELETE, TRUNCATE on `signatures`): for a test database only.
+    pub allow_privileged_role: bool,
     /// Signing keys.
     pub keys: Vec<KeySpec>,
     /// Identity rules, first match wins.
@@ -210,10 +221,14 @@ impl Database {
     /// relative).
     ///
     /// # Errors
-    /// A PostgreSQL URL that does not parse (the message masks its password).
+    /// A PostgreSQL URL that does not parse, or that breaks `common::pgurl`'s rule (TCP
+    /// without `sslmode=verify-full`, a world-writable socket directory); the message masks
+    /// its password.
     pub fn parse(text: &str, state_dir: &std::path::Path) -> Result<Self, ConfigError> {
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             url::Url::parse(text)
+                .map_err(|e| ConfigError(format!("database {}: {e}", masked_url(text))))?;
+            common::pgurl::check(text)
                 .map_err(|e| ConfigError(format!("database {}: {e}", masked_url(text))))?;
             return Ok(Self::Postgres(text.to_owned()));
         }
@@ -322,6 +337,8 @@ pub struct Config {
     pub database: Database,
     /// This instance's name, written on every audit row.
     pub instance: String,
+    /// See [`FileConfig::allow_privileged_role`].
+    pub allow_privileged_role: bool,
     /// Keys.
     pub keys: Vec<KeySpec>,
     /// Identity rules.
@@ -430,6 +447,7 @@ impl FileConfig {
             ("request_timeout_secs", limits.request_timeout_secs),
             ("command_timeout_secs", limits.command_timeout_secs),
             ("sign_timeout_secs", limits.sign_timeout_secs),
+            ("audit_timeout_secs", limits.audit_timeout_secs),
             ("min_upload_bytes_per_sec", limits.min_upload_bytes_per_sec),
             ("max_verify_bytes", limits.max_verify_bytes),
             ("max_spool_bytes", limits.max_spool_bytes),
@@ -466,6 +484,7 @@ impl FileConfig {
                 &state_dir,
             )?,
             instance,
+            allow_privileged_role: self.allow_privileged_role,
             state_dir: state_dir.clone(),
             keys: self.keys,
             clients: self.clients,
@@ -550,6 +569,26 @@ mod tests {
         .0;
         assert!(!err.contains("pa55word"), "{err}");
         assert!(parse(&format!("database = \"\"\n{BASE}")).is_err());
+    }
+
+    /// The URL rule of `common::pgurl` applies: plaintext TCP and a world-writable socket
+    /// directory are refused, with the fix named and the password masked.
+    #[test]
+    fn a_postgres_url_must_verify_the_server_or_use_a_private_socket() {
+        for url in [
+            "postgres://svc:pa55word@db.example:5432/audit",
+            "postgres://svc:pa55word@db.example:5432/audit?sslmode=require",
+            "postgres://svc:pa55word@127.0.0.1/audit?sslmode=verify-ca",
+            "postgres://svc:pa55word@db.example/audit?host=/tmp",
+        ] {
+            let err = parse(&format!("database = {url:?}\n{BASE}")).unwrap_err().0;
+            assert!(!err.contains("pa55word"), "{err}");
+            assert!(err.contains("host=/run/postgresql"), "{url}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("postgres:///audit?user=svc&host={}", dir.path().display());
+        let config = parse(&format!("database = {url:?}\n{BASE}")).unwrap();
+        assert_eq!(config.database, Database::Postgres(url));
     }
 
     #[test]

@@ -141,7 +141,11 @@ impl Service {
                 .with_context(|| format!("key {:?}", spec.name()))?,
             );
         }
-        let audit = Audit::open(&config.database, &config.instance)
+        let options = crate::audit::OpenOptions {
+            timeout: config.limits.audit_timeout(),
+            allow_privileged_role: config.allow_privileged_role,
+        };
+        let audit = Audit::open(&config.database, &config.instance, options)
             .await
             .with_context(|| format!("audit database {}", config.database))?;
         let spool = Spool::new(

@@ -17,9 +17,10 @@ use std::path::PathBuf;
 /// stops accepting and lets running requests finish (drain_grace_secs).
 ///
 /// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration
-/// (including a port range overlapping the kernel's ephemeral range), 69 cannot open the
-/// store or the CA, load the HTTPS material or bind, 70 requests still running after the
-/// grace period.
+/// (including a port range overlapping the kernel's ephemeral range, and a PostgreSQL URL
+/// over TCP without sslmode=verify-full or through a world-writable socket directory), 69
+/// cannot open the store or the CA, load the HTTPS material or bind, 70 requests still
+/// running after the grace period.
 #[derive(Debug, Parser)]
 #[command(
     version,

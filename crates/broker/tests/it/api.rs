@@ -574,6 +574,29 @@ async fn the_daemon_binary_checks_its_configuration() {
     std::fs::write(&file, "port_rnage = [1, 2]\n").unwrap();
     let out = run(&["-c", file.to_str().unwrap(), "--check-config"]);
     assert_eq!(out.status.code(), Some(78));
+    // A PostgreSQL URL over plaintext or unverified TCP is refused (78) before connecting,
+    // the fix named and the password kept out (common::pgurl).
+    for url in [
+        "postgres://broker:s3cret-pw@127.0.0.1:5432/broker",
+        "postgres://broker:s3cret-pw@db.example.org/broker?sslmode=verify-ca",
+    ] {
+        let out = run(&[
+            &base[..],
+            &[
+                "--port-range",
+                "22000-22999",
+                "--database",
+                url,
+                "--check-config",
+            ],
+        ]
+        .concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{url}: {stderr}");
+        assert!(stderr.contains("sslmode=verify-full"), "{stderr}");
+        assert!(stderr.contains("host=/run/postgresql"), "{stderr}");
+        assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+    }
 }
 
 #[tokio::test]

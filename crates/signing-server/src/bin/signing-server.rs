@@ -136,7 +136,13 @@ async fn run(
         Err(err) => {
             eprintln!("signing-server: {err:#}");
             let text = format!("{err:#}");
-            return ExitCode::from(if text.contains("audit database") {
+            let privileged = matches!(
+                err.downcast_ref::<signing_server::audit::AuditError>(),
+                Some(signing_server::audit::AuditError::Privileged { .. })
+            );
+            return ExitCode::from(if privileged {
+                exit::NOPERM
+            } else if text.contains("audit database") {
                 exit::UNAVAILABLE
             } else {
                 exit::NOINPUT

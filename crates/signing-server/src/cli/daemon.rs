@@ -19,10 +19,12 @@ use std::path::PathBuf;
 /// Signals: SIGHUP reloads the TLS certificate, key, client CA and CRLs; SIGTERM or SIGINT
 /// stops accepting and lets running requests finish (drain_grace_secs).
 ///
-/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration,
-/// 66 a signing key cannot be loaded (missing, not Ed448, or readable by others), 69 cannot
-/// bind, open (or migrate) the audit database or load TLS, 70 requests still running after the grace
-/// period, 73 keygen cannot create its files.
+/// Exit codes: 0 stopped cleanly, 64 bad flags or log filter, 78 bad configuration
+/// (including a PostgreSQL URL over TCP without sslmode=verify-full or through a world-writable
+/// socket directory), 66 a signing key cannot be loaded (missing, not Ed448, or readable by
+/// others), 69 cannot bind, open (or migrate) the audit database or load TLS, 70 requests
+/// still running after the grace period, 73 keygen cannot create its files, 77 the PostgreSQL
+/// role could undo the audit trail (allow_privileged_role).
 #[derive(Debug, Parser)]
 #[command(
     version,

@@ -7,15 +7,18 @@ use std::sync::Arc;
 
 use crate::both_stores;
 use crate::support::{
-    Backend, Options, TestServer, as_user, daemon_setup, fresh_pg_database, full, pg_admin,
-    pg_available, pki, sha256_hex,
+    Backend, Options, PgAudit, TestServer, daemon_setup, full, pg_available, pki, sha256_hex,
+    sql_as,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_signing-server");
 
-/// Runs `sql` on the server's own audit pool (the superuser on PostgreSQL, the file's owner on
-/// SQLite); the database's error text when it fails.
+/// Runs `sql` as the table's owner (the owner role on PostgreSQL; on SQLite, the server's own
+/// pool: the file's owner); the database's error text when it fails.
 async fn try_sql(server: &TestServer, sql: &str) -> Result<(), String> {
+    if let Some(pg) = &server.pg {
+        return pg.as_owner(sql).await;
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(server.service.audit.pool())
         .await
@@ -136,61 +139,13 @@ both_stores!(
     }
 );
 
-/// A database with an owner role (runs the migrations) and a service role with only what the
-/// docs grant: its name, and the owner's and service's URLs.
-async fn owner_and_service() -> (String, String, String) {
-    let (name, admin_url) = fresh_pg_database().await;
-    let owner = format!("{name}_owner");
-    let service = format!("{name}_svc");
-    pg_admin(
-        None,
-        &format!(
-            "CREATE ROLE {owner} LOGIN; CREATE ROLE {service} LOGIN; \
-             ALTER DATABASE {name} OWNER TO {owner}; \
-             REVOKE ALL ON DATABASE {name} FROM PUBLIC; \
-             GRANT CONNECT ON DATABASE {name} TO {service};"
-        ),
-    )
-    .await;
-    (
-        name,
-        as_user(&admin_url, &owner),
-        as_user(&admin_url, &service),
-    )
-}
-
-/// The grants of docs/signing-server.md, "Several instances", run by the owner.
-async fn grant_service(owner_url: &str, service_role: &str) {
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect(owner_url).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "GRANT SELECT, INSERT ON signatures TO {service_role}; \
-         GRANT USAGE ON SEQUENCE signatures_id_seq TO {service_role}; \
-         GRANT SELECT ON _sqlx_migrations TO {service_role};"
-    )))
-    .execute(&mut conn)
-    .await
-    .unwrap();
-}
-
-/// Runs `sql` as the role of `url`: the error text, if any.
-async fn sql_as(url: &str, sql: &str) -> Result<(), String> {
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(&mut conn)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_the_owner_hits_the_triggers_and_the_service_role_lacks_the_privilege() {
     if !pg_available() {
         return;
     }
-    let (name, owner_url, service_url) = owner_and_service().await;
-    let service_role = format!("{name}_svc");
+    let pg = PgAudit::unmigrated().await;
+    let (owner_url, service_url) = (pg.owner_url.clone(), pg.service_url.clone());
     let database = signing_server::config::Database::Postgres(owner_url.clone());
     assert_eq!(
         signing_server::audit::Audit::migrate(&database)
@@ -198,7 +153,7 @@ async fn on_postgres_the_owner_hits_the_triggers_and_the_service_role_lacks_the_
             .unwrap(),
         2
     );
-    grant_service(&owner_url, &service_role).await;
+    pg.grant_service().await;
     let server = TestServer::start(Options {
         database: Some(service_url.clone()),
         ..Options::default()
@@ -241,13 +196,12 @@ async fn on_postgres_no_signature_is_handed_out_when_the_insert_is_refused() {
     if !pg_available() {
         return;
     }
-    let (name, owner_url, service_url) = owner_and_service().await;
-    let service_role = format!("{name}_svc");
-    let database = signing_server::config::Database::Postgres(owner_url.clone());
-    signing_server::audit::Audit::migrate(&database)
-        .await
-        .unwrap();
-    grant_service(&owner_url, &service_role).await;
+    let pg = PgAudit::ready().await;
+    let (owner_url, service_url, service_role) = (
+        pg.owner_url.clone(),
+        pg.service_url.clone(),
+        pg.service_role.clone(),
+    );
     let server = TestServer::start(Options {
         database: Some(service_url.clone()),
         ..Options::default()
@@ -282,7 +236,7 @@ async fn two_instances_sign_concurrently_into_one_postgres_trail() {
     if !pg_available() {
         return;
     }
-    let (_, url) = fresh_pg_database().await;
+    let url = PgAudit::ready().await.service_url;
     let mut servers = Vec::new();
     for instance in ["east", "west"] {
         servers.push(Arc::new(
@@ -414,8 +368,8 @@ async fn on_postgres_an_owner_migrates_and_the_service_role_only_checks_the_vers
     if !pg_available() {
         return;
     }
-    let (name, owner_url, service_url) = owner_and_service().await;
-    let service_role = format!("{name}_svc");
+    let pg = PgAudit::unmigrated().await;
+    let (owner_url, service_url) = (pg.owner_url.clone(), pg.service_url.clone());
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = daemon_setup(dir.path(), "");
     let with_password = |url: &str| {
@@ -453,7 +407,7 @@ async fn on_postgres_an_owner_migrates_and_the_service_role_only_checks_the_vers
     );
     assert!(stdout.contains("schema version 2"), "{stdout}");
     assert!(!stdout.contains("s3cret-pw"), "{stdout}");
-    grant_service(&owner_url, &service_role).await;
+    pg.grant_service().await;
     std::fs::create_dir(dir.path().join("pkgs")).unwrap();
 
     let out = run(&service_url, "--check-config");
@@ -502,7 +456,7 @@ async fn the_sqlite_file_is_private_durable_and_never_a_planted_link() {
     let link = dir.path().join("audit.sqlite");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let database = signing_server::config::Database::Sqlite(link);
-    let err = signing_server::audit::Audit::open(&database, "test")
+    let err = signing_server::audit::Audit::open(&database, "test", Default::default())
         .await
         .unwrap_err()
         .to_string();
@@ -510,4 +464,235 @@ async fn the_sqlite_file_is_private_durable_and_never_a_planted_link() {
         err.contains("refusing") || err.contains("symbolic"),
         "{err}"
     );
+}
+
+/// A role that could undo the trail (a superuser, the table's owner, or one granted UPDATE,
+/// DELETE or TRUNCATE) is refused at start and by `--check-config` with 77, naming the
+/// documented grants; `allow_privileged_role = true` lets it start, with a warning; the
+/// service role of the documented set-up starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_role_that_could_undo_the_trail_is_refused() {
+    if !pg_available() {
+        return;
+    }
+    let pg = PgAudit::ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = daemon_setup(dir.path(), "");
+    let allowing = dir.path().join("allowing.toml");
+    std::fs::write(
+        &allowing,
+        format!(
+            "allow_privileged_role = true\n{}",
+            std::fs::read_to_string(&config).unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |config: &std::path::Path, url: &str| {
+        std::process::Command::new(BIN)
+            .arg("--check-config")
+            .arg("-c")
+            .arg(config)
+            .env("SIGNING_SERVER_DATABASE", url)
+            .env("SIGNING_SERVER_INSTANCE", "east-1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&config, &pg.service_url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let superuser = crate::support::with_database(&crate::support::pg_url().unwrap(), &pg.name);
+    for (url, reason) in [
+        (&pg.owner_url, "owns the signatures table"),
+        (&superuser, "is a superuser"),
+    ] {
+        let out = run(&config, url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+        assert!(
+            stderr.contains("GRANT SELECT, INSERT ON signatures")
+                && stderr.contains("allow_privileged_role"),
+            "{stderr}"
+        );
+        let out = run(&allowing, url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("allow_privileged_role") && stderr.contains(reason),
+            "the warning: {stderr}"
+        );
+    }
+    for privilege in ["UPDATE", "DELETE", "TRUNCATE"] {
+        pg.as_owner(&format!(
+            "GRANT {privilege} ON signatures TO {}",
+            pg.service_role
+        ))
+        .await
+        .unwrap();
+        let out = run(&config, &pg.service_url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{privilege}: {stderr}");
+        assert!(
+            stderr.contains(&format!("may {privilege}")),
+            "{privilege}: {stderr}"
+        );
+        pg.as_owner(&format!(
+            "REVOKE {privilege} ON signatures FROM {}",
+            pg.service_role
+        ))
+        .await
+        .unwrap();
+    }
+    assert!(run(&config, &pg.service_url).status.success());
+}
+
+/// A URL that reaches PostgreSQL over TCP without `sslmode=verify-full`, or through a socket
+/// directory anyone can write, is refused before any connection: 78, the fix named, the
+/// password masked.
+#[test]
+fn a_plaintext_or_squattable_postgres_url_is_refused_with_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = daemon_setup(dir.path(), "");
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    for (url, needle) in [
+        (
+            "postgres://svc:s3cret-pw@127.0.0.1:5432/audit".to_owned(),
+            "sslmode=verify-full",
+        ),
+        (
+            "postgres://svc:s3cret-pw@db.example.org/audit?sslmode=require".to_owned(),
+            "sslmode=verify-full",
+        ),
+        (
+            format!(
+                "postgres://svc:s3cret-pw@x/audit?host={}",
+                open_dir.display()
+            ),
+            "writable by everyone",
+        ),
+    ] {
+        for flag in ["--check-config", "--migrate"] {
+            let out = std::process::Command::new(BIN)
+                .arg(flag)
+                .arg("-c")
+                .arg(&config)
+                .env("SIGNING_SERVER_DATABASE", &url)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{flag} {url}: {stderr}");
+            assert!(stderr.contains(needle), "{stderr}");
+            assert!(stderr.contains("host=/run/postgresql"), "{stderr}");
+            assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+        }
+    }
+}
+
+/// A commit that does not come within `audit_timeout_secs` (the table locked by another
+/// session) fails the request with the usual refusal and hands out no signature; once the
+/// lock is gone, signing goes on, and every signature handed out has its row.
+mod a_stuck_audit_commit_times_out_and_hands_out_nothing {
+    use super::*;
+
+    async fn run(backend: Backend) {
+        let limits = signing_server::config::Limits {
+            audit_timeout_secs: 2,
+            ..crate::support::test_limits()
+        };
+        let server = TestServer::start(Options {
+            backend,
+            limits,
+            ..Options::default()
+        })
+        .await;
+        let ok = server
+            .alice("POST", "/v1/sign?name=before.bin", full(&b"a"[..]))
+            .await;
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        let before = ok.json()["signature"].as_str().unwrap().to_owned();
+        let lock = Locker::take(&server).await;
+        let started = std::time::Instant::now();
+        let reply = server
+            .alice("POST", "/v1/sign?name=stuck.bin", full(&b"b"[..]))
+            .await;
+        let waited = started.elapsed();
+        assert_eq!(reply.status, 500, "{}", reply.text());
+        assert!(
+            reply.text().contains("nothing was signed"),
+            "{}",
+            reply.text()
+        );
+        assert!(!reply.text().contains("\"signature\""), "{}", reply.text());
+        assert!(
+            waited >= std::time::Duration::from_secs(2)
+                && waited < std::time::Duration::from_secs(8),
+            "{waited:?}"
+        );
+        lock.release().await;
+        let after = server
+            .alice("POST", "/v1/sign?name=after.bin", full(&b"c"[..]))
+            .await;
+        assert_eq!(after.status, 200, "{}", after.text());
+        let after = after.json()["signature"].as_str().unwrap().to_owned();
+        let rows = server.service.audit.rows().await.unwrap();
+        for handed_out in [&before, &after] {
+            assert_eq!(
+                rows.iter().filter(|r| &r.5 == handed_out).count(),
+                1,
+                "{rows:?}"
+            );
+        }
+        // The stuck row may have been committed once the lock went, never anything else.
+        assert!(rows.len() <= 3, "{rows:?}");
+    }
+
+    /// Another session holding the table in an open transaction.
+    struct Locker(sqlx::AnyConnection);
+
+    impl Locker {
+        async fn take(server: &TestServer) -> Self {
+            use sqlx::Connection as _;
+            let (url, lock) = match &server.pg {
+                Some(pg) => (
+                    pg.owner_url.clone(),
+                    "BEGIN; LOCK TABLE signatures IN ACCESS EXCLUSIVE MODE;",
+                ),
+                None => (
+                    format!("sqlite://{}", server.state.join("audit.sqlite").display()),
+                    "BEGIN EXCLUSIVE;",
+                ),
+            };
+            sqlx::any::install_default_drivers();
+            let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(lock).execute(&mut conn).await.unwrap();
+            Self(conn)
+        }
+
+        async fn release(mut self) {
+            sqlx::raw_sql("ROLLBACK")
+                .execute(&mut self.0)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        run(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if pg_available() {
+            run(Backend::Postgres).await;
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt as _;
 
 use crate::both_stores;
-use crate::support::{Answer, Backend, STEP, daemon_setup, fresh_pg_database, legacy, pki};
+use crate::support::{Answer, Backend, STEP, daemon_setup, legacy, pki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_signing-server");
 
@@ -158,7 +158,10 @@ both_stores!(
         std::fs::write(pkgs.join("bos.rte.7.3.0.0.bff"), b"bos").unwrap();
         let mut command = tokio::process::Command::new(BIN);
         if backend == Backend::Postgres {
-            command.env("SIGNING_SERVER_DATABASE", fresh_pg_database().await.1);
+            command.env(
+                "SIGNING_SERVER_DATABASE",
+                crate::support::PgAudit::ready().await.service_url,
+            );
         }
         let mut child = command
             .arg("-c")

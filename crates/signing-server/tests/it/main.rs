@@ -39,6 +39,7 @@ mod legacy;
 mod limits;
 mod logs;
 mod metrics;
+mod pg_tls;
 mod refusals;
 mod revocation;
 mod signatures;

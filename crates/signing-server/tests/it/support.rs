@@ -145,6 +145,84 @@ pub(crate) async fn fresh_pg_database() -> (String, String) {
     (name, url)
 }
 
+/// A fresh audit database set up as docs/signing-server.md says: an owner role that ran the
+/// migrations, and a service role with only the documented grants.
+#[derive(Debug, Clone)]
+pub(crate) struct PgAudit {
+    /// The database's name.
+    pub(crate) name: String,
+    /// The owner's URL.
+    pub(crate) owner_url: String,
+    /// The service role's name.
+    pub(crate) service_role: String,
+    /// The service role's URL (what the daemon is configured with).
+    pub(crate) service_url: String,
+}
+
+impl PgAudit {
+    /// A database with an owner role and a service role that may connect, not yet migrated.
+    pub(crate) async fn unmigrated() -> Self {
+        let (name, admin_url) = fresh_pg_database().await;
+        let owner = format!("{name}_owner");
+        let service_role = format!("{name}_svc");
+        pg_admin(
+            None,
+            &format!(
+                "CREATE ROLE {owner} LOGIN; CREATE ROLE {service_role} LOGIN; \
+                 ALTER DATABASE {name} OWNER TO {owner}; \
+                 REVOKE ALL ON DATABASE {name} FROM PUBLIC; \
+                 GRANT CONNECT ON DATABASE {name} TO {service_role};"
+            ),
+        )
+        .await;
+        Self {
+            owner_url: as_user(&admin_url, &owner),
+            service_url: as_user(&admin_url, &service_role),
+            name,
+            service_role,
+        }
+    }
+
+    /// [`Self::unmigrated`], migrated by the owner, with the service role's grants.
+    pub(crate) async fn ready() -> Self {
+        let pg = Self::unmigrated().await;
+        let database = signing_server::config::Database::Postgres(pg.owner_url.clone());
+        signing_server::audit::Audit::migrate(&database)
+            .await
+            .unwrap();
+        pg.grant_service().await;
+        pg
+    }
+
+    /// The grants of docs/signing-server.md, "Several instances", run by the owner.
+    pub(crate) async fn grant_service(&self) {
+        self.as_owner(&format!(
+            "GRANT SELECT, INSERT ON signatures TO {role}; \
+             GRANT USAGE ON SEQUENCE signatures_id_seq TO {role}; \
+             GRANT SELECT ON _sqlx_migrations TO {role};",
+            role = self.service_role
+        ))
+        .await
+        .unwrap();
+    }
+
+    /// Runs `sql` as the owner: the error text, if any.
+    pub(crate) async fn as_owner(&self, sql: &str) -> Result<(), String> {
+        sql_as(&self.owner_url, sql).await
+    }
+}
+
+/// Runs `sql` as the role of `url`: the error text, if any.
+pub(crate) async fn sql_as(url: &str, sql: &str) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Runs the same async test body (`|backend| async move { ... }`) on SQLite and on PostgreSQL:
 /// defines `<name>::sqlite` and `<name>::postgres`; the latter is skipped without a server
 /// ([`pg_available`]).
@@ -210,6 +288,8 @@ pub(crate) struct TestServer {
     pub(crate) keyid: String,
     /// The service (for `service.audit`).
     pub(crate) service: Arc<Service>,
+    /// The PostgreSQL set-up, for [`Backend::Postgres`].
+    pub(crate) pg: Option<PgAudit>,
     /// The server (for `reload`, what SIGHUP calls).
     pub(crate) server: Server,
     shutdown: Shutdown,
@@ -259,10 +339,13 @@ impl TestServer {
         let mut section = options.tls.unwrap_or_else(|| tls_section(pki));
         section.client_auth = options.client_auth;
         section.max_handshakes_per_address = options.max_handshakes_per_address.try_into().unwrap();
-        let database = match (options.database, options.backend) {
-            (Some(database), _) => Some(database),
-            (None, Backend::Sqlite) => None,
-            (None, Backend::Postgres) => Some(fresh_pg_database().await.1),
+        let (database, pg) = match (options.database, options.backend) {
+            (Some(database), _) => (Some(database), None),
+            (None, Backend::Sqlite) => (None, None),
+            (None, Backend::Postgres) => {
+                let pg = PgAudit::ready().await;
+                (Some(pg.service_url.clone()), Some(pg))
+            }
         };
         let config = FileConfig {
             listen: Some("127.0.0.1:0".into()),
@@ -297,6 +380,7 @@ impl TestServer {
             public_pem,
             keyid: key.keyid().to_owned(),
             service,
+            pg,
             server,
             shutdown,
             task: Some(task),
