@@ -324,7 +324,9 @@ completes() { # completes BINARY: bash completion of "BINARY --" offers --help
         _completion_loader "$1"
         COMP_WORDS=("$1" --); COMP_CWORD=1; COMP_LINE="$1 --"; COMP_POINT=${#COMP_LINE}
         "$(complete -p "$1" | grep -o -- "-F [^ ]*" | cut -c4-)" "$1" -- "$1"
-        printf "%s\n" "${COMPREPLY[@]}"' _ "$1" | grep -qx -- --help
+        printf "%s\n" "${COMPREPLY[@]}"' _ "$1" | grep -x -- --help >/dev/null
+    # not grep -q: it exits at the first match, and printf then fails on the closed pipe
+    # (pipefail), as it did in CI when --help came early in a long list
 }
 for b in ws-proxy ws-proxy-client remo-serv remo remo-admin secure-talk secure-talk-cli \
     secure-talk-pipe signing-server signing-client broker broker-cli broker-run certgen; do
