@@ -287,7 +287,7 @@ impl FileConfig {
         } else {
             self.database
         };
-        if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        if common::pgurl::is_postgres_url(&database) {
             common::pgurl::check(&database).map_err(|e| format!("database: {e}"))?;
         }
         Ok(Config {
@@ -421,6 +421,9 @@ mod tests {
             "postgres://broker:pw@db.example.org/broker",
             "postgres://broker@db.example.org/broker?sslmode=require",
             "postgresql:///broker?host=/tmp",
+            // Any case of the scheme meets the rule too.
+            "POSTGRES://broker:pw@db.example.org/broker",
+            "Postgresql://broker@db.example.org/broker?sslmode=require",
         ] {
             let err = FileConfig {
                 database: url.into(),

@@ -157,7 +157,8 @@ impl Audit {
     /// is behind (see the module's documentation).
     ///
     /// On PostgreSQL the role must not be able to undo the trail (a superuser, a member of the
-    /// table's owner, or UPDATE, DELETE or TRUNCATE on it), unless
+    /// table's owner, or UPDATE, DELETE, TRUNCATE or TRIGGER on it, in any role it is a member
+    /// of, or may SET `session_replication_role`), unless
     /// `options.allow_privileged_role` (then a warning is logged).
     ///
     /// # Errors
@@ -360,30 +361,64 @@ async fn is_current(pool: &AnyPool, database: &Database) -> bool {
 }
 
 /// What the role could do to undo the trail: `current_user` and the reasons (empty when it is
-/// a plain service role).
+/// a plain service role). Every role the user is a member of counts, whether or not it
+/// inherits from it (`SET ROLE` reaches a `NOINHERIT` one): a superuser, the table's owner, one
+/// with UPDATE, DELETE, TRUNCATE or TRIGGER on it (a trigger can drop rows before they are
+/// written; `pg_write_all_data` counts as its members' UPDATE and DELETE), or, from PostgreSQL
+/// 15, one that may SET `session_replication_role` (which turns triggers off).
 async fn privileges(pool: &AnyPool) -> Result<(String, Vec<&'static str>), sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT current_user::text, \
-         (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
-         pg_has_role(c.relowner, 'MEMBER'), \
-         has_table_privilege(c.oid, 'UPDATE'), \
-         has_table_privilege(c.oid, 'DELETE'), \
-         has_table_privilege(c.oid, 'TRUNCATE') \
-         FROM pg_class c WHERE c.oid = 'signatures'::regclass",
-    )
+    // `EXISTS (SELECT 1 FROM <every role current_user is a member of> AND $cond)`.
+    macro_rules! any_role {
+        ($cond:literal) => {
+            concat!(
+                "EXISTS (SELECT 1 FROM pg_roles r WHERE ",
+                "pg_has_role(current_user, r.oid, 'MEMBER') AND ",
+                $cond,
+                ")"
+            )
+        };
+    }
+    let row = sqlx::query(concat!(
+        "SELECT current_user::text, ",
+        any_role!("r.rolsuper"),
+        ", pg_has_role(current_user, c.relowner, 'MEMBER'), ",
+        any_role!("has_table_privilege(r.oid, c.oid, 'UPDATE')"),
+        ", ",
+        any_role!("has_table_privilege(r.oid, c.oid, 'DELETE')"),
+        ", ",
+        any_role!("has_table_privilege(r.oid, c.oid, 'TRUNCATE')"),
+        ", ",
+        any_role!("has_table_privilege(r.oid, c.oid, 'TRIGGER')"),
+        ", current_setting('server_version_num')::int ",
+        "FROM pg_class c WHERE c.oid = 'signatures'::regclass"
+    ))
     .fetch_one(pool)
     .await?;
     let role: String = row.try_get(0)?;
     let mut reasons = Vec::new();
     for (index, reason) in [
-        (1, "is a superuser"),
+        (1, "is a superuser (or a member of one)"),
         (2, "owns the signatures table (or is a member of its owner)"),
         (3, "may UPDATE"),
         (4, "may DELETE"),
         (5, "may TRUNCATE"),
+        (6, "may TRIGGER (add a trigger)"),
     ] {
         if row.try_get::<Option<bool>, _>(index)?.unwrap_or(false) {
             reasons.push(reason);
+        }
+    }
+    // has_parameter_privilege is new in PostgreSQL 15; before it, only a superuser may SET
+    // session_replication_role.
+    if row.try_get::<i32, _>(7)? >= 150_000 {
+        let set: Option<bool> = sqlx::query_scalar(concat!(
+            "SELECT ",
+            any_role!("has_parameter_privilege(r.oid, 'session_replication_role', 'SET')")
+        ))
+        .fetch_one(pool)
+        .await?;
+        if set.unwrap_or(false) {
+            reasons.push("may SET session_replication_role");
         }
     }
     Ok((role, reasons))
@@ -444,19 +479,36 @@ async fn insert(
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     if records.len() <= ROWS_PER_INSERT {
-        // One statement is its own transaction: one round trip instead of three.
-        return insert_query(&now, instance, records)
+        // One statement is its own transaction: one round trip instead of three. A row that
+        // did not land (a trigger returned NULL) fails the group: nothing is handed out (the
+        // rows that did land stay: a row for a signature never handed out is harmless).
+        let done = insert_query(&now, instance, records)
             .execute(&mut *conn)
-            .await
-            .map(|_| ());
+            .await?;
+        return all_rows(done.rows_affected(), records.len());
     }
     let mut tx = conn.begin().await?;
     for chunk in records.chunks(ROWS_PER_INSERT) {
-        insert_query(&now, instance, chunk)
+        let done = insert_query(&now, instance, chunk)
             .execute(&mut *tx)
             .await?;
+        // Dropping `tx` on an error rolls the group back.
+        all_rows(done.rows_affected(), chunk.len())?;
     }
     tx.commit().await
+}
+
+/// The `INSERT` wrote every row it sent, else an error that fails the whole group (a row the
+/// database silently dropped, as a `BEFORE INSERT` trigger returning NULL does, is a signature
+/// with no trail).
+fn all_rows(written: u64, sent: usize) -> Result<(), sqlx::Error> {
+    if usize::try_from(written).ok() == Some(sent) {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(format!(
+            "the audit INSERT wrote {written} of {sent} rows (a trigger dropped rows?)"
+        )))
+    }
 }
 
 /// `INSERT INTO signatures (...) VALUES ($1, ...), ...` for `rows` rows.

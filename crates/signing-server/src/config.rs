@@ -225,7 +225,7 @@ impl Database {
     /// without `sslmode=verify-full`, a world-writable socket directory); the message masks
     /// its password.
     pub fn parse(text: &str, state_dir: &std::path::Path) -> Result<Self, ConfigError> {
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        if common::pgurl::is_postgres_url(text) {
             url::Url::parse(text)
                 .map_err(|e| ConfigError(format!("database {}: {e}", masked_url(text))))?;
             common::pgurl::check(text)
@@ -580,6 +580,9 @@ mod tests {
             "postgres://svc:pa55word@db.example:5432/audit?sslmode=require",
             "postgres://svc:pa55word@127.0.0.1/audit?sslmode=verify-ca",
             "postgres://svc:pa55word@db.example/audit?host=/tmp",
+            // Any case of the scheme is a URL, not a SQLite file named after the password.
+            "POSTGRES://svc:pa55word@db.example:5432/audit",
+            "Postgresql://svc:pa55word@db.example:5432/audit?sslmode=require",
         ] {
             let err = parse(&format!("database = {url:?}\n{BASE}")).unwrap_err().0;
             assert!(!err.contains("pa55word"), "{err}");

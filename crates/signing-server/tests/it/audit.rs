@@ -231,6 +231,56 @@ async fn on_postgres_no_signature_is_handed_out_when_the_insert_is_refused() {
     assert_eq!(rows[0].2, "before.bin");
 }
 
+/// A role that can add a trigger (one the role check refuses; here granted after the start,
+/// as with `allow_privileged_role`) adds a `BEFORE INSERT` trigger returning NULL, in
+/// `pg_temp`: the INSERT then succeeds writing no row. The writer counts the rows written, so
+/// the request fails and no signature leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_trigger_that_drops_rows_fails_the_request() {
+    if !pg_available() {
+        return;
+    }
+    let pg = PgAudit::ready().await;
+    let server = TestServer::start(Options {
+        database: Some(pg.service_url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let reply = server
+        .alice("POST", "/v1/sign?name=before.bin", full(&b"a"[..]))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // The function is the owner's here (an attacker's own lives in pg_temp); the trigger is
+    // the service role's, which TRIGGER allows.
+    pg.as_owner(&format!(
+        "GRANT TRIGGER ON signatures TO {}; \
+         CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RETURN NULL; END $$;",
+        pg.service_role
+    ))
+    .await
+    .unwrap();
+    sql_as(
+        &pg.service_url,
+        "CREATE TRIGGER aaa_drop BEFORE INSERT ON signatures FOR EACH ROW \
+         EXECUTE FUNCTION drop_row();",
+    )
+    .await
+    .unwrap();
+    let reply = server
+        .alice("POST", "/v1/sign?name=after.bin", full(&b"b"[..]))
+        .await;
+    assert_eq!(reply.status, 500, "{}", reply.text());
+    assert!(!reply.text().contains("\"signature\""), "{}", reply.text());
+    std::fs::write(server.pkgs.join("x.bin"), b"x").unwrap();
+    std::fs::write(server.pkgs.join("y.bin"), b"y").unwrap();
+    let text = server.alice_legacy(server.pkgs.to_str().unwrap()).await;
+    assert!(!text.contains("\"signature\""), "{text}");
+    let rows = server.service.audit.rows().await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].2, "before.bin");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_sign_concurrently_into_one_postgres_trail() {
     if !pg_available() {
@@ -467,7 +517,8 @@ async fn the_sqlite_file_is_private_durable_and_never_a_planted_link() {
 }
 
 /// A role that could undo the trail (a superuser, the table's owner, or one granted UPDATE,
-/// DELETE or TRUNCATE) is refused at start and by `--check-config` with 77, naming the
+/// DELETE, TRUNCATE or TRIGGER, itself or through a role it is a member of, or SET on
+/// session_replication_role) is refused at start and by `--check-config` with 77, naming the
 /// documented grants; `allow_privileged_role = true` lets it start, with a warning; the
 /// service role of the documented set-up starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,7 +576,7 @@ async fn on_postgres_a_role_that_could_undo_the_trail_is_refused() {
             "the warning: {stderr}"
         );
     }
-    for privilege in ["UPDATE", "DELETE", "TRUNCATE"] {
+    for privilege in ["UPDATE", "DELETE", "TRUNCATE", "TRIGGER"] {
         pg.as_owner(&format!(
             "GRANT {privilege} ON signatures TO {}",
             pg.service_role
@@ -543,6 +594,57 @@ async fn on_postgres_a_role_that_could_undo_the_trail_is_refused() {
             "REVOKE {privilege} ON signatures FROM {}",
             pg.service_role
         ))
+        .await
+        .unwrap();
+    }
+    assert!(run(&config, &pg.service_url).status.success());
+    // Membership counts, even without inheriting: SET ROLE reaches the role's privileges.
+    let admin = crate::support::pg_url().unwrap();
+    let role = &pg.service_role;
+    let mut memberships = vec![
+        ("postgres".to_owned(), "is a superuser"),
+        ("pg_write_all_data".to_owned(), "may UPDATE"),
+        (format!("{}_owner", pg.name), "owns the signatures table"),
+    ];
+    let writer = format!("{}_writer", pg.name);
+    crate::support::sql_as(
+        &admin,
+        &format!("CREATE ROLE {writer} NOLOGIN; ALTER ROLE {role} NOINHERIT"),
+    )
+    .await
+    .unwrap();
+    pg.as_owner(&format!("GRANT DELETE ON signatures TO {writer}"))
+        .await
+        .unwrap();
+    memberships.push((writer, "may DELETE"));
+    for (member_of, reason) in memberships {
+        crate::support::sql_as(&admin, &format!("GRANT {member_of} TO {role}"))
+            .await
+            .unwrap();
+        let out = run(&config, &pg.service_url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{member_of}: {stderr}");
+        assert!(stderr.contains(reason), "{member_of}: {stderr}");
+        crate::support::sql_as(&admin, &format!("REVOKE {member_of} FROM {role}"))
+            .await
+            .unwrap();
+        assert!(run(&config, &pg.service_url).status.success());
+    }
+    // From PostgreSQL 15 SET on session_replication_role (which turns triggers off).
+    let granted = crate::support::sql_as(
+        &admin,
+        &format!("GRANT SET ON PARAMETER session_replication_role TO {role}"),
+    )
+    .await;
+    if granted.is_ok() {
+        let out = run(&config, &pg.service_url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{stderr}");
+        assert!(stderr.contains("session_replication_role"), "{stderr}");
+        crate::support::sql_as(
+            &admin,
+            &format!("REVOKE SET ON PARAMETER session_replication_role FROM {role}"),
+        )
         .await
         .unwrap();
     }
